@@ -1,0 +1,408 @@
+//! Configuration loading for cdtester.
+//!
+//! Sources, lowest priority first: built-in defaults, a TOML file (`--config FILE`, default
+//! `cdtester.toml` if it exists), then `CDT_*` environment variables where `__` separates nesting
+//! levels (`CDT_NODE__BIND=127.0.0.1:7001`, `CDT_RUNNER__LIMITS__TIMEOUT_S=30`). Unknown keys and
+//! ill-typed values are rejected with the offending key named.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use cdtester_runner_api::Limits;
+use figment::Figment;
+use figment::providers::{Env, Format, Serialized, Toml};
+use serde::{Deserialize, Serialize};
+
+/// The whole configuration.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    pub node: NodeConfig,
+    pub timers: Timers,
+    pub runner: RunnerConfig,
+    /// Per-project rules, first match wins.
+    pub projects: Vec<ProjectRule>,
+    pub plugins: PluginsConfig,
+}
+
+/// Where the node listens and whom it joins.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct NodeConfig {
+    /// UDP address of the peer protocol; also the node's address in /network and /stats.
+    pub bind: SocketAddr,
+    /// HTTP API address.
+    pub http: SocketAddr,
+    /// UDP address of any member of an existing network; none starts a new network.
+    pub join: Option<SocketAddr>,
+    /// Durable state (results, stats, project cache).
+    pub data_dir: PathBuf,
+    /// Shared cluster secret: when set, only peers that know it are heard.
+    pub secret: Option<String>,
+}
+
+impl Default for NodeConfig {
+    fn default() -> Self {
+        NodeConfig {
+            bind: SocketAddr::from(([127, 0, 0, 1], 7000)),
+            http: SocketAddr::from(([127, 0, 0, 1], 8000)),
+            join: None,
+            data_dir: PathBuf::from("cdtester-data"),
+            secret: None,
+        }
+    }
+}
+
+/// Protocol timers, in milliseconds.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Timers {
+    /// Period of HEARTBEAT to every peer.
+    pub heartbeat_ms: u64,
+    /// Silence after which a peer is declared failed.
+    pub failure_timeout_ms: u64,
+    /// Period of CACHE_UPDATE to every peer.
+    pub cache_update_ms: u64,
+    /// Period of TASK_ANNOUNCE while this node has queued tasks.
+    pub task_announce_ms: u64,
+    /// How long a TASK_SEND waits for its TASK_CONFIRM before the task is requeued.
+    pub confirm_timeout_ms: u64,
+    /// How long an election waits for RECOVERY_ELECTION_REP answers.
+    pub election_timeout_ms: u64,
+}
+
+impl Default for Timers {
+    fn default() -> Self {
+        Timers {
+            heartbeat_ms: 500,
+            failure_timeout_ms: 2000,
+            cache_update_ms: 1000,
+            task_announce_ms: 300,
+            confirm_timeout_ms: 1000,
+            election_timeout_ms: 500,
+        }
+    }
+}
+
+/// Which runner runs projects and with what limits, unless a project rule says otherwise.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RunnerConfig {
+    /// Runner for projects no rule matches.
+    pub default: String,
+    /// Tasks this node runs at the same time.
+    pub workers: usize,
+    pub limits: Limits,
+    pub local: LocalRunnerConfig,
+    pub docker: DockerRunnerConfig,
+}
+
+impl Default for RunnerConfig {
+    fn default() -> Self {
+        RunnerConfig {
+            default: "local".into(),
+            workers: 2,
+            limits: Limits::default(),
+            local: LocalRunnerConfig::default(),
+            docker: DockerRunnerConfig::default(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LocalRunnerConfig {
+    /// Python interpreter used to make venvs; default: the first `python3` on PATH, resolved once.
+    pub python: Option<PathBuf>,
+    /// Where per-project virtual environments are cached; default `<data_dir>/venvs`.
+    pub venv_dir: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct DockerRunnerConfig {
+    /// Image the docker runner uses (built by `cdtester image build`).
+    pub image: String,
+    /// Docker engine socket; default: the engine's default (DOCKER_HOST or /var/run/docker.sock).
+    pub socket: Option<String>,
+}
+
+impl Default for DockerRunnerConfig {
+    fn default() -> Self {
+        DockerRunnerConfig { image: "cdtester-runner:latest".into(), socket: None }
+    }
+}
+
+/// A per-project rule: the first rule whose `pattern` matches the project's name or URL applies.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProjectRule {
+    /// Glob matched against the project name and its URL (`*` matches any text, also `/`).
+    pub pattern: String,
+    /// Runner for matching projects.
+    #[serde(default)]
+    pub runner: Option<String>,
+    /// Overrides of the default limits.
+    #[serde(default)]
+    pub limits: Option<LimitsOverride>,
+    /// Names of WASM policy plugins consulted for matching projects, in order.
+    #[serde(default)]
+    pub policies: Vec<String>,
+    /// Extra pip requirements installed before running (e.g. test-only dependencies).
+    #[serde(default)]
+    pub requirements: Vec<String>,
+}
+
+/// Limits a rule may override; unset fields keep the default.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LimitsOverride {
+    pub timeout_s: Option<u64>,
+    pub memory_mb: Option<u64>,
+    pub cpus: Option<f64>,
+    pub pids: Option<u64>,
+    pub output_kib: Option<u64>,
+    pub tmpfs_mb: Option<u64>,
+}
+
+impl LimitsOverride {
+    pub fn apply(&self, base: &Limits) -> Limits {
+        Limits {
+            timeout_s: self.timeout_s.unwrap_or(base.timeout_s),
+            memory_mb: self.memory_mb.unwrap_or(base.memory_mb),
+            cpus: self.cpus.unwrap_or(base.cpus),
+            pids: self.pids.unwrap_or(base.pids),
+            output_kib: self.output_kib.unwrap_or(base.output_kib),
+            tmpfs_mb: self.tmpfs_mb.unwrap_or(base.tmpfs_mb),
+        }
+    }
+}
+
+/// Plugins to load at start.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct PluginsConfig {
+    pub wasm: Vec<WasmPluginConfig>,
+    pub native: Vec<NativePluginConfig>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WasmPluginConfig {
+    pub name: String,
+    pub path: PathBuf,
+    /// Hex sha256 the file must have; a mismatch refuses the plugin.
+    pub sha256: String,
+    /// Fuel per call (instructions, roughly).
+    #[serde(default = "default_fuel")]
+    pub fuel: u64,
+    /// Linear memory cap per call, MiB.
+    #[serde(default = "default_plugin_memory_mb")]
+    pub memory_mb: u64,
+}
+
+fn default_fuel() -> u64 {
+    50_000_000
+}
+
+fn default_plugin_memory_mb() -> u64 {
+    16
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NativePluginConfig {
+    pub name: String,
+    pub path: PathBuf,
+    pub sha256: String,
+}
+
+/// The effective settings for one project after applying the first matching rule.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ProjectSettings {
+    pub runner: String,
+    pub limits: Limits,
+    pub policies: Vec<String>,
+    pub requirements: Vec<String>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("configuration file {0} does not exist")]
+    MissingFile(PathBuf),
+    #[error("invalid configuration: {0}")]
+    Invalid(String),
+}
+
+impl Config {
+    /// Loads defaults < `file` (if given; it must exist) < `CDT_*` environment variables.
+    pub fn load(file: Option<&Path>) -> Result<Config, ConfigError> {
+        Self::load_from(file, Env::prefixed("CDT_").split("__"))
+    }
+
+    fn load_from(file: Option<&Path>, env: Env) -> Result<Config, ConfigError> {
+        let mut fig = Figment::from(Serialized::defaults(Config::default()));
+        if let Some(path) = file {
+            if !path.is_file() {
+                return Err(ConfigError::MissingFile(path.to_path_buf()));
+            }
+            fig = fig.merge(Toml::file_exact(path));
+        }
+        let fig = fig.merge(env);
+        let cfg: Config = fig.extract().map_err(|e| ConfigError::Invalid(describe(&e)))?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        let bad = |key: &str, why: &str| Err(ConfigError::Invalid(format!("{key}: {why}")));
+        if self.runner.workers == 0 {
+            return bad("runner.workers", "must be at least 1");
+        }
+        if self.runner.limits.timeout_s == 0 {
+            return bad("runner.limits.timeout_s", "must be at least 1");
+        }
+        if self.timers.failure_timeout_ms <= self.timers.heartbeat_ms {
+            return bad("timers.failure_timeout_ms", "must be larger than timers.heartbeat_ms");
+        }
+        for (i, rule) in self.projects.iter().enumerate() {
+            if let Err(e) = glob::Pattern::new(&rule.pattern) {
+                return bad(&format!("projects[{i}].pattern"), &e.to_string());
+            }
+        }
+        for (i, p) in self.plugins.wasm.iter().enumerate() {
+            if p.sha256.len() != 64 || !p.sha256.bytes().all(|b| b.is_ascii_hexdigit()) {
+                return bad(&format!("plugins.wasm[{i}].sha256"), "must be 64 hex digits");
+            }
+        }
+        for (i, p) in self.plugins.native.iter().enumerate() {
+            if p.sha256.len() != 64 || !p.sha256.bytes().all(|b| b.is_ascii_hexdigit()) {
+                return bad(&format!("plugins.native[{i}].sha256"), "must be 64 hex digits");
+            }
+        }
+        Ok(())
+    }
+
+    /// Settings for a project named `name` (and fetched from `url`, if any).
+    pub fn project_settings(&self, name: &str, url: Option<&str>) -> ProjectSettings {
+        let rule = self.projects.iter().find(|r| {
+            glob::Pattern::new(&r.pattern)
+                .map(|p| p.matches(name) || url.is_some_and(|u| p.matches(u)))
+                .unwrap_or(false)
+        });
+        ProjectSettings {
+            runner: rule.and_then(|r| r.runner.clone()).unwrap_or_else(|| self.runner.default.clone()),
+            limits: rule
+                .and_then(|r| r.limits.as_ref())
+                .map(|o| o.apply(&self.runner.limits))
+                .unwrap_or_else(|| self.runner.limits.clone()),
+            policies: rule.map(|r| r.policies.clone()).unwrap_or_default(),
+            requirements: rule.map(|r| r.requirements.clone()).unwrap_or_default(),
+        }
+    }
+}
+
+/// A figment error as one line that names the key path and what was wrong with it.
+fn describe(err: &figment::Error) -> String {
+    err.clone()
+        .into_iter()
+        .map(|e| {
+            let key = if e.path.is_empty() { String::from("<root>") } else { e.path.join(".") };
+            let source = e.metadata.as_ref().map(|m| format!(" (from {})", m.name)).unwrap_or_default();
+            format!("{key}: {}{source}", e.kind)
+        })
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use figment::Jail;
+
+    fn load_in_jail(toml: Option<&str>) -> Result<Config, ConfigError> {
+        let file = toml.map(|_| PathBuf::from("cdtester.toml"));
+        Config::load(file.as_deref())
+    }
+
+    #[test]
+    fn defaults_file_and_env_layer_in_order() {
+        Jail::expect_with(|jail| {
+            jail.create_file(
+                "cdtester.toml",
+                r#"
+                [node]
+                bind = "127.0.0.1:7100"
+                http = "127.0.0.1:8100"
+                [runner.limits]
+                timeout_s = 30
+                "#,
+            )?;
+            jail.set_env("CDT_NODE__HTTP", "127.0.0.1:8200");
+            jail.set_env("CDT_RUNNER__WORKERS", "4");
+            let cfg = load_in_jail(Some("")).map_err(|e| e.to_string())?;
+            assert_eq!(cfg.node.bind.port(), 7100);
+            assert_eq!(cfg.node.http.port(), 8200);
+            assert_eq!(cfg.runner.workers, 4);
+            assert_eq!(cfg.runner.limits.timeout_s, 30);
+            assert_eq!(cfg.runner.limits.memory_mb, Limits::default().memory_mb);
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn unknown_and_ill_typed_keys_are_named() {
+        Jail::expect_with(|jail| {
+            jail.create_file("cdtester.toml", "[runner]\nworkerz = 3\n")?;
+            let err = load_in_jail(Some("")).unwrap_err().to_string();
+            assert!(err.contains("workerz"), "{err}");
+            jail.create_file("cdtester.toml", "[runner.limits]\ntimeout_s = \"soon\"\n")?;
+            let err = load_in_jail(Some("")).unwrap_err().to_string();
+            assert!(err.contains("runner.limits.timeout_s"), "{err}");
+            jail.create_file("cdtester.toml", "[runner]\nworkers = 0\n")?;
+            let err = load_in_jail(Some("")).unwrap_err().to_string();
+            assert!(err.contains("runner.workers"), "{err}");
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn missing_file_is_an_error() {
+        let err = Config::load(Some(Path::new("/nonexistent/cdtester.toml"))).unwrap_err();
+        assert!(matches!(err, ConfigError::MissingFile(_)));
+    }
+
+    #[test]
+    fn first_matching_rule_wins_and_overrides_limits() {
+        let mut cfg = Config::default();
+        cfg.projects = vec![
+            ProjectRule {
+                pattern: "*github.com/untrusted/*".into(),
+                runner: Some("docker".into()),
+                limits: Some(LimitsOverride { timeout_s: Some(10), ..Default::default() }),
+                policies: vec!["p".into()],
+                requirements: vec![],
+            },
+            ProjectRule {
+                pattern: "*".into(),
+                runner: None,
+                limits: None,
+                policies: vec![],
+                requirements: vec!["hypothesis".into()],
+            },
+        ];
+        let s = cfg.project_settings("repo", Some("https://github.com/untrusted/repo"));
+        assert_eq!(s.runner, "docker");
+        assert_eq!(s.limits.timeout_s, 10);
+        assert_eq!(s.limits.memory_mb, cfg.runner.limits.memory_mb);
+        let s = cfg.project_settings("calc", None);
+        assert_eq!(s.runner, "local");
+        assert_eq!(s.requirements, vec!["hypothesis".to_string()]);
+    }
+
+    #[test]
+    fn example_config_is_valid() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/cdtester.toml");
+        Config::load_from(Some(&path), Env::prefixed("CDT_TEST_NOTHING_")).expect("example config loads");
+    }
+}

@@ -1,0 +1,1 @@
+//! Extension points: WASM policy plugins and native runner plugins.
