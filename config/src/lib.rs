@@ -270,14 +270,13 @@ impl Config {
                 return bad(&format!("projects[{i}].pattern"), &e.to_string());
             }
         }
-        for (i, p) in self.plugins.wasm.iter().enumerate() {
-            if p.sha256.len() != 64 || !p.sha256.bytes().all(|b| b.is_ascii_hexdigit()) {
-                return bad(&format!("plugins.wasm[{i}].sha256"), "must be 64 hex digits");
-            }
-        }
-        for (i, p) in self.plugins.native.iter().enumerate() {
-            if p.sha256.len() != 64 || !p.sha256.bytes().all(|b| b.is_ascii_hexdigit()) {
-                return bad(&format!("plugins.native[{i}].sha256"), "must be 64 hex digits");
+        let wasm =
+            self.plugins.wasm.iter().enumerate().map(|(i, p)| (format!("plugins.wasm[{i}]"), &p.sha256));
+        let native =
+            self.plugins.native.iter().enumerate().map(|(i, p)| (format!("plugins.native[{i}]"), &p.sha256));
+        for (key, sha) in wasm.chain(native) {
+            if sha.len() != 64 || !sha.bytes().all(|b| b.is_ascii_hexdigit()) {
+                return bad(&format!("{key}.sha256"), "must be 64 hex digits");
             }
         }
         Ok(())
