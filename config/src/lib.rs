@@ -109,13 +109,22 @@ impl Default for RunnerConfig {
     }
 }
 
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct LocalRunnerConfig {
     /// Python interpreter used to make venvs; default: the first `python3` on PATH, resolved once.
     pub python: Option<PathBuf>,
     /// Where per-project virtual environments are cached; default `<data_dir>/venvs`.
     pub venv_dir: Option<PathBuf>,
+    /// Fork each module's pytest run from a warm worker that has imported pytest already (same
+    /// results as a fresh `python -m pytest <module>`, less start-up); false = fresh interpreters.
+    pub warm: bool,
+}
+
+impl Default for LocalRunnerConfig {
+    fn default() -> Self {
+        LocalRunnerConfig { python: None, venv_dir: None, warm: true }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -234,10 +243,15 @@ pub enum ConfigError {
     Invalid(String),
 }
 
+/// `CDT_*` variables that are not configuration keys (after the prefix, case-insensitive).
+const NON_CONFIG_VARS: &[&str] = &["log", "config", "git_token", "corpus_cache", "test_cache"];
+
 impl Config {
     /// Loads defaults < `file` (if given; it must exist) < `CDT_*` environment variables.
+    /// `CDT_LOG`, `CDT_CONFIG` and `CDT_GIT_TOKEN` are command-line settings, not config keys;
+    /// `CDT_CORPUS_CACHE` and `CDT_TEST_CACHE` are cache folders of the tests and benchmarks.
     pub fn load(file: Option<&Path>) -> Result<Config, ConfigError> {
-        Self::load_from(file, Env::prefixed("CDT_").split("__"))
+        Self::load_from(file, Env::prefixed("CDT_").ignore(NON_CONFIG_VARS).split("__"))
     }
 
     fn load_from(file: Option<&Path>, env: Env) -> Result<Config, ConfigError> {
@@ -339,6 +353,8 @@ mod tests {
             )?;
             jail.set_env("CDT_NODE__HTTP", "127.0.0.1:8200");
             jail.set_env("CDT_RUNNER__WORKERS", "4");
+            jail.set_env("CDT_LOG", "debug");
+            jail.set_env("CDT_CONFIG", "cdtester.toml");
             let cfg = load_in_jail(Some("")).map_err(|e| e.to_string())?;
             assert_eq!(cfg.node.bind.port(), 7100);
             assert_eq!(cfg.node.http.port(), 8200);

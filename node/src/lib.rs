@@ -1,1 +1,18 @@
 //! The cdtester node: protocol core, membership, scheduling, HTTP API, storage and the CLI.
+
+pub mod app;
+pub mod archive;
+pub mod bench;
+pub mod client;
+pub mod core;
+pub mod corpus;
+pub mod demo;
+pub mod eval;
+pub mod fetch;
+pub mod http;
+pub mod node_cmd;
+pub mod registry;
+pub mod run_cmd;
+pub mod store;
+pub mod udp;
+pub mod wire;

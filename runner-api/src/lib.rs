@@ -2,10 +2,11 @@
 //! modules and run one task (a batch of modules) under limits, and the per-test report it gets
 //! back. Every runner — built in (`local`, `docker`) or loaded from a native plugin — speaks it.
 
+pub mod abi;
 mod outcome;
 mod report;
 mod runner;
 
 pub use outcome::{Counts, Outcome, round2};
 pub use report::{ModuleReport, TaskReport, TestResult};
-pub use runner::{Limits, PreparedProject, ProjectSource, Runner, RunnerError, TaskSpec};
+pub use runner::{Chunk, Limits, PreparedProject, ProjectSource, Runner, RunnerError, TaskSpec};

@@ -59,6 +59,24 @@ pub struct PreparedProject {
 pub struct TaskSpec {
     pub task_id: String,
     pub modules: Vec<String>,
+    /// Run only one slice of a single slow module's tests (the task then has exactly one
+    /// module); the slices' reports are merged per module by whoever split it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub chunk: Option<Chunk>,
+}
+
+impl TaskSpec {
+    /// A task running `modules` whole.
+    pub fn new(task_id: impl Into<String>, modules: Vec<String>) -> TaskSpec {
+        TaskSpec { task_id: task_id.into(), modules, chunk: None }
+    }
+}
+
+/// Slice `index` of `count` contiguous slices of a module's collected tests (0-based).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Chunk {
+    pub index: u32,
+    pub count: u32,
 }
 
 #[derive(Debug, thiserror::Error)]

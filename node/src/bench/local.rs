@@ -1,0 +1,216 @@
+//! `cdtester bench local`: the corpus under plain sequential pytest, `pytest -n 2`
+//! (pytest-xdist) and cdtester's local evaluation with 2 workers, timed in one run.
+//!
+//! Untimed preparation per project: fetch and unpack the sdist, build the environments (one with
+//! pytest-xdist for the two baselines, cdtester's own), then one untimed cdtester pass, which
+//! compiles the bytecode every later run reuses and fills the per-module duration memory that
+//! cdtester's planner uses (longest first, dominant slow modules split into chunks). Then the
+//! timed runs, in this order: sequential, xdist, cdtester. cdtester's time covers everything
+//! `cdtester run` does after start-up: preparation (environment lookup), discovery and the runs.
+
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::time::Instant;
+
+use anyhow::{Context, bail};
+use cdtester_config::Config;
+use cdtester_runner_api::{ProjectSource, Runner};
+use cdtester_runners::local::{DurationStore, LocalRunner, resolve_python};
+
+use crate::corpus::{self, CorpusProject, ExpectedCounts};
+use crate::registry::{self, Registry};
+use crate::run_cmd::{ProjectInput, evaluate};
+
+/// Options of `cdtester bench local`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct Args {
+    /// Corpus manifest.
+    #[arg(long, default_value_os_t = corpus::default_manifest())]
+    pub corpus: PathBuf,
+    /// Where sdists are cached (default: $CDT_CORPUS_CACHE, else <data_dir>/corpus-cache).
+    #[arg(long, env = "CDT_CORPUS_CACHE")]
+    pub cache: Option<PathBuf>,
+    /// Only these projects (comma-separated names); default all.
+    #[arg(long, value_delimiter = ',')]
+    pub only: Vec<String>,
+    /// Workers for xdist (-n) and for cdtester.
+    #[arg(long, default_value_t = 2)]
+    pub workers: usize,
+}
+
+/// The xdist the baseline uses (the corpus numbers were measured with it).
+pub(crate) const XDIST_REQUIREMENT: &str = "pytest-xdist==3.8.0";
+
+struct Row {
+    name: String,
+    seq: f64,
+    xdist: f64,
+    xdist_ok: bool,
+    cdt: f64,
+    matches: usize,
+    modules: usize,
+}
+
+pub(crate) fn time_pytest(
+    python: &std::path::Path,
+    root: &std::path::Path,
+    extra: &[&str],
+) -> anyhow::Result<(f64, i32)> {
+    let started = Instant::now();
+    let status = Command::new(python)
+        .args(["-m", "pytest", "-p", "no:cacheprovider"])
+        .args(extra)
+        .current_dir(root)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .with_context(|| format!("running pytest in {}", root.display()))?;
+    Ok((started.elapsed().as_secs_f64(), status.code().unwrap_or(-1)))
+}
+
+pub fn run(args: Args, config: &Config) -> anyhow::Result<()> {
+    if args.workers == 0 {
+        bail!("--workers must be at least 1");
+    }
+    let mut projects: Vec<CorpusProject> = corpus::load(&args.corpus)?;
+    if !args.only.is_empty() {
+        projects.retain(|p| args.only.contains(&p.name));
+        if projects.is_empty() {
+            bail!("--only matched no corpus project");
+        }
+    }
+    let cache = args.cache.clone().unwrap_or_else(|| config.node.data_dir.join("corpus-cache"));
+    let python = resolve_python(config.runner.local.python.as_deref())?;
+    let mut config = config.clone();
+    config.projects = corpus::requirement_rules(&projects);
+    config.runner.default = "local".into();
+    let registry = Registry::from_config(&config);
+    let baseline = LocalRunner::new(registry::local_options(&config))?;
+    let mut durations = DurationStore::open(&registry::durations_path(&config));
+    let work = tempfile::Builder::new().prefix("cdtester-bench-").tempdir()?;
+
+    let mut rows = Vec::new();
+    for p in &projects {
+        eprintln!("== {} {}: preparing (untimed)", p.name, p.version);
+        let sdist = corpus::fetch(p, &python, &cache)?;
+        let root = corpus::unpack(p, &sdist, work.path())?;
+        let mut reqs = p.test_deps.clone();
+        reqs.push(XDIST_REQUIREMENT.into());
+        let source = ProjectSource {
+            id: format!("bench-{}", p.name),
+            name: p.project_root.clone(),
+            root: root.clone(),
+            extra_requirements: reqs,
+        };
+        let prepared = baseline.prepare(&source).map_err(|e| anyhow::anyhow!("{}: {e}", p.name))?;
+        let base_python = baseline.interpreter(&prepared).context("baseline interpreter")?;
+        baseline.release(&prepared);
+        let input = [ProjectInput { name: p.project_root.clone(), root: root.clone() }];
+        let warm_up = evaluate(&registry, &config, &input, args.workers, &mut durations);
+        if let Some(e) = warm_up.projects.first().and_then(|r| r.error.clone()) {
+            eprintln!("   skipped: cdtester cannot evaluate it: {e}");
+            continue;
+        }
+
+        let (seq, _) = time_pytest(&base_python, &root, &[])?;
+        let n = args.workers.to_string();
+        let (xdist, xcode) = time_pytest(&base_python, &root, &["-n", &n])?;
+        let started = Instant::now();
+        let eval = evaluate(&registry, &config, &input, args.workers, &mut durations);
+        let cdt = started.elapsed().as_secs_f64();
+
+        let expected = p.expected_alone();
+        let mut matches = 0;
+        if let Some(r) = eval.projects.first() {
+            for m in &r.modules {
+                if expected.get(&m.report.module) == Some(&ExpectedCounts::of(&m.counts)) {
+                    matches += 1;
+                }
+            }
+        }
+        eprintln!("   sequential {seq:.2} s, xdist {xdist:.2} s (exit {xcode}), cdtester {cdt:.2} s");
+        rows.push(Row {
+            name: p.name.clone(),
+            seq,
+            xdist,
+            xdist_ok: xcode == 0 || xcode == 1,
+            cdt,
+            matches,
+            modules: expected.len(),
+        });
+    }
+    if let Err(e) = durations.save() {
+        eprintln!("warning: cannot save the duration memory: {e}");
+    }
+    print!("{}", render(&rows, args.workers));
+    Ok(())
+}
+
+fn render(rows: &[Row], workers: usize) -> String {
+    use std::fmt::Write as _;
+    let mut s = String::new();
+    let _ = writeln!(
+        s,
+        "{:<16} {:>9} {:>9} {:>9} {:>10} {:>10} {:>9}",
+        "project",
+        "seq s",
+        format!("xdist{workers} s"),
+        "cdt s",
+        "cdt/xdist",
+        "cdt/seq",
+        "modules=",
+    );
+    let (mut ts, mut tx, mut tc) = (0.0, 0.0, 0.0);
+    for r in rows {
+        ts += r.seq;
+        tx += r.xdist;
+        tc += r.cdt;
+        let _ = writeln!(
+            s,
+            "{:<16} {:>9.2} {:>8.2}{} {:>9.2} {:>9.2}x {:>9.2}x {:>5}/{}",
+            r.name,
+            r.seq,
+            r.xdist,
+            if r.xdist_ok { " " } else { "!" },
+            r.cdt,
+            r.cdt / r.xdist,
+            r.cdt / r.seq,
+            r.matches,
+            r.modules
+        );
+    }
+    let _ = writeln!(
+        s,
+        "{:<16} {:>9.2} {:>9.2} {:>9.2} {:>9.2}x {:>9.2}x",
+        "TOTAL",
+        ts,
+        tx,
+        tc,
+        tc / tx.max(f64::EPSILON),
+        tc / ts.max(f64::EPSILON)
+    );
+    let _ = writeln!(
+        s,
+        "(! = xdist did not complete normally; modules= = modules whose counts equal the corpus run-alone expectation)"
+    );
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn render_sums_and_ratios() {
+        let rows = vec![
+            Row { name: "a".into(), seq: 2.0, xdist: 4.0, xdist_ok: true, cdt: 1.0, matches: 3, modules: 3 },
+            Row { name: "b".into(), seq: 6.0, xdist: 4.0, xdist_ok: false, cdt: 3.0, matches: 1, modules: 2 },
+        ];
+        let out = render(&rows, 2);
+        let total = out.lines().find(|l| l.starts_with("TOTAL")).unwrap();
+        assert!(total.contains("8.00") && total.contains("4.00") && total.contains("0.50x"), "{out}");
+        assert!(out.contains("4.00!"), "{out}");
+        assert!(out.contains("1/2"), "{out}");
+    }
+}

@@ -1,0 +1,272 @@
+//! The command-line client of a node's HTTP API: `cdtester submit`, `cdtester status`,
+//! `cdtester list`, with a live progress bar and the graded table.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use hyper::Method;
+use indicatif::{ProgressBar, ProgressStyle};
+use serde_json::Value;
+
+use crate::eval::EvalId;
+use crate::fetch;
+use crate::http::auth::Secret;
+use crate::http::client::{HttpClient, multipart_file};
+
+/// `cdtester submit`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct SubmitArgs {
+    /// Project folders (one project, or a folder of project folders), zip files, or git URLs.
+    #[arg(required = true)]
+    pub sources: Vec<String>,
+    /// HTTP address of any node (config node.http).
+    #[arg(long)]
+    pub node: Option<SocketAddr>,
+    /// Token for https git URLs (sent to the node only; env CDT_GIT_TOKEN).
+    #[arg(long, env = "CDT_GIT_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
+    /// Wait for the evaluation to finish, showing progress, then print the results.
+    #[arg(long)]
+    pub wait: bool,
+    /// Print the final report as JSON (with --wait).
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// `cdtester status`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct StatusArgs {
+    /// Evaluation id.
+    pub id: EvalId,
+    /// HTTP address of any node (config node.http).
+    #[arg(long)]
+    pub node: Option<SocketAddr>,
+    /// Print the whole report as JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// `cdtester list`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct ListArgs {
+    /// HTTP address of any node (config node.http).
+    #[arg(long)]
+    pub node: Option<SocketAddr>,
+}
+
+const TIMEOUT: Duration = Duration::from_secs(600);
+
+/// A client of one node's API.
+pub struct Client {
+    http: HttpClient,
+    node: SocketAddr,
+}
+
+fn is_url(s: &str) -> bool {
+    s.contains("://") || s.starts_with("git@")
+}
+
+impl Client {
+    pub fn new(node: SocketAddr) -> Client {
+        Client { http: HttpClient::new(Secret::default(), None), node }
+    }
+
+    /// Submits a zip upload; returns the evaluation id.
+    pub async fn submit_zip(&self, zip: Vec<u8>, filename: &str) -> anyhow::Result<EvalId> {
+        let (ct, body) = multipart_file("file", filename, &zip);
+        let resp = self.http.send(Method::POST, self.node, "/evaluation", Some((&ct, body)), TIMEOUT).await?;
+        eval_id(&resp.body)
+    }
+
+    /// Submits git URLs; returns the evaluation id.
+    pub async fn submit_urls(&self, urls: &[String], token: Option<&str>) -> anyhow::Result<EvalId> {
+        let body = serde_json::json!({ "auth_token": token, "projects": urls });
+        let v: Value = self.http.post_json(self.node, "/evaluation", &body, TIMEOUT).await?;
+        eval_id(v.to_string().as_bytes())
+    }
+
+    pub async fn report(&self, id: EvalId) -> anyhow::Result<Value> {
+        Ok(self.http.get_json(self.node, &format!("/evaluation/{id}"), Duration::from_secs(30)).await?)
+    }
+
+    pub async fn list(&self) -> anyhow::Result<Vec<EvalId>> {
+        Ok(self.http.get_json(self.node, "/evaluation", Duration::from_secs(30)).await?)
+    }
+
+    /// Polls until the evaluation finishes, showing a progress bar (unless `quiet`).
+    pub async fn wait(&self, id: EvalId, quiet: bool) -> anyhow::Result<Value> {
+        let bar = if quiet { ProgressBar::hidden() } else { ProgressBar::new(0) };
+        bar.set_style(
+            ProgressStyle::with_template("{spinner} [{elapsed_precise}] {bar:30} {pos}/{len} modules  {msg}")
+                .unwrap_or_else(|_| ProgressStyle::default_bar()),
+        );
+        bar.enable_steady_tick(Duration::from_millis(120));
+        let started = Instant::now();
+        loop {
+            let r = self.report(id).await?;
+            let s = &r["summary"];
+            let (done, running, pending) = (num(&s["executed"]), num(&s["executing"]), num(&s["pending"]));
+            bar.set_length(done + running + pending);
+            bar.set_position(done);
+            bar.set_message(format!(
+                "executed {done}, running {running}, pending {pending} | {} passed, {} failed",
+                num(&s["total_passed"]),
+                num(&s["total_failed"])
+            ));
+            if r["status"] == "finished" {
+                bar.finish_and_clear();
+                return Ok(r);
+            }
+            if started.elapsed() > Duration::from_secs(24 * 3600) {
+                bail!("evaluation {id} did not finish within a day");
+            }
+            tokio::time::sleep(Duration::from_millis(400)).await;
+        }
+    }
+}
+
+fn eval_id(body: &[u8]) -> anyhow::Result<EvalId> {
+    let v: Value = serde_json::from_slice(body).context("decoding the node's answer")?;
+    v["eval_id"].as_u64().with_context(|| format!("the node's answer has no eval_id: {v}"))
+}
+
+fn num(v: &Value) -> u64 {
+    v.as_u64().unwrap_or(0)
+}
+
+/// Zips local sources (folders and zip files) into one upload.
+pub fn local_upload(sources: &[String]) -> anyhow::Result<(Vec<u8>, String)> {
+    if let [single] = sources
+        && single.ends_with(".zip")
+    {
+        let bytes = std::fs::read(single).with_context(|| format!("reading {single}"))?;
+        let name =
+            Path::new(single).file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        return Ok((bytes, name));
+    }
+    let mut projects: Vec<(String, PathBuf)> = Vec::new();
+    for s in sources {
+        let path = Path::new(s);
+        if !path.is_dir() {
+            bail!("{s} is not a folder, a .zip file or a git URL (zip files must be submitted alone)");
+        }
+        for (name, dir) in crate::archive::split_projects(path).with_context(|| format!("reading {s}"))? {
+            let mut unique = name.clone();
+            let mut n = 2;
+            while projects.iter().any(|(p, _)| *p == unique) {
+                unique = format!("{name}_{n}");
+                n += 1;
+            }
+            projects.push((unique, dir));
+        }
+    }
+    Ok((fetch::pack_projects(&projects)?, "projects.zip".into()))
+}
+
+/// Prints the results table of a report.
+pub fn print_table(r: &Value) {
+    println!(
+        "evaluation {}  ({}, {:.1} s, node {})",
+        r["id"],
+        r["status"].as_str().unwrap_or("?"),
+        r["time_elapsed"].as_f64().unwrap_or(0.0),
+        r["node"].as_str().unwrap_or("?")
+    );
+    println!(
+        "{:<24} {:>7} {:>7} {:>7} {:>7} {:>7} {:>8}  status",
+        "project", "modules", "passed", "failed", "errors", "skipped", "grade"
+    );
+    if let Some(projects) = r["projects"].as_object() {
+        for (name, p) in projects {
+            let t = &p["tests"];
+            let grade = p["grade"].as_f64().map(|g| format!("{g:.2}")).unwrap_or_else(|| "-".into());
+            let mut status = p["status"].as_str().unwrap_or("?").to_string();
+            if let Some(e) = p["error"].as_str() {
+                status = format!("{status}: {e}");
+            }
+            println!(
+                "{:<24} {:>7} {:>7} {:>7} {:>7} {:>7} {:>8}  {}",
+                name,
+                p["modules"].as_object().map(|m| m.len()).unwrap_or(0),
+                num(&t["passed"]) + num(&t["xpassed"]),
+                num(&t["failed"]) + num(&t["timeout"]) + num(&t["crashed"]) + num(&t["oom"]),
+                num(&t["error"]),
+                num(&t["skipped"]) + num(&t["xfailed"]),
+                grade,
+                status
+            );
+        }
+    }
+    let s = &r["summary"];
+    let grade = s["grade"].as_f64().map(|g| format!("{g:.2}/20")).unwrap_or_else(|| "-".into());
+    println!(
+        "overall: {} passed, {} failed ({}% passed); grade {}",
+        num(&s["total_passed"]),
+        num(&s["total_failed"]),
+        s["pass_percentage"].as_f64().unwrap_or(0.0),
+        grade
+    );
+}
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_current_thread().enable_all().build().context("starting the tokio runtime")
+}
+
+/// `cdtester submit`.
+pub fn submit(args: SubmitArgs, default_node: SocketAddr) -> anyhow::Result<()> {
+    let client = Client::new(args.node.unwrap_or(default_node));
+    let (urls, local): (Vec<String>, Vec<String>) = args.sources.iter().cloned().partition(|s| is_url(s));
+    runtime()?.block_on(async {
+        let mut ids = Vec::new();
+        if !local.is_empty() {
+            let (zip, name) = local_upload(&local)?;
+            ids.push(client.submit_zip(zip, &name).await.context("submitting")?);
+        }
+        if !urls.is_empty() {
+            ids.push(client.submit_urls(&urls, args.token.as_deref()).await.context("submitting")?);
+        }
+        for id in &ids {
+            if !args.json {
+                println!("submitted: evaluation {id}");
+            }
+        }
+        if args.wait {
+            for id in ids {
+                let r = client.wait(id, args.json).await?;
+                if args.json {
+                    println!("{}", serde_json::to_string_pretty(&r)?);
+                } else {
+                    print_table(&r);
+                }
+            }
+        }
+        Ok(())
+    })
+}
+
+/// `cdtester status`.
+pub fn status(args: StatusArgs, default_node: SocketAddr) -> anyhow::Result<()> {
+    let client = Client::new(args.node.unwrap_or(default_node));
+    runtime()?.block_on(async {
+        let r = client.report(args.id).await?;
+        if args.json {
+            println!("{}", serde_json::to_string_pretty(&r)?);
+        } else {
+            print_table(&r);
+        }
+        Ok(())
+    })
+}
+
+/// `cdtester list`.
+pub fn list(args: ListArgs, default_node: SocketAddr) -> anyhow::Result<()> {
+    let client = Client::new(args.node.unwrap_or(default_node));
+    runtime()?.block_on(async {
+        for id in client.list().await? {
+            println!("{id}");
+        }
+        Ok(())
+    })
+}

@@ -1,0 +1,1380 @@
+//! Sans-IO protocol core: membership, failure detection and recovery election.
+//!
+//! [`Core::handle`] takes the current time and one [`Input`] (a decoded message, a timer tick or
+//! a local request) and returns [`Action`]s (datagrams to send, [`Event`]s for the application).
+//! It does no I/O and reads no clock, so the same code runs under the tokio UDP shell
+//! ([`crate::udp`]) and under the deterministic simulator ([`sim`]).
+//!
+//! # Seam for the application layer (evaluations, task distribution, cache merge)
+//!
+//! The core owns membership; everything else is the application's:
+//! - **Incoming application messages** — TASK_ANNOUNCE, TASK_REQUEST, TASK_SEND, TASK_CONFIRM,
+//!   TASK_RESULT, PROJECT_ANNOUNCE, EVALUATION_RESPONSIBILITY_UPDATE — come out as
+//!   [`Event::App`] with the sender's address (`ip`/`port` of the envelope) and id if known.
+//! - **Incoming CACHE_UPDATE**: the core records the sender's `peers_ip` (for `/network`) and
+//!   hands the whole message to the application as [`Event::CacheUpdate`]; the application
+//!   merges `evaluations`/`projects`/`stats` (it may arrive split in several parts, each a valid
+//!   partial cache: merge as a union).
+//! - **Outgoing messages**: the application sends with [`LocalEvent::Send`] (unicast to an
+//!   `ip:port`) or [`LocalEvent::Broadcast`] (every live peer); the core fills the envelope.
+//!   [`LocalEvent::PushCache`] sends a CACHE_UPDATE now (e.g. after a result is stored).
+//! - **Pulled state**: the core calls the application's [`AppState`] (set once at construction)
+//!   for the `evaluations`/`projects`/`stats` part of the periodic CACHE_UPDATE and for the map
+//!   of a failed node's active evaluations carried by the election messages.
+//! - **Membership and recovery outcomes**: [`Event::PeerUp`], [`Event::PeerDown`],
+//!   [`Event::TakeOver`] (this node now owns the failed node's responsibilities: re-own its
+//!   projects, requeue their unfinished modules, broadcast EVALUATION_RESPONSIBILITY_UPDATE per
+//!   project with `new_node` = this node's address) and [`Event::Relinquish`] (a conflicting
+//!   smaller-id owner won after a partition healed: stop re-owning, the winner's
+//!   EVALUATION_RESPONSIBILITY_UPDATEs follow).
+//!
+//! # Membership
+//! A node started without `join` mints its own id; a joiner sends CONNECT to any member (retried
+//! every half heartbeat period until answered) and adopts `given_id` from CONNECT_REP, whose
+//! `peers` seed its table. The contacted node reuses the id of a live peer at the same address
+//! (the reference's rule) but never re-issues the id of a node it declared failed.
+//! Every `heartbeat_ms` each node sends HEARTBEAT to every peer: the reference's `id` and
+//! `peers` plus cdtester's extension fields (see [`crate::wire::HeartbeatData`]): gossip
+//! heartbeat counters `hb`, recent failure claims `dead` and recovery owners `owners`. Only
+//! [`GOSSIP_FANOUT`] random peers per period get the full tables; the others get a slim
+//! heartbeat (`peers` empty, `hb` = the sender's own counter), which keeps bytes per node
+//! nearly constant in the cluster size while every peer still hears every other directly. Peers
+//! learned from `peers` tables are added unless a tombstone says they failed (the reference's
+//! zombie-peer flaw F13). Every `cache_update_ms` a CACHE_UPDATE goes to every peer (also
+//! needed by reference nodes, whose failure checker breaks without it).
+//!
+//! # Failure detection (gossip heartbeat counters + local-health guard)
+//! Each node's counter starts at its wall-clock milliseconds and grows by one per heartbeat, so
+//! it also grows across restarts. A node records, per peer, the largest counter seen (directly
+//! or relayed in anyone's `hb`) and when it last grew ("progress"); any direct message from a
+//! live peer also counts as progress. A peer without progress for `failure_timeout_ms` is
+//! declared failed (a peer whose heartbeats carry no counters, i.e. a reference-implementation
+//! node that heartbeats only every 3.5 s, gets [`REFERENCE_PEER_TIMEOUT`]). Because counters are relayed by every member, one lost heartbeat (or an
+//! asymmetric link) never kills a node: all `n-1` relays would have to miss. Lifeguard-style
+//! local health: if this node's own ticks were delayed (its event loop stalled), every peer's
+//! silence timer is extended by the stall, so a stalled node does not accuse the others when it
+//! wakes. Failure claims spread in `dead` (with the counter at death and the address); a node
+//! with a larger counter for the accused refutes it by gossiping that counter, which re-admits
+//! the node everywhere (SWIM's incarnation numbers). Tombstones are kept for
+//! [`TOMBSTONE_KEEP`] and are probed every 4th heartbeat period so that healed partitions merge.
+//! A graceful leave is a HEARTBEAT with `"leaving": true` (sent twice); receivers treat the
+//! leaver as failed at once (the reference ignores the field and times out as usual).
+//!
+//! # Recovery election
+//! Rule: the owner of a failed node F's responsibilities is **the smallest id among the live
+//! members** (ids are minted from time, so the oldest survivor, as in the reference).
+//! 1. A node that detects F itself (timeout or leave notice) broadcasts RECOVERY_ELECTION
+//!    `{candidate_id: self, failed_node: F, extra: F's active evaluations, failed_node_addr}`.
+//!    Receivers mark F failed (tombstone, failure record) and answer RECOVERY_ELECTION_REP with
+//!    their own view of F's active evaluations; the answers are merged into the record.
+//! 2. `election_timeout_ms` after a node learned of F (time for views to settle and answers to
+//!    arrive), it evaluates the rule over its live view. If it is the winner it takes over
+//!    ([`Event::TakeOver`]) and claims F in the `owners` gossip (sent at once to every peer); if it initiated the election and
+//!    someone else won, it sends RECOVERY_ELECTION_RESULT to the winner (so a reference node can
+//!    win too).
+//! 3. Owners are re-evaluated on every tick: if F's owner is itself declared failed (a failure
+//!    during the election or later) the rule is applied again over the remaining live members,
+//!    so concurrent and cascading failures converge to one live owner per failed node.
+//! 4. Conflicting claims (only possible when views differ, e.g. across a partition) resolve to
+//!    the smaller owner id: a node that sees a smaller claim for a failure it owns emits
+//!    [`Event::Relinquish`].
+//!
+//! Views that agree (the normal case, also under message loss, because counters and claims are
+//! gossiped) compute the same winner, so exactly one node takes over without any extra round.
+//! During a partition each side elects its own owner (no quorum: availability over consistency);
+//! after healing the claims merge to one.
+
+pub mod sim;
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use cdtester_config::Timers;
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+
+use crate::wire::{
+    self, CacheContent, CacheUpdateData, ConnectData, ConnectRepData, Envelope, EvalMap, HeartbeatData,
+    Message, NodeId, PeerTable, RecoveryElectionData, RecoveryElectionRepData, RecoveryElectionResultData,
+};
+
+/// How long a failed node's tombstone (and failure record) is kept, protecting against zombie
+/// re-adds from stale peer tables and letting healed partitions refute.
+pub const TOMBSTONE_KEEP: Duration = Duration::from_secs(300);
+/// Silence after which a reference-implementation peer (no counters, heartbeats every 3.5 s)
+/// is declared failed: two of its heartbeat periods plus margin, instead of `failure_timeout_ms`.
+pub const REFERENCE_PEER_TIMEOUT: Duration = Duration::from_secs(8);
+/// How far (in heartbeats) a failure claim's counter may exceed the counter this node knows
+/// for the accused. A claimant may have seen a few more heartbeats than us; a claim far beyond
+/// is forged or corrupt and would otherwise block the node's refutation for good.
+pub const CLAIM_SLACK: u64 = 16;
+/// Peers per heartbeat period that receive the full gossip tables (the others get a slim
+/// heartbeat with only the sender's counter).
+pub const GOSSIP_FANOUT: usize = 3;
+/// Room left in a datagram for the envelope and MAC around a CACHE_UPDATE's data.
+const ENVELOPE_ROOM: usize = 512;
+
+/// What the core is given.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Input {
+    /// A decoded message. The sender is the envelope's `ip`/`port`.
+    Message(Envelope),
+    /// Timer tick; call every `heartbeat_ms / 5` or more often.
+    Tick,
+    /// A request from the local application.
+    Local(LocalEvent),
+}
+
+/// Requests from the local application.
+#[derive(Debug, Clone, PartialEq)]
+pub enum LocalEvent {
+    /// Send an application message to one node (`ip:port`).
+    Send { to: SocketAddr, msg: Message },
+    /// Send an application message to every live peer.
+    Broadcast(Message),
+    /// Send a CACHE_UPDATE to every live peer now.
+    PushCache,
+    /// Leave the network gracefully; the core stops afterwards.
+    Leave,
+}
+
+/// What the core asks its shell to do.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Action {
+    Send { to: SocketAddr, envelope: Envelope },
+    Event(Event),
+}
+
+/// Why a peer went down.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DownReason {
+    /// Detected by this node (silence) or claimed by another member.
+    Failed,
+    /// It announced a graceful leave.
+    Left,
+}
+
+/// Notifications for the application.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Event {
+    /// This node has an id and is part of a network.
+    Joined { id: NodeId },
+    /// A peer became live (new, or refuted a failure claim).
+    PeerUp { id: NodeId, addr: SocketAddr },
+    /// A peer failed or left.
+    PeerDown { id: NodeId, addr: SocketAddr, reason: DownReason },
+    /// This node now owns the failed node's responsibilities. `evaluations` merges what this
+    /// node and the election's participants know of its active evaluations.
+    TakeOver { failed_id: NodeId, failed_addr: SocketAddr, evaluations: EvalMap },
+    /// Another node with a smaller id also took over `failed_id`; it wins.
+    Relinquish { failed_id: NodeId, failed_addr: SocketAddr, owner: NodeId },
+    /// A message for the application.
+    App { from: SocketAddr, from_id: Option<NodeId>, msg: Message },
+    /// A CACHE_UPDATE (membership part already recorded by the core).
+    CacheUpdate { from: SocketAddr, data: CacheUpdateData },
+    /// The graceful leave was sent; the core ignores all further input.
+    Left,
+}
+
+/// State the core pulls from the application.
+pub trait AppState: Send {
+    /// The `evaluations`/`projects`/`stats` part of this node's CACHE_UPDATE.
+    fn cache_content(&self) -> CacheContent {
+        CacheContent::default()
+    }
+    /// `{eval_id: [project_id...]}` of unfinished projects the node at `failed_addr`
+    /// (`"ip:port"`) was responsible for.
+    fn active_evaluations(&self, failed_addr: &str) -> EvalMap {
+        let _ = failed_addr;
+        EvalMap::new()
+    }
+}
+
+/// An application with no evaluation state (membership only).
+#[derive(Debug, Default, Clone, Copy)]
+pub struct NoApp;
+impl AppState for NoApp {}
+
+/// Static parameters of a core.
+#[derive(Debug, Clone)]
+pub struct CoreConfig {
+    /// This node's reachable UDP address (envelope `ip`/`port`).
+    pub addr: SocketAddr,
+    /// A member to join through; `None` starts a new network.
+    pub join: Option<SocketAddr>,
+    /// This node's HTTP API address, advertised in heartbeats.
+    pub http: Option<SocketAddr>,
+    pub timers: Timers,
+    /// Wall clock (µs since the Unix epoch) at the `start` instant given to [`Core::new`].
+    pub unix_micros_at_start: u64,
+    /// Seed of the id generator.
+    pub seed: u64,
+}
+
+#[derive(Debug, Clone)]
+struct Peer {
+    addr: SocketAddr,
+    counter: u64,
+    last_progress: Instant,
+    http: Option<SocketAddr>,
+    /// Its heartbeats carry no counters: a reference-implementation node.
+    reference: bool,
+}
+
+#[derive(Debug, Clone)]
+struct Tombstone {
+    addr: SocketAddr,
+    counter: u64,
+    at: Instant,
+}
+
+#[derive(Debug, Clone)]
+struct Failure {
+    addr: SocketAddr,
+    at: Instant,
+    owner: Option<NodeId>,
+    evaluations: EvalMap,
+    initiated: bool,
+    result_sent: bool,
+}
+
+/// A failed node as seen by this node.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct FailureInfo {
+    pub id: NodeId,
+    pub addr: String,
+    pub owner: Option<NodeId>,
+}
+
+/// A read-only view of the membership for status output and the HTTP API.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+pub struct Snapshot {
+    pub id: Option<NodeId>,
+    pub addr: String,
+    /// Live peers: id → `"ip:port"`.
+    pub peers: BTreeMap<NodeId, String>,
+    /// Failed or departed nodes still remembered, with their recovery owner.
+    pub failed: Vec<FailureInfo>,
+    /// `/network` adjacency: `"ip:port"` → `["ip:port", ...]`.
+    pub network: BTreeMap<String, Vec<String>>,
+    /// Live peers' advertised HTTP API addresses: UDP `"ip:port"` → HTTP `"ip:port"`.
+    pub http: BTreeMap<String, String>,
+}
+
+/// Datagram counters.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Counters {
+    pub sent: u64,
+    pub received: u64,
+}
+
+/// The protocol state machine of one node.
+pub struct Core {
+    cfg: CoreConfig,
+    app: Box<dyn AppState>,
+    rng: StdRng,
+    start: Instant,
+    id: Option<NodeId>,
+    counter: u64,
+    peers: BTreeMap<NodeId, Peer>,
+    tombstones: BTreeMap<NodeId, Tombstone>,
+    failures: BTreeMap<NodeId, Failure>,
+    /// `peers_ip` of each node's last CACHE_UPDATE, by its `"ip:port"`.
+    reported: BTreeMap<String, Vec<String>>,
+    last_tick: Option<Instant>,
+    next_heartbeat: Instant,
+    next_cache: Instant,
+    next_connect: Instant,
+    heartbeats_sent: u64,
+    /// Send the next heartbeat with full tables to every peer (a new ownership claim).
+    full_to_all: bool,
+    left: bool,
+    counters: Counters,
+}
+
+impl std::fmt::Debug for Core {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Core")
+            .field("id", &self.id)
+            .field("addr", &self.cfg.addr)
+            .field("peers", &self.peers.len())
+            .finish()
+    }
+}
+
+impl Core {
+    /// A node at `start`. Without `cfg.join` it mints its own id and is a network of one.
+    pub fn new(cfg: CoreConfig, app: Box<dyn AppState>, start: Instant) -> Core {
+        let mut rng = StdRng::seed_from_u64(cfg.seed);
+        let id = match cfg.join {
+            None => Some(NodeId::mint(cfg.unix_micros_at_start, rng.random_range(10_000..=99_999))),
+            Some(_) => None,
+        };
+        Core {
+            counter: cfg.unix_micros_at_start / 1000,
+            cfg,
+            app,
+            rng,
+            start,
+            id,
+            peers: BTreeMap::new(),
+            tombstones: BTreeMap::new(),
+            failures: BTreeMap::new(),
+            reported: BTreeMap::new(),
+            last_tick: None,
+            next_heartbeat: start,
+            next_cache: start,
+            next_connect: start,
+            heartbeats_sent: 0,
+            full_to_all: false,
+            left: false,
+            counters: Counters::default(),
+        }
+    }
+
+    /// This node's id (none while joining).
+    pub fn id(&self) -> Option<&NodeId> {
+        self.id.as_ref()
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        self.cfg.addr
+    }
+
+    /// Live peers (id → address).
+    pub fn peers(&self) -> impl Iterator<Item = (&NodeId, SocketAddr)> {
+        self.peers.iter().map(|(id, p)| (id, p.addr))
+    }
+
+    /// The recovery owner this node knows for a failed node.
+    pub fn owner_of(&self, failed: &NodeId) -> Option<&NodeId> {
+        self.failures.get(failed).and_then(|f| f.owner.as_ref())
+    }
+
+    /// Failed nodes this node remembers.
+    pub fn failures(&self) -> Vec<FailureInfo> {
+        self.failures
+            .iter()
+            .map(|(id, f)| FailureInfo {
+                id: id.clone(),
+                addr: wire::addr_string(f.addr),
+                owner: f.owner.clone(),
+            })
+            .collect()
+    }
+
+    pub fn counters(&self) -> Counters {
+        self.counters
+    }
+
+    /// `/network`: this node's peers plus every live peer's reported `peers_ip`.
+    pub fn network(&self) -> BTreeMap<String, Vec<String>> {
+        let mut net = BTreeMap::new();
+        net.insert(wire::addr_string(self.cfg.addr), self.peer_addrs());
+        for peer in self.peers.values() {
+            let key = wire::addr_string(peer.addr);
+            if let Some(list) = self.reported.get(&key) {
+                net.insert(key, list.clone());
+            }
+        }
+        net
+    }
+
+    pub fn snapshot(&self) -> Snapshot {
+        Snapshot {
+            id: self.id.clone(),
+            addr: wire::addr_string(self.cfg.addr),
+            peers: self.peers.iter().map(|(id, p)| (id.clone(), wire::addr_string(p.addr))).collect(),
+            failed: self.failures(),
+            network: self.network(),
+            http: self
+                .peers
+                .values()
+                .filter_map(|p| p.http.map(|h| (wire::addr_string(p.addr), wire::addr_string(h))))
+                .collect(),
+        }
+    }
+
+    /// Process one input.
+    pub fn handle(&mut self, now: Instant, input: Input) -> Vec<Action> {
+        let mut out = Vec::new();
+        if self.left {
+            return out;
+        }
+        match input {
+            Input::Tick => self.on_tick(now, &mut out),
+            Input::Message(env) => {
+                self.counters.received += 1;
+                self.on_message(now, env, &mut out);
+            }
+            Input::Local(ev) => self.on_local(now, ev, &mut out),
+        }
+        out
+    }
+
+    // ----------------------------------------------------------------------------- helpers
+
+    fn wall_secs(&self, now: Instant) -> f64 {
+        let micros =
+            self.cfg.unix_micros_at_start + now.saturating_duration_since(self.start).as_micros() as u64;
+        micros as f64 / 1e6
+    }
+
+    fn ms(v: u64) -> Duration {
+        Duration::from_millis(v)
+    }
+
+    fn peer_addrs(&self) -> Vec<String> {
+        self.peers.values().map(|p| wire::addr_string(p.addr)).collect()
+    }
+
+    fn send(&mut self, now: Instant, to: SocketAddr, msg: Message, out: &mut Vec<Action>) {
+        let envelope = Envelope {
+            ip: self.cfg.addr.ip().to_string(),
+            port: self.cfg.addr.port(),
+            msg,
+            timestamp: self.wall_secs(now),
+        };
+        self.counters.sent += 1;
+        out.push(Action::Send { to, envelope });
+    }
+
+    fn broadcast(&mut self, now: Instant, msg: &Message, out: &mut Vec<Action>) {
+        let targets: Vec<SocketAddr> = self.peers.values().map(|p| p.addr).collect();
+        for to in targets {
+            self.send(now, to, msg.clone(), out);
+        }
+    }
+
+    fn peer_table(&self, except: Option<SocketAddr>) -> PeerTable {
+        self.peers
+            .iter()
+            .filter(|(_, p)| Some(p.addr) != except)
+            .map(|(id, p)| (id.clone(), (p.addr.ip().to_string(), p.addr.port())))
+            .collect()
+    }
+
+    fn id_of(&self, addr: SocketAddr) -> Option<NodeId> {
+        self.peers.iter().find(|(_, p)| p.addr == addr).map(|(id, _)| id.clone())
+    }
+
+    fn mint_id(&mut self, now: Instant) -> NodeId {
+        let micros = (self.wall_secs(now) * 1e6) as u64;
+        loop {
+            let id = NodeId::mint(micros, self.rng.random_range(10_000..=99_999));
+            if Some(&id) != self.id.as_ref()
+                && !self.peers.contains_key(&id)
+                && !self.tombstones.contains_key(&id)
+            {
+                return id;
+            }
+        }
+    }
+
+    /// Add (or re-admit) a live peer.
+    fn admit(&mut self, now: Instant, id: NodeId, addr: SocketAddr, counter: u64, out: &mut Vec<Action>) {
+        if Some(&id) == self.id.as_ref() || addr == self.cfg.addr {
+            return;
+        }
+        if let Some(peer) = self.peers.get_mut(&id) {
+            peer.addr = addr;
+            return;
+        }
+        if self.tombstones.remove(&id).is_some() {
+            tracing::info!(peer = %id, %addr, "failed peer refuted its failure; re-admitted");
+        } else {
+            tracing::info!(peer = %id, %addr, "peer joined");
+        }
+        // A new member at an address that an old id used: the old one is gone.
+        if let Some(old) = self.id_of(addr) {
+            self.peers.remove(&old);
+        }
+        self.peers
+            .insert(id.clone(), Peer { addr, counter, last_progress: now, http: None, reference: false });
+        out.push(Action::Event(Event::PeerUp { id, addr }));
+    }
+
+    /// Record evidence of life.
+    fn progress(&mut self, now: Instant, id: &NodeId, counter: Option<u64>) {
+        if let Some(peer) = self.peers.get_mut(id) {
+            match counter {
+                Some(c) if c > peer.counter => {
+                    peer.counter = c;
+                    peer.last_progress = now;
+                }
+                Some(_) => {}
+                None => peer.last_progress = now,
+            }
+        }
+    }
+
+    /// Mark a peer down. `initiate`: this node detected it itself and starts an election.
+    fn down(&mut self, now: Instant, id: &NodeId, reason: DownReason, initiate: bool, out: &mut Vec<Action>) {
+        let Some(peer) = self.peers.remove(id) else { return };
+        let addr_s = wire::addr_string(peer.addr);
+        self.reported.remove(&addr_s);
+        self.tombstones.insert(id.clone(), Tombstone { addr: peer.addr, counter: peer.counter, at: now });
+        tracing::warn!(peer = %id, addr = %peer.addr, ?reason, initiate, "peer down");
+        out.push(Action::Event(Event::PeerDown { id: id.clone(), addr: peer.addr, reason }));
+        let evaluations = self.app.active_evaluations(&addr_s);
+        self.failures.insert(
+            id.clone(),
+            Failure {
+                addr: peer.addr,
+                at: now,
+                owner: None,
+                evaluations: evaluations.clone(),
+                initiated: initiate,
+                result_sent: false,
+            },
+        );
+        if initiate && let Some(me) = self.id.clone() {
+            let msg = Message::RecoveryElection(RecoveryElectionData {
+                candidate_id: me,
+                failed_node: id.clone(),
+                timestamp: self.wall_secs(now),
+                extra: evaluations,
+                failed_node_addr: addr_s,
+            });
+            self.broadcast(now, &msg, out);
+        }
+    }
+
+    /// Record a failure of a node this node does not have as a live peer (learned from gossip).
+    fn learn_failure(
+        &mut self,
+        now: Instant,
+        id: &NodeId,
+        addr: SocketAddr,
+        counter: u64,
+        out: &mut Vec<Action>,
+    ) {
+        if Some(id) == self.id.as_ref() {
+            return;
+        }
+        if let Some(peer) = self.peers.get(id) {
+            if counter < peer.counter {
+                // We have fresher evidence; our gossip refutes the claim.
+            } else if counter > peer.counter + CLAIM_SLACK {
+                tracing::debug!(peer = %id, counter, known = peer.counter, "ignoring an implausible failure claim");
+            } else {
+                self.down(now, id, DownReason::Failed, false, out);
+            }
+            return;
+        }
+        let tomb = self.tombstones.entry(id.clone()).or_insert(Tombstone { addr, counter, at: now });
+        if counter <= tomb.counter + CLAIM_SLACK {
+            tomb.counter = tomb.counter.max(counter);
+        }
+        if !self.failures.contains_key(id) {
+            let evaluations = self.app.active_evaluations(&wire::addr_string(addr));
+            self.failures.insert(
+                id.clone(),
+                Failure { addr, at: now, owner: None, evaluations, initiated: false, result_sent: false },
+            );
+        }
+    }
+
+    fn merge_evaluations(into: &mut EvalMap, from: EvalMap) {
+        for (eval, projects) in from {
+            let entry = into.entry(eval).or_default();
+            for p in projects {
+                if !entry.contains(&p) {
+                    entry.push(p);
+                }
+            }
+        }
+    }
+
+    fn claim(&mut self, failed: &NodeId, owner: NodeId, out: &mut Vec<Action>) {
+        let me = self.id.clone();
+        let Some(f) = self.failures.get_mut(failed) else { return };
+        match &f.owner {
+            Some(current) if *current <= owner => {}
+            current => {
+                if current.is_some() && current.as_ref() == me.as_ref() {
+                    tracing::warn!(failed = %failed, %owner, "a smaller-id node also took over; relinquishing");
+                    out.push(Action::Event(Event::Relinquish {
+                        failed_id: failed.clone(),
+                        failed_addr: f.addr,
+                        owner: owner.clone(),
+                    }));
+                }
+                f.owner = Some(owner);
+            }
+        }
+    }
+
+    // ------------------------------------------------------------------------------- tick
+
+    fn on_tick(&mut self, now: Instant, out: &mut Vec<Action>) {
+        let hb = Self::ms(self.cfg.timers.heartbeat_ms);
+        if let Some(last) = self.last_tick {
+            let gap = now.saturating_duration_since(last);
+            if gap > hb * 2 {
+                // Our own event loop stalled: do not blame the peers for the silence.
+                tracing::warn!(stall_ms = gap.as_millis() as u64, "local stall; extending peer timeouts");
+                for peer in self.peers.values_mut() {
+                    peer.last_progress = (peer.last_progress + gap).min(now);
+                }
+            }
+        }
+        self.last_tick = Some(now);
+
+        let Some(me) = self.id.clone() else {
+            if let Some(join) = self.cfg.join
+                && now >= self.next_connect
+            {
+                // Fast retries: peers that already admitted us time us out if we stay silent.
+                self.next_connect = now + hb / 2;
+                tracing::debug!(%join, "sending CONNECT");
+                self.send(now, join, Message::Connect(ConnectData {}), out);
+            }
+            return;
+        };
+
+        // Failure detection.
+        let timeout = Self::ms(self.cfg.timers.failure_timeout_ms);
+        let silent: Vec<NodeId> = self
+            .peers
+            .iter()
+            .filter(|(_, p)| {
+                let limit = if p.reference { timeout.max(REFERENCE_PEER_TIMEOUT) } else { timeout };
+                now.saturating_duration_since(p.last_progress) > limit
+            })
+            .map(|(id, _)| id.clone())
+            .collect();
+        for id in silent {
+            self.down(now, &id, DownReason::Failed, true, out);
+        }
+
+        if now >= self.next_heartbeat {
+            self.next_heartbeat = now + hb;
+            self.counter += 1;
+            self.heartbeats_sent += 1;
+            let full = self.heartbeat(now, &me, false);
+            // Everyone gets the sender's own counter; GOSSIP_FANOUT random peers per period
+            // also get the whole tables (peers, relayed counters, failure and owner claims).
+            let slim = Message::Heartbeat(HeartbeatData {
+                peers: PeerTable::new(),
+                hb: BTreeMap::from([(me.clone(), self.counter)]),
+                dead: BTreeMap::new(),
+                owners: BTreeMap::new(),
+                ..full.clone()
+            });
+            let msg = Message::Heartbeat(full);
+            let targets: Vec<SocketAddr> = self.peers.values().map(|p| p.addr).collect();
+            let n = targets.len();
+            let mut full_to = vec![self.full_to_all || n <= GOSSIP_FANOUT; n];
+            for k in rand::seq::index::sample(&mut self.rng, n, GOSSIP_FANOUT.min(n)) {
+                full_to[k] = true;
+            }
+            for (to, full) in targets.into_iter().zip(full_to) {
+                let m = if full { msg.clone() } else { slim.clone() };
+                self.send(now, to, m, out);
+            }
+            self.full_to_all = false;
+            if self.heartbeats_sent.is_multiple_of(4) {
+                // Probe remembered failed nodes so that a healed partition merges.
+                let dead: Vec<SocketAddr> = self.tombstones.values().map(|t| t.addr).collect();
+                for to in dead {
+                    self.send(now, to, msg.clone(), out);
+                }
+            }
+        }
+
+        if now >= self.next_cache {
+            self.send_cache(now, out);
+        }
+
+        self.decide(now, &me, out);
+
+        // Forget old tombstones and resolved failures.
+        self.tombstones.retain(|_, t| now.saturating_duration_since(t.at) < TOMBSTONE_KEEP);
+        let tombstones = &self.tombstones;
+        self.failures.retain(|id, f| {
+            now.saturating_duration_since(f.at) < TOMBSTONE_KEEP || tombstones.contains_key(id)
+        });
+    }
+
+    fn heartbeat(&self, now: Instant, me: &NodeId, leaving: bool) -> HeartbeatData {
+        let gossip = Self::ms(self.cfg.timers.failure_timeout_ms) * 10;
+        let mut hb: BTreeMap<NodeId, u64> =
+            self.peers.iter().map(|(id, p)| (id.clone(), p.counter)).collect();
+        hb.insert(me.clone(), self.counter);
+        let dead = self
+            .tombstones
+            .iter()
+            .filter(|(_, t)| now.saturating_duration_since(t.at) < gossip)
+            .map(|(id, t)| (id.clone(), (t.counter, wire::addr_string(t.addr))))
+            .collect();
+        let owners = self
+            .failures
+            .iter()
+            .filter(|(_, f)| now.saturating_duration_since(f.at) < gossip)
+            .filter_map(|(id, f)| f.owner.clone().map(|o| (id.clone(), o)))
+            .collect();
+        HeartbeatData {
+            id: me.clone(),
+            peers: self.peer_table(None),
+            hb,
+            dead,
+            owners,
+            leaving,
+            http: self.cfg.http.map(wire::addr_string),
+        }
+    }
+
+    fn send_cache(&mut self, now: Instant, out: &mut Vec<Action>) {
+        self.next_cache = now + Self::ms(self.cfg.timers.cache_update_ms);
+        if self.peers.is_empty() {
+            return;
+        }
+        let data = CacheUpdateData {
+            addr: wire::addr_string(self.cfg.addr),
+            peers_ip: self.peer_addrs(),
+            content: self.app.cache_content(),
+        };
+        for part in wire::split_cache_update(data, wire::MAX_BODY - ENVELOPE_ROOM) {
+            self.broadcast(now, &Message::CacheUpdate(part), out);
+        }
+    }
+
+    /// Apply the election rule to every failure whose owner is unknown or dead.
+    fn decide(&mut self, now: Instant, me: &NodeId, out: &mut Vec<Action>) {
+        let settle = Self::ms(self.cfg.timers.election_timeout_ms);
+        let winner = self.peers.keys().next().filter(|p| *p < me).unwrap_or(me).clone();
+        let pending: Vec<NodeId> = self
+            .failures
+            .iter()
+            .filter(|(_, f)| now.saturating_duration_since(f.at) >= settle)
+            .filter(|(_, f)| match &f.owner {
+                None => true,
+                Some(o) => o != me && self.tombstones.contains_key(o),
+            })
+            .map(|(id, _)| id.clone())
+            .collect();
+        for failed in pending {
+            let Some(addr) = self.failures.get(&failed).map(|f| f.addr) else { continue };
+            if winner == *me {
+                let fresh = self.app.active_evaluations(&wire::addr_string(addr));
+                let Some(f) = self.failures.get_mut(&failed) else { continue };
+                Self::merge_evaluations(&mut f.evaluations, fresh);
+                f.owner = Some(me.clone());
+                tracing::info!(failed = %failed, "taking over the failed node's responsibilities");
+                // Announce the claim to everyone with the next heartbeat, sent now.
+                self.full_to_all = true;
+                self.next_heartbeat = now;
+                out.push(Action::Event(Event::TakeOver {
+                    failed_id: failed.clone(),
+                    failed_addr: addr,
+                    evaluations: f.evaluations.clone(),
+                }));
+            } else {
+                let Some(f) = self.failures.get_mut(&failed) else { continue };
+                if f.initiated && !f.result_sent {
+                    f.result_sent = true;
+                    let msg = Message::RecoveryElectionResult(RecoveryElectionResultData {
+                        evaluations: f.evaluations.clone(),
+                        failed_node_id: failed.clone(),
+                    });
+                    if let Some(to) = self.peers.get(&winner).map(|p| p.addr) {
+                        self.send(now, to, msg, out);
+                    }
+                }
+            }
+        }
+    }
+
+    // ---------------------------------------------------------------------------- messages
+
+    fn on_message(&mut self, now: Instant, env: Envelope, out: &mut Vec<Action>) {
+        let Some(from) = env.sender() else {
+            tracing::debug!(ip = %env.ip, cmd = env.msg.cmd(), "dropping message with an invalid sender ip");
+            return;
+        };
+        if from == self.cfg.addr {
+            return;
+        }
+        let Some(me) = self.id.clone() else {
+            if let Message::ConnectRep(rep) = env.msg {
+                self.on_connect_rep(now, from, rep, out);
+            } else {
+                tracing::debug!(cmd = env.msg.cmd(), %from, "not joined yet; dropping");
+            }
+            return;
+        };
+        let from_id = self.id_of(from);
+        if let Some(id) = &from_id {
+            self.progress(now, id, None);
+        }
+        match env.msg {
+            Message::Connect(_) => self.on_connect(now, from, &me, out),
+            Message::ConnectRep(_) => tracing::debug!(%from, "already joined; ignoring CONNECT_REP"),
+            Message::Heartbeat(hb) => self.on_heartbeat(now, from, &me, hb, out),
+            Message::CacheUpdate(data) => {
+                if from_id.is_some() {
+                    self.reported.insert(data.addr.clone(), data.peers_ip.clone());
+                }
+                out.push(Action::Event(Event::CacheUpdate { from, data }));
+            }
+            Message::RecoveryElection(el) => self.on_election(now, from, &me, el, out),
+            Message::RecoveryElectionRep(rep) => {
+                if let Some(f) = self.failures.get_mut(&rep.failed_node_id) {
+                    Self::merge_evaluations(&mut f.evaluations, rep.evaluations);
+                }
+            }
+            Message::RecoveryElectionResult(res) => {
+                // A hint that we won; the rule (re-)applied on each tick decides.
+                tracing::info!(failed = %res.failed_node_id, %from, "RECOVERY_ELECTION_RESULT names this node");
+                if let Some(f) = self.failures.get_mut(&res.failed_node_id) {
+                    Self::merge_evaluations(&mut f.evaluations, res.evaluations);
+                }
+            }
+            msg @ (Message::TaskAnnounce(_)
+            | Message::TaskRequest(_)
+            | Message::TaskSend(_)
+            | Message::TaskConfirm(_)
+            | Message::TaskResult(_)
+            | Message::ProjectAnnounce(_)
+            | Message::EvaluationResponsibilityUpdate(_)) => {
+                out.push(Action::Event(Event::App { from, from_id, msg }));
+            }
+        }
+    }
+
+    fn on_connect(&mut self, now: Instant, from: SocketAddr, me: &NodeId, out: &mut Vec<Action>) {
+        let given = match self.id_of(from) {
+            Some(id) => id,
+            None => self.mint_id(now),
+        };
+        let rep =
+            ConnectRepData { peers: self.peer_table(Some(from)), id: me.clone(), given_id: given.clone() };
+        self.send(now, from, Message::ConnectRep(rep), out);
+        self.admit(now, given, from, 0, out);
+        // Tell the newcomer about recent failures and owners at once.
+        self.next_heartbeat = now;
+    }
+
+    fn on_connect_rep(&mut self, now: Instant, from: SocketAddr, rep: ConnectRepData, out: &mut Vec<Action>) {
+        tracing::info!(id = %rep.given_id, via = %from, peers = rep.peers.len(), "joined the network");
+        self.id = Some(rep.given_id.clone());
+        out.push(Action::Event(Event::Joined { id: rep.given_id }));
+        self.admit(now, rep.id, from, 0, out);
+        for (id, (ip, port)) in rep.peers {
+            if let Ok(ip) = ip.parse() {
+                self.admit(now, id, SocketAddr::new(ip, port), 0, out);
+            }
+        }
+        self.next_heartbeat = now;
+        self.next_cache = now;
+    }
+
+    fn on_heartbeat(
+        &mut self,
+        now: Instant,
+        from: SocketAddr,
+        me: &NodeId,
+        hb: HeartbeatData,
+        out: &mut Vec<Action>,
+    ) {
+        let sender = hb.id.clone();
+        if sender == *me {
+            tracing::warn!(%from, "HEARTBEAT carries this node's own id; ignoring");
+            return;
+        }
+        let own = hb.hb.get(&sender).copied();
+        if hb.leaving {
+            if self.peers.contains_key(&sender) {
+                tracing::info!(peer = %sender, "peer leaves gracefully");
+            }
+            if let Some(c) = own {
+                self.progress(now, &sender, Some(c));
+            }
+            self.down(now, &sender, DownReason::Left, true, out);
+            return;
+        }
+        // The sender itself.
+        if !self.peers.contains_key(&sender) {
+            let refutes = match (self.tombstones.get(&sender), own) {
+                (None, _) => true,
+                (Some(t), Some(c)) => c > t.counter,
+                // Reference nodes have no counters: a direct heartbeat is the evidence.
+                (Some(_), None) => true,
+            };
+            if refutes {
+                self.admit(now, sender.clone(), from, own.unwrap_or(0), out);
+            }
+        }
+        self.progress(now, &sender, own);
+        if let Some(peer) = self.peers.get_mut(&sender) {
+            peer.http = hb.http.as_deref().and_then(wire::parse_addr).or(peer.http);
+            peer.reference = own.is_none();
+        }
+
+        // Relayed counters.
+        for (id, c) in &hb.hb {
+            if id == me || *id == sender {
+                continue;
+            }
+            if self.peers.contains_key(id) {
+                self.progress(now, id, Some(*c));
+            } else if let Some((ip, port)) = hb.peers.get(id)
+                && let Ok(ip) = ip.parse()
+                && self.tombstones.get(id).is_none_or(|t| *c > t.counter)
+            {
+                self.admit(now, id.clone(), SocketAddr::new(ip, *port), *c, out);
+            }
+        }
+        // Reference-style peer tables (no counters): add unknown, never resurrect the dead.
+        for (id, (ip, port)) in &hb.peers {
+            if id == me || self.peers.contains_key(id) || self.tombstones.contains_key(id) {
+                continue;
+            }
+            if let Ok(ip) = ip.parse() {
+                self.admit(
+                    now,
+                    id.clone(),
+                    SocketAddr::new(ip, *port),
+                    hb.hb.get(id).copied().unwrap_or(0),
+                    out,
+                );
+            }
+        }
+        // Failure claims.
+        for (id, (c, addr)) in &hb.dead {
+            if id == me {
+                tracing::warn!(by = %sender, "a peer claims this node failed; refuting with a larger counter");
+                continue;
+            }
+            if let Some(addr) = wire::parse_addr(addr) {
+                self.learn_failure(now, id, addr, *c, out);
+            }
+        }
+        for (failed, owner) in hb.owners {
+            self.claim(&failed, owner, out);
+        }
+    }
+
+    fn on_election(
+        &mut self,
+        now: Instant,
+        from: SocketAddr,
+        me: &NodeId,
+        el: RecoveryElectionData,
+        out: &mut Vec<Action>,
+    ) {
+        if el.failed_node == *me {
+            tracing::warn!(by = %el.candidate_id, "RECOVERY_ELECTION names this node as failed; our heartbeats refute it");
+            return;
+        }
+        let addr = wire::parse_addr(&el.failed_node_addr)
+            .or_else(|| self.peers.get(&el.failed_node).map(|p| p.addr))
+            .or_else(|| self.tombstones.get(&el.failed_node).map(|t| t.addr));
+        let Some(addr) = addr else {
+            tracing::debug!(failed = %el.failed_node, "RECOVERY_ELECTION for an unknown node without a valid address");
+            return;
+        };
+        // Follow the claim (as the reference does): a live accused node refutes with its counter.
+        let counter = self.peers.get(&el.failed_node).map(|p| p.counter).unwrap_or(0);
+        if self.peers.contains_key(&el.failed_node) {
+            self.down(now, &el.failed_node, DownReason::Failed, false, out);
+        } else {
+            self.learn_failure(now, &el.failed_node, addr, counter, out);
+        }
+        let mine = self.app.active_evaluations(&wire::addr_string(addr));
+        if let Some(f) = self.failures.get_mut(&el.failed_node) {
+            Self::merge_evaluations(&mut f.evaluations, el.extra);
+        }
+        let rep = RecoveryElectionRepData {
+            failed_node_id: el.failed_node,
+            evaluations: mine,
+            node_id: me.clone(),
+        };
+        self.send(now, from, Message::RecoveryElectionRep(rep), out);
+    }
+
+    // ------------------------------------------------------------------------------- local
+
+    fn on_local(&mut self, now: Instant, ev: LocalEvent, out: &mut Vec<Action>) {
+        match ev {
+            LocalEvent::Send { to, msg } => self.send(now, to, msg, out),
+            LocalEvent::Broadcast(msg) => self.broadcast(now, &msg, out),
+            LocalEvent::PushCache => self.send_cache(now, out),
+            LocalEvent::Leave => {
+                if let Some(me) = self.id.clone() {
+                    self.counter += 1;
+                    let msg = Message::Heartbeat(self.heartbeat(now, &me, true));
+                    // Twice: a single lost datagram should not turn a leave into a timeout.
+                    self.broadcast(now, &msg, out);
+                    self.broadcast(now, &msg, out);
+                }
+                self.left = true;
+                out.push(Action::Event(Event::Left));
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::wire::{NodeIdData, ResponsibilityUpdateData};
+    use proptest::prelude::*;
+
+    fn addr(port: u16) -> SocketAddr {
+        SocketAddr::from(([127, 0, 0, 1], port))
+    }
+
+    fn core(port: u16, join: Option<u16>, start: Instant) -> Core {
+        let cfg = CoreConfig {
+            addr: addr(port),
+            join: join.map(addr),
+            http: None,
+            timers: Timers::default(),
+            unix_micros_at_start: 1_795_512_038_648_868,
+            seed: u64::from(port),
+        };
+        Core::new(cfg, Box::new(NoApp), start)
+    }
+
+    fn env(from: u16, msg: Message) -> Input {
+        Input::Message(Envelope { ip: "127.0.0.1".into(), port: from, msg, timestamp: 1.0 })
+    }
+
+    /// A reference-implementation heartbeat: no counters or other extensions.
+    fn reference_hb(id: &str, peers: &[(&str, u16)]) -> Message {
+        Message::Heartbeat(HeartbeatData {
+            id: NodeId(id.into()),
+            peers: peers.iter().map(|(i, p)| (NodeId((*i).into()), ("127.0.0.1".to_string(), *p))).collect(),
+            hb: BTreeMap::new(),
+            dead: BTreeMap::new(),
+            owners: BTreeMap::new(),
+            leaving: false,
+            http: None,
+        })
+    }
+
+    fn sent(actions: &[Action]) -> Vec<(SocketAddr, &Message)> {
+        actions
+            .iter()
+            .filter_map(|a| match a {
+                Action::Send { to, envelope } => Some((*to, &envelope.msg)),
+                Action::Event(_) => None,
+            })
+            .collect()
+    }
+
+    fn events(actions: &[Action]) -> Vec<&Event> {
+        actions
+            .iter()
+            .filter_map(|a| match a {
+                Action::Event(e) => Some(e),
+                Action::Send { .. } => None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn connect_assigns_ids_like_the_reference_and_never_reuses_a_dead_one() {
+        let t0 = Instant::now();
+        let mut c = core(7000, None, t0);
+        let me = c.id().cloned().expect("founder has an id");
+        assert_eq!(me.as_str().len(), 21);
+        let acts = c.handle(t0, env(7001, Message::Connect(ConnectData {})));
+        let [(to, Message::ConnectRep(rep))] = sent(&acts)[..] else {
+            panic!("expected one CONNECT_REP: {acts:?}")
+        };
+        assert_eq!(to, addr(7001));
+        assert_eq!(rep.id, me);
+        assert!(rep.peers.is_empty(), "the joiner is not in its own peer list");
+        let given = rep.given_id.clone();
+        assert_eq!(given.as_str().len(), 21);
+        // A retried CONNECT from the same address gets the same id.
+        let acts = c.handle(t0, env(7001, Message::Connect(ConnectData {})));
+        let [(_, Message::ConnectRep(rep))] = sent(&acts)[..] else { panic!("expected CONNECT_REP") };
+        assert_eq!(rep.given_id, given);
+        // Silence: 7001 is declared failed; a restarted process there gets a fresh id.
+        let later = t0 + Duration::from_millis(2_600);
+        let acts = c.handle(later, Input::Tick);
+        assert!(events(&acts).iter().any(|e| matches!(e, Event::PeerDown { id, .. } if *id == given)));
+        let acts = c.handle(later, env(7001, Message::Connect(ConnectData {})));
+        let [(_, Message::ConnectRep(rep))] = sent(&acts)[..] else { panic!("expected CONNECT_REP") };
+        assert_ne!(rep.given_id, given);
+    }
+
+    #[test]
+    fn joiner_retries_connect_and_adopts_the_given_id() {
+        let t0 = Instant::now();
+        let mut j = core(7002, Some(7000), t0);
+        assert!(j.id().is_none());
+        let first = j.handle(t0, Input::Tick);
+        assert!(matches!(sent(&first)[..], [(to, Message::Connect(_))] if to == addr(7000)));
+        let retry = j.handle(t0 + Duration::from_millis(300), Input::Tick);
+        assert!(matches!(sent(&retry)[..], [(_, Message::Connect(_))]), "CONNECT is retried");
+        let rep = ConnectRepData {
+            peers: [(NodeId("179551204279523187555".into()), ("127.0.0.1".to_string(), 7005))].into(),
+            id: NodeId("179551203864886859797".into()),
+            given_id: NodeId("179551240141346299244".into()),
+        };
+        let acts = j.handle(t0, env(7000, Message::ConnectRep(rep)));
+        assert_eq!(j.id().map(NodeId::as_str), Some("179551240141346299244"));
+        assert!(events(&acts).iter().any(|e| matches!(e, Event::Joined { .. })));
+        let peers: Vec<SocketAddr> = j.peers().map(|(_, a)| a).collect();
+        assert_eq!(peers.len(), 2);
+        assert!(peers.contains(&addr(7000)) && peers.contains(&addr(7005)));
+    }
+
+    #[test]
+    fn reference_nodes_live_by_direct_heartbeats_and_dead_ids_do_not_come_back_as_zombies() {
+        let t0 = Instant::now();
+        let mut c = core(7000, None, t0);
+        // Two reference nodes heartbeat directly; B lists C too.
+        c.handle(t0, env(7001, reference_hb("100000000000000000001", &[])));
+        c.handle(t0, env(7002, reference_hb("100000000000000000002", &[("100000000000000000003", 7003)])));
+        assert_eq!(c.peers().count(), 3, "C learned from B's peer table");
+        // A keeps heartbeating (every 3.5 s, as the reference does); B and C go silent.
+        let mut t = t0;
+        let mut downs = Vec::new();
+        for step in 1..=90 {
+            t += Duration::from_millis(100);
+            if step % 35 == 0 {
+                c.handle(t, env(7001, reference_hb("100000000000000000001", &[])));
+            }
+            for e in events(&c.handle(t, Input::Tick)) {
+                if let Event::PeerDown { id, .. } = e {
+                    downs.push((step, id.clone()));
+                }
+            }
+        }
+        // C never heartbeat: the normal timeout. B is a reference node: the longer one.
+        assert_eq!(downs.len(), 2, "{downs:?}");
+        assert_eq!(downs[0].1.as_str(), "100000000000000000003");
+        assert!(downs[0].0 <= 25);
+        assert_eq!(downs[1].1.as_str(), "100000000000000000002");
+        assert!((80..=90).contains(&downs[1].0));
+        // F13: A still lists C in its (stale) table; C must not be re-added.
+        c.handle(t, env(7001, reference_hb("100000000000000000001", &[("100000000000000000003", 7003)])));
+        assert_eq!(c.peers().count(), 1);
+        // B itself heartbeating again is evidence of life (reference nodes have no counters).
+        let acts = c.handle(t, env(7002, reference_hb("100000000000000000002", &[])));
+        assert!(events(&acts).iter().any(|e| matches!(e, Event::PeerUp { .. })));
+        assert_eq!(c.peers().count(), 2);
+    }
+
+    #[test]
+    fn counters_refute_stale_failure_claims_and_revive_falsely_accused_nodes() {
+        let t0 = Instant::now();
+        let mut c = core(7000, None, t0);
+        let x = NodeId("100000000000000000009".into());
+        let mut hb = HeartbeatData {
+            hb: [(x.clone(), 50)].into(),
+            ..match reference_hb("100000000000000000009", &[]) {
+                Message::Heartbeat(h) => h,
+                _ => unreachable!(),
+            }
+        };
+        c.handle(t0, env(7009, Message::Heartbeat(hb.clone())));
+        // A claim at counter 40 is stale: we saw 50.
+        let mut claim = match reference_hb("100000000000000000001", &[]) {
+            Message::Heartbeat(h) => h,
+            _ => unreachable!(),
+        };
+        claim.hb.insert(NodeId("100000000000000000001".into()), 1);
+        claim.dead.insert(x.clone(), (40, "127.0.0.1:7009".into()));
+        c.handle(t0, env(7001, Message::Heartbeat(claim.clone())));
+        assert!(c.peers().any(|(id, _)| *id == x));
+        // A claim at 50 wins; a later heartbeat with counter 51 revives it; a replayed old one does not.
+        claim.dead.insert(x.clone(), (50, "127.0.0.1:7009".into()));
+        c.handle(t0, env(7001, Message::Heartbeat(claim)));
+        assert!(!c.peers().any(|(id, _)| *id == x));
+        c.handle(t0, env(7009, Message::Heartbeat(hb.clone())));
+        assert!(!c.peers().any(|(id, _)| *id == x), "a replayed heartbeat must not revive");
+        hb.hb.insert(x.clone(), 51);
+        c.handle(t0, env(7009, Message::Heartbeat(hb)));
+        assert!(c.peers().any(|(id, _)| *id == x));
+    }
+
+    #[test]
+    fn a_forged_claim_with_a_huge_counter_neither_kills_nor_blocks_a_node() {
+        let t0 = Instant::now();
+        let mut c = core(7000, None, t0);
+        let x = NodeId("100000000000000000009".into());
+        let Message::Heartbeat(mut hb) = reference_hb("100000000000000000009", &[]) else { unreachable!() };
+        hb.hb.insert(x.clone(), 50);
+        c.handle(t0, env(7009, Message::Heartbeat(hb.clone())));
+        let Message::Heartbeat(mut forged) = reference_hb("100000000000000000001", &[]) else {
+            unreachable!()
+        };
+        forged.dead.insert(x.clone(), (u64::MAX, "127.0.0.1:7009".into()));
+        c.handle(t0, env(7001, Message::Heartbeat(forged.clone())));
+        assert!(c.peers().any(|(id, _)| *id == x), "implausible claim ignored");
+        // Once X is really down, a forged claim cannot keep it from coming back.
+        forged.dead.insert(x.clone(), (50, "127.0.0.1:7009".into()));
+        c.handle(t0, env(7001, Message::Heartbeat(forged.clone())));
+        assert!(!c.peers().any(|(id, _)| *id == x));
+        forged.dead.insert(x.clone(), (u64::MAX, "127.0.0.1:7009".into()));
+        c.handle(t0, env(7001, Message::Heartbeat(forged)));
+        hb.hb.insert(x.clone(), 51);
+        c.handle(t0, env(7009, Message::Heartbeat(hb)));
+        assert!(c.peers().any(|(id, _)| *id == x));
+    }
+
+    #[test]
+    fn a_local_stall_does_not_fail_the_peers() {
+        let t0 = Instant::now();
+        let mut c = core(7000, None, t0);
+        let Message::Heartbeat(mut hb) = reference_hb("100000000000000000001", &[]) else { unreachable!() };
+        hb.hb.insert(NodeId("100000000000000000001".into()), 5);
+        c.handle(t0, env(7001, Message::Heartbeat(hb)));
+        c.handle(t0 + Duration::from_millis(100), Input::Tick);
+        // Our loop freezes for 1.9 s: the peer's silence is our fault.
+        let acts = c.handle(t0 + Duration::from_millis(2_200), Input::Tick);
+        assert!(!events(&acts).iter().any(|e| matches!(e, Event::PeerDown { .. })));
+        // Real silence afterwards is still detected.
+        let mut t = t0 + Duration::from_millis(2_200);
+        let mut down = false;
+        for _ in 0..25 {
+            t += Duration::from_millis(100);
+            down |= events(&c.handle(t, Input::Tick)).iter().any(|e| matches!(e, Event::PeerDown { .. }));
+        }
+        assert!(down);
+    }
+
+    #[test]
+    fn elections_answer_the_candidate_and_the_smallest_id_takes_over() {
+        let t0 = Instant::now();
+        let mut c = core(7000, None, t0);
+        let me = c.id().cloned().expect("id");
+        c.handle(t0, env(7001, reference_hb("999999999999999999991", &[])));
+        c.handle(t0, env(7002, reference_hb("999999999999999999992", &[])));
+        let el = RecoveryElectionData {
+            candidate_id: NodeId("999999999999999999991".into()),
+            failed_node: NodeId("999999999999999999992".into()),
+            timestamp: 1.0,
+            extra: [("e1".to_string(), vec!["p1".to_string()])].into(),
+            failed_node_addr: "127.0.0.1:7002".into(),
+        };
+        let acts = c.handle(t0, env(7001, Message::RecoveryElection(el)));
+        let reps: Vec<_> =
+            sent(&acts).into_iter().filter(|(_, m)| matches!(m, Message::RecoveryElectionRep(_))).collect();
+        let [(to, Message::RecoveryElectionRep(rep))] = reps[..] else {
+            panic!("one REP expected: {acts:?}")
+        };
+        assert_eq!(to, addr(7001));
+        assert_eq!(rep.node_id, me);
+        assert_eq!(rep.failed_node_id.as_str(), "999999999999999999992");
+        // We have the smallest id (ours starts 1795...): after the settle time we take over.
+        let acts = c.handle(t0 + Duration::from_millis(600), Input::Tick);
+        let takeover = events(&acts).into_iter().find_map(|e| match e {
+            Event::TakeOver { failed_id, evaluations, .. } => Some((failed_id.clone(), evaluations.clone())),
+            _ => None,
+        });
+        let (failed, evals) = takeover.expect("takeover");
+        assert_eq!(failed.as_str(), "999999999999999999992");
+        assert_eq!(evals.get("e1"), Some(&vec!["p1".to_string()]), "the candidate's map is kept");
+        assert_eq!(c.owner_of(&failed), Some(&me));
+        // A smaller owner claim (after a partition) wins and we relinquish.
+        let mut hb = match reference_hb("999999999999999999991", &[]) {
+            Message::Heartbeat(h) => h,
+            _ => unreachable!(),
+        };
+        hb.owners.insert(failed.clone(), NodeId("1".into()));
+        let acts = c.handle(t0 + Duration::from_millis(700), env(7001, Message::Heartbeat(hb)));
+        assert!(events(&acts).iter().any(|e| matches!(e, Event::Relinquish { .. })));
+    }
+
+    #[test]
+    fn application_messages_pass_through_the_seam() {
+        let t0 = Instant::now();
+        let mut c = core(7000, None, t0);
+        c.handle(t0, env(7001, reference_hb("100000000000000000001", &[])));
+        let msg = Message::TaskAnnounce(NodeIdData { id: NodeId("100000000000000000001".into()) });
+        let acts = c.handle(t0, env(7001, msg.clone()));
+        assert!(
+            matches!(events(&acts)[..], [Event::App { from, from_id: Some(_), msg: m }] if *from == addr(7001) && *m == msg)
+        );
+        let update = Message::EvaluationResponsibilityUpdate(ResponsibilityUpdateData {
+            project_id: "p".into(),
+            new_node: "127.0.0.1:7000".into(),
+        });
+        let acts = c.handle(t0, Input::Local(LocalEvent::Broadcast(update.clone())));
+        let [Action::Send { to, envelope }] = &acts[..] else { panic!("one send: {acts:?}") };
+        assert_eq!(
+            (*to, &envelope.msg, envelope.ip.as_str(), envelope.port),
+            (addr(7001), &update, "127.0.0.1", 7000)
+        );
+        // Leave: two notices, then silence.
+        let acts = c.handle(t0, Input::Local(LocalEvent::Leave));
+        assert_eq!(
+            sent(&acts).iter().filter(|(_, m)| matches!(m, Message::Heartbeat(h) if h.leaving)).count(),
+            2
+        );
+        assert!(c.handle(t0, Input::Tick).is_empty());
+    }
+
+    fn arb_id() -> impl Strategy<Value = NodeId> {
+        prop_oneof![Just("1".to_string()), "[0-9]{21}", "[0-9a-z]{0,4}"].prop_map(NodeId)
+    }
+
+    fn arb_msg() -> impl Strategy<Value = Message> {
+        let ids =
+            || prop::collection::btree_map(arb_id(), (Just("127.0.0.1".to_string()), 7000u16..7010), 0..4);
+        prop_oneof![
+            Just(Message::Connect(ConnectData {})),
+            (ids(), arb_id(), arb_id()).prop_map(|(peers, id, given_id)| Message::ConnectRep(
+                ConnectRepData { peers, id, given_id }
+            )),
+            (
+                arb_id(),
+                ids(),
+                prop::collection::btree_map(arb_id(), any::<u64>(), 0..4),
+                prop::collection::btree_map(arb_id(), (any::<u64>(), "[0-9.:]{0,16}"), 0..3),
+                prop::collection::btree_map(arb_id(), arb_id(), 0..3),
+                any::<bool>()
+            )
+                .prop_map(|(id, peers, hb, dead, owners, leaving)| Message::Heartbeat(
+                    HeartbeatData { id, peers, hb, dead, owners, leaving, http: None }
+                )),
+            (arb_id(), arb_id(), "[0-9.:]{0,16}").prop_map(
+                |(candidate_id, failed_node, failed_node_addr)| Message::RecoveryElection(
+                    RecoveryElectionData {
+                        candidate_id,
+                        failed_node,
+                        timestamp: 0.0,
+                        extra: EvalMap::new(),
+                        failed_node_addr,
+                    }
+                )
+            ),
+            (arb_id(), arb_id()).prop_map(|(failed_node_id, node_id)| Message::RecoveryElectionRep(
+                RecoveryElectionRepData { failed_node_id, evaluations: EvalMap::new(), node_id }
+            )),
+            arb_id().prop_map(|failed_node_id| Message::RecoveryElectionResult(RecoveryElectionResultData {
+                evaluations: EvalMap::new(),
+                failed_node_id
+            })),
+            arb_id().prop_map(|id| Message::TaskRequest(NodeIdData { id })),
+        ]
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(300))]
+        #[test]
+        fn arbitrary_message_sequences_never_panic_the_core(
+            steps in prop::collection::vec((7000u16..7010, arb_msg(), 0u64..400), 1..60),
+            joining in any::<bool>(),
+        ) {
+            let t0 = Instant::now();
+            let mut c = core(7000, joining.then_some(7001), t0);
+            let mut t = t0;
+            for (from, msg, dt) in steps {
+                t += Duration::from_millis(dt);
+                c.handle(t, env(from, msg));
+                c.handle(t, Input::Tick);
+            }
+            let _ = c.snapshot();
+        }
+    }
+}

@@ -1,0 +1,477 @@
+//! The evaluation model: evaluations -> projects -> modules -> per-test results.
+//!
+//! An [`EvalRecord`] is the replicated, persisted state of one evaluation. Every node keeps a copy;
+//! copies converge by [`EvalRecord::merge`], which is idempotent, commutative and only grows what
+//! matters for counting (results are never removed), so:
+//! - a result accepted once is never lost while any node holding the record survives;
+//! - a module's result is stored once per task id: a duplicate (a re-run after a takeover, a late
+//!   worker) is ignored, and when two different results meet, the same one wins on every node;
+//! - `/stats` totals derived from the records never decrease.
+//!
+//! Responsibility for scheduling an evaluation's tasks (the "responsible node") is a field of the
+//! record with a `term`: a takeover increments the term, and the higher term wins on merge.
+
+mod report;
+
+use std::collections::BTreeMap;
+
+use cdtester_runner_api::{Chunk, Counts, Limits, ModuleReport, TestResult};
+use serde::{Deserialize, Serialize};
+
+pub use report::{EvalReport, NodeStatsRow, Stats, StatsAll, build_report, stats};
+
+/// Evaluation ids are positive integers below 2^53 (exact in JSON numbers everywhere).
+pub type EvalId = u64;
+
+/// Largest evaluation id (2^53 - 1).
+pub const MAX_EVAL_ID: EvalId = (1 << 53) - 1;
+
+/// A task id: `"<project id>::<module>"` (the reference's format).
+pub fn task_id(project_id: &str, module: &str) -> String {
+    format!("{project_id}::{module}")
+}
+
+/// Splits a task id into project id and the task's part (`<module>` or `<module>#<i>/<n>`).
+pub fn split_task_id(task_id: &str) -> Option<(&str, &str)> {
+    task_id.split_once("::")
+}
+
+/// The task part naming one module, or one chunk of it: `<module>` or `<module>#<i>/<n>`.
+pub fn task_part(module: &str, chunk: Option<Chunk>) -> String {
+    match chunk {
+        Some(c) => format!("{module}#{}/{}", c.index, c.count),
+        None => module.to_string(),
+    }
+}
+
+/// Parses a task part into module and chunk.
+pub fn parse_task_part(part: &str) -> (&str, Option<Chunk>) {
+    if let Some((module, spec)) = part.rsplit_once('#')
+        && let Some((i, n)) = spec.split_once('/')
+        && let (Ok(index), Ok(count)) = (i.parse::<u32>(), n.parse::<u32>())
+        && index < count
+    {
+        return (module, Some(Chunk { index, count }));
+    }
+    (part, None)
+}
+
+/// One task of an evaluation.
+#[derive(Debug, Clone)]
+pub struct TaskRef<'a> {
+    pub task_id: String,
+    pub project: &'a ProjectRecord,
+    pub module: &'a str,
+    pub chunk: Option<Chunk>,
+}
+
+/// Seconds since the Unix epoch.
+pub fn now_secs() -> f64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs_f64()).unwrap_or(0.0)
+}
+
+/// The replicated state of one evaluation.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct EvalRecord {
+    pub id: EvalId,
+    /// UDP address of the node that accepted the submission.
+    pub submitted_to: String,
+    /// UDP address of the node that schedules the evaluation's tasks now.
+    pub responsible: String,
+    /// Responsibility term: increases with every takeover; the higher term wins.
+    pub term: u64,
+    /// Changes made by the responsible node within the current term (orders `running`).
+    pub version: u64,
+    pub start_time: f64,
+    pub end_time: Option<f64>,
+    pub projects: Vec<ProjectRecord>,
+    /// Task ids handed to a worker and not finished yet, as last published by the responsible node.
+    pub running: BTreeMap<String, String>,
+    /// Results by task id.
+    pub results: BTreeMap<String, ModuleResult>,
+}
+
+/// One project of an evaluation.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ProjectRecord {
+    /// Unique in the network: `"<eval id>-<index>"`.
+    pub id: String,
+    /// Unique within the evaluation (a duplicate folder/repository name gets a `_<n>` suffix).
+    pub name: String,
+    /// Where it came from, credentials removed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub url: Option<String>,
+    /// sha256 of the project archive served by `GET /file/<id>`.
+    pub content_hash: String,
+    pub state: ProjectState,
+}
+
+/// Where a project is in its life cycle.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "state", rename_all = "lowercase")]
+pub enum ProjectState {
+    /// Waiting for module discovery on the responsible node.
+    Preparing,
+    /// Modules known; tasks run with this runner and these limits. A module listed in `chunks`
+    /// runs as that many tasks, each a contiguous slice of its tests.
+    Ready {
+        modules: Vec<String>,
+        runner: String,
+        limits: Limits,
+        policies: Vec<String>,
+        #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+        chunks: BTreeMap<String, u32>,
+    },
+    /// The project cannot be evaluated (no tests, refused by a policy, discovery failed).
+    Failed { error: String },
+}
+
+impl ProjectState {
+    fn rank(&self) -> u8 {
+        match self {
+            ProjectState::Preparing => 0,
+            ProjectState::Failed { .. } => 1,
+            ProjectState::Ready { .. } => 2,
+        }
+    }
+}
+
+impl ProjectRecord {
+    /// Task ids of one module (one, or one per chunk).
+    pub fn module_tasks(&self, module: &str) -> Vec<String> {
+        match &self.state {
+            ProjectState::Ready { chunks, .. } => match chunks.get(module) {
+                Some(&count) if count > 1 => (0..count)
+                    .map(|index| task_id(&self.id, &task_part(module, Some(Chunk { index, count }))))
+                    .collect(),
+                _ => vec![task_id(&self.id, module)],
+            },
+            _ => Vec::new(),
+        }
+    }
+
+    /// The modules of a ready project.
+    pub fn modules(&self) -> &[String] {
+        match &self.state {
+            ProjectState::Ready { modules, .. } => modules,
+            _ => &[],
+        }
+    }
+}
+
+/// A module's accepted result.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ModuleResult {
+    /// UDP address of the node that ran it.
+    pub node: String,
+    /// Unique per execution attempt; orders competing results deterministically.
+    pub attempt: String,
+    pub finished_at: f64,
+    pub report: ModuleReport,
+}
+
+impl EvalRecord {
+    pub fn new(id: EvalId, node: String, start_time: f64, projects: Vec<ProjectRecord>) -> EvalRecord {
+        EvalRecord {
+            id,
+            submitted_to: node.clone(),
+            responsible: node,
+            term: 1,
+            version: 0,
+            start_time,
+            end_time: None,
+            projects,
+            running: BTreeMap::new(),
+            results: BTreeMap::new(),
+        }
+    }
+
+    pub fn project(&self, project_id: &str) -> Option<&ProjectRecord> {
+        self.projects.iter().find(|p| p.id == project_id)
+    }
+
+    /// Every task of the evaluation's ready projects.
+    pub fn all_tasks(&self) -> impl Iterator<Item = TaskRef<'_>> {
+        self.projects.iter().flat_map(|p| {
+            p.modules().iter().flat_map(move |m| {
+                p.module_tasks(m).into_iter().map(move |t| {
+                    let chunk = split_task_id(&t).and_then(|(_, part)| parse_task_part(part).1);
+                    TaskRef { task_id: t, project: p, module: m.as_str(), chunk }
+                })
+            })
+        })
+    }
+
+    /// Task ids that have no result yet.
+    pub fn unfinished_tasks(&self) -> Vec<String> {
+        self.all_tasks().map(|t| t.task_id).filter(|t| !self.results.contains_key(t)).collect()
+    }
+
+    /// True when every project is settled and every task has a result.
+    pub fn is_complete(&self) -> bool {
+        self.projects.iter().all(|p| p.state.rank() > 0) && self.unfinished_tasks().is_empty()
+    }
+
+    /// Sets `end_time` if the evaluation just completed. Returns whether it changed.
+    pub fn settle(&mut self, now: f64) -> bool {
+        if self.end_time.is_none() && self.is_complete() {
+            self.end_time = Some(now);
+            self.running.clear();
+            return true;
+        }
+        false
+    }
+
+    /// Whether `task_id` names a task (a module or a chunk) of this evaluation.
+    pub fn knows_task(&self, task_id: &str) -> bool {
+        let Some((pid, part)) = split_task_id(task_id) else { return false };
+        let (module, _) = parse_task_part(part);
+        self.project(pid).is_some_and(|p| p.module_tasks(module).iter().any(|t| t == task_id))
+    }
+
+    /// Stores a result unless one exists (or a deterministic tie-break prefers the existing one).
+    /// Returns whether the record changed.
+    pub fn add_result(&mut self, task_id: &str, result: ModuleResult, now: f64) -> bool {
+        let changed = insert_result(&mut self.results, task_id, result);
+        if changed {
+            self.running.remove(task_id);
+            self.version += 1;
+            self.settle(now);
+        }
+        changed
+    }
+
+    /// Merges another copy of the same evaluation into this one. Returns whether this changed.
+    pub fn merge(&mut self, other: &EvalRecord) -> bool {
+        let before = self.clone();
+        if (other.term, other.version) > (self.term, self.version)
+            || ((other.term, other.version) == (self.term, self.version)
+                && other.responsible < self.responsible)
+        {
+            self.term = other.term;
+            self.version = other.version;
+            self.responsible = other.responsible.clone();
+            self.running = other.running.clone();
+        }
+        self.start_time = self.start_time.min(other.start_time);
+        for p in &other.projects {
+            match self.projects.iter_mut().find(|q| q.id == p.id) {
+                Some(q) if p.state.rank() > q.state.rank() => q.state = p.state.clone(),
+                Some(_) => {}
+                None => self.projects.push(p.clone()),
+            }
+        }
+        for (t, r) in &other.results {
+            insert_result(&mut self.results, t, r.clone());
+        }
+        let done: Vec<String> =
+            self.running.keys().filter(|t| self.results.contains_key(*t)).cloned().collect();
+        for t in done {
+            self.running.remove(&t);
+        }
+        self.end_time = match (self.end_time, other.end_time) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+        if self.end_time.is_none() {
+            let latest = self.results.values().map(|r| r.finished_at).fold(self.start_time, f64::max);
+            self.settle(latest);
+        }
+        *self != before
+    }
+
+    /// Counts of the whole evaluation.
+    pub fn counts(&self) -> Counts {
+        let mut c = Counts::default();
+        for r in self.results.values() {
+            c.merge(&r.report.counts());
+        }
+        c
+    }
+
+    /// Progress of one module of a project: its tasks' results and running workers.
+    pub fn module_progress<'a>(&'a self, p: &ProjectRecord, module: &str) -> ModuleProgress<'a> {
+        let tasks = p.module_tasks(module);
+        ModuleProgress {
+            results: tasks.iter().filter_map(|t| self.results.get(t)).collect(),
+            running: tasks.iter().filter_map(|t| self.running.get(t).map(String::as_str)).collect(),
+            tasks: tasks.len(),
+        }
+    }
+}
+
+/// The state of one module's tasks (one task, or one per chunk).
+#[derive(Debug)]
+pub struct ModuleProgress<'a> {
+    pub results: Vec<&'a ModuleResult>,
+    pub running: Vec<&'a str>,
+    pub tasks: usize,
+}
+
+impl ModuleProgress<'_> {
+    /// Every task of the module has a result.
+    pub fn finished(&self) -> bool {
+        self.tasks > 0 && self.results.len() == self.tasks
+    }
+
+    /// Some task runs or has finished, not all have.
+    pub fn started(&self) -> bool {
+        !self.finished() && (!self.running.is_empty() || !self.results.is_empty())
+    }
+
+    pub fn counts(&self) -> Counts {
+        let mut c = Counts::default();
+        for r in &self.results {
+            c.merge(&r.report.counts());
+        }
+        c
+    }
+
+    /// Seconds the module's tasks took together.
+    pub fn duration(&self) -> f64 {
+        self.results.iter().map(|r| r.report.duration).sum()
+    }
+
+    pub fn tests(&self) -> Vec<TestResult> {
+        self.results.iter().flat_map(|r| r.report.tests.iter().cloned()).collect()
+    }
+
+    /// The nodes that ran (or run) it, `, `-separated; `None` when none.
+    pub fn nodes(&self) -> Option<String> {
+        let mut seen: Vec<&str> = Vec::new();
+        for n in self.results.iter().map(|r| r.node.as_str()).chain(self.running.iter().copied()) {
+            if !seen.contains(&n) {
+                seen.push(n);
+            }
+        }
+        (!seen.is_empty()).then(|| seen.join(", "))
+    }
+
+    /// Notes of the module's runs.
+    pub fn note(&self) -> Option<String> {
+        let notes: Vec<&str> = self.results.iter().filter_map(|r| r.report.note.as_deref()).collect();
+        (!notes.is_empty()).then(|| notes.join("; "))
+    }
+}
+
+fn insert_result(results: &mut BTreeMap<String, ModuleResult>, task_id: &str, result: ModuleResult) -> bool {
+    match results.get(task_id) {
+        Some(existing) if existing.attempt <= result.attempt => false,
+        _ => {
+            results.insert(task_id.to_string(), result);
+            true
+        }
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use cdtester_runner_api::{Outcome, TestResult};
+
+    use super::*;
+
+    pub fn module_report(module: &str, outcomes: &[Outcome]) -> ModuleReport {
+        ModuleReport {
+            module: module.into(),
+            tests: outcomes
+                .iter()
+                .enumerate()
+                .map(|(i, o)| TestResult {
+                    nodeid: format!("{module}::test_{i}"),
+                    outcome: *o,
+                    duration: 0.01,
+                    message: (*o == Outcome::Failed).then(|| "assert 1 == 2".to_string()),
+                })
+                .collect(),
+            duration: 0.5,
+            note: None,
+            output: None,
+            output_truncated: false,
+        }
+    }
+
+    pub fn ready(id: &str, name: &str, modules: &[&str]) -> ProjectRecord {
+        ProjectRecord {
+            id: id.into(),
+            name: name.into(),
+            url: None,
+            content_hash: "h".into(),
+            state: ProjectState::Ready {
+                modules: modules.iter().map(|m| m.to_string()).collect(),
+                runner: "local".into(),
+                limits: Limits::default(),
+                policies: vec![],
+                chunks: BTreeMap::new(),
+            },
+        }
+    }
+
+    pub fn result(node: &str, attempt: &str, report: ModuleReport) -> ModuleResult {
+        ModuleResult { node: node.into(), attempt: attempt.into(), finished_at: 2.0, report }
+    }
+
+    #[test]
+    fn results_are_idempotent_and_complete_the_evaluation() {
+        let mut rec = EvalRecord::new(7, "n1".into(), 1.0, vec![ready("7-0", "calc", &["t_a.py", "t_b.py"])]);
+        assert_eq!(rec.unfinished_tasks().len(), 2);
+        let r = result("n2", "b", module_report("t_a.py", &[Outcome::Passed, Outcome::Failed]));
+        assert!(rec.add_result("7-0::t_a.py", r.clone(), 3.0));
+        assert!(!rec.add_result("7-0::t_a.py", r, 3.0), "duplicate result ignored");
+        assert!(rec.end_time.is_none());
+        rec.add_result("7-0::t_b.py", result("n1", "c", module_report("t_b.py", &[Outcome::Passed])), 4.0);
+        assert_eq!(rec.end_time, Some(4.0));
+        let c = rec.counts();
+        assert_eq!((c.passes(), c.failures()), (2, 1));
+    }
+
+    #[test]
+    fn merge_is_commutative_and_prefers_higher_term() {
+        let base = EvalRecord::new(7, "n1".into(), 1.0, vec![ready("7-0", "calc", &["t_a.py", "t_b.py"])]);
+        let mut a = base.clone();
+        a.add_result("7-0::t_a.py", result("n2", "z", module_report("t_a.py", &[Outcome::Passed])), 3.0);
+        let mut b = base.clone();
+        b.term = 2;
+        b.responsible = "n3".into();
+        b.add_result("7-0::t_a.py", result("n3", "y", module_report("t_a.py", &[Outcome::Failed])), 3.0);
+        b.add_result("7-0::t_b.py", result("n3", "x", module_report("t_b.py", &[Outcome::Passed])), 5.0);
+        let mut ab = a.clone();
+        assert!(ab.merge(&b));
+        let mut ba = b.clone();
+        ba.merge(&a);
+        assert_eq!(ab, ba);
+        assert_eq!(ab.responsible, "n3");
+        assert_eq!(ab.results["7-0::t_a.py"].attempt, "y");
+        assert!(ab.end_time.is_some());
+        assert!(!ab.clone().merge(&ba), "merging an equal copy changes nothing");
+    }
+
+    #[test]
+    fn chunked_modules_are_several_tasks() {
+        let mut p = ready("7-0", "calc", &["t_a.py", "t_b.py"]);
+        if let ProjectState::Ready { chunks, .. } = &mut p.state {
+            chunks.insert("t_b.py".into(), 3);
+        }
+        let rec = EvalRecord::new(7, "n1".into(), 1.0, vec![p]);
+        let ids: Vec<String> = rec.all_tasks().map(|t| t.task_id).collect();
+        assert_eq!(ids, ["7-0::t_a.py", "7-0::t_b.py#0/3", "7-0::t_b.py#1/3", "7-0::t_b.py#2/3"]);
+        assert!(rec.knows_task("7-0::t_b.py#2/3"));
+        assert!(!rec.knows_task("7-0::t_b.py#3/3"));
+        assert!(!rec.knows_task("7-0::t_b.py"));
+        assert_eq!(parse_task_part("t_b.py#1/3"), ("t_b.py", Some(Chunk { index: 1, count: 3 })));
+        assert_eq!(parse_task_part("odd#name.py"), ("odd#name.py", None));
+        assert_eq!(task_part("t_b.py", Some(Chunk { index: 1, count: 3 })), "t_b.py#1/3");
+    }
+
+    #[test]
+    fn merge_adopts_discovered_modules() {
+        let mut pending = ready("7-0", "calc", &[]);
+        pending.state = ProjectState::Preparing;
+        let mut a = EvalRecord::new(7, "n1".into(), 1.0, vec![pending]);
+        let b = EvalRecord::new(7, "n1".into(), 1.0, vec![ready("7-0", "calc", &["t_a.py"])]);
+        assert!(!a.is_complete());
+        assert!(a.merge(&b));
+        assert_eq!(a.unfinished_tasks(), vec!["7-0::t_a.py".to_string()]);
+        assert!(a.knows_task("7-0::t_a.py"));
+        assert!(!a.knows_task("7-0::t_x.py"));
+    }
+}

@@ -1,0 +1,392 @@
+//! Aggregation: the `GET /evaluation/{id}` report and the `GET /stats` document.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use cdtester_runner_api::{Counts, TestResult, round2};
+use serde::Serialize;
+
+use super::{EvalId, EvalRecord, ProjectRecord, ProjectState};
+
+/// `GET /evaluation/{id}`.
+#[derive(Debug, Serialize)]
+pub struct EvalReport {
+    pub id: EvalId,
+    /// `running` or `finished`.
+    pub status: &'static str,
+    /// The node that schedules the evaluation now (UDP `ip:port`).
+    pub node: String,
+    pub start_time: f64,
+    pub end_time: Option<f64>,
+    /// Seconds from submission to completion (or to now while running).
+    pub time_elapsed: f64,
+    pub summary: Summary,
+    /// By project name.
+    pub projects: BTreeMap<String, ProjectReport>,
+}
+
+/// Totals of an evaluation or a project. `executed`/`executing`/`pending` count modules (tasks);
+/// `tests` counts individual tests by outcome.
+#[derive(Debug, Serialize)]
+pub struct Summary {
+    pub pass_percentage: f64,
+    pub fail_percentage: f64,
+    pub executed: u64,
+    pub executing: u64,
+    pub pending: u64,
+    pub total_passed: u64,
+    pub total_failed: u64,
+    pub tests: Counts,
+    /// Mean of the project grades (0..20) once every project is finished; `null` before or when
+    /// no project could be graded.
+    pub grade: Option<f64>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct ProjectReport {
+    pub id: String,
+    /// Node responsible for the project (UDP `ip:port`).
+    pub node: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub url: Option<String>,
+    /// `preparing`, `running`, `finished` or `failed`.
+    pub status: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    pub pass_percentage: f64,
+    pub fail_percentage: f64,
+    /// 0..20 once the project is finished (default: passes / (passes + failures) * 20, or a
+    /// grading policy's verdict); `null` before, or when no test passed or failed.
+    pub grade: Option<f64>,
+    pub executed: u64,
+    pub executing: u64,
+    pub pending: u64,
+    pub total_passed: u64,
+    pub total_failed: u64,
+    pub tests: Counts,
+    /// By module path (relative to the project root).
+    pub modules: BTreeMap<String, ModuleView>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct ModuleView {
+    /// `pending`, `running` or `finished`.
+    pub status: &'static str,
+    /// Node that ran (or runs) it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub node: Option<String>,
+    pub passed: u64,
+    pub failed: u64,
+    pub pass_percentage: f64,
+    pub fail_percentage: f64,
+    pub counts: Counts,
+    /// Seconds the module took.
+    pub time: f64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub note: Option<String>,
+    pub tests: Vec<TestResult>,
+}
+
+fn percentages(c: &Counts) -> (f64, f64) {
+    let graded = c.passes() + c.failures();
+    if graded == 0 {
+        return (0.0, 0.0);
+    }
+    let pass = round2(c.passes() as f64 * 100.0 / graded as f64);
+    (pass, round2(100.0 - pass))
+}
+
+/// Builds the report. `grade` decides a finished project's grade from its tests.
+pub fn build_report(
+    rec: &EvalRecord,
+    now: f64,
+    grade: &dyn Fn(&ProjectRecord, &[TestResult]) -> Option<f64>,
+) -> EvalReport {
+    let mut projects = BTreeMap::new();
+    let mut total = Counts::default();
+    let (mut executed, mut executing, mut pending) = (0, 0, 0);
+    let mut grades = Vec::new();
+    let mut all_settled = true;
+    for p in &rec.projects {
+        let view = project_report(rec, p, grade);
+        total.merge(&view.tests);
+        executed += view.executed;
+        executing += view.executing;
+        pending += view.pending;
+        match view.status {
+            "finished" => grades.extend(view.grade),
+            "failed" => {}
+            _ => all_settled = false,
+        }
+        let mut key = p.name.clone();
+        let mut n = 2;
+        while projects.contains_key(&key) {
+            key = format!("{}_{n}", p.name);
+            n += 1;
+        }
+        projects.insert(key, view);
+    }
+    let (pass_percentage, fail_percentage) = percentages(&total);
+    let grade =
+        (all_settled && !grades.is_empty()).then(|| round2(grades.iter().sum::<f64>() / grades.len() as f64));
+    EvalReport {
+        id: rec.id,
+        status: if rec.end_time.is_some() { "finished" } else { "running" },
+        node: rec.responsible.clone(),
+        start_time: rec.start_time,
+        end_time: rec.end_time,
+        time_elapsed: round3(rec.end_time.unwrap_or(now) - rec.start_time),
+        summary: Summary {
+            pass_percentage,
+            fail_percentage,
+            executed,
+            executing,
+            pending,
+            total_passed: total.passes(),
+            total_failed: total.failures(),
+            tests: total,
+            grade,
+        },
+        projects,
+    }
+}
+
+fn round3(x: f64) -> f64 {
+    (x.max(0.0) * 1000.0).round() / 1000.0
+}
+
+fn project_report(
+    rec: &EvalRecord,
+    p: &ProjectRecord,
+    grade: &dyn Fn(&ProjectRecord, &[TestResult]) -> Option<f64>,
+) -> ProjectReport {
+    let mut modules = BTreeMap::new();
+    let mut counts = Counts::default();
+    let (mut executed, mut executing, mut pending) = (0, 0, 0);
+    let mut all_tests = Vec::new();
+    let (status, error) = match &p.state {
+        ProjectState::Preparing => ("preparing", None),
+        ProjectState::Failed { error } => ("failed", Some(error.clone())),
+        ProjectState::Ready { modules: names, .. } => {
+            for m in names {
+                let progress = rec.module_progress(p, m);
+                let c = progress.counts();
+                counts.merge(&c);
+                let status = if progress.finished() {
+                    executed += 1;
+                    all_tests.extend(progress.tests());
+                    "finished"
+                } else if progress.started() {
+                    executing += 1;
+                    "running"
+                } else {
+                    pending += 1;
+                    "pending"
+                };
+                let (pp, fp) = percentages(&c);
+                let view = ModuleView {
+                    status,
+                    node: progress.nodes(),
+                    passed: c.passes(),
+                    failed: c.failures(),
+                    pass_percentage: pp,
+                    fail_percentage: fp,
+                    counts: c,
+                    time: round3(progress.duration()),
+                    note: progress.note(),
+                    tests: progress.tests(),
+                };
+                modules.insert(m.clone(), view);
+            }
+            (if executing + pending == 0 { "finished" } else { "running" }, None)
+        }
+    };
+    let (pass_percentage, fail_percentage) = percentages(&counts);
+    let grade = if status == "finished" { grade(p, &all_tests) } else { None };
+    ProjectReport {
+        id: p.id.clone(),
+        node: rec.responsible.clone(),
+        url: p.url.clone(),
+        status,
+        error,
+        pass_percentage,
+        fail_percentage,
+        grade,
+        executed,
+        executing,
+        pending,
+        total_passed: counts.passes(),
+        total_failed: counts.failures(),
+        tests: counts,
+        modules,
+    }
+}
+
+/// `GET /stats`, exactly: `{"all": {...}, "nodes": [...]}`.
+#[derive(Debug, Serialize, PartialEq)]
+pub struct Stats {
+    pub all: StatsAll,
+    pub nodes: Vec<NodeStatsRow>,
+}
+
+#[derive(Debug, Serialize, PartialEq)]
+pub struct StatsAll {
+    pub failed: u64,
+    pub passed: u64,
+    pub projects: u64,
+    pub evaluations: u64,
+}
+
+#[derive(Debug, Serialize, PartialEq)]
+pub struct NodeStatsRow {
+    pub address: String,
+    pub failed: u64,
+    pub passed: u64,
+    pub projects: u64,
+    pub modules: u64,
+    pub evaluations: Vec<EvalId>,
+}
+
+/// Computes `/stats` from every evaluation record this node holds (replicated and persisted, so
+/// independent of which nodes are up) and the nodes connected now (`nodes`, own address first).
+/// Per-node numbers count the results each node produced that were accepted (each module once).
+pub fn stats<'a>(records: impl IntoIterator<Item = &'a EvalRecord>, nodes: &[String]) -> Stats {
+    let mut all = StatsAll { failed: 0, passed: 0, projects: 0, evaluations: 0 };
+    let mut rows: Vec<NodeStatsRow> = nodes
+        .iter()
+        .map(|a| NodeStatsRow {
+            address: a.clone(),
+            failed: 0,
+            passed: 0,
+            projects: 0,
+            modules: 0,
+            evaluations: vec![],
+        })
+        .collect();
+    let mut projects: BTreeMap<usize, BTreeSet<String>> = BTreeMap::new();
+    let mut modules: BTreeSet<(usize, EvalId, String, String)> = BTreeSet::new();
+    for rec in records {
+        all.evaluations += 1;
+        all.projects += rec.projects.len() as u64;
+        for (t, r) in &rec.results {
+            let c = r.report.counts();
+            all.passed += c.passes();
+            all.failed += c.failures();
+            if let Some(i) = rows.iter().position(|row| row.address == r.node) {
+                let row = &mut rows[i];
+                row.passed += c.passes();
+                row.failed += c.failures();
+                if let Some((pid, part)) = super::split_task_id(t) {
+                    modules.insert((i, rec.id, pid.to_string(), super::parse_task_part(part).0.to_string()));
+                }
+                if !row.evaluations.contains(&rec.id) {
+                    row.evaluations.push(rec.id);
+                }
+                if let Some((pid, _)) = super::split_task_id(t) {
+                    projects.entry(i).or_default().insert(pid.to_string());
+                }
+            }
+        }
+    }
+    for (i, set) in projects {
+        rows[i].projects = set.len() as u64;
+    }
+    for (i, ..) in modules {
+        rows[i].modules += 1;
+    }
+    for row in &mut rows {
+        row.evaluations.sort_unstable();
+    }
+    Stats { all, nodes: rows }
+}
+
+#[cfg(test)]
+mod tests {
+    use cdtester_runner_api::Outcome;
+
+    use super::super::tests::{module_report, ready, result};
+    use super::*;
+
+    fn default_grade(_: &ProjectRecord, tests: &[TestResult]) -> Option<f64> {
+        let mut c = Counts::default();
+        tests.iter().for_each(|t| c.add(t.outcome));
+        c.grade()
+    }
+
+    #[test]
+    fn report_aggregates_modules_projects_and_grades() {
+        let mut rec = EvalRecord::new(
+            9,
+            "127.0.0.1:7000".into(),
+            10.0,
+            vec![ready("9-0", "calc", &["t_add.py", "t_sub.py"]), ready("9-1", "strs", &["t_up.py"])],
+        );
+        rec.add_result(
+            "9-0::t_add.py",
+            result(
+                "127.0.0.1:7001",
+                "a",
+                module_report("t_add.py", &[Outcome::Passed, Outcome::Passed, Outcome::Failed]),
+            ),
+            11.0,
+        );
+        rec.running.insert("9-0::t_sub.py".into(), "127.0.0.1:7002".into());
+        let r = build_report(&rec, 12.5, &default_grade);
+        assert_eq!(r.status, "running");
+        assert_eq!((r.summary.executed, r.summary.executing, r.summary.pending), (1, 1, 1));
+        assert_eq!(r.time_elapsed, 2.5);
+        assert_eq!(r.projects["calc"].grade, None);
+        assert_eq!(r.summary.grade, None);
+        rec.add_result(
+            "9-0::t_sub.py",
+            result("127.0.0.1:7002", "b", module_report("t_sub.py", &[Outcome::Passed])),
+            13.0,
+        );
+        rec.add_result(
+            "9-1::t_up.py",
+            result(
+                "127.0.0.1:7000",
+                "c",
+                module_report("t_up.py", &[Outcome::Passed, Outcome::Skipped, Outcome::Error]),
+            ),
+            14.0,
+        );
+        let r = build_report(&rec, 20.0, &default_grade);
+        assert_eq!(r.status, "finished");
+        assert_eq!(r.time_elapsed, 4.0);
+        let calc = &r.projects["calc"];
+        assert_eq!((calc.total_passed, calc.total_failed, calc.grade), (3, 1, Some(15.0)));
+        assert_eq!(calc.pass_percentage, 75.0);
+        assert_eq!(calc.modules["t_add.py"].tests[2].message.as_deref(), Some("assert 1 == 2"));
+        assert_eq!(r.projects["strs"].grade, Some(10.0));
+        assert_eq!(r.summary.grade, Some(12.5));
+        assert_eq!((r.summary.total_passed, r.summary.total_failed), (4, 2));
+        assert_eq!(r.summary.tests.skipped, 1);
+    }
+
+    #[test]
+    fn stats_have_the_exact_shape_and_count_each_module_once() {
+        let mut rec =
+            EvalRecord::new(12345, "127.0.0.1:7000".into(), 1.0, vec![ready("p", "calc", &["a.py", "b.py"])]);
+        rec.add_result(
+            "p::a.py",
+            result("127.0.0.1:7001", "a", module_report("a.py", &[Outcome::Passed, Outcome::Failed])),
+            2.0,
+        );
+        rec.add_result(
+            "p::a.py",
+            result("127.0.0.1:7002", "b", module_report("a.py", &[Outcome::Passed])),
+            2.0,
+        );
+        rec.add_result(
+            "p::b.py",
+            result("127.0.0.1:7001", "c", module_report("b.py", &[Outcome::Passed])),
+            2.0,
+        );
+        let s = stats([&rec], &["127.0.0.1:7000".into(), "127.0.0.1:7001".into()]);
+        let json = serde_json::to_string(&s).unwrap();
+        assert_eq!(
+            json,
+            r#"{"all":{"failed":1,"passed":2,"projects":1,"evaluations":1},"nodes":[{"address":"127.0.0.1:7000","failed":0,"passed":0,"projects":0,"modules":0,"evaluations":[]},{"address":"127.0.0.1:7001","failed":1,"passed":2,"projects":1,"modules":2,"evaluations":[12345]}]}"#
+        );
+    }
+}

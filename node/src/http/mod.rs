@@ -1,0 +1,302 @@
+//! The HTTP API every node serves (axum on hyper).
+//!
+//! Public (SPEC.md §3): `POST /evaluation`, `GET /evaluation`, `GET /evaluation/{id}`,
+//! `GET /stats`, `GET /network`. Internal, between members: `GET /file/{project_id}` (a project's
+//! archive, header `x-content-sha256`), `POST /task` (a module's result, forwarded to the node
+//! responsible now), `POST /internal/replicate`, `POST /internal/sync` and
+//! `GET /internal/evaluation/{id}` (replication). With a cluster secret every internal route
+//! requires the caller's MAC (see [`auth`]); `/task` also requires the caller to be a live member.
+//!
+//! Every error is a JSON object `{"error": "<what was wrong and what to send instead>"}` with a
+//! 4xx status for bad input (never a 500 for anything a client sends).
+
+pub mod auth;
+pub mod client;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use axum::Router;
+use axum::body::{Body, Bytes};
+use axum::extract::{DefaultBodyLimit, FromRequest, Multipart, Path, Request, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use serde::Deserialize;
+use serde_json::json;
+
+use crate::app::{App, AppError, TaskPost};
+use crate::eval::{EvalId, EvalRecord};
+
+/// Largest request body accepted (uploads of project archives).
+pub const MAX_BODY: usize = 256 * 1024 * 1024;
+
+type AppState = Arc<App>;
+
+/// The router of a node's API.
+pub fn router(app: Arc<App>) -> Router {
+    Router::new()
+        .route("/", get(index))
+        .route("/evaluation", post(submit).get(list))
+        .route("/evaluation/{id}", get(evaluation))
+        .route("/stats", get(stats))
+        .route("/network", get(network))
+        .route("/file/{project_id}", get(file))
+        .route("/task", post(task))
+        .route("/internal/replicate", post(replicate))
+        .route("/internal/sync", post(sync))
+        .route("/internal/evaluation/{id}", get(internal_evaluation))
+        .fallback(not_found)
+        .layer(DefaultBodyLimit::max(MAX_BODY))
+        .with_state(app)
+}
+
+/// Serves the API on `listener` until `shutdown` resolves.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    app: Arc<App>,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    axum::serve(listener, router(app)).with_graceful_shutdown(shutdown).await
+}
+
+/// Binds the API address.
+pub async fn bind(addr: SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
+    tokio::net::TcpListener::bind(addr).await
+}
+
+fn error(status: StatusCode, msg: impl Into<String>) -> Response {
+    (status, axum::Json(json!({ "error": msg.into() }))).into_response()
+}
+
+impl IntoResponse for AppError {
+    fn into_response(self) -> Response {
+        let status = match &self {
+            AppError::BadRequest(_) => StatusCode::BAD_REQUEST,
+            AppError::NotFound(_) => StatusCode::NOT_FOUND,
+            AppError::Forbidden(_) => StatusCode::FORBIDDEN,
+            AppError::Unprocessable(_) => StatusCode::UNPROCESSABLE_ENTITY,
+            AppError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            AppError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        };
+        error(status, self.to_string())
+    }
+}
+
+async fn not_found() -> Response {
+    error(StatusCode::NOT_FOUND, "no such route; see GET / for the API")
+}
+
+async fn index() -> Response {
+    axum::Json(json!({
+        "endpoints": {
+            "POST /evaluation": "submit: multipart/form-data field \"file\" (zip, one folder per project) or application/json {\"auth_token\", \"projects\": [git URLs]}",
+            "GET /evaluation": "ids of all evaluations",
+            "GET /evaluation/{id}": "progress and results of one evaluation",
+            "GET /stats": "test totals of the network and per connected node",
+            "GET /network": "each node and the nodes it communicates with",
+        }
+    }))
+    .into_response()
+}
+
+/// `POST /evaluation` JSON body (`token`/`urls` accepted as aliases).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SubmitJson {
+    #[serde(default, alias = "token")]
+    auth_token: Option<String>,
+    #[serde(default, alias = "urls")]
+    projects: Option<Vec<String>>,
+}
+
+fn content_type(headers: &HeaderMap) -> Option<String> {
+    headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).map(|s| s.trim().to_ascii_lowercase())
+}
+
+fn mime_essence(ct: &str) -> &str {
+    ct.split(';').next().unwrap_or("").trim()
+}
+
+const SUBMIT_HELP: &str = "send multipart/form-data with a zip in field \"file\", or application/json {\"auth_token\": \"...\", \"projects\": [\"<git url>\", ...]}";
+
+async fn submit(State(app): State<AppState>, req: Request) -> Response {
+    let Some(ct) = content_type(req.headers()) else {
+        return error(StatusCode::UNSUPPORTED_MEDIA_TYPE, format!("missing Content-Type: {SUBMIT_HELP}"));
+    };
+    let result = match mime_essence(&ct) {
+        "multipart/form-data" => submit_multipart(&app, req).await,
+        "application/json" => submit_json(&app, req).await,
+        other => {
+            return error(
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                format!("unsupported Content-Type {other:?}: {SUBMIT_HELP}"),
+            );
+        }
+    };
+    match result {
+        Ok(id) => axum::Json(json!({ "status": "submitted", "eval_id": id })).into_response(),
+        Err(e) => e.into_response(),
+    }
+}
+
+async fn submit_multipart(app: &Arc<App>, req: Request) -> Result<EvalId, AppError> {
+    let mut form = Multipart::from_request(req, &())
+        .await
+        .map_err(|e| AppError::BadRequest(format!("invalid multipart body: {}", e.body_text())))?;
+    loop {
+        let field = form
+            .next_field()
+            .await
+            .map_err(|e| AppError::BadRequest(format!("invalid multipart body: {}", e.body_text())))?;
+        let Some(field) = field else {
+            return Err(AppError::BadRequest(
+                "no \"file\" field in the form: attach the zip as field \"file\"".into(),
+            ));
+        };
+        if field.name() != Some("file") {
+            continue;
+        }
+        let data = field
+            .bytes()
+            .await
+            .map_err(|e| AppError::BadRequest(format!("reading field \"file\": {}", e.body_text())))?;
+        if data.is_empty() {
+            return Err(AppError::BadRequest("field \"file\" is empty".into()));
+        }
+        return app.submit_zip(data.to_vec()).await;
+    }
+}
+
+async fn submit_json(app: &Arc<App>, req: Request) -> Result<EvalId, AppError> {
+    let body = Bytes::from_request(req, &())
+        .await
+        .map_err(|e| AppError::BadRequest(format!("reading the body: {}", e.body_text())))?;
+    let parsed: SubmitJson = serde_json::from_slice(&body).map_err(|e| {
+        AppError::BadRequest(format!("invalid JSON body ({e}); expected {{\"auth_token\": \"...\", \"projects\": [\"<git url>\", ...]}}"))
+    })?;
+    let urls: Vec<String> =
+        parsed.projects.unwrap_or_default().into_iter().map(|u| u.trim().to_string()).collect();
+    if urls.is_empty() || urls.iter().any(|u| u.is_empty()) {
+        return Err(AppError::BadRequest(
+            "\"projects\" (alias \"urls\") must be a non-empty list of git URLs".into(),
+        ));
+    }
+    let token = parsed.auth_token.filter(|t| !t.is_empty());
+    app.submit_urls(token, urls).await
+}
+
+async fn list(State(app): State<AppState>) -> Response {
+    axum::Json(app.list()).into_response()
+}
+
+fn parse_id(id: &str) -> Result<EvalId, AppError> {
+    id.parse::<EvalId>().map_err(|_| AppError::NotFound("Evaluation not found".into()))
+}
+
+async fn evaluation(State(app): State<AppState>, Path(id): Path<String>) -> Response {
+    let report =
+        parse_id(&id).and_then(|id| app.report(id).ok_or(AppError::NotFound("Evaluation not found".into())));
+    match report {
+        Ok(r) => axum::Json(r).into_response(),
+        Err(e) => e.into_response(),
+    }
+}
+
+async fn stats(State(app): State<AppState>) -> Response {
+    axum::Json(app.stats()).into_response()
+}
+
+async fn network(State(app): State<AppState>) -> Response {
+    axum::Json(app.network()).into_response()
+}
+
+fn header_str<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
+    headers.get(name).and_then(|v| v.to_str().ok())
+}
+
+/// Member-only check for internal routes.
+fn member(app: &App, path: &str, headers: &HeaderMap, body: &[u8]) -> Result<(), AppError> {
+    app.check_member(
+        path,
+        body,
+        header_str(headers, auth::MAC_HEADER),
+        header_str(headers, auth::NODE_HEADER),
+    )
+}
+
+async fn file(State(app): State<AppState>, Path(project_id): Path<String>, headers: HeaderMap) -> Response {
+    if let Err(e) =
+        app.secret().is_set().then(|| member(&app, &format!("/file/{project_id}"), &headers, b"")).transpose()
+    {
+        return e.into_response();
+    }
+    match app.project_file(&project_id) {
+        Ok((hash, bytes)) => Response::builder()
+            .header(header::CONTENT_TYPE, "application/zip")
+            .header(header::CONTENT_DISPOSITION, format!("attachment; filename=\"{project_id}.zip\""))
+            .header("x-content-sha256", hash)
+            .body(Body::from(bytes))
+            .unwrap_or_else(|e| error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string())),
+        Err(e) => e.into_response(),
+    }
+}
+
+/// Reads a JSON body of an internal route, with the member check.
+fn internal_json<T: serde::de::DeserializeOwned>(
+    app: &App,
+    path: &str,
+    headers: &HeaderMap,
+    body: &[u8],
+) -> Result<T, AppError> {
+    let ct = content_type(headers);
+    if ct.as_deref().map(mime_essence) != Some("application/json") {
+        return Err(AppError::BadRequest("Content-Type must be application/json".into()));
+    }
+    member(app, path, headers, body)?;
+    serde_json::from_slice(body).map_err(|e| AppError::BadRequest(format!("invalid JSON body: {e}")))
+}
+
+async fn task(State(app): State<AppState>, headers: HeaderMap, body: Bytes) -> Response {
+    let post: TaskPost = match internal_json(&app, "/task", &headers, &body) {
+        Ok(p) => p,
+        Err(e) => return e.into_response(),
+    };
+    match crate::app::accept_result(&app, post).await {
+        Ok(status) => axum::Json(json!({ "status": status })).into_response(),
+        Err(e) => e.into_response(),
+    }
+}
+
+async fn replicate(State(app): State<AppState>, headers: HeaderMap, body: Bytes) -> Response {
+    match internal_json::<Vec<EvalRecord>>(&app, "/internal/replicate", &headers, &body) {
+        Ok(records) => {
+            axum::Json(crate::app::replicate(&app, records, header_str(&headers, auth::NODE_HEADER)))
+                .into_response()
+        }
+        Err(e) => e.into_response(),
+    }
+}
+
+async fn sync(State(app): State<AppState>, headers: HeaderMap, body: Bytes) -> Response {
+    match internal_json::<crate::app::SyncRequest>(&app, "/internal/sync", &headers, &body) {
+        Ok(req) => axum::Json(crate::app::answer_sync(&app, &req)).into_response(),
+        Err(e) => e.into_response(),
+    }
+}
+
+async fn internal_evaluation(
+    State(app): State<AppState>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+) -> Response {
+    let path = format!("/internal/evaluation/{id}");
+    if let Err(e) = member(&app, &path, &headers, b"") {
+        return e.into_response();
+    }
+    match parse_id(&id).and_then(|id| app.record(id).ok_or(AppError::NotFound("Evaluation not found".into())))
+    {
+        Ok(rec) => axum::Json(rec).into_response(),
+        Err(e) => e.into_response(),
+    }
+}

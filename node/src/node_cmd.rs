@@ -1,0 +1,153 @@
+//! `cdtester node`: run the peer protocol (and, once wired, the application on top of it).
+//!
+//! [`start_protocol`] starts the UDP shell for a configuration; [`run_membership`] is the
+//! membership-only node (no HTTP side): it logs membership events, optionally keeps a JSON
+//! status file up to date (`--status-file`, used by the real-socket tests) and leaves the
+//! network gracefully on Ctrl-C / SIGTERM.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use anyhow::Context;
+use cdtester_config::Config;
+
+use crate::core::{AppState, Event, Snapshot};
+use crate::udp::{self, Running, ShellConfig};
+
+/// Start the UDP protocol loop for `config.node` (bind, join, http, secret) and `config.timers`.
+pub async fn start_protocol(config: &Config, advertise: Option<SocketAddr>, app: Box<dyn AppState>) -> anyhow::Result<Running> {
+    let shell = ShellConfig {
+        bind: config.node.bind,
+        advertise,
+        join: config.node.join,
+        http: Some(config.node.http),
+        timers: config.timers.clone(),
+        secret: config.node.secret.clone(),
+    };
+    udp::start(shell, app).await.context("starting the peer protocol")
+}
+
+/// Run a membership-only node until Ctrl-C or SIGTERM, then leave gracefully.
+pub async fn run_membership(config: &Config, status_file: Option<PathBuf>) -> anyhow::Result<()> {
+    let Running { mut handle, mut events, task, .. } = start_protocol(config, None, Box::new(crate::core::NoApp)).await?;
+    let mut status = handle.clone();
+    let writer = status_file.map(|path| {
+        tokio::spawn(async move {
+            loop {
+                let snap = status.snapshot();
+                if let Err(e) = write_status(&path, &snap) {
+                    tracing::warn!(path = %path.display(), "cannot write status file: {e:#}");
+                }
+                if !status.changed().await {
+                    return;
+                }
+            }
+        })
+    });
+    let logger = tokio::spawn(async move {
+        while let Some(event) = events.recv().await {
+            match event {
+                Event::App { from, msg, .. } => tracing::debug!(%from, cmd = msg.cmd(), "application message (no application running)"),
+                Event::CacheUpdate { .. } => {}
+                other => tracing::info!(?other, "membership event"),
+            }
+        }
+    });
+    shutdown_signal().await;
+    tracing::info!("shutting down: leaving the network");
+    handle.leave();
+    let _ = handle.changed().await;
+    task.await.context("protocol loop panicked")?;
+    logger.abort();
+    if let Some(w) = writer {
+        w.abort();
+    }
+    Ok(())
+}
+
+/// Write the snapshot as JSON, atomically (temp file + rename).
+pub fn write_status(path: &Path, snap: &Snapshot) -> anyhow::Result<()> {
+    let json = serde_json::to_vec_pretty(snap).context("serializing status")?;
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, json).with_context(|| format!("writing {}", tmp.display()))?;
+    std::fs::rename(&tmp, path).with_context(|| format!("renaming to {}", path.display()))?;
+    Ok(())
+}
+
+/// Resolves on Ctrl-C or SIGTERM.
+pub async fn shutdown_signal() {
+    let ctrl_c = async {
+        if let Err(e) = tokio::signal::ctrl_c().await {
+            tracing::warn!("cannot listen for Ctrl-C: {e}");
+            std::future::pending::<()>().await;
+        }
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(e) => {
+                tracing::warn!("cannot listen for SIGTERM: {e}");
+                std::future::pending::<()>().await;
+            }
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {}
+        _ = term => {}
+    }
+}
+
+/// Flags of `cdtester node`; each overrides its config key (`node.bind`, `node.join`, ...).
+#[derive(Debug, Clone, clap::Args)]
+pub struct NodeArgs {
+    /// UDP address of the peer protocol (config node.bind, env CDT_NODE__BIND).
+    #[arg(long)]
+    pub bind: Option<SocketAddr>,
+    /// UDP address of any member to join (config node.join); none starts a new network.
+    #[arg(long)]
+    pub join: Option<SocketAddr>,
+    /// HTTP API address (config node.http).
+    #[arg(long)]
+    pub http: Option<SocketAddr>,
+    /// Directory for durable state (config node.data_dir).
+    #[arg(long)]
+    pub data_dir: Option<PathBuf>,
+    /// Keep a JSON membership status (id, peers, failed nodes, /network) in this file.
+    #[arg(long)]
+    pub status_file: Option<PathBuf>,
+}
+
+impl NodeArgs {
+    /// Apply the flags over the loaded configuration.
+    pub fn apply(&self, config: &mut Config) {
+        if let Some(b) = self.bind {
+            config.node.bind = b;
+        }
+        if let Some(j) = self.join {
+            config.node.join = Some(j);
+        }
+        if let Some(h) = self.http {
+            config.node.http = h;
+        }
+        if let Some(d) = &self.data_dir {
+            config.node.data_dir = d.clone();
+        }
+    }
+}
+
+/// Entry point of `cdtester node`.
+pub fn main(mut config: Config, args: NodeArgs) -> anyhow::Result<()> {
+    args.apply(&mut config);
+    if args.status_file.is_none() {
+        // The full node: evaluations, HTTP API and storage on top of the protocol.
+        return crate::app::node_main(config);
+    }
+    // With --status-file: the membership layer alone (protocol tests).
+    let runtime = tokio::runtime::Runtime::new().context("starting the tokio runtime")?;
+    runtime.block_on(run_membership(&config, args.status_file))
+}

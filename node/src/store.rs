@@ -1,0 +1,157 @@
+//! Durable node state in one redb database under the data directory, plus a content-addressed
+//! blob directory for project archives.
+//!
+//! Tables:
+//! - `evaluations`: evaluation id -> the evaluation record as JSON (projects, per-test results,
+//!   responsibility). Records only grow by merging (see [`crate::eval::EvalRecord::merge`]), so
+//!   `/stats` totals computed from them never decrease, across restarts too.
+//! - `module_durations`: `"<project name>::<module>"` -> (seconds, tests) of the module's last
+//!   run, used for longest-first scheduling and for splitting slow modules into chunks.
+//!
+//! Blobs: `<data_dir>/blobs/<sha256>.zip`, written to a temporary file and renamed, so a reader
+//! never sees a partial archive.
+
+use std::path::{Path, PathBuf};
+
+use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
+
+use crate::eval::{EvalId, EvalRecord};
+
+const EVALUATIONS: TableDefinition<u64, &[u8]> = TableDefinition::new("evaluations");
+const DURATIONS: TableDefinition<&str, (f64, u64)> = TableDefinition::new("module_durations");
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("store database: {0}")]
+    Db(#[from] redb::Error),
+    #[error("store I/O on {path}: {source}")]
+    Io { path: PathBuf, source: std::io::Error },
+    #[error("stored record {0} is corrupt: {1}")]
+    Corrupt(EvalId, serde_json::Error),
+}
+
+fn db_err(e: impl Into<redb::Error>) -> StoreError {
+    StoreError::Db(e.into())
+}
+
+/// The node's durable store.
+pub struct Store {
+    db: Database,
+    blobs: PathBuf,
+}
+
+impl Store {
+    /// Opens (or creates) the store in `data_dir`.
+    pub fn open(data_dir: &Path) -> Result<Store, StoreError> {
+        let io = |path: &Path| {
+            let path = path.to_path_buf();
+            move |source| StoreError::Io { path, source }
+        };
+        std::fs::create_dir_all(data_dir).map_err(io(data_dir))?;
+        let blobs = data_dir.join("blobs");
+        std::fs::create_dir_all(&blobs).map_err(io(&blobs))?;
+        let db = Database::create(data_dir.join("cdtester.redb")).map_err(db_err)?;
+        let tx = db.begin_write().map_err(db_err)?;
+        tx.open_table(EVALUATIONS).map_err(db_err)?;
+        tx.open_table(DURATIONS).map_err(db_err)?;
+        tx.commit().map_err(db_err)?;
+        Ok(Store { db, blobs })
+    }
+
+    /// Every stored evaluation record.
+    pub fn load_evaluations(&self) -> Result<Vec<EvalRecord>, StoreError> {
+        let tx = self.db.begin_read().map_err(db_err)?;
+        let table = tx.open_table(EVALUATIONS).map_err(db_err)?;
+        let mut out = Vec::new();
+        for row in table.iter().map_err(db_err)? {
+            let (k, v) = row.map_err(db_err)?;
+            let rec = serde_json::from_slice(v.value()).map_err(|e| StoreError::Corrupt(k.value(), e))?;
+            out.push(rec);
+        }
+        Ok(out)
+    }
+
+    /// Writes (replaces) one evaluation record durably.
+    pub fn put_evaluation(&self, rec: &EvalRecord) -> Result<(), StoreError> {
+        let json = serde_json::to_vec(rec).map_err(|e| StoreError::Corrupt(rec.id, e))?;
+        let tx = self.db.begin_write().map_err(db_err)?;
+        {
+            let mut table = tx.open_table(EVALUATIONS).map_err(db_err)?;
+            table.insert(rec.id, json.as_slice()).map_err(db_err)?;
+        }
+        tx.commit().map_err(db_err)
+    }
+
+    /// Remembered (seconds, tests) of modules, for the given keys (missing keys are absent).
+    pub fn durations(&self, keys: &[String]) -> Result<Vec<Option<(f64, u64)>>, StoreError> {
+        let tx = self.db.begin_read().map_err(db_err)?;
+        let table = tx.open_table(DURATIONS).map_err(db_err)?;
+        keys.iter().map(|k| Ok(table.get(k.as_str()).map_err(db_err)?.map(|v| v.value()))).collect()
+    }
+
+    /// Remembers how long modules took and how many tests they have.
+    pub fn record_durations(&self, entries: &[(String, f64, u64)]) -> Result<(), StoreError> {
+        let tx = self.db.begin_write().map_err(db_err)?;
+        {
+            let mut table = tx.open_table(DURATIONS).map_err(db_err)?;
+            for (k, secs, tests) in entries {
+                table.insert(k.as_str(), (*secs, *tests)).map_err(db_err)?;
+            }
+        }
+        tx.commit().map_err(db_err)
+    }
+
+    /// Path of the blob with this content hash (it may not exist).
+    pub fn blob_path(&self, sha256: &str) -> PathBuf {
+        self.blobs.join(format!("{sha256}.zip"))
+    }
+
+    /// Whether the blob is stored.
+    pub fn has_blob(&self, sha256: &str) -> bool {
+        self.blob_path(sha256).is_file()
+    }
+
+    /// Stores `bytes` under `sha256` (the caller has checked the hash). Idempotent.
+    pub fn put_blob(&self, sha256: &str, bytes: &[u8]) -> Result<PathBuf, StoreError> {
+        let path = self.blob_path(sha256);
+        if path.is_file() {
+            return Ok(path);
+        }
+        let io = |source| StoreError::Io { path: path.clone(), source };
+        let mut tmp = tempfile::NamedTempFile::new_in(&self.blobs).map_err(io)?;
+        std::io::Write::write_all(&mut tmp, bytes).map_err(io)?;
+        tmp.persist(&path).map_err(|e| io(e.error))?;
+        Ok(path)
+    }
+
+    /// Reads a stored blob.
+    pub fn read_blob(&self, sha256: &str) -> Result<Vec<u8>, StoreError> {
+        let path = self.blob_path(sha256);
+        std::fs::read(&path).map_err(|source| StoreError::Io { path, source })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn evaluations_blobs_and_durations_survive_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let store = Store::open(dir.path()).unwrap();
+            let rec = EvalRecord::new(42, "127.0.0.1:7000".into(), 1.0, vec![]);
+            store.put_evaluation(&rec).unwrap();
+            store.put_blob("abc", b"zipbytes").unwrap();
+            store.record_durations(&[("p::tests/test_a.py".into(), 2.5, 7)]).unwrap();
+        }
+        let store = Store::open(dir.path()).unwrap();
+        let evals = store.load_evaluations().unwrap();
+        assert_eq!(evals.len(), 1);
+        assert_eq!(evals[0].id, 42);
+        assert!(store.has_blob("abc"));
+        assert_eq!(store.read_blob("abc").unwrap(), b"zipbytes");
+        let d = store.durations(&["p::tests/test_a.py".into(), "other".into()]).unwrap();
+        assert_eq!(d, vec![Some((2.5, 7)), None]);
+    }
+}

@@ -1,0 +1,226 @@
+"""cdtester warm pytest worker: imports pytest once, then forks one child per request.
+
+Each child is exactly a fresh ``python -m pytest ARGS`` run from the project root (cwd on
+``sys.path[0]``, ``sys.argv`` as ``-m pytest`` sets it, its own process group, stdin from
+/dev/null, stdout+stderr into one pipe), minus the interpreter and pytest start-up. Nothing of the
+project is imported here, so every module still runs alone.
+
+Protocol (one JSON object per line):
+  stdin : {"id": N, "args": [...], "env": {...}, "out": PATH, "cap": BYTES}
+  stdout: {"id": N, "pid": PID}            once the child is forked
+          {"id": N, "exit": CODE, "dropped": BYTES} or {"id": N, "signal": SIG, "dropped": BYTES}
+The child's output goes to PATH, at most CAP bytes; "dropped" counts the rest. When stdin closes,
+every child's process group is killed and the server exits.
+"""
+
+import errno
+import importlib
+import json
+import os
+import select
+import signal
+import sys
+
+
+def _preload():
+    import pytest  # noqa: F401
+    from _pytest.config import default_plugins
+
+    for name in default_plugins:
+        try:
+            importlib.import_module("_pytest." + name)
+        except Exception:  # a plugin that cannot import here will fail the same way in the child
+            pass
+    # Warm importlib.metadata's path caches (pytest scans every distribution for `pytest11` entry
+    # points at start-up) without importing any plugin: plugins must be imported by pytest itself,
+    # which marks them for assertion rewriting first.
+    try:
+        import importlib.metadata
+
+        importlib.metadata.entry_points(group="pytest11")
+    except Exception:
+        pass
+
+
+def _child(req, out_w, close_fds):
+    try:
+        os.setpgid(0, 0)
+        signal.set_wakeup_fd(-1)
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+        for fd in close_fds:
+            os.close(fd)
+        null = os.open(os.devnull, os.O_RDONLY)
+        os.dup2(null, 0)
+        os.close(null)
+        os.dup2(out_w, 1)
+        os.dup2(out_w, 2)
+        os.close(out_w)
+        os.environ.update(req.get("env") or {})
+        import random
+
+        random.seed()
+        import runpy
+
+        # What `python -m pytest ARGS` does: argv[0] and __main__ are pytest's __main__.py.
+        sys.argv = ["-m"] + list(req["args"])
+        code = 0
+        try:
+            runpy.run_module("pytest", run_name="__main__", alter_sys=True)
+        except SystemExit as e:
+            code = e.code
+        if code is None:
+            code = 0
+        elif not isinstance(code, int):
+            print(code, file=sys.stderr)
+            code = 1
+        import atexit
+
+        atexit._run_exitfuncs()
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except Exception:
+                pass
+        os._exit(code)
+    except BaseException:
+        import traceback
+
+        traceback.print_exc()
+        os._exit(70)
+
+
+class Server:
+    def __init__(self):
+        self.children = {}  # pid -> state
+        self.by_fd = {}  # output pipe fd -> pid
+        self.inbuf = b""
+        self.wake_r, wake_w = os.pipe()
+        os.set_blocking(self.wake_r, False)
+        os.set_blocking(wake_w, False)
+        self.wake_w = wake_w
+        signal.signal(signal.SIGCHLD, lambda *_: None)
+        signal.set_wakeup_fd(wake_w)
+
+    def send(self, obj):
+        data = (json.dumps(obj) + "\n").encode()
+        while data:
+            data = data[os.write(1, data):]
+
+    def spawn(self, req):
+        out_r, out_w = os.pipe()
+        close = [0, self.wake_r, self.wake_w, out_r]
+        for st in self.children.values():
+            close.append(st["fd"])
+            if st["out"] is not None:
+                close.append(st["out"].fileno())
+        pid = os.fork()
+        if pid == 0:
+            _child(req, out_w, close)
+        os.close(out_w)
+        os.set_blocking(out_r, False)
+        try:
+            out = open(req["out"], "wb")
+        except OSError:
+            out = None
+        self.children[pid] = {"id": req["id"], "fd": out_r, "out": out, "cap": int(req.get("cap", 0)),
+                              "written": 0, "dropped": 0, "eof": False}
+        self.by_fd[out_r] = pid
+        self.send({"id": req["id"], "pid": pid})
+
+    def pump(self, pid):
+        """Moves what the child's pipe holds into its capped file; False at end of file."""
+        st = self.children[pid]
+        while True:
+            try:
+                data = os.read(st["fd"], 65536)
+            except BlockingIOError:
+                return True
+            except OSError:
+                return False
+            if not data:
+                return False
+            room = max(0, st["cap"] - st["written"])
+            keep = data[:room]
+            if keep and st["out"] is not None:
+                st["out"].write(keep)
+            st["written"] += len(keep)
+            st["dropped"] += len(data) - len(keep)
+
+    def finish(self, pid, status):
+        st = self.children[pid]
+        if not st["eof"]:
+            self.pump(pid)
+        del self.children[pid]
+        self.by_fd.pop(st["fd"], None)
+        os.close(st["fd"])
+        if st["out"] is not None:
+            st["out"].close()
+        msg = {"id": st["id"], "dropped": st["dropped"]}
+        if os.WIFSIGNALED(status):
+            msg["signal"] = os.WTERMSIG(status)
+        else:
+            msg["exit"] = os.waitstatus_to_exitcode(status)
+        self.send(msg)
+
+    def reap(self):
+        while self.children:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                return
+            if pid in self.children:
+                self.finish(pid, status)
+
+    def shutdown(self):
+        for pid in list(self.children):
+            try:
+                os.killpg(pid, signal.SIGKILL)
+            except OSError:
+                pass
+        sys.exit(0)
+
+    def serve(self):
+        while True:
+            try:
+                ready, _, _ = select.select([0, self.wake_r] + list(self.by_fd), [], [])
+            except InterruptedError:
+                continue
+            for fd in ready:
+                if fd == 0:
+                    data = os.read(0, 65536)
+                    if not data:
+                        self.shutdown()
+                    self.inbuf += data
+                    while b"\n" in self.inbuf:
+                        line, self.inbuf = self.inbuf.split(b"\n", 1)
+                        if line.strip():
+                            self.spawn(json.loads(line))
+                elif fd == self.wake_r:
+                    try:
+                        while os.read(self.wake_r, 4096):
+                            pass
+                    except BlockingIOError:
+                        pass
+                elif fd in self.by_fd:
+                    pid = self.by_fd[fd]
+                    if not self.pump(pid):
+                        # End of output: the child is exiting; stop selecting on the pipe.
+                        self.by_fd.pop(fd)
+                        self.children[pid]["eof"] = True
+            self.reap()
+
+
+def main():
+    sys.path[0] = os.getcwd()
+    _preload()
+    Server().serve()
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except OSError as e:
+        if e.errno != errno.EPIPE:
+            raise

@@ -1,0 +1,361 @@
+//! Python environments for the local runner.
+//!
+//! One cached *base* virtualenv per interpreter holds pytest (pinned). A project that needs more
+//! (its own install because of a src layout, or extra requirements) gets a small *project*
+//! virtualenv made without pip, whose `cdtester_base.pth` puts the base's site-packages on
+//! `sys.path`; pip (run from the base with `--python`) then installs only what is missing. Project
+//! environments are keyed by a hash of what they contain, so modules and later runs reuse them.
+//! Both are built in a temporary directory and renamed into place, so concurrent builders (threads
+//! or processes) never see a half-made environment.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::Mutex;
+
+use sha2::{Digest, Sha256};
+
+use super::LocalError;
+
+/// The pytest every environment gets (the corpus expectations were measured with it).
+pub const PYTEST_REQUIREMENT: &str = "pytest==9.2.0";
+const READY_MARKER: &str = ".cdtester-ready";
+
+/// Directory names that runs themselves create; they never count as project content.
+const GENERATED_DIRS: &[&str] = &["__pycache__", ".hypothesis", ".pytest_cache", ".git", ".tox", ".nox"];
+
+pub(crate) struct EnvManager {
+    python: PathBuf,
+    dir: PathBuf,
+    base: Mutex<Option<PathBuf>>,
+}
+
+impl EnvManager {
+    pub(crate) fn new(python: PathBuf, dir: PathBuf) -> EnvManager {
+        EnvManager { python, dir, base: Mutex::new(None) }
+    }
+
+    /// The base environment's directory, built on first use.
+    pub(crate) fn base(&self) -> Result<PathBuf, LocalError> {
+        let mut guard = self.base.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(b) = guard.as_ref() {
+            return Ok(b.clone());
+        }
+        let version =
+            command_output(Command::new(&self.python).args(["-c", "import sys; print(sys.version)"]))?;
+        let key = short_hash(&[
+            self.python.to_string_lossy().as_bytes(),
+            version.as_bytes(),
+            PYTEST_REQUIREMENT.as_bytes(),
+        ]);
+        let final_dir = self.dir.join(format!("base-{key}"));
+        if !final_dir.join(READY_MARKER).is_file() {
+            tracing::info!(dir = %final_dir.display(), "building the base Python environment ({PYTEST_REQUIREMENT})");
+            let python = self.python.clone();
+            build_atomically(&final_dir, |tmp| {
+                run_checked(Command::new(&python).arg("-m").arg("venv").arg(tmp))?;
+                run_checked(Command::new(venv_python(tmp)).args(pip_install_args()).arg(PYTEST_REQUIREMENT))
+            })?;
+        }
+        *guard = Some(final_dir.clone());
+        Ok(final_dir)
+    }
+
+    /// The environment for a project: the base itself when nothing is needed, otherwise a
+    /// project environment with `requirements` and (when `install_from` is set) the project.
+    pub(crate) fn project(
+        &self,
+        requirements: &[String],
+        install_from: Option<(&Path, &str)>,
+    ) -> Result<PathBuf, LocalError> {
+        let base = self.base()?;
+        if requirements.is_empty() && install_from.is_none() {
+            return Ok(base);
+        }
+        let mut reqs = requirements.to_vec();
+        reqs.sort();
+        let mut parts: Vec<&[u8]> = vec![base.as_os_str().as_encoded_bytes()];
+        parts.extend(reqs.iter().map(|r| r.as_bytes()));
+        if let Some((_, hash)) = install_from {
+            parts.push(b"install");
+            parts.push(hash.as_bytes());
+        }
+        let final_dir = self.dir.join(format!("proj-{}", short_hash(&parts)));
+        if final_dir.join(READY_MARKER).is_file() {
+            return Ok(final_dir);
+        }
+        tracing::info!(dir = %final_dir.display(), ?reqs, install = install_from.is_some(), "building a project environment");
+        let base_python = venv_python(&base);
+        let base_site = site_packages(&base)?;
+        build_atomically(&final_dir, |tmp| {
+            run_checked(Command::new(&self.python).args(["-m", "venv", "--without-pip"]).arg(tmp))?;
+            std::fs::write(
+                site_packages(tmp)?.join("cdtester_base.pth"),
+                format!("{}\n", base_site.display()),
+            )?;
+            let constraints = tmp.join("cdtester-constraints.txt");
+            std::fs::write(&constraints, format!("{PYTEST_REQUIREMENT}\n"))?;
+            let pip = |args: &[&std::ffi::OsStr]| -> Result<(), LocalError> {
+                let mut cmd = Command::new(&base_python);
+                cmd.args(["-m", "pip", "--python"]).arg(venv_python(tmp));
+                cmd.args(["install", "--quiet", "--disable-pip-version-check"]).args(args);
+                run_checked(&mut cmd)
+            };
+            if !reqs.is_empty() {
+                let mut args: Vec<&std::ffi::OsStr> = vec!["-c".as_ref(), constraints.as_os_str()];
+                args.extend(reqs.iter().map(|r| std::ffi::OsStr::new(r.as_str())));
+                pip(&args)?;
+            }
+            if let Some((root, _)) = install_from {
+                // pip builds setuptools projects in-tree (build/, *.egg-info): build from a copy.
+                let copy = tempfile::Builder::new().prefix("cdt-install-").tempdir_in(&self.dir)?;
+                copy_tree(root, copy.path())?;
+                pip(&["--no-deps".as_ref(), copy.path().as_os_str()])?;
+            }
+            Ok(())
+        })?;
+        Ok(final_dir)
+    }
+}
+
+/// The interpreter of a virtualenv.
+pub(crate) fn venv_python(venv: &Path) -> PathBuf {
+    venv.join("bin").join("python")
+}
+
+fn site_packages(venv: &Path) -> Result<PathBuf, LocalError> {
+    let lib = venv.join("lib");
+    for entry in std::fs::read_dir(&lib)? {
+        let path = entry?.path().join("site-packages");
+        if path.is_dir() {
+            return Ok(path);
+        }
+    }
+    Err(LocalError::Env(format!("no site-packages under {}", lib.display())))
+}
+
+fn pip_install_args() -> [&'static str; 5] {
+    ["-m", "pip", "install", "--quiet", "--disable-pip-version-check"]
+}
+
+/// Builds `final_dir` by running `build` on a fresh sibling temporary directory, then renaming it
+/// into place. If another builder won the race, its result is kept.
+fn build_atomically(
+    final_dir: &Path,
+    build: impl FnOnce(&Path) -> Result<(), LocalError>,
+) -> Result<(), LocalError> {
+    let parent =
+        final_dir.parent().ok_or_else(|| LocalError::Env(format!("bad env dir {}", final_dir.display())))?;
+    std::fs::create_dir_all(parent)?;
+    let tmp = tempfile::Builder::new().prefix(".building-").tempdir_in(parent)?;
+    let work = tmp.path().join("env");
+    build(&work)?;
+    std::fs::write(work.join(READY_MARKER), b"")?;
+    match std::fs::rename(&work, final_dir) {
+        Ok(()) => Ok(()),
+        Err(_) if final_dir.join(READY_MARKER).is_file() => Ok(()),
+        Err(e) => {
+            // A stale, unfinished directory from a killed builder: replace it.
+            if final_dir.exists() {
+                std::fs::remove_dir_all(final_dir)?;
+                std::fs::rename(&work, final_dir)?;
+                Ok(())
+            } else {
+                Err(e.into())
+            }
+        }
+    }
+}
+
+fn run_checked(cmd: &mut Command) -> Result<(), LocalError> {
+    let out = cmd.stdin(Stdio::null()).output()?;
+    if out.status.success() {
+        return Ok(());
+    }
+    let mut text = String::from_utf8_lossy(&out.stderr).into_owned();
+    text.push_str(&String::from_utf8_lossy(&out.stdout));
+    Err(LocalError::Env(format!("{:?} failed ({}): {}", cmd, out.status, tail(&text, 2000))))
+}
+
+fn command_output(cmd: &mut Command) -> Result<String, LocalError> {
+    let out = cmd.stdin(Stdio::null()).output()?;
+    if !out.status.success() {
+        return Err(LocalError::Env(format!("{:?} failed ({})", cmd, out.status)));
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
+}
+
+/// The last `max` bytes of `text` (on a character boundary).
+pub(crate) fn tail(text: &str, max: usize) -> &str {
+    let mut start = text.len().saturating_sub(max);
+    while !text.is_char_boundary(start) {
+        start += 1;
+    }
+    &text[start..]
+}
+
+fn short_hash(parts: &[&[u8]]) -> String {
+    let mut h = Sha256::new();
+    for p in parts {
+        h.update((p.len() as u64).to_le_bytes());
+        h.update(p);
+    }
+    hex::encode(&h.finalize()[..8])
+}
+
+fn skipped(name: &std::ffi::OsStr) -> bool {
+    name.to_str().is_some_and(|n| GENERATED_DIRS.contains(&n))
+}
+
+/// Hex sha256 of a project's files (relative paths and contents, in sorted order), ignoring what
+/// test runs generate (`__pycache__`, `.hypothesis`, ...). Symlinks are hashed as their target path.
+pub fn content_hash(root: &Path) -> std::io::Result<String> {
+    let mut h = Sha256::new();
+    hash_dir(root, root, &mut h)?;
+    Ok(hex::encode(h.finalize()))
+}
+
+fn hash_dir(root: &Path, dir: &Path, h: &mut Sha256) -> std::io::Result<()> {
+    let mut entries: Vec<_> = std::fs::read_dir(dir)?.collect::<Result<_, _>>()?;
+    entries.sort_by_key(|e| e.file_name());
+    for e in entries {
+        if skipped(&e.file_name()) {
+            continue;
+        }
+        let path = e.path();
+        let rel = path.strip_prefix(root).unwrap_or(&path).to_string_lossy().into_owned();
+        let ft = e.file_type()?;
+        if ft.is_symlink() {
+            h.update(b"L");
+            h.update(rel.as_bytes());
+            h.update(std::fs::read_link(&path)?.as_os_str().as_encoded_bytes());
+        } else if ft.is_dir() {
+            hash_dir(root, &path, h)?;
+        } else if ft.is_file() {
+            let data = std::fs::read(&path)?;
+            h.update(b"F");
+            h.update((rel.len() as u64).to_le_bytes());
+            h.update(rel.as_bytes());
+            h.update((data.len() as u64).to_le_bytes());
+            h.update(&data);
+        }
+    }
+    Ok(())
+}
+
+fn copy_tree(from: &Path, to: &Path) -> std::io::Result<()> {
+    std::fs::create_dir_all(to)?;
+    for e in std::fs::read_dir(from)? {
+        let e = e?;
+        if skipped(&e.file_name()) {
+            continue;
+        }
+        let (src, dst) = (e.path(), to.join(e.file_name()));
+        let ft = e.file_type()?;
+        if ft.is_dir() {
+            copy_tree(&src, &dst)?;
+        } else if ft.is_file() {
+            std::fs::copy(&src, &dst)?;
+        } else if ft.is_symlink() {
+            std::os::unix::fs::symlink(std::fs::read_link(&src)?, &dst)?;
+        }
+    }
+    Ok(())
+}
+
+/// Whether the project must be installed to be importable by its tests: a `src/` layout with a
+/// packaging file, unless the pytest configuration puts a directory on `sys.path` itself
+/// (`pythonpath = src`).
+pub fn needs_install(root: &Path) -> bool {
+    let packaged = ["pyproject.toml", "setup.py", "setup.cfg"].iter().any(|f| root.join(f).is_file());
+    let src = root.join("src");
+    let src_has_code = std::fs::read_dir(&src).into_iter().flatten().flatten().any(|e| {
+        let p = e.path();
+        (p.is_dir() && p.join("__init__.py").is_file()) || p.extension().is_some_and(|x| x == "py")
+    });
+    if !(packaged && src_has_code) {
+        return false;
+    }
+    let sets_pythonpath =
+        ["pytest.ini", ".pytest.ini", "pyproject.toml", "tox.ini", "setup.cfg"].iter().any(|f| {
+            std::fs::read_to_string(root.join(f))
+                .map(|text| text.lines().any(|l| l.trim_start().starts_with("pythonpath") && l.contains('=')))
+                .unwrap_or(false)
+        });
+    !sets_pythonpath
+}
+
+/// The interpreter to build environments from: the configured one, else `python3` on PATH
+/// resolved once to its real executable (pyenv shims are slow to start).
+pub fn resolve_python(configured: Option<&Path>) -> Result<PathBuf, LocalError> {
+    let candidate = configured.map(Path::to_path_buf).unwrap_or_else(|| PathBuf::from("python3"));
+    let exe = command_output(Command::new(&candidate).args(["-c", "import sys; print(sys.executable)"]))
+        .map_err(|e| {
+            LocalError::Env(format!("cannot run Python interpreter {}: {e}", candidate.display()))
+        })?;
+    if exe.is_empty() {
+        return Err(LocalError::Env(format!("{} did not report sys.executable", candidate.display())));
+    }
+    Ok(PathBuf::from(exe))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn write(root: &Path, rel: &str, text: &str) {
+        let p = root.join(rel);
+        std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+        std::fs::write(p, text).unwrap();
+    }
+
+    #[test]
+    fn src_layout_needs_install_unless_pytest_sets_pythonpath() {
+        let d = tempfile::tempdir().unwrap();
+        write(d.path(), "pyproject.toml", "[project]\nname='x'\n");
+        assert!(!needs_install(d.path()));
+        write(d.path(), "src/x/__init__.py", "");
+        assert!(needs_install(d.path()));
+        write(d.path(), "pytest.ini", "[pytest]\npythonpath = src\n");
+        assert!(!needs_install(d.path()));
+    }
+
+    #[test]
+    fn content_hash_ignores_generated_files_and_sees_edits() {
+        let d = tempfile::tempdir().unwrap();
+        write(d.path(), "a.py", "x = 1\n");
+        write(d.path(), "t/test_a.py", "def test(): pass\n");
+        let h1 = content_hash(d.path()).unwrap();
+        write(d.path(), "t/__pycache__/test_a.pyc", "junk");
+        write(d.path(), ".hypothesis/db", "junk");
+        assert_eq!(content_hash(d.path()).unwrap(), h1);
+        write(d.path(), "a.py", "x = 2\n");
+        assert_ne!(content_hash(d.path()).unwrap(), h1);
+    }
+
+    #[test]
+    fn atomic_build_keeps_a_finished_env_and_replaces_a_stale_one() {
+        let d = tempfile::tempdir().unwrap();
+        let target = d.path().join("env");
+        std::fs::create_dir_all(target.join("junk")).unwrap();
+        build_atomically(&target, |tmp| {
+            std::fs::create_dir_all(tmp)?;
+            std::fs::write(tmp.join("f"), "1")?;
+            Ok(())
+        })
+        .unwrap();
+        assert!(target.join("f").is_file() && target.join(READY_MARKER).is_file());
+        build_atomically(&target, |tmp| {
+            std::fs::create_dir_all(tmp)?;
+            std::fs::write(tmp.join("g"), "2")?;
+            Ok(())
+        })
+        .unwrap();
+        assert!(target.join("f").is_file(), "a ready env is never replaced");
+    }
+
+    #[test]
+    fn tail_respects_char_boundaries() {
+        assert_eq!(tail("héllo", 4), "llo");
+        assert_eq!(tail("ab", 10), "ab");
+    }
+}

@@ -1,0 +1,425 @@
+//! The `local` runner: pytest in a subprocess of this machine, for trusted code.
+//!
+//! - Environments: a cached base virtualenv with pytest, plus a per-project environment for
+//!   projects that must be installed or need extra requirements (see [`env`]).
+//! - Discovery: `python -m pytest --collect-only` with the reporting plugin, so modules are exactly
+//!   what pytest collects under the project's own configuration.
+//! - Runs: every module runs alone (`python -m pytest -p no:cacheprovider <module>`), by default
+//!   in a child forked from a warm worker that has already imported pytest (see [`warm`]); with
+//!   `warm = false`, or if the worker fails, in a fresh interpreter. Each run has its own process
+//!   group, killed when the wall-clock limit runs out.
+//! - Limits enforced: `timeout_s` and `output_kib`. Memory, CPU and pid limits need a sandbox
+//!   (use the `docker` runner).
+
+mod durations;
+mod env;
+mod process;
+mod warm;
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use cdtester_runner_api::{
+    Chunk, Limits, ModuleReport, PreparedProject, ProjectSource, Runner, RunnerError, TaskReport, TaskSpec,
+    round2,
+};
+
+pub use durations::{DurationStore, MIN_SPLIT_SECS, ModuleStat, UNKNOWN_MODULE_SECS};
+pub use env::{PYTEST_REQUIREMENT, content_hash, needs_install, resolve_python};
+
+use crate::pytest::{self, Mode};
+use process::{Exec, Invocation};
+use warm::WarmServer;
+
+/// Wall-clock limit of a discovery (collect-only) run.
+pub const DISCOVER_TIMEOUT: Duration = Duration::from_secs(300);
+
+#[derive(Debug, thiserror::Error)]
+pub enum LocalError {
+    #[error("environment: {0}")]
+    Env(String),
+    #[error(transparent)]
+    Io(#[from] std::io::Error),
+}
+
+/// How the local runner is set up (from `runner.local` in the configuration).
+#[derive(Debug, Clone)]
+pub struct LocalOptions {
+    /// Interpreter to build environments from; `None` = `python3` on PATH, resolved once.
+    pub python: Option<PathBuf>,
+    /// Where environments and the runner's support files are cached.
+    pub venv_dir: PathBuf,
+    /// Fork modules from a warm worker (default) instead of starting a fresh interpreter each.
+    pub warm: bool,
+}
+
+struct ProjectState {
+    prepared: PreparedProject,
+    python: PathBuf,
+    warm: Mutex<Option<Arc<WarmServer>>>,
+}
+
+pub struct LocalRunner {
+    opts: LocalOptions,
+    envs: env::EnvManager,
+    support: PathBuf,
+    projects: Mutex<HashMap<String, Arc<ProjectState>>>,
+}
+
+impl LocalRunner {
+    pub fn new(opts: LocalOptions) -> Result<LocalRunner, LocalError> {
+        let python = resolve_python(opts.python.as_deref())?;
+        std::fs::create_dir_all(&opts.venv_dir)?;
+        let venv_dir = std::fs::canonicalize(&opts.venv_dir)?;
+        // Support files (reporting plugin + fork server), keyed by their content.
+        let mut key = content_key(pytest::PLUGIN_SOURCE);
+        key.push_str(&content_key(warm::SERVER_SOURCE));
+        let support = pytest::install_plugin(&venv_dir.join(format!("support-{key}")))?;
+        let server = support.join(warm::SERVER_FILE);
+        if std::fs::read_to_string(&server).ok().as_deref() != Some(warm::SERVER_SOURCE) {
+            let tmp = support.join(format!(".server.{}.tmp", std::process::id()));
+            std::fs::write(&tmp, warm::SERVER_SOURCE)?;
+            std::fs::rename(&tmp, &server)?;
+        }
+        Ok(LocalRunner {
+            envs: env::EnvManager::new(python, venv_dir.clone()),
+            opts: LocalOptions { venv_dir, ..opts },
+            support,
+            projects: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// The interpreter a prepared project's tests run with (its environment's `python`).
+    pub fn interpreter(&self, project: &PreparedProject) -> Option<PathBuf> {
+        self.projects.lock().unwrap_or_else(|e| e.into_inner()).get(&project.id).map(|s| s.python.clone())
+    }
+
+    fn state(&self, project: &PreparedProject) -> Result<Arc<ProjectState>, RunnerError> {
+        self.projects
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&project.id)
+            .cloned()
+            .ok_or_else(|| RunnerError::UnknownProject(project.id.clone()))
+    }
+
+    fn base_env(&self) -> Vec<(String, String)> {
+        let path = pytest::python_path(
+            std::slice::from_ref(&self.support),
+            std::env::var_os("PYTHONPATH").as_deref(),
+        );
+        vec![("PYTHONPATH".to_string(), path.to_string_lossy().into_owned())]
+    }
+
+    /// The project's warm worker, started on first use; `None` when disabled or it cannot start.
+    fn warm_server(&self, state: &ProjectState) -> Option<Arc<WarmServer>> {
+        if !self.opts.warm {
+            return None;
+        }
+        let mut slot = state.warm.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(server) = slot.as_ref()
+            && server.alive()
+        {
+            return Some(Arc::clone(server));
+        }
+        match WarmServer::start(&state.python, &self.support, &state.prepared.root, &self.base_env()) {
+            Ok(server) => {
+                let server = Arc::new(server);
+                *slot = Some(Arc::clone(&server));
+                Some(server)
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot start the warm worker; using fresh interpreters");
+                None
+            }
+        }
+    }
+
+    /// Runs one pytest invocation of `state`'s project, warm if possible.
+    fn exec(
+        &self,
+        state: &ProjectState,
+        args: &[String],
+        env: &[(String, String)],
+        scratch: &Path,
+        timeout: Duration,
+        output_kib: u64,
+    ) -> std::io::Result<Exec> {
+        let inv = Invocation { python: &state.python, args, env, cwd: &state.prepared.root };
+        if let Some(server) = self.warm_server(state) {
+            match server.run(&inv, scratch, timeout, output_kib) {
+                Ok(w) => {
+                    return Ok(Exec { end: w.end, output: w.output, truncated: w.truncated, wall: w.wall });
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "warm run failed; running in a fresh interpreter");
+                    state.warm.lock().unwrap_or_else(|e| e.into_inner()).take();
+                }
+            }
+        }
+        process::run(&inv, timeout, output_kib)
+    }
+
+    /// Runs `modules` (relative paths, or empty for pytest's own selection) in one pytest process
+    /// and returns the plugin's record text and how the process went.
+    fn invoke(
+        &self,
+        state: &ProjectState,
+        mode: Mode,
+        modules: &[String],
+        chunk: Option<Chunk>,
+        timeout: Duration,
+        output_kib: u64,
+    ) -> Result<(String, Exec), RunnerError> {
+        let scratch = tempfile::Builder::new().prefix("cdt-run-").tempdir()?;
+        let report = scratch.path().join("report.jsonl");
+        let mut env = self.base_env();
+        env.extend(pytest::plugin_env(&report.to_string_lossy(), chunk));
+        let args = pytest::pytest_args(mode, modules);
+        let exec = self.exec(state, &args, &env, scratch.path(), timeout, output_kib)?;
+        let records = std::fs::read_to_string(&report).unwrap_or_default();
+        Ok((records, exec))
+    }
+
+    fn run_module(
+        &self,
+        state: &ProjectState,
+        module: &str,
+        chunk: Option<Chunk>,
+        limits: &Limits,
+    ) -> Result<Vec<ModuleReport>, RunnerError> {
+        let modules = [module.to_string()];
+        let timeout = Duration::from_secs(limits.timeout_s.max(1));
+        let (text, exec) = self.invoke(state, Mode::Run, &modules, chunk, timeout, limits.output_kib)?;
+        let mut reports = pytest::build_reports(&modules, &pytest::parse_records(&text), &exec.end, chunk);
+        if let Some(first) = reports.first_mut() {
+            first.duration = round2(exec.wall);
+            first.output_truncated = exec.truncated;
+            let c = first.counts();
+            // Output is kept where it helps: modules that did not come out clean.
+            if c.failures() > 0 || first.note.is_some() || first.tests.is_empty() {
+                first.output = Some(exec.output);
+            }
+        }
+        Ok(reports)
+    }
+}
+
+fn content_key(text: &str) -> String {
+    use sha2::{Digest, Sha256};
+    hex::encode(&Sha256::digest(text.as_bytes())[..4])
+}
+
+impl Runner for LocalRunner {
+    fn name(&self) -> &str {
+        "local"
+    }
+
+    fn prepare(&self, source: &ProjectSource) -> Result<PreparedProject, RunnerError> {
+        if !source.root.is_dir() {
+            return Err(RunnerError::Prepare(format!("{} is not a directory", source.root.display())));
+        }
+        let root = std::fs::canonicalize(&source.root)?;
+        let hash = content_hash(&root)?;
+        let install = needs_install(&root).then_some((root.as_path(), hash.as_str()));
+        let env = self
+            .envs
+            .project(&source.extra_requirements, install)
+            .map_err(|e| RunnerError::Prepare(e.to_string()))?;
+        let prepared =
+            PreparedProject { id: source.id.clone(), name: source.name.clone(), root, content_hash: hash };
+        let state = ProjectState {
+            prepared: prepared.clone(),
+            python: env::venv_python(&env),
+            warm: Mutex::new(None),
+        };
+        self.projects.lock().unwrap_or_else(|e| e.into_inner()).insert(source.id.clone(), Arc::new(state));
+        Ok(prepared)
+    }
+
+    fn discover(&self, project: &PreparedProject) -> Result<Vec<String>, RunnerError> {
+        let state = self.state(project)?;
+        let (text, exec) = self.invoke(&state, Mode::Collect, &[], None, DISCOVER_TIMEOUT, 64)?;
+        let found = pytest::parse_discovery(&text);
+        if !found.modules.is_empty() {
+            return Ok(found.modules);
+        }
+        if found.exit == Some(5) || matches!(exec.end, pytest::RunEnd::Exited(5)) {
+            return Err(RunnerError::NoTests);
+        }
+        Err(RunnerError::Discover(format!(
+            "pytest collection failed ({:?}): {}",
+            exec.end,
+            env::tail(&exec.output, 1500)
+        )))
+    }
+
+    fn run(
+        &self,
+        project: &PreparedProject,
+        task: &TaskSpec,
+        limits: &Limits,
+    ) -> Result<TaskReport, RunnerError> {
+        let state = self.state(project)?;
+        if task.chunk.is_some() && task.modules.len() != 1 {
+            return Err(RunnerError::Infra(format!(
+                "task {}: a chunk must name exactly one module",
+                task.task_id
+            )));
+        }
+        let mut modules = Vec::with_capacity(task.modules.len());
+        for module in &task.modules {
+            modules.extend(self.run_module(&state, module, task.chunk, limits)?);
+        }
+        Ok(TaskReport { modules })
+    }
+
+    fn release(&self, project: &PreparedProject) {
+        self.projects.lock().unwrap_or_else(|e| e.into_inner()).remove(&project.id);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use cdtester_runner_api::{Counts, Outcome};
+
+    fn write(root: &Path, rel: &str, text: &str) {
+        let p = root.join(rel);
+        std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+        std::fs::write(p, text).unwrap();
+    }
+
+    /// A runner whose environments are cached across test runs (the base env takes a few seconds
+    /// to build once).
+    fn runner(warm: bool) -> LocalRunner {
+        let venv_dir = std::env::var_os("CDT_TEST_CACHE")
+            .map(PathBuf::from)
+            .unwrap_or_else(std::env::temp_dir)
+            .join("cdtester-runner-test-venvs");
+        LocalRunner::new(LocalOptions { python: None, venv_dir, warm }).expect("python3 is available")
+    }
+
+    fn project(root: &Path) -> ProjectSource {
+        // Project config: only `*_check.py` files under `checks/` are tests.
+        write(root, "pytest.ini", "[pytest]\ntestpaths = checks\npython_files = *_check.py\n");
+        write(root, "test_ignored.py", "def test_not_collected():\n    pass\n");
+        write(
+            root,
+            "checks/a_check.py",
+            "import pytest\n\n@pytest.mark.parametrize('i', range(10))\ndef test_p(i):\n    assert i != 7\n",
+        );
+        write(root, "checks/sub/__init__.py", "");
+        write(
+            root,
+            "checks/sub/b_check.py",
+            "import pytest\n\n@pytest.mark.xfail\ndef test_x():\n    assert 0\n\ndef test_s():\n    pytest.skip('no')\n",
+        );
+        write(root, "checks/broken_check.py", "raise ImportError('boom')\n");
+        ProjectSource {
+            id: "p1".into(),
+            name: "p1".into(),
+            root: root.to_path_buf(),
+            extra_requirements: vec![],
+        }
+    }
+
+    fn counts(report: &TaskReport) -> Counts {
+        let mut c = Counts::default();
+        for m in &report.modules {
+            c.merge(&m.counts());
+        }
+        c
+    }
+
+    #[test]
+    fn discovers_like_pytest_and_chunks_add_up_to_the_whole_module() {
+        let dir = tempfile::tempdir().unwrap();
+        let r = runner(true);
+        let prepared = r.prepare(&project(dir.path())).unwrap();
+        let modules = r.discover(&prepared).unwrap();
+        assert_eq!(modules, ["checks/a_check.py", "checks/broken_check.py", "checks/sub/b_check.py"]);
+        let limits = Limits::default();
+        let whole = r.run(&prepared, &TaskSpec::new("t", modules.clone()), &limits).unwrap();
+        assert_eq!(whole.modules.len(), 3);
+        let c = counts(&whole);
+        assert_eq!((c.passed, c.failed, c.error, c.xfailed, c.skipped), (9, 1, 1, 1, 1));
+        assert!(whole.modules[1].tests[0].message.as_deref().unwrap().contains("boom"));
+
+        let mut union = Vec::new();
+        for module in &modules {
+            for index in 0..3 {
+                let mut task = TaskSpec::new("c", vec![module.clone()]);
+                task.chunk = Some(Chunk { index, count: 3 });
+                union.extend(r.run(&prepared, &task, &limits).unwrap().modules);
+            }
+        }
+        let mut chunked = Counts::default();
+        for m in &union {
+            chunked.merge(&m.counts());
+        }
+        assert_eq!(chunked, c, "chunks of every module add up to the whole run");
+        let mut ids: Vec<&str> =
+            union.iter().flat_map(|m| m.tests.iter().map(|t| t.nodeid.as_str())).collect();
+        ids.sort();
+        let before = ids.len();
+        ids.dedup();
+        assert_eq!(ids.len(), before, "no test runs in two chunks");
+        r.release(&prepared);
+    }
+
+    #[test]
+    fn warm_and_fresh_interpreters_agree_and_cap_output() {
+        let dir = tempfile::tempdir().unwrap();
+        write(
+            dir.path(),
+            "tests/test_noisy.py",
+            "def test_noisy():\n    print('x' * 5000)\n    assert False\n",
+        );
+        let source = ProjectSource {
+            id: "n".into(),
+            name: "n".into(),
+            root: dir.path().into(),
+            extra_requirements: vec![],
+        };
+        let limits = Limits { output_kib: 2, ..Limits::default() };
+        let mut results = Vec::new();
+        for warm in [true, false] {
+            let r = runner(warm);
+            let prepared = r.prepare(&source).unwrap();
+            let report =
+                r.run(&prepared, &TaskSpec::new("t", vec!["tests/test_noisy.py".into()]), &limits).unwrap();
+            let m = &report.modules[0];
+            assert!(m.output_truncated, "warm={warm}");
+            assert!(m.output.as_deref().unwrap().contains("more bytes dropped"), "warm={warm}");
+            results.push(m.tests.iter().map(|t| (t.nodeid.clone(), t.outcome)).collect::<Vec<_>>());
+        }
+        assert_eq!(results[0], results[1]);
+        assert_eq!(results[0], [("tests/test_noisy.py::test_noisy".to_string(), Outcome::Failed)]);
+    }
+
+    #[test]
+    fn a_folder_without_tests_is_no_tests() {
+        let dir = tempfile::tempdir().unwrap();
+        write(dir.path(), "lib.py", "x = 1\n");
+        let r = runner(true);
+        let prepared = r
+            .prepare(&ProjectSource {
+                id: "e".into(),
+                name: "e".into(),
+                root: dir.path().into(),
+                extra_requirements: vec![],
+            })
+            .unwrap();
+        assert!(matches!(r.discover(&prepared), Err(RunnerError::NoTests)));
+        let missing = ProjectSource {
+            id: "m".into(),
+            name: "m".into(),
+            root: dir.path().join("nope"),
+            extra_requirements: vec![],
+        };
+        assert!(matches!(r.prepare(&missing), Err(RunnerError::Prepare(_))));
+    }
+}

@@ -1,0 +1,214 @@
+//! The warm worker: one `cdtester_forkserver.py` per prepared project that imports pytest once and
+//! forks a child per module (see that file for the protocol). Every child is a fresh
+//! `python -m pytest <module>` in its own process group, so results are exactly those of a module
+//! run alone; only the interpreter and pytest start-up are saved.
+
+use std::collections::HashMap;
+use std::io::{BufRead, BufReader, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, ChildStdin, Command, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc::{self, RecvTimeoutError, Sender};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use serde::Deserialize;
+
+use super::process::{Invocation, kill_group};
+use crate::pytest::{OutputCap, RunEnd};
+
+/// Python source of the fork server.
+pub(crate) const SERVER_SOURCE: &str = include_str!("../../python/cdtester_forkserver.py");
+pub(crate) const SERVER_FILE: &str = "cdtester_forkserver.py";
+
+/// How long a fork may take before the server is considered stuck.
+const FORK_WAIT: Duration = Duration::from_secs(20);
+/// How long to wait for the exit report after killing a timed-out child.
+const KILL_WAIT: Duration = Duration::from_secs(20);
+
+#[derive(Debug, Deserialize)]
+struct Message {
+    id: u64,
+    #[serde(default)]
+    pid: Option<u32>,
+    #[serde(default)]
+    exit: Option<i32>,
+    #[serde(default)]
+    signal: Option<i32>,
+    #[serde(default)]
+    dropped: u64,
+}
+
+type Pending = Arc<Mutex<HashMap<u64, Sender<Message>>>>;
+
+/// Why a warm run could not give a result (the caller then runs the module in a fresh process).
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum WarmError {
+    #[error("warm worker unavailable: {0}")]
+    Down(String),
+    #[error(transparent)]
+    Io(#[from] std::io::Error),
+}
+
+pub(crate) struct WarmServer {
+    stdin: Mutex<Option<ChildStdin>>,
+    child: Mutex<Child>,
+    pending: Pending,
+    next_id: AtomicU64,
+}
+
+pub(crate) struct WarmExec {
+    pub end: RunEnd,
+    pub output: String,
+    pub truncated: bool,
+    pub wall: f64,
+}
+
+impl WarmServer {
+    /// Starts a server for the project at `cwd`, with `python_path` as its `PYTHONPATH`.
+    pub(crate) fn start(
+        python: &Path,
+        server_dir: &Path,
+        cwd: &Path,
+        env: &[(String, String)],
+    ) -> std::io::Result<WarmServer> {
+        let mut child = Command::new(python)
+            .arg(server_dir.join(SERVER_FILE))
+            .current_dir(cwd)
+            .envs(env.iter().map(|(k, v)| (k, v)))
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()?;
+        let stdin = child.stdin.take().ok_or_else(|| std::io::Error::other("no stdin"))?;
+        let stdout = child.stdout.take().ok_or_else(|| std::io::Error::other("no stdout"))?;
+        let stderr = child.stderr.take().ok_or_else(|| std::io::Error::other("no stderr"))?;
+        let pending: Pending = Arc::default();
+        let p = Arc::clone(&pending);
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                match serde_json::from_str::<Message>(&line) {
+                    Ok(msg) => {
+                        let tx = p.lock().unwrap_or_else(|e| e.into_inner()).get(&msg.id).cloned();
+                        if let Some(tx) = tx {
+                            let _ = tx.send(msg);
+                        }
+                    }
+                    Err(e) => tracing::warn!(error = %e, line, "bad message from the warm worker"),
+                }
+            }
+            // The server is gone: every waiter sees its channel close.
+            p.lock().unwrap_or_else(|e| e.into_inner()).clear();
+        });
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                tracing::warn!(target: "cdtester::warm", "{line}");
+            }
+        });
+        Ok(WarmServer {
+            stdin: Mutex::new(Some(stdin)),
+            child: Mutex::new(child),
+            pending,
+            next_id: AtomicU64::new(1),
+        })
+    }
+
+    /// Whether the server process is still running.
+    pub(crate) fn alive(&self) -> bool {
+        matches!(self.child.lock().unwrap_or_else(|e| e.into_inner()).try_wait(), Ok(None))
+    }
+
+    /// Runs one pytest invocation (`inv.args` after the interpreter, starting with `-m pytest`) in
+    /// a forked child. `scratch` is a directory for the child's output file.
+    pub(crate) fn run(
+        &self,
+        inv: &Invocation,
+        scratch: &Path,
+        timeout: Duration,
+        output_kib: u64,
+    ) -> Result<WarmExec, WarmError> {
+        let args = match inv.args {
+            [m, pytest, rest @ ..] if m == "-m" && pytest == "pytest" => rest,
+            _ => return Err(WarmError::Down("the warm worker only runs `-m pytest`".into())),
+        };
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let out: PathBuf = scratch.join(format!("warm-{id}.out"));
+        let cap = output_kib.saturating_mul(1024);
+        let env: HashMap<&str, &str> = inv.env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+        let request = serde_json::json!({"id": id, "args": args, "env": env, "out": out, "cap": cap});
+        let (tx, rx) = mpsc::channel();
+        self.pending.lock().unwrap_or_else(|e| e.into_inner()).insert(id, tx);
+        let result = self.exchange(id, &request, &rx, timeout);
+        self.pending.lock().unwrap_or_else(|e| e.into_inner()).remove(&id);
+        let (end, dropped, wall) = result?;
+        let mut kept = OutputCap::new_kib(output_kib);
+        kept.push(&std::fs::read(&out).unwrap_or_default());
+        kept.note_dropped(dropped);
+        let (output, truncated) = kept.finish();
+        let _ = std::fs::remove_file(&out);
+        Ok(WarmExec { end, output, truncated, wall })
+    }
+
+    fn exchange(
+        &self,
+        id: u64,
+        request: &serde_json::Value,
+        rx: &mpsc::Receiver<Message>,
+        timeout: Duration,
+    ) -> Result<(RunEnd, u64, f64), WarmError> {
+        let started = Instant::now();
+        {
+            let mut guard = self.stdin.lock().unwrap_or_else(|e| e.into_inner());
+            let stdin =
+                guard.as_mut().ok_or_else(|| WarmError::Down("the warm worker was stopped".into()))?;
+            writeln!(stdin, "{request}")
+                .and_then(|_| stdin.flush())
+                .map_err(|e| WarmError::Down(format!("cannot send a request: {e}")))?;
+        }
+        let pid = match rx.recv_timeout(FORK_WAIT) {
+            Ok(Message { pid: Some(pid), .. }) => pid,
+            Ok(other) => {
+                return Err(WarmError::Down(format!("unexpected answer to request {id}: {other:?}")));
+            }
+            Err(e) => return Err(WarmError::Down(format!("no fork for request {id}: {e}"))),
+        };
+        let finished = |msg: Message| -> (RunEnd, u64) {
+            let end = match (msg.exit, msg.signal) {
+                (_, Some(sig)) => RunEnd::Signalled(sig),
+                (Some(code), None) => RunEnd::Exited(code),
+                (None, None) => RunEnd::Exited(-1),
+            };
+            (end, msg.dropped)
+        };
+        match rx.recv_timeout(timeout) {
+            Ok(msg) => {
+                let (end, dropped) = finished(msg);
+                Ok((end, dropped, started.elapsed().as_secs_f64()))
+            }
+            Err(RecvTimeoutError::Timeout) => {
+                kill_group(pid);
+                let dropped = rx.recv_timeout(KILL_WAIT).map(|m| m.dropped).unwrap_or(0);
+                Ok((RunEnd::TimedOut(timeout.as_secs()), dropped, started.elapsed().as_secs_f64()))
+            }
+            Err(RecvTimeoutError::Disconnected) => {
+                kill_group(pid);
+                Err(WarmError::Down(format!("the warm worker died while running request {id}")))
+            }
+        }
+    }
+}
+
+impl Drop for WarmServer {
+    fn drop(&mut self) {
+        // Closing stdin makes the server kill its children's groups and exit; kill it if not.
+        drop(self.stdin.lock().unwrap_or_else(|e| e.into_inner()).take());
+        let mut child = self.child.lock().unwrap_or_else(|e| e.into_inner());
+        let deadline = Instant::now() + Duration::from_secs(2);
+        while matches!(child.try_wait(), Ok(None)) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+}

@@ -1,0 +1,61 @@
+//! Helpers shared by the end-to-end tests (each test file does `mod common;` and uses a part).
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+
+/// The `cdtester` binary under test.
+pub fn cdtester_bin() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_cdtester"))
+}
+
+/// Folder for caches kept between test runs: `$CDT_TEST_CACHE`, else `<target>/tmp/cdt-cache`.
+pub fn cache_dir() -> PathBuf {
+    std::env::var_os("CDT_TEST_CACHE")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_TARGET_TMPDIR")).join("cdt-cache"))
+}
+
+/// Where corpus sdists are cached: `$CDT_CORPUS_CACHE`, else `<cache_dir>/corpus`.
+pub fn corpus_cache() -> PathBuf {
+    std::env::var_os("CDT_CORPUS_CACHE").map(PathBuf::from).unwrap_or_else(|| cache_dir().join("corpus"))
+}
+
+/// A `cdtester` command isolated from the user's configuration: its data folder is `data_dir`,
+/// Python environments are cached in `<cache_dir>/venvs` (shared by all tests), logs are quiet.
+pub fn cdtester(data_dir: &Path) -> Command {
+    let mut cmd = Command::new(cdtester_bin());
+    cmd.env("CDT_NODE__DATA_DIR", data_dir)
+        .env("CDT_RUNNER__LOCAL__VENV_DIR", cache_dir().join("venvs"))
+        .env("CDT_LOG", "warn")
+        .env_remove("CDT_CONFIG")
+        .stdin(Stdio::null());
+    cmd
+}
+
+/// Runs `cmd` and returns its output, with stdout/stderr in the panic message if it cannot start.
+pub fn output(cmd: &mut Command) -> Output {
+    cmd.output().unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"))
+}
+
+/// Writes `text` to `root/rel`, creating folders.
+pub fn write_file(root: &Path, rel: &str, text: &str) {
+    let path = root.join(rel);
+    std::fs::create_dir_all(path.parent().expect("file has a parent")).expect("create folder");
+    std::fs::write(&path, text).expect("write file");
+}
+
+/// stdout and stderr of `out`, for assertion messages.
+pub fn describe(out: &Output) -> String {
+    format!(
+        "status {:?}\n--- stdout\n{}\n--- stderr\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+/// `cdtester run --json` output, parsed (panics with the output when it is not JSON).
+pub fn run_json(out: &Output) -> serde_json::Value {
+    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("not JSON ({e}):\n{}", describe(out)))
+}

@@ -1,0 +1,82 @@
+//! End-to-end: `cdtester run` on zips holding one project per top-level folder, or one project at
+//! the zip's root.
+
+mod common;
+
+use std::io::Write;
+use std::path::Path;
+
+use common::{cdtester, describe, output, run_json};
+
+fn write_zip(path: &Path, entries: &[(&str, &str)]) {
+    let mut zip = zip::ZipWriter::new(std::fs::File::create(path).expect("create zip"));
+    let opts = zip::write::SimpleFileOptions::default();
+    for (name, data) in entries {
+        zip.start_file(*name, opts).expect("zip entry");
+        zip.write_all(data.as_bytes()).expect("zip data");
+    }
+    zip.finish().expect("finish zip");
+}
+
+const PASSING: &str = "def test_a():\n    assert True\n\ndef test_b():\n    assert 2 > 1\n";
+const MIXED: &str = "import pytest\n\ndef test_ok():\n    pass\n\ndef test_bad():\n    assert 1 == 2\n\n@pytest.mark.skip(reason='later')\ndef test_later():\n    pass\n";
+
+#[test]
+fn zip_with_one_project_per_folder_is_graded_per_project() {
+    let work = tempfile::tempdir().expect("tempdir");
+    let zip = work.path().join("class.zip");
+    write_zip(
+        &zip,
+        &[
+            ("alice/tests/test_calc.py", PASSING),
+            ("bob/tests/test_calc.py", MIXED),
+            ("bob/calc.py", "x = 1\n"),
+        ],
+    );
+    let junit = work.path().join("out.xml");
+    let out = output(
+        cdtester(&work.path().join("data")).args(["run", "--json", "--junit-xml"]).arg(&junit).arg(&zip),
+    );
+    assert!(out.status.success(), "{}", describe(&out));
+    let eval = run_json(&out);
+    let projects = eval["projects"].as_array().expect("projects");
+    let names: Vec<&str> = projects.iter().map(|p| p["name"].as_str().unwrap_or_default()).collect();
+    assert_eq!(names, ["alice", "bob"]);
+    assert_eq!(projects[0]["grade"], 20.0);
+    assert_eq!(projects[1]["grade"], 10.0);
+    let bob = &projects[1]["modules"][0];
+    assert_eq!(bob["module"], "tests/test_calc.py");
+    assert_eq!(
+        (
+            bob["counts"]["passed"].as_u64(),
+            bob["counts"]["failed"].as_u64(),
+            bob["counts"]["skipped"].as_u64()
+        ),
+        (Some(1), Some(1), Some(1))
+    );
+    assert_eq!(eval["grade"], 15.0);
+    let xml = std::fs::read_to_string(&junit).expect("junit");
+    assert!(
+        xml.contains("<testsuite name=\"bob\" tests=\"3\" failures=\"1\" errors=\"0\" skipped=\"1\""),
+        "{xml}"
+    );
+
+    // The table names each project and its grade.
+    let out = output(cdtester(&work.path().join("data")).args(["run"]).arg(&zip));
+    assert!(out.status.success(), "{}", describe(&out));
+    let table = String::from_utf8_lossy(&out.stdout);
+    assert!(table.contains("project bob (runner local): grade 10.00/20"), "{table}");
+}
+
+#[test]
+fn zip_with_a_project_at_its_root_is_named_after_the_zip() {
+    let work = tempfile::tempdir().expect("tempdir");
+    let zip = work.path().join("solo.zip");
+    write_zip(&zip, &[("test_solo.py", PASSING)]);
+    let out = output(cdtester(&work.path().join("data")).args(["run", "--json"]).arg(&zip));
+    assert!(out.status.success(), "{}", describe(&out));
+    let eval = run_json(&out);
+    assert_eq!(eval["projects"][0]["name"], "solo");
+    assert_eq!(eval["projects"][0]["modules"][0]["module"], "test_solo.py");
+    assert_eq!(eval["counts"]["passed"], 2);
+}
