@@ -12,7 +12,7 @@ mod docker_common;
 use std::collections::BTreeMap;
 
 use cdtester::corpus::{self, ExpectedCounts};
-use cdtester_runner_api::{Limits, ProjectSource, Runner, TaskSpec};
+use cdtester_runner_api::{Counts, Limits, ProjectSource, Runner, TaskSpec};
 use docker_common::{containers_of, engine_available, node_id, python, runner};
 
 const PROJECTS: &[&str] = &["toml", "colorama", "tabulate", "cachetools"];
@@ -60,4 +60,38 @@ fn corpus_modules_count_the_same_in_containers() {
     }
     drop(runner);
     assert!(containers_of(&node).is_empty(), "no container of ours may remain");
+}
+
+/// The whole path through the binary: `cdtester run --json` with `runner.default = "docker"`
+/// selects the docker runner from the registry, counts like plain pytest, and leaves no container
+/// behind when it exits.
+#[test]
+fn cdtester_run_uses_the_docker_runner_and_cleans_up() {
+    if !engine_available("cdtester_run_uses_the_docker_runner_and_cleans_up") {
+        return;
+    }
+    let all = corpus::load(&corpus::default_manifest()).expect("corpus manifest");
+    let p = all.iter().find(|p| p.name == "colorama").expect("colorama in the corpus");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let sdist = corpus::fetch(p, &python(), &common::corpus_cache()).unwrap_or_else(|e| panic!("{e}"));
+    let root = corpus::unpack(p, &sdist, &dir.path().join("src")).unwrap_or_else(|e| panic!("{e}"));
+    let bind = format!("127.0.0.1:{}", 40000 + std::process::id() % 20000);
+    let out = common::output(
+        common::cdtester(&dir.path().join("data"))
+            .args(["run", root.to_str().expect("utf-8 path"), "--json"])
+            .env("CDT_RUNNER__DEFAULT", "docker")
+            .env("CDT_NODE__BIND", &bind),
+    );
+    assert!(out.status.success(), "{}", common::describe(&out));
+    let eval = common::run_json(&out);
+    let modules = eval["projects"][0]["modules"].as_array().unwrap_or_else(|| panic!("modules in {eval:#}"));
+    let got: BTreeMap<String, ExpectedCounts> = modules
+        .iter()
+        .map(|m| {
+            let c: Counts = serde_json::from_value(m["counts"].clone()).expect("module counts");
+            (m["module"].as_str().expect("module name").to_string(), ExpectedCounts::of(&c))
+        })
+        .collect();
+    assert_eq!(got, p.expected_alone(), "colorama through `cdtester run` in containers");
+    assert!(containers_of(&bind).is_empty(), "the process's containers must be gone when it exits");
 }

@@ -87,8 +87,17 @@ impl Client {
         eval_id(v.to_string().as_bytes())
     }
 
+    /// The full report (with per-test results).
     pub async fn report(&self, id: EvalId) -> anyhow::Result<Value> {
         Ok(self.http.get_json(self.node, &format!("/evaluation/{id}"), Duration::from_secs(30)).await?)
+    }
+
+    /// The report without per-test results (cheap enough to poll).
+    pub async fn progress(&self, id: EvalId) -> anyhow::Result<Value> {
+        Ok(self
+            .http
+            .get_json(self.node, &format!("/evaluation/{id}?tests=false"), Duration::from_secs(30))
+            .await?)
     }
 
     pub async fn list(&self) -> anyhow::Result<Vec<EvalId>> {
@@ -105,7 +114,7 @@ impl Client {
         bar.enable_steady_tick(Duration::from_millis(120));
         let started = Instant::now();
         loop {
-            let r = self.report(id).await?;
+            let r = self.progress(id).await?;
             let s = &r["summary"];
             let (done, running, pending) = (num(&s["executed"]), num(&s["executing"]), num(&s["pending"]));
             bar.set_length(done + running + pending);
@@ -117,7 +126,7 @@ impl Client {
             ));
             if r["status"] == "finished" {
                 bar.finish_and_clear();
-                return Ok(r);
+                return self.report(id).await;
             }
             if started.elapsed() > Duration::from_secs(24 * 3600) {
                 bail!("evaluation {id} did not finish within a day");

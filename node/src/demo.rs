@@ -291,10 +291,16 @@ pub fn main(config: Config, args: DemoArgs) -> anyhow::Result<()> {
         println!("(first run: the nodes build a Python environment with pytest; later runs reuse it)");
         let report = client.wait(id, false).await?;
         client::print_table(&report);
-        let stats: serde_json::Value = crate::http::client::HttpClient::new(Default::default(), None)
-            .get_json(cluster.nodes[args.nodes - 1].http, "/stats", Duration::from_secs(5))
+        let stats = crate::http::client::HttpClient::new(Default::default(), None)
+            .send(
+                hyper::Method::GET,
+                cluster.nodes[args.nodes - 1].http,
+                "/stats",
+                None,
+                Duration::from_secs(5),
+            )
             .await?;
-        println!("GET /stats on another node: {stats}");
+        println!("GET /stats on another node: {}", String::from_utf8_lossy(&stats.body));
         anyhow::Ok(())
     });
     println!("shutting the nodes down");

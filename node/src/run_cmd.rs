@@ -99,6 +99,13 @@ pub fn main(config: Config, args: RunArgs) -> anyhow::Result<()> {
         })
         .collect();
     let registry = Registry::from_config(&config);
+    // A runner that cannot be used is the operator's problem, not the project's: stop before
+    // doing anything.
+    for p in &projects {
+        registry
+            .get(&config.project_settings(&p.name, None).runner)
+            .with_context(|| format!("project {}", p.name))?;
+    }
     let mut durations = DurationStore::open(&registry::durations_path(&config));
     let eval = evaluate(&registry, &config, &projects, workers, &mut durations);
     if let Err(e) = durations.save() {
@@ -112,12 +119,8 @@ pub fn main(config: Config, args: RunArgs) -> anyhow::Result<()> {
     } else {
         print!("{}", table(&eval));
     }
-    if let Some(p) = eval.projects.iter().find(|p| p.error.is_some()) {
-        let runner_missing = p.error.as_deref().is_some_and(|e| e.starts_with("runner "));
-        drop(input);
-        if runner_missing {
-            bail!("project {}: {}", p.name, p.error.as_deref().unwrap_or_default());
-        }
+    if eval.projects.iter().any(|p| p.error.is_some()) {
+        drop(input); // exit() skips destructors: remove the extracted zip first
         std::process::exit(2);
     }
     Ok(())

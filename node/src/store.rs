@@ -2,9 +2,11 @@
 //! blob directory for project archives.
 //!
 //! Tables:
-//! - `evaluations`: evaluation id -> the evaluation record as JSON (projects, per-test results,
-//!   responsibility). Records only grow by merging (see [`crate::eval::EvalRecord::merge`]), so
-//!   `/stats` totals computed from them never decrease, across restarts too.
+//! - `evaluations`: evaluation id -> the evaluation record without its results, as JSON
+//!   (projects, responsibility, progress); `results`: (evaluation id, task id) -> one task's
+//!   per-test result as JSON, written once per result (so storing a result costs its own size,
+//!   not the evaluation's). Records only grow by merging (see [`crate::eval::EvalRecord::merge`]),
+//!   so `/stats` totals computed from them never decrease, across restarts too.
 //! - `module_durations`: `"<project name>::<module>"` -> (seconds, tests) of the module's last
 //!   run, used for longest-first scheduling and for splitting slow modules into chunks.
 //!
@@ -18,6 +20,7 @@ use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 use crate::eval::{EvalId, EvalRecord};
 
 const EVALUATIONS: TableDefinition<u64, &[u8]> = TableDefinition::new("evaluations");
+const RESULTS: TableDefinition<(u64, &str), &[u8]> = TableDefinition::new("results");
 const DURATIONS: TableDefinition<&str, (f64, u64)> = TableDefinition::new("module_durations");
 
 #[derive(Debug, thiserror::Error)]
@@ -53,6 +56,7 @@ impl Store {
         let db = Database::create(data_dir.join("cdtester.redb")).map_err(db_err)?;
         let tx = db.begin_write().map_err(db_err)?;
         tx.open_table(EVALUATIONS).map_err(db_err)?;
+        tx.open_table(RESULTS).map_err(db_err)?;
         tx.open_table(DURATIONS).map_err(db_err)?;
         tx.commit().map_err(db_err)?;
         Ok(Store { db, blobs })
@@ -62,22 +66,42 @@ impl Store {
     pub fn load_evaluations(&self) -> Result<Vec<EvalRecord>, StoreError> {
         let tx = self.db.begin_read().map_err(db_err)?;
         let table = tx.open_table(EVALUATIONS).map_err(db_err)?;
+        let results = tx.open_table(RESULTS).map_err(db_err)?;
         let mut out = Vec::new();
         for row in table.iter().map_err(db_err)? {
             let (k, v) = row.map_err(db_err)?;
-            let rec = serde_json::from_slice(v.value()).map_err(|e| StoreError::Corrupt(k.value(), e))?;
+            let id = k.value();
+            let mut rec: EvalRecord =
+                serde_json::from_slice(v.value()).map_err(|e| StoreError::Corrupt(id, e))?;
+            for r in results.range((id, "")..(id + 1, "")).map_err(db_err)? {
+                let (k, v) = r.map_err(db_err)?;
+                let result = serde_json::from_slice(v.value()).map_err(|e| StoreError::Corrupt(id, e))?;
+                rec.results.insert(k.value().1.to_string(), result);
+            }
             out.push(rec);
         }
         Ok(out)
     }
 
-    /// Writes (replaces) one evaluation record durably.
-    pub fn put_evaluation(&self, rec: &EvalRecord) -> Result<(), StoreError> {
-        let json = serde_json::to_vec(rec).map_err(|e| StoreError::Corrupt(rec.id, e))?;
+    /// Writes an evaluation durably: its header (everything but the results) and the results
+    /// named in `results` (the others are stored already).
+    pub fn put_evaluation<'a>(
+        &self,
+        rec: &EvalRecord,
+        results: impl IntoIterator<Item = &'a String>,
+    ) -> Result<(), StoreError> {
+        let header = rec.header_json();
         let tx = self.db.begin_write().map_err(db_err)?;
         {
             let mut table = tx.open_table(EVALUATIONS).map_err(db_err)?;
-            table.insert(rec.id, json.as_slice()).map_err(db_err)?;
+            table.insert(rec.id, header.as_bytes()).map_err(db_err)?;
+            let mut table = tx.open_table(RESULTS).map_err(db_err)?;
+            for t in results {
+                if let Some(r) = rec.results.get(t) {
+                    let json = serde_json::to_vec(r).map_err(|e| StoreError::Corrupt(rec.id, e))?;
+                    table.insert((rec.id, t.as_str()), json.as_slice()).map_err(db_err)?;
+                }
+            }
         }
         tx.commit().map_err(db_err)
     }
@@ -140,15 +164,28 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         {
             let store = Store::open(dir.path()).unwrap();
-            let rec = EvalRecord::new(42, "127.0.0.1:7000".into(), 1.0, vec![]);
-            store.put_evaluation(&rec).unwrap();
+            let mut rec = EvalRecord::new(
+                42,
+                "127.0.0.1:7000".into(),
+                1.0,
+                vec![crate::eval::tests::ready("42-0", "p", &["a.py", "b.py"])],
+            );
+            let report = crate::eval::tests::module_report("a.py", &[cdtester_runner_api::Outcome::Passed]);
+            rec.add_result("42-0::a.py", crate::eval::tests::result("n", "x", report), 2.0);
+            store.put_evaluation(&rec, []).unwrap();
+            store.put_evaluation(&rec, rec.results.keys()).unwrap();
+            let other = EvalRecord::new(43, "127.0.0.1:7000".into(), 1.0, vec![]);
+            store.put_evaluation(&other, []).unwrap();
             store.put_blob("abc", b"zipbytes").unwrap();
             store.record_durations(&[("p::tests/test_a.py".into(), 2.5, 7)]).unwrap();
         }
         let store = Store::open(dir.path()).unwrap();
         let evals = store.load_evaluations().unwrap();
-        assert_eq!(evals.len(), 1);
+        assert_eq!(evals.len(), 2);
         assert_eq!(evals[0].id, 42);
+        assert_eq!(evals[0].results.len(), 1);
+        assert_eq!(evals[0].counts().passed, 1);
+        assert!(evals[1].results.is_empty());
         assert!(store.has_blob("abc"));
         assert_eq!(store.read_blob("abc").unwrap(), b"zipbytes");
         let d = store.durations(&["p::tests/test_a.py".into(), "other".into()]).unwrap();

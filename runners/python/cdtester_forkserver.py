@@ -116,6 +116,11 @@ class Server:
         pid = os.fork()
         if pid == 0:
             _child(req, out_w, close)
+        try:
+            # Also from this side, so the group exists before anyone can be asked to kill it.
+            os.setpgid(pid, pid)
+        except OSError:
+            pass
         os.close(out_w)
         os.set_blocking(out_r, False)
         try:
@@ -215,6 +220,12 @@ class Server:
 def main():
     sys.path[0] = os.getcwd()
     _preload()
+    # Everything imported so far lives as long as the server: keep it out of the children's
+    # garbage collections (pytest collects several times per session) and off their copied pages.
+    import gc
+
+    gc.collect()
+    gc.freeze()
     Server().serve()
 
 

@@ -39,7 +39,7 @@ use cdtester_runners::local::{DurationStore, ModuleStat};
 use tokio::sync::{Notify, Semaphore};
 
 use crate::core::{AppState, Event, Snapshot};
-use crate::eval::{self, EvalId, EvalRecord, MAX_EVAL_ID, ProjectRecord, ProjectState};
+use crate::eval::{self, EvalId, EvalRecord, MAX_EVAL_ID, ModuleResult, ProjectRecord, ProjectState};
 use crate::fetch::{self, FetchedProject};
 use crate::http::auth::Secret;
 use crate::http::client::HttpClient;
@@ -47,7 +47,7 @@ use crate::store::Store;
 use crate::wire::{self, CacheContent, EvalMap, Message};
 
 pub use run::{node_main, run_node, runners_for};
-pub use sync::{SyncRequest, SyncResponse};
+pub use sync::{Replicated, SyncRequest, SyncResponse};
 pub use worker::TaskPost;
 
 /// Accepts a module's result (`POST /task`); the answer's `status`.
@@ -55,10 +55,9 @@ pub async fn accept_result(app: &Arc<App>, post: TaskPost) -> Result<&'static st
     sched::accept(app, post).await.map(|a| a.as_str())
 }
 
-/// Merges replicated records (`POST /internal/replicate`); answers with this node's copies of
-/// the records it knows better.
-pub fn replicate(app: &Arc<App>, records: Vec<EvalRecord>, from: Option<&str>) -> Vec<EvalRecord> {
-    sync::merge_records(app, records, from.and_then(|s| s.parse().ok()))
+/// Merges replicated records or deltas (`POST /internal/replicate`).
+pub fn replicate(app: &Arc<App>, records: Vec<EvalRecord>, from: Option<&str>) -> Replicated {
+    Replicated { merged: sync::merge_records(app, records, from.and_then(|s| s.parse().ok())) }
 }
 
 /// Answers a digest exchange (`POST /internal/sync`).
@@ -139,8 +138,8 @@ struct State {
     peers_http: HashMap<SocketAddr, SocketAddr>,
     /// Remembered module (seconds, tests) (cache of the store's table).
     durations: HashMap<String, Option<(f64, u64)>>,
-    /// Records changed here and not yet pushed to peers.
-    dirty: BTreeSet<EvalId>,
+    /// Records changed here and not yet pushed to peers, with the results added since.
+    dirty: BTreeMap<EvalId, BTreeSet<String>>,
     /// Projects whose discovery runs on this node.
     discovering: HashSet<String>,
     /// Blobs being downloaded.
@@ -372,7 +371,7 @@ impl App {
                 .collect();
             let rec = EvalRecord::new(id, self.udp_s.clone(), eval::now_secs(), projects);
             st.evals.insert(id, rec.clone());
-            st.dirty.insert(id);
+            st.dirty.entry(id).or_default();
             rec
         };
         self.persist(&rec);
@@ -419,23 +418,24 @@ impl App {
         self.submit(fetched).await
     }
 
+    /// Persists a record's header and the results it carries (a delta holds only new ones).
     fn persist(&self, rec: &EvalRecord) {
-        if let Err(e) = self.store.put_evaluation(rec) {
+        if let Err(e) = self.store.put_evaluation(rec, rec.results.keys()) {
             tracing::error!(eval = rec.id, "persisting the evaluation failed: {e}");
         }
     }
 
-    /// Applies `f` to a record, persisting and marking it for replication if it changed.
+    /// Applies `f` to a record's header (anything but adding results, see [`App::add_result`]),
+    /// persisting and marking it for replication if it changed.
     fn update<R>(&self, id: EvalId, f: impl FnOnce(&mut EvalRecord) -> R) -> Option<R> {
         let (out, snapshot) = {
             let mut st = self.lock();
             let rec = st.evals.get_mut(&id)?;
-            let before = rec.clone();
+            let before = rec.header_json();
             let out = f(rec);
-            let changed = *rec != before;
-            let snap = changed.then(|| rec.clone());
-            if changed {
-                st.dirty.insert(id);
+            let snap = (rec.header_json() != before).then(|| rec.clone_header());
+            if snap.is_some() {
+                st.dirty.entry(id).or_default();
             }
             (out, snap)
         };
@@ -444,6 +444,23 @@ impl App {
             self.wake.notify_one();
         }
         Some(out)
+    }
+
+    /// Stores a task's result (unless it has one), persisting it and marking it for replication.
+    fn add_result(&self, id: EvalId, task_id: &str, result: ModuleResult) -> bool {
+        let delta = {
+            let mut st = self.lock();
+            let Some(rec) = st.evals.get_mut(&id) else { return false };
+            if !rec.add_result(task_id, result, eval::now_secs()) {
+                return false;
+            }
+            let delta = rec.delta([task_id.to_string()].iter());
+            st.dirty.entry(id).or_default().insert(task_id.to_string());
+            delta
+        };
+        self.persist(&delta);
+        self.wake.notify_one();
+        true
     }
 
     // ------------------------------------------------------------------ discovery
@@ -672,11 +689,11 @@ impl App {
         self.lock().evals.get(&id).cloned()
     }
 
-    /// The report of an evaluation.
-    pub fn report(&self, id: EvalId) -> Option<eval::EvalReport> {
+    /// The report of an evaluation (with per-test results when `with_tests`).
+    pub fn report(&self, id: EvalId, with_tests: bool) -> Option<eval::EvalReport> {
         let rec = self.record(id)?;
         let grade = |p: &ProjectRecord, tests: &[TestResult]| self.grade(p, tests);
-        Some(eval::build_report(&rec, eval::now_secs(), &grade))
+        Some(eval::build_report(&rec, eval::now_secs(), with_tests, &grade))
     }
 
     fn grade(&self, p: &ProjectRecord, tests: &[TestResult]) -> Option<f64> {

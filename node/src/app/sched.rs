@@ -348,8 +348,7 @@ pub async fn accept(app: &Arc<App>, post: TaskPost) -> Result<Accepted, AppError
         finished_at: eval::now_secs(),
         report: report.clone(),
     };
-    let now = eval::now_secs();
-    let stored = app.update(rec.id, |r| r.add_result(&post.task_id, result, now)).unwrap_or(false);
+    let stored = app.add_result(rec.id, &post.task_id, result);
     {
         let mut st = app.lock();
         st.inflight.remove(&post.task_id);

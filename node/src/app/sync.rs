@@ -53,8 +53,8 @@ pub async fn run(app: Arc<App>) {
         tokio::time::sleep(PUSH_EVERY).await;
         let dirty: Vec<EvalRecord> = {
             let mut st = app.lock();
-            let ids = std::mem::take(&mut st.dirty);
-            ids.iter().filter_map(|id| st.evals.get(id).cloned()).collect()
+            let changes = std::mem::take(&mut st.dirty);
+            changes.iter().filter_map(|(id, results)| st.evals.get(id).map(|r| r.delta(results))).collect()
         };
         if !dirty.is_empty() {
             push_now(&app, &dirty).await;
@@ -84,19 +84,23 @@ fn random_peer(app: &App) -> Option<SocketAddr> {
     Some(p[rand::random_range(0..p.len())])
 }
 
-/// Pushes records to every member whose HTTP address is known, concurrently.
+/// Answer of `POST /internal/replicate`.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct Replicated {
+    /// How many of the records changed the receiver's copy.
+    pub merged: usize,
+}
+
+/// Pushes records (or deltas) to every member whose HTTP address is known, concurrently.
 pub async fn push_now(app: &Arc<App>, records: &[EvalRecord]) {
     let targets: Vec<SocketAddr> = peers(app).into_iter().filter_map(|p| app.http_of(p)).collect();
     let calls = targets.into_iter().map(|http| {
         let app = app.clone();
         async move {
-            let r: Result<Vec<EvalRecord>, _> =
+            let r: Result<Replicated, _> =
                 app.client.post_json(http, "/internal/replicate", &records, CALL_TIMEOUT).await;
-            match r {
-                Ok(back) => {
-                    merge_records(&app, back, None);
-                }
-                Err(e) => tracing::debug!(%http, "replication push failed: {e}"),
+            if let Err(e) = r {
+                tracing::debug!(%http, "replication push failed: {e}");
             }
         }
     });
@@ -118,7 +122,7 @@ async fn exchange(app: &Arc<App>, peer: SocketAddr) -> Result<(), String> {
             let st = app.lock();
             resp.want.iter().filter_map(|id| st.evals.get(id).cloned()).collect()
         };
-        let _: Vec<EvalRecord> = app
+        let _: Replicated = app
             .client
             .post_json(http, "/internal/replicate", &wanted, CALL_TIMEOUT)
             .await
@@ -145,11 +149,10 @@ pub fn answer_sync(app: &App, req: &SyncRequest) -> SyncResponse {
     SyncResponse { records, want }
 }
 
-/// Merges received records; returns this node's copies of those that differ from what was
-/// received (so the sender can merge back what it lacked).
-pub fn merge_records(app: &Arc<App>, records: Vec<EvalRecord>, from: Option<SocketAddr>) -> Vec<EvalRecord> {
+/// Merges received records (whole or deltas), persisting what changed; prefetches the archives
+/// of projects this node lacks. Returns how many records changed.
+pub fn merge_records(app: &Arc<App>, records: Vec<EvalRecord>, from: Option<SocketAddr>) -> usize {
     let mut changed = Vec::new();
-    let mut differs = Vec::new();
     let mut need_blobs = Vec::new();
     {
         let mut st = app.lock();
@@ -157,36 +160,25 @@ pub fn merge_records(app: &Arc<App>, records: Vec<EvalRecord>, from: Option<Sock
             if rec.id == 0 || rec.id > crate::eval::MAX_EVAL_ID {
                 continue;
             }
-            let did = match st.evals.get_mut(&rec.id) {
-                Some(mine) => mine.merge(&rec),
+            let delta = match st.evals.get_mut(&rec.id) {
+                Some(mine) => {
+                    let merged = mine.merge(&rec);
+                    merged.changed().then(|| mine.delta(&merged.results))
+                }
                 None => {
                     st.evals.insert(rec.id, rec.clone());
-                    true
+                    Some(rec.clone())
                 }
             };
             let Some(mine) = st.evals.get(&rec.id) else { continue };
-            if *mine != rec {
-                differs.push(mine.clone());
-            }
-            if did {
-                changed.push(mine.clone());
-            }
-            for p in &mine.projects {
-                need_blobs.push(p.clone());
-            }
-        }
-        // Anything this node knows better goes out with the next push.
-        for r in &differs {
-            st.dirty.insert(r.id);
+            need_blobs.extend(mine.projects.iter().filter(|p| !app.store.has_blob(&p.content_hash)).cloned());
+            changed.extend(delta);
         }
     }
-    for rec in &changed {
-        app.persist(rec);
+    for delta in &changed {
+        app.persist(delta);
     }
     for p in need_blobs {
-        if app.store.has_blob(&p.content_hash) {
-            continue;
-        }
         if !app.lock().fetching.insert(p.content_hash.clone()) {
             continue;
         }
@@ -201,5 +193,5 @@ pub fn merge_records(app: &Arc<App>, records: Vec<EvalRecord>, from: Option<Sock
     if !changed.is_empty() {
         app.wake.notify_one();
     }
-    differs
+    changed.len()
 }

@@ -80,12 +80,12 @@ async fn evaluate_on(
     let id = client.submit_zip(zip.to_vec(), "corpus.zip").await?;
     let mut first_result = None;
     let report = loop {
-        let r = client.report(id).await?;
+        let r = client.progress(id).await?;
         if first_result.is_none() && r["summary"]["executed"].as_u64().unwrap_or(0) > 0 {
             first_result = Some(started.elapsed().as_secs_f64());
         }
         if r["status"] == "finished" {
-            break r;
+            break client.report(id).await?;
         }
         if started.elapsed() > Duration::from_secs(3600) {
             bail!("evaluation {id} did not finish within an hour");

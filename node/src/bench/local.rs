@@ -47,8 +47,27 @@ struct Row {
     xdist: f64,
     xdist_ok: bool,
     cdt: f64,
+    /// CPU seconds (user + sys) of each, in the same order: robust to other load on the machine.
+    cpu: [f64; 3],
     matches: usize,
     modules: usize,
+}
+
+/// User + sys CPU seconds of this process (`RUSAGE_SELF`) or of its waited-for descendants
+/// (`RUSAGE_CHILDREN`).
+fn cpu_seconds(who: libc::c_int) -> f64 {
+    // SAFETY: getrusage only writes into the zeroed struct we pass.
+    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+    if unsafe { libc::getrusage(who, &mut ru) } != 0 {
+        return 0.0;
+    }
+    let tv = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
+    tv(ru.ru_utime) + tv(ru.ru_stime)
+}
+
+/// CPU seconds used so far by this process and every descendant it has reaped.
+fn cpu_total() -> f64 {
+    cpu_seconds(libc::RUSAGE_SELF) + cpu_seconds(libc::RUSAGE_CHILDREN)
 }
 
 pub(crate) fn time_pytest(
@@ -113,12 +132,17 @@ pub fn run(args: Args, config: &Config) -> anyhow::Result<()> {
             continue;
         }
 
+        let c0 = cpu_total();
         let (seq, _) = time_pytest(&base_python, &root, &[])?;
+        let c1 = cpu_total();
         let n = args.workers.to_string();
         let (xdist, xcode) = time_pytest(&base_python, &root, &["-n", &n])?;
+        let c2 = cpu_total();
         let started = Instant::now();
+        // Includes the warm workers: `evaluate` releases (and so reaps) them before returning.
         let eval = evaluate(&registry, &config, &input, args.workers, &mut durations);
         let cdt = started.elapsed().as_secs_f64();
+        let c3 = cpu_total();
 
         let expected = p.expected_alone();
         let mut matches = 0;
@@ -136,6 +160,7 @@ pub fn run(args: Args, config: &Config) -> anyhow::Result<()> {
             xdist,
             xdist_ok: xcode == 0 || xcode == 1,
             cdt,
+            cpu: [c1 - c0, c2 - c1, c3 - c2],
             matches,
             modules: expected.len(),
         });
@@ -150,49 +175,64 @@ pub fn run(args: Args, config: &Config) -> anyhow::Result<()> {
 fn render(rows: &[Row], workers: usize) -> String {
     use std::fmt::Write as _;
     let mut s = String::new();
+    let xd = format!("xdist{workers}");
     let _ = writeln!(
         s,
-        "{:<16} {:>9} {:>9} {:>9} {:>10} {:>10} {:>9}",
+        "{:<16} {:>8} {:>8} {:>8} {:>9} {:>9} | {:>8} {:>8} {:>8} {:>9} | {:>8}",
         "project",
         "seq s",
-        format!("xdist{workers} s"),
+        format!("{xd} s"),
         "cdt s",
         "cdt/xdist",
         "cdt/seq",
-        "modules=",
+        "seq cpu",
+        "xd cpu",
+        "cdt cpu",
+        "cdt/xdist",
+        "modules="
     );
-    let (mut ts, mut tx, mut tc) = (0.0, 0.0, 0.0);
+    let (mut t, mut tc) = ([0.0f64; 3], [0.0f64; 3]);
     for r in rows {
-        ts += r.seq;
-        tx += r.xdist;
-        tc += r.cdt;
+        for (i, v) in [r.seq, r.xdist, r.cdt].into_iter().enumerate() {
+            t[i] += v;
+            tc[i] += r.cpu[i];
+        }
         let _ = writeln!(
             s,
-            "{:<16} {:>9.2} {:>8.2}{} {:>9.2} {:>9.2}x {:>9.2}x {:>5}/{}",
+            "{:<16} {:>8.2} {:>7.2}{} {:>8.2} {:>8.2}x {:>8.2}x | {:>8.2} {:>8.2} {:>8.2} {:>8.2}x | {:>5}/{}",
             r.name,
             r.seq,
             r.xdist,
             if r.xdist_ok { " " } else { "!" },
             r.cdt,
-            r.cdt / r.xdist,
-            r.cdt / r.seq,
+            r.cdt / r.xdist.max(f64::EPSILON),
+            r.cdt / r.seq.max(f64::EPSILON),
+            r.cpu[0],
+            r.cpu[1],
+            r.cpu[2],
+            r.cpu[2] / r.cpu[1].max(f64::EPSILON),
             r.matches,
             r.modules
         );
     }
     let _ = writeln!(
         s,
-        "{:<16} {:>9.2} {:>9.2} {:>9.2} {:>9.2}x {:>9.2}x",
+        "{:<16} {:>8.2} {:>8.2} {:>8.2} {:>8.2}x {:>8.2}x | {:>8.2} {:>8.2} {:>8.2} {:>8.2}x",
         "TOTAL",
-        ts,
-        tx,
-        tc,
-        tc / tx.max(f64::EPSILON),
-        tc / ts.max(f64::EPSILON)
+        t[0],
+        t[1],
+        t[2],
+        t[2] / t[1].max(f64::EPSILON),
+        t[2] / t[0].max(f64::EPSILON),
+        tc[0],
+        tc[1],
+        tc[2],
+        tc[2] / tc[1].max(f64::EPSILON)
     );
     let _ = writeln!(
         s,
-        "(! = xdist did not complete normally; modules= = modules whose counts equal the corpus run-alone expectation)"
+        "(wall seconds, then CPU seconds user+sys of all processes; ! = xdist did not complete normally; \
+         modules= = modules whose counts equal the corpus run-alone expectation)"
     );
     s
 }
@@ -204,12 +244,31 @@ mod tests {
     #[test]
     fn render_sums_and_ratios() {
         let rows = vec![
-            Row { name: "a".into(), seq: 2.0, xdist: 4.0, xdist_ok: true, cdt: 1.0, matches: 3, modules: 3 },
-            Row { name: "b".into(), seq: 6.0, xdist: 4.0, xdist_ok: false, cdt: 3.0, matches: 1, modules: 2 },
+            Row {
+                name: "a".into(),
+                seq: 2.0,
+                xdist: 4.0,
+                xdist_ok: true,
+                cdt: 1.0,
+                cpu: [2.0, 5.0, 2.0],
+                matches: 3,
+                modules: 3,
+            },
+            Row {
+                name: "b".into(),
+                seq: 6.0,
+                xdist: 4.0,
+                xdist_ok: false,
+                cdt: 3.0,
+                cpu: [6.0, 7.0, 3.0],
+                matches: 1,
+                modules: 2,
+            },
         ];
         let out = render(&rows, 2);
         let total = out.lines().find(|l| l.starts_with("TOTAL")).unwrap();
         assert!(total.contains("8.00") && total.contains("4.00") && total.contains("0.50x"), "{out}");
+        assert!(total.contains("12.00") && total.contains("0.42x"), "{out}");
         assert!(out.contains("4.00!"), "{out}");
         assert!(out.contains("1/2"), "{out}");
     }

@@ -88,6 +88,7 @@ pub struct EvalRecord {
     /// Task ids handed to a worker and not finished yet, as last published by the responsible node.
     pub running: BTreeMap<String, String>,
     /// Results by task id.
+    #[serde(default)]
     pub results: BTreeMap<String, ModuleResult>,
 }
 
@@ -140,6 +141,7 @@ impl ProjectRecord {
     /// Task ids of one module (one, or one per chunk).
     pub fn module_tasks(&self, module: &str) -> Vec<String> {
         match &self.state {
+            ProjectState::Ready { modules, .. } if !modules.iter().any(|m| m == module) => Vec::new(),
             ProjectState::Ready { chunks, .. } => match chunks.get(module) {
                 Some(&count) if count > 1 => (0..count)
                     .map(|index| task_id(&self.id, &task_part(module, Some(Chunk { index, count }))))
@@ -241,9 +243,43 @@ impl EvalRecord {
         changed
     }
 
-    /// Merges another copy of the same evaluation into this one. Returns whether this changed.
-    pub fn merge(&mut self, other: &EvalRecord) -> bool {
-        let before = self.clone();
+    /// The record without its results, as JSON: what the store keeps per evaluation (results are
+    /// stored one by one) and what tells whether anything but the results changed.
+    pub fn header_json(&self) -> String {
+        serde_json::to_string(&self.clone_header()).unwrap_or_default()
+    }
+
+    /// This record with only the given results (a replication delta; merging it adds them).
+    pub fn delta<'a>(&self, results: impl IntoIterator<Item = &'a String>) -> EvalRecord {
+        let mut out = self.clone_header();
+        for t in results {
+            if let Some(r) = self.results.get(t) {
+                out.results.insert(t.clone(), r.clone());
+            }
+        }
+        out
+    }
+
+    /// A copy without results.
+    pub fn clone_header(&self) -> EvalRecord {
+        EvalRecord {
+            id: self.id,
+            submitted_to: self.submitted_to.clone(),
+            responsible: self.responsible.clone(),
+            term: self.term,
+            version: self.version,
+            start_time: self.start_time,
+            end_time: self.end_time,
+            projects: self.projects.clone(),
+            running: self.running.clone(),
+            results: BTreeMap::new(),
+        }
+    }
+
+    /// Merges another copy (or a delta) of the same evaluation into this one.
+    pub fn merge(&mut self, other: &EvalRecord) -> Merged {
+        let before = self.header_json();
+        let mut merged = Merged::default();
         if (other.term, other.version) > (self.term, self.version)
             || ((other.term, other.version) == (self.term, self.version)
                 && other.responsible < self.responsible)
@@ -262,7 +298,9 @@ impl EvalRecord {
             }
         }
         for (t, r) in &other.results {
-            insert_result(&mut self.results, t, r.clone());
+            if insert_result(&mut self.results, t, r.clone()) {
+                merged.results.push(t.clone());
+            }
         }
         let done: Vec<String> =
             self.running.keys().filter(|t| self.results.contains_key(*t)).cloned().collect();
@@ -277,7 +315,8 @@ impl EvalRecord {
             let latest = self.results.values().map(|r| r.finished_at).fold(self.start_time, f64::max);
             self.settle(latest);
         }
-        *self != before
+        merged.header = self.header_json() != before;
+        merged
     }
 
     /// Counts of the whole evaluation.
@@ -297,6 +336,21 @@ impl EvalRecord {
             running: tasks.iter().filter_map(|t| self.running.get(t).map(String::as_str)).collect(),
             tasks: tasks.len(),
         }
+    }
+}
+
+/// What a merge changed.
+#[derive(Debug, Default, PartialEq)]
+pub struct Merged {
+    /// Anything but the results.
+    pub header: bool,
+    /// Task ids whose result was added or replaced.
+    pub results: Vec<String>,
+}
+
+impl Merged {
+    pub fn changed(&self) -> bool {
+        self.header || !self.results.is_empty()
     }
 }
 
@@ -435,14 +489,20 @@ pub(crate) mod tests {
         b.add_result("7-0::t_a.py", result("n3", "y", module_report("t_a.py", &[Outcome::Failed])), 3.0);
         b.add_result("7-0::t_b.py", result("n3", "x", module_report("t_b.py", &[Outcome::Passed])), 5.0);
         let mut ab = a.clone();
-        assert!(ab.merge(&b));
+        assert!(ab.merge(&b).changed());
         let mut ba = b.clone();
         ba.merge(&a);
         assert_eq!(ab, ba);
         assert_eq!(ab.responsible, "n3");
         assert_eq!(ab.results["7-0::t_a.py"].attempt, "y");
         assert!(ab.end_time.is_some());
-        assert!(!ab.clone().merge(&ba), "merging an equal copy changes nothing");
+        assert!(!ab.clone().merge(&ba).changed(), "merging an equal copy changes nothing");
+        let mut partial = a.clone();
+        let delta = b.delta(["7-0::t_b.py".to_string()].iter());
+        assert_eq!(delta.results.len(), 1);
+        let m = partial.merge(&delta);
+        assert!(m.header, "the higher term's responsibility is adopted");
+        assert_eq!(m.results, vec!["7-0::t_b.py".to_string()]);
     }
 
     #[test]
@@ -469,7 +529,7 @@ pub(crate) mod tests {
         let mut a = EvalRecord::new(7, "n1".into(), 1.0, vec![pending]);
         let b = EvalRecord::new(7, "n1".into(), 1.0, vec![ready("7-0", "calc", &["t_a.py"])]);
         assert!(!a.is_complete());
-        assert!(a.merge(&b));
+        assert!(a.merge(&b).header);
         assert_eq!(a.unfinished_tasks(), vec!["7-0::t_a.py".to_string()]);
         assert!(a.knows_task("7-0::t_a.py"));
         assert!(!a.knows_task("7-0::t_x.py"));

@@ -194,9 +194,24 @@ fn parse_id(id: &str) -> Result<EvalId, AppError> {
     id.parse::<EvalId>().map_err(|_| AppError::NotFound("Evaluation not found".into()))
 }
 
-async fn evaluation(State(app): State<AppState>, Path(id): Path<String>) -> Response {
-    let report =
-        parse_id(&id).and_then(|id| app.report(id).ok_or(AppError::NotFound("Evaluation not found".into())));
+/// `GET /evaluation/{id}?tests=false` leaves the per-test results out (for progress polling).
+#[derive(Debug, Deserialize)]
+struct ReportQuery {
+    #[serde(default)]
+    tests: Option<bool>,
+}
+
+async fn evaluation(
+    State(app): State<AppState>,
+    Path(id): Path<String>,
+    query: Result<axum::extract::Query<ReportQuery>, axum::extract::rejection::QueryRejection>,
+) -> Response {
+    let with_tests = match query {
+        Ok(q) => q.tests.unwrap_or(true),
+        Err(e) => return error(StatusCode::BAD_REQUEST, format!("invalid query: {}", e.body_text())),
+    };
+    let report = parse_id(&id)
+        .and_then(|id| app.report(id, with_tests).ok_or(AppError::NotFound("Evaluation not found".into())));
     match report {
         Ok(r) => axum::Json(r).into_response(),
         Err(e) => e.into_response(),

@@ -32,7 +32,7 @@ use std::time::Duration;
 use bollard::Docker;
 use cdtester_runner_api::{
     Limits, ModuleReport, Outcome, PreparedProject, ProjectSource, Runner, RunnerError, TaskReport, TaskSpec,
-    TestResult,
+    TestResult, round2,
 };
 
 use crate::pytest::{self, Mode, RunEnd};
@@ -337,9 +337,12 @@ impl DockerRunner {
         }
         let (output, truncated) = result.output.finish();
         for r in &mut reports {
-            r.duration = result.elapsed.as_secs_f64();
-            r.output = (!output.is_empty()).then(|| output.clone());
+            r.duration = round2(result.elapsed.as_secs_f64());
             r.output_truncated = truncated;
+            // As in the local runner: output is kept for modules that did not come out clean.
+            if r.counts().failures() > 0 || r.note.is_some() || r.tests.is_empty() {
+                r.output = Some(output.clone());
+            }
         }
         if result.timed_out || result.oom || result.tainted {
             if let Some(s) = slot.take()
@@ -626,7 +629,7 @@ impl Runner for DockerRunner {
         let prepared = PreparedProject {
             id: source.id.clone(),
             name: source.name.clone(),
-            root: copy.clone(),
+            root: source.root.clone(),
             content_hash,
         };
         let project = Project { prepared: prepared.clone(), copy, holder, env, idle: Mutex::new(Vec::new()) };

@@ -138,16 +138,11 @@ impl LocalRunner {
     }
 
     /// Runs one pytest invocation of `state`'s project, warm if possible.
-    fn exec(
-        &self,
-        state: &ProjectState,
-        args: &[String],
-        env: &[(String, String)],
-        scratch: &Path,
-        timeout: Duration,
-        output_kib: u64,
-    ) -> std::io::Result<Exec> {
-        let inv = Invocation { python: &state.python, args, env, cwd: &state.prepared.root };
+    fn exec(&self, state: &ProjectState, spec: &ExecSpec) -> std::io::Result<Exec> {
+        let (timeout, output_kib, report) = (spec.timeout, spec.output_kib, spec.report);
+        let inv =
+            Invocation { python: &state.python, args: spec.args, env: spec.env, cwd: &state.prepared.root };
+        let scratch = spec.scratch;
         if let Some(server) = self.warm_server(state) {
             match server.run(&inv, scratch, timeout, output_kib) {
                 Ok(w) => {
@@ -156,6 +151,9 @@ impl LocalRunner {
                 Err(e) => {
                     tracing::warn!(error = %e, "warm run failed; running in a fresh interpreter");
                     state.warm.lock().unwrap_or_else(|e| e.into_inner()).take();
+                    if report.exists() {
+                        std::fs::remove_file(report)?;
+                    }
                 }
             }
         }
@@ -178,7 +176,15 @@ impl LocalRunner {
         let mut env = self.base_env();
         env.extend(pytest::plugin_env(&report.to_string_lossy(), chunk));
         let args = pytest::pytest_args(mode, modules);
-        let exec = self.exec(state, &args, &env, scratch.path(), timeout, output_kib)?;
+        let spec = ExecSpec {
+            args: &args,
+            env: &env,
+            scratch: scratch.path(),
+            report: &report,
+            timeout,
+            output_kib,
+        };
+        let exec = self.exec(state, &spec)?;
         let records = std::fs::read_to_string(&report).unwrap_or_default();
         Ok((records, exec))
     }
@@ -205,6 +211,17 @@ impl LocalRunner {
         }
         Ok(reports)
     }
+}
+
+/// One pytest invocation: arguments, extra environment, a scratch folder, the plugin's record
+/// file (emptied before a fresh retry of a failed warm run) and the limits.
+struct ExecSpec<'a> {
+    args: &'a [String],
+    env: &'a [(String, String)],
+    scratch: &'a Path,
+    report: &'a Path,
+    timeout: Duration,
+    output_kib: u64,
 }
 
 fn content_key(text: &str) -> String {
