@@ -63,7 +63,7 @@ mod pin;
 mod policy;
 mod wasm;
 
-pub use native::{NativeError, NativeRunner, load_native_runner, load_native_runners};
+pub use native::{NativeError, NativeRunner, load_native_runner};
 pub use pin::{PinError, read_pinned, sha256_hex};
 pub use policy::{Admission, Decision, PolicySet, ProjectMeta, RunnerChoice};
 pub use wasm::{

@@ -2,9 +2,8 @@
 //! (after their sha256 pin and ABI version are checked) and never unloaded.
 
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 
-use cdtester_config::{NativePluginConfig, PluginsConfig};
+use cdtester_config::NativePluginConfig;
 use cdtester_runner_api::abi::{
     AbiVersionFn, CallFn, FreeFn, RUNNER_ABI_VERSION, Reply, RunRequest, SYM_ABI_VERSION, SYM_CALL, SYM_FREE,
 };
@@ -42,11 +41,6 @@ pub struct NativeRunner {
     path: PathBuf,
     call: CallFn,
     free: FreeFn,
-}
-
-/// Loads every `[[plugins.native]]` entry.
-pub fn load_native_runners(config: &PluginsConfig) -> Result<Vec<Arc<dyn Runner>>, NativeError> {
-    config.native.iter().map(|p| load_native_runner(p).map(|r| Arc::new(r) as Arc<dyn Runner>)).collect()
 }
 
 /// Checks the file's sha256 pin, loads it (for the rest of the process), checks its ABI version

@@ -68,14 +68,11 @@ pub async fn run_node(
     Ok(())
 }
 
-/// The runners a node offers: the built-in ones plus the configured native plugins.
+/// The runners a node offers: the built-in ones plus the configured native plugins. The registry
+/// lives as long as the node's application; dropping it at shutdown removes the docker runner's
+/// containers.
 pub fn runners_for(config: &Config) -> RunnerLookup {
-    let mut registry = crate::registry::Registry::from_config(config);
-    match cdtester_plugins::load_native_runners(&config.plugins) {
-        Ok(runners) => runners.into_iter().for_each(|r| registry.insert(r)),
-        Err(e) => tracing::error!("loading native runner plugins: {e}"),
-    }
-    super::registry_lookup(registry)
+    super::registry_lookup(crate::registry::Registry::from_config(config))
 }
 
 /// `cdtester node` (full node): runs until Ctrl-C or SIGTERM.
