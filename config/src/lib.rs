@@ -329,6 +329,8 @@ fn describe(err: &figment::Error) -> String {
 }
 
 #[cfg(test)]
+// figment's `Jail` closures must return `figment::Error`, which is large; that is its API.
+#[allow(clippy::result_large_err)]
 mod tests {
     use super::*;
     use figment::Jail;
@@ -389,23 +391,25 @@ mod tests {
 
     #[test]
     fn first_matching_rule_wins_and_overrides_limits() {
-        let mut cfg = Config::default();
-        cfg.projects = vec![
-            ProjectRule {
-                pattern: "*github.com/untrusted/*".into(),
-                runner: Some("docker".into()),
-                limits: Some(LimitsOverride { timeout_s: Some(10), ..Default::default() }),
-                policies: vec!["p".into()],
-                requirements: vec![],
-            },
-            ProjectRule {
-                pattern: "*".into(),
-                runner: None,
-                limits: None,
-                policies: vec![],
-                requirements: vec!["hypothesis".into()],
-            },
-        ];
+        let cfg = Config {
+            projects: vec![
+                ProjectRule {
+                    pattern: "*github.com/untrusted/*".into(),
+                    runner: Some("docker".into()),
+                    limits: Some(LimitsOverride { timeout_s: Some(10), ..Default::default() }),
+                    policies: vec!["p".into()],
+                    requirements: vec![],
+                },
+                ProjectRule {
+                    pattern: "*".into(),
+                    runner: None,
+                    limits: None,
+                    policies: vec![],
+                    requirements: vec!["hypothesis".into()],
+                },
+            ],
+            ..Default::default()
+        };
         let s = cfg.project_settings("repo", Some("https://github.com/untrusted/repo"));
         assert_eq!(s.runner, "docker");
         assert_eq!(s.limits.timeout_s, 10);

@@ -15,7 +15,11 @@ use crate::core::{AppState, Event, Snapshot};
 use crate::udp::{self, Running, ShellConfig};
 
 /// Start the UDP protocol loop for `config.node` (bind, join, http, secret) and `config.timers`.
-pub async fn start_protocol(config: &Config, advertise: Option<SocketAddr>, app: Box<dyn AppState>) -> anyhow::Result<Running> {
+pub async fn start_protocol(
+    config: &Config,
+    advertise: Option<SocketAddr>,
+    app: Box<dyn AppState>,
+) -> anyhow::Result<Running> {
     let shell = ShellConfig {
         bind: config.node.bind,
         advertise,
@@ -29,7 +33,8 @@ pub async fn start_protocol(config: &Config, advertise: Option<SocketAddr>, app:
 
 /// Run a membership-only node until Ctrl-C or SIGTERM, then leave gracefully.
 pub async fn run_membership(config: &Config, status_file: Option<PathBuf>) -> anyhow::Result<()> {
-    let Running { mut handle, mut events, task, .. } = start_protocol(config, None, Box::new(crate::core::NoApp)).await?;
+    let Running { mut handle, mut events, task, .. } =
+        start_protocol(config, None, Box::new(crate::core::NoApp)).await?;
     let mut status = handle.clone();
     let writer = status_file.map(|path| {
         tokio::spawn(async move {
@@ -47,7 +52,9 @@ pub async fn run_membership(config: &Config, status_file: Option<PathBuf>) -> an
     let logger = tokio::spawn(async move {
         while let Some(event) = events.recv().await {
             match event {
-                Event::App { from, msg, .. } => tracing::debug!(%from, cmd = msg.cmd(), "application message (no application running)"),
+                Event::App { from, msg, .. } => {
+                    tracing::debug!(%from, cmd = msg.cmd(), "application message (no application running)")
+                }
                 Event::CacheUpdate { .. } => {}
                 other => tracing::info!(?other, "membership event"),
             }

@@ -58,10 +58,7 @@ impl Outcome {
 
     /// Counts against the project when grading: everything that ran and did not pass.
     pub fn is_fail(self) -> bool {
-        matches!(
-            self,
-            Outcome::Failed | Outcome::Error | Outcome::Timeout | Outcome::Oom | Outcome::Crashed
-        )
+        matches!(self, Outcome::Failed | Outcome::Error | Outcome::Timeout | Outcome::Oom | Outcome::Crashed)
     }
 }
 

@@ -109,7 +109,12 @@ pub trait Runner: Send + Sync {
 
     /// Runs the task's modules under `limits`; a module that cannot run still gets a report
     /// (with per-test verdicts such as `timeout` or `crashed`, or an `error` entry).
-    fn run(&self, project: &PreparedProject, task: &TaskSpec, limits: &Limits) -> Result<TaskReport, RunnerError>;
+    fn run(
+        &self,
+        project: &PreparedProject,
+        task: &TaskSpec,
+        limits: &Limits,
+    ) -> Result<TaskReport, RunnerError>;
 
     /// Frees what `prepare` made for the project (containers, temporary copies). Idempotent.
     fn release(&self, project: &PreparedProject);
