@@ -136,3 +136,40 @@ fn run_uses_the_native_unittest_runner_selected_by_config() {
     assert_eq!(tests.len(), 6);
     assert_eq!(p["grade"], 12.0, "no policies: the default grade");
 }
+
+#[test]
+fn run_applies_the_project_rules_policies() {
+    let dir = tempfile::tempdir().unwrap();
+    let wasm = wasm_examples();
+    let lib = unittest_plugin();
+    let mut toml = format!(
+        "[node]\ndata_dir = \"{}\"\n[runner]\ndefault = \"unittest\"\n\n[[projects]]\npattern = \"*\"\npolicies = [\"max-size\", \"weighted-grade\"]\n\n[[plugins.native]]\nname = \"unittest\"\npath = \"{}\"\nsha256 = \"{}\"\n",
+        dir.path().join("data").display(),
+        lib.display(),
+        sha256_file(lib)
+    );
+    for (name, file) in [("max-size", "max_size"), ("weighted-grade", "weighted_grade")] {
+        let path = wasm.join(format!("{file}.wasm"));
+        toml += &wasm_entry(name, &path, &sha256_file(&path));
+    }
+    let config = dir.path().join("cdtester.toml");
+    std::fs::write(&config, toml).unwrap();
+    let projects = dir.path().join("projects");
+    write_files(&projects.join("calc"), GRADED_PROJECT);
+    write_files(&projects.join("big"), GRADED_PROJECT);
+    // Incompressible bytes: over the max-size policy's 5 MiB.
+    std::fs::write(projects.join("big/data.bin"), noise(6 * 1024 * 1024)).unwrap();
+
+    let out = cdtester(&config, &["run", projects.to_str().unwrap(), "--json"]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    // Exit 2: one project (big) could not be evaluated.
+    assert_eq!(out.status.code(), Some(2), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    let v: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    let project = |name: &str| {
+        v["projects"].as_array().unwrap().iter().find(|p| p["name"] == name).cloned().unwrap_or_default()
+    };
+    // weighted: passed 3 + 0.5 + 1 of graded 3 + 3 + 0.5 + 1 + 1 (the default would be 12.0)
+    assert_eq!(project("calc")["grade"], 10.59, "{v:#}");
+    let error = project("big")["error"].as_str().unwrap_or_default().to_string();
+    assert!(error.contains("refused by policy") && error.contains("over the 5 MiB limit"), "{v:#}");
+}

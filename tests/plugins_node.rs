@@ -11,19 +11,6 @@ use std::time::Duration;
 
 use plugins_common::*;
 
-/// Incompressible bytes (so the zip is really over 5 MiB and no zip-bomb check trips).
-fn noise(n: usize) -> Vec<u8> {
-    let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
-    (0..n)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_applies_the_configured_policies_and_native_runner() {
     let dir = tempfile::tempdir().unwrap();

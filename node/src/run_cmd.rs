@@ -12,6 +12,7 @@ use std::time::Instant;
 
 use anyhow::{Context, bail};
 use cdtester_config::Config;
+use cdtester_plugins::{PolicySet, ProjectMeta, RunnerChoice};
 use cdtester_runner_api::{
     Counts, Limits, ModuleReport, Outcome, PreparedProject, ProjectSource, Runner, TaskReport, TaskSpec,
     TestResult, round2,
@@ -99,15 +100,16 @@ pub fn main(config: Config, args: RunArgs) -> anyhow::Result<()> {
         })
         .collect();
     let registry = Registry::from_config(&config);
-    // A runner that cannot be used is the operator's problem, not the project's: stop before
-    // doing anything.
+    // A runner or plugin that cannot be used is the operator's problem, not the project's: stop
+    // before doing anything.
     for p in &projects {
         registry
             .get(&config.project_settings(&p.name, None).runner)
             .with_context(|| format!("project {}", p.name))?;
     }
+    let policies = PolicySet::load(&config.plugins).context("loading policy plugins")?;
     let mut durations = DurationStore::open(&registry::durations_path(&config));
-    let eval = evaluate(&registry, &config, &projects, workers, &mut durations);
+    let eval = evaluate(&registry, &policies, &config, &projects, workers, &mut durations);
     if let Err(e) = durations.save() {
         tracing::warn!(error = %e, "cannot save the duration memory");
     }
@@ -166,12 +168,15 @@ struct Prepared {
     project: PreparedProject,
     limits: Limits,
     modules: Vec<String>,
+    /// The project's policy chain (from its `[[projects]]` rule), consulted again for its grade.
+    policies: Vec<String>,
 }
 
 /// Prepares, discovers and runs `projects` on `workers` parallel slots (tasks of all projects
 /// share the pool, longest first), using and updating `durations`.
 pub fn evaluate(
     registry: &Registry,
+    policies: &PolicySet,
     config: &Config,
     projects: &[ProjectInput],
     workers: usize,
@@ -195,7 +200,7 @@ pub fn evaluate(
                         i
                     };
                     let Some(p) = projects.get(i) else { break };
-                    let r = prepare_one(registry, config, p, &format!("{run_tag}-{i}"));
+                    let r = prepare_one(registry, policies, config, p, &format!("{run_tag}-{i}"));
                     *prepared[i].lock().unwrap_or_else(|e| e.into_inner()) = Some(r);
                 }
             });
@@ -301,11 +306,13 @@ pub fn evaluate(
                 for m in &modules {
                     counts.merge(&m.counts);
                 }
+                let tests: Vec<TestResult> = modules.iter().flat_map(|m| m.report.tests.clone()).collect();
+                let grade = policies.grade(&p.policies, &input.name, &tests).value;
                 out.push(ProjectResult {
                     name: input.name.clone(),
                     root: p.project.root.clone(),
                     runner: p.runner_name,
-                    grade: counts.grade(),
+                    grade,
                     counts,
                     duration,
                     error: None,
@@ -323,11 +330,20 @@ pub fn evaluate(
     Evaluation { grade, counts, duration: round2(started.elapsed().as_secs_f64()), projects: out }
 }
 
-fn prepare_one(registry: &Registry, config: &Config, p: &ProjectInput, id: &str) -> PrepareOutcome {
+fn prepare_one(
+    registry: &Registry,
+    policies: &PolicySet,
+    config: &Config,
+    p: &ProjectInput,
+    id: &str,
+) -> PrepareOutcome {
     let settings = config.project_settings(&p.name, None);
-    let runner_name = settings.runner.clone();
-    let fail = |e: String| (runner_name.clone(), e);
-    let runner = registry.get(&settings.runner).map_err(|e| fail(e.to_string()))?;
+    let configured = RunnerChoice { runner: settings.runner.clone(), limits: settings.limits.clone() };
+    let fail = |e: String| (configured.runner.clone(), e);
+    let meta = ProjectMeta::from_dir(&p.name, None, &p.root).map_err(|e| fail(e.to_string()))?;
+    let choice = policies.decide(&settings.policies, &meta, configured.clone()).map_err(fail)?;
+    let fail = |e: String| (choice.runner.clone(), e);
+    let runner = registry.get(&choice.runner).map_err(|e| fail(e.to_string()))?;
     let source = ProjectSource {
         id: id.to_string(),
         name: p.name.clone(),
@@ -342,7 +358,14 @@ fn prepare_one(registry: &Registry, config: &Config, p: &ProjectInput, id: &str)
             return Err(fail(e.to_string()));
         }
     };
-    Ok(Prepared { runner, runner_name: settings.runner, project, limits: settings.limits, modules })
+    Ok(Prepared {
+        runner,
+        runner_name: choice.runner,
+        project,
+        limits: choice.limits,
+        modules,
+        policies: settings.policies,
+    })
 }
 
 /// Adds `m` (a whole module or one chunk of it) to `merged`.

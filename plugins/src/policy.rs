@@ -260,6 +260,20 @@ impl PolicySet {
         self.chain(policies, move || fallback, |p| p.select_runner(meta, &configured))
     }
 
+    /// Admission, then the runner choice: the runner and limits a project runs with, or why a
+    /// policy refused it. Every caller (node, `cdtester run`) decides through this.
+    pub fn decide(
+        &self,
+        policies: &[String],
+        meta: &ProjectMeta,
+        configured: RunnerChoice,
+    ) -> Result<RunnerChoice, String> {
+        if let Admission::Reject { reason } = self.admit(policies, meta).value {
+            return Err(format!("refused by policy: {reason}"));
+        }
+        Ok(self.select_runner(policies, meta, configured).value)
+    }
+
     /// Admission: the first policy with an opinion decides; by default a project is accepted.
     pub fn admit(&self, policies: &[String], meta: &ProjectMeta) -> Decision<Admission> {
         self.chain(policies, || Admission::Accept, |p| p.admit(meta))

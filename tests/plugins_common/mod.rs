@@ -89,3 +89,16 @@ class TestCalc(unittest.TestCase):
 "#,
     ),
 ];
+
+/// Incompressible bytes (so the zip is really over 5 MiB and no zip-bomb check trips).
+pub fn noise(n: usize) -> Vec<u8> {
+    let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+    (0..n)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}

@@ -33,7 +33,7 @@ use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, Instant};
 
 use cdtester_config::Config;
-use cdtester_plugins::{Admission, PolicySet, ProjectMeta, RunnerChoice};
+use cdtester_plugins::{PolicySet, ProjectMeta, RunnerChoice};
 use cdtester_runner_api::{PreparedProject, ProjectSource, Runner, TestResult};
 use cdtester_runners::local::{DurationStore, ModuleStat};
 use tokio::sync::{Notify, Semaphore};
@@ -504,12 +504,9 @@ impl App {
         let hash = project.content_hash.clone();
         let decided = tokio::task::spawn_blocking(move || {
             let meta = ProjectMeta::from_dir(&name, url.as_deref(), &root).map_err(|e| e.to_string())?;
-            if let Admission::Reject { reason } = app.policies.admit(&settings.policies, &meta).value {
-                return Err(format!("refused by policy: {reason}"));
-            }
             let configured =
                 RunnerChoice { runner: settings.runner.clone(), limits: settings.limits.clone() };
-            let choice = app.policies.select_runner(&settings.policies, &meta, configured).value;
+            let choice = app.policies.decide(&settings.policies, &meta, configured)?;
             Ok((choice, settings, root, hash))
         })
         .await;
