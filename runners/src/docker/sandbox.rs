@@ -27,10 +27,10 @@ use bollard::query_parameters::{
 };
 use cdtester_runner_api::Limits;
 use futures_util::{Stream, StreamExt};
-use serde::Deserialize;
 use tokio::io::{AsyncWrite, AsyncWriteExt};
 
 use super::DockerError;
+use crate::local::warm::ServerMessage;
 use crate::pytest::{MARK, OutputCap};
 
 /// Label naming the node a container belongs to (what orphan cleanup filters on).
@@ -154,18 +154,6 @@ impl std::fmt::Debug for Warm {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Warm").field("next_id", &self.next_id).finish_non_exhaustive()
     }
-}
-
-/// A line of the warm worker's protocol (see `runners/python/cdtester_forkserver.py`).
-#[derive(Debug, Deserialize)]
-struct ServerMessage {
-    id: u64,
-    #[serde(default)]
-    pid: Option<u32>,
-    #[serde(default)]
-    exit: Option<i32>,
-    #[serde(default)]
-    signal: Option<i32>,
 }
 
 /// Where a protocol message starts: the worker writes `json.dumps({"id": ...})` lines.

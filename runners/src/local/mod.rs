@@ -14,7 +14,7 @@
 mod durations;
 mod env;
 mod process;
-mod warm;
+pub(crate) mod warm;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};

@@ -26,20 +26,23 @@ const FORK_WAIT: Duration = Duration::from_secs(20);
 /// How long to wait for the exit report after killing a timed-out child.
 const KILL_WAIT: Duration = Duration::from_secs(20);
 
+/// A line of the warm worker's protocol (see `runners/python/cdtester_forkserver.py`): a fork's
+/// pid, then its exit status or signal and the output bytes dropped at the cap. The docker
+/// runner speaks the same protocol to the worker inside its containers.
 #[derive(Debug, Deserialize)]
-struct Message {
-    id: u64,
+pub(crate) struct ServerMessage {
+    pub id: u64,
     #[serde(default)]
-    pid: Option<u32>,
+    pub pid: Option<u32>,
     #[serde(default)]
-    exit: Option<i32>,
+    pub exit: Option<i32>,
     #[serde(default)]
-    signal: Option<i32>,
+    pub signal: Option<i32>,
     #[serde(default)]
-    dropped: u64,
+    pub dropped: u64,
 }
 
-type Pending = Arc<Mutex<HashMap<u64, Sender<Message>>>>;
+type Pending = Arc<Mutex<HashMap<u64, Sender<ServerMessage>>>>;
 
 /// Why a warm run could not give a result (the caller then runs the module in a fresh process).
 #[derive(Debug, thiserror::Error)]
@@ -88,7 +91,7 @@ impl WarmServer {
         std::thread::spawn(move || {
             for line in BufReader::new(stdout).lines() {
                 let Ok(line) = line else { break };
-                match serde_json::from_str::<Message>(&line) {
+                match serde_json::from_str::<ServerMessage>(&line) {
                     Ok(msg) => {
                         let tx = p.lock().unwrap_or_else(|e| e.into_inner()).get(&msg.id).cloned();
                         if let Some(tx) = tx {
@@ -154,7 +157,7 @@ impl WarmServer {
         &self,
         id: u64,
         request: &serde_json::Value,
-        rx: &mpsc::Receiver<Message>,
+        rx: &mpsc::Receiver<ServerMessage>,
         timeout: Duration,
     ) -> Result<(RunEnd, u64, f64), WarmError> {
         let started = Instant::now();
@@ -167,13 +170,13 @@ impl WarmServer {
                 .map_err(|e| WarmError::Down(format!("cannot send a request: {e}")))?;
         }
         let pid = match rx.recv_timeout(FORK_WAIT) {
-            Ok(Message { pid: Some(pid), .. }) => pid,
+            Ok(ServerMessage { pid: Some(pid), .. }) => pid,
             Ok(other) => {
                 return Err(WarmError::Down(format!("unexpected answer to request {id}: {other:?}")));
             }
             Err(e) => return Err(WarmError::Down(format!("no fork for request {id}: {e}"))),
         };
-        let finished = |msg: Message| -> (RunEnd, u64) {
+        let finished = |msg: ServerMessage| -> (RunEnd, u64) {
             let end = match (msg.exit, msg.signal) {
                 (_, Some(sig)) => RunEnd::Signalled(sig),
                 (Some(code), None) => RunEnd::Exited(code),
