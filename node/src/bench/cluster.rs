@@ -12,7 +12,6 @@
 //! All nodes share this machine's cores, so more nodes mean more parallel pytest processes, not
 //! more CPU.
 
-use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
@@ -20,6 +19,7 @@ use cdtester_config::Config;
 use cdtester_runner_api::{ProjectSource, Runner};
 use cdtester_runners::local::{LocalRunner, resolve_python};
 
+use super::CorpusArgs;
 use super::local::{XDIST_REQUIREMENT, time_pytest};
 use crate::client::Client;
 use crate::corpus::{self, CorpusProject, ExpectedCounts};
@@ -29,15 +29,8 @@ use crate::registry;
 /// Options of `cdtester bench cluster`.
 #[derive(Debug, Clone, clap::Args)]
 pub struct Args {
-    /// Corpus manifest.
-    #[arg(long, default_value_os_t = corpus::default_manifest())]
-    pub corpus: PathBuf,
-    /// Where sdists are cached (default: $CDT_CORPUS_CACHE, else <data_dir>/corpus-cache).
-    #[arg(long, env = "CDT_CORPUS_CACHE")]
-    pub cache: Option<PathBuf>,
-    /// Only these projects (comma-separated names); default all.
-    #[arg(long, value_delimiter = ',')]
-    pub only: Vec<String>,
+    #[command(flatten)]
+    pub corpus: CorpusArgs,
     /// Network sizes to measure.
     #[arg(long, value_delimiter = ',', default_value = "1,2,3")]
     pub sizes: Vec<usize>,
@@ -113,14 +106,8 @@ pub fn run(args: Args, config: &Config) -> anyhow::Result<()> {
     if args.workers == 0 || args.sizes.contains(&0) {
         bail!("--workers and --sizes must be at least 1");
     }
-    let mut projects: Vec<CorpusProject> = corpus::load(&args.corpus)?;
-    if !args.only.is_empty() {
-        projects.retain(|p| args.only.contains(&p.name));
-        if projects.is_empty() {
-            bail!("--only matched no corpus project");
-        }
-    }
-    let cache = args.cache.clone().unwrap_or_else(|| config.node.data_dir.join("corpus-cache"));
+    let projects: Vec<CorpusProject> = args.corpus.projects(None)?;
+    let cache = args.corpus.cache_dir(config);
     let python = resolve_python(config.runner.local.python.as_deref())?;
     let work = tempfile::Builder::new().prefix("cdtester-bench-cluster-").tempdir()?;
     let src = work.path().join("src");

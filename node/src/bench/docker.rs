@@ -10,7 +10,6 @@
 //! separately on a fresh container per project and reported as its own column, since the
 //! runner pays it once per project and node, not per module.
 
-use std::path::PathBuf;
 use std::time::Instant;
 
 use anyhow::{Context, bail};
@@ -19,6 +18,7 @@ use cdtester_runner_api::{Limits, PreparedProject, ProjectSource, Runner, TaskSp
 use cdtester_runners::docker::DockerRunner;
 use cdtester_runners::local::{LocalRunner, resolve_python};
 
+use super::CorpusArgs;
 use crate::corpus::{self, CorpusProject, ExpectedCounts};
 use crate::registry;
 
@@ -30,15 +30,9 @@ const DEFAULT_SUBSET: &[&str] =
 /// Options of `cdtester bench docker`.
 #[derive(Debug, Clone, clap::Args)]
 pub struct Args {
-    /// Corpus manifest.
-    #[arg(long, default_value_os_t = corpus::default_manifest())]
-    pub corpus: PathBuf,
-    /// Where sdists are cached (default: $CDT_CORPUS_CACHE, else <data_dir>/corpus-cache).
-    #[arg(long, env = "CDT_CORPUS_CACHE")]
-    pub cache: Option<PathBuf>,
-    /// Only these projects (comma-separated names); default: a subset of every layout.
-    #[arg(long, value_delimiter = ',')]
-    pub only: Vec<String>,
+    /// `--only` defaults to a subset of every layout.
+    #[command(flatten)]
+    pub corpus: CorpusArgs,
     /// Timed rounds; each module's median is kept.
     #[arg(long, default_value_t = 3)]
     pub rounds: usize,
@@ -84,17 +78,8 @@ pub fn run(args: Args, config: &Config) -> anyhow::Result<()> {
     if args.rounds == 0 {
         bail!("--rounds must be at least 1");
     }
-    let all: Vec<CorpusProject> = corpus::load(&args.corpus)?;
-    let wanted: Vec<String> = if args.only.is_empty() {
-        DEFAULT_SUBSET.iter().map(|s| s.to_string()).collect()
-    } else {
-        args.only.clone()
-    };
-    let projects: Vec<&CorpusProject> = all.iter().filter(|p| wanted.contains(&p.name)).collect();
-    if projects.is_empty() {
-        bail!("no corpus project matches {wanted:?}");
-    }
-    let cache = args.cache.clone().unwrap_or_else(|| config.node.data_dir.join("corpus-cache"));
+    let projects: Vec<CorpusProject> = args.corpus.projects(Some(DEFAULT_SUBSET))?;
+    let cache = args.corpus.cache_dir(config);
     let python = resolve_python(config.runner.local.python.as_deref())?;
     let local = LocalRunner::new(registry::local_options(config))?;
     let docker =
@@ -103,7 +88,7 @@ pub fn run(args: Args, config: &Config) -> anyhow::Result<()> {
     let work = tempfile::Builder::new().prefix("cdtester-bench-docker-").tempdir()?;
 
     let mut rows = Vec::new();
-    for p in projects {
+    for p in &projects {
         eprintln!("== {} {}: preparing (untimed)", p.name, p.version);
         let sdist = corpus::fetch(p, &python, &cache)?;
         let root = corpus::unpack(p, &sdist, work.path())?;

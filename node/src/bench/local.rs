@@ -8,7 +8,6 @@
 //! timed runs, in this order: sequential, xdist, cdtester. cdtester's time covers everything
 //! `cdtester run` does after start-up: preparation (environment lookup), discovery and the runs.
 
-use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::time::Instant;
 
@@ -18,6 +17,7 @@ use cdtester_plugins::PolicySet;
 use cdtester_runner_api::{ProjectSource, Runner};
 use cdtester_runners::local::{DurationStore, LocalRunner, resolve_python};
 
+use super::CorpusArgs;
 use crate::corpus::{self, CorpusProject, ExpectedCounts};
 use crate::registry::{self, Registry};
 use crate::run_cmd::{ProjectInput, evaluate};
@@ -25,15 +25,8 @@ use crate::run_cmd::{ProjectInput, evaluate};
 /// Options of `cdtester bench local`.
 #[derive(Debug, Clone, clap::Args)]
 pub struct Args {
-    /// Corpus manifest.
-    #[arg(long, default_value_os_t = corpus::default_manifest())]
-    pub corpus: PathBuf,
-    /// Where sdists are cached (default: $CDT_CORPUS_CACHE, else <data_dir>/corpus-cache).
-    #[arg(long, env = "CDT_CORPUS_CACHE")]
-    pub cache: Option<PathBuf>,
-    /// Only these projects (comma-separated names); default all.
-    #[arg(long, value_delimiter = ',')]
-    pub only: Vec<String>,
+    #[command(flatten)]
+    pub corpus: CorpusArgs,
     /// Workers for xdist (-n) and for cdtester.
     #[arg(long, default_value_t = 2)]
     pub workers: usize,
@@ -93,14 +86,8 @@ pub fn run(args: Args, config: &Config) -> anyhow::Result<()> {
     if args.workers == 0 {
         bail!("--workers must be at least 1");
     }
-    let mut projects: Vec<CorpusProject> = corpus::load(&args.corpus)?;
-    if !args.only.is_empty() {
-        projects.retain(|p| args.only.contains(&p.name));
-        if projects.is_empty() {
-            bail!("--only matched no corpus project");
-        }
-    }
-    let cache = args.cache.clone().unwrap_or_else(|| config.node.data_dir.join("corpus-cache"));
+    let projects: Vec<CorpusProject> = args.corpus.projects(None)?;
+    let cache = args.corpus.cache_dir(config);
     let python = resolve_python(config.runner.local.python.as_deref())?;
     let mut config = config.clone();
     config.projects = corpus::requirement_rules(&projects);

@@ -6,7 +6,48 @@ pub mod docker;
 pub mod local;
 pub mod plugins;
 
+use std::path::PathBuf;
+
+use anyhow::bail;
 use cdtester_config::Config;
+
+use crate::corpus::{self, CorpusProject};
+
+/// Which corpus projects a benchmark measures, and where their sdists are cached.
+#[derive(Debug, Clone, clap::Args)]
+pub struct CorpusArgs {
+    /// Corpus manifest.
+    #[arg(long, default_value_os_t = corpus::default_manifest())]
+    pub corpus: PathBuf,
+    /// Where sdists are cached (default: $CDT_CORPUS_CACHE, else <data_dir>/corpus-cache).
+    #[arg(long, env = "CDT_CORPUS_CACHE")]
+    pub cache: Option<PathBuf>,
+    /// Only these projects (comma-separated names); default: the benchmark's own set.
+    #[arg(long, value_delimiter = ',')]
+    pub only: Vec<String>,
+}
+
+impl CorpusArgs {
+    /// The manifest's projects named by `--only`, else those in `default` (all when `None`).
+    pub fn projects(&self, default: Option<&[&str]>) -> anyhow::Result<Vec<CorpusProject>> {
+        let mut projects = corpus::load(&self.corpus)?;
+        let wanted: Vec<String> = match (self.only.is_empty(), default) {
+            (false, _) => self.only.clone(),
+            (true, Some(names)) => names.iter().map(|s| s.to_string()).collect(),
+            (true, None) => return Ok(projects),
+        };
+        projects.retain(|p| wanted.contains(&p.name));
+        if projects.is_empty() {
+            bail!("no corpus project matches {wanted:?}");
+        }
+        Ok(projects)
+    }
+
+    /// The sdist cache: `--cache`, else `<data_dir>/corpus-cache`.
+    pub fn cache_dir(&self, config: &Config) -> PathBuf {
+        self.cache.clone().unwrap_or_else(|| config.node.data_dir.join("corpus-cache"))
+    }
+}
 
 /// Which benchmark to run.
 #[derive(Debug, Clone, clap::Subcommand)]
