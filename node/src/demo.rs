@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use cdtester_config::Config;
+use serde_json::Value;
 
 use crate::client::{self, Client};
 
@@ -291,15 +292,28 @@ pub fn main(config: Config, args: DemoArgs) -> anyhow::Result<()> {
         println!("(first run: the nodes build a Python environment with pytest; later runs reuse it)");
         let report = client.wait(id, false).await?;
         client::print_table(&report);
-        let stats = crate::http::client::HttpClient::new(Default::default(), None)
-            .send(
-                hyper::Method::GET,
-                cluster.nodes[args.nodes - 1].http,
-                "/stats",
-                None,
-                Duration::from_secs(5),
-            )
-            .await?;
+        // Another node's /stats, once replication has brought it every result (bounded wait).
+        let totals = (report["summary"]["total_passed"].clone(), report["summary"]["total_failed"].clone());
+        let http = crate::http::client::HttpClient::new(Default::default(), None);
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        let stats = loop {
+            let stats = http
+                .send(
+                    hyper::Method::GET,
+                    cluster.nodes[args.nodes - 1].http,
+                    "/stats",
+                    None,
+                    Duration::from_secs(5),
+                )
+                .await?;
+            let v: Value = serde_json::from_slice(&stats.body).unwrap_or_default();
+            if (v["all"]["passed"].clone(), v["all"]["failed"].clone()) == totals
+                || tokio::time::Instant::now() >= deadline
+            {
+                break stats;
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        };
         println!("GET /stats on another node: {}", String::from_utf8_lossy(&stats.body));
         anyhow::Ok(())
     });
