@@ -202,6 +202,17 @@ pub fn requirement_rules(projects: &[CorpusProject]) -> Vec<cdtester_config::Pro
 mod tests {
     use super::*;
 
+    /// The copy must not drift from the shared manifest it was taken from (`../shared` beside the
+    /// repository, where the workplace keeps it; nothing to compare where it is absent).
+    #[test]
+    fn shipped_manifest_is_the_shared_one() {
+        let shared = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/corpus/corpus.json");
+        if let Ok(original) = std::fs::read(&shared) {
+            let copy = std::fs::read(default_manifest()).expect("reading tests/data/corpus.json");
+            assert!(copy == original, "tests/data/corpus.json differs from {}", shared.display());
+        }
+    }
+
     #[test]
     fn shipped_manifest_has_the_sixteen_projects_with_expectations() {
         let projects = load(&default_manifest()).unwrap();
