@@ -16,11 +16,10 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use cdtester_config::Config;
-use cdtester_runner_api::{ProjectSource, Runner};
 use cdtester_runners::local::{LocalRunner, resolve_python};
 
 use super::CorpusArgs;
-use super::local::{XDIST_REQUIREMENT, time_pytest};
+use super::local::{baseline_project, time_pytest};
 use crate::client::Client;
 use crate::corpus::{self, CorpusProject, ExpectedCounts};
 use crate::demo::LocalCluster;
@@ -121,19 +120,7 @@ pub fn run(args: Args, config: &Config) -> anyhow::Result<()> {
     let mut expected = Vec::new();
     for p in &projects {
         eprintln!("== {} {}: preparing and timing the pytest baselines", p.name, p.version);
-        let sdist = corpus::fetch(p, &python, &cache)?;
-        let root = corpus::unpack(p, &sdist, &src)?;
-        let mut reqs = p.test_deps.clone();
-        reqs.push(XDIST_REQUIREMENT.into());
-        let source = ProjectSource {
-            id: format!("bench-cluster-{}", p.name),
-            name: p.project_root.clone(),
-            root: root.clone(),
-            extra_requirements: reqs,
-        };
-        let prepared = baseline.prepare(&source).map_err(|e| anyhow::anyhow!("{}: {e}", p.name))?;
-        let base_python = baseline.interpreter(&prepared).context("baseline interpreter")?;
-        baseline.release(&prepared);
+        let (root, base_python) = baseline_project(p, &baseline, &python, &cache, &src)?;
         let (s, _) = time_pytest(&base_python, &root, &[])?;
         let (x, code) = time_pytest(&base_python, &root, &["-n", "2"])?;
         eprintln!("   sequential {s:.2} s, xdist -n 2 {x:.2} s (exit {code})");

@@ -8,6 +8,7 @@
 //! timed runs, in this order: sequential, xdist, cdtester. cdtester's time covers everything
 //! `cdtester run` does after start-up: preparation (environment lookup), discovery and the runs.
 
+use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Instant;
 
@@ -64,8 +65,34 @@ fn cpu_total() -> f64 {
     cpu_seconds(libc::RUSAGE_SELF) + cpu_seconds(libc::RUSAGE_CHILDREN)
 }
 
+/// Fetches and unpacks a corpus project under `dir` and builds its baseline environment (its test
+/// dependencies plus pytest-xdist; untimed). Returns the project root and the interpreter that
+/// runs plain pytest and xdist there.
+pub(crate) fn baseline_project(
+    p: &CorpusProject,
+    baseline: &LocalRunner,
+    python: &Path,
+    cache: &Path,
+    dir: &Path,
+) -> anyhow::Result<(PathBuf, PathBuf)> {
+    let sdist = corpus::fetch(p, python, cache)?;
+    let root = corpus::unpack(p, &sdist, dir)?;
+    let mut reqs = p.test_deps.clone();
+    reqs.push(XDIST_REQUIREMENT.into());
+    let source = ProjectSource {
+        id: format!("bench-{}", p.name),
+        name: p.project_root.clone(),
+        root: root.clone(),
+        extra_requirements: reqs,
+    };
+    let prepared = baseline.prepare(&source).map_err(|e| anyhow::anyhow!("{}: {e}", p.name))?;
+    let base_python = baseline.interpreter(&prepared).context("baseline interpreter");
+    baseline.release(&prepared);
+    Ok((root, base_python?))
+}
+
 pub(crate) fn time_pytest(
-    python: &std::path::Path,
+    python: &Path,
     root: &std::path::Path,
     extra: &[&str],
 ) -> anyhow::Result<(f64, i32)> {
@@ -102,19 +129,7 @@ pub fn run(args: Args, config: &Config) -> anyhow::Result<()> {
     let mut evaluated: Vec<ProjectInput> = Vec::new();
     for p in &projects {
         eprintln!("== {} {}: preparing (untimed)", p.name, p.version);
-        let sdist = corpus::fetch(p, &python, &cache)?;
-        let root = corpus::unpack(p, &sdist, work.path())?;
-        let mut reqs = p.test_deps.clone();
-        reqs.push(XDIST_REQUIREMENT.into());
-        let source = ProjectSource {
-            id: format!("bench-{}", p.name),
-            name: p.project_root.clone(),
-            root: root.clone(),
-            extra_requirements: reqs,
-        };
-        let prepared = baseline.prepare(&source).map_err(|e| anyhow::anyhow!("{}: {e}", p.name))?;
-        let base_python = baseline.interpreter(&prepared).context("baseline interpreter")?;
-        baseline.release(&prepared);
+        let (root, base_python) = baseline_project(p, &baseline, &python, &cache, work.path())?;
         let input = [ProjectInput { name: p.project_root.clone(), root: root.clone() }];
         evaluated.push(input[0].clone());
         let warm_up = evaluate(&registry, &policies, &config, &input, args.workers, &mut durations);
