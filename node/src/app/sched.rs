@@ -289,11 +289,11 @@ impl Accepted {
 
 /// Accepts a module's result (`POST /task`), forwarding it when another node is responsible.
 pub async fn accept(app: &Arc<App>, post: TaskPost) -> Result<Accepted, AppError> {
-    let (pid, part) = eval::split_task_id(&post.task_id).ok_or_else(|| {
-        AppError::BadRequest(format!("task_id {:?} is not <project_id>::<module>", post.task_id))
+    let (pid, part) = eval::split_task_id(&post.result.task_id).ok_or_else(|| {
+        AppError::BadRequest(format!("task_id {:?} is not <project_id>::<module>", post.result.task_id))
     })?;
     let module = eval::parse_task_part(part).0;
-    if pid != post.project_id || module != post.module {
+    if pid != post.result.project_id || module != post.result.module {
         return Err(AppError::BadRequest("task_id does not match project_id and module".into()));
     }
     let rec = {
@@ -304,10 +304,10 @@ pub async fn accept(app: &Arc<App>, post: TaskPost) -> Result<Accepted, AppError
         }
     };
     let Some(rec) = rec else { return Err(AppError::NotFound("unknown evaluation".into())) };
-    if !rec.knows_task(&post.task_id) {
-        return Err(AppError::NotFound(format!("unknown task {}", post.task_id)));
+    if !rec.knows_task(&post.result.task_id) {
+        return Err(AppError::NotFound(format!("unknown task {}", post.result.task_id)));
     }
-    if rec.results.contains_key(&post.task_id) {
+    if rec.results.contains_key(&post.result.task_id) {
         return Ok(Accepted::Duplicate);
     }
     if rec.responsible != app.udp_s {
@@ -317,25 +317,25 @@ pub async fn accept(app: &Arc<App>, post: TaskPost) -> Result<Accepted, AppError
     if let Some(error) = &post.error {
         let failures = {
             let mut st = app.lock();
-            if st.inflight.get(&post.task_id).is_some_and(|f| Some(f.worker) == worker_addr) {
-                st.inflight.remove(&post.task_id);
+            if st.inflight.get(&post.result.task_id).is_some_and(|f| Some(f.worker) == worker_addr) {
+                st.inflight.remove(&post.result.task_id);
             }
-            let n = st.task_failures.entry(post.task_id.clone()).or_insert(0);
+            let n = st.task_failures.entry(post.result.task_id.clone()).or_insert(0);
             *n += 1;
             *n
         };
-        tracing::warn!(task = %post.task_id, worker = %post.node(), failures, "task failed to run: {error}");
+        tracing::warn!(task = %post.result.task_id, worker = %post.node(), failures, "task failed to run: {error}");
         if failures < MAX_TASK_FAILURES {
-            clear_running(app, rec.id, &post.task_id);
+            clear_running(app, rec.id, &post.result.task_id);
             return Ok(Accepted::Requeued);
         }
     }
     let report = match (&post.report, &post.error) {
         (Some(r), _) => r.clone(),
         (None, Some(error)) => ModuleReport {
-            module: post.module.clone(),
+            module: post.result.module.clone(),
             tests: Vec::new(),
-            duration: post.time,
+            duration: post.result.time,
             note: Some(format!("could not run after {MAX_TASK_FAILURES} attempts: {error}")),
             output: None,
             output_truncated: false,
@@ -348,15 +348,15 @@ pub async fn accept(app: &Arc<App>, post: TaskPost) -> Result<Accepted, AppError
         finished_at: eval::now_secs(),
         report: report.clone(),
     };
-    let stored = app.add_result(rec.id, &post.task_id, result);
+    let stored = app.add_result(rec.id, &post.result.task_id, result);
     {
         let mut st = app.lock();
-        st.inflight.remove(&post.task_id);
-        st.task_failures.remove(&post.task_id);
+        st.inflight.remove(&post.result.task_id);
+        st.task_failures.remove(&post.result.task_id);
     }
     if stored {
         remember_duration(app, rec.id, pid, module);
-        tracing::info!(task = %post.task_id, worker = %post.node(), tests = report.tests.len(), "result stored");
+        tracing::info!(task = %post.result.task_id, worker = %post.node(), tests = report.tests.len(), "result stored");
         if let Some(net) = app.net() {
             net.push_cache();
         }

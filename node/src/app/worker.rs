@@ -5,32 +5,26 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use cdtester_runner_api::{Chunk, ModuleReport, TaskSpec};
+use cdtester_runner_api::{Chunk, Counts, ModuleReport, TaskSpec};
 use serde::{Deserialize, Serialize};
 use tokio::sync::OwnedSemaphorePermit;
 
 use super::sched::{self, Assigned};
 use super::{App, AppError, sync};
 use crate::eval::{self, EvalId, ProjectRecord, ProjectState};
-use crate::wire::{self, Message, NodeIdData, TaskConfirmData, TaskInfo};
+use crate::wire::{self, Message, NodeIdData, TaskConfirmData, TaskInfo, TaskResultData};
 
 /// How long a worker keeps trying to deliver a result.
 const DELIVERY_PATIENCE: Duration = Duration::from_secs(900);
 
-/// Body of `POST /task`: the reference's fields (`task_id`, `passed`, `failed`, `time`,
-/// `project_id`, `module`, `ip`, `port` as a string) plus cdtester's: the evaluation id, the
-/// attempt id, and the per-test report (or the error that kept the module from running).
+/// Body of `POST /task`: the reference's TASK_RESULT fields (`task_id`, `passed`, `failed`,
+/// `time`, `project_id`, `module`, the worker's UDP `ip` and `port` as a string) plus cdtester's:
+/// the evaluation id, the attempt id, and the per-test report (or the error that kept the module
+/// from running).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct TaskPost {
-    pub task_id: String,
-    pub passed: u64,
-    pub failed: u64,
-    pub time: f64,
-    pub project_id: String,
-    pub module: String,
-    /// Worker's UDP address.
-    pub ip: String,
-    pub port: String,
+    #[serde(flatten)]
+    pub result: TaskResultData,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub eval_id: Option<EvalId>,
     #[serde(default)]
@@ -42,9 +36,44 @@ pub struct TaskPost {
 }
 
 impl TaskPost {
+    /// What `app`'s worker reports for a task: its module's report, or why it could not run.
+    fn new(
+        app: &App,
+        eval: EvalId,
+        task_id: &str,
+        project_id: &str,
+        module: &str,
+        outcome: Result<ModuleReport, String>,
+    ) -> TaskPost {
+        let (counts, time) = match &outcome {
+            Ok(report) => (report.counts(), report.duration),
+            Err(_) => (Counts::default(), 0.0),
+        };
+        let (report, error) = match outcome {
+            Ok(report) => (Some(report), None),
+            Err(e) => (None, Some(e)),
+        };
+        TaskPost {
+            result: TaskResultData {
+                task_id: task_id.to_string(),
+                passed: counts.passes(),
+                failed: counts.failures(),
+                time,
+                project_id: project_id.to_string(),
+                module: module.to_string(),
+                ip: app.udp.ip().to_string(),
+                port: app.udp.port().to_string(),
+            },
+            eval_id: Some(eval),
+            attempt: format!("{:032x}", rand::random::<u128>()),
+            report,
+            error,
+        }
+    }
+
     /// The worker's `ip:port`.
     pub fn node(&self) -> String {
-        format!("{}:{}", self.ip, self.port)
+        format!("{}:{}", self.result.ip, self.result.port)
     }
 }
 
@@ -101,7 +130,7 @@ pub fn on_task_send(app: &Arc<App>, from: SocketAddr, info: TaskInfo) {
     tokio::spawn(async move {
         let post = match remote_project(&app, from, eval, &info.project_id).await {
             Ok(project) => execute(&app, eval, &project, &module, chunk, Some(from)).await,
-            Err(e) => failure(&app, eval, &task_id, &info.project_id, &module, e),
+            Err(e) => TaskPost::new(&app, eval, &task_id, &info.project_id, &module, Err(e)),
         };
         drop(permit);
         ask_again(&app);
@@ -142,34 +171,6 @@ async fn remote_project(
     known(app).ok_or_else(|| format!("project {project_id} is not ready at {from}"))
 }
 
-fn failure(
-    app: &App,
-    eval: EvalId,
-    task_id: &str,
-    project_id: &str,
-    module: &str,
-    error: String,
-) -> TaskPost {
-    TaskPost {
-        task_id: task_id.to_string(),
-        passed: 0,
-        failed: 0,
-        time: 0.0,
-        project_id: project_id.to_string(),
-        module: module.to_string(),
-        ip: app.udp.ip().to_string(),
-        port: app.udp.port().to_string(),
-        eval_id: Some(eval),
-        attempt: new_attempt(),
-        report: None,
-        error: Some(error),
-    }
-}
-
-fn new_attempt() -> String {
-    format!("{:032x}", rand::random::<u128>())
-}
-
 /// Runs one module (or one chunk of it) of a project with the project's runner and limits.
 async fn execute(
     app: &Arc<App>,
@@ -208,24 +209,11 @@ async fn execute(
         Ok(report) => {
             let c = report.counts();
             tracing::info!(task = %task_id, passed = c.passes(), failed = c.failures(), secs = started.elapsed().as_secs_f64(), "module ran");
-            TaskPost {
-                task_id,
-                passed: c.passes(),
-                failed: c.failures(),
-                time: report.duration,
-                project_id: project.id.clone(),
-                module: module.to_string(),
-                ip: app.udp.ip().to_string(),
-                port: app.udp.port().to_string(),
-                eval_id: Some(eval),
-                attempt: new_attempt(),
-                report: Some(report),
-                error: None,
-            }
+            TaskPost::new(app, eval, &task_id, &project.id, module, Ok(report))
         }
         Err(e) => {
             tracing::warn!(task = %task_id, "module could not run: {e}");
-            failure(app, eval, &task_id, &project.id, module, e)
+            TaskPost::new(app, eval, &task_id, &project.id, module, Err(e))
         }
     }
 }
@@ -238,7 +226,7 @@ async fn deliver(app: &Arc<App>, post: TaskPost, sender: Option<SocketAddr>) {
     let mut wait = Duration::from_millis(200);
     loop {
         let rec = app.record(eval);
-        if rec.as_ref().is_some_and(|r| r.results.contains_key(&post.task_id)) {
+        if rec.as_ref().is_some_and(|r| r.results.contains_key(&post.result.task_id)) {
             return;
         }
         let target: Option<SocketAddr> = rec.as_ref().and_then(|r| r.responsible.parse().ok()).or(sender);
@@ -270,22 +258,42 @@ async fn deliver(app: &Arc<App>, post: TaskPost, sender: Option<SocketAddr>) {
         };
         match result {
             Ok(status) => {
-                tracing::debug!(task = %post.task_id, %status, "result delivered");
+                tracing::debug!(task = %post.result.task_id, %status, "result delivered");
                 return;
             }
             Err(AppError::Unavailable(e)) | Err(AppError::Internal(e)) => {
                 if Instant::now() > give_up {
-                    tracing::error!(task = %post.task_id, "giving up delivering the result: {e}");
+                    tracing::error!(task = %post.result.task_id, "giving up delivering the result: {e}");
                     return;
                 }
-                tracing::debug!(task = %post.task_id, "delivery failed, retrying: {e}");
+                tracing::debug!(task = %post.result.task_id, "delivery failed, retrying: {e}");
             }
             Err(e) => {
-                tracing::warn!(task = %post.task_id, "result refused: {e}");
+                tracing::warn!(task = %post.result.task_id, "result refused: {e}");
                 return;
             }
         }
         tokio::time::sleep(wait).await;
         wait = (wait * 2).min(Duration::from_secs(2));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The reference implementation's `POST /task` body parses, and ours keeps its flat shape.
+    #[test]
+    fn task_post_keeps_the_reference_shape() {
+        let reference = r#"{"task_id":"p1::test_x.py","passed":2,"failed":1,"time":0.5,"project_id":"p1","module":"test_x.py","ip":"127.0.0.1","port":"8001"}"#;
+        let post: TaskPost = serde_json::from_str(reference).expect("reference body parses");
+        assert_eq!(post.result.task_id, "p1::test_x.py");
+        assert_eq!((post.result.passed, post.result.failed), (2, 1));
+        assert_eq!(post.node(), "127.0.0.1:8001");
+        assert!(post.report.is_none() && post.eval_id.is_none());
+        let ours: serde_json::Value = serde_json::to_value(&post).expect("serializes");
+        assert_eq!(ours["port"], "8001");
+        assert_eq!(ours["task_id"], "p1::test_x.py");
+        assert!(ours.get("result").is_none(), "{ours}");
     }
 }
