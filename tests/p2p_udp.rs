@@ -66,6 +66,22 @@ fn failed(node: &Node) -> Vec<String> {
         .unwrap_or_default()
 }
 
+/// Each node's recorded recovery owner for the failed node at `addr` (null where none yet).
+fn owners_of(nodes: &[Node], addr: &str) -> Vec<Value> {
+    nodes
+        .iter()
+        .map(|n| {
+            status(n)
+                .and_then(|s| {
+                    s["failed"]
+                        .as_array()
+                        .and_then(|a| a.iter().find(|f| f["addr"] == addr).map(|f| f["owner"].clone()))
+                })
+                .unwrap_or(Value::Null)
+        })
+        .collect()
+}
+
 fn wait_until(limit: Duration, mut ok: impl FnMut() -> bool) -> Option<Duration> {
     let start = Instant::now();
     while start.elapsed() < limit {
@@ -128,31 +144,9 @@ fn five_processes_detect_a_kill_within_3s_and_accept_a_joiner_through_any_member
     eprintln!("all 4 survivors declared the killed node failed after {took:?}");
     assert!(took <= Duration::from_secs(3), "detection took {took:?}");
     // All agree on one recovery owner: the smallest live id.
-    let owners: Vec<Value> = nodes
-        .iter()
-        .map(|n| {
-            status(n)
-                .and_then(|s| {
-                    s["failed"].as_array().and_then(|a| {
-                        a.iter().find(|f| f["addr"] == victim_addr.as_str()).map(|f| f["owner"].clone())
-                    })
-                })
-                .unwrap_or(Value::Null)
-        })
-        .collect();
+    let owners = owners_of(&nodes, &victim_addr);
     wait_until(Duration::from_secs(3), || {
-        let o: Vec<Value> = nodes
-            .iter()
-            .map(|n| {
-                status(n)
-                    .and_then(|s| {
-                        s["failed"].as_array().and_then(|a| {
-                            a.iter().find(|f| f["addr"] == victim_addr.as_str()).map(|f| f["owner"].clone())
-                        })
-                    })
-                    .unwrap_or(Value::Null)
-            })
-            .collect();
+        let o = owners_of(&nodes, &victim_addr);
         !o[0].is_null() && o.iter().all(|x| *x == o[0])
     })
     .unwrap_or_else(|| panic!("no agreed recovery owner: {owners:?}"));

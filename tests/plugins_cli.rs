@@ -17,10 +17,6 @@ fn cdtester(config: &Path, args: &[&str]) -> Output {
         .expect("running cdtester")
 }
 
-fn wasm_entry(name: &str, path: &Path, sha256: &str) -> String {
-    format!("[[plugins.wasm]]\nname = \"{name}\"\npath = \"{}\"\nsha256 = \"{sha256}\"\n", path.display())
-}
-
 #[test]
 fn check_passes_on_good_plugins_and_lists_their_smoke_answers() {
     let dir = tempfile::tempdir().unwrap();
@@ -36,11 +32,7 @@ fn check_passes_on_good_plugins_and_lists_their_smoke_answers() {
         let path = wasm.join(format!("{file}.wasm"));
         toml += &wasm_entry(name, &path, &sha256_file(&path));
     }
-    toml += &format!(
-        "[[plugins.native]]\nname = \"unittest\"\npath = \"{}\"\nsha256 = \"{}\"\n",
-        lib.display(),
-        sha256_file(lib)
-    );
+    toml += &unittest_entry(lib);
     let config = dir.path().join("cdtester.toml");
     std::fs::write(&config, toml).unwrap();
 
@@ -109,10 +101,9 @@ fn run_uses_the_native_unittest_runner_selected_by_config() {
     let dir = tempfile::tempdir().unwrap();
     let lib = unittest_plugin();
     let toml = format!(
-        "[node]\ndata_dir = \"{}\"\n[runner]\ndefault = \"unittest\"\n[[plugins.native]]\nname = \"unittest\"\npath = \"{}\"\nsha256 = \"{}\"\n",
+        "[node]\ndata_dir = \"{}\"\n[runner]\ndefault = \"unittest\"\n{}",
         dir.path().join("data").display(),
-        lib.display(),
-        sha256_file(lib)
+        unittest_entry(lib)
     );
     let config = dir.path().join("cdtester.toml");
     std::fs::write(&config, toml).unwrap();
@@ -143,10 +134,9 @@ fn run_applies_the_project_rules_policies() {
     let wasm = wasm_examples();
     let lib = unittest_plugin();
     let mut toml = format!(
-        "[node]\ndata_dir = \"{}\"\n[runner]\ndefault = \"unittest\"\n\n[[projects]]\npattern = \"*\"\npolicies = [\"max-size\", \"weighted-grade\"]\n\n[[plugins.native]]\nname = \"unittest\"\npath = \"{}\"\nsha256 = \"{}\"\n",
+        "[node]\ndata_dir = \"{}\"\n[runner]\ndefault = \"unittest\"\n\n[[projects]]\npattern = \"*\"\npolicies = [\"max-size\", \"weighted-grade\"]\n\n{}",
         dir.path().join("data").display(),
-        lib.display(),
-        sha256_file(lib)
+        unittest_entry(lib)
     );
     for (name, file) in [("max-size", "max_size"), ("weighted-grade", "weighted_grade")] {
         let path = wasm.join(format!("{file}.wasm"));

@@ -21,23 +21,11 @@ async fn a_node_applies_the_configured_policies_and_native_runner() {
     );
     for (name, file) in [("max-size", "max_size"), ("weighted-grade", "weighted_grade")] {
         let path = wasm.join(format!("{file}.wasm"));
-        toml += &format!(
-            "[[plugins.wasm]]\nname = \"{name}\"\npath = \"{}\"\nsha256 = \"{}\"\n",
-            path.display(),
-            sha256_file(&path)
-        );
+        toml += &wasm_entry(name, &path, &sha256_file(&path));
     }
     let looping = test_wat("loop.wat");
-    toml += &format!(
-        "[[plugins.wasm]]\nname = \"loop\"\npath = \"{}\"\nsha256 = \"{}\"\n",
-        looping.display(),
-        sha256_file(&looping)
-    );
-    toml += &format!(
-        "[[plugins.native]]\nname = \"unittest\"\npath = \"{}\"\nsha256 = \"{}\"\n",
-        lib.display(),
-        sha256_file(lib)
-    );
+    toml += &wasm_entry("loop", &looping, &sha256_file(&looping));
+    toml += &unittest_entry(lib);
     let config = dir.path().join("cdtester.toml");
     std::fs::write(&config, toml).unwrap();
 

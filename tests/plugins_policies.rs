@@ -17,13 +17,7 @@ use plugins_common::*;
 /// A config with the three example policies, the test-only ones and the native runner.
 fn config(dir: &Path, extra: &str) -> Config {
     let wasm = wasm_examples();
-    let entry = |name: &str, path: &Path| {
-        format!(
-            "[[plugins.wasm]]\nname = \"{name}\"\npath = \"{}\"\nsha256 = \"{}\"\n",
-            path.display(),
-            sha256_file(path)
-        )
-    };
+    let entry = |name: &str, path: &Path| wasm_entry(name, path, &sha256_file(path));
     let lib = unittest_plugin();
     let toml = format!(
         r#"[runner]
@@ -34,18 +28,13 @@ pattern = "*"
 policies = ["max-size", "untrusted-to-docker", "weighted-grade"]
 
 {}{}{}{}{}
-[[plugins.native]]
-name = "unittest"
-path = "{}"
-sha256 = "{}"
-{extra}"#,
+{}{extra}"#,
         entry("untrusted-to-docker", &wasm.join("untrusted_to_docker.wasm")),
         entry("max-size", &wasm.join("max_size.wasm")),
         entry("weighted-grade", &wasm.join("weighted_grade.wasm")),
         entry("loop", &test_wat("loop.wat")),
         entry("memhog", &test_wat("memhog.wat")),
-        lib.display(),
-        sha256_file(lib),
+        unittest_entry(lib),
     );
     let file = dir.join("cdtester.toml");
     std::fs::write(&file, toml).unwrap();
@@ -174,11 +163,7 @@ fn a_looping_policy_is_stopped_and_the_host_keeps_serving() {
 fn wrong_abi_and_wrong_sha256_are_refused_at_load() {
     let dir = tempfile::tempdir().unwrap();
     let wrong_abi = test_wat("wrong_abi.wat");
-    let toml = format!(
-        "[[plugins.wasm]]\nname = \"future\"\npath = \"{}\"\nsha256 = \"{}\"\n",
-        wrong_abi.display(),
-        sha256_file(&wrong_abi)
-    );
+    let toml = wasm_entry("future", &wrong_abi, &sha256_file(&wrong_abi));
     std::fs::write(dir.path().join("a.toml"), toml).unwrap();
     let cfg = Config::load(Some(&dir.path().join("a.toml"))).unwrap();
     let err = PolicySet::load(&cfg.plugins).unwrap_err();
@@ -188,11 +173,7 @@ fn wrong_abi_and_wrong_sha256_are_refused_at_load() {
     );
 
     let good = wasm_examples().join("max_size.wasm");
-    let toml = format!(
-        "[[plugins.wasm]]\nname = \"max-size\"\npath = \"{}\"\nsha256 = \"{}\"\n",
-        good.display(),
-        "ab".repeat(32)
-    );
+    let toml = wasm_entry("max-size", &good, &"ab".repeat(32));
     std::fs::write(dir.path().join("b.toml"), toml).unwrap();
     let cfg = Config::load(Some(&dir.path().join("b.toml"))).unwrap();
     let err = PolicySet::load(&cfg.plugins).unwrap_err().to_string();

@@ -48,6 +48,20 @@ pub fn unittest_plugin() -> &'static Path {
     })
 }
 
+/// A `[[plugins.wasm]]` config entry.
+pub fn wasm_entry(name: &str, path: &Path, sha256: &str) -> String {
+    format!("[[plugins.wasm]]\nname = \"{name}\"\npath = \"{}\"\nsha256 = \"{sha256}\"\n", path.display())
+}
+
+/// The `[[plugins.native]]` entry of the `unittest` runner library at `lib`, pinned to its sha256.
+pub fn unittest_entry(lib: &Path) -> String {
+    format!(
+        "[[plugins.native]]\nname = \"unittest\"\npath = \"{}\"\nsha256 = \"{}\"\n",
+        lib.display(),
+        sha256_file(lib)
+    )
+}
+
 pub fn sha256_file(path: &Path) -> String {
     cdtester_plugins::sha256_hex(&std::fs::read(path).expect("reading a plugin file"))
 }

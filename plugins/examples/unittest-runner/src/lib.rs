@@ -355,17 +355,17 @@ class TestBrokenSetup(unittest.TestCase):
         report.tests.iter().map(|t| (t.nodeid.clone(), (t.outcome, t.message.clone()))).collect()
     }
 
+    /// The fixture project written under `root`, as a source to prepare.
+    fn fixture_source(root: &Path) -> ProjectSource {
+        write_fixture(root);
+        ProjectSource { id: "1".into(), name: "calc".into(), root: root.into(), extra_requirements: vec![] }
+    }
+
     #[test]
     fn reports_every_verdict_per_test() {
         let dir = tempfile::tempdir().unwrap();
-        write_fixture(dir.path());
+        let src = fixture_source(dir.path());
         let r = UnittestRunner::new();
-        let src = ProjectSource {
-            id: "1".into(),
-            name: "calc".into(),
-            root: dir.path().into(),
-            extra_requirements: vec![],
-        };
         let p = r.prepare(&src).unwrap();
         assert_eq!(p.content_hash.len(), 64);
         assert_eq!(r.discover(&p).unwrap(), vec!["pkg/test_import.py", "test_calc.py", "test_slow.py"]);
@@ -413,14 +413,8 @@ class TestBrokenSetup(unittest.TestCase):
     #[test]
     fn chunks_split_a_module_and_requirements_are_refused() {
         let dir = tempfile::tempdir().unwrap();
-        write_fixture(dir.path());
+        let src = fixture_source(dir.path());
         let r = UnittestRunner::new();
-        let src = ProjectSource {
-            id: "1".into(),
-            name: "calc".into(),
-            root: dir.path().into(),
-            extra_requirements: vec![],
-        };
         let p = r.prepare(&src).unwrap();
         let mut ids = Vec::new();
         for index in 0..3 {
