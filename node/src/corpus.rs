@@ -9,7 +9,6 @@ use std::process::{Command, Stdio};
 
 use cdtester_runner_api::Counts;
 use serde::Deserialize;
-use sha2::{Digest, Sha256};
 
 /// The manifest shipped in the repository.
 pub fn default_manifest() -> PathBuf {
@@ -114,7 +113,7 @@ pub fn load(path: &Path) -> Result<Vec<CorpusProject>, CorpusError> {
 }
 
 fn sha256_file(path: &Path) -> Result<String, CorpusError> {
-    Ok(hex::encode(Sha256::digest(std::fs::read(path)?)))
+    Ok(cdtester_runner_api::sha256_hex(&std::fs::read(path)?))
 }
 
 /// The project's sdist in `cache`, downloaded with `python -m pip download` when missing and

@@ -8,7 +8,7 @@
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
-use sha2::{Digest, Sha256};
+use cdtester_runner_api::sha256_hex;
 
 use crate::archive::{self, ArchiveError};
 
@@ -42,11 +42,6 @@ pub struct FetchedProject {
     pub url: Option<String>,
     pub archive: Vec<u8>,
     pub sha256: String,
-}
-
-/// Hex sha256 of `bytes`.
-pub fn sha256_hex(bytes: &[u8]) -> String {
-    hex::encode(Sha256::digest(bytes))
 }
 
 /// `url` without user name, password or token (`https://tok@host/x` -> `https://host/x`).

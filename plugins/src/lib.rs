@@ -64,7 +64,7 @@ mod policy;
 mod wasm;
 
 pub use native::{NativeError, NativeRunner, load_native_runner};
-pub use pin::{PinError, read_pinned, sha256_hex};
+pub use pin::{PinError, read_pinned};
 pub use policy::{Admission, Decision, PolicySet, ProjectMeta, RunnerChoice};
 pub use wasm::{
     CacheStats, CallFailure, CallLimits, DEFAULT_DEADLINE, Hook, POLICY_ABI_VERSION, PolicyError,

@@ -3,7 +3,7 @@
 
 use std::path::{Path, PathBuf};
 
-use sha2::{Digest, Sha256};
+use cdtester_runner_api::sha256_hex;
 
 #[derive(Debug, thiserror::Error)]
 pub enum PinError {
@@ -13,11 +13,6 @@ pub enum PinError {
         "plugin file {path} has sha256 {actual}, but the configuration pins {expected}: refusing to load it"
     )]
     Mismatch { path: PathBuf, expected: String, actual: String },
-}
-
-/// Hex sha256 of `bytes`.
-pub fn sha256_hex(bytes: &[u8]) -> String {
-    hex::encode(Sha256::digest(bytes))
 }
 
 /// Reads `path` and checks it against the pinned hex `sha256` (case-insensitive).

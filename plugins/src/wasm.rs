@@ -264,7 +264,7 @@ impl WasmHost {
         bytes: &[u8],
         limits: CallLimits,
     ) -> Result<PolicyPlugin, PolicyError> {
-        let sha = pin::sha256_hex(bytes);
+        let sha = cdtester_runner_api::sha256_hex(bytes);
         let module = {
             let mut cache = self.inner.cache.lock().unwrap_or_else(|p| p.into_inner());
             let mut stats = self.inner.stats.lock().unwrap_or_else(|p| p.into_inner());

@@ -9,4 +9,10 @@ mod runner;
 
 pub use outcome::{Counts, Outcome, round2};
 pub use report::{ModuleReport, TaskReport, TestResult};
+/// Hex sha256 of `bytes`: project content hashes, archive checks and plugin pins all use it.
+pub fn sha256_hex(bytes: &[u8]) -> String {
+    use sha2::Digest;
+    hex::encode(sha2::Sha256::digest(bytes))
+}
+
 pub use runner::{Chunk, Limits, PreparedProject, ProjectSource, Runner, RunnerError, TaskSpec};

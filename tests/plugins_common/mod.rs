@@ -63,7 +63,7 @@ pub fn unittest_entry(lib: &Path) -> String {
 }
 
 pub fn sha256_file(path: &Path) -> String {
-    cdtester_plugins::sha256_hex(&std::fs::read(path).expect("reading a plugin file"))
+    cdtester_runner_api::sha256_hex(&std::fs::read(path).expect("reading a plugin file"))
 }
 
 /// Writes `files` (relative path, contents) under `root`.

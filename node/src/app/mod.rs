@@ -623,7 +623,7 @@ impl App {
             let path = format!("/file/{}", project.id);
             match self.client.send(hyper::Method::GET, http, &path, None, Duration::from_secs(120)).await {
                 Ok(resp) => {
-                    let got = fetch::sha256_hex(&resp.body);
+                    let got = cdtester_runner_api::sha256_hex(&resp.body);
                     if got != project.content_hash {
                         last =
                             format!("archive from {udp} has sha256 {got}, expected {}", project.content_hash);
