@@ -230,7 +230,7 @@ async fn a_slow_module_runs_in_chunks_once_its_duration_is_known() {
     let r2 = node_common::wait_finished(http, second, Duration::from_secs(180)).await;
     assert_eq!(module_counts(&r2)["slowmod"]["tests/test_slow.py"], want, "{r2}");
     assert_eq!(module_counts(&r2)["slowmod"]["tests/test_fast.py"], [1, 0, 0, 0, 0, 0], "{r2}");
-    let (_, rec) = get(http, &format!("/internal/evaluation/{second}")).await;
+    let (_, rec) = node_common::get_internal(&c, 0, &format!("/internal/evaluation/{second}")).await;
     let chunks = rec["projects"][0]["state"]["chunks"]["tests/test_slow.py"].as_u64().unwrap_or(0);
     assert!(chunks >= 2, "not chunked: {rec}");
     let tests = r2["projects"]["slowmod"]["modules"]["tests/test_slow.py"]["tests"].as_array().unwrap().len();

@@ -35,7 +35,8 @@ fn spawn(dir: &Path, name: &str, join: Option<SocketAddr>) -> Node {
     if let Some(j) = join {
         cmd.arg("--join").arg(j.to_string());
     }
-    // No config file from the working directory; default timers.
+    // No config file from the working directory; default timers; one cluster secret.
+    cmd.env("CDT_NODE__SECRET", "p2p-udp-test-secret");
     cmd.current_dir(dir).stdout(Stdio::null()).stderr(log);
     let child = cmd.spawn().expect("start cdtester node");
     Node { addr, status, child }

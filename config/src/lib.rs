@@ -37,8 +37,20 @@ pub struct NodeConfig {
     pub join: Option<SocketAddr>,
     /// Durable state (results, stats, project cache).
     pub data_dir: PathBuf,
-    /// Shared cluster secret: when set, only peers that know it are heard.
+    /// Shared cluster secret: every datagram and internal HTTP call is authenticated with it.
+    /// A node that starts a network without one generates one (kept in `<data_dir>/cluster.secret`
+    /// and printed with the join command); a joiner must be given it. Never empty.
     pub secret: Option<String>,
+    /// Run an open network: no secret, nothing authenticated, anyone who can reach the ports
+    /// can join, forge results and evict members. Only for interoperating with nodes of the
+    /// earlier implementation on a trusted network; logged loudly.
+    pub insecure: bool,
+    /// Seconds a prepared project (warm pytest server, container) stays after no unfinished
+    /// evaluation uses it; then it is released and its extracted tree removed.
+    pub release_after_s: u64,
+    /// Stored project archives of finished evaluations are deleted, oldest first, past this
+    /// many MiB.
+    pub cache_budget_mb: u64,
 }
 
 impl Default for NodeConfig {
@@ -49,6 +61,9 @@ impl Default for NodeConfig {
             join: None,
             data_dir: PathBuf::from("cdtester-data"),
             secret: None,
+            insecure: false,
+            release_after_s: 30,
+            cache_budget_mb: 4096,
         }
     }
 }
@@ -119,11 +134,14 @@ pub struct LocalRunnerConfig {
     /// Fork each module's pytest run from a warm worker that has imported pytest already (same
     /// results as a fresh `python -m pytest <module>`, less start-up); false = fresh interpreters.
     pub warm: bool,
+    /// Run projects submitted over HTTP with the local runner even when the node's API listens
+    /// beyond loopback (the local runner does not isolate hostile code; see README, Security).
+    pub allow_remote_submissions: bool,
 }
 
 impl Default for LocalRunnerConfig {
     fn default() -> Self {
-        LocalRunnerConfig { python: None, venv_dir: None, warm: true }
+        LocalRunnerConfig { python: None, venv_dir: None, warm: true, allow_remote_submissions: false }
     }
 }
 
@@ -188,11 +206,21 @@ impl LimitsOverride {
 }
 
 /// Plugins to load at start.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct PluginsConfig {
     pub wasm: Vec<WasmPluginConfig>,
     pub native: Vec<NativePluginConfig>,
+    /// When a policy plugin fails (trap, fuel, bad output, unknown name) during admission or
+    /// runner choice: refuse the project (true, the default) or go on to the next policy and
+    /// then the configured default (false).
+    pub fail_closed: bool,
+}
+
+impl Default for PluginsConfig {
+    fn default() -> Self {
+        PluginsConfig { wasm: Vec::new(), native: Vec::new(), fail_closed: true }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -270,6 +298,12 @@ impl Config {
 
     fn validate(&self) -> Result<(), ConfigError> {
         let bad = |key: &str, why: &str| Err(ConfigError::Invalid(format!("{key}: {why}")));
+        if self.node.secret.as_deref().is_some_and(|s| s.trim().is_empty()) {
+            return bad("node.secret", "is empty: remove it to have one generated, or set a real secret");
+        }
+        if self.node.insecure && self.node.secret.is_some() {
+            return bad("node.insecure", "contradicts node.secret: an insecure network has no secret");
+        }
         if self.runner.workers == 0 {
             return bad("runner.workers", "must be at least 1");
         }

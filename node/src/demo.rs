@@ -83,14 +83,28 @@ pub struct LocalCluster {
     exe: PathBuf,
     dir: PathBuf,
     env: Vec<(String, String)>,
+    /// The cluster secret every node is given (`None` when `env` makes the network insecure).
+    secret: Option<String>,
     pub nodes: Vec<NodeProc>,
 }
 
 impl LocalCluster {
     /// A cluster whose nodes keep their data under `dir`; `env` is added to every node's
     /// environment (e.g. `CDT_RUNNER__LOCAL__VENV_DIR`, timers).
+    /// Nodes get a fresh cluster secret unless `env` sets `CDT_NODE__INSECURE` or a secret.
     pub fn new(exe: PathBuf, dir: PathBuf, env: Vec<(String, String)>) -> LocalCluster {
-        LocalCluster { exe, dir, env, nodes: Vec::new() }
+        let given = |k: &str| env.iter().find(|(e, _)| e == k).map(|(_, v)| v.clone());
+        let secret = match (given("CDT_NODE__SECRET"), given("CDT_NODE__INSECURE")) {
+            (Some(s), _) => Some(s),
+            (None, Some(v)) if v == "true" => None,
+            _ => Some(hex::encode(rand::random::<[u8; 32]>())),
+        };
+        LocalCluster { exe, dir, env, secret, nodes: Vec::new() }
+    }
+
+    /// The cluster secret of the nodes (for tests that make internal calls).
+    pub fn secret(&self) -> Option<&str> {
+        self.secret.as_deref()
     }
 
     /// Starts `n` more nodes; the first node of the cluster starts the network, the others join it.
@@ -134,6 +148,9 @@ impl LocalCluster {
         }
         for (k, v) in &self.env {
             cmd.env(k, v);
+        }
+        if let Some(secret) = &self.secret {
+            cmd.env("CDT_NODE__SECRET", secret);
         }
         cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(log);
         node.child = Some(cmd.spawn().with_context(|| format!("starting {}", self.exe.display()))?);

@@ -124,6 +124,9 @@ pub struct NodeArgs {
     /// Directory for durable state (config node.data_dir).
     #[arg(long)]
     pub data_dir: Option<PathBuf>,
+    /// Run an open network without authentication (config node.insecure); see README, Security.
+    #[arg(long)]
+    pub insecure: bool,
     /// Keep a JSON membership status (id, peers, failed nodes, /network) in this file.
     #[arg(long)]
     pub status_file: Option<PathBuf>,
@@ -144,12 +147,81 @@ impl NodeArgs {
         if let Some(d) = &self.data_dir {
             config.node.data_dir = d.clone();
         }
+        if self.insecure {
+            config.node.insecure = true;
+        }
     }
+}
+
+/// File in the data directory holding the cluster secret a node generated or was given.
+pub const SECRET_FILE: &str = "cluster.secret";
+
+/// Closed by default: settles `config.node.secret` before the node starts. A configured secret
+/// stands; otherwise the one kept in the data directory; otherwise a node that starts a network
+/// generates one, keeps it (mode 0600) and prints the command that joins it, while a node that
+/// joins without a secret is refused. `node.insecure` runs an open network instead.
+pub fn settle_secret(config: &mut Config) -> anyhow::Result<()> {
+    if config.node.insecure {
+        anyhow::ensure!(
+            config.node.secret.is_none(),
+            "--insecure contradicts node.secret: an open network has no secret"
+        );
+        tracing::warn!(
+            "INSECURE NETWORK (node.insecure): nothing is authenticated; anyone who reaches {} can join, \
+             forge results and evict members. Use only on a trusted network, e.g. with nodes of the earlier \
+             implementation.",
+            config.node.bind
+        );
+        return Ok(());
+    }
+    if config.node.secret.is_some() {
+        return Ok(());
+    }
+    let path = config.node.data_dir.join(SECRET_FILE);
+    if let Ok(text) = std::fs::read_to_string(&path) {
+        let secret = text.trim();
+        anyhow::ensure!(!secret.is_empty(), "the cluster secret file {} is empty", path.display());
+        config.node.secret = Some(secret.to_string());
+        return Ok(());
+    }
+    if config.node.join.is_some() {
+        anyhow::bail!(
+            "joining a network needs its cluster secret: set CDT_NODE__SECRET (or node.secret) to the value \
+             the first node printed (it keeps it in <its data dir>/{SECRET_FILE}), or run an open network \
+             with --insecure on every node"
+        );
+    }
+    let secret = hex::encode(rand::random::<[u8; 32]>());
+    std::fs::create_dir_all(&config.node.data_dir)
+        .with_context(|| format!("creating {}", config.node.data_dir.display()))?;
+    write_private(&path, secret.as_bytes())?;
+    config.node.secret = Some(secret.clone());
+    eprintln!(
+        "cdtester: started a new network with a generated cluster secret (kept in {}).\n\
+         Join it from another node with:\n  CDT_NODE__SECRET={secret} cdtester node --join {} --bind <IP:PORT> --http <IP:PORT>",
+        path.display(),
+        config.node.bind
+    );
+    Ok(())
+}
+
+/// Writes a file only its owner can read (created new; never follows an existing file).
+fn write_private(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .with_context(|| format!("creating {}", path.display()))?;
+    f.write_all(bytes).with_context(|| format!("writing {}", path.display()))
 }
 
 /// Entry point of `cdtester node`.
 pub fn main(mut config: Config, args: NodeArgs) -> anyhow::Result<()> {
     args.apply(&mut config);
+    settle_secret(&mut config)?;
     if args.status_file.is_none() {
         // The full node: evaluations, HTTP API and storage on top of the protocol.
         return crate::app::node_main(config);

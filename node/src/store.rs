@@ -31,6 +31,8 @@ pub enum StoreError {
     Io { path: PathBuf, source: std::io::Error },
     #[error("stored record {0} is corrupt: {1}")]
     Corrupt(EvalId, serde_json::Error),
+    #[error("a content hash must be 64 lowercase hex digits")]
+    BadHash,
 }
 
 fn db_err(e: impl Into<redb::Error>) -> StoreError {
@@ -125,19 +127,23 @@ impl Store {
         tx.commit().map_err(db_err)
     }
 
-    /// Path of the blob with this content hash (it may not exist).
-    pub fn blob_path(&self, sha256: &str) -> PathBuf {
-        self.blobs.join(format!("{sha256}.zip"))
+    /// Path of the blob with this content hash (it may not exist). Only a sha256 digest (64
+    /// lowercase hex digits) names a blob: anything else could name another file.
+    pub fn blob_path(&self, sha256: &str) -> Result<PathBuf, StoreError> {
+        if !crate::eval::is_sha256_hex(sha256) {
+            return Err(StoreError::BadHash);
+        }
+        Ok(self.blobs.join(format!("{sha256}.zip")))
     }
 
     /// Whether the blob is stored.
     pub fn has_blob(&self, sha256: &str) -> bool {
-        self.blob_path(sha256).is_file()
+        self.blob_path(sha256).is_ok_and(|p| p.is_file())
     }
 
     /// Stores `bytes` under `sha256` (the caller has checked the hash). Idempotent.
     pub fn put_blob(&self, sha256: &str, bytes: &[u8]) -> Result<PathBuf, StoreError> {
-        let path = self.blob_path(sha256);
+        let path = self.blob_path(sha256)?;
         if path.is_file() {
             return Ok(path);
         }
@@ -150,8 +156,30 @@ impl Store {
 
     /// Reads a stored blob.
     pub fn read_blob(&self, sha256: &str) -> Result<Vec<u8>, StoreError> {
-        let path = self.blob_path(sha256);
+        let path = self.blob_path(sha256)?;
         std::fs::read(&path).map_err(|source| StoreError::Io { path, source })
+    }
+
+    /// Deletes a stored blob (nothing if absent).
+    pub fn remove_blob(&self, sha256: &str) -> Result<(), StoreError> {
+        let path = self.blob_path(sha256)?;
+        match std::fs::remove_file(&path) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(StoreError::Io { path, source: e }),
+            _ => Ok(()),
+        }
+    }
+
+    /// Stored blobs: (content hash, size in bytes, modified).
+    pub fn blobs(&self) -> Vec<(String, u64, std::time::SystemTime)> {
+        let Ok(dir) = std::fs::read_dir(&self.blobs) else { return Vec::new() };
+        dir.filter_map(Result::ok)
+            .filter_map(|e| {
+                let name = e.file_name().into_string().ok()?;
+                let hash = name.strip_suffix(".zip").filter(|h| crate::eval::is_sha256_hex(h))?;
+                let meta = e.metadata().ok()?;
+                Some((hash.to_string(), meta.len(), meta.modified().ok()?))
+            })
+            .collect()
     }
 }
 
@@ -176,7 +204,8 @@ mod tests {
             store.put_evaluation(&rec, rec.results.keys()).unwrap();
             let other = EvalRecord::new(43, "127.0.0.1:7000".into(), 1.0, vec![]);
             store.put_evaluation(&other, []).unwrap();
-            store.put_blob("abc", b"zipbytes").unwrap();
+            store.put_blob(&"ab".repeat(32), b"zipbytes").unwrap();
+            assert!(matches!(store.put_blob("../../x", b"evil"), Err(StoreError::BadHash)));
             store.record_durations(&[("p::tests/test_a.py".into(), 2.5, 7)]).unwrap();
         }
         let store = Store::open(dir.path()).unwrap();
@@ -186,8 +215,12 @@ mod tests {
         assert_eq!(evals[0].results.len(), 1);
         assert_eq!(evals[0].counts().passed, 1);
         assert!(evals[1].results.is_empty());
-        assert!(store.has_blob("abc"));
-        assert_eq!(store.read_blob("abc").unwrap(), b"zipbytes");
+        let hash = "ab".repeat(32);
+        assert!(store.has_blob(&hash));
+        assert_eq!(store.read_blob(&hash).unwrap(), b"zipbytes");
+        assert_eq!(store.blobs().len(), 1);
+        store.remove_blob(&hash).unwrap();
+        assert!(!store.has_blob(&hash) && !store.has_blob("/etc/passwd"));
         let d = store.durations(&["p::tests/test_a.py".into(), "other".into()]).unwrap();
         assert_eq!(d, vec![Some((2.5, 7)), None]);
     }

@@ -186,6 +186,8 @@ pub struct Decision<T> {
 pub struct PolicySet {
     host: WasmHost,
     plugins: BTreeMap<String, PolicyPlugin>,
+    /// A failing plugin refuses the project during admission and runner choice.
+    fail_closed: bool,
 }
 
 impl std::fmt::Debug for PolicySet {
@@ -207,7 +209,7 @@ impl PolicySet {
         for p in &config.wasm {
             plugins.insert(p.name.clone(), host.load_configured(p)?);
         }
-        Ok(PolicySet { host, plugins })
+        Ok(PolicySet { host, plugins, fail_closed: config.fail_closed })
     }
 
     pub fn host(&self) -> &WasmHost {
@@ -268,10 +270,22 @@ impl PolicySet {
         meta: &ProjectMeta,
         configured: RunnerChoice,
     ) -> Result<RunnerChoice, String> {
-        if let Admission::Reject { reason } = self.admit(policies, meta).value {
+        let admission = self.admit(policies, meta);
+        self.closed_on_failure(&admission)?;
+        if let Admission::Reject { reason } = admission.value {
             return Err(format!("refused by policy: {reason}"));
         }
-        Ok(self.select_runner(policies, meta, configured).value)
+        let choice = self.select_runner(policies, meta, configured);
+        self.closed_on_failure(&choice)?;
+        Ok(choice.value)
+    }
+
+    /// With `plugins.fail_closed`, a decision reached past a failing plugin is a refusal.
+    fn closed_on_failure<T>(&self, d: &Decision<T>) -> Result<(), String> {
+        match d.errors.first() {
+            Some(e) if self.fail_closed => Err(format!("refused: {e} (plugins.fail_closed)")),
+            _ => Ok(()),
+        }
     }
 
     /// Admission: the first policy with an opinion decides; by default a project is accepted.
@@ -299,12 +313,29 @@ mod tests {
     use crate::wasm::tests::{BAD_JSON, LOOP, constant, limits};
 
     fn set(plugins: &[(&str, &str)]) -> PolicySet {
+        set_closed(plugins, false)
+    }
+
+    fn set_closed(plugins: &[(&str, &str)], fail_closed: bool) -> PolicySet {
         let host = WasmHost::new().unwrap();
         let plugins = plugins
             .iter()
             .map(|(n, wat)| (n.to_string(), host.load_bytes(n, wat.as_bytes(), limits()).unwrap()))
             .collect();
-        PolicySet { host, plugins }
+        PolicySet { host, plugins, fail_closed }
+    }
+
+    #[test]
+    fn failing_policies_refuse_the_project_when_closed() {
+        let configured = RunnerChoice { runner: "docker".into(), limits: Limits::default() };
+        let closed = set_closed(&[("loop", LOOP), ("bad", BAD_JSON)], true);
+        for chain in [&["loop"][..], &["bad"], &["missing"]] {
+            let err = closed.decide(&names(chain), &meta(), configured.clone()).unwrap_err();
+            assert!(err.contains("refused") && err.contains("plugins.fail_closed"), "{chain:?}: {err}");
+        }
+        assert_eq!(closed.decide(&[], &meta(), configured.clone()), Ok(configured.clone()));
+        let open = set_closed(&[("loop", LOOP), ("bad", BAD_JSON)], false);
+        assert_eq!(open.decide(&names(&["loop", "bad"]), &meta(), configured.clone()), Ok(configured));
     }
 
     fn names(n: &[&str]) -> Vec<String> {

@@ -180,6 +180,19 @@ pub fn assert_stats_shape(raw: &str) {
     assert!(nodes_pos.is_some() || raw.contains(r#""nodes":[]"#), "{raw}");
 }
 
+/// A GET of an internal route on node `i`, signed with the cluster secret as node 0 (a member).
+pub async fn get_internal(c: &LocalCluster, i: usize, path: &str) -> (StatusCode, Value) {
+    let secret = cdtester::http::auth::Secret::new(c.secret());
+    let member = HttpClient::new(secret, Some(c.nodes[0].udp.to_string()));
+    match member.send(Method::GET, c.nodes[i].http, path, None, Duration::from_secs(30)).await {
+        Ok(r) => (r.status, serde_json::from_slice(&r.body).unwrap_or(Value::Null)),
+        Err(cdtester::http::client::ClientError::Status { status, body, .. }) => {
+            (status, serde_json::from_str(&body).unwrap_or(Value::String(body)))
+        }
+        Err(e) => panic!("GET {path}: {e}"),
+    }
+}
+
 /// Raw body of a GET.
 pub async fn get_raw(http: SocketAddr, path: &str) -> String {
     let r = client().send(Method::GET, http, path, None, Duration::from_secs(30)).await.expect("GET");

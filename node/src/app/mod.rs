@@ -21,6 +21,7 @@
 //! a node that takes over an evaluation can serve its projects. Records merge as a grow-only
 //! union (see [`crate::eval`]), so no accepted result is lost or counted twice.
 
+mod lifecycle;
 mod run;
 mod sched;
 mod sync;
@@ -41,7 +42,7 @@ use tokio::sync::{Notify, Semaphore};
 use crate::core::{AppState, Event, Snapshot};
 use crate::eval::{self, EvalId, EvalRecord, MAX_EVAL_ID, ModuleResult, ProjectRecord, ProjectState};
 use crate::fetch::{self, FetchedProject};
-use crate::http::auth::Secret;
+use crate::http::auth::{Secret, Verifier};
 use crate::http::client::HttpClient;
 use crate::store::Store;
 use crate::wire::{self, CacheContent, EvalMap, Message};
@@ -50,14 +51,20 @@ pub use run::{node_main, run_node, runners_for};
 pub use sync::{Replicated, SyncRequest, SyncResponse};
 pub use worker::TaskPost;
 
-/// Accepts a module's result (`POST /task`); the answer's `status`.
-pub async fn accept_result(app: &Arc<App>, post: TaskPost) -> Result<&'static str, AppError> {
-    sched::accept(app, post).await.map(|a| a.as_str())
+/// Accepts a module's result (`POST /task`) from the authenticated `caller`; the answer's
+/// `status`.
+pub async fn accept_result(
+    app: &Arc<App>,
+    post: TaskPost,
+    caller: SocketAddr,
+) -> Result<&'static str, AppError> {
+    sched::accept(app, post, caller).await.map(|a| a.as_str())
 }
 
-/// Merges replicated records or deltas (`POST /internal/replicate`).
-pub fn replicate(app: &Arc<App>, records: Vec<EvalRecord>, from: Option<&str>) -> Replicated {
-    Replicated { merged: sync::merge_records(app, records, from.and_then(|s| s.parse().ok())) }
+/// Merges replicated records or deltas (`POST /internal/replicate`) sent by the authenticated
+/// member `from`.
+pub fn replicate(app: &Arc<App>, records: Vec<EvalRecord>, from: SocketAddr) -> Replicated {
+    Replicated { merged: sync::merge_records(app, records, from) }
 }
 
 /// Answers a digest exchange (`POST /internal/sync`).
@@ -161,7 +168,7 @@ struct State {
 }
 
 /// Prepared projects by (content hash, runner), shared by the worker slots.
-type PreparedCache = Mutex<HashMap<(String, String), Arc<tokio::sync::Mutex<Option<PreparedProject>>>>>;
+type PreparedMap = HashMap<(String, String), Arc<tokio::sync::Mutex<Option<PreparedProject>>>>;
 
 /// The application state of one node.
 pub struct App {
@@ -175,12 +182,14 @@ pub struct App {
     runners: RunnerLookup,
     policies: PolicySet,
     client: HttpClient,
-    secret: Secret,
+    verifier: Verifier,
     slots: Arc<Semaphore>,
     wake: Notify,
-    prepared: PreparedCache,
+    prepared: Mutex<PreparedMap>,
     work_dir: PathBuf,
     projects_dir: PathBuf,
+    /// Host paths clients must not see in errors, longest first, with their placeholders.
+    redactions: Vec<(String, &'static str)>,
 }
 
 impl App {
@@ -204,7 +213,7 @@ impl App {
         let app = App {
             slots: Arc::new(Semaphore::new(opts.config.runner.workers)),
             client: HttpClient::new(secret.clone(), Some(udp_s.clone())),
-            secret,
+            verifier: Verifier::new(secret),
             udp: opts.udp,
             udp_s,
             http: opts.http,
@@ -217,6 +226,7 @@ impl App {
             prepared: Mutex::new(HashMap::new()),
             work_dir,
             projects_dir,
+            redactions: redactions(&opts.config),
             cfg: opts.config,
         };
         Ok(Arc::new(app))
@@ -263,6 +273,9 @@ impl App {
                     continue;
                 }
                 tracing::info!(eval = id, "resuming evaluation after restart");
+                // Tasks this node ran when it stopped count a worker death; those running
+                // elsewhere stay with their workers.
+                sched::adopt_running(&app, id, app.udp);
                 for pid in preparing {
                     app.spawn_discovery(id, pid);
                 }
@@ -271,10 +284,15 @@ impl App {
         });
         tokio::spawn(sched::run(self.clone()));
         tokio::spawn(sync::run(self.clone()));
+        tokio::spawn(lifecycle::run(self.clone()));
     }
 
     fn lock(&self) -> MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn prepared_map(&self) -> MutexGuard<'_, PreparedMap> {
+        self.prepared.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     fn net(&self) -> Option<&Arc<dyn PeerNet>> {
@@ -290,8 +308,9 @@ impl App {
         self.http
     }
 
-    pub fn secret(&self) -> &Secret {
-        &self.secret
+    /// Checks the signatures of internal calls (and remembers their nonces).
+    pub fn verifier(&self) -> &Verifier {
+        &self.verifier
     }
 
     /// Live members now (own address first), as `ip:port` strings.
@@ -303,8 +322,10 @@ impl App {
         out
     }
 
-    fn is_member(&self, addr: &str) -> bool {
-        self.members().iter().any(|m| m == addr)
+    /// Whether `addr` is this node or a live peer.
+    pub fn is_member(&self, addr: SocketAddr) -> bool {
+        let addr = wire::addr_string(addr);
+        self.members().contains(&addr)
     }
 
     /// The HTTP address of a node, by its UDP address.
@@ -404,7 +425,7 @@ impl App {
         })
         .await
         .map_err(|e| AppError::Internal(e.to_string()))?
-        .map_err(AppError::Unprocessable)?;
+        .map_err(|e| AppError::Unprocessable(self.redact(&e)))?;
         self.submit(fetched).await
     }
 
@@ -414,8 +435,18 @@ impl App {
         let fetched = tokio::task::spawn_blocking(move || fetch::projects_from_zip(&upload, &work))
             .await
             .map_err(|e| AppError::Internal(e.to_string()))?
-            .map_err(|e| AppError::BadRequest(e.to_string()))?;
+            .map_err(|e| AppError::BadRequest(self.redact(&e.to_string())))?;
         self.submit(fetched).await
+    }
+
+    /// `msg` with this node's host paths (data directory, environments, temp and home folders)
+    /// replaced by placeholders: what clients and peers see of errors.
+    pub fn redact(&self, msg: &str) -> String {
+        let mut out = msg.to_string();
+        for (path, placeholder) in &self.redactions {
+            out = out.replace(path.as_str(), placeholder);
+        }
+        out
     }
 
     /// Persists a record's header and the results it carries (a delta holds only new ones).
@@ -456,6 +487,9 @@ impl App {
             }
             let delta = rec.delta([task_id.to_string()].iter());
             st.dirty.entry(id).or_default().insert(task_id.to_string());
+            if let Some((pid, _)) = eval::split_task_id(task_id) {
+                st.grades.remove(pid);
+            }
             delta
         };
         self.persist(&delta);
@@ -474,6 +508,10 @@ impl App {
             let state = app.discover(eval, &project_id).await;
             app.lock().discovering.remove(&project_id);
             let Some(state) = state else { return };
+            let state = match state {
+                ProjectState::Failed { error } => ProjectState::Failed { error: app.redact(&error) },
+                other => other,
+            };
             if let ProjectState::Failed { error } = &state {
                 tracing::warn!(eval, project = %project_id, "project cannot be evaluated: {error}");
             }
@@ -497,24 +535,11 @@ impl App {
             Ok(root) => root,
             Err(e) => return Some(ProjectState::Failed { error: e }),
         };
-        let settings = self.cfg.project_settings(&project.name, project.url.as_deref());
-        let app = self.clone();
-        let name = project.name.clone();
-        let url = project.url.clone();
-        let hash = project.content_hash.clone();
-        let decided = tokio::task::spawn_blocking(move || {
-            let meta = ProjectMeta::from_dir(&name, url.as_deref(), &root).map_err(|e| e.to_string())?;
-            let configured =
-                RunnerChoice { runner: settings.runner.clone(), limits: settings.limits.clone() };
-            let choice = app.policies.decide(&settings.policies, &meta, configured)?;
-            Ok((choice, settings, root, hash))
-        })
-        .await;
-        let (choice, settings, root, hash): (RunnerChoice, _, PathBuf, String) = match decided {
-            Ok(Ok(v)) => v,
-            Ok(Err(e)) => return Some(ProjectState::Failed { error: e }),
-            Err(e) => return Some(ProjectState::Failed { error: format!("policy evaluation crashed: {e}") }),
+        let (choice, settings) = match self.choose_runner(&project, &root).await {
+            Ok(v) => v,
+            Err(e) => return Some(ProjectState::Failed { error: e }),
         };
+        let hash = project.content_hash.clone();
         let prepared =
             match self.prepare(&choice.runner, &project, &hash, &root, &settings.requirements).await {
                 Ok(p) => p,
@@ -539,6 +564,40 @@ impl App {
             Ok(Err(e)) => Some(ProjectState::Failed { error: e.to_string() }),
             Err(e) => Some(ProjectState::Failed { error: format!("discovery crashed: {e}") }),
         }
+    }
+
+    /// This node's own decision for a project: configuration rules, then the policy chain
+    /// (admission, runner and limits). A worker decides again rather than trusting the runner and
+    /// limits a peer's record names: no peer can make this node run code less isolated than its
+    /// own configuration says. Refuses the `local` runner for HTTP submissions when the API
+    /// listens beyond loopback, unless `runner.local.allow_remote_submissions` is set.
+    async fn choose_runner(
+        self: &Arc<Self>,
+        project: &ProjectRecord,
+        root: &std::path::Path,
+    ) -> Result<(RunnerChoice, cdtester_config::ProjectSettings), String> {
+        let settings = self.cfg.project_settings(&project.name, project.url.as_deref());
+        let app = self.clone();
+        let (name, url, root) = (project.name.clone(), project.url.clone(), root.to_path_buf());
+        let policies = settings.policies.clone();
+        let configured = RunnerChoice { runner: settings.runner.clone(), limits: settings.limits.clone() };
+        let choice = tokio::task::spawn_blocking(move || {
+            let meta = ProjectMeta::from_dir(&name, url.as_deref(), &root).map_err(|e| e.to_string())?;
+            app.policies.decide(&policies, &meta, configured)
+        })
+        .await
+        .map_err(|e| format!("policy evaluation crashed: {e}"))??;
+        if choice.runner == "local"
+            && !self.http.ip().is_loopback()
+            && !self.cfg.runner.local.allow_remote_submissions
+        {
+            return Err(
+                "refused: this node's API listens beyond loopback and the local runner does not isolate \
+                 untrusted code; use the docker runner or set runner.local.allow_remote_submissions"
+                    .into(),
+            );
+        }
+        Ok((choice, settings))
     }
 
     /// How many chunks each slow module runs as: the local runner's planner
@@ -579,7 +638,7 @@ impl App {
         if root.is_dir() {
             return Ok(root);
         }
-        let blob = self.store.blob_path(&hash);
+        let blob = self.store.blob_path(&hash).map_err(|e| e.to_string())?;
         let dir = self.projects_dir.clone();
         tokio::task::spawn_blocking(move || {
             let bytes = std::fs::read(&blob).map_err(|e| format!("reading {}: {e}", blob.display()))?;
@@ -650,7 +709,7 @@ impl App {
     ) -> Result<PreparedProject, String> {
         let runner = (self.runners)(runner_name)?;
         let cell = {
-            let mut map = self.prepared.lock().unwrap_or_else(|p| p.into_inner());
+            let mut map = self.prepared_map();
             map.entry((hash.to_string(), runner_name.to_string())).or_default().clone()
         };
         let mut guard = cell.lock().await;
@@ -734,27 +793,6 @@ impl App {
         }
     }
 
-    /// Checks a member-only call: valid MAC (with a secret) and, with a secret, a caller that is
-    /// a live member.
-    pub fn check_member(
-        &self,
-        path: &str,
-        body: &[u8],
-        mac: Option<&str>,
-        node: Option<&str>,
-    ) -> Result<(), AppError> {
-        if !self.secret.verify(path, body, mac) {
-            return Err(AppError::Forbidden("missing or invalid cluster MAC".into()));
-        }
-        if self.secret.is_set() {
-            match node {
-                Some(n) if self.is_member(n) => {}
-                _ => return Err(AppError::Forbidden("caller is not a member of this network".into())),
-            }
-        }
-        Ok(())
-    }
-
     // ------------------------------------------------------------------ core events
 
     /// Handles one event from the protocol core.
@@ -763,7 +801,7 @@ impl App {
             Event::App { from, msg, .. } => self.on_message(from, msg),
             Event::PeerDown { addr, reason, .. } => {
                 tracing::info!(peer = %addr, ?reason, "peer down: requeueing its tasks");
-                sched::requeue_worker(self, addr);
+                sched::requeue_worker(self, addr, reason == crate::core::DownReason::Failed);
             }
             Event::TakeOver { failed_addr, .. } => self.take_over(failed_addr),
             Event::Relinquish { failed_addr, owner, .. } => {
@@ -833,9 +871,9 @@ impl App {
                 rec.term += 1;
                 rec.version = 0;
                 rec.responsible = self.udp_s.clone();
-                rec.running.clear();
                 rec.projects.clone()
             });
+            sched::adopt_running(self, id, failed);
             for p in projects.unwrap_or_default() {
                 if let Some(net) = self.net() {
                     net.broadcast(Message::EvaluationResponsibilityUpdate(wire::ResponsibilityUpdateData {
@@ -848,9 +886,32 @@ impl App {
                 }
             }
         }
-        sched::requeue_worker(self, failed);
+        sched::requeue_worker(self, failed, true);
         self.wake.notify_one();
     }
+}
+
+/// The host paths [`App::redact`] hides, longest first.
+fn redactions(cfg: &Config) -> Vec<(String, &'static str)> {
+    let mut out: Vec<(String, &'static str)> = Vec::new();
+    let mut add = |p: &std::path::Path, placeholder: &'static str| {
+        for form in [Some(p.to_path_buf()), std::fs::canonicalize(p).ok(), std::path::absolute(p).ok()] {
+            let Some(s) = form.map(|f| f.to_string_lossy().into_owned()) else { continue };
+            if s.len() > 1 && !out.iter().any(|(o, _)| *o == s) {
+                out.push((s, placeholder));
+            }
+        }
+    };
+    add(&cfg.node.data_dir, "<data>");
+    if let Some(v) = &cfg.runner.local.venv_dir {
+        add(v, "<venvs>");
+    }
+    add(&std::env::temp_dir(), "<tmp>");
+    if let Some(home) = std::env::var_os("HOME") {
+        add(std::path::Path::new(&home), "<home>");
+    }
+    out.sort_by_key(|(s, _)| std::cmp::Reverse(s.len()));
+    out
 }
 
 /// The state the core pulls for CACHE_UPDATE and elections (reference-compatible summary).

@@ -255,16 +255,98 @@ pub fn on_confirm(app: &Arc<App>, from: SocketAddr, task_id: &str) {
     });
 }
 
-/// Requeues every task handed to `worker` (it failed or left).
-pub fn requeue_worker(app: &Arc<App>, worker: SocketAddr) {
-    let gone: Vec<(String, EvalId)> = {
+/// Requeues every task handed to `worker` (it failed or left). When it `died`, the tasks it had
+/// confirmed count a worker death each (see [`task_killed_worker`]).
+pub fn requeue_worker(app: &Arc<App>, worker: SocketAddr, died: bool) {
+    let gone: Vec<(String, InFlight)> = {
         let mut st = app.lock();
         let ids: Vec<String> =
             st.inflight.iter().filter(|(_, f)| f.worker == worker).map(|(t, _)| t.clone()).collect();
-        ids.into_iter().filter_map(|t| st.inflight.remove(&t).map(|f| (t, f.eval))).collect()
+        ids.into_iter().filter_map(|t| st.inflight.remove(&t).map(|f| (t, f))).collect()
     };
-    for (t, e) in gone {
-        clear_running(app, e, &t);
+    for (t, f) in gone {
+        clear_running(app, f.eval, &t);
+        if died && f.confirmed {
+            task_killed_worker(app, f.eval, &t);
+        }
+    }
+    app.wake.notify_one();
+}
+
+/// The worker running `task_id` died (SIGKILL, a crash, its node restarted). A task that does
+/// this [`eval::MAX_WORKER_DEATHS`] times is recorded as crashed and never handed out again, so
+/// that one submission cannot take down node after node.
+pub fn task_killed_worker(app: &Arc<App>, eval: EvalId, task_id: &str) {
+    let Some(deaths) = app.update(eval, |rec| {
+        if rec.results.contains_key(task_id) || !rec.knows_task(task_id) {
+            return 0;
+        }
+        rec.running.remove(task_id);
+        rec.worker_died(task_id)
+    }) else {
+        return;
+    };
+    if deaths < eval::MAX_WORKER_DEATHS {
+        if deaths > 0 {
+            tracing::warn!(eval, task = %task_id, deaths, "the worker running this task died; requeued");
+        }
+        return;
+    }
+    let module = eval::split_task_id(task_id).map_or(task_id, |(_, part)| eval::parse_task_part(part).0);
+    tracing::error!(eval, task = %task_id, "task killed its worker {deaths} times: recorded as crashed");
+    let report = ModuleReport {
+        module: module.to_string(),
+        tests: Vec::new(),
+        duration: 0.0,
+        note: Some(format!(
+            "crashed: killed its worker {deaths} times (the node running it died); not run again"
+        )),
+        output: None,
+        output_truncated: false,
+    };
+    let result = ModuleResult {
+        node: app.udp_s.clone(),
+        attempt: format!("worker-deaths-{deaths}"),
+        finished_at: eval::now_secs(),
+        report,
+    };
+    app.lock().inflight.remove(task_id);
+    app.add_result(eval, task_id, result);
+}
+
+/// Takes the tasks a record lists as running on live workers other than `gone` into this
+/// node's in-flight table (after a takeover or a restart), so that their workers' results are
+/// accepted; tasks that were running on `gone` count a worker death and are requeued.
+pub fn adopt_running(app: &Arc<App>, eval: EvalId, gone: SocketAddr) {
+    let Some(rec) = app.record(eval) else { return };
+    let gone_s = wire::addr_string(gone);
+    let now = Instant::now();
+    let mut died = Vec::new();
+    {
+        let mut st = app.lock();
+        for (task, worker) in &rec.running {
+            let Some(addr) = worker.parse::<SocketAddr>().ok().filter(|_| *worker != gone_s) else {
+                died.push(task.clone());
+                continue;
+            };
+            let limits = eval::split_task_id(task)
+                .and_then(|(pid, _)| rec.project(pid))
+                .and_then(|p| match &p.state {
+                    ProjectState::Ready { limits, .. } => Some(limits.clone()),
+                    _ => None,
+                })
+                .unwrap_or_default();
+            st.inflight.entry(task.clone()).or_insert(InFlight {
+                eval,
+                worker: addr,
+                confirmed: true,
+                since: now,
+                deadline: now + lease(&limits),
+            });
+        }
+    }
+    for t in died {
+        task_killed_worker(app, eval, &t);
     }
     app.wake.notify_one();
 }
@@ -287,8 +369,17 @@ impl Accepted {
     }
 }
 
-/// Accepts a module's result (`POST /task`), forwarding it when another node is responsible.
-pub async fn accept(app: &Arc<App>, post: TaskPost) -> Result<Accepted, AppError> {
+/// Accepts a module's result (`POST /task`) sent by `caller` (authenticated by the HTTP layer,
+/// or this node itself). Only the worker the task is handed to may deliver its result, and only
+/// to the node responsible for the evaluation; the first accepted result wins.
+pub async fn accept(app: &Arc<App>, post: TaskPost, caller: SocketAddr) -> Result<Accepted, AppError> {
+    if post.node() != wire::addr_string(caller) {
+        return Err(AppError::Forbidden(format!(
+            "the result names worker {} but was sent by {}",
+            post.node(),
+            wire::addr_string(caller)
+        )));
+    }
     let (pid, part) = eval::split_task_id(&post.result.task_id).ok_or_else(|| {
         AppError::BadRequest(format!("task_id {:?} is not <project_id>::<module>", post.result.task_id))
     })?;
@@ -311,15 +402,22 @@ pub async fn accept(app: &Arc<App>, post: TaskPost) -> Result<Accepted, AppError
         return Ok(Accepted::Duplicate);
     }
     if rec.responsible != app.udp_s {
-        return forward(app, &rec.responsible, &post).await;
+        return Err(AppError::Unavailable(format!(
+            "this node is not responsible for evaluation {}: deliver the result to {}",
+            rec.id, rec.responsible
+        )));
     }
-    let worker_addr: Option<SocketAddr> = post.node().parse().ok();
+    if app.lock().inflight.get(&post.result.task_id).is_none_or(|f| f.worker != caller) {
+        return Err(AppError::Forbidden(format!(
+            "task {} is not assigned to {}",
+            post.result.task_id,
+            wire::addr_string(caller)
+        )));
+    }
     if let Some(error) = &post.error {
         let failures = {
             let mut st = app.lock();
-            if st.inflight.get(&post.result.task_id).is_some_and(|f| Some(f.worker) == worker_addr) {
-                st.inflight.remove(&post.result.task_id);
-            }
+            st.inflight.remove(&post.result.task_id);
             let n = st.task_failures.entry(post.result.task_id.clone()).or_insert(0);
             *n += 1;
             *n
@@ -380,25 +478,4 @@ fn remember_duration(app: &App, eval: EvalId, pid: &str, module: &str) {
         tracing::warn!("remembering the module duration: {e}");
     }
     app.lock().durations.insert(key, Some((secs, tests)));
-}
-
-async fn forward(app: &Arc<App>, responsible: &str, post: &TaskPost) -> Result<Accepted, AppError> {
-    let Some(http) = responsible.parse().ok().and_then(|udp| app.http_of(udp)) else {
-        return Err(AppError::Unavailable(format!(
-            "responsible node {responsible} is not reachable; retry later"
-        )));
-    };
-    #[derive(serde::Deserialize)]
-    struct Answer {
-        status: String,
-    }
-    match app.client.post_json::<_, Answer>(http, "/task", post, Duration::from_secs(30)).await {
-        Ok(a) => Ok(match a.status.as_str() {
-            "duplicate" => Accepted::Duplicate,
-            "requeued" => Accepted::Requeued,
-            _ => Accepted::Stored,
-        }),
-        Err(e) if e.status().is_some_and(|s| s.is_client_error()) => Err(AppError::BadRequest(e.to_string())),
-        Err(e) => Err(AppError::Unavailable(format!("forwarding to {responsible}: {e}"))),
-    }
 }

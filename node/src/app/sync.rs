@@ -116,7 +116,7 @@ async fn exchange(app: &Arc<App>, peer: SocketAddr) -> Result<(), String> {
         .post_json(http, "/internal/sync", &SyncRequest { digests }, CALL_TIMEOUT)
         .await
         .map_err(|e| e.to_string())?;
-    merge_records(app, resp.records, Some(peer));
+    merge_records(app, resp.records, peer);
     if !resp.want.is_empty() {
         let wanted: Vec<EvalRecord> = {
             let st = app.lock();
@@ -149,15 +149,27 @@ pub fn answer_sync(app: &App, req: &SyncRequest) -> SyncResponse {
     SyncResponse { records, want }
 }
 
-/// Merges received records (whole or deltas), persisting what changed; prefetches the archives
-/// of projects this node lacks. Returns how many records changed.
-pub fn merge_records(app: &Arc<App>, records: Vec<EvalRecord>, from: Option<SocketAddr>) -> usize {
+/// Merges received records (whole or deltas) from the member `from`, persisting what changed;
+/// prefetches the archives of projects this node lacks. Returns how many records changed.
+///
+/// A copy is hostile until checked: records with invalid fields are dropped whole
+/// ([`EvalRecord::validate`]) and [`EvalRecord::merge`] never replaces or removes what this node
+/// accepted. In an insecure network (no secret, so `from` is only matched against the
+/// connection's source) a node may only send the records it is responsible for or submitted.
+pub fn merge_records(app: &Arc<App>, records: Vec<EvalRecord>, from: SocketAddr) -> usize {
+    let from_s = crate::wire::addr_string(from);
+    let open = !app.verifier.secret().is_set();
     let mut changed = Vec::new();
     let mut need_blobs = Vec::new();
     {
         let mut st = app.lock();
         for rec in records {
-            if rec.id == 0 || rec.id > crate::eval::MAX_EVAL_ID {
+            if let Err(e) = rec.validate() {
+                tracing::warn!(eval = rec.id, peer = %from_s, "refusing a replicated record: {e}");
+                continue;
+            }
+            if open && from != app.udp && rec.responsible != from_s && rec.submitted_to != from_s {
+                tracing::warn!(eval = rec.id, peer = %from_s, "refusing a record the sender neither owns nor submitted");
                 continue;
             }
             let delta = match st.evals.get_mut(&rec.id) {
@@ -166,12 +178,19 @@ pub fn merge_records(app: &Arc<App>, records: Vec<EvalRecord>, from: Option<Sock
                     merged.changed().then(|| mine.delta(&merged.results))
                 }
                 None => {
-                    st.evals.insert(rec.id, rec.clone());
-                    Some(rec.clone())
+                    let mut fresh = rec.clone();
+                    fresh.results.retain(|t, _| rec.knows_task(t));
+                    st.evals.insert(rec.id, fresh.clone());
+                    Some(fresh)
                 }
             };
             let Some(mine) = st.evals.get(&rec.id) else { continue };
             need_blobs.extend(mine.projects.iter().filter(|p| !app.store.has_blob(&p.content_hash)).cloned());
+            if let Some(d) = &delta {
+                for p in &d.projects {
+                    st.grades.remove(&p.id);
+                }
+            }
             changed.extend(delta);
         }
     }
@@ -184,7 +203,7 @@ pub fn merge_records(app: &Arc<App>, records: Vec<EvalRecord>, from: Option<Sock
         }
         let app = app.clone();
         tokio::spawn(async move {
-            if let Err(e) = app.download_blob(&p, from).await {
+            if let Err(e) = app.download_blob(&p, Some(from)).await {
                 tracing::debug!(project = %p.id, "prefetching the project archive failed: {e}");
             }
             app.lock().fetching.remove(&p.content_hash);

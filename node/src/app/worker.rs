@@ -50,8 +50,15 @@ impl TaskPost {
             Err(_) => (Counts::default(), 0.0),
         };
         let (report, error) = match outcome {
-            Ok(report) => (Some(report), None),
-            Err(e) => (None, Some(e)),
+            Ok(mut report) => {
+                report.note = report.note.map(|n| app.redact(&n));
+                report.output = report.output.map(|o| app.redact(&o));
+                for t in &mut report.tests {
+                    t.message = t.message.take().map(|m| app.redact(&m));
+                }
+                (Some(report), None)
+            }
+            Err(e) => (None, Some(app.redact(&e))),
         };
         TaskPost {
             result: TaskResultData {
@@ -167,7 +174,7 @@ async fn remote_project(
         .get_json(http, &format!("/internal/evaluation/{eval}"), Duration::from_secs(10))
         .await
         .map_err(|e| e.to_string())?;
-    sync::merge_records(app, vec![rec], Some(from));
+    sync::merge_records(app, vec![rec], from);
     known(app).ok_or_else(|| format!("project {project_id} is not ready at {from}"))
 }
 
@@ -183,17 +190,20 @@ async fn execute(
     let task_id = eval::task_id(&project.id, &eval::task_part(module, chunk));
     let started = Instant::now();
     let outcome = async {
-        let ProjectState::Ready { runner, limits, .. } = &project.state else {
+        let ProjectState::Ready { runner: listed, .. } = &project.state else {
             return Err(format!("project {} is not ready", project.id));
         };
         let root = app.ensure_project(project, from).await?;
-        let settings = app.cfg.project_settings(&project.name, project.url.as_deref());
+        let (choice, settings) = app.choose_runner(project, &root).await?;
+        if choice.runner != *listed {
+            tracing::warn!(project = %project.id, listed = %listed, chosen = %choice.runner, "the record names another runner than this node's configuration: using this node's");
+        }
         let prepared =
-            app.prepare(runner, project, &project.content_hash, &root, &settings.requirements).await?;
-        let runner = (app.runners)(runner)?;
+            app.prepare(&choice.runner, project, &project.content_hash, &root, &settings.requirements).await?;
+        let runner = (app.runners)(&choice.runner)?;
         let mut spec = TaskSpec::new(task_id.clone(), vec![module.to_string()]);
         spec.chunk = chunk;
-        let limits = limits.clone();
+        let limits = choice.limits;
         let report = tokio::task::spawn_blocking(move || runner.run(&prepared, &spec, &limits))
             .await
             .map_err(|e| format!("runner crashed: {e}"))?
@@ -231,7 +241,9 @@ async fn deliver(app: &Arc<App>, post: TaskPost, sender: Option<SocketAddr>) {
         }
         let target: Option<SocketAddr> = rec.as_ref().and_then(|r| r.responsible.parse().ok()).or(sender);
         let result = match target {
-            Some(t) if t == app.udp => sched::accept(app, post.clone()).await.map(|a| a.as_str().to_string()),
+            Some(t) if t == app.udp => {
+                sched::accept(app, post.clone(), app.udp).await.map(|a| a.as_str().to_string())
+            }
             Some(t) => match app.http_of(t) {
                 Some(http) => {
                     #[derive(Deserialize)]

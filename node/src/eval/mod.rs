@@ -90,7 +90,31 @@ pub struct EvalRecord {
     /// Results by task id.
     #[serde(default)]
     pub results: BTreeMap<String, ModuleResult>,
+    /// Task ids whose worker died while running them, and how often (see
+    /// [`EvalRecord::worker_died`]).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub worker_deaths: BTreeMap<String, u32>,
 }
+
+/// Whether `s` is a sha256 digest as cdtester writes it (64 lowercase hex digits).
+pub fn is_sha256_hex(s: &str) -> bool {
+    s.len() == 64 && s.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+}
+
+fn is_relative_module(m: &str) -> bool {
+    let p = std::path::Path::new(m);
+    !m.is_empty()
+        && !m.chars().any(char::is_control)
+        && p.components().all(|c| matches!(c, std::path::Component::Normal(_)))
+}
+
+/// The first characters of a peer-supplied string, for error messages.
+fn clip(s: &str) -> String {
+    s.chars().take(80).collect()
+}
+
+/// Worker deaths after which a task is recorded as crashed and never handed out again.
+pub const MAX_WORKER_DEATHS: u32 = 2;
 
 /// One project of an evaluation.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -166,7 +190,7 @@ impl ProjectRecord {
 pub struct ModuleResult {
     /// UDP address of the node that ran it.
     pub node: String,
-    /// Unique per execution attempt; orders competing results deterministically.
+    /// Unique per execution attempt.
     pub attempt: String,
     pub finished_at: f64,
     pub report: ModuleReport,
@@ -185,7 +209,62 @@ impl EvalRecord {
             projects,
             running: BTreeMap::new(),
             results: BTreeMap::new(),
+            worker_deaths: BTreeMap::new(),
         }
+    }
+
+    /// Checks what a peer's copy may not get wrong: ids, addresses, content hashes (64 lowercase
+    /// hex digits: they name files), names (no path separators or control characters) and
+    /// module paths (relative, inside the project).
+    pub fn validate(&self) -> Result<(), String> {
+        if self.id == 0 || self.id > MAX_EVAL_ID {
+            return Err(format!("evaluation id {} out of range", self.id));
+        }
+        for a in [&self.submitted_to, &self.responsible] {
+            if a.parse::<std::net::SocketAddr>().is_err() {
+                return Err(format!("invalid node address {:?}", clip(a)));
+            }
+        }
+        for (i, p) in self.projects.iter().enumerate() {
+            if p.id != format!("{}-{i}", self.id) {
+                return Err(format!("project id {:?} is not {}-{i}", clip(&p.id), self.id));
+            }
+            if !is_sha256_hex(&p.content_hash) {
+                return Err(format!("project {}: content hash is not 64 lowercase hex digits", p.id));
+            }
+            if p.name.is_empty()
+                || p.name.len() > 255
+                || p.name.chars().any(|c| c.is_control() || c == '/' || c == '\\')
+            {
+                return Err(format!("project {}: invalid name", p.id));
+            }
+            if p.url.as_deref().is_some_and(|u| u.chars().any(char::is_control)) {
+                return Err(format!("project {}: invalid url", p.id));
+            }
+            if let ProjectState::Ready { modules, runner, .. } = &p.state {
+                if runner.is_empty()
+                    || !runner.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+                {
+                    return Err(format!("project {}: invalid runner name", p.id));
+                }
+                if let Some(m) = modules.iter().find(|m| !is_relative_module(m)) {
+                    return Err(format!(
+                        "project {}: module {:?} is not a relative path inside it",
+                        p.id,
+                        clip(m)
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Counts a death of the worker running `task_id`; returns how many it has killed.
+    pub fn worker_died(&mut self, task_id: &str) -> u32 {
+        let n = self.worker_deaths.entry(task_id.to_string()).or_insert(0);
+        *n = n.saturating_add(1).min(MAX_WORKER_DEATHS);
+        self.version += 1;
+        *n
     }
 
     pub fn project(&self, project_id: &str) -> Option<&ProjectRecord> {
@@ -231,16 +310,17 @@ impl EvalRecord {
         self.project(pid).is_some_and(|p| p.module_tasks(module).iter().any(|t| t == task_id))
     }
 
-    /// Stores a result unless one exists (or a deterministic tie-break prefers the existing one).
+    /// Stores a result unless the task has one already (the first accepted result wins).
     /// Returns whether the record changed.
     pub fn add_result(&mut self, task_id: &str, result: ModuleResult, now: f64) -> bool {
-        let changed = insert_result(&mut self.results, task_id, result);
-        if changed {
-            self.running.remove(task_id);
-            self.version += 1;
-            self.settle(now);
+        if self.results.contains_key(task_id) {
+            return false;
         }
-        changed
+        self.results.insert(task_id.to_string(), result);
+        self.running.remove(task_id);
+        self.version += 1;
+        self.settle(now);
+        true
     }
 
     /// The record without its results, as JSON: what the store keeps per evaluation (results are
@@ -273,10 +353,13 @@ impl EvalRecord {
             projects: self.projects.clone(),
             running: self.running.clone(),
             results: BTreeMap::new(),
+            worker_deaths: self.worker_deaths.clone(),
         }
     }
 
-    /// Merges another copy (or a delta) of the same evaluation into this one.
+    /// Merges another copy (or a delta) of the same evaluation into this one. What a copy
+    /// cannot do: replace an accepted result, add a result for a task this record does not
+    /// know, add or remove projects, or change a project that is no longer preparing.
     pub fn merge(&mut self, other: &EvalRecord) -> Merged {
         let before = self.header_json();
         let mut merged = Merged::default();
@@ -291,16 +374,22 @@ impl EvalRecord {
         }
         self.start_time = self.start_time.min(other.start_time);
         for p in &other.projects {
-            match self.projects.iter_mut().find(|q| q.id == p.id) {
-                Some(q) if p.state.rank() > q.state.rank() => q.state = p.state.clone(),
-                Some(_) => {}
-                None => self.projects.push(p.clone()),
+            if let Some(q) = self.projects.iter_mut().find(|q| q.id == p.id)
+                && q.content_hash == p.content_hash
+                && matches!(q.state, ProjectState::Preparing)
+            {
+                q.state = p.state.clone();
             }
         }
         for (t, r) in &other.results {
-            if insert_result(&mut self.results, t, r.clone()) {
+            if self.knows_task(t) && !self.results.contains_key(t) {
+                self.results.insert(t.clone(), r.clone());
                 merged.results.push(t.clone());
             }
+        }
+        for (t, n) in &other.worker_deaths {
+            let mine = self.worker_deaths.entry(t.clone()).or_insert(0);
+            *mine = (*mine).max((*n).min(MAX_WORKER_DEATHS));
         }
         let done: Vec<String> =
             self.running.keys().filter(|t| self.results.contains_key(*t)).cloned().collect();
@@ -344,7 +433,7 @@ impl EvalRecord {
 pub struct Merged {
     /// Anything but the results.
     pub header: bool,
-    /// Task ids whose result was added or replaced.
+    /// Task ids whose result was added.
     pub results: Vec<String>,
 }
 
@@ -405,16 +494,6 @@ impl ModuleProgress<'_> {
     pub fn note(&self) -> Option<String> {
         let notes: Vec<&str> = self.results.iter().filter_map(|r| r.report.note.as_deref()).collect();
         (!notes.is_empty()).then(|| notes.join("; "))
-    }
-}
-
-fn insert_result(results: &mut BTreeMap<String, ModuleResult>, task_id: &str, result: ModuleResult) -> bool {
-    match results.get(task_id) {
-        Some(existing) if existing.attempt <= result.attempt => false,
-        _ => {
-            results.insert(task_id.to_string(), result);
-            true
-        }
     }
 }
 
@@ -479,30 +558,122 @@ pub(crate) mod tests {
     }
 
     #[test]
-    fn merge_is_commutative_and_prefers_higher_term() {
+    fn merge_keeps_accepted_results_and_prefers_higher_term() {
         let base = EvalRecord::new(7, "n1".into(), 1.0, vec![ready("7-0", "calc", &["t_a.py", "t_b.py"])]);
         let mut a = base.clone();
         a.add_result("7-0::t_a.py", result("n2", "z", module_report("t_a.py", &[Outcome::Passed])), 3.0);
         let mut b = base.clone();
         b.term = 2;
         b.responsible = "n3".into();
-        b.add_result("7-0::t_a.py", result("n3", "y", module_report("t_a.py", &[Outcome::Failed])), 3.0);
+        b.add_result("7-0::t_a.py", result("n3", "a", module_report("t_a.py", &[Outcome::Failed])), 3.0);
         b.add_result("7-0::t_b.py", result("n3", "x", module_report("t_b.py", &[Outcome::Passed])), 5.0);
         let mut ab = a.clone();
         assert!(ab.merge(&b).changed());
-        let mut ba = b.clone();
-        ba.merge(&a);
-        assert_eq!(ab, ba);
         assert_eq!(ab.responsible, "n3");
-        assert_eq!(ab.results["7-0::t_a.py"].attempt, "y");
+        assert_eq!(ab.results["7-0::t_a.py"].attempt, "z", "an accepted result is never replaced");
         assert!(ab.end_time.is_some());
-        assert!(!ab.clone().merge(&ba).changed(), "merging an equal copy changes nothing");
+        assert!(!ab.clone().merge(&ab).changed(), "merging an equal copy changes nothing");
         let mut partial = a.clone();
         let delta = b.delta(["7-0::t_b.py".to_string()].iter());
         assert_eq!(delta.results.len(), 1);
         let m = partial.merge(&delta);
         assert!(m.header, "the higher term's responsibility is adopted");
         assert_eq!(m.results, vec!["7-0::t_b.py".to_string()]);
+    }
+
+    #[test]
+    fn a_copy_cannot_add_projects_unknown_tasks_or_change_settled_projects() {
+        let mut mine = EvalRecord::new(7, "n1".into(), 1.0, vec![ready("7-0", "calc", &["t_a.py"])]);
+        let mut forged = mine.clone();
+        forged.projects.push(ready("7-1", "extra", &["t_x.py"]));
+        if let ProjectState::Ready { runner, modules, .. } = &mut forged.projects[0].state {
+            *runner = "evil".into();
+            modules.push("t_new.py".into());
+        }
+        forged.projects[0].content_hash = "../../etc/passwd".into();
+        forged
+            .results
+            .insert("7-1::t_x.py".into(), result("x", "a", module_report("t_x.py", &[Outcome::Passed])));
+        forged
+            .results
+            .insert("7-0::t_new.py".into(), result("x", "a", module_report("t_new.py", &[Outcome::Passed])));
+        let before = mine.clone();
+        assert!(!mine.merge(&forged).changed(), "{mine:?}");
+        assert_eq!(mine, before);
+    }
+
+    #[test]
+    fn records_with_unsafe_fields_are_invalid() {
+        let good = EvalRecord::new(7, "127.0.0.1:7000".into(), 1.0, vec![ready("7-0", "calc", &["t_a.py"])]);
+        let mut good = good;
+        good.projects[0].content_hash = "a".repeat(64);
+        assert_eq!(good.validate(), Ok(()));
+        type Mutation = Box<dyn Fn(&mut EvalRecord)>;
+        let bad: Vec<Mutation> = vec![
+            Box::new(|r| r.projects[0].content_hash = "../../x".into()),
+            Box::new(|r| r.projects[0].content_hash = "A".repeat(64)),
+            Box::new(|r| r.projects[0].id = "7-0\r\nx".into()),
+            Box::new(|r| r.projects[0].id = "8-0".into()),
+            Box::new(|r| r.projects[0].name = "a/b".into()),
+            Box::new(|r| r.responsible = "somewhere".into()),
+            Box::new(|r| r.id = 0),
+            Box::new(|r| {
+                if let ProjectState::Ready { modules, .. } = &mut r.projects[0].state {
+                    modules.push("../outside.py".into());
+                }
+            }),
+        ];
+        for (i, f) in bad.iter().enumerate() {
+            let mut r = good.clone();
+            f(&mut r);
+            assert!(r.validate().is_err(), "case {i}: {r:?}");
+        }
+    }
+
+    fn arb_record() -> impl proptest::strategy::Strategy<Value = EvalRecord> {
+        use proptest::prelude::*;
+        let outcome = prop_oneof![Just(Outcome::Passed), Just(Outcome::Failed), Just(Outcome::Skipped)];
+        (
+            1u64..4,
+            0u64..4,
+            proptest::collection::btree_map(
+                0usize..4,
+                (proptest::collection::vec(outcome, 0..4), "[a-z]{1,3}"),
+                0..4,
+            ),
+        )
+            .prop_map(|(term, version, res)| {
+                let mods = ["t_0.py", "t_1.py", "t_2.py", "t_3.py"];
+                let mut r = EvalRecord::new(7, "n1".into(), 1.0, vec![ready("7-0", "calc", &mods)]);
+                r.term = term;
+                r.version = version;
+                for (m, (outcomes, attempt)) in res {
+                    r.results.insert(
+                        format!("7-0::{}", mods[m]),
+                        result("n", &attempt, module_report(mods[m], &outcomes)),
+                    );
+                }
+                r
+            })
+    }
+
+    proptest::proptest! {
+        /// Whatever copy arrives, an accepted result is never replaced or removed and the counts
+        /// never go down.
+        #[test]
+        fn merge_never_replaces_results_or_lowers_counts(a in arb_record(), b in arb_record()) {
+            let mut m = a.clone();
+            m.merge(&b);
+            for (t, r) in &a.results {
+                proptest::prop_assert_eq!(m.results.get(t), Some(r));
+            }
+            let (before, after) = (a.counts(), m.counts());
+            proptest::prop_assert!(after.total() >= before.total());
+            proptest::prop_assert!(after.passes() >= before.passes());
+            proptest::prop_assert!(after.failures() >= before.failures());
+            let again = m.clone();
+            proptest::prop_assert!(!m.merge(&b).changed() || m == again);
+        }
     }
 
     #[test]

@@ -13,7 +13,7 @@ use hyper_util::rt::TokioExecutor;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
-use super::auth::{MAC_HEADER, NODE_HEADER, Secret};
+use super::auth::{CallParts, MAC_HEADER, NODE_HEADER, NONCE_HEADER, Secret, TIME_HEADER};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
@@ -74,7 +74,7 @@ impl HttpClient {
         timeout: Duration,
     ) -> Result<Response, ClientError> {
         let url = format!("http://{addr}{path}");
-        let mut req = Request::builder().method(method).uri(&url);
+        let mut req = Request::builder().method(method.clone()).uri(&url);
         let bytes = match body {
             Some((ct, b)) => {
                 req = req.header(hyper::header::CONTENT_TYPE, ct);
@@ -82,11 +82,15 @@ impl HttpClient {
             }
             None => Vec::new(),
         };
-        if let Some(mac) = self.secret.sign(path, &bytes) {
-            req = req.header(MAC_HEADER, mac);
-        }
         if let Some(me) = &self.me {
             req = req.header(NODE_HEADER, me);
+            let call = CallParts { method: method.as_str(), path, caller: me, body: &bytes };
+            if let Some(sig) = self.secret.sign(&call) {
+                req = req
+                    .header(MAC_HEADER, sig.mac)
+                    .header(TIME_HEADER, sig.time_ms.to_string())
+                    .header(NONCE_HEADER, sig.nonce);
+            }
         }
         let req = req
             .body(Full::new(Bytes::from(bytes)))

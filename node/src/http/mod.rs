@@ -5,7 +5,8 @@
 //! archive, header `x-content-sha256`), `POST /task` (a module's result, forwarded to the node
 //! responsible now), `POST /internal/replicate`, `POST /internal/sync` and
 //! `GET /internal/evaluation/{id}` (replication). With a cluster secret every internal route
-//! requires the caller's MAC (see [`auth`]); `/task` also requires the caller to be a live member.
+//! requires a fresh MAC from a live member (see [`auth`]); without one (`node.insecure`) the caller's
+//! claimed address must match the connection's source.
 //!
 //! Every error is a JSON object `{"error": "<what was wrong and what to send instead>"}` with a
 //! 4xx status for bad input (never a 500 for anything a client sends).
@@ -18,8 +19,8 @@ use std::sync::Arc;
 
 use axum::Router;
 use axum::body::{Body, Bytes};
-use axum::extract::{DefaultBodyLimit, FromRequest, Multipart, Path, Request, State};
-use axum::http::{HeaderMap, StatusCode, header};
+use axum::extract::{ConnectInfo, DefaultBodyLimit, FromRequest, Multipart, Path, Request, State};
+use axum::http::{HeaderMap, Method, StatusCode, Uri, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use serde::Deserialize;
@@ -57,7 +58,9 @@ pub async fn serve(
     app: Arc<App>,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    axum::serve(listener, router(app)).with_graceful_shutdown(shutdown).await
+    axum::serve(listener, router(app).into_make_service_with_connect_info::<SocketAddr>())
+        .with_graceful_shutdown(shutdown)
+        .await
 }
 
 /// Binds the API address.
@@ -230,26 +233,76 @@ fn header_str<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
     headers.get(name).and_then(|v| v.to_str().ok())
 }
 
-/// Member-only check for internal routes.
-fn member(app: &App, path: &str, headers: &HeaderMap, body: &[u8]) -> Result<(), AppError> {
-    app.check_member(
-        path,
-        body,
-        header_str(headers, auth::MAC_HEADER),
-        header_str(headers, auth::NODE_HEADER),
-    )
+/// An IPv4-mapped IPv6 address as its IPv4 address (a dual-stack listener reports those).
+fn canonical_ip(ip: std::net::IpAddr) -> std::net::IpAddr {
+    match ip {
+        std::net::IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, std::net::IpAddr::V4),
+        v4 => v4,
+    }
 }
 
-async fn file(State(app): State<AppState>, Path(project_id): Path<String>, headers: HeaderMap) -> Response {
-    if let Err(e) =
-        app.secret().is_set().then(|| member(&app, &format!("/file/{project_id}"), &headers, b"")).transpose()
+/// The parts of an internal request the member check looks at.
+struct Internal<'a> {
+    method: &'a Method,
+    uri: &'a Uri,
+    headers: &'a HeaderMap,
+    peer: SocketAddr,
+}
+
+/// Authenticates an internal call and returns the caller's UDP address (see [`auth`]): with a
+/// secret, a valid fresh MAC from a live member; without one, a caller whose claimed address
+/// (`x-cdtester-node`, or `claimed` for reference nodes that send none) has the connection's
+/// source IP.
+fn member(
+    app: &App,
+    req: &Internal<'_>,
+    body: &[u8],
+    claimed: Option<String>,
+) -> Result<SocketAddr, AppError> {
+    let caller =
+        header_str(req.headers, auth::NODE_HEADER).map(str::to_string).or(claimed).unwrap_or_default();
+    let path = req.uri.path_and_query().map_or(req.uri.path(), |p| p.as_str());
+    let call = auth::CallParts { method: req.method.as_str(), path, caller: &caller, body };
+    app.verifier()
+        .verify(
+            &call,
+            header_str(req.headers, auth::TIME_HEADER),
+            header_str(req.headers, auth::NONCE_HEADER),
+            header_str(req.headers, auth::MAC_HEADER),
+        )
+        .map_err(|e| AppError::Forbidden(e.to_string()))?;
+    let addr: SocketAddr = caller.parse().map_err(|_| {
+        AppError::Forbidden(format!("missing or invalid caller address in {}", auth::NODE_HEADER))
+    })?;
+    if app.verifier().secret().is_set() {
+        if !app.is_member(addr) {
+            return Err(AppError::Forbidden("caller is not a member of this network".into()));
+        }
+    } else if canonical_ip(addr.ip()) != canonical_ip(req.peer.ip()) {
+        return Err(AppError::Forbidden("caller address does not match the connection's source".into()));
+    }
+    Ok(addr)
+}
+
+async fn file(
+    State(app): State<AppState>,
+    Path(project_id): Path<String>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+) -> Response {
+    // Without a secret archives are public, as in the reference implementation.
+    if app.verifier().secret().is_set()
+        && let Err(e) =
+            member(&app, &Internal { method: &method, uri: &uri, headers: &headers, peer }, b"", None)
     {
         return e.into_response();
     }
     match app.project_file(&project_id) {
         Ok((hash, bytes)) => Response::builder()
             .header(header::CONTENT_TYPE, "application/zip")
-            .header(header::CONTENT_DISPOSITION, format!("attachment; filename=\"{project_id}.zip\""))
+            .header(header::CONTENT_DISPOSITION, "attachment; filename=\"project.zip\"")
             .header("x-content-sha256", hash)
             .body(Body::from(bytes))
             .unwrap_or_else(|e| error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string())),
@@ -257,45 +310,65 @@ async fn file(State(app): State<AppState>, Path(project_id): Path<String>, heade
     }
 }
 
-/// Reads a JSON body of an internal route, with the member check.
-fn internal_json<T: serde::de::DeserializeOwned>(
-    app: &App,
-    path: &str,
-    headers: &HeaderMap,
-    body: &[u8],
-) -> Result<T, AppError> {
+/// Parses the JSON body of an internal route.
+fn internal_json<T: serde::de::DeserializeOwned>(headers: &HeaderMap, body: &[u8]) -> Result<T, AppError> {
     let ct = content_type(headers);
     if ct.as_deref().map(mime_essence) != Some("application/json") {
         return Err(AppError::BadRequest("Content-Type must be application/json".into()));
     }
-    member(app, path, headers, body)?;
     serde_json::from_slice(body).map_err(|e| AppError::BadRequest(format!("invalid JSON body: {e}")))
 }
 
-async fn task(State(app): State<AppState>, headers: HeaderMap, body: Bytes) -> Response {
-    let post: TaskPost = match internal_json(&app, "/task", &headers, &body) {
-        Ok(p) => p,
-        Err(e) => return e.into_response(),
+async fn task(
+    State(app): State<AppState>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let req = Internal { method: &method, uri: &uri, headers: &headers, peer };
+    let accepted = async {
+        let post: TaskPost = internal_json(&headers, &body)?;
+        let caller = member(&app, &req, &body, Some(post.node()))?;
+        crate::app::accept_result(&app, post, caller).await
     };
-    match crate::app::accept_result(&app, post).await {
+    match accepted.await {
         Ok(status) => axum::Json(json!({ "status": status })).into_response(),
         Err(e) => e.into_response(),
     }
 }
 
-async fn replicate(State(app): State<AppState>, headers: HeaderMap, body: Bytes) -> Response {
-    match internal_json::<Vec<EvalRecord>>(&app, "/internal/replicate", &headers, &body) {
-        Ok(records) => {
-            axum::Json(crate::app::replicate(&app, records, header_str(&headers, auth::NODE_HEADER)))
-                .into_response()
-        }
+async fn replicate(
+    State(app): State<AppState>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let req = Internal { method: &method, uri: &uri, headers: &headers, peer };
+    let merged = member(&app, &req, &body, None)
+        .and_then(|from| Ok((from, internal_json::<Vec<EvalRecord>>(&headers, &body)?)));
+    match merged {
+        Ok((from, records)) => axum::Json(crate::app::replicate(&app, records, from)).into_response(),
         Err(e) => e.into_response(),
     }
 }
 
-async fn sync(State(app): State<AppState>, headers: HeaderMap, body: Bytes) -> Response {
-    match internal_json::<crate::app::SyncRequest>(&app, "/internal/sync", &headers, &body) {
-        Ok(req) => axum::Json(crate::app::answer_sync(&app, &req)).into_response(),
+async fn sync(
+    State(app): State<AppState>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let req = Internal { method: &method, uri: &uri, headers: &headers, peer };
+    match member(&app, &req, &body, None)
+        .and_then(|_| internal_json::<crate::app::SyncRequest>(&headers, &body))
+    {
+        Ok(sync) => axum::Json(crate::app::answer_sync(&app, &sync)).into_response(),
         Err(e) => e.into_response(),
     }
 }
@@ -303,10 +376,13 @@ async fn sync(State(app): State<AppState>, headers: HeaderMap, body: Bytes) -> R
 async fn internal_evaluation(
     State(app): State<AppState>,
     Path(id): Path<String>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    method: Method,
+    uri: Uri,
     headers: HeaderMap,
 ) -> Response {
-    let path = format!("/internal/evaluation/{id}");
-    if let Err(e) = member(&app, &path, &headers, b"") {
+    if let Err(e) = member(&app, &Internal { method: &method, uri: &uri, headers: &headers, peer }, b"", None)
+    {
         return e.into_response();
     }
     match parse_id(&id).and_then(|id| app.record(id).ok_or(AppError::NotFound("Evaluation not found".into())))
