@@ -4,6 +4,7 @@ pub mod cluster;
 pub mod cluster_membership;
 pub mod docker;
 pub mod local;
+pub mod memory;
 pub mod plugins;
 
 use std::path::PathBuf;
@@ -63,6 +64,8 @@ pub enum BenchCommand {
     Membership(cluster_membership::Args),
     /// Docker runner vs local runner on corpus projects: per-module overhead and the ratio.
     Docker(docker::Args),
+    /// Memory and processes of a node before, during and after many small evaluations.
+    Memory(memory::Args),
     /// WASM policy plugins: module load time (cold and cached) and per-call latency p50/p99.
     Plugins(plugins::Args),
 }
@@ -75,5 +78,6 @@ pub fn run(cmd: BenchCommand, config: &Config) -> anyhow::Result<()> {
         BenchCommand::Membership(args) => cluster_membership::run(&args, &config.timers),
         BenchCommand::Plugins(args) => plugins::run(&args),
         BenchCommand::Docker(args) => docker::run(args, config),
+        BenchCommand::Memory(args) => memory::run(args, config),
     }
 }
