@@ -65,9 +65,11 @@ async fn bad_requests_get_clear_errors_and_the_node_keeps_serving() {
     let (s, v) = post(Some("application/json"), br#"{"auth_token":"t"}"#.to_vec()).await;
     assert_eq!(s, StatusCode::BAD_REQUEST, "{v}");
     assert!(error_text(&v).contains("non-empty list"), "{v}");
-    let (s, v) =
-        post(Some("application/json"), br#"{"token":"t","urls":["https://127.0.0.1:1/nothing.git"]}"#.to_vec())
-            .await;
+    let (s, v) = post(
+        Some("application/json"),
+        br#"{"token":"t","urls":["https://127.0.0.1:1/nothing.git"]}"#.to_vec(),
+    )
+    .await;
     assert_eq!(s, StatusCode::UNPROCESSABLE_ENTITY, "{v}");
     assert!(error_text(&v).contains("cannot clone https://127.0.0.1:1/nothing.git"), "{v}");
     assert!(!v.to_string().contains("\"t\""), "token must not be echoed: {v}");

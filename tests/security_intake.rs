@@ -156,7 +156,8 @@ async fn local_paths_and_file_urls_are_refused_over_http() {
         assert!(!e.contains("private key"), "{v}");
     }
     // A local path mixed with a valid URL: the whole submission is refused before any clone.
-    let (s, v) = submit_urls(http, &["https://127.0.0.1:9/x.git".into(), secret_repo.display().to_string()]).await;
+    let (s, v) =
+        submit_urls(http, &["https://127.0.0.1:9/x.git".into(), secret_repo.display().to_string()]).await;
     assert_eq!(s, StatusCode::BAD_REQUEST, "{v}");
     // URLs per submission are capped.
     let many: Vec<String> = (0..17).map(|i| format!("https://127.0.0.1:9/{i}.git")).collect();
@@ -264,7 +265,11 @@ async fn stored_and_reported_urls_have_no_query_or_credentials() {
     assert_eq!(s, StatusCode::OK, "{v}");
     let id = v["eval_id"].as_u64().unwrap();
     let r = node_common::wait_finished(http, id, Duration::from_secs(180)).await;
-    assert_eq!(r["projects"]["calc"]["url"].as_str(), Some(format!("git://{daemon}/calc.git").as_str()), "{r}");
+    assert_eq!(
+        r["projects"]["calc"]["url"].as_str(),
+        Some(format!("git://{daemon}/calc.git").as_str()),
+        "{r}"
+    );
     assert_eq!(r["projects"]["calc"]["tests"]["passed"].as_u64(), Some(1), "{r}");
     let everything = format!("{r}{}", node_common::get_raw(http, "/evaluation").await);
     for leaked in ["s3cr3t", "access_token", "pw@", "frag"] {
@@ -324,14 +329,17 @@ fn write_central_directory_zip(path: &Path, entries: u64) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn huge_central_directories_and_oversized_uploads_are_refused_with_bounded_memory() {
     let dir = tempfile::tempdir().unwrap();
-    let c = node_common::cluster(1, &dir.path().join("nodes"), &[("CDT_INTAKE__MAX_UPLOAD_BYTES", "134217728")])
-        .await;
+    let c =
+        node_common::cluster(1, &dir.path().join("nodes"), &[("CDT_INTAKE__MAX_UPLOAD_BYTES", "134217728")])
+            .await;
     let (http, data) = (c.nodes[0].http, c.nodes[0].data_dir.clone());
     let pid = c.nodes[0].pid().unwrap();
     let before = proc_kib(pid, "VmRSS");
 
     // 2 million entries (a 100+ MiB directory), and a 60,000-entry zip32 one.
-    for (entries, expected) in [(2_000_000u64, "more than 50000 entries"), (60_000, "more than 50000 entries")] {
+    for (entries, expected) in
+        [(2_000_000u64, "more than 50000 entries"), (60_000, "more than 50000 entries")]
+    {
         let path = dir.path().join(format!("cd-{entries}.zip"));
         write_central_directory_zip(&path, entries);
         let zip = std::fs::read(&path).unwrap();
@@ -417,7 +425,8 @@ async fn raw_upload(http: SocketAddr, size: u64, chunked: bool) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn half_open_connections_do_not_take_the_api_down() {
     let dir = tempfile::tempdir().unwrap();
-    let c = node_common::cluster(1, &dir.path().join("nodes"), &[("CDT_INTAKE__HEADER_TIMEOUT_S", "4")]).await;
+    let c =
+        node_common::cluster(1, &dir.path().join("nodes"), &[("CDT_INTAKE__HEADER_TIMEOUT_S", "4")]).await;
     let http = c.nodes[0].http;
     let pid = c.nodes[0].pid().unwrap();
     let mut held = Vec::new();

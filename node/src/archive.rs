@@ -90,10 +90,7 @@ fn le32(b: &[u8], at: usize) -> u64 {
 }
 
 fn le64(b: &[u8], at: usize) -> u64 {
-    b.get(at..at + 8)
-        .and_then(|s| <[u8; 8]>::try_from(s).ok())
-        .map(u64::from_le_bytes)
-        .unwrap_or(0)
+    b.get(at..at + 8).and_then(|s| <[u8; 8]>::try_from(s).ok()).map(u64::from_le_bytes).unwrap_or(0)
 }
 
 /// Checks what every end-of-central-directory record in the archive's tail (and the zip64
@@ -170,7 +167,11 @@ impl<R: Seek> Seek for Budgeted<R> {
 
 /// Extracts a zip into `dest` under `caps`. Returns the number of files written. On a size
 /// error `dest` may hold part of the archive: extract into a temporary folder.
-pub fn extract_zip_with<R: Read + Seek>(mut reader: R, dest: &Path, caps: Caps) -> Result<usize, ArchiveError> {
+pub fn extract_zip_with<R: Read + Seek>(
+    mut reader: R,
+    dest: &Path,
+    caps: Caps,
+) -> Result<usize, ArchiveError> {
     check_directory(&mut reader, &caps)?;
     // The parser may read the directory twice (looking for its first header, then parsing it).
     let budget = caps.max_central_dir_bytes.saturating_mul(2).saturating_add(2 * EOCD_WINDOW);
@@ -331,11 +332,14 @@ mod tests {
         let d = tempfile::tempdir().unwrap();
         let big = vec![0u8; 3 * 1024 * 1024];
         let caps = Caps { max_total_bytes: 1024 * 1024, max_files: 10, ..Caps::default() };
-        let err = extract_zip_with(std::io::Cursor::new(zip_of(&[("bomb.bin", &big)])), &d.path().join("o"), caps).unwrap_err();
+        let err =
+            extract_zip_with(std::io::Cursor::new(zip_of(&[("bomb.bin", &big)])), &d.path().join("o"), caps)
+                .unwrap_err();
         assert!(matches!(err, ArchiveError::TooLarge { .. }), "{err}");
         let many: Vec<(String, &[u8])> = (0..11).map(|i| (format!("f{i}"), &b"x"[..])).collect();
         let refs: Vec<(&str, &[u8])> = many.iter().map(|(n, d)| (n.as_str(), *d)).collect();
-        let err = extract_zip_with(std::io::Cursor::new(zip_of(&refs)), &d.path().join("o2"), caps).unwrap_err();
+        let err =
+            extract_zip_with(std::io::Cursor::new(zip_of(&refs)), &d.path().join("o2"), caps).unwrap_err();
         assert!(matches!(err, ArchiveError::TooManyFiles { limit: 10 }), "{err}");
     }
 

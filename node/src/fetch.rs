@@ -134,9 +134,9 @@ impl UrlPolicy {
         match scheme.to_ascii_lowercase().as_str() {
             "https" if !host.is_empty() => Ok(()),
             "git" if !host.is_empty() && self.allow_git_protocol => Ok(()),
-            "git" if !host.is_empty() => {
-                refuse("git:// URLs are not accepted by this node (intake.allow_git_protocol); send an https:// URL")
-            }
+            "git" if !host.is_empty() => refuse(
+                "git:// URLs are not accepted by this node (intake.allow_git_protocol); send an https:// URL",
+            ),
             "file" if self.allow_local => Ok(()),
             "file" => refuse(
                 "file:// URLs are not accepted over HTTP (intake.allow_local_urls); send an https:// URL, or upload a zip",
@@ -210,7 +210,12 @@ fn set_socket_timeouts(timeout: Duration) {
 /// fetched tree is measured (entries and blob sizes, from object headers) before anything is
 /// checked out. `token` authenticates https clones (as the password of user `x-access-token`,
 /// which GitHub, GitLab and Gitea accept). Check the URL with an [`UrlPolicy`] first.
-pub fn clone_repo(url: &str, token: Option<&str>, dest: &Path, limits: &CloneLimits) -> Result<(), FetchError> {
+pub fn clone_repo(
+    url: &str,
+    token: Option<&str>,
+    dest: &Path,
+    limits: &CloneLimits,
+) -> Result<(), FetchError> {
     let shown = redact_url(url);
     let fail = |reason: String| {
         // libgit2 may quote the URL (with any credentials in it) or echo the token.
@@ -224,7 +229,9 @@ pub fn clone_repo(url: &str, token: Option<&str>, dest: &Path, limits: &CloneLim
     if !url.contains("://") && !Path::new(url).exists() {
         return Err(fail("no such path".into()));
     }
-    set_socket_timeouts(limits.deadline.saturating_duration_since(Instant::now()).min(Duration::from_secs(30)));
+    set_socket_timeouts(
+        limits.deadline.saturating_duration_since(Instant::now()).min(Duration::from_secs(30)),
+    );
     let stop: Cell<Option<Stop>> = Cell::new(None);
     let builder = |depth: bool| {
         let mut callbacks = git2::RemoteCallbacks::new();
@@ -276,9 +283,11 @@ pub fn clone_repo(url: &str, token: Option<&str>, dest: &Path, limits: &CloneLim
         let _ = std::fs::remove_dir_all(dest);
         builder(false).clone(url, dest)
     });
-    let repo = cloned.map_err(|e| fail(stop.get().map(Stop::reason).unwrap_or_else(|| e.message().to_string())))?;
+    let repo =
+        cloned.map_err(|e| fail(stop.get().map(Stop::reason).unwrap_or_else(|| e.message().to_string())))?;
     check_tree(&repo, &limits.tree).map_err(|e| fail(e.to_string()))?;
-    repo.checkout_head(Some(git2::build::CheckoutBuilder::new().force())).map_err(|e| fail(e.message().into()))
+    repo.checkout_head(Some(git2::build::CheckoutBuilder::new().force()))
+        .map_err(|e| fail(e.message().into()))
 }
 
 /// Measures the tree of `HEAD` against `caps` without inflating any blob.
@@ -592,10 +601,8 @@ mod tests {
             projects_from_zip(&upload_path, work.path(), Caps::default()),
             Err(FetchError::Archive(_))
         ));
-        let limits = CloneLimits::from_config(
-            &IntakeConfig::default(),
-            Instant::now() + Duration::from_secs(60),
-        );
+        let limits =
+            CloneLimits::from_config(&IntakeConfig::default(), Instant::now() + Duration::from_secs(60));
 
         let repo_dir = src.path().join("calc");
         let repo = git2::Repository::init(&repo_dir).unwrap();
@@ -610,8 +617,8 @@ mod tests {
         assert_eq!(p.sha256, projects[0].sha256, "same tree, same archive");
         let err = fetch_git("git://127.0.0.1:1/nothing.git", None, work.path(), &limits).unwrap_err();
         assert!(err.to_string().contains("cannot clone git://127.0.0.1:1/nothing.git"), "{err}");
-        let err =
-            fetch_git("https://user:tok123@127.0.0.1:1/x.git", Some("tok123"), work.path(), &limits).unwrap_err();
+        let err = fetch_git("https://user:tok123@127.0.0.1:1/x.git", Some("tok123"), work.path(), &limits)
+            .unwrap_err();
         assert!(err.to_string().starts_with("cannot clone https://127.0.0.1:1/x.git"), "{err}");
         assert!(!err.to_string().contains("tok123"), "{err}");
         let err = fetch_git("/nonexistent/repo", None, work.path(), &limits).unwrap_err();

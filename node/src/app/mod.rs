@@ -411,7 +411,9 @@ impl App {
         urls: Vec<String>,
     ) -> Result<EvalId, AppError> {
         let intake = &self.cfg.intake;
-        fetch::UrlPolicy::from_config(intake).check_all(&urls).map_err(|e| AppError::BadRequest(e.to_string()))?;
+        fetch::UrlPolicy::from_config(intake)
+            .check_all(&urls)
+            .map_err(|e| AppError::BadRequest(e.to_string()))?;
         let slot = self.intake.clone_slot().ok_or_else(|| {
             AppError::Unavailable("too many clones in progress on this node; retry later".into())
         })?;
@@ -449,10 +451,11 @@ impl App {
     pub async fn submit_zip(self: &Arc<Self>, upload: fetch::Upload) -> Result<EvalId, AppError> {
         let work = self.work_dir.clone();
         let caps = crate::archive::Caps::from_config(&self.cfg.intake);
-        let fetched = tokio::task::spawn_blocking(move || fetch::projects_from_zip(upload.path(), &work, caps))
-            .await
-            .map_err(|e| AppError::Internal(e.to_string()))?
-            .map_err(|e| AppError::BadRequest(e.to_string()))?;
+        let fetched =
+            tokio::task::spawn_blocking(move || fetch::projects_from_zip(upload.path(), &work, caps))
+                .await
+                .map_err(|e| AppError::Internal(e.to_string()))?
+                .map_err(|e| AppError::BadRequest(e.to_string()))?;
         self.submit(fetched).await
     }
 

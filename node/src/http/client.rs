@@ -64,8 +64,7 @@ impl HttpClient {
         let mut connector = HttpConnector::new();
         connector.set_connect_timeout(Some(Duration::from_secs(3)));
         connector.set_nodelay(true);
-        let inner =
-            Client::builder(TokioExecutor::new()).pool_idle_timeout(POOL_IDLE).build(connector);
+        let inner = Client::builder(TokioExecutor::new()).pool_idle_timeout(POOL_IDLE).build(connector);
         HttpClient { inner, secret, me }
     }
 

@@ -108,10 +108,13 @@ pub async fn serve(
             let answer = hyper::service::Service::call(&service, req);
             async move {
                 let response = answer.await?;
-                Ok::<_, std::convert::Infallible>(response.map(|body| Body::new(HeldBody { body, _held: held })))
+                Ok::<_, std::convert::Infallible>(
+                    response.map(|body| Body::new(HeldBody { body, _held: held })),
+                )
             }
         });
-        let serving = graceful.watch(http.serve_connection(hyper_util::rt::TokioIo::new(stream), per_request));
+        let serving =
+            graceful.watch(http.serve_connection(hyper_util::rt::TokioIo::new(stream), per_request));
         tokio::spawn(async move {
             tokio::select! {
                 served = serving => {
@@ -360,8 +363,12 @@ async fn submit_multipart(app: &Arc<App>, req: Request) -> Result<EvalId, AppErr
     let stall = Duration::from_secs(app.intake().body_idle_timeout_s);
     check_length(req.headers(), limit)?;
     let mut upload = app.new_upload()?;
-    let stalled =
-        || AppError::Timeout(format!("the upload stalled for {} s (intake.body_idle_timeout_s)", stall.as_secs()));
+    let stalled = || {
+        AppError::Timeout(format!(
+            "the upload stalled for {} s (intake.body_idle_timeout_s)",
+            stall.as_secs()
+        ))
+    };
     let body_limit = usize::try_from(limit).unwrap_or(usize::MAX);
     let req = req.map(|body| Body::new(http_body_util::Limited::new(body, body_limit)));
     let mut form = Multipart::from_request(req, &())
