@@ -46,6 +46,14 @@ pub enum FetchError {
     Pack(String),
 }
 
+impl FetchError {
+    /// Whether this is the node's own failure (disk, I/O) rather than the submission's: its
+    /// message names host paths, so it is logged, not shown to the client.
+    pub fn is_local(&self) -> bool {
+        matches!(self, FetchError::Io { .. } | FetchError::Archive(ArchiveError::Io { .. }))
+    }
+}
+
 fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> FetchError + '_ {
     move |source| FetchError::Io { path: path.to_path_buf(), source }
 }

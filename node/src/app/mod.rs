@@ -90,6 +90,17 @@ pub trait PeerNet: Send + Sync {
     }
 }
 
+/// A submission's fetch error for the client: the submission's faults as 400, this node's own
+/// I/O failures (whose messages name host paths) logged and reported without detail.
+pub fn intake_error(e: fetch::FetchError) -> AppError {
+    if e.is_local() {
+        tracing::error!("intake: {e}");
+        AppError::Internal("storing the submission on this node failed".into())
+    } else {
+        AppError::BadRequest(e.to_string())
+    }
+}
+
 /// Errors the HTTP layer turns into 4xx/5xx answers.
 #[derive(Debug, thiserror::Error)]
 pub enum AppError {
@@ -310,7 +321,7 @@ impl App {
         let slot = self.intake.upload_slot().ok_or_else(|| {
             AppError::Unavailable("too many uploads in progress on this node; retry later".into())
         })?;
-        fetch::Upload::create(&self.work_dir, slot).map_err(|e| AppError::Internal(e.to_string()))
+        fetch::Upload::create(&self.work_dir, slot).map_err(intake_error)
     }
 
     /// Live members now (own address first), as `ip:port` strings.
@@ -426,7 +437,7 @@ impl App {
             let mut out = Vec::new();
             let mut errors = Vec::new();
             for url in &urls {
-                match fetch::fetch_git(url, token.as_deref(), &work, &limits) {
+                match fetch::fetch_git(url, token.as_deref(), &work, &limits).map_err(intake_error) {
                     Ok(p) => out.push(p),
                     Err(e) => errors.push(e.to_string()),
                 }

@@ -395,12 +395,12 @@ async fn submit_multipart(app: &Arc<App>, req: Request) -> Result<EvalId, AppErr
             if upload.len() + chunk.len() as u64 > limit {
                 return Err(too_large(limit));
             }
-            upload.write(&chunk).await.map_err(|e| AppError::Internal(e.to_string()))?;
+            upload.write(&chunk).await.map_err(crate::app::intake_error)?;
         }
         if upload.is_empty() {
             return Err(AppError::BadRequest("field \"file\" is empty".into()));
         }
-        upload.finish().await.map_err(|e| AppError::Internal(e.to_string()))?;
+        upload.finish().await.map_err(crate::app::intake_error)?;
         return app.submit_zip(upload).await;
     }
 }
