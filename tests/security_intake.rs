@@ -247,6 +247,7 @@ async fn a_repository_expanding_past_the_tree_cap_is_refused_before_checkout() {
     assert_eq!(s, StatusCode::UNPROCESSABLE_ENTITY, "{v}");
     assert!(error_text(&v).contains("expands to more than 16777216 bytes"), "{v}");
     let peak = proc_kib(pid, "VmHWM");
+    eprintln!("expanding repository: node RSS {before} KiB before, peak {peak} KiB");
     assert!(peak < before + 48 * 1024, "peak RSS {peak} KiB, {before} KiB before");
     nothing_stored(http, &data).await;
 }
@@ -374,6 +375,7 @@ async fn huge_central_directories_and_oversized_uploads_are_refused_with_bounded
     }
 
     let peak = proc_kib(pid, "VmHWM");
+    eprintln!("huge directories and oversized uploads: node RSS {before} KiB before, peak {peak} KiB");
     assert!(peak < before + 64 * 1024, "peak RSS {peak} KiB, {before} KiB before the uploads");
     answers_quickly(http, Duration::from_secs(2)).await;
     nothing_stored(http, &data).await;
