@@ -21,6 +21,8 @@ pub const TOKEN_VAR: &str = "CDT_GIT_TOKEN";
 
 /// `cdtester submit`. The token for https git URLs, if any, is read from `CDT_GIT_TOKEN`.
 #[derive(Debug, Clone, clap::Args)]
+#[command(after_help = "The token for https git URLs, if any, is read from the environment variable \
+                        CDT_GIT_TOKEN (never from the command line, where other users see it).")]
 pub struct SubmitArgs {
     /// Project folders (one project, or a folder of project folders), zip files, or git URLs.
     #[arg(required = true)]
