@@ -65,14 +65,17 @@ async fn bad_requests_get_clear_errors_and_the_node_keeps_serving() {
     let (s, v) = post(Some("application/json"), br#"{"auth_token":"t"}"#.to_vec()).await;
     assert_eq!(s, StatusCode::BAD_REQUEST, "{v}");
     assert!(error_text(&v).contains("non-empty list"), "{v}");
-    let (s, v) =
-        post(Some("application/json"), br#"{"token":"t","urls":["git://127.0.0.1:1/nothing.git"]}"#.to_vec())
-            .await;
+    let (s, v) = post(
+        Some("application/json"),
+        br#"{"token":"t","urls":["https://127.0.0.1:1/nothing.git"]}"#.to_vec(),
+    )
+    .await;
     assert_eq!(s, StatusCode::UNPROCESSABLE_ENTITY, "{v}");
-    assert!(error_text(&v).contains("cannot clone git://127.0.0.1:1/nothing.git"), "{v}");
+    assert!(error_text(&v).contains("cannot clone https://127.0.0.1:1/nothing.git"), "{v}");
     assert!(!v.to_string().contains("\"t\""), "token must not be echoed: {v}");
     let (s, v) = post(Some("application/json"), br#"{"projects":["/nonexistent/repo"]}"#.to_vec()).await;
-    assert_eq!(s, StatusCode::UNPROCESSABLE_ENTITY, "{v}");
+    assert_eq!(s, StatusCode::BAD_REQUEST, "{v}");
+    assert!(error_text(&v).contains("not accepted over HTTP"), "{v}");
 
     // Multipart bodies.
     let (ct, body) = multipart(b"this is not a zip");

@@ -73,7 +73,9 @@ async fn corpus_zip_and_git_url_match_the_manifest_on_three_nodes() {
     let six_root = corpus::unpack(&six, &sdist, &dir.path().join("unpacked")).expect("unpack");
     let url = git_repo_of(&six_root, &dir.path().join("git").join("six"));
 
-    let mut c = node_common::cluster(3, &dir.path().join("nodes"), &[]).await;
+    // Local git URLs over HTTP only because this operator enables them explicitly.
+    let mut c =
+        node_common::cluster(3, &dir.path().join("nodes"), &[("CDT_INTAKE__ALLOW_LOCAL_URLS", "true")]).await;
     let started = Instant::now();
     let list: Vec<(&str, std::path::PathBuf)> =
         zipped.iter().map(|(p, r)| (p.name.as_str(), r.clone())).collect();

@@ -23,6 +23,7 @@ pub struct Config {
     /// Per-project rules, first match wins.
     pub projects: Vec<ProjectRule>,
     pub plugins: PluginsConfig,
+    pub intake: IntakeConfig,
 }
 
 /// Where the node listens and whom it joins.
@@ -64,6 +65,64 @@ impl Default for NodeConfig {
             insecure: false,
             release_after_s: 30,
             cache_budget_mb: 4096,
+        }
+    }
+}
+
+/// What clients of the HTTP API may send and how much of the node they may hold: git URL
+/// rules, clone and upload caps, and the HTTP server's timeouts and connection cap.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct IntakeConfig {
+    /// Accept local paths and `file://` URLs in `POST /evaluation` (they clone any repository
+    /// the node can read, and `GET /file` then serves it): only for trusted clients.
+    pub allow_local_urls: bool,
+    /// Accept `git://` URLs (unauthenticated, unencrypted) besides `https://`.
+    pub allow_git_protocol: bool,
+    /// Git URLs per submission.
+    pub max_urls: usize,
+    /// Wall-clock limit, seconds, for cloning all the repositories of one submission.
+    pub clone_timeout_s: u64,
+    /// Bytes one clone may download.
+    pub max_clone_bytes: u64,
+    /// Files (and folders) in one cloned tree or one uploaded zip.
+    pub max_files: usize,
+    /// Bytes of the files of one cloned tree or one extracted upload.
+    pub max_tree_bytes: u64,
+    /// Largest upload body, bytes (more is answered 413).
+    pub max_upload_bytes: u64,
+    /// Largest central directory (the list of entries) of an uploaded zip, bytes.
+    pub max_central_dir_bytes: u64,
+    /// Submissions of git URLs cloned at the same time (more are answered 503).
+    pub max_concurrent_clones: usize,
+    /// Uploads received and extracted at the same time (more are answered 503).
+    pub max_concurrent_uploads: usize,
+    /// Seconds a client has to send a request's headers (also the keep-alive idle limit).
+    pub header_timeout_s: u64,
+    /// Seconds an upload body may stall (no byte received) before the request is dropped.
+    pub body_idle_timeout_s: u64,
+    /// Open HTTP connections; at the cap the oldest connection with no request in progress is
+    /// closed to make room.
+    pub max_connections: usize,
+}
+
+impl Default for IntakeConfig {
+    fn default() -> Self {
+        IntakeConfig {
+            allow_local_urls: false,
+            allow_git_protocol: false,
+            max_urls: 16,
+            clone_timeout_s: 120,
+            max_clone_bytes: 256 * 1024 * 1024,
+            max_files: 50_000,
+            max_tree_bytes: 512 * 1024 * 1024,
+            max_upload_bytes: 256 * 1024 * 1024,
+            max_central_dir_bytes: 16 * 1024 * 1024,
+            max_concurrent_clones: 4,
+            max_concurrent_uploads: 4,
+            header_timeout_s: 10,
+            body_idle_timeout_s: 30,
+            max_connections: 512,
         }
     }
 }
@@ -309,6 +368,25 @@ impl Config {
         }
         if self.runner.limits.timeout_s == 0 {
             return bad("runner.limits.timeout_s", "must be at least 1");
+        }
+        let i = &self.intake;
+        for (key, value) in [
+            ("intake.max_urls", i.max_urls as u64),
+            ("intake.clone_timeout_s", i.clone_timeout_s),
+            ("intake.max_clone_bytes", i.max_clone_bytes),
+            ("intake.max_files", i.max_files as u64),
+            ("intake.max_tree_bytes", i.max_tree_bytes),
+            ("intake.max_upload_bytes", i.max_upload_bytes),
+            ("intake.max_central_dir_bytes", i.max_central_dir_bytes),
+            ("intake.max_concurrent_clones", i.max_concurrent_clones as u64),
+            ("intake.max_concurrent_uploads", i.max_concurrent_uploads as u64),
+            ("intake.header_timeout_s", i.header_timeout_s),
+            ("intake.body_idle_timeout_s", i.body_idle_timeout_s),
+            ("intake.max_connections", i.max_connections as u64),
+        ] {
+            if value == 0 {
+                return bad(key, "must be at least 1");
+            }
         }
         if self.timers.failure_timeout_ms <= self.timers.heartbeat_ms {
             return bad("timers.failure_timeout_ms", "must be larger than timers.heartbeat_ms");

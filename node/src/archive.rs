@@ -4,9 +4,17 @@
 //! absolute or leaves the destination (zip-slip), when an entry is a symbolic link, when the
 //! archive has more entries than [`Caps::max_files`], or when the bytes actually written would
 //! exceed [`Caps::max_total_bytes`] (sizes declared in the archive are not trusted).
+//!
+//! The entry count and the size of the central directory are read from the end-of-central-
+//! directory records and checked before the directory is parsed (parsing keeps every entry in
+//! memory), and the parser cannot read more than that size anyway.
 
-use std::io::{Read, Write};
+use std::cell::Cell;
+use std::io::{Read, Seek, SeekFrom, Write};
 use std::path::{Component, Path, PathBuf};
+use std::rc::Rc;
+
+use cdtester_config::IntakeConfig;
 
 /// Extraction limits.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -15,11 +23,24 @@ pub struct Caps {
     pub max_total_bytes: u64,
     /// Entries (files and directories).
     pub max_files: usize,
+    /// Bytes of the central directory (the list of entries).
+    pub max_central_dir_bytes: u64,
 }
 
 impl Default for Caps {
     fn default() -> Self {
-        Caps { max_total_bytes: 512 * 1024 * 1024, max_files: 50_000 }
+        Caps::from_config(&IntakeConfig::default())
+    }
+}
+
+impl Caps {
+    /// The caps the intake configuration sets.
+    pub fn from_config(intake: &IntakeConfig) -> Caps {
+        Caps {
+            max_total_bytes: intake.max_tree_bytes,
+            max_files: intake.max_files,
+            max_central_dir_bytes: intake.max_central_dir_bytes,
+        }
     }
 }
 
@@ -35,6 +56,8 @@ pub enum ArchiveError {
     TooLarge { limit: u64 },
     #[error("archive has more than {limit} entries")]
     TooManyFiles { limit: usize },
+    #[error("archive's central directory is larger than {limit} bytes")]
+    DirectoryTooLarge { limit: u64 },
     #[error("I/O error extracting to {path}: {source}")]
     Io { path: PathBuf, source: std::io::Error },
 }
@@ -45,14 +68,120 @@ fn io_at(path: &Path) -> impl FnOnce(std::io::Error) -> ArchiveError + '_ {
 
 /// Extracts `bytes` (a zip) into `dest` with the default [`Caps`]. Returns the number of files.
 pub fn extract_zip(bytes: &[u8], dest: &Path) -> Result<usize, ArchiveError> {
-    extract_zip_with(bytes, dest, Caps::default())
+    extract_zip_with(std::io::Cursor::new(bytes), dest, Caps::default())
 }
 
-/// Extracts `bytes` (a zip) into `dest` under `caps`. Returns the number of files written. On a
-/// size error `dest` may hold part of the archive: extract into a temporary folder.
-pub fn extract_zip_with(bytes: &[u8], dest: &Path, caps: Caps) -> Result<usize, ArchiveError> {
-    let mut zip = zip::ZipArchive::new(std::io::Cursor::new(bytes))
-        .map_err(|e| ArchiveError::Malformed(e.to_string()))?;
+/// Signatures of the zip records read before the central directory is parsed.
+const EOCD_SIG: u64 = 0x0605_4b50;
+const EOCD64_LOCATOR_SIG: u64 = 0x0706_4b50;
+const EOCD64_SIG: u64 = 0x0606_4b50;
+/// Fixed size of the end-of-central-directory record; it is followed by a comment of at most
+/// 64 KiB, so it starts within the last `EOCD_LEN + 4 + 65536` bytes (the window the zip reader
+/// searches too).
+const EOCD_LEN: u64 = 22;
+const EOCD_WINDOW: u64 = EOCD_LEN + 4 + (1 << 16);
+
+fn le16(b: &[u8], at: usize) -> u64 {
+    b.get(at..at + 2).map(|s| u64::from(u16::from_le_bytes([s[0], s[1]]))).unwrap_or(0)
+}
+
+fn le32(b: &[u8], at: usize) -> u64 {
+    b.get(at..at + 4).map(|s| u64::from(u32::from_le_bytes([s[0], s[1], s[2], s[3]]))).unwrap_or(0)
+}
+
+fn le64(b: &[u8], at: usize) -> u64 {
+    b.get(at..at + 8).and_then(|s| <[u8; 8]>::try_from(s).ok()).map(u64::from_le_bytes).unwrap_or(0)
+}
+
+/// Checks what every end-of-central-directory record in the archive's tail (and the zip64
+/// record a zip64 locator points to) claims, entry count and directory size, against `caps`,
+/// before anything parses the directory. Every candidate is checked, so a stray signature in a
+/// comment cannot hide the record the parser will use.
+fn check_directory<R: Read + Seek>(reader: &mut R, caps: &Caps) -> Result<(), ArchiveError> {
+    let io = |e: std::io::Error| ArchiveError::Malformed(e.to_string());
+    let len = reader.seek(SeekFrom::End(0)).map_err(io)?;
+    let start = len.saturating_sub(EOCD_WINDOW);
+    reader.seek(SeekFrom::Start(start)).map_err(io)?;
+    let mut tail = Vec::new();
+    reader.by_ref().take(EOCD_WINDOW).read_to_end(&mut tail).map_err(io)?;
+    let mut found = false;
+    for pos in (0..tail.len().saturating_sub(EOCD_LEN as usize - 1)).rev() {
+        if le32(&tail, pos) != EOCD_SIG {
+            continue;
+        }
+        found = true;
+        let mut claims = vec![(le16(&tail, pos + 8).max(le16(&tail, pos + 10)), le32(&tail, pos + 12))];
+        if let Some(loc) = pos.checked_sub(20)
+            && le32(&tail, loc) == EOCD64_LOCATOR_SIG
+        {
+            let mut rec = [0u8; 56];
+            reader.seek(SeekFrom::Start(le64(&tail, loc + 8))).map_err(io)?;
+            if reader.read_exact(&mut rec).is_ok() && le32(&rec, 0) == EOCD64_SIG {
+                claims.push((le64(&rec, 24).max(le64(&rec, 32)), le64(&rec, 40)));
+            }
+        }
+        for (entries, size) in claims {
+            if entries > caps.max_files as u64 {
+                return Err(ArchiveError::TooManyFiles { limit: caps.max_files });
+            }
+            if size > caps.max_central_dir_bytes {
+                return Err(ArchiveError::DirectoryTooLarge { limit: caps.max_central_dir_bytes });
+            }
+        }
+    }
+    if !found {
+        return Err(ArchiveError::Malformed("no end of central directory record (not a zip file)".into()));
+    }
+    reader.seek(SeekFrom::Start(0)).map_err(io)?;
+    Ok(())
+}
+
+/// A reader that fails once it has returned `budget` bytes: opening an archive reads the tail
+/// and the central directory, so this bounds what the parser can see whatever the records say.
+struct Budgeted<R> {
+    inner: R,
+    /// Bytes left; `None` once the archive is open (no limit for extraction, which is capped
+    /// by bytes written).
+    left: Rc<Cell<Option<u64>>>,
+}
+
+impl<R: Read> Read for Budgeted<R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        if let Some(left) = self.left.get() {
+            let Some(rest) = left.checked_sub(n as u64) else {
+                self.left.set(Some(0));
+                return Err(std::io::Error::other("the central directory is larger than the configured cap"));
+            };
+            self.left.set(Some(rest));
+        }
+        Ok(n)
+    }
+}
+
+impl<R: Seek> Seek for Budgeted<R> {
+    fn seek(&mut self, pos: SeekFrom) -> std::io::Result<u64> {
+        self.inner.seek(pos)
+    }
+}
+
+/// Extracts a zip into `dest` under `caps`. Returns the number of files written. On a size
+/// error `dest` may hold part of the archive: extract into a temporary folder.
+pub fn extract_zip_with<R: Read + Seek>(
+    mut reader: R,
+    dest: &Path,
+    caps: Caps,
+) -> Result<usize, ArchiveError> {
+    check_directory(&mut reader, &caps)?;
+    // The parser may read the directory twice (looking for its first header, then parsing it).
+    let budget = caps.max_central_dir_bytes.saturating_mul(2).saturating_add(2 * EOCD_WINDOW);
+    let left = Rc::new(Cell::new(Some(budget)));
+    let budgeted = Budgeted { inner: reader, left: left.clone() };
+    let mut zip = zip::ZipArchive::new(budgeted).map_err(|e| match left.get() {
+        Some(0) => ArchiveError::DirectoryTooLarge { limit: caps.max_central_dir_bytes },
+        _ => ArchiveError::Malformed(e.to_string()),
+    })?;
+    left.set(None);
     if zip.len() > caps.max_files {
         return Err(ArchiveError::TooManyFiles { limit: caps.max_files });
     }
@@ -202,12 +331,15 @@ mod tests {
     fn bombs_and_too_many_entries_are_refused() {
         let d = tempfile::tempdir().unwrap();
         let big = vec![0u8; 3 * 1024 * 1024];
-        let caps = Caps { max_total_bytes: 1024 * 1024, max_files: 10 };
-        let err = extract_zip_with(&zip_of(&[("bomb.bin", &big)]), &d.path().join("o"), caps).unwrap_err();
+        let caps = Caps { max_total_bytes: 1024 * 1024, max_files: 10, ..Caps::default() };
+        let err =
+            extract_zip_with(std::io::Cursor::new(zip_of(&[("bomb.bin", &big)])), &d.path().join("o"), caps)
+                .unwrap_err();
         assert!(matches!(err, ArchiveError::TooLarge { .. }), "{err}");
         let many: Vec<(String, &[u8])> = (0..11).map(|i| (format!("f{i}"), &b"x"[..])).collect();
         let refs: Vec<(&str, &[u8])> = many.iter().map(|(n, d)| (n.as_str(), *d)).collect();
-        let err = extract_zip_with(&zip_of(&refs), &d.path().join("o2"), caps).unwrap_err();
+        let err =
+            extract_zip_with(std::io::Cursor::new(zip_of(&refs)), &d.path().join("o2"), caps).unwrap_err();
         assert!(matches!(err, ArchiveError::TooManyFiles { limit: 10 }), "{err}");
     }
 

@@ -15,8 +15,14 @@ use crate::fetch;
 use crate::http::auth::Secret;
 use crate::http::client::{HttpClient, multipart_file};
 
-/// `cdtester submit`.
+/// The variable holding the token for https git URLs. Only the environment carries it: a
+/// command-line argument would be visible to every user of the machine (`ps`).
+pub const TOKEN_VAR: &str = "CDT_GIT_TOKEN";
+
+/// `cdtester submit`. The token for https git URLs, if any, is read from `CDT_GIT_TOKEN`.
 #[derive(Debug, Clone, clap::Args)]
+#[command(after_help = "The token for https git URLs, if any, is read from the environment variable \
+                        CDT_GIT_TOKEN (never from the command line, where other users see it).")]
 pub struct SubmitArgs {
     /// Project folders (one project, or a folder of project folders), zip files, or git URLs.
     #[arg(required = true)]
@@ -24,9 +30,6 @@ pub struct SubmitArgs {
     /// HTTP address of any node (config node.http).
     #[arg(long)]
     pub node: Option<SocketAddr>,
-    /// Token for https git URLs (sent to the node only; env CDT_GIT_TOKEN).
-    #[arg(long, env = "CDT_GIT_TOKEN", hide_env_values = true)]
-    pub token: Option<String>,
     /// Wait for the evaluation to finish, showing progress, then print the results.
     #[arg(long)]
     pub wait: bool,
@@ -234,7 +237,8 @@ pub fn submit(args: SubmitArgs, default_node: SocketAddr) -> anyhow::Result<()> 
             ids.push(client.submit_zip(zip, &name).await.context("submitting")?);
         }
         if !urls.is_empty() {
-            ids.push(client.submit_urls(&urls, args.token.as_deref()).await.context("submitting")?);
+            let token = std::env::var(TOKEN_VAR).ok().filter(|t| !t.is_empty());
+            ids.push(client.submit_urls(&urls, token.as_deref()).await.context("submitting")?);
         }
         for id in &ids {
             if !args.json {

@@ -97,6 +97,17 @@ pub trait PeerNet: Send + Sync {
     }
 }
 
+/// A submission's fetch error for the client: the submission's faults as 400, this node's own
+/// I/O failures (whose messages name host paths) logged and reported without detail.
+pub fn intake_error(e: fetch::FetchError) -> AppError {
+    if e.is_local() {
+        tracing::error!("intake: {e}");
+        AppError::Internal("storing the submission on this node failed".into())
+    } else {
+        AppError::BadRequest(e.to_string())
+    }
+}
+
 /// Errors the HTTP layer turns into 4xx/5xx answers.
 #[derive(Debug, thiserror::Error)]
 pub enum AppError {
@@ -110,6 +121,10 @@ pub enum AppError {
     Unprocessable(String),
     #[error("{0}")]
     Unavailable(String),
+    #[error("{0}")]
+    TooLarge(String),
+    #[error("{0}")]
+    Timeout(String),
     #[error("internal error: {0}")]
     Internal(String),
 }
@@ -190,6 +205,7 @@ pub struct App {
     projects_dir: PathBuf,
     /// Host paths clients must not see in errors, longest first, with their placeholders.
     redactions: Vec<(String, &'static str)>,
+    intake: fetch::IntakeSlots,
 }
 
 impl App {
@@ -227,6 +243,7 @@ impl App {
             work_dir,
             projects_dir,
             redactions: redactions(&opts.config),
+            intake: fetch::IntakeSlots::new(&opts.config.intake),
             cfg: opts.config,
         };
         Ok(Arc::new(app))
@@ -311,6 +328,19 @@ impl App {
     /// Checks the signatures of internal calls (and remembers their nonces).
     pub fn verifier(&self) -> &Verifier {
         &self.verifier
+    }
+
+    /// The intake limits (what HTTP clients may send).
+    pub fn intake(&self) -> &cdtester_config::IntakeConfig {
+        &self.cfg.intake
+    }
+
+    /// A new upload file in the work folder, holding an upload slot (503 when none is free).
+    pub fn new_upload(&self) -> Result<fetch::Upload, AppError> {
+        let slot = self.intake.upload_slot().ok_or_else(|| {
+            AppError::Unavailable("too many uploads in progress on this node; retry later".into())
+        })?;
+        fetch::Upload::create(&self.work_dir, slot).map_err(intake_error)
     }
 
     /// Live members now (own address first), as `ip:port` strings.
@@ -405,37 +435,59 @@ impl App {
         Ok(rec.id)
     }
 
-    /// Fetches git repositories (blocking clones on a worker thread) and submits them.
+    /// Fetches git repositories (blocking clones on a worker thread, under the intake's URL
+    /// policy, deadline, caps and clone slots) and submits them.
     pub async fn submit_urls(
         self: &Arc<Self>,
         token: Option<String>,
         urls: Vec<String>,
     ) -> Result<EvalId, AppError> {
+        let intake = &self.cfg.intake;
+        fetch::UrlPolicy::from_config(intake)
+            .check_all(&urls)
+            .map_err(|e| AppError::BadRequest(e.to_string()))?;
+        let slot = self.intake.clone_slot().ok_or_else(|| {
+            AppError::Unavailable("too many clones in progress on this node; retry later".into())
+        })?;
+        let timeout = Duration::from_secs(intake.clone_timeout_s);
+        let limits = fetch::CloneLimits::from_config(intake, Instant::now() + timeout);
         let work = self.work_dir.clone();
-        let fetched = tokio::task::spawn_blocking(move || {
+        // The slot stays taken until the clones have really stopped, even after the answer.
+        let clones = tokio::task::spawn_blocking(move || {
+            let _slot = slot;
             let mut out = Vec::new();
             let mut errors = Vec::new();
             for url in &urls {
-                match fetch::fetch_git(url, token.as_deref(), &work) {
+                match fetch::fetch_git(url, token.as_deref(), &work, &limits).map_err(intake_error) {
                     Ok(p) => out.push(p),
                     Err(e) => errors.push(e.to_string()),
                 }
             }
             if errors.is_empty() { Ok(out) } else { Err(errors.join("; ")) }
-        })
-        .await
-        .map_err(|e| AppError::Internal(e.to_string()))?
-        .map_err(|e| AppError::Unprocessable(self.redact(&e)))?;
+        });
+        let fetched = tokio::time::timeout(timeout, clones)
+            .await
+            .map_err(|_| {
+                AppError::Unprocessable(format!(
+                    "cloning did not finish within {} s (intake.clone_timeout_s)",
+                    timeout.as_secs()
+                ))
+            })?
+            .map_err(|e| AppError::Internal(e.to_string()))?
+            .map_err(|e| AppError::Unprocessable(self.redact(&e)))?;
         self.submit(fetched).await
     }
 
-    /// Splits an uploaded zip into projects (safe extraction) and submits them.
-    pub async fn submit_zip(self: &Arc<Self>, upload: Vec<u8>) -> Result<EvalId, AppError> {
+    /// Splits an uploaded zip into projects (safe extraction under the intake caps, holding the
+    /// upload's slot) and submits them.
+    pub async fn submit_zip(self: &Arc<Self>, upload: fetch::Upload) -> Result<EvalId, AppError> {
         let work = self.work_dir.clone();
-        let fetched = tokio::task::spawn_blocking(move || fetch::projects_from_zip(&upload, &work))
-            .await
-            .map_err(|e| AppError::Internal(e.to_string()))?
-            .map_err(|e| AppError::BadRequest(self.redact(&e.to_string())))?;
+        let caps = crate::archive::Caps::from_config(&self.cfg.intake);
+        let fetched =
+            tokio::task::spawn_blocking(move || fetch::projects_from_zip(upload.path(), &work, caps))
+                .await
+                .map_err(|e| AppError::Internal(e.to_string()))?
+                .map_err(|e| AppError::BadRequest(self.redact(&e.to_string())))?;
         self.submit(fetched).await
     }
 

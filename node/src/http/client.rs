@@ -45,6 +45,11 @@ pub struct Response {
     pub body: Bytes,
 }
 
+/// How long an idle pooled connection is kept: below the servers' header timeout
+/// (`intake.header_timeout_s`, 10 s by default), so the client does not reuse a connection the
+/// server is about to close.
+const POOL_IDLE: Duration = Duration::from_secs(5);
+
 /// Cheap to clone; shares the connection pool.
 #[derive(Clone)]
 pub struct HttpClient {
@@ -59,8 +64,7 @@ impl HttpClient {
         let mut connector = HttpConnector::new();
         connector.set_connect_timeout(Some(Duration::from_secs(3)));
         connector.set_nodelay(true);
-        let inner =
-            Client::builder(TokioExecutor::new()).pool_idle_timeout(Duration::from_secs(30)).build(connector);
+        let inner = Client::builder(TokioExecutor::new()).pool_idle_timeout(POOL_IDLE).build(connector);
         HttpClient { inner, secret, me }
     }
 

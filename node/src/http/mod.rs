@@ -10,12 +10,20 @@
 //!
 //! Every error is a JSON object `{"error": "<what was wrong and what to send instead>"}` with a
 //! 4xx status for bad input (never a 500 for anything a client sends).
+//!
+//! The server ([`serve`]) speaks HTTP/1.1 with a header-read timeout (also the keep-alive idle
+//! limit) and a connection cap; uploads stream to disk under a byte cap with a stall timeout
+//! (see the `intake` configuration section).
 
 pub mod auth;
 pub mod client;
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::Duration;
 
 use axum::Router;
 use axum::body::{Body, Bytes};
@@ -29,8 +37,12 @@ use serde_json::json;
 use crate::app::{App, AppError, TaskPost};
 use crate::eval::{EvalId, EvalRecord};
 
-/// Largest request body accepted (uploads of project archives).
+/// Largest request body accepted by the internal routes (`POST /evaluation` has its own caps:
+/// `intake.max_upload_bytes` for uploads, [`MAX_SUBMIT_JSON`] for JSON).
 pub const MAX_BODY: usize = 256 * 1024 * 1024;
+
+/// Largest JSON body of `POST /evaluation` (a token and at most `intake.max_urls` URLs).
+pub const MAX_SUBMIT_JSON: usize = 64 * 1024;
 
 type AppState = Arc<App>;
 
@@ -38,7 +50,7 @@ type AppState = Arc<App>;
 pub fn router(app: Arc<App>) -> Router {
     Router::new()
         .route("/", get(index))
-        .route("/evaluation", post(submit).get(list))
+        .route("/evaluation", post(submit).layer(DefaultBodyLimit::disable()).get(list))
         .route("/evaluation/{id}", get(evaluation))
         .route("/stats", get(stats))
         .route("/network", get(network))
@@ -52,15 +64,192 @@ pub fn router(app: Arc<App>) -> Router {
         .with_state(app)
 }
 
-/// Serves the API on `listener` until `shutdown` resolves.
+/// Serves the API on `listener` until `shutdown` resolves (then waits up to
+/// [`SHUTDOWN_GRACE`] for requests in progress).
+///
+/// HTTP/1.1 only, with `intake.header_timeout_s` to send a request's headers (it also bounds a
+/// keep-alive connection's idleness) and at most `intake.max_connections` open connections. At
+/// the cap the oldest connection with no request in progress (a half-sent or idle one) is
+/// closed to make room; when every connection is serving a request the new one is closed. So
+/// half-open connections can neither exhaust file descriptors nor lock clients out.
 pub async fn serve(
     listener: tokio::net::TcpListener,
     app: Arc<App>,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    axum::serve(listener, router(app).into_make_service_with_connect_info::<SocketAddr>())
-        .with_graceful_shutdown(shutdown)
-        .await
+    let cap = app.intake().max_connections;
+    let mut http = hyper::server::conn::http1::Builder::new();
+    http.timer(hyper_util::rt::TokioTimer::new())
+        .header_read_timeout(Duration::from_secs(app.intake().header_timeout_s));
+    let service = hyper_util::service::TowerToHyperService::new(router(app));
+    let table = Arc::new(Connections::default());
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    tokio::pin!(shutdown);
+    loop {
+        let (stream, peer) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(accepted) => accepted,
+                Err(e) => {
+                    // Out of descriptors or a connection reset before it was accepted: let
+                    // connections close, then go on.
+                    tracing::warn!("accepting an HTTP connection: {e}");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            () = &mut shutdown => break,
+        };
+        let Some(conn) = Connections::admit(&table, cap) else {
+            tracing::debug!("connection cap reached and every connection busy: closing a new one");
+            continue;
+        };
+        let (service, busy) = (service.clone(), conn.busy_handle());
+        let per_request = hyper::service::service_fn(move |mut req: hyper::Request<hyper::body::Incoming>| {
+            // Internal routes compare a caller's claimed address with the connection's source.
+            req.extensions_mut().insert(ConnectInfo(peer));
+            let held = busy.hold();
+            let answer = hyper::service::Service::call(&service, req);
+            async move {
+                let response = answer.await?;
+                Ok::<_, std::convert::Infallible>(
+                    response.map(|body| Body::new(HeldBody { body, _held: held })),
+                )
+            }
+        });
+        let serving =
+            graceful.watch(http.serve_connection(hyper_util::rt::TokioIo::new(stream), per_request));
+        tokio::spawn(async move {
+            tokio::select! {
+                served = serving => {
+                    if let Err(e) = served {
+                        tracing::debug!("HTTP connection ended: {e}");
+                    }
+                }
+                () = conn.evicted() => tracing::debug!("HTTP connection closed to make room (connection cap)"),
+            }
+        });
+    }
+    drop(listener);
+    if tokio::time::timeout(SHUTDOWN_GRACE, graceful.shutdown()).await.is_err() {
+        tracing::warn!("HTTP requests still running at shutdown were cut");
+    }
+    Ok(())
+}
+
+/// How long [`serve`] waits for requests in progress at shutdown.
+pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+
+/// The open connections of [`serve`], by accept order, with their requests in progress.
+#[derive(Default)]
+struct Connections {
+    table: Mutex<ConnTable>,
+}
+
+#[derive(Default)]
+struct ConnTable {
+    next: u64,
+    open: BTreeMap<u64, OpenConn>,
+}
+
+struct OpenConn {
+    busy: Arc<std::sync::atomic::AtomicUsize>,
+    close: Arc<tokio::sync::Notify>,
+}
+
+impl Connections {
+    fn lock(&self) -> std::sync::MutexGuard<'_, ConnTable> {
+        self.table.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Registers a new connection, closing the oldest idle one at the cap; `None` when the cap
+    /// is reached and every connection is serving a request.
+    fn admit(this: &Arc<Connections>, cap: usize) -> Option<ConnGuard> {
+        use std::sync::atomic::Ordering;
+        let mut t = this.lock();
+        if t.open.len() >= cap {
+            let idle = t.open.iter().find(|(_, c)| c.busy.load(Ordering::SeqCst) == 0).map(|(id, _)| *id)?;
+            if let Some(old) = t.open.remove(&idle) {
+                old.close.notify_one();
+            }
+        }
+        let id = t.next;
+        t.next += 1;
+        let conn = OpenConn { busy: Arc::default(), close: Arc::default() };
+        let guard = ConnGuard { id, table: this.clone(), busy: conn.busy.clone(), close: conn.close.clone() };
+        t.open.insert(id, conn);
+        Some(guard)
+    }
+}
+
+/// One admitted connection; unregisters it when dropped.
+struct ConnGuard {
+    id: u64,
+    table: Arc<Connections>,
+    busy: Arc<std::sync::atomic::AtomicUsize>,
+    close: Arc<tokio::sync::Notify>,
+}
+
+impl ConnGuard {
+    /// Resolves when the connection was chosen to make room.
+    async fn evicted(&self) {
+        self.close.notified().await
+    }
+
+    fn busy_handle(&self) -> BusyHandle {
+        BusyHandle(self.busy.clone())
+    }
+}
+
+impl Drop for ConnGuard {
+    fn drop(&mut self) {
+        self.table.lock().open.remove(&self.id);
+    }
+}
+
+/// Counts a connection's requests in progress.
+#[derive(Clone)]
+struct BusyHandle(Arc<std::sync::atomic::AtomicUsize>);
+
+impl BusyHandle {
+    fn hold(&self) -> Busy {
+        self.0.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        Busy(self.0.clone())
+    }
+}
+
+/// One request in progress (until its response body is sent).
+struct Busy(Arc<std::sync::atomic::AtomicUsize>);
+
+impl Drop for Busy {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+/// A response body that keeps its connection marked busy until it is sent.
+struct HeldBody {
+    body: Body,
+    _held: Busy,
+}
+
+impl hyper::body::Body for HeldBody {
+    type Data = Bytes;
+    type Error = axum::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<hyper::body::Frame<Bytes>, axum::Error>>> {
+        Pin::new(&mut self.get_mut().body).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.body.size_hint()
+    }
 }
 
 /// Binds the API address.
@@ -80,6 +269,8 @@ impl IntoResponse for AppError {
             AppError::Forbidden(_) => StatusCode::FORBIDDEN,
             AppError::Unprocessable(_) => StatusCode::UNPROCESSABLE_ENTITY,
             AppError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            AppError::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            AppError::Timeout(_) => StatusCode::REQUEST_TIMEOUT,
             AppError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         };
         error(status, self.to_string())
@@ -143,16 +334,55 @@ async fn submit(State(app): State<AppState>, req: Request) -> Response {
     }
 }
 
+/// 413: a body over `limit` bytes.
+fn too_large(limit: u64) -> AppError {
+    AppError::TooLarge(format!("the body is larger than this node accepts here ({limit} bytes)"))
+}
+
+/// Refuses a body whose declared length is over `limit` before reading any of it.
+fn check_length(headers: &HeaderMap, limit: u64) -> Result<(), AppError> {
+    let declared =
+        header_str(headers, header::CONTENT_LENGTH.as_str()).and_then(|v| v.trim().parse::<u64>().ok());
+    match declared {
+        Some(n) if n > limit => Err(too_large(limit)),
+        _ => Ok(()),
+    }
+}
+
+/// The multipart error as an [`AppError`] (413 past the body cap).
+fn multipart_error(what: &str, e: axum::extract::multipart::MultipartError, limit: u64) -> AppError {
+    if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
+        too_large(limit)
+    } else {
+        AppError::BadRequest(format!("{what}: {}", e.body_text()))
+    }
+}
+
+/// Streams the upload in field `file` to a temporary file (never held whole in memory) under
+/// `intake.max_upload_bytes`, with `intake.body_idle_timeout_s` for each piece, holding an
+/// upload slot (503 when none is free) until it is extracted.
 async fn submit_multipart(app: &Arc<App>, req: Request) -> Result<EvalId, AppError> {
+    let limit = app.intake().max_upload_bytes;
+    let stall = Duration::from_secs(app.intake().body_idle_timeout_s);
+    check_length(req.headers(), limit)?;
+    let mut upload = app.new_upload()?;
+    let stalled = || {
+        AppError::Timeout(format!(
+            "the upload stalled for {} s (intake.body_idle_timeout_s)",
+            stall.as_secs()
+        ))
+    };
+    let body_limit = usize::try_from(limit).unwrap_or(usize::MAX);
+    let req = req.map(|body| Body::new(http_body_util::Limited::new(body, body_limit)));
     let mut form = Multipart::from_request(req, &())
         .await
         .map_err(|e| AppError::BadRequest(format!("invalid multipart body: {}", e.body_text())))?;
     loop {
-        let field = form
-            .next_field()
+        let field = tokio::time::timeout(stall, form.next_field())
             .await
-            .map_err(|e| AppError::BadRequest(format!("invalid multipart body: {}", e.body_text())))?;
-        let Some(field) = field else {
+            .map_err(|_| stalled())?
+            .map_err(|e| multipart_error("invalid multipart body", e, limit))?;
+        let Some(mut field) = field else {
             return Err(AppError::BadRequest(
                 "no \"file\" field in the form: attach the zip as field \"file\"".into(),
             ));
@@ -160,21 +390,38 @@ async fn submit_multipart(app: &Arc<App>, req: Request) -> Result<EvalId, AppErr
         if field.name() != Some("file") {
             continue;
         }
-        let data = field
-            .bytes()
+        while let Some(chunk) = tokio::time::timeout(stall, field.chunk())
             .await
-            .map_err(|e| AppError::BadRequest(format!("reading field \"file\": {}", e.body_text())))?;
-        if data.is_empty() {
+            .map_err(|_| stalled())?
+            .map_err(|e| multipart_error("reading field \"file\"", e, limit))?
+        {
+            if upload.len() + chunk.len() as u64 > limit {
+                return Err(too_large(limit));
+            }
+            upload.write(&chunk).await.map_err(crate::app::intake_error)?;
+        }
+        if upload.is_empty() {
             return Err(AppError::BadRequest("field \"file\" is empty".into()));
         }
-        return app.submit_zip(data.to_vec()).await;
+        upload.finish().await.map_err(crate::app::intake_error)?;
+        return app.submit_zip(upload).await;
     }
 }
 
 async fn submit_json(app: &Arc<App>, req: Request) -> Result<EvalId, AppError> {
-    let body = Bytes::from_request(req, &())
+    let stall = Duration::from_secs(app.intake().body_idle_timeout_s);
+    check_length(req.headers(), MAX_SUBMIT_JSON as u64)?;
+    let read = axum::body::to_bytes(req.into_body(), MAX_SUBMIT_JSON);
+    let body = tokio::time::timeout(stall, read)
         .await
-        .map_err(|e| AppError::BadRequest(format!("reading the body: {}", e.body_text())))?;
+        .map_err(|_| AppError::Timeout(format!("the body was not received within {} s", stall.as_secs())))?
+        .map_err(|e| {
+            if std::error::Error::source(&e).is_some_and(|s| s.is::<http_body_util::LengthLimitError>()) {
+                too_large(MAX_SUBMIT_JSON as u64)
+            } else {
+                AppError::BadRequest(format!("reading the body: {e}"))
+            }
+        })?;
     let parsed: SubmitJson = serde_json::from_slice(&body).map_err(|e| {
         AppError::BadRequest(format!("invalid JSON body ({e}); expected {{\"auth_token\": \"...\", \"projects\": [\"<git url>\", ...]}}"))
     })?;
