@@ -28,6 +28,7 @@ use cdtester_runner_api::{
 
 pub use durations::{DurationStore, MIN_SPLIT_SECS, ModuleStat, UNKNOWN_MODULE_SECS};
 pub use env::{PYTEST_REQUIREMENT, content_hash, needs_install, resolve_python};
+pub(crate) use env::tail;
 
 use crate::pytest::{self, Mode};
 use process::{Exec, Invocation};
@@ -40,6 +41,8 @@ pub const DISCOVER_TIMEOUT: Duration = Duration::from_secs(300);
 pub enum LocalError {
     #[error("environment: {0}")]
     Env(String),
+    #[error("extra {0}")]
+    Requirement(#[from] cdtester_runner_api::requirement::RequirementError),
     #[error(transparent)]
     Io(#[from] std::io::Error),
 }
