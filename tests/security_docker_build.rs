@@ -55,7 +55,11 @@ fn unique() -> u32 {
 fn src_project(root: &Path, pyproject: &str) {
     write_file(root, "pyproject.toml", pyproject);
     write_file(root, "src/victim/__init__.py", "VALUE = 1\n");
-    write_file(root, "tests/test_victim.py", "import victim\n\ndef test_value():\n    assert victim.VALUE == 1\n");
+    write_file(
+        root,
+        "tests/test_victim.py",
+        "import victim\n\ndef test_value():\n    assert victim.VALUE == 1\n",
+    );
 }
 
 fn requires_project(root: &Path, requires: &[&str]) {
@@ -159,7 +163,8 @@ fn direct_url_build_requirements_are_refused_and_never_fetched() {
     evil_sdist(&served, &marker);
     let server = HttpServer::start(&served);
     let url = format!("http://127.0.0.1:{}/evil-1.0.tar.gz", server.port);
-    let attacks = [format!("evil @ {url}"), format!("evil@{url}"), url.clone(), "./evil-1.0.tar.gz".to_string()];
+    let attacks =
+        [format!("evil @ {url}"), format!("evil@{url}"), url.clone(), "./evil-1.0.tar.gz".to_string()];
     for (i, attack) in attacks.iter().enumerate() {
         let root = dir.path().join(format!("victim{i}"));
         requires_project(&root, &["setuptools>=61", attack]);
@@ -201,7 +206,8 @@ fn pip_options_in_build_requirements_are_refused_and_leak_nothing() {
         let (out, project) = run_docker(&dir.path().join(format!("data{i}")), &root, &[]);
         let error = project["error"].as_str().unwrap_or_default();
         assert!(error.contains("refused") && error.contains("option"), "{attack}: {}", describe(&out));
-        let everything = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        let everything =
+            format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
         assert!(!everything.contains(&first_line), "{attack}: /etc/passwd leaked: {}", describe(&out));
         assert!(!everything.contains(":/bin/"), "{attack}: passwd-like content leaked: {}", describe(&out));
     }
@@ -382,7 +388,8 @@ fn build_output_is_capped_and_checked_before_it_is_kept() {
         let dropped = free_before.saturating_sub(free_bytes(&data));
         assert!(dropped < 300 << 20, "{name}: the host's disk lost {dropped} bytes");
         let envs = data.join("docker/envs");
-        let kept: Vec<_> = std::fs::read_dir(&envs).into_iter().flatten().flatten().map(|e| e.file_name()).collect();
+        let kept: Vec<_> =
+            std::fs::read_dir(&envs).into_iter().flatten().flatten().map(|e| e.file_name()).collect();
         assert!(kept.is_empty(), "{name}: a refused environment was kept: {kept:?}");
     }
 }

@@ -77,8 +77,8 @@ impl EnvPlan {
 /// requirement is not a strict PEP 508 requirement.
 pub fn plan(root: &Path, extra: &[String]) -> Result<EnvPlan, RunnerError> {
     let extra: Vec<&str> = extra.iter().map(|r| r.trim()).filter(|r| !r.is_empty()).collect();
-    let mut requirements = requirement::parse_all(&extra)
-        .map_err(|e| RunnerError::Prepare(format!("extra {e}")))?;
+    let mut requirements =
+        requirement::parse_all(&extra).map_err(|e| RunnerError::Prepare(format!("extra {e}")))?;
     sort_unique(&mut requirements);
     let install_project = crate::local::needs_install(root);
     let build_requires = if install_project {
@@ -401,8 +401,11 @@ mod tests {
         OutputCaps { mib, files: MAX_FILES }
     }
 
-    /// A tar stream with `entries` (path, kind, data or link target).
-    fn tar_of(entries: &[(&str, tar::EntryType, &str)]) -> Vec<u8> {
+    /// One archive entry: path, kind, data or link target.
+    type Entry<'a> = (&'a str, tar::EntryType, &'a str);
+
+    /// A tar stream with `entries`.
+    fn tar_of(entries: &[Entry]) -> Vec<u8> {
         let mut b = tar::Builder::new(Vec::new());
         for (path, kind, data) in entries {
             let mut h = tar::Header::new_gnu();
@@ -446,7 +449,7 @@ mod tests {
     #[test]
     fn escaping_links_paths_and_special_files_are_refused() {
         use tar::EntryType::{Block, Fifo, Link, Regular, Symlink};
-        let cases: &[(&[(&str, tar::EntryType, &str)], &str)] = &[
+        let cases: &[(&[Entry], &str)] = &[
             (&[("host-etc", Symlink, "/etc")], "symlink"),
             (&[("up", Symlink, "../../..")], "symlink"),
             (&[("a/b", Symlink, "../x")], "symlink"),
@@ -460,7 +463,8 @@ mod tests {
         ];
         for (entries, expected) in cases {
             let dir = tempfile::tempdir().unwrap();
-            let err = unpack_checked(tar_of(entries).as_slice(), &dir.path().join("env"), caps(1)).unwrap_err();
+            let err =
+                unpack_checked(tar_of(entries).as_slice(), &dir.path().join("env"), caps(1)).unwrap_err();
             assert!(err.to_string().contains(expected), "{entries:?}: {err}");
             assert!(!dir.path().join("escape.py").exists() && !Path::new("/abs.py").exists());
         }

@@ -442,7 +442,8 @@ impl DockerRunner {
         let work = tempfile::Builder::new().prefix(".build-").tempdir_in(&envs)?;
         let wheels = work.path().join("wheels");
         std::fs::create_dir_all(&wheels)?;
-        for (what, reqs) in [("extra requirements", &plan.requirements), ("build requirements", &plan.build_requires)]
+        for (what, reqs) in
+            [("extra requirements", &plan.requirements), ("build requirements", &plan.build_requires)]
         {
             if !reqs.is_empty() {
                 self.download(what, reqs, &wheels).await?;
@@ -561,7 +562,10 @@ impl DockerRunner {
         };
         let mut steps = Vec::new();
         if !plan.requirements.is_empty() {
-            steps.push(("installing the extra requirements", pip(requirement::pip_requirement_args(&plan.requirements))));
+            steps.push((
+                "installing the extra requirements",
+                pip(requirement::pip_requirement_args(&plan.requirements)),
+            ));
         }
         if plan.install_project {
             // pip builds in-tree: from a writable copy in the tmpfs.
@@ -589,10 +593,12 @@ impl DockerRunner {
         let caps = env::OutputCaps { mib: env_mb, files: env::MAX_FILES };
         let (tx, rx) = tokio::sync::mpsc::channel(16);
         let dest = out.clone();
-        let unpack =
-            tokio::task::spawn_blocking(move || env::unpack_checked(ChunkReader { rx, chunk: bytes::Bytes::new() }, &dest, caps));
+        let unpack = tokio::task::spawn_blocking(move || {
+            env::unpack_checked(ChunkReader { rx, chunk: bytes::Bytes::new() }, &dest, caps)
+        });
         let exported = sandbox.export_tar(&self.docker, BUILD_ENV, timeout, tx).await;
-        let unpacked = unpack.await.map_err(|e| RunnerError::Infra(format!("unpacking the environment: {e}")))?;
+        let unpacked =
+            unpack.await.map_err(|e| RunnerError::Infra(format!("unpacking the environment: {e}")))?;
         match (exported, unpacked) {
             (Ok(_), Ok(())) => Ok(out),
             (_, Err(e)) => Err(RunnerError::Prepare(e.to_string())),

@@ -105,7 +105,8 @@ impl EnvManager {
                 run_checked(&mut cmd)
             };
             if !reqs.is_empty() {
-                let mut args: Vec<&std::ffi::OsStr> = vec!["-c".as_ref(), constraints.as_os_str(), "--".as_ref()];
+                let mut args: Vec<&std::ffi::OsStr> =
+                    vec!["-c".as_ref(), constraints.as_os_str(), "--".as_ref()];
                 args.extend(reqs.iter().map(|r| std::ffi::OsStr::new(r.as_str())));
                 pip(&args)?;
             }

@@ -27,8 +27,8 @@ use cdtester_runner_api::{
 };
 
 pub use durations::{DurationStore, MIN_SPLIT_SECS, ModuleStat, UNKNOWN_MODULE_SECS};
-pub use env::{PYTEST_REQUIREMENT, content_hash, needs_install, resolve_python};
 pub(crate) use env::tail;
+pub use env::{PYTEST_REQUIREMENT, content_hash, needs_install, resolve_python};
 
 use crate::pytest::{self, Mode};
 use process::{Exec, Invocation};
