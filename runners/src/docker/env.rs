@@ -9,9 +9,10 @@
 //! 1. Every requirement, the configured ones and the project's `[build-system].requires`, must be
 //!    a strict PEP 508 `name[extras] <specifiers> ; <marker>` ([`cdtester_runner_api::requirement`]):
 //!    no URL, path, `@` or leading `-`. Anything else refuses the project.
-//! 2. On the host, `pip download --only-binary=:all:` fetches wheels, never sdists, for the
-//!    image's Python and platform, with the requirements (in canonical form) after `--`, in an
-//!    empty working directory, under a size cap and a timeout. A requirement that has no wheel
+//! 2. On the host, `pip download --only-binary=:all: --no-cache-dir` fetches wheels, never
+//!    sdists, for the image's Python and platform, with the requirements (in canonical form)
+//!    after `--`, in an empty working directory, under a size cap (its temporary files
+//!    included) and a timeout. A requirement that has no wheel
 //!    is refused: nothing is ever built on the host.
 //! 3. In a sandbox with the usual profile (network none) whose bind mounts are all read-only
 //!    (the project at `/project`, the wheels at `/wheels`), the image's own pip installs from those
@@ -117,11 +118,18 @@ pub fn build_requires(root: &Path) -> Vec<String> {
 /// `--` and `reqs` in canonical form.
 pub fn download_args(python_version: &str, dest: &Path, reqs: &[Requirement]) -> Vec<String> {
     let arch = std::env::consts::ARCH;
-    let mut args: Vec<String> =
-        ["-m", "pip", "download", "--quiet", "--disable-pip-version-check", "--only-binary=:all:"]
-            .iter()
-            .map(|s| s.to_string())
-            .collect();
+    let mut args: Vec<String> = [
+        "-m",
+        "pip",
+        "download",
+        "--quiet",
+        "--disable-pip-version-check",
+        "--no-cache-dir",
+        "--only-binary=:all:",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
     args.extend([
         "--python-version".into(),
         python_version.to_string(),

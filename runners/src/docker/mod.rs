@@ -446,7 +446,7 @@ impl DockerRunner {
             [("extra requirements", &plan.requirements), ("build requirements", &plan.build_requires)]
         {
             if !reqs.is_empty() {
-                self.download(what, reqs, &wheels).await?;
+                self.download(what, reqs, &wheels, work.path()).await?;
             }
         }
         let env_mb = self.settings.env_mb.max(1);
@@ -478,14 +478,23 @@ impl DockerRunner {
         }
     }
 
-    /// `pip download` on the host: wheels only (nothing is built here), requirements in canonical
-    /// form after `--`, run in the (empty) destination, at most `env_mb` MiB and
-    /// [`PREPARE_TIMEOUT`].
-    async fn download(&self, what: &str, reqs: &[Requirement], wheels: &Path) -> Result<(), RunnerError> {
+    /// `pip download` on the host into `wheels`: wheels only (nothing is built here),
+    /// requirements in canonical form after `--`, run in the (empty) destination with its
+    /// temporary files in `work` (which holds `wheels`), all of `work` at most `env_mb` MiB, for
+    /// at most [`PREPARE_TIMEOUT`].
+    async fn download(
+        &self,
+        what: &str,
+        reqs: &[Requirement],
+        wheels: &Path,
+        work: &Path,
+    ) -> Result<(), RunnerError> {
         let cap = self.settings.env_mb.max(1);
+        let scratch = tempfile::Builder::new().prefix("pip-tmp-").tempdir_in(work)?;
         let mut cmd = tokio::process::Command::new(&self.settings.python);
         cmd.args(env::download_args(&self.python_version, wheels, reqs))
             .current_dir(wheels)
+            .env("TMPDIR", scratch.path())
             .stdin(std::process::Stdio::null())
             .stdout(std::process::Stdio::piped())
             .stderr(std::process::Stdio::piped())
@@ -507,7 +516,7 @@ impl DockerRunner {
                     )));
                 }
                 _ = tick.tick() => {
-                    if env::dir_size(wheels)? > cap << 20 {
+                    if env::dir_size(work)? > cap << 20 {
                         return Err(RunnerError::Prepare(format!(
                             "the {what} ({}) are over {cap} MiB of wheels (runner.docker.env_mb)",
                             names.join(" ")
