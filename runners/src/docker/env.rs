@@ -147,18 +147,27 @@ pub fn download_args(python_version: &str, dest: &Path, reqs: &[Requirement]) ->
     args
 }
 
-/// Bytes of file data under `dir` (symlinks not followed).
+/// Bytes of file data under `dir` (symlinks not followed). Entries that vanish during the walk
+/// (a running pip moves and removes its temporary files) count as nothing.
 pub fn dir_size(dir: &Path) -> std::io::Result<u64> {
+    let gone = |e: &std::io::Error| e.kind() == std::io::ErrorKind::NotFound;
     let mut total = 0;
     let mut stack = vec![dir.to_path_buf()];
     while let Some(d) = stack.pop() {
-        for entry in std::fs::read_dir(&d)? {
-            let entry = entry?;
-            let meta = entry.metadata()?;
-            if meta.is_dir() {
-                stack.push(entry.path());
-            } else {
-                total += meta.len();
+        let entries = match std::fs::read_dir(&d) {
+            Ok(entries) => entries,
+            Err(e) if gone(&e) => continue,
+            Err(e) => return Err(e),
+        };
+        for entry in entries {
+            let meta = match entry.and_then(|e| e.metadata().map(|m| (e.path(), m))) {
+                Ok(found) => found,
+                Err(e) if gone(&e) => continue,
+                Err(e) => return Err(e),
+            };
+            match meta {
+                (path, m) if m.is_dir() => stack.push(path),
+                (_, m) => total += m.len(),
             }
         }
     }
@@ -495,6 +504,15 @@ mod tests {
         let mut cut = tar_of(&[("a", Regular, &big)]);
         cut.truncate(4096);
         assert!(unpack_checked(cut.as_slice(), &dir.path().join("env4"), caps(1)).is_err());
+    }
+
+    #[test]
+    fn dir_size_counts_files_below_and_tolerates_a_missing_dir() {
+        let dir = tempfile::tempdir().unwrap();
+        write(dir.path(), "a/b/c.whl", "12345");
+        write(dir.path(), "d.whl", "678");
+        assert_eq!(dir_size(dir.path()).unwrap(), 8);
+        assert_eq!(dir_size(&dir.path().join("gone")).unwrap(), 0);
     }
 
     #[test]
