@@ -211,11 +211,15 @@ pub struct DockerRunnerConfig {
     pub image: String,
     /// Docker engine socket; default: the engine's default (DOCKER_HOST or /var/run/docker.sock).
     pub socket: Option<String>,
+    /// Cap in MiB on a project's environment: the wheels downloaded for it on the host, the
+    /// tmpfs its (network-less) build writes to, and the result kept on the host. The build's
+    /// container may use this much memory on top of `runner.limits.memory_mb`.
+    pub env_mb: u64,
 }
 
 impl Default for DockerRunnerConfig {
     fn default() -> Self {
-        DockerRunnerConfig { image: "cdtester-runner:latest".into(), socket: None }
+        DockerRunnerConfig { image: "cdtester-runner:latest".into(), socket: None, env_mb: 512 }
     }
 }
 

@@ -124,6 +124,9 @@ pub fn fetch(project: &CorpusProject, python: &Path, cache: &Path) -> Result<Pat
     if path.is_file() && sha256_file(&path)? == project.sdist.sha256 {
         return Ok(path);
     }
+    // The manifest is ours, but it is still only a strict requirement, after `--`.
+    let requirement = cdtester_runner_api::requirement::parse(&project.requirement())
+        .map_err(|e| CorpusError::Download { requirement: project.requirement(), reason: e.to_string() })?;
     let tmp = tempfile::Builder::new().prefix(".download-").tempdir_in(cache)?;
     let out = Command::new(python)
         .args([
@@ -138,7 +141,8 @@ pub fn fetch(project: &CorpusProject, python: &Path, cache: &Path) -> Result<Pat
             "-d",
         ])
         .arg(tmp.path())
-        .arg(project.requirement())
+        .arg("--")
+        .arg(requirement.to_string())
         .stdin(Stdio::null())
         .output()?;
     let fail = |reason: String| CorpusError::Download { requirement: project.requirement(), reason };

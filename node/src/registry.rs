@@ -44,6 +44,7 @@ pub fn docker_settings(config: &Config) -> DockerSettings {
         cache_dir: config.node.data_dir.join("docker"),
         python: config.runner.local.python.clone().unwrap_or_else(|| PathBuf::from("python3")),
         limits: config.runner.limits.clone(),
+        env_mb: config.runner.docker.env_mb,
         warm: true,
     }
 }

@@ -5,6 +5,7 @@
 pub mod abi;
 mod outcome;
 mod report;
+pub mod requirement;
 mod runner;
 
 pub use outcome::{Counts, Outcome, round2};

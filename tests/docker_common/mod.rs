@@ -44,6 +44,7 @@ pub fn settings(node_id: &str, dir: &Path, limits: Limits) -> DockerSettings {
         cache_dir: dir.join("docker-cache"),
         python: python(),
         limits,
+        env_mb: 512,
         warm: true,
     }
 }

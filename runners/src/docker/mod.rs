@@ -30,6 +30,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bollard::Docker;
+use cdtester_runner_api::requirement::{self, Requirement};
 use cdtester_runner_api::{
     Limits, ModuleReport, Outcome, PreparedProject, ProjectSource, Runner, RunnerError, TaskReport, TaskSpec,
     TestResult, round2,
@@ -51,8 +52,13 @@ const FORKSERVER_FILE: &str = "cdtester_forkserver.py";
 const ENV_MOUNT: &str = "/env";
 /// Where the project's (read-only) files are mounted; they are copied to the work dir.
 const SRC_MOUNT: &str = "/src";
-/// Making an environment (pip builds) gets at least this long.
+/// Making an environment (pip builds) gets at least this long; so does each `pip download`.
 const PREPARE_TIMEOUT: Duration = Duration::from_secs(300);
+/// Environment builds: the project copy (read-only), the downloaded wheels (read-only), and
+/// where pip installs, in the container's size-capped tmpfs (the wrapper keeps the work dir).
+const BUILD_PROJECT: &str = "/project";
+const BUILD_WHEELS: &str = "/wheels";
+const BUILD_ENV: &str = "/tmp/work/env";
 
 #[derive(Debug, thiserror::Error)]
 pub enum DockerError {
@@ -143,6 +149,9 @@ pub struct DockerSettings {
     pub python: PathBuf,
     /// Limits for discovery and environment builds (runs get theirs per task).
     pub limits: Limits,
+    /// Cap on a project's environment (`runner.docker.env_mb`): the wheels downloaded for it,
+    /// the build's tmpfs (so everything its build backend writes), and the unpacked result.
+    pub env_mb: u64,
     /// Fork each module from a warm pytest worker in the container (the local runner's fork
     /// server) instead of starting a fresh interpreter per module; falls back to a fresh one
     /// whenever the worker is unavailable.
@@ -432,101 +441,198 @@ impl DockerRunner {
         std::fs::create_dir_all(&envs)?;
         let work = tempfile::Builder::new().prefix(".build-").tempdir_in(&envs)?;
         let wheels = work.path().join("wheels");
-        let out = work.path().join("out");
         std::fs::create_dir_all(&wheels)?;
-        std::fs::create_dir_all(&out)?;
-        std::os::unix::fs::chown(&out, Some(65534), Some(65534))?;
-        let download = |reqs: &[String]| {
-            let mut cmd = tokio::process::Command::new(&self.settings.python);
-            cmd.args(env::download_args(&self.python_version, &wheels))
-                .args(reqs)
-                .stdin(std::process::Stdio::null());
-            cmd
-        };
-        for reqs in [&plan.requirements, &plan.build_requires] {
-            if reqs.is_empty() {
-                continue;
-            }
-            let output = download(reqs).output().await?;
-            if !output.status.success() {
-                return Err(RunnerError::Prepare(format!(
-                    "pip download {} failed: {}",
-                    reqs.join(" "),
-                    String::from_utf8_lossy(&output.stderr).trim()
-                )));
+        for (what, reqs) in
+            [("extra requirements", &plan.requirements), ("build requirements", &plan.build_requires)]
+        {
+            if !reqs.is_empty() {
+                self.download(what, reqs, &wheels, work.path()).await?;
             }
         }
+        let env_mb = self.settings.env_mb.max(1);
         let mut limits = self.settings.limits.clone();
         limits.timeout_s = limits.timeout_s.max(PREPARE_TIMEOUT.as_secs());
+        // Everything the build writes lives in the tmpfs, whose pages the container is charged.
+        limits.tmpfs_mb = env_mb;
+        limits.memory_mb = limits.memory_mb.saturating_add(env_mb);
         let spec = SandboxSpec {
             image: self.settings.image.clone(),
             node_id: self.settings.node_id.clone(),
             project_id: project_id.to_string(),
             limits: limits.clone(),
             binds: vec![
-                Bind { host: copy.to_path_buf(), container: SRC_MOUNT.into(), read_only: true },
-                Bind { host: wheels.clone(), container: "/wheels".into(), read_only: true },
-                Bind { host: out.clone(), container: "/out".into(), read_only: false },
+                Bind { host: copy.to_path_buf(), container: BUILD_PROJECT.into(), read_only: true },
+                Bind { host: wheels.clone(), container: BUILD_WHEELS.into(), read_only: true },
             ],
             env: base_env(None),
         };
         let mut sandbox = Sandbox::start(&self.docker, &spec).await?;
-        let pip = |rest: &[&str]| -> Vec<String> {
-            let mut cmd: Vec<String> =
-                [PYTHON, "-m", "pip", "install", "--quiet", "--disable-pip-version-check"]
-                    .iter()
-                    .chain(
-                        [
-                            "--no-index",
-                            "--find-links",
-                            "/wheels",
-                            "--target",
-                            "/out",
-                            "--no-warn-script-location",
-                        ]
-                        .iter(),
-                    )
-                    .map(|s| s.to_string())
-                    .collect();
-            cmd.extend(rest.iter().map(|s| s.to_string()));
-            cmd
-        };
-        let mut steps = Vec::new();
-        if !plan.requirements.is_empty() {
-            let reqs: Vec<&str> = plan.requirements.iter().map(String::as_str).collect();
-            steps.push(("installing the extra requirements", pip(&reqs)));
-        }
-        if plan.install_project {
-            steps.push(("installing the project", pip(&["--no-deps", sandbox::WORK_DIR])));
-        }
-        let timeout = Duration::from_secs(limits.timeout_s);
-        let mut failure = None;
-        for (what, cmd) in steps {
-            match sandbox.run(&self.docker, &cmd, &[], timeout, limits.output_kib).await {
-                Ok(r) if r.exit == Some(0) && !r.timed_out => {}
-                Ok(r) => {
-                    let (text, _) = r.output.finish();
-                    let how =
-                        if r.timed_out { "timed out".to_string() } else { format!("exit {:?}", r.exit) };
-                    failure = Some(RunnerError::Prepare(format!("{what} ({how}): {}", text.trim())));
-                    break;
-                }
-                Err(e) => {
-                    failure = Some(e.into());
-                    break;
-                }
-            }
-        }
+        let built = self.build_in(&mut sandbox, plan, &limits, work.path()).await;
         sandbox::remove(&self.docker, &sandbox.id).await;
-        if let Some(e) = failure {
-            return Err(e);
-        }
+        let out = built?;
         match std::fs::rename(&out, &dir) {
             Ok(()) => Ok(dir),
             // Another prepare of the same environment won the race: use theirs.
             Err(_) if dir.is_dir() => Ok(dir),
             Err(e) => Err(e.into()),
         }
+    }
+
+    /// `pip download` on the host into `wheels`: wheels only (nothing is built here),
+    /// requirements in canonical form after `--`, run in the (empty) destination with its
+    /// temporary files in `work` (which holds `wheels`), all of `work` at most `env_mb` MiB, for
+    /// at most [`PREPARE_TIMEOUT`].
+    async fn download(
+        &self,
+        what: &str,
+        reqs: &[Requirement],
+        wheels: &Path,
+        work: &Path,
+    ) -> Result<(), RunnerError> {
+        let cap = self.settings.env_mb.max(1);
+        let scratch = tempfile::Builder::new().prefix("pip-tmp-").tempdir_in(work)?;
+        let mut cmd = tokio::process::Command::new(&self.settings.python);
+        cmd.args(env::download_args(&self.python_version, wheels, reqs))
+            .current_dir(wheels)
+            .env("TMPDIR", scratch.path())
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .kill_on_drop(true);
+        let run = cmd.spawn()?.wait_with_output();
+        tokio::pin!(run);
+        let deadline = tokio::time::sleep(PREPARE_TIMEOUT);
+        tokio::pin!(deadline);
+        let mut tick = tokio::time::interval(Duration::from_millis(250));
+        let names: Vec<String> = reqs.iter().map(Requirement::to_string).collect();
+        let output = loop {
+            tokio::select! {
+                out = &mut run => break out?,
+                _ = &mut deadline => {
+                    return Err(RunnerError::Prepare(format!(
+                        "downloading the {what} ({}) timed out after {} s",
+                        names.join(" "),
+                        PREPARE_TIMEOUT.as_secs()
+                    )));
+                }
+                _ = tick.tick() => {
+                    if env::dir_size(work)? > cap << 20 {
+                        return Err(RunnerError::Prepare(format!(
+                            "the {what} ({}) are over {cap} MiB of wheels (runner.docker.env_mb)",
+                            names.join(" ")
+                        )));
+                    }
+                }
+            }
+        };
+        if output.status.success() {
+            return Ok(());
+        }
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        Err(RunnerError::Prepare(format!(
+            "pip download of the {what} ({}) failed; only wheels for CPython {} are used, sdists are \
+             never built on the host: {}",
+            names.join(" "),
+            self.python_version,
+            crate::local::tail(stderr.trim(), 1500)
+        )))
+    }
+
+    /// Installs `plan` into [`BUILD_ENV`] in `sandbox`, then unpacks it, checked, into
+    /// `<work>/env` on the host; returns that directory.
+    async fn build_in(
+        &self,
+        sandbox: &mut Sandbox,
+        plan: &env::EnvPlan,
+        limits: &Limits,
+        work: &Path,
+    ) -> Result<PathBuf, RunnerError> {
+        let env_mb = limits.tmpfs_mb;
+        let pip = |rest: Vec<String>| -> Vec<String> {
+            let mut cmd: Vec<String> = [
+                PYTHON,
+                "-m",
+                "pip",
+                "install",
+                "--quiet",
+                "--disable-pip-version-check",
+                "--no-index",
+                "--find-links",
+                BUILD_WHEELS,
+                "--target",
+                BUILD_ENV,
+                "--no-warn-script-location",
+            ]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+            cmd.extend(rest);
+            cmd
+        };
+        let mut steps = Vec::new();
+        if !plan.requirements.is_empty() {
+            steps.push((
+                "installing the extra requirements",
+                pip(requirement::pip_requirement_args(&plan.requirements)),
+            ));
+        }
+        if plan.install_project {
+            // pip builds in-tree: from a writable copy in the tmpfs.
+            let copy = format!("{}/project", sandbox::WORK_DIR);
+            steps.push((
+                "copying the project",
+                ["/bin/cp", "-R", BUILD_PROJECT, &copy].map(String::from).to_vec(),
+            ));
+            steps.push(("installing the project", pip(vec!["--no-deps".into(), "--".into(), copy])));
+        }
+        let timeout = Duration::from_secs(limits.timeout_s);
+        for (what, cmd) in steps {
+            let r = sandbox.run(&self.docker, &cmd, &[], timeout, limits.output_kib).await?;
+            if r.exit == Some(0) && !r.timed_out {
+                continue;
+            }
+            let (text, _) = r.output.finish();
+            if text.contains("No space left on device") {
+                return Err(RunnerError::Prepare(format!("{what}: {}", env::OutputError::TooBig(env_mb))));
+            }
+            let how = if r.timed_out { "timed out".to_string() } else { format!("exit {:?}", r.exit) };
+            return Err(RunnerError::Prepare(format!("{what} ({how}): {}", text.trim())));
+        }
+        let out = work.join("env");
+        let caps = env::OutputCaps { mib: env_mb, files: env::MAX_FILES };
+        let (tx, rx) = tokio::sync::mpsc::channel(16);
+        let dest = out.clone();
+        let unpack = tokio::task::spawn_blocking(move || {
+            env::unpack_checked(ChunkReader { rx, chunk: bytes::Bytes::new() }, &dest, caps)
+        });
+        let exported = sandbox.export_tar(&self.docker, BUILD_ENV, timeout, tx).await;
+        let unpacked =
+            unpack.await.map_err(|e| RunnerError::Infra(format!("unpacking the environment: {e}")))?;
+        match (exported, unpacked) {
+            (Ok(_), Ok(())) => Ok(out),
+            (_, Err(e)) => Err(RunnerError::Prepare(e.to_string())),
+            (Err(e), Ok(())) => Err(e.into()),
+        }
+    }
+}
+
+/// Reads, on a blocking thread, the chunks an async task sends.
+struct ChunkReader {
+    rx: tokio::sync::mpsc::Receiver<bytes::Bytes>,
+    chunk: bytes::Bytes,
+}
+
+impl std::io::Read for ChunkReader {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        while self.chunk.is_empty() {
+            match self.rx.blocking_recv() {
+                Some(c) => self.chunk = c,
+                None => return Ok(0),
+            }
+        }
+        let n = buf.len().min(self.chunk.len());
+        buf[..n].copy_from_slice(&self.chunk.split_to(n));
+        Ok(n)
     }
 }
 
@@ -614,7 +720,13 @@ impl Runner for DockerRunner {
         let content_hash = crate::local::content_hash(&source.root)?;
         env::copy_tree(&source.root, &copy)?;
         std::fs::set_permissions(&holder, std::os::unix::fs::PermissionsExt::from_mode(0o755))?;
-        let plan = env::plan(&copy, &source.extra_requirements);
+        let plan = match env::plan(&copy, &source.extra_requirements) {
+            Ok(plan) => plan,
+            Err(e) => {
+                let _ = std::fs::remove_dir_all(&holder);
+                return Err(e);
+            }
+        };
         let env = if plan.is_empty() {
             None
         } else {

@@ -539,6 +539,75 @@ impl Sandbox {
         })
     }
 
+    /// Streams `tar -C <dir> -cf - .`, run in the container, chunk by chunk into `sink`.
+    /// `Ok(false)` when `sink` stopped taking chunks (its reader gave up). The stream is what
+    /// the container says: the reader must check everything in it.
+    pub async fn export_tar(
+        &self,
+        docker: &Docker,
+        dir: &str,
+        timeout: Duration,
+        sink: tokio::sync::mpsc::Sender<bytes::Bytes>,
+    ) -> Result<bool, DockerError> {
+        let what = "exporting the environment build output";
+        let argv = ["/bin/tar", "-C", dir, "-cf", "-", "."].map(String::from).to_vec();
+        let options = CreateExecOptions {
+            attach_stdout: Some(true),
+            attach_stderr: Some(true),
+            cmd: Some(argv),
+            working_dir: Some("/".to_string()),
+            user: Some(USER.to_string()),
+            ..Default::default()
+        };
+        let exec = docker
+            .create_exec(&self.id, options)
+            .await
+            .map_err(|e| DockerError::engine("creating an exec", e))?;
+        let mut errors = OutputCap::new_kib(4);
+        let stream = async {
+            let mut output = match docker.start_exec(&exec.id, None).await {
+                Ok(StartExecResults::Attached { output, .. }) => output,
+                Ok(StartExecResults::Detached) => return Ok(true),
+                Err(e) => return Err(DockerError::engine("starting an exec", e)),
+            };
+            while let Some(item) = output.next().await {
+                match item {
+                    Ok(LogOutput::StdOut { message }) => {
+                        if sink.send(message).await.is_err() {
+                            return Ok(false);
+                        }
+                    }
+                    Ok(LogOutput::StdErr { message }) => errors.push(&message),
+                    Ok(_) => {}
+                    Err(e) => return Err(DockerError::engine("reading an exec's output", e)),
+                }
+            }
+            Ok(true)
+        };
+        let complete = match tokio::time::timeout(timeout, stream).await {
+            Ok(r) => r?,
+            Err(_) => {
+                return Err(DockerError::Command {
+                    what: what.into(),
+                    detail: format!("timed out after {} s", timeout.as_secs()),
+                });
+            }
+        };
+        if !complete {
+            return Ok(false);
+        }
+        let info =
+            docker.inspect_exec(&exec.id).await.map_err(|e| DockerError::engine("inspecting an exec", e))?;
+        if info.exit_code != Some(0) {
+            let (text, _) = errors.finish();
+            return Err(DockerError::Command {
+                what: what.into(),
+                detail: format!("tar exit {:?}: {}", info.exit_code, text.trim()),
+            });
+        }
+        Ok(true)
+    }
+
     /// The container's cgroup OOM-kill counter (cgroup v1 `memory.oom_control` or v2
     /// `memory.events`), read from inside.
     async fn oom_kill_count(&self, docker: &Docker) -> Option<u64> {

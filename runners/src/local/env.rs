@@ -12,6 +12,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::Mutex;
 
+use cdtester_runner_api::requirement::{self, Requirement};
 use sha2::{Digest, Sha256};
 
 use super::LocalError;
@@ -67,12 +68,15 @@ impl EnvManager {
         requirements: &[String],
         install_from: Option<(&Path, &str)>,
     ) -> Result<PathBuf, LocalError> {
+        // Strict PEP 508 only (no URL, path or pip option), in canonical form, after `--`.
+        let mut reqs: Vec<String> =
+            requirement::parse_all(requirements)?.iter().map(Requirement::to_string).collect();
+        reqs.sort();
+        reqs.dedup();
         let base = self.base()?;
-        if requirements.is_empty() && install_from.is_none() {
+        if reqs.is_empty() && install_from.is_none() {
             return Ok(base);
         }
-        let mut reqs = requirements.to_vec();
-        reqs.sort();
         let mut parts: Vec<&[u8]> = vec![base.as_os_str().as_encoded_bytes()];
         parts.extend(reqs.iter().map(|r| r.as_bytes()));
         if let Some((_, hash)) = install_from {
@@ -101,7 +105,8 @@ impl EnvManager {
                 run_checked(&mut cmd)
             };
             if !reqs.is_empty() {
-                let mut args: Vec<&std::ffi::OsStr> = vec!["-c".as_ref(), constraints.as_os_str()];
+                let mut args: Vec<&std::ffi::OsStr> =
+                    vec!["-c".as_ref(), constraints.as_os_str(), "--".as_ref()];
                 args.extend(reqs.iter().map(|r| std::ffi::OsStr::new(r.as_str())));
                 pip(&args)?;
             }
@@ -109,7 +114,7 @@ impl EnvManager {
                 // pip builds setuptools projects in-tree (build/, *.egg-info): build from a copy.
                 let copy = tempfile::Builder::new().prefix("cdt-install-").tempdir_in(&self.dir)?;
                 copy_tree(root, copy.path())?;
-                pip(&["--no-deps".as_ref(), copy.path().as_os_str()])?;
+                pip(&["--no-deps".as_ref(), "--".as_ref(), copy.path().as_os_str()])?;
             }
             Ok(())
         })?;
@@ -351,6 +356,18 @@ mod tests {
         })
         .unwrap();
         assert!(target.join("f").is_file(), "a ready env is never replaced");
+    }
+
+    #[test]
+    fn urls_and_pip_options_are_refused_before_anything_runs() {
+        let d = tempfile::tempdir().unwrap();
+        let envs = EnvManager::new(PathBuf::from("/nonexistent/python3"), d.path().join("envs"));
+        for bad in ["-r/etc/passwd", "evil @ http://127.0.0.1:1/evil-1.0.tar.gz", "./evil.tar.gz"] {
+            let err = envs.project(&["hypothesis".to_string(), bad.to_string()], None).unwrap_err();
+            assert!(matches!(err, LocalError::Requirement(_)), "{bad}: {err}");
+            assert!(err.to_string().contains("refused"), "{err}");
+        }
+        assert!(!d.path().join("envs").exists(), "nothing was built");
     }
 
     #[test]

@@ -27,6 +27,7 @@ use cdtester_runner_api::{
 };
 
 pub use durations::{DurationStore, MIN_SPLIT_SECS, ModuleStat, UNKNOWN_MODULE_SECS};
+pub(crate) use env::tail;
 pub use env::{PYTEST_REQUIREMENT, content_hash, needs_install, resolve_python};
 
 use crate::pytest::{self, Mode};
@@ -40,6 +41,8 @@ pub const DISCOVER_TIMEOUT: Duration = Duration::from_secs(300);
 pub enum LocalError {
     #[error("environment: {0}")]
     Env(String),
+    #[error("extra {0}")]
+    Requirement(#[from] cdtester_runner_api::requirement::RequirementError),
     #[error(transparent)]
     Io(#[from] std::io::Error),
 }
