@@ -74,15 +74,6 @@ pub fn plugin_env(report_target: &str, chunk: Option<Chunk>) -> Vec<(String, Str
     env
 }
 
-/// `PYTHONPATH` value: `entries` first, then whatever was already set.
-pub fn python_path(entries: &[PathBuf], inherited: Option<&std::ffi::OsStr>) -> std::ffi::OsString {
-    let mut paths: Vec<PathBuf> = entries.to_vec();
-    if let Some(old) = inherited {
-        paths.extend(std::env::split_paths(old));
-    }
-    std::env::join_paths(paths).unwrap_or_default()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -116,11 +107,5 @@ mod tests {
         assert!(text.contains(MARK.trim_end()));
         install_plugin(&dir).unwrap();
         std::fs::remove_dir_all(&dir).unwrap();
-    }
-
-    #[test]
-    fn python_path_puts_entries_first() {
-        let p = python_path(&[PathBuf::from("/a"), PathBuf::from("/b")], Some(std::ffi::OsStr::new("/c")));
-        assert_eq!(p, "/a:/b:/c");
     }
 }
