@@ -8,7 +8,6 @@
 //! Both are built in a temporary directory and renamed into place, so concurrent builders (threads
 //! or processes) never see a half-made environment.
 
-use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::Mutex;
@@ -16,7 +15,7 @@ use std::sync::Mutex;
 use sha2::{Digest, Sha256};
 
 use super::LocalError;
-use super::sandbox::Ident;
+use super::sandbox::Confinement;
 
 /// The pytest every environment gets (the corpus expectations were measured with it).
 pub const PYTEST_REQUIREMENT: &str = "pytest==9.2.0";
@@ -320,34 +319,38 @@ pub fn needs_install(root: &Path) -> bool {
 /// The interpreter to build environments from: the configured one, else `python3` on PATH
 /// resolved once to its real executable (pyenv shims are slow to start).
 pub fn resolve_python(configured: Option<&Path>) -> Result<PathBuf, LocalError> {
-    resolve_python_as(configured, None, &[])
-}
-
-/// [`resolve_python`] as the tests' uid `ident` (if any): the interpreter (and the first `python3`
-/// on PATH when none is configured) must be one that uid can run, and it must reach `paths`.
-pub(crate) fn resolve_python_as(
-    configured: Option<&Path>,
-    ident: Option<Ident>,
-    paths: &[&Path],
-) -> Result<PathBuf, LocalError> {
     let candidate = configured.map(Path::to_path_buf).unwrap_or_else(|| PathBuf::from("python3"));
-    let mut cmd = Command::new(&candidate);
-    cmd.args(["-c", "import os, sys\nfor p in sys.argv[1:]: os.stat(p)\nprint(sys.executable)"]).args(paths);
-    if let Some(id) = ident {
-        cmd.uid(id.uid).gid(id.gid).current_dir("/");
-    }
-    let exe = command_output(&mut cmd).map_err(|e| {
-        let who = ident.map(|i| format!(" as uid {}", i.uid)).unwrap_or_default();
-        LocalError::Env(format!(
-            "cannot run Python interpreter {}{who} or it cannot reach the runner's folders \
-             (runner.local.python, runner.local.venv_dir): {e}",
-            candidate.display()
-        ))
-    })?;
+    let exe = command_output(Command::new(&candidate).args(["-c", "import sys; print(sys.executable)"]))
+        .map_err(|e| {
+            LocalError::Env(format!("cannot run Python interpreter {}: {e}", candidate.display()))
+        })?;
     if exe.is_empty() {
         return Err(LocalError::Env(format!("{} did not report sys.executable", candidate.display())));
     }
     Ok(PathBuf::from(exe))
+}
+
+/// The folders an interpreter runs from: its installation prefix and its executable's folder.
+pub(crate) fn interpreter_dirs(python: &Path) -> Result<Vec<PathBuf>, LocalError> {
+    let text = command_output(Command::new(python).args([
+        "-c",
+        "import os, sys\nprint(sys.base_prefix)\nprint(os.path.dirname(os.path.realpath(sys.executable)))",
+    ]))?;
+    Ok(text.lines().map(PathBuf::from).collect())
+}
+
+/// Checks that `python`, confined as tests are, starts and reaches every path of `paths`.
+pub(crate) fn check_usable(python: &Path, confine: &Confinement, paths: &[&Path]) -> Result<(), LocalError> {
+    let mut cmd = Command::new(python);
+    cmd.args(["-c", "import os, sys\nfor p in sys.argv[1:]: os.stat(p)"]).args(paths).current_dir("/");
+    confine.apply(&mut cmd);
+    command_output(&mut cmd).map(drop).map_err(|e| {
+        let who = confine.ident.map(|i| format!(" as uid {}", i.uid)).unwrap_or_default();
+        LocalError::Env(format!(
+            "tests cannot run the Python interpreter{who} or reach the runner's folders \
+             (runner.local.python, runner.local.venv_dir, the system temp folder): {e}"
+        ))
+    })
 }
 
 #[cfg(test)]

@@ -84,13 +84,15 @@ pub struct LocalRunner {
 
 impl LocalRunner {
     pub fn new(opts: LocalOptions) -> Result<LocalRunner, LocalError> {
-        let sandbox = Sandbox::new(opts.uid, opts.gid, opts.rlimits.clone())?;
+        let python = resolve_python(opts.python.as_deref())?;
         std::fs::create_dir_all(&opts.venv_dir)?;
         let venv_dir = std::fs::canonicalize(&opts.venv_dir)?;
-        // The interpreter tests will use, as their uid: it and the runner's folders must be
-        // reachable by that uid (a default `python3` under root's home is skipped for the next).
-        let python =
-            env::resolve_python_as(opts.python.as_deref(), sandbox.ident(), &[&venv_dir, sandbox.work()])?;
+        // Tests must reach the interpreter and the environments as their own uid.
+        let mut sandbox = Sandbox::new(opts.uid, opts.gid, opts.rlimits.clone())?;
+        let mut needed = env::interpreter_dirs(&python)?;
+        needed.push(venv_dir.clone());
+        sandbox.expose(&needed)?;
+        env::check_usable(&python, &sandbox.confinement(DISCOVER_TIMEOUT), &[&venv_dir, sandbox.work()])?;
         // Support files (reporting plugin + fork server), keyed by their content.
         let mut key = content_key(pytest::PLUGIN_SOURCE);
         key.push_str(&content_key(warm::SERVER_SOURCE));
@@ -136,7 +138,8 @@ impl LocalRunner {
             return Some(Arc::clone(server));
         }
         let env = sandbox::test_env(&state.python, &self.support);
-        match WarmServer::start(&state.python, &self.support, &state.run_root, &env) {
+        let confine = self.sandbox.server_confinement();
+        match WarmServer::start(&state.python, &self.support, &state.run_root, &env, &confine) {
             Ok(server) => {
                 let server = Arc::new(server);
                 *slot = Some(Arc::clone(&server));

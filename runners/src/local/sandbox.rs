@@ -8,17 +8,22 @@
 //! - when the node runs as root, an unprivileged uid/gid (default 65534, `nobody`/`nogroup`), so
 //!   a test cannot signal the node, its warm worker or anything else of root's. The project is
 //!   then run from a copy owned by that uid (the node's own tree stays untouched), and every run
-//!   gets a fresh HOME and TMPDIR owned by it.
+//!   gets a fresh HOME and TMPDIR owned by it. When the interpreter or the environment cache lies
+//!   under a folder that uid may not search (a pyenv Python in `/root`), test processes get their
+//!   own mount namespace in which that folder is a small empty tmpfs holding only bind mounts of
+//!   what they need ([`MountPlan`]): same paths, nothing else of the folder visible.
 //!
 //! This is not a sandbox against a kernel exploit, and tests of different projects share the one
 //! uid; use the `docker` runner for hostile code.
 
+use std::ffi::CString;
 use std::io::Read;
-use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::sync::Once;
+use std::sync::{Arc, Once};
 use std::time::Duration;
 
 use tempfile::TempDir;
@@ -67,36 +72,158 @@ pub(crate) struct Limit {
     hard: u64,
 }
 
-/// How one process is confined: always its own session; for tests also limits and credentials.
+/// Folders the tests' uid may not search, each replaced (in the test processes' own mount
+/// namespace) by an empty tmpfs holding bind mounts of the paths below it they need.
+#[derive(Debug, Default)]
+pub(crate) struct MountPlan {
+    /// An empty root-owned folder where each tmpfs is assembled before it is moved into place.
+    stage: Option<CString>,
+    covers: Vec<Cover>,
+}
+
+#[derive(Debug)]
+struct Cover {
+    /// The folder hidden by the tmpfs.
+    at: CString,
+    /// Folders to create in the staged tmpfs, parents first.
+    dirs: Vec<CString>,
+    /// (host path, its place in the staged tmpfs) to bind.
+    binds: Vec<(CString, CString)>,
+}
+
+impl MountPlan {
+    /// The plan that makes every path of `needed` (with its contents) reachable by `id`.
+    fn for_paths(needed: &[PathBuf], id: Ident, stage: &Path) -> std::io::Result<MountPlan> {
+        let mut covers: Vec<(PathBuf, Vec<PathBuf>)> = Vec::new();
+        for path in needed {
+            let Some(blocked) = first_unsearchable_ancestor(path, id)? else { continue };
+            match covers.iter_mut().find(|(at, _)| *at == blocked) {
+                Some((_, keep)) => keep.push(path.clone()),
+                None => covers.push((blocked, vec![path.clone()])),
+            }
+        }
+        if covers.is_empty() {
+            return Ok(MountPlan::default());
+        }
+        let mut plan = MountPlan { stage: Some(c_path(stage)?), covers: Vec::new() };
+        for (at, keep) in covers {
+            let mut dirs = Vec::new();
+            let mut binds = Vec::new();
+            for path in keep {
+                let rel = path.strip_prefix(&at).map_err(std::io::Error::other)?;
+                let mut inner = stage.to_path_buf();
+                for part in rel.components() {
+                    inner.push(part);
+                    let c = c_path(&inner)?;
+                    if !dirs.contains(&c) {
+                        dirs.push(c);
+                    }
+                }
+                binds.push((c_path(&path)?, c_path(&inner)?));
+            }
+            plan.covers.push(Cover { at: c_path(&at)?, dirs, binds });
+        }
+        Ok(plan)
+    }
+
+    /// In the forked child, before exec: a private mount namespace with every cover in place.
+    /// Only async-signal-safe system calls on data prepared before the fork.
+    fn enter(&self) -> std::io::Result<()> {
+        let Some(stage) = &self.stage else { return Ok(()) };
+        let check = |rc: libc::c_int| if rc == 0 { Ok(()) } else { Err(std::io::Error::last_os_error()) };
+        let null = std::ptr::null::<libc::c_char>();
+        // SAFETY: plain system calls on NUL-terminated strings owned by `self`.
+        unsafe {
+            check(libc::unshare(libc::CLONE_NEWNS))?;
+            check(libc::mount(null, c"/".as_ptr(), null, libc::MS_REC | libc::MS_PRIVATE, std::ptr::null()))?;
+            for cover in &self.covers {
+                let opts = c"mode=0755,size=1m";
+                check(libc::mount(
+                    c"tmpfs".as_ptr(),
+                    stage.as_ptr(),
+                    c"tmpfs".as_ptr(),
+                    libc::MS_NOSUID | libc::MS_NODEV,
+                    opts.as_ptr().cast(),
+                ))?;
+                for dir in &cover.dirs {
+                    check(libc::mkdir(dir.as_ptr(), 0o755))?;
+                }
+                for (from, to) in &cover.binds {
+                    check(libc::mount(
+                        from.as_ptr(),
+                        to.as_ptr(),
+                        null,
+                        libc::MS_BIND | libc::MS_REC,
+                        std::ptr::null(),
+                    ))?;
+                }
+                check(libc::mount(stage.as_ptr(), cover.at.as_ptr(), null, libc::MS_MOVE, std::ptr::null()))?;
+            }
+        }
+        Ok(())
+    }
+}
+
+fn c_path(path: &Path) -> std::io::Result<CString> {
+    CString::new(path.as_os_str().as_bytes()).map_err(std::io::Error::other)
+}
+
+/// The highest folder above `path` that `id` (without supplementary groups) may not search.
+fn first_unsearchable_ancestor(path: &Path, id: Ident) -> std::io::Result<Option<PathBuf>> {
+    let mut ancestors: Vec<&Path> = path.ancestors().skip(1).collect();
+    ancestors.reverse();
+    for dir in ancestors {
+        let meta = std::fs::metadata(dir)?;
+        let bit = if meta.uid() == id.uid {
+            0o100
+        } else if meta.gid() == id.gid {
+            0o010
+        } else {
+            0o001
+        };
+        if meta.mode() & bit == 0 {
+            return Ok(Some(dir.to_path_buf()));
+        }
+    }
+    Ok(None)
+}
+
+/// How one process is confined: always its own session; a mount namespace when tests need one;
+/// for tests also limits and credentials.
 #[derive(Debug, Clone, Default)]
 pub(crate) struct Confinement {
     pub ident: Option<Ident>,
     pub limits: Vec<Limit>,
+    pub mounts: Arc<MountPlan>,
 }
 
 impl Confinement {
-    /// Makes `cmd` start in a new session with these limits and credentials (`Command::uid`
-    /// also drops supplementary groups when the parent is root).
+    /// Makes `cmd` start in its mount namespace (if any), in a new session, with these limits,
+    /// then with these credentials and no supplementary groups.
     pub(crate) fn apply(&self, cmd: &mut Command) {
-        if let Some(id) = self.ident {
-            cmd.uid(id.uid).gid(id.gid);
-        }
         let limits: Vec<(libc::__rlimit_resource_t, libc::rlimit)> = self
             .limits
             .iter()
             .map(|l| (l.resource, libc::rlimit { rlim_cur: l.soft, rlim_max: l.hard }))
             .collect();
+        let (mounts, ident) = (Arc::clone(&self.mounts), self.ident);
         // SAFETY: the closure runs in the forked child before exec and only makes
         // async-signal-safe system calls on data prepared before the fork.
         unsafe {
             cmd.pre_exec(move || {
+                mounts.enter()?;
+                let check =
+                    |rc: libc::c_int| if rc == 0 { Ok(()) } else { Err(std::io::Error::last_os_error()) };
                 if libc::setsid() < 0 {
                     return Err(std::io::Error::last_os_error());
                 }
                 for (resource, limit) in &limits {
-                    if libc::setrlimit(*resource, limit) != 0 {
-                        return Err(std::io::Error::last_os_error());
-                    }
+                    check(libc::setrlimit(*resource, limit))?;
+                }
+                if let Some(id) = ident {
+                    check(libc::setgroups(0, std::ptr::null()))?;
+                    check(libc::setresgid(id.gid, id.gid, id.gid))?;
+                    check(libc::setresuid(id.uid, id.uid, id.uid))?;
                 }
                 Ok(())
             });
@@ -123,6 +250,7 @@ pub(crate) struct Sandbox {
     ident: Option<Ident>,
     rlimits: Rlimits,
     work: TempDir,
+    mounts: Arc<MountPlan>,
 }
 
 static NOT_ROOT: Once = Once::new();
@@ -153,11 +281,41 @@ impl Sandbox {
         let work = tempfile::Builder::new().prefix("cdt-local-").tempdir()?;
         // Others may pass through (to their own task and project folders) but not list it.
         std::fs::set_permissions(work.path(), std::fs::Permissions::from_mode(0o711))?;
-        Ok(Sandbox { ident, rlimits, work })
+        Ok(Sandbox { ident, rlimits, work, mounts: Arc::default() })
     }
 
-    pub(crate) fn ident(&self) -> Option<Ident> {
-        self.ident
+    /// Makes `needed` (and what is below) reachable by the tests' uid: where a folder above one
+    /// of them is not searchable by it, test processes get a mount namespace that shows them
+    /// only these paths there (see [`MountPlan`]).
+    pub(crate) fn expose(&mut self, needed: &[PathBuf]) -> std::io::Result<()> {
+        let Some(id) = self.ident else { return Ok(()) };
+        let mut needed = needed.to_vec();
+        needed.sort();
+        needed.dedup();
+        // Keep only the outermost paths: binding one brings along everything below it.
+        let outer: Vec<PathBuf> =
+            needed.iter().filter(|p| !needed.iter().any(|q| q != *p && p.starts_with(q))).cloned().collect();
+        let stage = self.work.path().join(".mnt");
+        std::fs::create_dir_all(&stage)?;
+        let plan = MountPlan::for_paths(&outer, id, &stage)?;
+        if !plan.covers.is_empty() {
+            let hidden: Vec<String> =
+                plan.covers.iter().map(|c| c.at.to_string_lossy().into_owned()).collect();
+            tracing::info!(
+                ?hidden,
+                uid = id.uid,
+                "tests get a mount namespace: these folders are not searchable by their uid, so they \
+                 see only the interpreter and environments there"
+            );
+        }
+        self.mounts = Arc::new(plan);
+        Ok(())
+    }
+
+    /// The confinement of the warm worker: the tests' mount namespace and a session of its own,
+    /// but the node's uid and no limits (its children confine themselves further).
+    pub(crate) fn server_confinement(&self) -> Confinement {
+        Confinement { ident: None, limits: Vec::new(), mounts: Arc::clone(&self.mounts) }
     }
 
     /// The runner's work area (must be reachable by the tests' uid).
@@ -188,7 +346,7 @@ impl Sandbox {
                 Limit { name, resource, soft: soft.min(hard), hard }
             })
             .collect();
-        Confinement { ident: self.ident, limits }
+        Confinement { ident: self.ident, limits, mounts: Arc::clone(&self.mounts) }
     }
 
     /// A fresh directory for one run: HOME, TMPDIR and the plugin's record file, owned by the
@@ -325,7 +483,37 @@ mod tests {
         }
         assert!(Sandbox::new(Some(0), None, Rlimits::default()).is_err());
         let s = Sandbox::new(None, None, Rlimits::default()).unwrap();
-        assert_eq!(s.ident(), Some(Ident { uid: 65534, gid: 65534 }));
+        assert_eq!(s.ident, Some(Ident { uid: 65534, gid: 65534 }));
+    }
+
+    #[test]
+    fn a_folder_the_uid_cannot_search_shows_tests_only_what_they_need() {
+        // SAFETY: plain syscall.
+        if unsafe { libc::geteuid() } != 0 {
+            return;
+        }
+        let private = tempfile::tempdir().unwrap();
+        std::fs::set_permissions(private.path(), std::fs::Permissions::from_mode(0o700)).unwrap();
+        let needed = private.path().join("a/needed");
+        std::fs::create_dir_all(&needed).unwrap();
+        std::fs::write(needed.join("file"), "visible").unwrap();
+        std::fs::write(private.path().join("secret"), "hidden").unwrap();
+        let mut s = Sandbox::new(None, None, Rlimits::default()).unwrap();
+        let id = s.ident.unwrap();
+        assert_eq!(first_unsearchable_ancestor(&needed, id).unwrap().as_deref(), Some(private.path()));
+        s.expose(&[needed.clone()]).unwrap();
+        let script = format!(
+            "cat {}/file; echo; cat {}/secret 2>/dev/null || echo no-secret; id -u",
+            needed.display(),
+            private.path().display()
+        );
+        let mut cmd = Command::new("/bin/sh");
+        cmd.args(["-c", &script]).current_dir("/");
+        s.confinement(Duration::from_secs(10)).apply(&mut cmd);
+        let out = cmd.output().unwrap();
+        assert_eq!(String::from_utf8_lossy(&out.stdout), "visible\nno-secret\n65534\n", "{out:?}");
+        // The node's own view is unchanged.
+        assert_eq!(std::fs::read_to_string(private.path().join("secret")).unwrap(), "hidden");
     }
 
     #[test]
@@ -333,7 +521,8 @@ mod tests {
         use std::os::unix::fs::MetadataExt;
         let s = Sandbox::new(None, None, Rlimits::default()).unwrap();
         let task = s.task_dir().unwrap();
-        let uid = s.ident().map_or_else(|| unsafe { libc::geteuid() }, |i| i.uid);
+        // SAFETY: plain syscall.
+        let uid = s.ident.map_or_else(|| unsafe { libc::geteuid() }, |i| i.uid);
         for path in [task.home(), task.tmp(), task.records()] {
             assert_eq!(std::fs::metadata(&path).unwrap().uid(), uid, "{}", path.display());
         }

@@ -70,14 +70,15 @@ pub(crate) struct WarmExec {
 }
 
 impl WarmServer {
-    /// Starts a server for the project at `cwd` with exactly the environment `env`, in its own
-    /// session. It keeps the node's uid: its children confine themselves (rlimits, then the
+    /// Starts a server for the project at `cwd` with exactly the environment `env`, confined as
+    /// `confine` (its own session, the tests' mount namespace). It keeps the node's uid: its children confine themselves (rlimits, then the
     /// request's uid) before running anything of the project, so they cannot signal it.
     pub(crate) fn start(
         python: &Path,
         server_dir: &Path,
         cwd: &Path,
         env: &[(String, String)],
+        confine: &Confinement,
     ) -> std::io::Result<WarmServer> {
         let mut cmd = Command::new(python);
         cmd.arg(server_dir.join(SERVER_FILE))
@@ -87,7 +88,7 @@ impl WarmServer {
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
-        Confinement::default().apply(&mut cmd);
+        confine.apply(&mut cmd);
         let mut child = cmd.spawn()?;
         let stdin = child.stdin.take().ok_or_else(|| std::io::Error::other("no stdin"))?;
         let stdout = child.stdout.take().ok_or_else(|| std::io::Error::other("no stdout"))?;

@@ -22,9 +22,9 @@ pub const PLUGIN_MODULE: &str = "cdtester_report";
 /// Source of the reporting plugin, to be written where the interpreter finds it.
 pub const PLUGIN_SOURCE: &str = include_str!("../../python/cdtester_report.py");
 /// Environment variable naming the plugin's record file (`stderr` = the original stderr).
-pub const REPORT_ENV: &str = "CDT_REPORT_FILE";
+pub const REPORT_ENV: &str = "CDTESTER_REPORT_FILE";
 /// Environment variable selecting one chunk of a module (`index/count`).
-pub const CHUNK_ENV: &str = "CDT_CHUNK";
+pub const CHUNK_ENV: &str = "CDTESTER_CHUNK";
 /// Prefix of every record line.
 pub const MARK: &str = "@@cdtester@@ ";
 
