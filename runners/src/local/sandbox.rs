@@ -501,7 +501,7 @@ mod tests {
         let mut s = Sandbox::new(None, None, Rlimits::default()).unwrap();
         let id = s.ident.unwrap();
         assert_eq!(first_unsearchable_ancestor(&needed, id).unwrap().as_deref(), Some(private.path()));
-        s.expose(&[needed.clone()]).unwrap();
+        s.expose(std::slice::from_ref(&needed)).unwrap();
         let script = format!(
             "cat {}/file; echo; cat {}/secret 2>/dev/null || echo no-secret; id -u",
             needed.display(),
