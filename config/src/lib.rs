@@ -196,11 +196,46 @@ pub struct LocalRunnerConfig {
     /// Run projects submitted over HTTP with the local runner even when the node's API listens
     /// beyond loopback (the local runner does not isolate hostile code; see README, Security).
     pub allow_remote_submissions: bool,
+    /// User id tests run as when the node runs as root (default 65534, `nobody`); ignored when
+    /// the node is not root (tests then keep the node's uid). Must not be 0.
+    pub uid: Option<u32>,
+    /// Group id tests run as when the node runs as root (default 65534, `nogroup`).
+    pub gid: Option<u32>,
+    /// Resource limits (setrlimit) of every test process.
+    pub rlimits: LocalRlimits,
 }
 
 impl Default for LocalRunnerConfig {
     fn default() -> Self {
-        LocalRunnerConfig { python: None, venv_dir: None, warm: true, allow_remote_submissions: false }
+        LocalRunnerConfig {
+            python: None,
+            venv_dir: None,
+            warm: true,
+            uid: None,
+            gid: None,
+            rlimits: LocalRlimits::default(),
+            allow_remote_submissions: false,
+        }
+    }
+}
+
+/// `setrlimit` limits of the local runner's test processes (each process of a test has its own).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LocalRlimits {
+    /// CPU seconds per process; default: the run's wall-clock timeout plus 5 s.
+    pub cpu_s: Option<u64>,
+    /// Largest file a test may write, in MiB.
+    pub fsize_mib: u64,
+    /// Open file descriptors per process.
+    pub nofile: u64,
+    /// Processes and threads of the tests' uid, all together (`RLIMIT_NPROC` counts per user).
+    pub nproc: u64,
+}
+
+impl Default for LocalRlimits {
+    fn default() -> Self {
+        LocalRlimits { cpu_s: None, fsize_mib: 1024, nofile: 1024, nproc: 512 }
     }
 }
 

@@ -1,12 +1,16 @@
 """cdtester warm pytest worker: imports pytest once, then forks one child per request.
 
 Each child is exactly a fresh ``python -m pytest ARGS`` run from the project root (cwd on
-``sys.path[0]``, ``sys.argv`` as ``-m pytest`` sets it, its own process group, stdin from
-/dev/null, stdout+stderr into one pipe), minus the interpreter and pytest start-up. Nothing of the
-project is imported here, so every module still runs alone.
+``sys.path[0]``, ``sys.argv`` as ``-m pytest`` sets it, its own session and process group, stdin
+from /dev/null, stdout+stderr into one pipe), minus the interpreter and pytest start-up. Nothing of
+the project is imported here (the project root is not on this process's ``sys.path``), so every
+module still runs alone. Before running anything, a child applies the request's resource limits
+and, when given, drops to its uid/gid (with no supplementary groups), so it cannot signal this
+server or whoever started it.
 
 Protocol (one JSON object per line):
-  stdin : {"id": N, "args": [...], "env": {...}, "out": PATH, "cap": BYTES}
+  stdin : {"id": N, "args": [...], "env": {...}, "out": PATH, "cap": BYTES,
+           "rlimits": {"cpu": [SOFT, HARD], ...}, "uid": U, "gid": G}   (the last three optional)
   stdout: {"id": N, "pid": PID}            once the child is forked
           {"id": N, "exit": CODE, "dropped": BYTES} or {"id": N, "signal": SIG, "dropped": BYTES}
 The child's output goes to PATH, at most CAP bytes; "dropped" counts the rest. When stdin closes,
@@ -42,9 +46,23 @@ def _preload():
         pass
 
 
-def _child(req, out_w, close_fds):
+def _confine(req):
+    """Resource limits, then the unprivileged uid/gid when the request names one."""
+    import resource
+
+    for name, (soft, hard) in (req.get("rlimits") or {}).items():
+        resource.setrlimit(getattr(resource, "RLIMIT_" + name.upper()), (soft, hard))
+    if req.get("uid") is not None:
+        gid = req["gid"]
+        os.setgroups([])
+        os.setresgid(gid, gid, gid)
+        os.setresuid(req["uid"], req["uid"], req["uid"])
+
+
+def _child(req, out_w, close_fds, ready_w):
     try:
-        os.setpgid(0, 0)
+        os.setsid()
+        os.close(ready_w)  # tells the server the child leads its own process group
         signal.set_wakeup_fd(-1)
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)
         for fd in close_fds:
@@ -56,6 +74,11 @@ def _child(req, out_w, close_fds):
         os.dup2(out_w, 2)
         os.close(out_w)
         os.environ.update(req.get("env") or {})
+        if "tempfile" in sys.modules:
+            sys.modules["tempfile"].tempdir = None  # TMPDIR is the request's
+        _confine(req)
+        # `python -m` puts the working directory first on sys.path.
+        sys.path[0] = os.getcwd()
         import random
 
         random.seed()
@@ -108,19 +131,20 @@ class Server:
 
     def spawn(self, req):
         out_r, out_w = os.pipe()
-        close = [0, self.wake_r, self.wake_w, out_r]
+        ready_r, ready_w = os.pipe()
+        close = [0, self.wake_r, self.wake_w, out_r, ready_r]
         for st in self.children.values():
             close.append(st["fd"])
             if st["out"] is not None:
                 close.append(st["out"].fileno())
         pid = os.fork()
         if pid == 0:
-            _child(req, out_w, close)
-        try:
-            # Also from this side, so the group exists before anyone can be asked to kill it.
-            os.setpgid(pid, pid)
-        except OSError:
-            pass
+            _child(req, out_w, close, ready_w)
+        os.close(ready_w)
+        # Wait until the child has its own session, so its group exists before anyone can be
+        # asked to kill it (end of file: setsid done, or the child is already gone).
+        os.read(ready_r, 1)
+        os.close(ready_r)
         os.close(out_w)
         os.set_blocking(out_r, False)
         try:
@@ -218,7 +242,6 @@ class Server:
 
 
 def main():
-    sys.path[0] = os.getcwd()
     _preload()
     # Everything imported so far lives as long as the server: keep it out of the children's
     # garbage collections (pytest collects several times per session) and off their copied pages.

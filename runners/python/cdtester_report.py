@@ -1,6 +1,6 @@
 """cdtester's pytest reporting plugin (loaded with ``-p cdtester_report``).
 
-Writes one record per line, ``@@cdtester@@ {json}``, to the file named by ``CDT_REPORT_FILE``
+Writes one record per line, ``@@cdtester@@ {json}``, to the file named by ``CDTESTER_REPORT_FILE``
 (or to the original stderr when it is ``stderr``), flushed per line so that a run killed half way
 still leaves every finished record behind. Records:
 
@@ -15,7 +15,7 @@ still leaves every finished record behind. Records:
 Node ids and modules are rewritten relative to the invocation directory (the project root), so
 they do not depend on which rootdir pytest picked for a single-module run.
 
-``CDT_CHUNK=i/n`` keeps only the i-th of n contiguous slices of the collected items (a slow
+``CDTESTER_CHUNK=i/n`` keeps only the i-th of n contiguous slices of the collected items (a slow
 module split into chunks); only slice 0 reports collection errors and skips.
 """
 
@@ -87,14 +87,14 @@ def _message(report):
 def pytest_configure(config):
     global _fd, _rootpath, _invocation_dir, _chunk, _config
     _config = config
-    target = os.environ.get("CDT_REPORT_FILE")
+    target = os.environ.get("CDTESTER_REPORT_FILE")
     if target == "stderr":
         _fd = os.dup(2)
     elif target:
         _fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
     _rootpath = config.rootpath
     _invocation_dir = config.invocation_params.dir
-    chunk = os.environ.get("CDT_CHUNK")
+    chunk = os.environ.get("CDTESTER_CHUNK")
     _chunk = _parse_chunk(chunk) if chunk else None
 
 

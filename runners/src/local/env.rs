@@ -16,6 +16,7 @@ use cdtester_runner_api::requirement::{self, Requirement};
 use sha2::{Digest, Sha256};
 
 use super::LocalError;
+use super::sandbox::Confinement;
 
 /// The pytest every environment gets (the corpus expectations were measured with it).
 pub const PYTEST_REQUIREMENT: &str = "pytest==9.2.0";
@@ -171,22 +172,53 @@ fn build_atomically(
     }
 }
 
+/// The environment of the commands that build environments (venv, pip): what they need to find
+/// programs and reach a package index (locale, proxies, `PIP_*` settings, CA bundles), nothing
+/// else of the node's (no `CDT_*` settings, no secret), since a project's build backend runs there.
+fn build_env() -> impl Iterator<Item = (std::ffi::OsString, std::ffi::OsString)> {
+    const KEEP: &[&str] = &[
+        "PATH",
+        "HOME",
+        "LANG",
+        "LC_ALL",
+        "http_proxy",
+        "https_proxy",
+        "no_proxy",
+        "HTTP_PROXY",
+        "HTTPS_PROXY",
+        "NO_PROXY",
+        "SSL_CERT_FILE",
+        "SSL_CERT_DIR",
+        "REQUESTS_CA_BUNDLE",
+    ];
+    std::env::vars_os()
+        .filter(|(k, _)| k.to_str().is_some_and(|k| KEEP.contains(&k) || k.starts_with("PIP_")))
+}
+
+/// `cmd` with only [`build_env`] and stdin from /dev/null.
+fn build_command(cmd: &mut Command) -> &mut Command {
+    cmd.env_clear().envs(build_env()).stdin(Stdio::null())
+}
+
 fn run_checked(cmd: &mut Command) -> Result<(), LocalError> {
-    let out = cmd.stdin(Stdio::null()).output()?;
+    command_output(cmd).map(drop)
+}
+
+/// Runs `cmd` (see [`build_command`]) and returns its trimmed stdout; on failure the error names
+/// the program and its arguments (never its environment) and ends with its output.
+fn command_output(cmd: &mut Command) -> Result<String, LocalError> {
+    let out = build_command(cmd).output()?;
     if out.status.success() {
-        return Ok(());
+        return Ok(String::from_utf8_lossy(&out.stdout).trim().to_string());
     }
     let mut text = String::from_utf8_lossy(&out.stderr).into_owned();
     text.push_str(&String::from_utf8_lossy(&out.stdout));
-    Err(LocalError::Env(format!("{:?} failed ({}): {}", cmd, out.status, tail(&text, 2000))))
-}
-
-fn command_output(cmd: &mut Command) -> Result<String, LocalError> {
-    let out = cmd.stdin(Stdio::null()).output()?;
-    if !out.status.success() {
-        return Err(LocalError::Env(format!("{:?} failed ({})", cmd, out.status)));
+    let mut shown = cmd.get_program().to_string_lossy().into_owned();
+    for arg in cmd.get_args() {
+        shown.push(' ');
+        shown.push_str(&arg.to_string_lossy());
     }
-    Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
+    Err(LocalError::Env(format!("{shown} failed ({}): {}", out.status, tail(&text, 2000))))
 }
 
 /// The last `max` bytes of `text` (on a character boundary).
@@ -247,7 +279,7 @@ fn hash_dir(root: &Path, dir: &Path, h: &mut Sha256) -> std::io::Result<()> {
     Ok(())
 }
 
-fn copy_tree(from: &Path, to: &Path) -> std::io::Result<()> {
+pub(crate) fn copy_tree(from: &Path, to: &Path) -> std::io::Result<()> {
     std::fs::create_dir_all(to)?;
     for e in std::fs::read_dir(from)? {
         let e = e?;
@@ -301,6 +333,29 @@ pub fn resolve_python(configured: Option<&Path>) -> Result<PathBuf, LocalError> 
         return Err(LocalError::Env(format!("{} did not report sys.executable", candidate.display())));
     }
     Ok(PathBuf::from(exe))
+}
+
+/// The folders an interpreter runs from: its installation prefix and its executable's folder.
+pub(crate) fn interpreter_dirs(python: &Path) -> Result<Vec<PathBuf>, LocalError> {
+    let text = command_output(Command::new(python).args([
+        "-c",
+        "import os, sys\nprint(sys.base_prefix)\nprint(os.path.dirname(os.path.realpath(sys.executable)))",
+    ]))?;
+    Ok(text.lines().map(PathBuf::from).collect())
+}
+
+/// Checks that `python`, confined as tests are, starts and reaches every path of `paths`.
+pub(crate) fn check_usable(python: &Path, confine: &Confinement, paths: &[&Path]) -> Result<(), LocalError> {
+    let mut cmd = Command::new(python);
+    cmd.args(["-c", "import os, sys\nfor p in sys.argv[1:]: os.stat(p)"]).args(paths).current_dir("/");
+    confine.apply(&mut cmd);
+    command_output(&mut cmd).map(drop).map_err(|e| {
+        let who = confine.ident.map(|i| format!(" as uid {}", i.uid)).unwrap_or_default();
+        LocalError::Env(format!(
+            "tests cannot run the Python interpreter{who} or reach the runner's folders \
+             (runner.local.python, runner.local.venv_dir, the system temp folder): {e}"
+        ))
+    })
 }
 
 #[cfg(test)]

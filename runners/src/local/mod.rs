@@ -1,4 +1,5 @@
-//! The `local` runner: pytest in a subprocess of this machine, for trusted code.
+//! The `local` runner: pytest in a subprocess of this machine, for trusted code (it confines tests
+//! without being a sandbox against a hostile one; see [`sandbox`]).
 //!
 //! - Environments: a cached base virtualenv with pytest, plus a per-project environment for
 //!   projects that must be installed or need extra requirements (see [`env`]).
@@ -6,18 +7,21 @@
 //!   what pytest collects under the project's own configuration.
 //! - Runs: every module runs alone (`python -m pytest -p no:cacheprovider <module>`), by default
 //!   in a child forked from a warm worker that has already imported pytest (see [`warm`]); with
-//!   `warm = false`, or if the worker fails, in a fresh interpreter. Each run has its own process
-//!   group, killed when the wall-clock limit runs out.
-//! - Limits enforced: `timeout_s` and `output_kib`. Memory, CPU and pid limits need a sandbox
-//!   (use the `docker` runner).
+//!   `warm = false`, or if the worker fails, in a fresh interpreter. Each run has its own session
+//!   and process group, killed when the wall-clock limit runs out.
+//! - Confinement (collection and runs alike, see [`sandbox`]): a cleared environment, rlimits
+//!   (CPU, file size, open files, processes), and an unprivileged uid when the node is root.
+//! - Limits enforced: `timeout_s` and `output_kib`, plus the rlimits. Memory and a per-run pid
+//!   limit need a sandbox (use the `docker` runner).
 
 mod durations;
 mod env;
 mod process;
+mod sandbox;
 pub(crate) mod warm;
 
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -29,9 +33,11 @@ use cdtester_runner_api::{
 pub use durations::{DurationStore, MIN_SPLIT_SECS, ModuleStat, UNKNOWN_MODULE_SECS};
 pub(crate) use env::tail;
 pub use env::{PYTEST_REQUIREMENT, content_hash, needs_install, resolve_python};
+pub use sandbox::{DEFAULT_UNPRIVILEGED_ID, Rlimits};
 
 use crate::pytest::{self, Mode};
 use process::{Exec, Invocation};
+use sandbox::{Confinement, Sandbox, TaskDir};
 use warm::WarmServer;
 
 /// Wall-clock limit of a discovery (collect-only) run.
@@ -56,11 +62,18 @@ pub struct LocalOptions {
     pub venv_dir: PathBuf,
     /// Fork modules from a warm worker (default) instead of starting a fresh interpreter each.
     pub warm: bool,
+    /// Uid/gid tests run as when this process is root (default [`DEFAULT_UNPRIVILEGED_ID`]).
+    pub uid: Option<u32>,
+    pub gid: Option<u32>,
+    /// Resource limits of every test process.
+    pub rlimits: Rlimits,
 }
 
 struct ProjectState {
-    prepared: PreparedProject,
     python: PathBuf,
+    /// Where its tests run: `prepared.root`, or a copy owned by the tests' uid.
+    run_root: PathBuf,
+    _copy: Option<tempfile::TempDir>,
     warm: Mutex<Option<Arc<WarmServer>>>,
 }
 
@@ -68,6 +81,7 @@ pub struct LocalRunner {
     opts: LocalOptions,
     envs: env::EnvManager,
     support: PathBuf,
+    sandbox: Sandbox,
     projects: Mutex<HashMap<String, Arc<ProjectState>>>,
 }
 
@@ -76,6 +90,12 @@ impl LocalRunner {
         let python = resolve_python(opts.python.as_deref())?;
         std::fs::create_dir_all(&opts.venv_dir)?;
         let venv_dir = std::fs::canonicalize(&opts.venv_dir)?;
+        // Tests must reach the interpreter and the environments as their own uid.
+        let mut sandbox = Sandbox::new(opts.uid, opts.gid, opts.rlimits.clone())?;
+        let mut needed = env::interpreter_dirs(&python)?;
+        needed.push(venv_dir.clone());
+        sandbox.expose(&needed)?;
+        env::check_usable(&python, &sandbox.confinement(DISCOVER_TIMEOUT), &[&venv_dir, sandbox.work()])?;
         // Support files (reporting plugin + fork server), keyed by their content.
         let mut key = content_key(pytest::PLUGIN_SOURCE);
         key.push_str(&content_key(warm::SERVER_SOURCE));
@@ -90,6 +110,7 @@ impl LocalRunner {
             envs: env::EnvManager::new(python, venv_dir.clone()),
             opts: LocalOptions { venv_dir, ..opts },
             support,
+            sandbox,
             projects: Mutex::new(HashMap::new()),
         })
     }
@@ -108,14 +129,6 @@ impl LocalRunner {
             .ok_or_else(|| RunnerError::UnknownProject(project.id.clone()))
     }
 
-    fn base_env(&self) -> Vec<(String, String)> {
-        let path = pytest::python_path(
-            std::slice::from_ref(&self.support),
-            std::env::var_os("PYTHONPATH").as_deref(),
-        );
-        vec![("PYTHONPATH".to_string(), path.to_string_lossy().into_owned())]
-    }
-
     /// The project's warm worker, started on first use; `None` when disabled or it cannot start.
     fn warm_server(&self, state: &ProjectState) -> Option<Arc<WarmServer>> {
         if !self.opts.warm {
@@ -127,7 +140,9 @@ impl LocalRunner {
         {
             return Some(Arc::clone(server));
         }
-        match WarmServer::start(&state.python, &self.support, &state.prepared.root, &self.base_env()) {
+        let env = sandbox::test_env(&state.python, &self.support);
+        let confine = self.sandbox.server_confinement();
+        match WarmServer::start(&state.python, &self.support, &state.run_root, &env, &confine) {
             Ok(server) => {
                 let server = Arc::new(server);
                 *slot = Some(Arc::clone(&server));
@@ -142,21 +157,25 @@ impl LocalRunner {
 
     /// Runs one pytest invocation of `state`'s project, warm if possible.
     fn exec(&self, state: &ProjectState, spec: &ExecSpec) -> std::io::Result<Exec> {
-        let (timeout, output_kib, report) = (spec.timeout, spec.output_kib, spec.report);
-        let inv =
-            Invocation { python: &state.python, args: spec.args, env: spec.env, cwd: &state.prepared.root };
-        let scratch = spec.scratch;
+        let (timeout, output_kib, task) = (spec.timeout, spec.output_kib, spec.task);
+        let confine: Confinement = self.sandbox.confinement(timeout);
+        let inv = Invocation {
+            python: &state.python,
+            args: spec.args,
+            env: spec.env,
+            cwd: &state.run_root,
+            confine: &confine,
+        };
         if let Some(server) = self.warm_server(state) {
-            match server.run(&inv, scratch, timeout, output_kib) {
+            match server.run(&inv, task.path(), timeout, output_kib) {
                 Ok(w) => {
                     return Ok(Exec { end: w.end, output: w.output, truncated: w.truncated, wall: w.wall });
                 }
                 Err(e) => {
                     tracing::warn!(error = %e, "warm run failed; running in a fresh interpreter");
                     state.warm.lock().unwrap_or_else(|e| e.into_inner()).take();
-                    if report.exists() {
-                        std::fs::remove_file(report)?;
-                    }
+                    // The fresh retry starts from an empty record file (the test's uid owns it).
+                    std::fs::OpenOptions::new().write(true).truncate(true).open(task.records())?;
                 }
             }
         }
@@ -174,21 +193,14 @@ impl LocalRunner {
         timeout: Duration,
         output_kib: u64,
     ) -> Result<(String, Exec), RunnerError> {
-        let scratch = tempfile::Builder::new().prefix("cdt-run-").tempdir()?;
-        let report = scratch.path().join("report.jsonl");
-        let mut env = self.base_env();
-        env.extend(pytest::plugin_env(&report.to_string_lossy(), chunk));
+        let task = self.sandbox.task_dir()?;
+        let mut env = sandbox::test_env(&state.python, &self.support);
+        env.extend(task.env());
+        env.extend(pytest::plugin_env(&task.records().to_string_lossy(), chunk));
         let args = pytest::pytest_args(mode, modules);
-        let spec = ExecSpec {
-            args: &args,
-            env: &env,
-            scratch: scratch.path(),
-            report: &report,
-            timeout,
-            output_kib,
-        };
+        let spec = ExecSpec { args: &args, env: &env, task: &task, timeout, output_kib };
         let exec = self.exec(state, &spec)?;
-        let records = std::fs::read_to_string(&report).unwrap_or_default();
+        let records = task.read_records().unwrap_or_default();
         Ok((records, exec))
     }
 
@@ -216,13 +228,12 @@ impl LocalRunner {
     }
 }
 
-/// One pytest invocation: arguments, extra environment, a scratch folder, the plugin's record
-/// file (emptied before a fresh retry of a failed warm run) and the limits.
+/// One pytest invocation: arguments, its whole environment, its run directory (with the plugin's
+/// record file, emptied before a fresh retry of a failed warm run) and the limits.
 struct ExecSpec<'a> {
     args: &'a [String],
     env: &'a [(String, String)],
-    scratch: &'a Path,
-    report: &'a Path,
+    task: &'a TaskDir,
     timeout: Duration,
     output_kib: u64,
 }
@@ -248,13 +259,12 @@ impl Runner for LocalRunner {
             .envs
             .project(&source.extra_requirements, install)
             .map_err(|e| RunnerError::Prepare(e.to_string()))?;
+        let copy = self.sandbox.project_copy(&root)?;
+        let run_root = copy.as_ref().map_or_else(|| root.clone(), |c| c.path().to_path_buf());
         let prepared =
             PreparedProject { id: source.id.clone(), name: source.name.clone(), root, content_hash: hash };
-        let state = ProjectState {
-            prepared: prepared.clone(),
-            python: env::venv_python(&env),
-            warm: Mutex::new(None),
-        };
+        let state =
+            ProjectState { python: env::venv_python(&env), run_root, _copy: copy, warm: Mutex::new(None) };
         self.projects.lock().unwrap_or_else(|e| e.into_inner()).insert(source.id.clone(), Arc::new(state));
         Ok(prepared)
     }
@@ -305,6 +315,7 @@ impl Runner for LocalRunner {
 mod tests {
     use super::*;
     use cdtester_runner_api::{Counts, Outcome};
+    use std::path::Path;
 
     fn write(root: &Path, rel: &str, text: &str) {
         let p = root.join(rel);
@@ -319,7 +330,15 @@ mod tests {
             .map(PathBuf::from)
             .unwrap_or_else(std::env::temp_dir)
             .join("cdtester-runner-test-venvs");
-        LocalRunner::new(LocalOptions { python: None, venv_dir, warm }).expect("python3 is available")
+        LocalRunner::new(LocalOptions {
+            python: None,
+            venv_dir,
+            warm,
+            uid: None,
+            gid: None,
+            rlimits: Rlimits::default(),
+        })
+        .expect("python3 is available")
     }
 
     fn project(root: &Path) -> ProjectSource {

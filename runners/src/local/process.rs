@@ -1,14 +1,16 @@
-//! Running one pytest process: in its own process group, with a wall-clock limit (the whole group
-//! is killed when it runs out) and stdout+stderr captured into one capped buffer.
+//! Running one pytest process: confined (cleared environment, own session and process group,
+//! rlimits, unprivileged uid; see [`super::sandbox`]), with a wall-clock limit (the whole group is
+//! killed when it runs out) and stdout+stderr captured into one capped buffer.
 
 use std::io::Read;
-use std::os::unix::process::{CommandExt, ExitStatusExt};
+use std::os::unix::process::ExitStatusExt;
 use std::path::Path;
 use std::process::{Command, ExitStatus, Stdio};
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use super::sandbox::Confinement;
 use crate::pytest::{OutputCap, RunEnd};
 
 /// How a process run went.
@@ -24,12 +26,14 @@ pub(crate) struct Exec {
 /// grandchild may hold it open forever).
 const PIPE_GRACE: Duration = Duration::from_millis(500);
 
-/// What one invocation needs: interpreter, arguments, extra environment, working directory.
+/// What one invocation needs: interpreter, arguments, its whole environment, working directory
+/// and confinement.
 pub(crate) struct Invocation<'a> {
     pub python: &'a Path,
     pub args: &'a [String],
     pub env: &'a [(String, String)],
     pub cwd: &'a Path,
+    pub confine: &'a Confinement,
 }
 
 /// Kills process group `pgid` (SIGKILL). Callers only pass groups they created and still own.
@@ -59,11 +63,13 @@ pub(crate) fn run(inv: &Invocation, timeout: Duration, output_kib: u64) -> std::
     let mut cmd = Command::new(inv.python);
     cmd.args(inv.args)
         .current_dir(inv.cwd)
+        .env_clear()
         .envs(inv.env.iter().map(|(k, v)| (k, v)))
         .stdin(Stdio::null())
         .stdout(writer.try_clone()?)
-        .stderr(writer)
-        .process_group(0);
+        .stderr(writer);
+    // Its own session, hence its own process group (the pid): what `kill_group` ends.
+    inv.confine.apply(&mut cmd);
     let mut child = cmd.spawn()?;
     drop(cmd); // closes our copies of the pipe's write end
     let pid = child.id();
@@ -112,7 +118,15 @@ mod tests {
 
     fn sh(script: &str, timeout: Duration, kib: u64) -> Exec {
         let args = vec!["-c".to_string(), script.to_string()];
-        let inv = Invocation { python: Path::new("/bin/sh"), args: &args, env: &[], cwd: Path::new("/") };
+        let env = [("PATH".to_string(), "/usr/bin:/bin".to_string())];
+        let confine = Confinement::default();
+        let inv = Invocation {
+            python: Path::new("/bin/sh"),
+            args: &args,
+            env: &env,
+            cwd: Path::new("/"),
+            confine: &confine,
+        };
         run(&inv, timeout, kib).unwrap()
     }
 

@@ -1,7 +1,8 @@
 //! The warm worker: one `cdtester_forkserver.py` per prepared project that imports pytest once and
 //! forks a child per module (see that file for the protocol). Every child is a fresh
-//! `python -m pytest <module>` in its own process group, so results are exactly those of a module
-//! run alone; only the interpreter and pytest start-up are saved.
+//! `python -m pytest <module>` in its own session, so results are exactly those of a module run
+//! alone; only the interpreter and pytest start-up are saved. Children are confined like fresh
+//! runs (same environment, rlimits and uid; see [`super::sandbox`]).
 
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader, Write};
@@ -15,6 +16,7 @@ use std::time::{Duration, Instant};
 use serde::Deserialize;
 
 use super::process::{Invocation, kill_group};
+use super::sandbox::Confinement;
 use crate::pytest::{OutputCap, RunEnd};
 
 /// Python source of the fork server.
@@ -68,21 +70,26 @@ pub(crate) struct WarmExec {
 }
 
 impl WarmServer {
-    /// Starts a server for the project at `cwd`, with `python_path` as its `PYTHONPATH`.
+    /// Starts a server for the project at `cwd` with exactly the environment `env`, confined as
+    /// `confine` (its own session, the tests' mount namespace). It keeps the node's uid: its children confine themselves (rlimits, then the
+    /// request's uid) before running anything of the project, so they cannot signal it.
     pub(crate) fn start(
         python: &Path,
         server_dir: &Path,
         cwd: &Path,
         env: &[(String, String)],
+        confine: &Confinement,
     ) -> std::io::Result<WarmServer> {
-        let mut child = Command::new(python)
-            .arg(server_dir.join(SERVER_FILE))
+        let mut cmd = Command::new(python);
+        cmd.arg(server_dir.join(SERVER_FILE))
             .current_dir(cwd)
+            .env_clear()
             .envs(env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()?;
+            .stderr(Stdio::piped());
+        confine.apply(&mut cmd);
+        let mut child = cmd.spawn()?;
         let stdin = child.stdin.take().ok_or_else(|| std::io::Error::other("no stdin"))?;
         let stdout = child.stdout.take().ok_or_else(|| std::io::Error::other("no stdout"))?;
         let stderr = child.stderr.take().ok_or_else(|| std::io::Error::other("no stderr"))?;
@@ -123,7 +130,8 @@ impl WarmServer {
     }
 
     /// Runs one pytest invocation (`inv.args` after the interpreter, starting with `-m pytest`) in
-    /// a forked child. `scratch` is a directory for the child's output file.
+    /// a forked child confined as `inv.confine` says. `scratch` is a directory for the child's
+    /// output file, which only this process's uid may write to.
     pub(crate) fn run(
         &self,
         inv: &Invocation,
@@ -139,7 +147,15 @@ impl WarmServer {
         let out: PathBuf = scratch.join(format!("warm-{id}.out"));
         let cap = output_kib.saturating_mul(1024);
         let env: HashMap<&str, &str> = inv.env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
-        let request = serde_json::json!({"id": id, "args": args, "env": env, "out": out, "cap": cap});
+        let mut request = inv.confine.request_fields();
+        request.extend([
+            ("id".to_string(), id.into()),
+            ("args".to_string(), serde_json::json!(args)),
+            ("env".to_string(), serde_json::json!(env)),
+            ("out".to_string(), serde_json::json!(out)),
+            ("cap".to_string(), cap.into()),
+        ]);
+        let request = serde_json::Value::Object(request);
         let (tx, rx) = mpsc::channel();
         self.pending.lock().unwrap_or_else(|e| e.into_inner()).insert(id, tx);
         let result = self.exchange(id, &request, &rx, timeout);

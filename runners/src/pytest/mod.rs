@@ -22,9 +22,9 @@ pub const PLUGIN_MODULE: &str = "cdtester_report";
 /// Source of the reporting plugin, to be written where the interpreter finds it.
 pub const PLUGIN_SOURCE: &str = include_str!("../../python/cdtester_report.py");
 /// Environment variable naming the plugin's record file (`stderr` = the original stderr).
-pub const REPORT_ENV: &str = "CDT_REPORT_FILE";
+pub const REPORT_ENV: &str = "CDTESTER_REPORT_FILE";
 /// Environment variable selecting one chunk of a module (`index/count`).
-pub const CHUNK_ENV: &str = "CDT_CHUNK";
+pub const CHUNK_ENV: &str = "CDTESTER_CHUNK";
 /// Prefix of every record line.
 pub const MARK: &str = "@@cdtester@@ ";
 
@@ -74,15 +74,6 @@ pub fn plugin_env(report_target: &str, chunk: Option<Chunk>) -> Vec<(String, Str
     env
 }
 
-/// `PYTHONPATH` value: `entries` first, then whatever was already set.
-pub fn python_path(entries: &[PathBuf], inherited: Option<&std::ffi::OsStr>) -> std::ffi::OsString {
-    let mut paths: Vec<PathBuf> = entries.to_vec();
-    if let Some(old) = inherited {
-        paths.extend(std::env::split_paths(old));
-    }
-    std::env::join_paths(paths).unwrap_or_default()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -116,11 +107,5 @@ mod tests {
         assert!(text.contains(MARK.trim_end()));
         install_plugin(&dir).unwrap();
         std::fs::remove_dir_all(&dir).unwrap();
-    }
-
-    #[test]
-    fn python_path_puts_entries_first() {
-        let p = python_path(&[PathBuf::from("/a"), PathBuf::from("/b")], Some(std::ffi::OsStr::new("/c")));
-        assert_eq!(p, "/a:/b:/c");
     }
 }
