@@ -683,6 +683,43 @@ async fn l3_crlf_project_id_gets_4xx_never_500() {
     }
 }
 
+// ---------------------------------------------------------------------------------- L2
+
+/// L2: host paths (data directory, Python environments, temp and home folders) never reach a
+/// client: a test that fails with its working directory and interpreter path in the message,
+/// and a project that cannot be evaluated, are reported with placeholders.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn l2_host_paths_are_redacted_from_reports() {
+    let dir = tempfile::tempdir().unwrap();
+    let leaky = dir.path().join("leaky");
+    common::write_file(
+        &leaky,
+        "tests/test_where.py",
+        "import os, sys\n\ndef test_where():\n    assert False, 'at ' + os.getcwd() + ' by ' + sys.executable\n",
+    );
+    let empty = dir.path().join("empty");
+    common::write_file(&empty, "README.md", "no tests here\n");
+    let zip = node_common::zip_projects(&[("leaky", leaky), ("empty", empty)]);
+    let c = node_common::cluster(1, &dir.path().join("nodes"), &[]).await;
+    let id = node_common::submit_zip(c.nodes[0].http, &zip).await;
+    let r = wait_finished(c.nodes[0].http, id, Duration::from_secs(120)).await;
+    let text = r.to_string();
+    let message = r["projects"]["leaky"]["modules"]["tests/test_where.py"]["tests"][0]["message"]
+        .as_str()
+        .unwrap_or_else(|| panic!("no failure message: {r}"));
+    assert!(message.contains("at <") && message.contains("by <"), "{message}");
+    assert_eq!(r["projects"]["empty"]["status"], "failed", "{r}");
+    let venvs = common::cache_dir().join("venvs");
+    let mut hidden = vec![dir.path().to_path_buf(), venvs, std::env::temp_dir()];
+    hidden.extend(std::env::var_os("HOME").map(PathBuf::from));
+    for path in hidden {
+        for form in [Some(path.clone()), std::fs::canonicalize(&path).ok()].into_iter().flatten() {
+            let form = form.to_string_lossy().into_owned();
+            assert!(!text.contains(&form), "{form} in the report: {r}");
+        }
+    }
+}
+
 // ---------------------------------------------------------------------------------- H6
 
 /// H6: a task whose worker dies twice while running it (the node SIGKILLed mid-run, restarted,
@@ -814,16 +851,18 @@ fn python_descendants(pid: u32) -> Vec<(u32, String)> {
 }
 
 /// M5: after an evaluation finishes, the node releases its prepared projects: its python
-/// processes (warm pytest servers) go back to zero and the extracted project trees are removed.
+/// processes (warm pytest servers) go back to zero, the extracted project trees are removed, and
+/// archives past `node.cache_budget_mb` (0 here) are deleted.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn m5_idle_prepared_projects_are_released() {
     let dir = tempfile::tempdir().unwrap();
     let root = dir.path().join("sleepy");
     node_common::sleepy_project(&root, 3, 2, 0.5);
     let zip = node_common::zip_projects(&[("sleepy", root)]);
-    let c = node_common::cluster(1, &dir.path().join("nodes"), &[("CDT_NODE__RELEASE_AFTER_S", "1")]).await;
+    let env = [("CDT_NODE__RELEASE_AFTER_S", "1"), ("CDT_NODE__CACHE_BUDGET_MB", "0")];
+    let c = node_common::cluster(1, &dir.path().join("nodes"), &env).await;
     let (http, pid) = (c.nodes[0].http, c.nodes[0].pid().unwrap());
-    let projects = c.nodes[0].data_dir.join("projects");
+    let (projects, blobs) = (c.nodes[0].data_dir.join("projects"), c.nodes[0].data_dir.join("blobs"));
     let id = node_common::submit_zip(http, &zip).await;
     let mut most = 0;
     let deadline = Instant::now() + Duration::from_secs(120);
@@ -838,16 +877,27 @@ async fn m5_idle_prepared_projects_are_released() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     assert!(most > 0, "no python process was ever seen under the node");
-    let deadline = Instant::now() + Duration::from_secs(15);
+    let finished = Instant::now();
+    let deadline = finished + Duration::from_secs(15);
     loop {
         let left = python_descendants(pid);
-        let trees: Vec<PathBuf> = std::fs::read_dir(&projects)
-            .map(|d| d.filter_map(Result::ok).map(|e| e.path()).collect())
-            .unwrap_or_default();
-        if left.is_empty() && trees.is_empty() {
+        let files = |d: &Path| -> Vec<PathBuf> {
+            std::fs::read_dir(d)
+                .map(|d| d.filter_map(Result::ok).map(|e| e.path()).collect())
+                .unwrap_or_default()
+        };
+        let (trees, archives) = (files(&projects), files(&blobs));
+        if left.is_empty() && trees.is_empty() && archives.is_empty() {
+            eprintln!(
+                "back to idle {:?} after the evaluation finished (peak {most} python processes)",
+                finished.elapsed()
+            );
             break;
         }
-        assert!(Instant::now() < deadline, "15 s after the evaluation: processes {left:?}, trees {trees:?}");
+        assert!(
+            Instant::now() < deadline,
+            "15 s after the evaluation: processes {left:?}, trees {trees:?}, archives {archives:?}"
+        );
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
 }
