@@ -103,7 +103,8 @@ impl Secret {
         self.sign_at(call, now_ms())
     }
 
-    fn sign_at(&self, call: &CallParts<'_>, time_ms: u64) -> Option<Signature> {
+    /// Signs a call as if made at `time_ms` (Unix milliseconds), `None` without a secret.
+    pub fn sign_at(&self, call: &CallParts<'_>, time_ms: u64) -> Option<Signature> {
         let key = self.0.as_ref()?;
         let nonce = format!("{:032x}", rand::random::<u128>());
         let mac = hex::encode(Self::mac(key, call, time_ms, &nonce).finalize().into_bytes());
