@@ -31,7 +31,10 @@ pub fn tree_usage(pid: u32) -> (u64, usize) {
         let Some(p) = e.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else { continue };
         let Ok(status) = std::fs::read_to_string(e.path().join("status")) else { continue };
         let field = |name: &str| {
-            status.lines().find_map(|l| l.strip_prefix(name)).and_then(|v| v.split_whitespace().next()?.parse().ok())
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix(name))
+                .and_then(|v| v.split_whitespace().next()?.parse().ok())
         };
         if let Some(pp) = field("PPid:") {
             parent.insert(p, pp as u32);
@@ -57,7 +60,9 @@ fn project_zip(i: usize) -> anyhow::Result<Vec<u8>> {
     let opts = zip::write::SimpleFileOptions::default();
     for m in 0..2 {
         w.start_file(format!("p{i}/tests/test_m{m}.py"), opts).context("zip entry")?;
-        let body = format!("# evaluation {i}\ndef test_a():\n    assert {i} + {m} >= 0\n\ndef test_b():\n    assert 1\n");
+        let body = format!(
+            "# evaluation {i}\ndef test_a():\n    assert {i} + {m} >= 0\n\ndef test_b():\n    assert 1\n"
+        );
         std::io::Write::write_all(&mut w, body.as_bytes()).context("zip write")?;
     }
     Ok(w.finish().context("zip finish")?.into_inner())

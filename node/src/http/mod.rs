@@ -104,18 +104,19 @@ pub async fn serve(
             continue;
         };
         let (service, busy) = (service.clone(), conn.busy_handle());
-        let per_request = hyper::service::service_fn(move |mut req: hyper::Request<hyper::body::Incoming>| {
-            // Internal routes compare a caller's claimed address with the connection's source.
-            req.extensions_mut().insert(ConnectInfo(peer));
-            let held = busy.hold();
-            let answer = hyper::service::Service::call(&service, req);
-            async move {
-                let response = answer.await?;
-                Ok::<_, std::convert::Infallible>(
-                    response.map(|body| Body::new(HeldBody { body, _held: held })),
-                )
-            }
-        });
+        let per_request =
+            hyper::service::service_fn(move |mut req: hyper::Request<hyper::body::Incoming>| {
+                // Internal routes compare a caller's claimed address with the connection's source.
+                req.extensions_mut().insert(ConnectInfo(peer));
+                let held = busy.hold();
+                let answer = hyper::service::Service::call(&service, req);
+                async move {
+                    let response = answer.await?;
+                    Ok::<_, std::convert::Infallible>(
+                        response.map(|body| Body::new(HeldBody { body, _held: held })),
+                    )
+                }
+            });
         let serving =
             graceful.watch(http.serve_connection(hyper_util::rt::TokioIo::new(stream), per_request));
         tokio::spawn(async move {
