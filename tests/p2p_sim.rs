@@ -7,7 +7,7 @@ use cdtester::wire::NodeId;
 use cdtester_config::Timers;
 
 fn lossy(seed: u64) -> NetConfig {
-    NetConfig { loss: 0.10, duplicate: 0.05, min_delay_ms: 1, max_delay_ms: 40, seed }
+    NetConfig { loss: 0.10, duplicate: 0.05, min_delay_ms: 1, max_delay_ms: 40, seed, ..NetConfig::default() }
 }
 
 fn ids(sim: &Sim, nodes: &[usize]) -> Vec<NodeId> {
@@ -147,7 +147,7 @@ fn graceful_leave_is_immediate_and_new_nodes_join_through_anyone() {
 
 #[test]
 fn fifty_nodes_converge_and_detect_a_crash() {
-    let net = NetConfig { loss: 0.10, duplicate: 0.02, min_delay_ms: 1, max_delay_ms: 20, seed: 13 };
+    let net = NetConfig { loss: 0.10, duplicate: 0.02, min_delay_ms: 1, max_delay_ms: 20, seed: 13, ..NetConfig::default() };
     let mut sim = Sim::cluster(net, Timers::default(), 50);
     sim.run_until_converged(20_000).expect("50 nodes converge");
     let victim = sim.id(17).expect("joined");
