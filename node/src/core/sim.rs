@@ -135,6 +135,11 @@ impl Sim {
         self.queue.push(Reverse((self.now_ms + self.net.min_delay_ms, self.seq, to, from, bytes)));
     }
 
+    /// The node at `addr`.
+    pub fn node_at(&self, addr: SocketAddr) -> Option<usize> {
+        self.by_addr.get(&addr).copied()
+    }
+
     /// Datagrams and bytes the nodes sent to `addr`, where no node runs.
     pub fn stray(&self, addr: SocketAddr) -> (u64, u64) {
         self.strays.get(&addr).copied().unwrap_or_default()
