@@ -147,7 +147,14 @@ fn graceful_leave_is_immediate_and_new_nodes_join_through_anyone() {
 
 #[test]
 fn fifty_nodes_converge_and_detect_a_crash() {
-    let net = NetConfig { loss: 0.10, duplicate: 0.02, min_delay_ms: 1, max_delay_ms: 20, seed: 13, ..NetConfig::default() };
+    let net = NetConfig {
+        loss: 0.10,
+        duplicate: 0.02,
+        min_delay_ms: 1,
+        max_delay_ms: 20,
+        seed: 13,
+        ..NetConfig::default()
+    };
     let mut sim = Sim::cluster(net, Timers::default(), 50);
     sim.run_until_converged(20_000).expect("50 nodes converge");
     let victim = sim.id(17).expect("joined");
@@ -374,7 +381,10 @@ fn a_claim_flood_naming_a_victim_address_makes_the_nodes_send_almost_nothing_the
         for id in &legit {
             assert_eq!(downs_of(&sim, i, id), 0, "node {i} lost {id}");
         }
-        assert!(sim.core(i).failures().len() <= 2 * MAX_CLAIMS_PER_DATAGRAM * 10, "failure records are capped");
+        assert!(
+            sim.core(i).failures().len() <= 2 * MAX_CLAIMS_PER_DATAGRAM * 10,
+            "failure records are capped"
+        );
     }
 }
 

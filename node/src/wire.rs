@@ -983,7 +983,8 @@ mod tests {
         let codec = Codec::new(Some("k")).expect("codec");
         let mut union = CacheContent { stats: data.content.stats.clone(), ..Default::default() };
         for part in parts {
-            let env = Envelope::new("127.0.0.1:1".parse().expect("addr"), Message::CacheUpdate(part.clone()), 1.0);
+            let env =
+                Envelope::new("127.0.0.1:1".parse().expect("addr"), Message::CacheUpdate(part.clone()), 1.0);
             let bytes = codec.encode(&env).expect("every part fits a datagram");
             assert!(bytes.len() <= MAX_DATAGRAM);
             assert_eq!(part.addr, data.addr);
@@ -1097,7 +1098,10 @@ mod tests {
     #[test]
     fn an_empty_secret_is_refused() {
         assert!(matches!(Codec::new(Some("")), Err(WireError::EmptySecret)));
-        assert!(matches!(Channel::new(Some(""), "127.0.0.1:1".parse().expect("a"), 1), Err(WireError::EmptySecret)));
+        assert!(matches!(
+            Channel::new(Some(""), "127.0.0.1:1".parse().expect("a"), 1),
+            Err(WireError::EmptySecret)
+        ));
         assert!(!Codec::new(None).expect("open").is_authenticated());
     }
 
@@ -1118,8 +1122,11 @@ mod tests {
 
     #[test]
     fn sealed_datagrams_are_accepted_once_in_window_for_their_destination_only() {
-        let (a_addr, b_addr, c_addr): (SocketAddr, SocketAddr, SocketAddr) =
-            ("127.0.0.1:1".parse().expect("a"), "127.0.0.1:2".parse().expect("a"), "127.0.0.1:3".parse().expect("a"));
+        let (a_addr, b_addr, c_addr): (SocketAddr, SocketAddr, SocketAddr) = (
+            "127.0.0.1:1".parse().expect("a"),
+            "127.0.0.1:2".parse().expect("a"),
+            "127.0.0.1:3".parse().expect("a"),
+        );
         let mut a = chan(Some("k"), 1, 11);
         let mut b = chan(Some("k"), 2, 22);
         let mut c = chan(Some("k"), 3, 33);
@@ -1136,10 +1143,7 @@ mod tests {
         assert!(c.open(&to_c, a_addr, T0 + 10).is_ok());
         // Outside the time window (a receiver that restarted and lost its state).
         let mut fresh = chan(Some("k"), 2, 44);
-        assert!(matches!(
-            fresh.open(&d1, a_addr, T0 + REPLAY_WINDOW_MS + 1),
-            Err(WireError::Expired { .. })
-        ));
+        assert!(matches!(fresh.open(&d1, a_addr, T0 + REPLAY_WINDOW_MS + 1), Err(WireError::Expired { .. })));
         // The sender restarts (new boot): accepted; the old run's datagrams are not any more.
         let mut a2 = chan(Some("k"), 1, 12);
         let old = a.seal(hb_env(1), b_addr, T0 + 20).expect("seal");

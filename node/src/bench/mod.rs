@@ -5,6 +5,7 @@ pub mod cluster_membership;
 pub mod docker;
 pub mod local;
 pub mod plugins;
+pub mod udp_auth;
 
 use std::path::PathBuf;
 
@@ -65,6 +66,9 @@ pub enum BenchCommand {
     Docker(docker::Args),
     /// WASM policy plugins: module load time (cold and cached) and per-call latency p50/p99.
     Plugins(plugins::Args),
+    /// Datagram authentication: datagrams/s encoded and decoded with and without the cluster
+    /// MAC and replay check, and the ratio.
+    Auth(udp_auth::Args),
 }
 
 /// Run one benchmark.
@@ -75,5 +79,6 @@ pub fn run(cmd: BenchCommand, config: &Config) -> anyhow::Result<()> {
         BenchCommand::Membership(args) => cluster_membership::run(&args, &config.timers),
         BenchCommand::Plugins(args) => plugins::run(&args),
         BenchCommand::Docker(args) => docker::run(args, config),
+        BenchCommand::Auth(args) => udp_auth::run(&args),
     }
 }

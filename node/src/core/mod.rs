@@ -609,7 +609,13 @@ impl Core {
         self.reported.remove(&addr_s);
         self.tombstones.insert(
             id.clone(),
-            Tombstone { addr: peer.addr, counter: peer.counter, direct: peer.direct, at: now, observed: true },
+            Tombstone {
+                addr: peer.addr,
+                counter: peer.counter,
+                direct: peer.direct,
+                at: now,
+                observed: true,
+            },
         );
         tracing::warn!(peer = %id, addr = %peer.addr, ?reason, initiate, "peer down");
         out.push(Action::Event(Event::PeerDown { id: id.clone(), addr: peer.addr, reason }));
@@ -681,7 +687,8 @@ impl Core {
                 return self.reject(from, "a failure claim over the sender's budget");
             }
             self.rumours.remove(id);
-            self.tombstones.insert(id.clone(), Tombstone { addr, counter, direct: 0, at: now, observed: false });
+            self.tombstones
+                .insert(id.clone(), Tombstone { addr, counter, direct: 0, at: now, observed: false });
         }
         if !self.failures.contains_key(id) {
             let evaluations = self.app.active_evaluations(&wire::addr_string(addr));
@@ -975,7 +982,9 @@ impl Core {
         }
         let Some(me) = self.id.clone() else {
             match env.msg {
-                Message::ConnectRep(rep) if Some(from) == self.cfg.join => self.on_connect_rep(now, from, rep, out),
+                Message::ConnectRep(rep) if Some(from) == self.cfg.join => {
+                    self.on_connect_rep(now, from, rep, out)
+                }
                 msg => tracing::debug!(cmd = msg.cmd(), %from, "not joined yet; dropping"),
             }
             return;
@@ -1384,7 +1393,9 @@ mod tests {
         let Message::Heartbeat(mut hb) = reference_hb("100000000000000000009", &[]) else { unreachable!() };
         hb.hb.insert(x.clone(), 50);
         c.handle(t0, env(7009, Message::Heartbeat(hb.clone())));
-        let Message::Heartbeat(mut claim) = reference_hb("100000000000000000001", &[]) else { unreachable!() };
+        let Message::Heartbeat(mut claim) = reference_hb("100000000000000000001", &[]) else {
+            unreachable!()
+        };
         claim.hb.insert(NodeId("100000000000000000001".into()), 1);
         // A claim at 50 while X still talks to us: our own evidence wins, no eviction.
         claim.dead.insert(x.clone(), (50, "127.0.0.1:7009".into()));

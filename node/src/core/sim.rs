@@ -46,7 +46,14 @@ pub struct NetConfig {
 
 impl Default for NetConfig {
     fn default() -> Self {
-        NetConfig { loss: 0.0, duplicate: 0.0, min_delay_ms: 1, max_delay_ms: 5, seed: 1, codec: Codec::default() }
+        NetConfig {
+            loss: 0.0,
+            duplicate: 0.0,
+            min_delay_ms: 1,
+            max_delay_ms: 5,
+            seed: 1,
+            codec: Codec::default(),
+        }
     }
 }
 
