@@ -9,7 +9,8 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use cdtester::demo::LocalCluster;
 use cdtester::http::client::HttpClient;
 use cdtester::wire::{
-    Channel, Codec, ConnectData, ConnectRepData, Envelope, HeartbeatData, Message, NodeId, RecoveryElectionData,
+    Channel, Codec, ConnectData, ConnectRepData, Envelope, HeartbeatData, Message, NodeId,
+    RecoveryElectionData,
 };
 
 const SECRET: &str = "security-udp test secret";
@@ -170,7 +171,10 @@ fn forged_leaves_elections_and_max_counters_evict_no_one_and_panic_nothing() {
         assert!(peers.contains(&victim_addr.to_string()), "node {i} evicted the victim: {peers:?}");
     }
     let log = std::fs::read_to_string(&c.nodes[0].log).unwrap_or_default();
-    assert!(!log.contains("peer down") || !log.contains(&victim_addr.to_string()), "victim went down:\n{log}");
+    assert!(
+        !log.contains("peer down") || !log.contains(&victim_addr.to_string()),
+        "victim went down:\n{log}"
+    );
     // The victim can still fail and is detected as usual (no poisoned counter blocks anything).
     c.kill9(2);
     let took = wait_until(Duration::from_secs(8), || {
@@ -201,8 +205,12 @@ fn a_claim_flood_naming_a_victim_port_sends_it_almost_nothing() {
         hb.hb.insert(my_id.clone(), unix_ms());
         for k in 0..500u128 {
             let n = round * 1000 + k;
-            hb.peers.insert(NodeId(format!("{}", 200_000_000_000_000_000_000 + n)), ("127.0.0.1".into(), victim_addr.port()));
-            hb.dead.insert(NodeId(format!("{}", 300_000_000_000_000_000_000 + n)), (1, victim_addr.to_string()));
+            hb.peers.insert(
+                NodeId(format!("{}", 200_000_000_000_000_000_000 + n)),
+                ("127.0.0.1".into(), victim_addr.port()),
+            );
+            hb.dead
+                .insert(NodeId(format!("{}", 300_000_000_000_000_000_000 + n)), (1, victim_addr.to_string()));
         }
         let el = RecoveryElectionData {
             candidate_id: my_id.clone(),

@@ -57,6 +57,9 @@ impl Default for NetConfig {
     }
 }
 
+/// A datagram on its way: (deliver at, sequence, destination, source, bytes).
+type InFlight = (u64, u64, usize, SocketAddr, Vec<u8>);
+
 /// Simulated wall clock at time 0, Unix ms.
 const EPOCH_MS: u64 = 1_800_000_000_000;
 
@@ -93,8 +96,7 @@ pub struct Sim {
     rng: StdRng,
     nodes: Vec<SimNode>,
     by_addr: BTreeMap<SocketAddr, usize>,
-    /// (deliver at, sequence, destination, source, datagram)
-    queue: BinaryHeap<Reverse<(u64, u64, usize, SocketAddr, Vec<u8>)>>,
+    queue: BinaryHeap<Reverse<InFlight>>,
     seq: u64,
     /// Partition group of each node; messages cross only within a group.
     groups: Option<Vec<usize>>,
