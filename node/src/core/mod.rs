@@ -38,9 +38,24 @@
 //! heartbeat counters `hb`, recent failure claims `dead` and recovery owners `owners`. Only
 //! [`GOSSIP_FANOUT`] random peers per period get the full tables; the others get a slim
 //! heartbeat (`peers` empty, `hb` = the sender's own counter), which keeps bytes per node
-//! nearly constant in the cluster size while every peer still hears every other directly. Peers
-//! learned from `peers` tables are added unless a tombstone says they failed (the reference's
-//! zombie-peer flaw F13). Every `cache_update_ms` a CACHE_UPDATE goes to every peer (also
+//! nearly constant in the cluster size while every peer still hears every other directly. Nodes
+//! named in other members' `peers` tables are *rumours*, not peers: they get a slim heartbeat
+//! probe (rate-limited per address, see [`PROBE_INTERVAL_BEATS`]) and become peers when they
+//! answer from that address; never when a tombstone says they failed (the reference's
+//! zombie-peer flaw F13). The joiner trusts its CONNECT_REP's table (an answer from the member
+//! it chose).
+//!
+//! # Who may say what (issue 9)
+//! The sender of a message is its datagram's source address (the envelope's `ip`/`port` is only
+//! a claim); replies go there. An id is bound to the address it was admitted at: heartbeats,
+//! leaves and refutations for it from elsewhere are refused. RECOVERY_ELECTION is heard only
+//! from its candidate and never evicts a live peer; a gossiped failure claim evicts a peer only
+//! if this node has not heard from it for two heartbeat periods either. Counters are saturating
+//! and plausibility-checked ([`COUNTER_CLOCK_SLACK_MS`], [`CLAIM_SLACK`] for relays), and a
+//! node's own heartbeat refutes a failure if it beats the largest counter *it* sent (which
+//! relays and claims cannot raise). Gossip tables are read up to [`MAX_CLAIMS_PER_DATAGRAM`]
+//! entries and new claims are charged to a per-sender [`CLAIM_BUDGET`]. Addresses from failure
+//! claims are never probed. Refusals are counted in [`Counters::rejected`]. Every `cache_update_ms` a CACHE_UPDATE goes to every peer (also
 //! needed by reference nodes, whose failure checker breaks without it).
 //!
 //! # Failure detection (gossip heartbeat counters + local-health guard)
@@ -58,15 +73,17 @@
 //! the node everywhere (SWIM's incarnation numbers). Tombstones are kept for
 //! [`TOMBSTONE_KEEP`] and are probed every 4th heartbeat period so that healed partitions merge.
 //! A graceful leave is a HEARTBEAT with `"leaving": true` (sent twice); receivers treat the
-//! leaver as failed at once (the reference ignores the field and times out as usual).
+//! leaver as failed at once if it came from the leaver's own address (the reference ignores
+//! the field and times out as usual).
 //!
 //! # Recovery election
 //! Rule: the owner of a failed node F's responsibilities is **the smallest id among the live
 //! members** (ids are minted from time, so the oldest survivor, as in the reference).
 //! 1. A node that detects F itself (timeout or leave notice) broadcasts RECOVERY_ELECTION
 //!    `{candidate_id: self, failed_node: F, extra: F's active evaluations, failed_node_addr}`.
-//!    Receivers mark F failed (tombstone, failure record) and answer RECOVERY_ELECTION_REP with
-//!    their own view of F's active evaluations; the answers are merged into the record.
+//!    Receivers answer RECOVERY_ELECTION_REP with their own view of F's active evaluations
+//!    (merged into the record); they record F as failed only if it is not a live peer in their
+//!    own view (their detector, with the same timeout, decides that).
 //! 2. `election_timeout_ms` after a node learned of F (time for views to settle and answers to
 //!    arrive), it evaluates the rule over its live view. If it is the winner it takes over
 //!    ([`Event::TakeOver`]) and claims F in the `owners` gossip (sent at once to every peer); if it initiated the election and
