@@ -1,9 +1,10 @@
 //! Thin tokio shell around the sans-IO [`Core`]: one UDP socket, real time, a tick timer, a
 //! command channel for the application and an event channel back to it.
 //!
-//! Datagrams are decoded with the [`Codec`] (length framing, optional cluster MAC); malformed,
-//! oversized or unauthenticated ones are dropped with a (rate-limited) log line. Outgoing
-//! messages the codec refuses (over 65,507 bytes) are dropped with a warning.
+//! Datagrams go through a [`Channel`] (length framing; with a cluster secret also the MAC and
+//! replay protection); malformed, oversized, unauthenticated or replayed ones are dropped,
+//! counted and logged (rate-limited). The core gets each message with its datagram's source
+//! address. Outgoing messages the codec refuses (over 65,507 bytes) are dropped with a warning.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -16,7 +17,7 @@ use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 
 use crate::core::{Action, AppState, Core, CoreConfig, Event, Input, LocalEvent, Snapshot};
-use crate::wire::{Codec, MAX_DATAGRAM, Message};
+use crate::wire::{Channel, MAX_DATAGRAM, Message, WireError};
 
 /// Errors starting the shell.
 #[derive(Debug, thiserror::Error)]
@@ -25,6 +26,8 @@ pub enum ShellError {
     Bind { addr: SocketAddr, source: std::io::Error },
     #[error("UDP socket {addr} is bound to an unspecified IP; give a reachable address to advertise")]
     Unspecified { addr: SocketAddr },
+    #[error("cluster secret: {0}")]
+    Secret(#[source] WireError),
 }
 
 /// What the shell needs.
@@ -49,6 +52,7 @@ pub struct Traffic {
     sent: AtomicU64,
     sent_bytes: AtomicU64,
     received: AtomicU64,
+    refused: AtomicU64,
 }
 
 /// A copy of [`Traffic`]'s counters.
@@ -57,6 +61,8 @@ pub struct TrafficCounts {
     pub sent: u64,
     pub sent_bytes: u64,
     pub received: u64,
+    /// Datagrams dropped before the protocol core: malformed, unauthenticated or replayed.
+    pub refused: u64,
 }
 
 impl Traffic {
@@ -65,6 +71,7 @@ impl Traffic {
             sent: self.sent.load(Ordering::Relaxed),
             sent_bytes: self.sent_bytes.load(Ordering::Relaxed),
             received: self.received.load(Ordering::Relaxed),
+            refused: self.refused.load(Ordering::Relaxed),
         }
     }
 }
@@ -141,6 +148,10 @@ fn unix_micros() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_micros() as u64).unwrap_or(0)
 }
 
+fn unix_ms() -> u64 {
+    unix_micros() / 1000
+}
+
 /// Bind the socket and start the protocol loop.
 pub async fn start(cfg: ShellConfig, app: Box<dyn AppState>) -> Result<Running, ShellError> {
     let socket =
@@ -159,6 +170,8 @@ pub async fn start(cfg: ShellConfig, app: Box<dyn AppState>) -> Result<Running, 
         unix_micros_at_start: unix_micros(),
         seed: unix_micros() ^ u64::from(std::process::id()).rotate_left(32),
     };
+    let channel =
+        Channel::new(cfg.secret.as_deref(), advertise, rand::random::<u64>()).map_err(ShellError::Secret)?;
     let core = Core::new(core_cfg, app, Instant::now());
     let (tx, rx) = mpsc::unbounded_channel();
     let (events_tx, events) = mpsc::unbounded_channel();
@@ -167,7 +180,7 @@ pub async fn start(cfg: ShellConfig, app: Box<dyn AppState>) -> Result<Running, 
     let traffic = Arc::new(Traffic::default());
     let shell = Shell {
         socket,
-        codec: Codec::new(cfg.secret.as_deref()),
+        channel,
         core,
         events_tx,
         snap_tx,
@@ -200,7 +213,7 @@ impl DropLog {
 
 struct Shell {
     socket: UdpSocket,
-    codec: Codec,
+    channel: Channel,
     core: Core,
     events_tx: mpsc::UnboundedSender<Event>,
     snap_tx: watch::Sender<Snapshot>,
@@ -220,9 +233,10 @@ impl Shell {
                 r = self.socket.recv_from(&mut buf) => match r {
                     Ok((n, from)) => {
                         self.traffic.received.fetch_add(1, Ordering::Relaxed);
-                        match self.codec.decode(&buf[..n]) {
-                            Ok(env) => Input::Message(env),
+                        match self.channel.open(&buf[..n], from, unix_ms()) {
+                            Ok(env) => Input::Message { from, env },
                             Err(e) => {
+                                self.traffic.refused.fetch_add(1, Ordering::Relaxed);
                                 self.drops.drop(from, &e);
                                 continue;
                             }
@@ -249,16 +263,19 @@ impl Shell {
             let mut left = false;
             for action in actions {
                 match action {
-                    Action::Send { to, envelope } => match self.codec.encode(&envelope) {
-                        Ok(bytes) => match self.socket.send_to(&bytes, to).await {
-                            Ok(n) => {
-                                self.traffic.sent.fetch_add(1, Ordering::Relaxed);
-                                self.traffic.sent_bytes.fetch_add(n as u64, Ordering::Relaxed);
-                            }
-                            Err(e) => tracing::debug!(%to, cmd = envelope.msg.cmd(), "UDP send failed: {e}"),
-                        },
-                        Err(e) => tracing::warn!(%to, cmd = envelope.msg.cmd(), "not sending: {e}"),
-                    },
+                    Action::Send { to, envelope } => {
+                        let cmd = envelope.msg.cmd();
+                        match self.channel.seal(envelope, to, unix_ms()) {
+                            Ok(bytes) => match self.socket.send_to(&bytes, to).await {
+                                Ok(n) => {
+                                    self.traffic.sent.fetch_add(1, Ordering::Relaxed);
+                                    self.traffic.sent_bytes.fetch_add(n as u64, Ordering::Relaxed);
+                                }
+                                Err(e) => tracing::debug!(%to, cmd, "UDP send failed: {e}"),
+                            },
+                            Err(e) => tracing::warn!(%to, cmd, "not sending: {e}"),
+                        }
+                    }
                     Action::Event(event) => {
                         changed |= !matches!(event, Event::App { .. } | Event::CacheUpdate { .. });
                         left |= matches!(event, Event::Left);

@@ -2,8 +2,9 @@
 //!
 //! One message per UDP datagram: a 4-byte big-endian length, then that many bytes of UTF-8 JSON,
 //! the envelope `{"ip", "port", "cmd", "data", "timestamp"}` (keys in that order). `ip`/`port` are
-//! the sender's reachable UDP address (`port` is a JSON integer) and are the sender's identity:
-//! replies go there, not to the datagram's source address. `cmd` is the message name.
+//! the sender's reachable UDP address (`port` is a JSON integer) as the sender claims it; the
+//! protocol core identifies senders by the datagram's *source* address and replies there (a
+//! claimed address is attacker-chosen). `cmd` is the message name.
 //!
 //! Every message type of the reference implementation is modelled with its exact field names and
 //! JSON types, including its quirks: `api_port` is a *string*, `PROJECT_ANNOUNCE.type` is an
@@ -11,9 +12,11 @@
 //! 21-digit decimal strings, node addresses in data are `"ip:port"` strings (UDP port).
 //!
 //! cdtester extensions ride in extra `data` fields that the reference ignores (it only reads the
-//! keys it knows): see [`HeartbeatData`]. With a cluster secret the envelope gets one more key,
-//! `"mac"` (last key, HMAC-SHA256 of the body without it, see [`Codec`]); members without the
-//! secret, and old nodes, are then ignored.
+//! keys it knows): see [`HeartbeatData`]. With a cluster secret the envelope gets two more keys:
+//! `"auth"` ([`Seal`]: sender boot id, sequence number, send time in ms and destination, for
+//! replay protection, see [`Channel`]) and `"mac"` (last key, HMAC-SHA256 of the body without
+//! it, see [`Codec`]); members without the secret, and old nodes, are then ignored. Without a
+//! secret neither key is sent, so the envelope is exactly the reference's.
 //!
 //! Limits: a datagram is at most [`MAX_DATAGRAM`] bytes (IPv4 UDP maximum). [`Codec::encode`]
 //! refuses larger messages and [`split_cache_update`] splits a CACHE_UPDATE into several
@@ -98,9 +101,32 @@ pub struct Envelope {
     pub msg: Message,
     /// Send time, float seconds since the Unix epoch.
     pub timestamp: f64,
+    /// Anti-replay header, present only on authenticated datagrams (set by [`Channel::seal`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub auth: Option<Seal>,
+}
+
+/// The anti-replay header of an authenticated datagram (envelope key `"auth"`, covered by the
+/// MAC). The receiver keeps, per source address, the sender's boot id and a window of the
+/// sequence numbers it accepted; see [`Channel::open`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Seal {
+    /// Random id of the sender's process start (16 hex digits).
+    pub boot: String,
+    /// Strictly increasing per boot, over all datagrams the sender sends.
+    pub seq: u64,
+    /// Send time, milliseconds since the Unix epoch.
+    pub ms: u64,
+    /// The destination `"ip:port"` the datagram was sealed for.
+    pub to: String,
 }
 
 impl Envelope {
+    /// An unsealed envelope.
+    pub fn new(from: SocketAddr, msg: Message, timestamp: f64) -> Envelope {
+        Envelope { ip: from.ip().to_string(), port: from.port(), msg, timestamp, auth: None }
+    }
+
     /// The sender's address from `ip`/`port`; `None` when `ip` is not an IP address.
     pub fn sender(&self) -> Option<SocketAddr> {
         let ip: IpAddr = self.ip.parse().ok()?;
@@ -396,6 +422,16 @@ pub enum WireError {
     Json(#[from] serde_json::Error),
     #[error("message lacks a valid cluster MAC")]
     BadMac,
+    #[error("the cluster secret is empty")]
+    EmptySecret,
+    #[error("authenticated message lacks its anti-replay header")]
+    Unsealed,
+    #[error("message was sealed for {0}, not for this node")]
+    Misdirected(String),
+    #[error("message sent at {sent_ms} ms is outside the {REPLAY_WINDOW_MS} ms window around {now_ms} ms")]
+    Expired { sent_ms: u64, now_ms: u64 },
+    #[error("repeated or stale message (replay)")]
+    Replay,
 }
 
 type HmacSha256 = Hmac<Sha256>;
@@ -410,7 +446,8 @@ const MAC_SUFFIX_LEN: usize = MAC_PREFIX.len() + MAC_HEX_LEN + 2;
 /// With a secret, the body `{...}` is sent as `{...,"mac":"<hex>"}` where `<hex>` is
 /// HMAC-SHA256(secret, `{...}`); the receiver recomputes it over the body with the suffix
 /// removed and drops the datagram on mismatch. Without a secret, no MAC is sent and any MAC
-/// received is ignored, so the feature is off by default and old nodes interoperate.
+/// received is ignored, so old nodes interoperate. An empty secret is refused.
+/// The codec is stateless; replay protection is [`Channel`]'s.
 #[derive(Clone, Default)]
 pub struct Codec {
     secret: Option<Vec<u8>>,
@@ -423,8 +460,17 @@ impl std::fmt::Debug for Codec {
 }
 
 impl Codec {
-    pub fn new(secret: Option<&str>) -> Codec {
-        Codec { secret: secret.map(|s| s.as_bytes().to_vec()) }
+    /// A codec for `secret` (`None`: unauthenticated). An empty secret is an error.
+    pub fn new(secret: Option<&str>) -> Result<Codec, WireError> {
+        match secret {
+            Some("") => Err(WireError::EmptySecret),
+            s => Ok(Codec { secret: s.map(|s| s.as_bytes().to_vec()) }),
+        }
+    }
+
+    /// Whether datagrams are authenticated.
+    pub fn is_authenticated(&self) -> bool {
+        self.secret.is_some()
     }
 
     fn mac(secret: &[u8], body: &[u8]) -> Result<HmacSha256, WireError> {
@@ -475,8 +521,13 @@ impl Codec {
                 if !suffix.starts_with(MAC_PREFIX) || !suffix.ends_with(b"\"}") {
                     return Err(WireError::BadMac);
                 }
-                let tag = hex::decode(&suffix[MAC_PREFIX.len()..MAC_PREFIX.len() + MAC_HEX_LEN])
-                    .map_err(|_| WireError::BadMac)?;
+                let hex_tag = &suffix[MAC_PREFIX.len()..MAC_PREFIX.len() + MAC_HEX_LEN];
+                // Lowercase only: `hex` also accepts uppercase, which would let a flipped case
+                // bit through.
+                if !hex_tag.iter().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(b)) {
+                    return Err(WireError::BadMac);
+                }
+                let tag = hex::decode(hex_tag).map_err(|_| WireError::BadMac)?;
                 let mut original = Vec::with_capacity(signed.len() + 1);
                 original.extend_from_slice(signed);
                 original.push(b'}');
@@ -484,6 +535,198 @@ impl Codec {
                 Ok(serde_json::from_slice(&original)?)
             }
         }
+    }
+}
+
+/// How far an authenticated datagram's send time may be from the receiver's clock.
+pub const REPLAY_WINDOW_MS: u64 = 60_000;
+/// How many sequence numbers below the highest one seen are still accepted once (reordering).
+pub const SEQ_WINDOW: u64 = 1024;
+const SEQ_WORDS: usize = (SEQ_WINDOW / 64) as usize;
+/// Senders remembered at most (oldest forgotten first); only authenticated senders are kept.
+const MAX_SENDERS: usize = 4096;
+
+/// Sequence numbers accepted from one sender boot: the highest and a bitmap of the
+/// [`SEQ_WINDOW`] below it (bit `d` = `top - d` was accepted).
+#[derive(Debug, Clone)]
+struct SeqWindow {
+    boot: String,
+    top: u64,
+    bits: [u64; SEQ_WORDS],
+    last_ms: u64,
+}
+
+impl SeqWindow {
+    fn new(boot: String, seq: u64, ms: u64) -> SeqWindow {
+        let mut bits = [0; SEQ_WORDS];
+        bits[0] = 1;
+        SeqWindow { boot, top: seq, bits, last_ms: ms }
+    }
+
+    /// Record `seq`; false if it was accepted before or is below the window.
+    fn accept(&mut self, seq: u64) -> bool {
+        if seq > self.top {
+            self.shift(seq - self.top);
+            self.top = seq;
+            self.bits[0] |= 1;
+            return true;
+        }
+        let d = self.top - seq;
+        if d >= SEQ_WINDOW {
+            return false;
+        }
+        let (w, b) = ((d / 64) as usize, d % 64);
+        let fresh = self.bits[w] & (1 << b) == 0;
+        self.bits[w] |= 1 << b;
+        fresh
+    }
+
+    fn shift(&mut self, n: u64) {
+        if n >= SEQ_WINDOW {
+            self.bits = [0; SEQ_WORDS];
+            return;
+        }
+        let (ws, bs) = ((n / 64) as usize, (n % 64) as u32);
+        for i in (0..SEQ_WORDS).rev() {
+            let mut v = 0;
+            if i >= ws {
+                v = self.bits[i - ws] << bs;
+                if bs > 0 && i > ws {
+                    v |= self.bits[i - ws - 1] >> (64 - bs);
+                }
+            }
+            self.bits[i] = v;
+        }
+    }
+}
+
+/// Datagrams a [`Channel`] refused, by reason.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+pub struct ChannelStats {
+    /// Unparseable, truncated or oversized.
+    pub malformed: u64,
+    /// Missing or wrong MAC, or an authenticated datagram without its [`Seal`].
+    pub unauthenticated: u64,
+    /// Sealed for another destination.
+    pub misdirected: u64,
+    /// Send time outside [`REPLAY_WINDOW_MS`].
+    pub expired: u64,
+    /// Repeated, or stale (older sequence number or older boot).
+    pub replayed: u64,
+}
+
+/// A node's datagram channel: the [`Codec`] plus, with a secret, replay protection.
+///
+/// [`Channel::seal`] stamps each outgoing envelope with a [`Seal`]: this process's random boot
+/// id, a strictly increasing sequence number, the send time and the destination, all covered
+/// by the MAC. [`Channel::open`] accepts an authenticated datagram only if it was sealed for
+/// this node's address, was sent within [`REPLAY_WINDOW_MS`] of now, and its sequence number
+/// was not accepted before from that source address (a window of [`SEQ_WINDOW`] tolerates
+/// reordering). A new boot id from a source replaces the old one only if its send time is later
+/// than everything accepted from that source, so datagrams of a previous run cannot be replayed
+/// either. Without a secret datagrams pass unchanged (the reference has no such header).
+/// Sans-IO: times are passed in.
+#[derive(Debug)]
+pub struct Channel {
+    codec: Codec,
+    me: SocketAddr,
+    boot: String,
+    seq: u64,
+    seen: std::collections::HashMap<SocketAddr, SeqWindow>,
+    stats: ChannelStats,
+}
+
+impl Channel {
+    /// A channel for the node at `me` (its advertised address) in process run `boot`.
+    pub fn new(secret: Option<&str>, me: SocketAddr, boot: u64) -> Result<Channel, WireError> {
+        Ok(Channel::with_codec(Codec::new(secret)?, me, boot))
+    }
+
+    /// A channel around an existing codec.
+    pub fn with_codec(codec: Codec, me: SocketAddr, boot: u64) -> Channel {
+        Channel {
+            codec,
+            me,
+            boot: format!("{boot:016x}"),
+            seq: 0,
+            seen: std::collections::HashMap::new(),
+            stats: ChannelStats::default(),
+        }
+    }
+
+    pub fn codec(&self) -> &Codec {
+        &self.codec
+    }
+
+    /// Refusals so far.
+    pub fn stats(&self) -> ChannelStats {
+        self.stats
+    }
+
+    /// Seal (with a secret) and encode `env` for `to`, sent at `now_ms` (Unix ms).
+    pub fn seal(&mut self, mut env: Envelope, to: SocketAddr, now_ms: u64) -> Result<Vec<u8>, WireError> {
+        if self.codec.is_authenticated() {
+            self.seq = self.seq.saturating_add(1);
+            env.auth = Some(Seal { boot: self.boot.clone(), seq: self.seq, ms: now_ms, to: addr_string(to) });
+        } else {
+            env.auth = None;
+        }
+        self.codec.encode(&env)
+    }
+
+    /// Decode a datagram from source `from` received at `now_ms` (Unix ms); with a secret,
+    /// authenticate it and refuse replays. Refusals are counted in [`Channel::stats`].
+    pub fn open(&mut self, datagram: &[u8], from: SocketAddr, now_ms: u64) -> Result<Envelope, WireError> {
+        let r = self.check(datagram, from, now_ms);
+        if let Err(e) = &r {
+            let s = &mut self.stats;
+            match e {
+                WireError::BadMac | WireError::Unsealed => s.unauthenticated += 1,
+                WireError::Misdirected(_) => s.misdirected += 1,
+                WireError::Expired { .. } => s.expired += 1,
+                WireError::Replay => s.replayed += 1,
+                _ => s.malformed += 1,
+            }
+        }
+        r
+    }
+
+    fn check(&mut self, datagram: &[u8], from: SocketAddr, now_ms: u64) -> Result<Envelope, WireError> {
+        let env = self.codec.decode(datagram)?;
+        if !self.codec.is_authenticated() {
+            return Ok(env);
+        }
+        let seal = env.auth.as_ref().ok_or(WireError::Unsealed)?;
+        if parse_addr(&seal.to) != Some(self.me) {
+            return Err(WireError::Misdirected(seal.to.clone()));
+        }
+        if seal.ms.abs_diff(now_ms) > REPLAY_WINDOW_MS {
+            return Err(WireError::Expired { sent_ms: seal.ms, now_ms });
+        }
+        match self.seen.get_mut(&from) {
+            Some(w) if w.boot == seal.boot => {
+                if !w.accept(seal.seq) {
+                    return Err(WireError::Replay);
+                }
+                w.last_ms = w.last_ms.max(seal.ms);
+            }
+            Some(w) => {
+                // Another run of the sender: only if it is newer than all we accepted.
+                if seal.ms <= w.last_ms {
+                    return Err(WireError::Replay);
+                }
+                *w = SeqWindow::new(seal.boot.clone(), seal.seq, seal.ms);
+            }
+            None => {
+                if self.seen.len() >= MAX_SENDERS
+                    && let Some(oldest) = self.seen.iter().min_by_key(|(_, w)| w.last_ms).map(|(a, _)| *a)
+                {
+                    self.seen.remove(&oldest);
+                }
+                self.seen.insert(from, SeqWindow::new(seal.boot.clone(), seal.seq, seal.ms));
+            }
+        }
+        Ok(env)
     }
 }
 
@@ -646,6 +889,7 @@ mod tests {
                 http: None,
             }),
             timestamp: 1.0,
+            auth: None,
         };
         let json: serde_json::Value =
             serde_json::from_slice(&codec.encode(&hb).expect("enc")[4..]).expect("json");
@@ -675,15 +919,14 @@ mod tests {
     fn oversized_messages_are_refused_on_encode() {
         let mut data = CacheUpdateData::default();
         data.content.stats.evaluations = vec!["x".repeat(1000); 70];
-        let env =
-            Envelope { ip: "127.0.0.1".into(), port: 1, msg: Message::CacheUpdate(data), timestamp: 0.0 };
+        let env = Envelope::new("127.0.0.1:1".parse().expect("addr"), Message::CacheUpdate(data), 0.0);
         assert!(matches!(Codec::default().encode(&env), Err(WireError::TooLarge(_))));
     }
 
     #[test]
     fn mac_authenticates_members_and_is_ignored_without_a_secret() {
-        let members = Codec::new(Some("s3cret"));
-        let outsider = Codec::new(Some("other"));
+        let members = Codec::new(Some("s3cret")).expect("codec");
+        let outsider = Codec::new(Some("other")).expect("codec");
         let open = Codec::default();
         let env = open.decode(&frame(CAPTURES[1].as_bytes())).expect("dec");
         let signed = members.encode(&env).expect("enc");
@@ -737,15 +980,11 @@ mod tests {
         );
         let parts = split_cache_update(data.clone(), MAX_BODY - 512);
         assert!(parts.len() > 5);
-        let codec = Codec::new(Some("k"));
+        let codec = Codec::new(Some("k")).expect("codec");
         let mut union = CacheContent { stats: data.content.stats.clone(), ..Default::default() };
         for part in parts {
-            let env = Envelope {
-                ip: "127.0.0.1".into(),
-                port: 1,
-                msg: Message::CacheUpdate(part.clone()),
-                timestamp: 1.0,
-            };
+            let env =
+                Envelope::new("127.0.0.1:1".parse().expect("addr"), Message::CacheUpdate(part.clone()), 1.0);
             let bytes = codec.encode(&env).expect("every part fits a datagram");
             assert!(bytes.len() <= MAX_DATAGRAM);
             assert_eq!(part.addr, data.addr);
@@ -809,7 +1048,7 @@ mod tests {
         #[test]
         fn decoding_arbitrary_bytes_never_panics(bytes in prop::collection::vec(any::<u8>(), 0..2048)) {
             let _ = Codec::default().decode(&bytes);
-            let _ = Codec::new(Some("k")).decode(&bytes);
+            let _ = Codec::new(Some("k")).expect("codec").decode(&bytes);
         }
 
         #[test]
@@ -840,6 +1079,135 @@ mod tests {
             let i = at.index(d.len());
             d[i] = byte;
             let _ = Codec::default().decode(&d);
+        }
+    }
+
+    fn chan(secret: Option<&str>, port: u16, boot: u64) -> Channel {
+        Channel::new(secret, SocketAddr::from(([127, 0, 0, 1], port)), boot).expect("channel")
+    }
+
+    fn hb_env(port: u16) -> Envelope {
+        let codec = Codec::default();
+        let mut env = codec.decode(&frame(CAPTURES[1].as_bytes())).expect("dec");
+        env.port = port;
+        env
+    }
+
+    const T0: u64 = 1_800_000_000_000;
+
+    #[test]
+    fn an_empty_secret_is_refused() {
+        assert!(matches!(Codec::new(Some("")), Err(WireError::EmptySecret)));
+        assert!(matches!(
+            Channel::new(Some(""), "127.0.0.1:1".parse().expect("a"), 1),
+            Err(WireError::EmptySecret)
+        ));
+        assert!(!Codec::new(None).expect("open").is_authenticated());
+    }
+
+    #[test]
+    fn without_a_secret_the_envelope_is_the_references() {
+        let mut a = chan(None, 1, 1);
+        let mut b = chan(None, 2, 2);
+        let bytes = a.seal(hb_env(1), "127.0.0.1:2".parse().expect("a"), T0).expect("seal");
+        let json: serde_json::Value = serde_json::from_slice(&bytes[HEADER_LEN..]).expect("json");
+        let keys: Vec<&String> = json.as_object().expect("obj").keys().collect();
+        assert_eq!(keys.len(), 5, "{json}");
+        assert!(json.get("auth").is_none() && json.get("mac").is_none());
+        // No replay state without a secret (the reference has no header to check).
+        let from = "127.0.0.1:1".parse().expect("a");
+        assert!(b.open(&bytes, from, T0).is_ok());
+        assert!(b.open(&bytes, from, T0).is_ok());
+    }
+
+    #[test]
+    fn sealed_datagrams_are_accepted_once_in_window_for_their_destination_only() {
+        let (a_addr, b_addr, c_addr): (SocketAddr, SocketAddr, SocketAddr) = (
+            "127.0.0.1:1".parse().expect("a"),
+            "127.0.0.1:2".parse().expect("a"),
+            "127.0.0.1:3".parse().expect("a"),
+        );
+        let mut a = chan(Some("k"), 1, 11);
+        let mut b = chan(Some("k"), 2, 22);
+        let mut c = chan(Some("k"), 3, 33);
+        let d1 = a.seal(hb_env(1), b_addr, T0).expect("seal");
+        let d2 = a.seal(hb_env(1), b_addr, T0 + 5).expect("seal");
+        let to_c = a.seal(hb_env(1), c_addr, T0 + 6).expect("seal");
+        // Reordered delivery is fine, repeats are not.
+        assert!(b.open(&d2, a_addr, T0 + 10).is_ok());
+        assert!(b.open(&d1, a_addr, T0 + 10).is_ok());
+        assert!(matches!(b.open(&d1, a_addr, T0 + 10), Err(WireError::Replay)));
+        assert!(matches!(b.open(&d2, a_addr, T0 + 10), Err(WireError::Replay)));
+        // A datagram sealed for C is refused by B, accepted by C.
+        assert!(matches!(b.open(&to_c, a_addr, T0 + 10), Err(WireError::Misdirected(_))));
+        assert!(c.open(&to_c, a_addr, T0 + 10).is_ok());
+        // Outside the time window (a receiver that restarted and lost its state).
+        let mut fresh = chan(Some("k"), 2, 44);
+        assert!(matches!(fresh.open(&d1, a_addr, T0 + REPLAY_WINDOW_MS + 1), Err(WireError::Expired { .. })));
+        // The sender restarts (new boot): accepted; the old run's datagrams are not any more.
+        let mut a2 = chan(Some("k"), 1, 12);
+        let old = a.seal(hb_env(1), b_addr, T0 + 20).expect("seal");
+        let new = a2.seal(hb_env(1), b_addr, T0 + 30).expect("seal");
+        assert!(b.open(&new, a_addr, T0 + 31).is_ok());
+        assert!(matches!(b.open(&old, a_addr, T0 + 31), Err(WireError::Replay)));
+        // Unsealed but MACed (an old cdtester node with the secret) is refused.
+        let unsealed = Codec::new(Some("k")).expect("codec").encode(&hb_env(1)).expect("enc");
+        assert!(matches!(b.open(&unsealed, a_addr, T0 + 31), Err(WireError::Unsealed)));
+        let s = b.stats();
+        assert_eq!((s.replayed, s.misdirected, s.unauthenticated), (3, 1, 1));
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(500))]
+
+        /// Datagram authentication: any single-bit flip, any truncation and any replay of an
+        /// authenticated datagram is rejected; the untouched datagram is accepted exactly once.
+        #[test]
+        fn flipped_truncated_or_replayed_datagrams_are_rejected(
+            which in 0..CAPTURES.len(),
+            bit in any::<prop::sample::Index>(),
+            cut in any::<prop::sample::Index>(),
+            order in any::<bool>(),
+        ) {
+            let to: SocketAddr = "127.0.0.1:2".parse().expect("a");
+            let from: SocketAddr = "127.0.0.1:1".parse().expect("a");
+            let mut sender = chan(Some("k"), 1, 7);
+            let mut env = Codec::default().decode(&frame(CAPTURES[which].as_bytes())).expect("capture");
+            env.ip = "127.0.0.1".into();
+            env.port = 1;
+            let good = sender.seal(env, to, T0).expect("seal");
+            let mut flipped = good.clone();
+            let i = bit.index(flipped.len() * 8);
+            flipped[i / 8] ^= 1 << (i % 8);
+            let truncated = &good[..cut.index(good.len())];
+            let mut rx = chan(Some("k"), 2, 8);
+            if order {
+                prop_assert!(rx.open(&flipped, from, T0).is_err(), "bit {i} flipped was accepted");
+                prop_assert!(rx.open(truncated, from, T0).is_err());
+                prop_assert!(rx.open(&good, from, T0).is_ok());
+            } else {
+                prop_assert!(rx.open(&good, from, T0).is_ok());
+                prop_assert!(rx.open(&flipped, from, T0).is_err(), "bit {i} flipped was accepted");
+                prop_assert!(rx.open(truncated, from, T0).is_err());
+            }
+            prop_assert!(matches!(rx.open(&good, from, T0), Err(WireError::Replay)));
+        }
+
+        /// The sequence window accepts every number at most once and never one below the window,
+        /// as a set of accepted numbers would.
+        #[test]
+        fn seq_window_matches_a_set_model(seqs in prop::collection::vec(0u64..3000, 1..400)) {
+            let mut w = SeqWindow::new(String::new(), seqs[0], 0);
+            let mut model = std::collections::BTreeSet::from([seqs[0]]);
+            let mut top = seqs[0];
+            for &s in &seqs[1..] {
+                let expect = !model.contains(&s) && s + SEQ_WINDOW > top;
+                prop_assert_eq!(w.accept(s), expect, "seq {} top {}", s, top);
+                if expect {
+                    model.insert(s);
+                    top = top.max(s);
+                }
+            }
         }
     }
 }

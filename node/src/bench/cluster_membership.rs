@@ -52,7 +52,8 @@ struct Sample {
 }
 
 fn one_run(n: usize, timers: &Timers, loss: f64, seed: u64, bytes: bool) -> anyhow::Result<Sample> {
-    let net = NetConfig { loss, duplicate: 0.0, min_delay_ms: 1, max_delay_ms: 5, seed };
+    let net =
+        NetConfig { loss, duplicate: 0.0, min_delay_ms: 1, max_delay_ms: 5, seed, ..NetConfig::default() };
     let mut sim = Sim::cluster(net, timers.clone(), n);
     sim.run_until_converged(60_000).with_context(|| format!("{n} nodes did not converge"))?;
     sim.run_for(2_000);

@@ -6,6 +6,7 @@ pub mod docker;
 pub mod local;
 pub mod memory;
 pub mod plugins;
+pub mod udp_auth;
 
 use std::path::PathBuf;
 
@@ -68,6 +69,9 @@ pub enum BenchCommand {
     Memory(memory::Args),
     /// WASM policy plugins: module load time (cold and cached) and per-call latency p50/p99.
     Plugins(plugins::Args),
+    /// Datagram authentication: datagrams/s encoded and decoded with and without the cluster
+    /// MAC and replay check, and the ratio.
+    Auth(udp_auth::Args),
 }
 
 /// Run one benchmark.
@@ -79,5 +83,6 @@ pub fn run(cmd: BenchCommand, config: &Config) -> anyhow::Result<()> {
         BenchCommand::Plugins(args) => plugins::run(&args),
         BenchCommand::Docker(args) => docker::run(args, config),
         BenchCommand::Memory(args) => memory::run(args, config),
+        BenchCommand::Auth(args) => udp_auth::run(&args),
     }
 }

@@ -38,9 +38,24 @@
 //! heartbeat counters `hb`, recent failure claims `dead` and recovery owners `owners`. Only
 //! [`GOSSIP_FANOUT`] random peers per period get the full tables; the others get a slim
 //! heartbeat (`peers` empty, `hb` = the sender's own counter), which keeps bytes per node
-//! nearly constant in the cluster size while every peer still hears every other directly. Peers
-//! learned from `peers` tables are added unless a tombstone says they failed (the reference's
-//! zombie-peer flaw F13). Every `cache_update_ms` a CACHE_UPDATE goes to every peer (also
+//! nearly constant in the cluster size while every peer still hears every other directly. Nodes
+//! named in other members' `peers` tables are *rumours*, not peers: they get a slim heartbeat
+//! probe (rate-limited per address, see [`PROBE_INTERVAL_BEATS`]) and become peers when they
+//! answer from that address; never when a tombstone says they failed (the reference's
+//! zombie-peer flaw F13). The joiner trusts its CONNECT_REP's table (an answer from the member
+//! it chose).
+//!
+//! # Who may say what (issue 9)
+//! The sender of a message is its datagram's source address (the envelope's `ip`/`port` is only
+//! a claim); replies go there. An id is bound to the address it was admitted at: heartbeats,
+//! leaves and refutations for it from elsewhere are refused. RECOVERY_ELECTION is heard only
+//! from its candidate and never evicts a live peer; a gossiped failure claim evicts a peer only
+//! if this node has not heard from it for two heartbeat periods either. Counters are saturating
+//! and plausibility-checked ([`COUNTER_CLOCK_SLACK_MS`], [`CLAIM_SLACK`] for relays), and a
+//! node's own heartbeat refutes a failure if it beats the largest counter *it* sent (which
+//! relays and claims cannot raise). Gossip tables are read up to [`MAX_CLAIMS_PER_DATAGRAM`]
+//! entries and new claims are charged to a per-sender [`CLAIM_BUDGET`]. Addresses from failure
+//! claims are never probed. Refusals are counted in [`Counters::rejected`]. Every `cache_update_ms` a CACHE_UPDATE goes to every peer (also
 //! needed by reference nodes, whose failure checker breaks without it).
 //!
 //! # Failure detection (gossip heartbeat counters + local-health guard)
@@ -58,15 +73,17 @@
 //! the node everywhere (SWIM's incarnation numbers). Tombstones are kept for
 //! [`TOMBSTONE_KEEP`] and are probed every 4th heartbeat period so that healed partitions merge.
 //! A graceful leave is a HEARTBEAT with `"leaving": true` (sent twice); receivers treat the
-//! leaver as failed at once (the reference ignores the field and times out as usual).
+//! leaver as failed at once if it came from the leaver's own address (the reference ignores
+//! the field and times out as usual).
 //!
 //! # Recovery election
 //! Rule: the owner of a failed node F's responsibilities is **the smallest id among the live
 //! members** (ids are minted from time, so the oldest survivor, as in the reference).
 //! 1. A node that detects F itself (timeout or leave notice) broadcasts RECOVERY_ELECTION
 //!    `{candidate_id: self, failed_node: F, extra: F's active evaluations, failed_node_addr}`.
-//!    Receivers mark F failed (tombstone, failure record) and answer RECOVERY_ELECTION_REP with
-//!    their own view of F's active evaluations; the answers are merged into the record.
+//!    Receivers answer RECOVERY_ELECTION_REP with their own view of F's active evaluations
+//!    (merged into the record); they record F as failed only if it is not a live peer in their
+//!    own view (their detector, with the same timeout, decides that).
 //! 2. `election_timeout_ms` after a node learned of F (time for views to settle and answers to
 //!    arrive), it evaluates the rule over its live view. If it is the winner it takes over
 //!    ([`Event::TakeOver`]) and claims F in the `owners` gossip (sent at once to every peer); if it initiated the election and
@@ -112,14 +129,33 @@ pub const CLAIM_SLACK: u64 = 16;
 /// Peers per heartbeat period that receive the full gossip tables (the others get a slim
 /// heartbeat with only the sender's counter).
 pub const GOSSIP_FANOUT: usize = 3;
-/// Room left in a datagram for the envelope and MAC around a CACHE_UPDATE's data.
-const ENVELOPE_ROOM: usize = 512;
+/// Room left in a datagram for the envelope, seal and MAC around a CACHE_UPDATE's data.
+const ENVELOPE_ROOM: usize = 640;
+/// Entries of each gossip table (`peers`, `hb`, `dead`, `owners`) read from one datagram.
+pub const MAX_CLAIMS_PER_DATAGRAM: usize = 64;
+/// New rumoured peers and failure records one sender may cause per `failure_timeout_ms`.
+pub const CLAIM_BUDGET: u32 = 128;
+/// Heartbeat periods between two probes of the same unconfirmed address.
+pub const PROBE_INTERVAL_BEATS: u32 = 8;
+/// Probes of unconfirmed addresses per heartbeat period, in total.
+pub const MAX_PROBES_PER_BEAT: usize = 8;
+/// Probes per rumoured peer before the rumour is dropped (gossip may bring it back).
+pub const RUMOUR_PROBES: u32 = 3;
+/// Rumoured peers remembered at most.
+pub const MAX_RUMOURS: usize = 256;
+/// Failed nodes remembered at most (new gossip-learned ones are refused beyond).
+pub const MAX_TOMBSTONES: usize = 4096;
+/// A heartbeat counter starts at its node's wall-clock milliseconds and grows by one per
+/// heartbeat, so it never exceeds the current time; counters further ahead of this node's
+/// clock than this are forged (or the clocks are a day apart) and ignored.
+pub const COUNTER_CLOCK_SLACK_MS: u64 = 86_400_000;
 
 /// What the core is given.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Input {
-    /// A decoded message. The sender is the envelope's `ip`/`port`.
-    Message(Envelope),
+    /// A decoded message from the datagram's source address `from`. The source is the sender's
+    /// identity and where replies go; the envelope's claimed `ip`/`port` is not trusted.
+    Message { from: SocketAddr, env: Envelope },
     /// Timer tick; call every `heartbeat_ms / 5` or more often.
     Tick,
     /// A request from the local application.
@@ -215,7 +251,10 @@ pub struct CoreConfig {
 #[derive(Debug, Clone)]
 struct Peer {
     addr: SocketAddr,
+    /// Largest counter known, directly or relayed.
     counter: u64,
+    /// Largest counter the peer itself sent us (relays cannot raise it).
+    direct: u64,
     last_progress: Instant,
     http: Option<SocketAddr>,
     /// Its heartbeats carry no counters: a reference-implementation node.
@@ -225,8 +264,21 @@ struct Peer {
 #[derive(Debug, Clone)]
 struct Tombstone {
     addr: SocketAddr,
+    /// Largest counter known at death (ours or claimed); a relayed larger one resurrects.
     counter: u64,
+    /// Largest counter the node itself sent us; its own heartbeat with a larger one refutes.
+    direct: u64,
     at: Instant,
+    /// This node had it as a live peer at `addr` (else it was learned from a claim, whose
+    /// address is never probed).
+    observed: bool,
+}
+
+/// A node named in someone's gossip that has not talked to this node yet.
+#[derive(Debug, Clone)]
+struct Rumour {
+    addr: SocketAddr,
+    probes: u32,
 }
 
 #[derive(Debug, Clone)]
@@ -267,6 +319,11 @@ pub struct Snapshot {
 pub struct Counters {
     pub sent: u64,
     pub received: u64,
+    /// Messages (or gossip entries) refused: a leave, election or identity not from the node
+    /// it names, implausible counters, claims over the per-sender caps.
+    pub rejected: u64,
+    /// Probes sent to rumoured (not yet confirmed) addresses.
+    pub probes: u64,
 }
 
 /// The protocol state machine of one node.
@@ -280,6 +337,11 @@ pub struct Core {
     peers: BTreeMap<NodeId, Peer>,
     tombstones: BTreeMap<NodeId, Tombstone>,
     failures: BTreeMap<NodeId, Failure>,
+    rumours: BTreeMap<NodeId, Rumour>,
+    /// When each unconfirmed address was last probed.
+    probed: BTreeMap<SocketAddr, Instant>,
+    /// Per sender: start of its claim period and the claims it caused in it.
+    budgets: BTreeMap<SocketAddr, (Instant, u32)>,
     /// `peers_ip` of each node's last CACHE_UPDATE, by its `"ip:port"`.
     reported: BTreeMap<String, Vec<String>>,
     last_tick: Option<Instant>,
@@ -321,6 +383,9 @@ impl Core {
             peers: BTreeMap::new(),
             tombstones: BTreeMap::new(),
             failures: BTreeMap::new(),
+            rumours: BTreeMap::new(),
+            probed: BTreeMap::new(),
+            budgets: BTreeMap::new(),
             reported: BTreeMap::new(),
             last_tick: None,
             next_heartbeat: start,
@@ -404,9 +469,9 @@ impl Core {
         }
         match input {
             Input::Tick => self.on_tick(now, &mut out),
-            Input::Message(env) => {
+            Input::Message { from, env } => {
                 self.counters.received += 1;
-                self.on_message(now, env, &mut out);
+                self.on_message(now, from, env, &mut out);
             }
             Input::Local(ev) => self.on_local(now, ev, &mut out),
         }
@@ -421,6 +486,41 @@ impl Core {
         micros as f64 / 1e6
     }
 
+    /// Wall clock in Unix milliseconds.
+    pub fn unix_ms(&self, now: Instant) -> u64 {
+        let ms = now.saturating_duration_since(self.start).as_millis();
+        (self.cfg.unix_micros_at_start / 1000).saturating_add(u64::try_from(ms).unwrap_or(u64::MAX))
+    }
+
+    /// A counter no honest node can have sent yet is forged.
+    fn plausible(&self, now: Instant, counter: u64) -> bool {
+        counter <= self.unix_ms(now).saturating_add(COUNTER_CLOCK_SLACK_MS)
+    }
+
+    fn reject(&mut self, from: SocketAddr, what: &str) {
+        self.counters.rejected += 1;
+        tracing::debug!(%from, "refusing {what}");
+    }
+
+    /// Charge one new claim to `from`'s budget for this period; false when it is spent.
+    fn spend(&mut self, now: Instant, from: SocketAddr) -> bool {
+        let period = Self::ms(self.cfg.timers.failure_timeout_ms);
+        let b = self.budgets.entry(from).or_insert((now, 0));
+        if now.saturating_duration_since(b.0) >= period {
+            *b = (now, 0);
+        }
+        if b.1 >= CLAIM_BUDGET {
+            return false;
+        }
+        b.1 += 1;
+        true
+    }
+
+    /// The smallest live id this node knows (itself included): the recovery owner by the rule.
+    fn winner<'a>(&'a self, me: &'a NodeId) -> &'a NodeId {
+        self.peers.keys().next().filter(|p| *p < me).unwrap_or(me)
+    }
+
     fn ms(v: u64) -> Duration {
         Duration::from_millis(v)
     }
@@ -430,12 +530,7 @@ impl Core {
     }
 
     fn send(&mut self, now: Instant, to: SocketAddr, msg: Message, out: &mut Vec<Action>) {
-        let envelope = Envelope {
-            ip: self.cfg.addr.ip().to_string(),
-            port: self.cfg.addr.port(),
-            msg,
-            timestamp: self.wall_secs(now),
-        };
+        let envelope = Envelope::new(self.cfg.addr, msg, self.wall_secs(now));
         self.counters.sent += 1;
         out.push(Action::Send { to, envelope });
     }
@@ -466,21 +561,20 @@ impl Core {
             if Some(&id) != self.id.as_ref()
                 && !self.peers.contains_key(&id)
                 && !self.tombstones.contains_key(&id)
+                && !self.rumours.contains_key(&id)
             {
                 return id;
             }
         }
     }
 
-    /// Add (or re-admit) a live peer.
+    /// Add (or re-admit) a live peer at an address it was heard from directly (or that our
+    /// join target reported). An id stays bound to the address it was admitted at.
     fn admit(&mut self, now: Instant, id: NodeId, addr: SocketAddr, counter: u64, out: &mut Vec<Action>) {
-        if Some(&id) == self.id.as_ref() || addr == self.cfg.addr {
+        if Some(&id) == self.id.as_ref() || addr == self.cfg.addr || self.peers.contains_key(&id) {
             return;
         }
-        if let Some(peer) = self.peers.get_mut(&id) {
-            peer.addr = addr;
-            return;
-        }
+        self.rumours.remove(&id);
         if self.tombstones.remove(&id).is_some() {
             tracing::info!(peer = %id, %addr, "failed peer refuted its failure; re-admitted");
         } else {
@@ -490,22 +584,38 @@ impl Core {
         if let Some(old) = self.id_of(addr) {
             self.peers.remove(&old);
         }
-        self.peers
-            .insert(id.clone(), Peer { addr, counter, last_progress: now, http: None, reference: false });
+        self.peers.insert(
+            id.clone(),
+            Peer { addr, counter, direct: counter, last_progress: now, http: None, reference: false },
+        );
         out.push(Action::Event(Event::PeerUp { id, addr }));
     }
 
-    /// Record evidence of life.
+    /// Record evidence of life from the peer itself (a datagram from its address), with its own
+    /// counter if it sent one.
     fn progress(&mut self, now: Instant, id: &NodeId, counter: Option<u64>) {
+        let plausible = counter.is_none_or(|c| self.plausible(now, c));
+        if !plausible {
+            self.counters.rejected += 1;
+        }
         if let Some(peer) = self.peers.get_mut(id) {
-            match counter {
-                Some(c) if c > peer.counter => {
-                    peer.counter = c;
-                    peer.last_progress = now;
-                }
-                Some(_) => {}
-                None => peer.last_progress = now,
+            peer.last_progress = now;
+            if let Some(c) = counter.filter(|_| plausible) {
+                peer.counter = peer.counter.max(c);
+                peer.direct = peer.direct.max(c);
             }
+        }
+    }
+
+    /// A counter for `id` relayed by another member: progress only if it grows by at most
+    /// [`CLAIM_SLACK`] over what we know (a relay is at most a few heartbeats ahead of us).
+    fn progress_relayed(&mut self, now: Instant, id: &NodeId, counter: u64) {
+        let Some(peer) = self.peers.get_mut(id) else { return };
+        if counter > peer.counter && peer.counter > 0 && counter <= peer.counter.saturating_add(CLAIM_SLACK) {
+            peer.counter = counter;
+            peer.last_progress = now;
+        } else if counter > peer.counter.saturating_add(CLAIM_SLACK) {
+            self.counters.rejected += 1;
         }
     }
 
@@ -514,7 +624,16 @@ impl Core {
         let Some(peer) = self.peers.remove(id) else { return };
         let addr_s = wire::addr_string(peer.addr);
         self.reported.remove(&addr_s);
-        self.tombstones.insert(id.clone(), Tombstone { addr: peer.addr, counter: peer.counter, at: now });
+        self.tombstones.insert(
+            id.clone(),
+            Tombstone {
+                addr: peer.addr,
+                counter: peer.counter,
+                direct: peer.direct,
+                at: now,
+                observed: true,
+            },
+        );
         tracing::warn!(peer = %id, addr = %peer.addr, ?reason, initiate, "peer down");
         out.push(Action::Event(Event::PeerDown { id: id.clone(), addr: peer.addr, reason }));
         let evaluations = self.app.active_evaluations(&addr_s);
@@ -541,10 +660,15 @@ impl Core {
         }
     }
 
-    /// Record a failure of a node this node does not have as a live peer (learned from gossip).
+    /// A member (`from`) claims that `id` (at `addr`) failed when its counter was `counter`.
+    /// A live peer is only declared failed if the claim is plausible and this node has not
+    /// heard from it for two heartbeat periods either (a claim alone never evicts a node that
+    /// talks to us). Claims about unknown nodes are charged to the sender's budget, and an
+    /// address where a live member (or this node) runs is never accepted for another id.
     fn learn_failure(
         &mut self,
         now: Instant,
+        from: SocketAddr,
         id: &NodeId,
         addr: SocketAddr,
         counter: u64,
@@ -553,19 +677,35 @@ impl Core {
         if Some(id) == self.id.as_ref() {
             return;
         }
+        if !self.plausible(now, counter) {
+            return self.reject(from, "a failure claim with an impossible counter");
+        }
         if let Some(peer) = self.peers.get(id) {
+            let quiet = now.saturating_duration_since(peer.last_progress)
+                >= Self::ms(self.cfg.timers.heartbeat_ms) * 2;
             if counter < peer.counter {
                 // We have fresher evidence; our gossip refutes the claim.
-            } else if counter > peer.counter + CLAIM_SLACK {
-                tracing::debug!(peer = %id, counter, known = peer.counter, "ignoring an implausible failure claim");
-            } else {
+            } else if counter > peer.counter.saturating_add(CLAIM_SLACK) {
+                self.reject(from, "an implausible failure claim");
+            } else if quiet {
                 self.down(now, id, DownReason::Failed, false, out);
             }
             return;
         }
-        let tomb = self.tombstones.entry(id.clone()).or_insert(Tombstone { addr, counter, at: now });
-        if counter <= tomb.counter + CLAIM_SLACK {
-            tomb.counter = tomb.counter.max(counter);
+        if let Some(t) = self.tombstones.get_mut(id) {
+            if counter <= t.counter.saturating_add(CLAIM_SLACK) {
+                t.counter = t.counter.max(counter);
+            }
+        } else {
+            if addr == self.cfg.addr || self.id_of(addr).is_some() {
+                return self.reject(from, "a failure claim naming a live member's address");
+            }
+            if self.tombstones.len() >= MAX_TOMBSTONES || !self.spend(now, from) {
+                return self.reject(from, "a failure claim over the sender's budget");
+            }
+            self.rumours.remove(id);
+            self.tombstones
+                .insert(id.clone(), Tombstone { addr, counter, direct: 0, at: now, observed: false });
         }
         if !self.failures.contains_key(id) {
             let evaluations = self.app.active_evaluations(&wire::addr_string(addr));
@@ -574,6 +714,23 @@ impl Core {
                 Failure { addr, at: now, owner: None, evaluations, initiated: false, result_sent: false },
             );
         }
+    }
+
+    /// A member (`from`) names `id` at `addr` in its gossip: remember it, to be probed (rate
+    /// limited) until it talks to us directly. Never for a live member's address.
+    fn rumour(&mut self, now: Instant, from: SocketAddr, id: &NodeId, addr: SocketAddr) {
+        if Some(id) == self.id.as_ref()
+            || self.peers.contains_key(id)
+            || self.rumours.contains_key(id)
+            || addr == self.cfg.addr
+            || self.id_of(addr).is_some()
+        {
+            return;
+        }
+        if self.rumours.len() >= MAX_RUMOURS || !self.spend(now, from) {
+            return self.reject(from, "a rumoured peer over the sender's budget");
+        }
+        self.rumours.insert(id.clone(), Rumour { addr, probes: 0 });
     }
 
     fn merge_evaluations(into: &mut EvalMap, from: EvalMap) {
@@ -587,8 +744,14 @@ impl Core {
         }
     }
 
+    /// A recovery owner claim from gossip: accepted only for a live owner (this node or a
+    /// peer) that is no larger than the rule's winner in this node's view.
     fn claim(&mut self, failed: &NodeId, owner: NodeId, out: &mut Vec<Action>) {
         let me = self.id.clone();
+        let Some(my_id) = me.as_ref() else { return };
+        if (owner != *my_id && !self.peers.contains_key(&owner)) || owner > *self.winner(my_id) {
+            return;
+        }
         let Some(f) = self.failures.get_mut(failed) else { return };
         match &f.owner {
             Some(current) if *current <= owner => {}
@@ -676,12 +839,15 @@ impl Core {
             }
             self.full_to_all = false;
             if self.heartbeats_sent.is_multiple_of(4) {
-                // Probe remembered failed nodes so that a healed partition merges.
-                let dead: Vec<SocketAddr> = self.tombstones.values().map(|t| t.addr).collect();
+                // Probe remembered failed nodes so that a healed partition merges: only those we
+                // had as members at that address, never an address from someone's claim.
+                let dead: Vec<SocketAddr> =
+                    self.tombstones.values().filter(|t| t.observed).map(|t| t.addr).collect();
                 for to in dead {
                     self.send(now, to, msg.clone(), out);
                 }
             }
+            self.probe_rumours(now, &slim, out);
         }
 
         if now >= self.next_cache {
@@ -690,12 +856,46 @@ impl Core {
 
         self.decide(now, &me, out);
 
-        // Forget old tombstones and resolved failures.
+        // Forget old tombstones, resolved failures and spent budgets.
         self.tombstones.retain(|_, t| now.saturating_duration_since(t.at) < TOMBSTONE_KEEP);
+        let period = timeout;
+        self.budgets.retain(|_, (start, _)| now.saturating_duration_since(*start) < period);
         let tombstones = &self.tombstones;
         self.failures.retain(|id, f| {
             now.saturating_duration_since(f.at) < TOMBSTONE_KEEP || tombstones.contains_key(id)
         });
+    }
+
+    /// Send the slim heartbeat to rumoured peers: each address at most once per
+    /// [`PROBE_INTERVAL_BEATS`], at most [`MAX_PROBES_PER_BEAT`] in total, and each rumour
+    /// [`RUMOUR_PROBES`] times. This bounds what gossip naming a victim's address can make
+    /// this node send there. A real node answers with its own heartbeat and becomes a peer.
+    fn probe_rumours(&mut self, now: Instant, slim: &Message, out: &mut Vec<Action>) {
+        let interval = Self::ms(self.cfg.timers.heartbeat_ms) * PROBE_INTERVAL_BEATS;
+        self.probed.retain(|_, at| now.saturating_duration_since(*at) < interval);
+        let mut targets = Vec::new();
+        let mut spent = Vec::new();
+        for (id, r) in self.rumours.iter_mut() {
+            if targets.len() >= MAX_PROBES_PER_BEAT {
+                break;
+            }
+            if self.probed.contains_key(&r.addr) || targets.contains(&r.addr) {
+                continue;
+            }
+            r.probes += 1;
+            if r.probes >= RUMOUR_PROBES {
+                spent.push(id.clone());
+            }
+            targets.push(r.addr);
+        }
+        for id in spent {
+            self.rumours.remove(&id);
+        }
+        for to in targets {
+            self.probed.insert(to, now);
+            self.counters.probes += 1;
+            self.send(now, to, slim.clone(), out);
+        }
     }
 
     fn heartbeat(&self, now: Instant, me: &NodeId, leaving: bool) -> HeartbeatData {
@@ -744,7 +944,7 @@ impl Core {
     /// Apply the election rule to every failure whose owner is unknown or dead.
     fn decide(&mut self, now: Instant, me: &NodeId, out: &mut Vec<Action>) {
         let settle = Self::ms(self.cfg.timers.election_timeout_ms);
-        let winner = self.peers.keys().next().filter(|p| *p < me).unwrap_or(me).clone();
+        let winner = self.winner(me).clone();
         let pending: Vec<NodeId> = self
             .failures
             .iter()
@@ -789,19 +989,20 @@ impl Core {
 
     // ---------------------------------------------------------------------------- messages
 
-    fn on_message(&mut self, now: Instant, env: Envelope, out: &mut Vec<Action>) {
-        let Some(from) = env.sender() else {
-            tracing::debug!(ip = %env.ip, cmd = env.msg.cmd(), "dropping message with an invalid sender ip");
-            return;
-        };
+    fn on_message(&mut self, now: Instant, from: SocketAddr, env: Envelope, out: &mut Vec<Action>) {
+        if env.sender() != Some(from) {
+            tracing::debug!(%from, claimed_ip = %env.ip, claimed_port = env.port, cmd = env.msg.cmd(),
+                "claimed sender differs from the datagram's source; using the source");
+        }
         if from == self.cfg.addr {
             return;
         }
         let Some(me) = self.id.clone() else {
-            if let Message::ConnectRep(rep) = env.msg {
-                self.on_connect_rep(now, from, rep, out);
-            } else {
-                tracing::debug!(cmd = env.msg.cmd(), %from, "not joined yet; dropping");
+            match env.msg {
+                Message::ConnectRep(rep) if Some(from) == self.cfg.join => {
+                    self.on_connect_rep(now, from, rep, out)
+                }
+                msg => tracing::debug!(cmd = msg.cmd(), %from, "not joined yet; dropping"),
             }
             return;
         };
@@ -815,17 +1016,23 @@ impl Core {
             Message::Heartbeat(hb) => self.on_heartbeat(now, from, &me, hb, out),
             Message::CacheUpdate(data) => {
                 if from_id.is_some() {
-                    self.reported.insert(data.addr.clone(), data.peers_ip.clone());
+                    self.reported.insert(wire::addr_string(from), data.peers_ip.clone());
                 }
                 out.push(Action::Event(Event::CacheUpdate { from, data }));
             }
-            Message::RecoveryElection(el) => self.on_election(now, from, &me, el, out),
+            Message::RecoveryElection(el) => self.on_election(now, from, from_id.as_ref(), &me, el, out),
             Message::RecoveryElectionRep(rep) => {
+                if from_id.as_ref() != Some(&rep.node_id) {
+                    return self.reject(from, "a RECOVERY_ELECTION_REP not from the node it names");
+                }
                 if let Some(f) = self.failures.get_mut(&rep.failed_node_id) {
                     Self::merge_evaluations(&mut f.evaluations, rep.evaluations);
                 }
             }
             Message::RecoveryElectionResult(res) => {
+                if from_id.is_none() {
+                    return self.reject(from, "a RECOVERY_ELECTION_RESULT from a non-member");
+                }
                 // A hint that we won; the rule (re-)applied on each tick decides.
                 tracing::info!(failed = %res.failed_node_id, %from, "RECOVERY_ELECTION_RESULT names this node");
                 if let Some(f) = self.failures.get_mut(&res.failed_node_id) {
@@ -885,13 +1092,25 @@ impl Core {
             return;
         }
         let own = hb.hb.get(&sender).copied();
+        // An id speaks only from the address it is known at: no one else can leave, refute or
+        // heartbeat for it.
+        let bound = self
+            .peers
+            .get(&sender)
+            .map(|p| p.addr)
+            .or_else(|| self.tombstones.get(&sender).filter(|t| t.observed).map(|t| t.addr));
+        if bound.is_some_and(|a| a != from) {
+            return self.reject(from, "a HEARTBEAT for an id known at another address");
+        }
+        if own.is_some_and(|c| !self.plausible(now, c)) {
+            return self.reject(from, "a HEARTBEAT with an impossible counter");
+        }
         if hb.leaving {
-            if self.peers.contains_key(&sender) {
-                tracing::info!(peer = %sender, "peer leaves gracefully");
+            if !self.peers.contains_key(&sender) {
+                return self.reject(from, "a leave notice for a node that is not a live peer");
             }
-            if let Some(c) = own {
-                self.progress(now, &sender, Some(c));
-            }
+            tracing::info!(peer = %sender, "peer leaves gracefully");
+            self.progress(now, &sender, own);
             self.down(now, &sender, DownReason::Left, true, out);
             return;
         }
@@ -899,7 +1118,9 @@ impl Core {
         if !self.peers.contains_key(&sender) {
             let refutes = match (self.tombstones.get(&sender), own) {
                 (None, _) => true,
-                (Some(t), Some(c)) => c > t.counter,
+                // Only a counter beyond what the node itself sent us (relays and claims cannot
+                // raise that); a tombstone learned from a claim never saw one.
+                (Some(t), Some(c)) => c > t.direct || !t.observed,
                 // Reference nodes have no counters: a direct heartbeat is the evidence.
                 (Some(_), None) => true,
             };
@@ -913,80 +1134,89 @@ impl Core {
             peer.reference = own.is_none();
         }
 
-        // Relayed counters.
-        for (id, c) in &hb.hb {
+        if !self.peers.contains_key(&sender) {
+            // Not admitted (a refuted tombstone): its gossip is not heard either.
+            return;
+        }
+        let peer_addr = |id: &NodeId| {
+            hb.peers.get(id).and_then(|(ip, port)| ip.parse().ok().map(|ip| SocketAddr::new(ip, *port)))
+        };
+        // Relayed counters (at most MAX_CLAIMS_PER_DATAGRAM entries of each table are read).
+        for (id, c) in hb.hb.iter().take(MAX_CLAIMS_PER_DATAGRAM) {
             if id == me || *id == sender {
                 continue;
             }
             if self.peers.contains_key(id) {
-                self.progress(now, id, Some(*c));
-            } else if let Some((ip, port)) = hb.peers.get(id)
-                && let Ok(ip) = ip.parse()
+                self.progress_relayed(now, id, *c);
+            } else if let Some(addr) = peer_addr(id)
+                && self.plausible(now, *c)
                 && self.tombstones.get(id).is_none_or(|t| *c > t.counter)
             {
-                self.admit(now, id.clone(), SocketAddr::new(ip, *port), *c, out);
+                self.rumour(now, from, id, addr);
             }
         }
-        // Reference-style peer tables (no counters): add unknown, never resurrect the dead.
-        for (id, (ip, port)) in &hb.peers {
+        // Reference-style peer tables (no counters): rumours of unknown nodes, never the dead.
+        for id in hb.peers.keys().take(MAX_CLAIMS_PER_DATAGRAM) {
             if id == me || self.peers.contains_key(id) || self.tombstones.contains_key(id) {
                 continue;
             }
-            if let Ok(ip) = ip.parse() {
-                self.admit(
-                    now,
-                    id.clone(),
-                    SocketAddr::new(ip, *port),
-                    hb.hb.get(id).copied().unwrap_or(0),
-                    out,
-                );
+            if let Some(addr) = peer_addr(id) {
+                self.rumour(now, from, id, addr);
             }
         }
         // Failure claims.
-        for (id, (c, addr)) in &hb.dead {
+        for (id, (c, addr)) in hb.dead.iter().take(MAX_CLAIMS_PER_DATAGRAM) {
             if id == me {
                 tracing::warn!(by = %sender, "a peer claims this node failed; refuting with a larger counter");
                 continue;
             }
             if let Some(addr) = wire::parse_addr(addr) {
-                self.learn_failure(now, id, addr, *c, out);
+                self.learn_failure(now, from, id, addr, *c, out);
             }
         }
-        for (failed, owner) in hb.owners {
+        for (failed, owner) in hb.owners.into_iter().take(MAX_CLAIMS_PER_DATAGRAM) {
             self.claim(&failed, owner, out);
         }
     }
 
+    /// RECOVERY_ELECTION: only from the candidate itself (the sender must be the live peer
+    /// named `candidate_id`). It never evicts a node that is a live peer here: this node's own
+    /// failure detector decides that (and, with its 2 s timeout, long before a reference node's
+    /// 21 s). For a node already failed or unknown here it records the failure.
     fn on_election(
         &mut self,
         now: Instant,
         from: SocketAddr,
+        from_id: Option<&NodeId>,
         me: &NodeId,
         el: RecoveryElectionData,
         out: &mut Vec<Action>,
     ) {
+        if from_id != Some(&el.candidate_id) {
+            return self.reject(from, "a RECOVERY_ELECTION not from its candidate");
+        }
         if el.failed_node == *me {
             tracing::warn!(by = %el.candidate_id, "RECOVERY_ELECTION names this node as failed; our heartbeats refute it");
             return;
         }
-        let addr = wire::parse_addr(&el.failed_node_addr)
-            .or_else(|| self.peers.get(&el.failed_node).map(|p| p.addr))
-            .or_else(|| self.tombstones.get(&el.failed_node).map(|t| t.addr));
-        let Some(addr) = addr else {
-            tracing::debug!(failed = %el.failed_node, "RECOVERY_ELECTION for an unknown node without a valid address");
-            return;
-        };
-        // Follow the claim (as the reference does): a live accused node refutes with its counter.
-        let counter = self.peers.get(&el.failed_node).map(|p| p.counter).unwrap_or(0);
         if self.peers.contains_key(&el.failed_node) {
-            self.down(now, &el.failed_node, DownReason::Failed, false, out);
+            tracing::info!(failed = %el.failed_node, by = %el.candidate_id,
+                "RECOVERY_ELECTION for a node that is alive here; our own detector decides");
         } else {
-            self.learn_failure(now, &el.failed_node, addr, counter, out);
+            let known = self.tombstones.get(&el.failed_node).map(|t| (t.addr, t.counter));
+            let Some((addr, counter)) =
+                known.or_else(|| wire::parse_addr(&el.failed_node_addr).map(|a| (a, 0)))
+            else {
+                tracing::debug!(failed = %el.failed_node, "RECOVERY_ELECTION for an unknown node without a valid address");
+                return;
+            };
+            self.learn_failure(now, from, &el.failed_node, addr, counter, out);
+            if let Some(f) = self.failures.get_mut(&el.failed_node) {
+                Self::merge_evaluations(&mut f.evaluations, el.extra);
+            }
         }
-        let mine = self.app.active_evaluations(&wire::addr_string(addr));
-        if let Some(f) = self.failures.get_mut(&el.failed_node) {
-            Self::merge_evaluations(&mut f.evaluations, el.extra);
-        }
+        let failed_addr = self.failures.get(&el.failed_node).map(|f| wire::addr_string(f.addr));
+        let mine = failed_addr.map(|a| self.app.active_evaluations(&a)).unwrap_or_default();
         let rep = RecoveryElectionRepData {
             failed_node_id: el.failed_node,
             evaluations: mine,
@@ -1040,7 +1270,7 @@ mod tests {
     }
 
     fn env(from: u16, msg: Message) -> Input {
-        Input::Message(Envelope { ip: "127.0.0.1".into(), port: from, msg, timestamp: 1.0 })
+        Input::Message { from: addr(from), env: Envelope::new(addr(from), msg, 1.0) }
     }
 
     /// A reference-implementation heartbeat: no counters or other extensions.
@@ -1133,7 +1363,15 @@ mod tests {
         // Two reference nodes heartbeat directly; B lists C too.
         c.handle(t0, env(7001, reference_hb("100000000000000000001", &[])));
         c.handle(t0, env(7002, reference_hb("100000000000000000002", &[("100000000000000000003", 7003)])));
-        assert_eq!(c.peers().count(), 3, "C learned from B's peer table");
+        assert_eq!(c.peers().count(), 2, "C is only a rumour until it talks to us");
+        // The next heartbeat probes C's address once; C answers and becomes a peer.
+        let acts = c.handle(t0, Input::Tick);
+        assert_eq!(sent(&acts).iter().filter(|(to, _)| *to == addr(7003)).count(), 1, "{acts:?}");
+        // C is a cdtester node (its heartbeats carry counters).
+        let Message::Heartbeat(mut hc) = reference_hb("100000000000000000003", &[]) else { unreachable!() };
+        hc.hb.insert(NodeId("100000000000000000003".into()), 5);
+        c.handle(t0, env(7003, Message::Heartbeat(hc)));
+        assert_eq!(c.peers().count(), 3);
         // A keeps heartbeating (every 3.5 s, as the reference does); B and C go silent.
         let mut t = t0;
         let mut downs = Vec::new();
@@ -1148,7 +1386,7 @@ mod tests {
                 }
             }
         }
-        // C never heartbeat: the normal timeout. B is a reference node: the longer one.
+        // C never heartbeat again: the normal timeout. B is a reference node: the longer one.
         assert_eq!(downs.len(), 2, "{downs:?}");
         assert_eq!(downs[0].1.as_str(), "100000000000000000003");
         assert!(downs[0].0 <= 25);
@@ -1166,39 +1404,39 @@ mod tests {
     #[test]
     fn counters_refute_stale_failure_claims_and_revive_falsely_accused_nodes() {
         let t0 = Instant::now();
+        let quiet = t0 + Duration::from_millis(1_100);
         let mut c = core(7000, None, t0);
         let x = NodeId("100000000000000000009".into());
-        let mut hb = HeartbeatData {
-            hb: [(x.clone(), 50)].into(),
-            ..match reference_hb("100000000000000000009", &[]) {
-                Message::Heartbeat(h) => h,
-                _ => unreachable!(),
-            }
-        };
+        let Message::Heartbeat(mut hb) = reference_hb("100000000000000000009", &[]) else { unreachable!() };
+        hb.hb.insert(x.clone(), 50);
         c.handle(t0, env(7009, Message::Heartbeat(hb.clone())));
-        // A claim at counter 40 is stale: we saw 50.
-        let mut claim = match reference_hb("100000000000000000001", &[]) {
-            Message::Heartbeat(h) => h,
-            _ => unreachable!(),
+        let Message::Heartbeat(mut claim) = reference_hb("100000000000000000001", &[]) else {
+            unreachable!()
         };
         claim.hb.insert(NodeId("100000000000000000001".into()), 1);
-        claim.dead.insert(x.clone(), (40, "127.0.0.1:7009".into()));
-        c.handle(t0, env(7001, Message::Heartbeat(claim.clone())));
-        assert!(c.peers().any(|(id, _)| *id == x));
-        // A claim at 50 wins; a later heartbeat with counter 51 revives it; a replayed old one does not.
+        // A claim at 50 while X still talks to us: our own evidence wins, no eviction.
         claim.dead.insert(x.clone(), (50, "127.0.0.1:7009".into()));
-        c.handle(t0, env(7001, Message::Heartbeat(claim)));
+        c.handle(t0, env(7001, Message::Heartbeat(claim.clone())));
+        assert!(c.peers().any(|(id, _)| *id == x), "a claim alone never evicts a talking node");
+        // A claim at counter 40 is stale even when X is quiet: we saw 50.
+        claim.dead.insert(x.clone(), (40, "127.0.0.1:7009".into()));
+        c.handle(quiet, env(7001, Message::Heartbeat(claim.clone())));
+        assert!(c.peers().any(|(id, _)| *id == x));
+        // A claim at 50 about a quiet X wins; a replayed old heartbeat does not revive; 51 does.
+        claim.dead.insert(x.clone(), (50, "127.0.0.1:7009".into()));
+        c.handle(quiet, env(7001, Message::Heartbeat(claim)));
         assert!(!c.peers().any(|(id, _)| *id == x));
-        c.handle(t0, env(7009, Message::Heartbeat(hb.clone())));
+        c.handle(quiet, env(7009, Message::Heartbeat(hb.clone())));
         assert!(!c.peers().any(|(id, _)| *id == x), "a replayed heartbeat must not revive");
         hb.hb.insert(x.clone(), 51);
-        c.handle(t0, env(7009, Message::Heartbeat(hb)));
+        c.handle(quiet, env(7009, Message::Heartbeat(hb)));
         assert!(c.peers().any(|(id, _)| *id == x));
     }
 
     #[test]
     fn a_forged_claim_with_a_huge_counter_neither_kills_nor_blocks_a_node() {
         let t0 = Instant::now();
+        let quiet = t0 + Duration::from_millis(1_100);
         let mut c = core(7000, None, t0);
         let x = NodeId("100000000000000000009".into());
         let Message::Heartbeat(mut hb) = reference_hb("100000000000000000009", &[]) else { unreachable!() };
@@ -1208,17 +1446,29 @@ mod tests {
             unreachable!()
         };
         forged.dead.insert(x.clone(), (u64::MAX, "127.0.0.1:7009".into()));
-        c.handle(t0, env(7001, Message::Heartbeat(forged.clone())));
+        c.handle(quiet, env(7001, Message::Heartbeat(forged.clone())));
         assert!(c.peers().any(|(id, _)| *id == x), "implausible claim ignored");
-        // Once X is really down, a forged claim cannot keep it from coming back.
+        // Relayed and direct u64::MAX counters are refused too (no overflow, no poisoning).
+        let mut relay = forged.clone();
+        relay.dead.clear();
+        relay.hb.insert(x.clone(), u64::MAX);
+        c.handle(quiet, env(7001, Message::Heartbeat(relay)));
+        let mut direct = hb.clone();
+        direct.hb.insert(x.clone(), u64::MAX);
+        direct.leaving = true;
+        c.handle(quiet, env(7009, Message::Heartbeat(direct)));
+        assert!(c.peers().any(|(id, _)| *id == x), "a leave with an impossible counter is refused");
+        // Once X is really down (quiet again), a forged claim cannot keep it from coming back.
+        let quiet = quiet + Duration::from_millis(1_100);
         forged.dead.insert(x.clone(), (50, "127.0.0.1:7009".into()));
-        c.handle(t0, env(7001, Message::Heartbeat(forged.clone())));
+        c.handle(quiet, env(7001, Message::Heartbeat(forged.clone())));
         assert!(!c.peers().any(|(id, _)| *id == x));
-        forged.dead.insert(x.clone(), (u64::MAX, "127.0.0.1:7009".into()));
-        c.handle(t0, env(7001, Message::Heartbeat(forged)));
+        forged.dead.insert(x.clone(), (u64::MAX - 1, "127.0.0.1:7009".into()));
+        c.handle(quiet, env(7001, Message::Heartbeat(forged)));
         hb.hb.insert(x.clone(), 51);
-        c.handle(t0, env(7009, Message::Heartbeat(hb)));
+        c.handle(quiet, env(7009, Message::Heartbeat(hb)));
         assert!(c.peers().any(|(id, _)| *id == x));
+        assert!(c.counters().rejected >= 3);
     }
 
     #[test]
@@ -1248,7 +1498,7 @@ mod tests {
         let mut c = core(7000, None, t0);
         let me = c.id().cloned().expect("id");
         c.handle(t0, env(7001, reference_hb("999999999999999999991", &[])));
-        c.handle(t0, env(7002, reference_hb("999999999999999999992", &[])));
+        c.handle(t0, env(7003, reference_hb("999999999999999999993", &[])));
         let el = RecoveryElectionData {
             candidate_id: NodeId("999999999999999999991".into()),
             failed_node: NodeId("999999999999999999992".into()),
@@ -1256,6 +1506,17 @@ mod tests {
             extra: [("e1".to_string(), vec!["p1".to_string()])].into(),
             failed_node_addr: "127.0.0.1:7002".into(),
         };
+        // Not from its candidate: refused without an answer.
+        let acts = c.handle(t0, env(7003, Message::RecoveryElection(el.clone())));
+        assert!(sent(&acts).is_empty() && c.failures().is_empty(), "{acts:?}");
+        // Naming a live peer: answered, but the peer stays (our own detector decides).
+        let live = RecoveryElectionData {
+            failed_node: NodeId("999999999999999999993".into()),
+            failed_node_addr: "127.0.0.1:7003".into(),
+            ..el.clone()
+        };
+        c.handle(t0, env(7001, Message::RecoveryElection(live)));
+        assert_eq!(c.peers().count(), 2);
         let acts = c.handle(t0, env(7001, Message::RecoveryElection(el)));
         let reps: Vec<_> =
             sent(&acts).into_iter().filter(|(_, m)| matches!(m, Message::RecoveryElectionRep(_))).collect();
@@ -1275,13 +1536,15 @@ mod tests {
         assert_eq!(failed.as_str(), "999999999999999999992");
         assert_eq!(evals.get("e1"), Some(&vec!["p1".to_string()]), "the candidate's map is kept");
         assert_eq!(c.owner_of(&failed), Some(&me));
-        // A smaller owner claim (after a partition) wins and we relinquish.
-        let mut hb = match reference_hb("999999999999999999991", &[]) {
-            Message::Heartbeat(h) => h,
-            _ => unreachable!(),
-        };
+        // An owner claim for a node that is not a live member is ignored.
+        let Message::Heartbeat(mut hb) = reference_hb("999999999999999999991", &[]) else { unreachable!() };
         hb.owners.insert(failed.clone(), NodeId("1".into()));
         let acts = c.handle(t0 + Duration::from_millis(700), env(7001, Message::Heartbeat(hb)));
+        assert!(!events(&acts).iter().any(|e| matches!(e, Event::Relinquish { .. })));
+        // A smaller live owner's claim (after a partition) wins and we relinquish.
+        let Message::Heartbeat(mut hb) = reference_hb("100000000000000000001", &[]) else { unreachable!() };
+        hb.owners.insert(failed.clone(), NodeId("100000000000000000001".into()));
+        let acts = c.handle(t0 + Duration::from_millis(700), env(7004, Message::Heartbeat(hb)));
         assert!(events(&acts).iter().any(|e| matches!(e, Event::Relinquish { .. })));
     }
 

@@ -5,6 +5,12 @@
 //! Time advances in steps of [`STEP_MS`]; each live, non-stalled node gets a tick every
 //! [`TICK_MS`] (phase-shifted per node). Messages to a stalled node wait (like a socket buffer)
 //! until it wakes; messages to a crashed node are lost.
+//!
+//! Datagrams travel as bytes through each node's [`Channel`] (the same encoding, MAC and
+//! replay protection as the UDP shell, with [`NetConfig::codec`]'s secret), so an attacker can
+//! be simulated: [`Sim::inject`] delivers raw datagrams from any address, [`Sim::record`]
+//! captures what the nodes send (for replays), and datagrams to addresses where no node runs
+//! are counted per address ([`Sim::stray`], e.g. an amplification victim).
 
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, BinaryHeap};
@@ -16,7 +22,7 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
 use super::{Action, Core, CoreConfig, Event, Input, LocalEvent, NoApp};
-use crate::wire::{Envelope, NodeId};
+use crate::wire::{Channel, ChannelStats, Codec, Envelope, NodeId};
 
 /// Simulation step.
 pub const STEP_MS: u64 = 5;
@@ -34,12 +40,35 @@ pub struct NetConfig {
     pub min_delay_ms: u64,
     pub max_delay_ms: u64,
     pub seed: u64,
+    /// Every node's codec (with or without a cluster secret).
+    pub codec: Codec,
 }
 
 impl Default for NetConfig {
     fn default() -> Self {
-        NetConfig { loss: 0.0, duplicate: 0.0, min_delay_ms: 1, max_delay_ms: 5, seed: 1 }
+        NetConfig {
+            loss: 0.0,
+            duplicate: 0.0,
+            min_delay_ms: 1,
+            max_delay_ms: 5,
+            seed: 1,
+            codec: Codec::default(),
+        }
     }
+}
+
+/// A datagram on its way: (deliver at, sequence, destination, source, bytes).
+type InFlight = (u64, u64, usize, SocketAddr, Vec<u8>);
+
+/// Simulated wall clock at time 0, Unix ms.
+const EPOCH_MS: u64 = 1_800_000_000_000;
+
+/// A datagram a node sent, as recorded by [`Sim::record`].
+#[derive(Debug, Clone)]
+pub struct Captured {
+    pub from: SocketAddr,
+    pub to: SocketAddr,
+    pub bytes: Vec<u8>,
 }
 
 /// One event a node emitted, with the simulated time (ms) it happened at.
@@ -51,6 +80,7 @@ pub struct Logged {
 
 struct SimNode {
     core: Core,
+    channel: Channel,
     crashed: bool,
     stalled_until: Option<u64>,
     phase: u64,
@@ -66,32 +96,16 @@ pub struct Sim {
     rng: StdRng,
     nodes: Vec<SimNode>,
     by_addr: BTreeMap<SocketAddr, usize>,
-    /// (deliver at, sequence, destination, message)
-    queue: BinaryHeap<Reverse<(u64, u64, usize, QueuedEnvelope)>>,
+    queue: BinaryHeap<Reverse<InFlight>>,
     seq: u64,
     /// Partition group of each node; messages cross only within a group.
     groups: Option<Vec<usize>>,
     /// Encoded size of every sent datagram, when measured ([`Sim::measure_bytes`]).
     bytes: Option<u64>,
-}
-
-/// Envelope wrapper with a total order for the heap (ordering uses only the sequence number).
-struct QueuedEnvelope(Envelope);
-impl PartialEq for QueuedEnvelope {
-    fn eq(&self, _: &Self) -> bool {
-        true
-    }
-}
-impl Eq for QueuedEnvelope {}
-impl PartialOrd for QueuedEnvelope {
-    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
-        Some(self.cmp(other))
-    }
-}
-impl Ord for QueuedEnvelope {
-    fn cmp(&self, _: &Self) -> std::cmp::Ordering {
-        std::cmp::Ordering::Equal
-    }
+    /// Every sent datagram, when recording ([`Sim::record`]).
+    captured: Option<Vec<Captured>>,
+    /// Datagrams and bytes sent to addresses where no node runs.
+    strays: BTreeMap<SocketAddr, (u64, u64)>,
 }
 
 impl Sim {
@@ -108,7 +122,46 @@ impl Sim {
             seq: 0,
             groups: None,
             bytes: None,
+            captured: None,
+            strays: BTreeMap::new(),
         }
+    }
+
+    /// Start recording every datagram the nodes send.
+    pub fn record(&mut self) {
+        self.captured = Some(Vec::new());
+    }
+
+    /// Datagrams recorded since [`Sim::record`].
+    pub fn captured(&self) -> &[Captured] {
+        self.captured.as_deref().unwrap_or_default()
+    }
+
+    /// Deliver a raw datagram from `from` (any address, e.g. an attacker's) to node `to` after
+    /// the minimum delay, bypassing loss and partitions.
+    pub fn inject(&mut self, from: SocketAddr, to: usize, bytes: Vec<u8>) {
+        self.seq += 1;
+        self.queue.push(Reverse((self.now_ms + self.net.min_delay_ms, self.seq, to, from, bytes)));
+    }
+
+    /// The node at `addr`.
+    pub fn node_at(&self, addr: SocketAddr) -> Option<usize> {
+        self.by_addr.get(&addr).copied()
+    }
+
+    /// Datagrams and bytes the nodes sent to `addr`, where no node runs.
+    pub fn stray(&self, addr: SocketAddr) -> (u64, u64) {
+        self.strays.get(&addr).copied().unwrap_or_default()
+    }
+
+    /// Datagrams node `i`'s channel refused.
+    pub fn channel_stats(&self, i: usize) -> ChannelStats {
+        self.nodes[i].channel.stats()
+    }
+
+    /// Simulated wall clock, Unix ms.
+    pub fn unix_ms(&self) -> u64 {
+        EPOCH_MS + self.now_ms
     }
 
     /// Start adding up the encoded size of every sent datagram (costs an encode per send).
@@ -135,12 +188,20 @@ impl Sim {
             http: None,
             timers: self.timers.clone(),
             // Ids must grow with join order, as with real clocks.
-            unix_micros_at_start: 1_800_000_000_000_000 + self.now_ms * 1000 + i as u64,
+            unix_micros_at_start: (EPOCH_MS + self.now_ms) * 1000 + i as u64,
             seed: self.net.seed.wrapping_mul(1_000_003).wrapping_add(i as u64),
         };
         let core = Core::new(cfg, Box::new(NoApp), self.instant());
+        let channel = Channel::with_codec(self.net.codec.clone(), Self::addr(i), self.rng.random());
         let phase = self.rng.random_range(0..TICK_MS / STEP_MS) * STEP_MS;
-        self.nodes.push(SimNode { core, crashed: false, stalled_until: None, phase, events: Vec::new() });
+        self.nodes.push(SimNode {
+            core,
+            channel,
+            crashed: false,
+            stalled_until: None,
+            phase,
+            events: Vec::new(),
+        });
         self.by_addr.insert(Self::addr(i), i);
         i
     }
@@ -236,10 +297,21 @@ impl Sim {
     }
 
     fn transmit(&mut self, from: usize, to: SocketAddr, env: Envelope) {
+        let now = self.unix_ms();
+        let Ok(bytes) = self.nodes[from].channel.seal(env, to, now) else { return };
         if let Some(b) = &mut self.bytes {
-            *b += crate::wire::Codec::default().encode(&env).map(|d| d.len() as u64).unwrap_or(0);
+            *b += bytes.len() as u64;
         }
-        let Some(&dest) = self.by_addr.get(&to) else { return };
+        let src = Self::addr(from);
+        if let Some(c) = &mut self.captured {
+            c.push(Captured { from: src, to, bytes: bytes.clone() });
+        }
+        let Some(&dest) = self.by_addr.get(&to) else {
+            let s = self.strays.entry(to).or_default();
+            s.0 += 1;
+            s.1 += bytes.len() as u64;
+            return;
+        };
         if let Some(groups) = &self.groups
             && groups.get(from) != groups.get(dest)
         {
@@ -252,7 +324,7 @@ impl Sim {
         for _ in 0..copies {
             let delay = self.rng.random_range(self.net.min_delay_ms..=self.net.max_delay_ms);
             self.seq += 1;
-            self.queue.push(Reverse((self.now_ms + delay, self.seq, dest, QueuedEnvelope(env.clone()))));
+            self.queue.push(Reverse((self.now_ms + delay, self.seq, dest, src, bytes.clone())));
         }
     }
 
@@ -262,24 +334,27 @@ impl Sim {
         while self.now_ms < end {
             self.now_ms += STEP_MS;
             let mut waiting = Vec::new();
-            while let Some(Reverse((at, _, _, _))) = self.queue.peek()
+            while let Some(Reverse((at, ..))) = self.queue.peek()
                 && *at <= self.now_ms
             {
-                let Some(Reverse((at, seq, dest, env))) = self.queue.pop() else { break };
+                let Some(Reverse((at, seq, dest, from, bytes))) = self.queue.pop() else { break };
                 let node = &self.nodes[dest];
                 if node.crashed {
                     continue;
                 }
                 if node.stalled_until.is_some_and(|t| t > self.now_ms) {
-                    waiting.push(Reverse((at, seq, dest, env)));
+                    waiting.push(Reverse((at, seq, dest, from, bytes)));
                     continue;
                 }
-                self.input(dest, Input::Message(env.0));
+                let now = self.unix_ms();
+                if let Ok(env) = self.nodes[dest].channel.open(&bytes, from, now) {
+                    self.input(dest, Input::Message { from, env });
+                }
             }
             // Re-queue messages for stalled nodes at their wake-up time.
-            for Reverse((_, seq, dest, env)) in waiting {
+            for Reverse((_, seq, dest, from, bytes)) in waiting {
                 let wake = self.nodes[dest].stalled_until.unwrap_or(self.now_ms);
-                self.queue.push(Reverse((wake, seq, dest, env)));
+                self.queue.push(Reverse((wake, seq, dest, from, bytes)));
             }
             for i in 0..self.nodes.len() {
                 let node = &mut self.nodes[i];
