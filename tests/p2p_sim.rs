@@ -214,7 +214,6 @@ fn many_seeds_crash_detection_and_single_takeover_without_conflicts() {
 // ------------------------------------------------------------------------------------------
 // Attacks (issue 9: H3, H4, M1): raw datagrams from an attacker address into the simulation.
 
-use std::collections::BTreeMap;
 use std::net::SocketAddr;
 
 use cdtester::core::MAX_CLAIMS_PER_DATAGRAM;
@@ -230,15 +229,7 @@ fn forge(from: SocketAddr, msg: Message) -> Vec<u8> {
 }
 
 fn heartbeat(id: &NodeId) -> HeartbeatData {
-    HeartbeatData {
-        id: id.clone(),
-        peers: BTreeMap::new(),
-        hb: BTreeMap::new(),
-        dead: BTreeMap::new(),
-        owners: BTreeMap::new(),
-        leaving: false,
-        http: None,
-    }
+    HeartbeatData::bare(id.clone())
 }
 
 fn downs_of(sim: &Sim, i: usize, who: &NodeId) -> usize {

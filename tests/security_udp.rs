@@ -75,15 +75,7 @@ fn forge(claimed: SocketAddr, msg: Message) -> Vec<u8> {
 }
 
 fn heartbeat(id: &NodeId) -> HeartbeatData {
-    HeartbeatData {
-        id: id.clone(),
-        peers: BTreeMap::new(),
-        hb: BTreeMap::new(),
-        dead: BTreeMap::new(),
-        owners: BTreeMap::new(),
-        leaving: false,
-        http: None,
-    }
+    HeartbeatData::bare(id.clone())
 }
 
 /// Receive until `limit` passes; every decodable datagram through `decode`.

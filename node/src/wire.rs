@@ -215,6 +215,21 @@ pub struct HeartbeatData {
     pub http: Option<String>,
 }
 
+impl HeartbeatData {
+    /// A heartbeat of `id` that says nothing else (no peers, counters or claims).
+    pub fn bare(id: NodeId) -> HeartbeatData {
+        HeartbeatData {
+            id,
+            peers: PeerTable::new(),
+            hb: BTreeMap::new(),
+            dead: BTreeMap::new(),
+            owners: BTreeMap::new(),
+            leaving: false,
+            http: None,
+        }
+    }
+}
+
 /// CACHE_UPDATE: the sender's address and peers (membership part) and its replicated cache
 /// (evaluations, projects, stats). A part may carry only some evaluations/projects/modules: the
 /// receiver merges (union), see [`split_cache_update`].
@@ -879,15 +894,7 @@ mod tests {
         let hb = Envelope {
             ip: "127.0.0.1".into(),
             port: 1,
-            msg: Message::Heartbeat(HeartbeatData {
-                id: NodeId("1".into()),
-                peers: PeerTable::new(),
-                hb: BTreeMap::new(),
-                dead: BTreeMap::new(),
-                owners: BTreeMap::new(),
-                leaving: false,
-                http: None,
-            }),
+            msg: Message::Heartbeat(HeartbeatData::bare(NodeId("1".into()))),
             timestamp: 1.0,
             auth: None,
         };

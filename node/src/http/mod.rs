@@ -35,7 +35,7 @@ use serde::Deserialize;
 use serde_json::json;
 
 use crate::app::{App, AppError, TaskPost};
-use crate::eval::{EvalId, EvalRecord};
+use crate::eval::EvalId;
 
 /// Largest request body accepted by the internal routes (`POST /evaluation` has its own caps:
 /// `intake.max_upload_bytes` for uploads, [`MAX_SUBMIT_JSON`] for JSON).
@@ -489,61 +489,72 @@ fn canonical_ip(ip: std::net::IpAddr) -> std::net::IpAddr {
     }
 }
 
-/// The parts of an internal request the member check looks at.
-struct Internal<'a> {
-    method: &'a Method,
-    uri: &'a Uri,
-    headers: &'a HeaderMap,
+/// An internal call as the member check sees it: the connection's source, method, path, headers
+/// and body (read whole, under [`MAX_BODY`]).
+struct InternalCall {
     peer: SocketAddr,
-}
-
-/// Authenticates an internal call and returns the caller's UDP address (see [`auth`]): with a
-/// secret, a valid fresh MAC from a live member; without one, a caller whose claimed address
-/// (`x-cdtester-node`, or `claimed` for reference nodes that send none) has the connection's
-/// source IP.
-fn member(
-    app: &App,
-    req: &Internal<'_>,
-    body: &[u8],
-    claimed: Option<String>,
-) -> Result<SocketAddr, AppError> {
-    let caller =
-        header_str(req.headers, auth::NODE_HEADER).map(str::to_string).or(claimed).unwrap_or_default();
-    let path = req.uri.path_and_query().map_or(req.uri.path(), |p| p.as_str());
-    let call = auth::CallParts { method: req.method.as_str(), path, caller: &caller, body };
-    app.verifier()
-        .verify(
-            &call,
-            header_str(req.headers, auth::TIME_HEADER),
-            header_str(req.headers, auth::NONCE_HEADER),
-            header_str(req.headers, auth::MAC_HEADER),
-        )
-        .map_err(|e| AppError::Forbidden(e.to_string()))?;
-    let addr: SocketAddr = caller.parse().map_err(|_| {
-        AppError::Forbidden(format!("missing or invalid caller address in {}", auth::NODE_HEADER))
-    })?;
-    if app.verifier().secret().is_set() {
-        if !app.is_member(addr) {
-            return Err(AppError::Forbidden("caller is not a member of this network".into()));
-        }
-    } else if canonical_ip(addr.ip()) != canonical_ip(req.peer.ip()) {
-        return Err(AppError::Forbidden("caller address does not match the connection's source".into()));
-    }
-    Ok(addr)
-}
-
-async fn file(
-    State(app): State<AppState>,
-    Path(project_id): Path<String>,
-    ConnectInfo(peer): ConnectInfo<SocketAddr>,
     method: Method,
     uri: Uri,
     headers: HeaderMap,
-) -> Response {
+    body: Bytes,
+}
+
+impl<S: Send + Sync> FromRequest<S> for InternalCall {
+    type Rejection = Response;
+
+    async fn from_request(req: Request, _: &S) -> Result<Self, Response> {
+        let Some(ConnectInfo(peer)) = req.extensions().get::<ConnectInfo<SocketAddr>>().copied() else {
+            return Err(error(StatusCode::INTERNAL_SERVER_ERROR, "the connection's source is unknown"));
+        };
+        let (parts, body) = req.into_parts();
+        let body = axum::body::to_bytes(body, MAX_BODY)
+            .await
+            .map_err(|e| error(StatusCode::BAD_REQUEST, format!("reading the body: {e}")))?;
+        Ok(InternalCall { peer, method: parts.method, uri: parts.uri, headers: parts.headers, body })
+    }
+}
+
+impl InternalCall {
+    /// Authenticates the call and returns the caller's UDP address (see [`auth`]): with a
+    /// secret, a valid fresh MAC from a live member; without one, a caller whose claimed address
+    /// (`x-cdtester-node`, or `claimed` for reference nodes that send none) has the connection's
+    /// source IP.
+    fn member(&self, app: &App, claimed: Option<String>) -> Result<SocketAddr, AppError> {
+        let header = |name| header_str(&self.headers, name);
+        let caller = header(auth::NODE_HEADER).map(str::to_string).or(claimed).unwrap_or_default();
+        let path = self.uri.path_and_query().map_or(self.uri.path(), |p| p.as_str());
+        let call = auth::CallParts { method: self.method.as_str(), path, caller: &caller, body: &self.body };
+        app.verifier()
+            .verify(&call, header(auth::TIME_HEADER), header(auth::NONCE_HEADER), header(auth::MAC_HEADER))
+            .map_err(|e| AppError::Forbidden(e.to_string()))?;
+        let addr: SocketAddr = caller.parse().map_err(|_| {
+            AppError::Forbidden(format!("missing or invalid caller address in {}", auth::NODE_HEADER))
+        })?;
+        if app.verifier().secret().is_set() {
+            if !app.is_member(addr) {
+                return Err(AppError::Forbidden("caller is not a member of this network".into()));
+            }
+        } else if canonical_ip(addr.ip()) != canonical_ip(self.peer.ip()) {
+            return Err(AppError::Forbidden("caller address does not match the connection's source".into()));
+        }
+        Ok(addr)
+    }
+
+    /// The JSON body.
+    fn json<T: serde::de::DeserializeOwned>(&self) -> Result<T, AppError> {
+        let ct = content_type(&self.headers);
+        if ct.as_deref().map(mime_essence) != Some("application/json") {
+            return Err(AppError::BadRequest("Content-Type must be application/json".into()));
+        }
+        serde_json::from_slice(&self.body)
+            .map_err(|e| AppError::BadRequest(format!("invalid JSON body: {e}")))
+    }
+}
+
+async fn file(State(app): State<AppState>, Path(project_id): Path<String>, call: InternalCall) -> Response {
     // Without a secret archives are public, as in the reference implementation.
     if app.verifier().secret().is_set()
-        && let Err(e) =
-            member(&app, &Internal { method: &method, uri: &uri, headers: &headers, peer }, b"", None)
+        && let Err(e) = call.member(&app, None)
     {
         return e.into_response();
     }
@@ -558,84 +569,36 @@ async fn file(
     }
 }
 
-/// Parses the JSON body of an internal route.
-fn internal_json<T: serde::de::DeserializeOwned>(headers: &HeaderMap, body: &[u8]) -> Result<T, AppError> {
-    let ct = content_type(headers);
-    if ct.as_deref().map(mime_essence) != Some("application/json") {
-        return Err(AppError::BadRequest("Content-Type must be application/json".into()));
+fn answer<T: serde::Serialize>(result: Result<T, AppError>) -> Response {
+    match result {
+        Ok(v) => axum::Json(v).into_response(),
+        Err(e) => e.into_response(),
     }
-    serde_json::from_slice(body).map_err(|e| AppError::BadRequest(format!("invalid JSON body: {e}")))
 }
 
-async fn task(
-    State(app): State<AppState>,
-    ConnectInfo(peer): ConnectInfo<SocketAddr>,
-    method: Method,
-    uri: Uri,
-    headers: HeaderMap,
-    body: Bytes,
-) -> Response {
-    let req = Internal { method: &method, uri: &uri, headers: &headers, peer };
+async fn task(State(app): State<AppState>, call: InternalCall) -> Response {
     let accepted = async {
-        let post: TaskPost = internal_json(&headers, &body)?;
-        let caller = member(&app, &req, &body, Some(post.node()))?;
+        let post: TaskPost = call.json()?;
+        let caller = call.member(&app, Some(post.node()))?;
         crate::app::accept_result(&app, post, caller).await
     };
-    match accepted.await {
-        Ok(status) => axum::Json(json!({ "status": status })).into_response(),
-        Err(e) => e.into_response(),
-    }
+    answer(accepted.await.map(|status| json!({ "status": status })))
 }
 
-async fn replicate(
-    State(app): State<AppState>,
-    ConnectInfo(peer): ConnectInfo<SocketAddr>,
-    method: Method,
-    uri: Uri,
-    headers: HeaderMap,
-    body: Bytes,
-) -> Response {
-    let req = Internal { method: &method, uri: &uri, headers: &headers, peer };
-    let merged = member(&app, &req, &body, None)
-        .and_then(|from| Ok((from, internal_json::<Vec<EvalRecord>>(&headers, &body)?)));
-    match merged {
-        Ok((from, records)) => axum::Json(crate::app::replicate(&app, records, from)).into_response(),
-        Err(e) => e.into_response(),
-    }
+async fn replicate(State(app): State<AppState>, call: InternalCall) -> Response {
+    answer(call.member(&app, None).and_then(|from| Ok(crate::app::replicate(&app, call.json()?, from))))
 }
 
-async fn sync(
-    State(app): State<AppState>,
-    ConnectInfo(peer): ConnectInfo<SocketAddr>,
-    method: Method,
-    uri: Uri,
-    headers: HeaderMap,
-    body: Bytes,
-) -> Response {
-    let req = Internal { method: &method, uri: &uri, headers: &headers, peer };
-    match member(&app, &req, &body, None)
-        .and_then(|_| internal_json::<crate::app::SyncRequest>(&headers, &body))
-    {
-        Ok(sync) => axum::Json(crate::app::answer_sync(&app, &sync)).into_response(),
-        Err(e) => e.into_response(),
-    }
+async fn sync(State(app): State<AppState>, call: InternalCall) -> Response {
+    answer(call.member(&app, None).and_then(|_| Ok(crate::app::answer_sync(&app, &call.json()?))))
 }
 
 async fn internal_evaluation(
     State(app): State<AppState>,
     Path(id): Path<String>,
-    ConnectInfo(peer): ConnectInfo<SocketAddr>,
-    method: Method,
-    uri: Uri,
-    headers: HeaderMap,
+    call: InternalCall,
 ) -> Response {
-    if let Err(e) = member(&app, &Internal { method: &method, uri: &uri, headers: &headers, peer }, b"", None)
-    {
-        return e.into_response();
-    }
-    match parse_id(&id).and_then(|id| app.record(id).ok_or(AppError::NotFound("Evaluation not found".into())))
-    {
-        Ok(rec) => axum::Json(rec).into_response(),
-        Err(e) => e.into_response(),
-    }
+    answer(call.member(&app, None).and_then(|_| {
+        parse_id(&id).and_then(|id| app.record(id).ok_or(AppError::NotFound("Evaluation not found".into())))
+    }))
 }
