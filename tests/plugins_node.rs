@@ -17,7 +17,9 @@ async fn a_node_applies_the_configured_policies_and_native_runner() {
     let wasm = wasm_examples();
     let lib = unittest_plugin();
     let mut toml = String::from(
-        "[runner]\ndefault = \"unittest\"\n\n[[projects]]\npattern = \"*\"\npolicies = [\"loop\", \"max-size\", \"weighted-grade\"]\n\n",
+        "[runner]\ndefault = \"unittest\"\n\n[[projects]]\npattern = \"*\"\npolicies = [\"loop\", \"max-size\", \"weighted-grade\"]\n\n\
+         # A failing policy is skipped here (the default refuses the project).\n\
+         [plugins]\nfail_closed = false\n\n",
     );
     for (name, file) in [("max-size", "max_size"), ("weighted-grade", "weighted_grade")] {
         let path = wasm.join(format!("{file}.wasm"));

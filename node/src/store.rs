@@ -53,6 +53,10 @@ impl Store {
             move |source| StoreError::Io { path, source }
         };
         std::fs::create_dir_all(data_dir).map_err(io(data_dir))?;
+        // The store, archives and cluster secret are the node's alone: tests the local runner
+        // runs as another uid see nothing of the data directory.
+        std::fs::set_permissions(data_dir, std::os::unix::fs::PermissionsExt::from_mode(0o700))
+            .map_err(io(data_dir))?;
         let blobs = data_dir.join("blobs");
         std::fs::create_dir_all(&blobs).map_err(io(&blobs))?;
         let db = Database::create(data_dir.join("cdtester.redb")).map_err(db_err)?;
