@@ -720,6 +720,30 @@ async fn l2_host_paths_are_redacted_from_reports() {
     }
 }
 
+// ---------------------------------------------------------------------------------- M7
+
+/// M7: a project rule that matches only a submitted project's name (which the submitter
+/// chooses) does not route it to another runner; the same rule matching a URL would. Here the
+/// rule names a runner this node does not have: had the name chosen it, the project would fail.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn m7_a_submitted_name_does_not_choose_the_runner() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("cdtester.toml");
+    std::fs::write(&config, "[[projects]]\npattern = \"trusted-*\"\nrunner = \"no-such-runner\"\n").unwrap();
+    let proj = dir.path().join("trusted-by-name");
+    common::write_file(&proj, "tests/test_ok.py", "def test_ok():\n    assert True\n");
+    let zip = node_common::zip_projects(&[("trusted-by-name", proj)]);
+    let config_env = config.to_string_lossy().into_owned();
+    let c = node_common::cluster(1, &dir.path().join("nodes"), &[("CDT_CONFIG", &config_env)]).await;
+    let id = node_common::submit_zip(c.nodes[0].http, &zip).await;
+    let r = wait_finished(c.nodes[0].http, id, Duration::from_secs(120)).await;
+    let p = &r["projects"]["trusted-by-name"];
+    assert_eq!(p["status"], "finished", "the default runner ran it: {r}");
+    assert_eq!(p["tests"]["passed"], 1, "{r}");
+    let log = std::fs::read_to_string(&c.nodes[0].log).unwrap();
+    assert!(log.contains("does not choose the runner"), "{log}");
+}
+
 // ---------------------------------------------------------------------------------- H6
 
 /// H6: a task whose worker dies twice while running it (the node SIGKILLed mid-run, restarted,

@@ -356,6 +356,9 @@ pub struct NativePluginConfig {
 #[derive(Debug, Clone, PartialEq)]
 pub struct ProjectSettings {
     pub runner: String,
+    /// The runner comes from a rule that matched the project's name only (a name the submitter
+    /// chose), not its URL.
+    pub runner_by_name: bool,
     pub limits: Limits,
     pub policies: Vec<String>,
     pub requirements: Vec<String>,
@@ -454,8 +457,11 @@ impl Config {
                 .map(|p| p.matches(name) || url.is_some_and(|u| p.matches(u)))
                 .unwrap_or(false)
         });
+        let by_url = rule
+            .is_some_and(|r| url.is_some_and(|u| glob::Pattern::new(&r.pattern).is_ok_and(|p| p.matches(u))));
         ProjectSettings {
             runner: rule.and_then(|r| r.runner.clone()).unwrap_or_else(|| self.runner.default.clone()),
+            runner_by_name: rule.is_some_and(|r| r.runner.is_some()) && !by_url,
             limits: rule
                 .and_then(|r| r.limits.as_ref())
                 .map(|o| o.apply(&self.runner.limits))
@@ -563,6 +569,9 @@ mod tests {
         };
         let s = cfg.project_settings("repo", Some("https://github.com/untrusted/repo"));
         assert_eq!(s.runner, "docker");
+        assert!(!s.runner_by_name, "matched by URL");
+        let s = cfg.project_settings("x-github.com/untrusted/y", None);
+        assert!(s.runner_by_name, "a name chosen to look like the URL only matches by name");
         assert_eq!(s.limits.timeout_s, 10);
         assert_eq!(s.limits.memory_mb, cfg.runner.limits.memory_mb);
         let s = cfg.project_settings("calc", None);

@@ -628,7 +628,13 @@ impl App {
         project: &ProjectRecord,
         root: &std::path::Path,
     ) -> Result<(RunnerChoice, cdtester_config::ProjectSettings), String> {
-        let settings = self.cfg.project_settings(&project.name, project.url.as_deref());
+        let mut settings = self.cfg.project_settings(&project.name, project.url.as_deref());
+        if settings.runner_by_name && settings.runner != self.cfg.runner.default {
+            // Names of submitted projects are the submitter's choice: they never route a
+            // project away from the default runner (a URL rule or a policy may).
+            tracing::warn!(project = %project.id, rule_runner = %settings.runner, "a rule matching only the submitted name does not choose the runner");
+            settings.runner = self.cfg.runner.default.clone();
+        }
         let app = self.clone();
         let (name, url, root) = (project.name.clone(), project.url.clone(), root.to_path_buf());
         let policies = settings.policies.clone();

@@ -2,8 +2,8 @@
 //!
 //! Public (SPEC.md §3): `POST /evaluation`, `GET /evaluation`, `GET /evaluation/{id}`,
 //! `GET /stats`, `GET /network`. Internal, between members: `GET /file/{project_id}` (a project's
-//! archive, header `x-content-sha256`), `POST /task` (a module's result, forwarded to the node
-//! responsible now), `POST /internal/replicate`, `POST /internal/sync` and
+//! archive, header `x-content-sha256`), `POST /task` (a module's result, accepted by the node
+//! responsible for the evaluation from the worker it handed the task to), `POST /internal/replicate`, `POST /internal/sync` and
 //! `GET /internal/evaluation/{id}` (replication). With a cluster secret every internal route
 //! requires a fresh MAC from a live member (see [`auth`]); without one (`node.insecure`) the caller's
 //! claimed address must match the connection's source.
