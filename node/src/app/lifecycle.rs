@@ -48,15 +48,28 @@ async fn collect(app: &Arc<App>, idle: &mut IdleSince) {
             due.push(k);
         }
     }
+    let released = !due.is_empty();
     for key in due {
         idle.remove(&key);
         release(app, key).await;
+    }
+    if released {
+        return_freed_memory();
     }
     let prepared: HashSet<String> = app.prepared_map().keys().map(|(h, _)| h.clone()).collect();
     let app2 = app.clone();
     let swept = tokio::task::spawn_blocking(move || sweep_disk(&app2, &active, &prepared, grace)).await;
     if let Err(e) = swept {
         tracing::warn!("collecting project files crashed: {e}");
+    }
+}
+
+/// Hands memory freed by released projects back to the system (glibc keeps it otherwise).
+fn return_freed_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: malloc_trim only walks the allocator's own free lists; no pointer is involved.
+    unsafe {
+        libc::malloc_trim(0);
     }
 }
 
