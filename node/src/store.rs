@@ -35,6 +35,9 @@ pub enum StoreError {
     BadHash,
 }
 
+/// Page cache of the store.
+const STORE_CACHE_BYTES: usize = 8 * 1024 * 1024;
+
 fn db_err(e: impl Into<redb::Error>) -> StoreError {
     StoreError::Db(e.into())
 }
@@ -59,7 +62,12 @@ impl Store {
             .map_err(io(data_dir))?;
         let blobs = data_dir.join("blobs");
         std::fs::create_dir_all(&blobs).map_err(io(&blobs))?;
-        let db = Database::create(data_dir.join("cdtester.redb")).map_err(db_err)?;
+        // redb caches pages it has read or written up to this size: without a cap (1 GiB by
+        // default) a node's memory grows with its history.
+        let db = Database::builder()
+            .set_cache_size(STORE_CACHE_BYTES)
+            .create(data_dir.join("cdtester.redb"))
+            .map_err(db_err)?;
         let tx = db.begin_write().map_err(db_err)?;
         tx.open_table(EVALUATIONS).map_err(db_err)?;
         tx.open_table(RESULTS).map_err(db_err)?;
