@@ -35,8 +35,11 @@ async fn raw(
     headers: &[(&str, String)],
     body: &[u8],
 ) -> (u16, String) {
-    let mut req = format!("{method} {path} HTTP/1.1\r\nHost: {http}\r\nConnection: close\r\n");
-    for (k, v) in headers {
+    // `Host` is the target unless the caller sends its own (a replay keeps the captured one).
+    let host = headers.iter().find(|(k, _)| k.eq_ignore_ascii_case("host")).map(|(_, v)| v.clone());
+    let host = host.unwrap_or_else(|| http.to_string());
+    let mut req = format!("{method} {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n");
+    for (k, v) in headers.iter().filter(|(k, _)| !k.eq_ignore_ascii_case("host")) {
         req.push_str(&format!("{k}: {v}\r\n"));
     }
     if !body.is_empty() {
@@ -61,15 +64,15 @@ async fn raw(
 /// The headers a member `caller` signs a call with (as of `at_ms`, or now).
 fn signature(
     secret: &str,
-    method: &str,
-    path: &str,
+    (method, host, path): (&str, SocketAddr, &str),
     caller: SocketAddr,
     body: &[u8],
     at_ms: Option<u64>,
 ) -> Vec<(&'static str, String)> {
     let secret = Secret::new(Some(secret));
     let caller = caller.to_string();
-    let call = CallParts { method, path, caller: &caller, body };
+    let host = host.to_string();
+    let call = CallParts { method, host: &host, path, caller: &caller, body };
     let sig = match at_ms {
         Some(t) => secret.sign_at(&call, t),
         None => secret.sign(&call),
@@ -349,10 +352,19 @@ async fn h1_forged_replicate_without_the_secret_is_refused() {
     let attempts: Vec<(&str, Vec<(&str, String)>)> = vec![
         ("unsigned", vec![]),
         ("member address without a MAC", vec![(NODE_HEADER, member.to_string())]),
-        ("signed with a wrong secret", signature("not-the-secret", "POST", path, member, &body, None)),
+        (
+            "signed with a wrong secret",
+            signature("not-the-secret", ("POST", c.nodes[0].http, path), member, &body, None),
+        ),
         (
             "the secret's MAC of another body",
-            signature(&secret, "POST", path, member, &serde_json::to_vec(&vec![real.clone()]).unwrap(), None),
+            signature(
+                &secret,
+                ("POST", c.nodes[0].http, path),
+                member,
+                &serde_json::to_vec(&vec![real.clone()]).unwrap(),
+                None,
+            ),
         ),
     ];
     for n in &c.nodes {
@@ -493,7 +505,7 @@ async fn h2_forged_task_results_without_the_secret_are_refused() {
         let body = forged_result(id, &project, m, node.udp);
         let (status, v) = raw(node.http, "POST", "/task", &[], &body).await;
         assert_eq!(status, 403, "unsigned: {v}");
-        let headers = signature("not-the-secret", "POST", "/task", node.udp, &body, None);
+        let headers = signature("not-the-secret", ("POST", node.http, "/task"), node.udp, &body, None);
         let (status, v) = raw(node.http, "POST", "/task", &headers, &body).await;
         assert_eq!(status, 403, "wrong secret: {v}");
     }
@@ -546,15 +558,26 @@ async fn h2_insecure_results_only_from_the_assigned_worker() {
 async fn m1_captured_internal_calls_cannot_be_replayed_or_moved() {
     let dir = tempfile::tempdir().unwrap();
     let zip = victim_zip(dir.path(), 0.0, true);
-    let c = node_common::cluster(1, &dir.path().join("nodes"), &[]).await;
+    let c = node_common::cluster(2, &dir.path().join("nodes"), &[]).await;
     let secret = c.secret().unwrap().to_string();
     let (http, member) = (c.nodes[0].http, c.nodes[0].udp);
     let id = node_common::submit_zip(http, &zip).await;
     let report = wait_finished(http, id, Duration::from_secs(120)).await;
+    wait_replicated(&c, id).await;
+
+    // Captured on its way to node 1, replayed to node 0 (another member): refused there, and
+    // still good once at node 1.
+    let path = format!("/internal/evaluation/{id}");
+    let mut to_other = signature(&secret, ("GET", c.nodes[1].http, &path), member, b"", None);
+    to_other.push(("Host", c.nodes[1].http.to_string()));
+    let (status, body) = raw(http, "GET", &path, &to_other, b"").await;
+    assert_eq!(status, 403, "{body}");
+    assert!(body.contains("signed for another node"), "{body}");
+    let (status, body) = raw(c.nodes[1].http, "GET", &path, &to_other, b"").await;
+    assert_eq!(status, 200, "{body}");
 
     // Captured once, replayed.
-    let path = format!("/internal/evaluation/{id}");
-    let captured = signature(&secret, "GET", &path, member, b"", None);
+    let captured = signature(&secret, ("GET", http, &path), member, b"", None);
     let (status, body) = raw(http, "GET", &path, &captured, b"").await;
     assert_eq!(status, 200, "{body}");
     let (status, body) = raw(http, "GET", &path, &captured, b"").await;
@@ -562,7 +585,7 @@ async fn m1_captured_internal_calls_cannot_be_replayed_or_moved() {
     assert!(body.contains("replayed"), "{body}");
 
     // Signed five minutes ago (a capture used later).
-    let old = signature(&secret, "GET", &path, member, b"", Some(now_ms() - 300_000));
+    let old = signature(&secret, ("GET", http, &path), member, b"", Some(now_ms() - 300_000));
     let (status, body) = raw(http, "GET", &path, &old, b"").await;
     assert_eq!(status, 403, "{body}");
     assert!(body.contains("away from this node's clock"), "{body}");
@@ -570,14 +593,14 @@ async fn m1_captured_internal_calls_cannot_be_replayed_or_moved() {
     // A MAC for GET /file/<a> used for /file/<b>, then (valid) for /file/<a>.
     let a = report["projects"]["victim"]["id"].as_str().unwrap();
     let b = report["projects"]["other"]["id"].as_str().unwrap();
-    let for_a = signature(&secret, "GET", &format!("/file/{a}"), member, b"", None);
+    let for_a = signature(&secret, ("GET", http, &format!("/file/{a}")), member, b"", None);
     let (status, body) = raw(http, "GET", &format!("/file/{b}"), &for_a, b"").await;
     assert_eq!(status, 403, "{body}");
     assert!(body.contains("invalid cluster MAC"), "{body}");
     let (status, body) = raw(http, "GET", &format!("/file/{a}"), &for_a, b"").await;
     assert_eq!(status, 200, "the captured MAC was valid for its own path: {body}");
     // And for another method on the same path.
-    let for_get = signature(&secret, "GET", "/internal/replicate", member, b"[]", None);
+    let for_get = signature(&secret, ("GET", http, "/internal/replicate"), member, b"[]", None);
     let (status, body) = raw(http, "POST", "/internal/replicate", &for_get, b"[]").await;
     assert_eq!(status, 403, "{body}");
 }

@@ -3,7 +3,8 @@
 //! With a cluster secret every internal call carries four headers: the caller's UDP address
 //! (`x-cdtester-node`), the time it was signed (`x-cdtester-time`, Unix milliseconds), a random
 //! nonce (`x-cdtester-nonce`, 32 hex digits) and `x-cdtester-mac`, the hex HMAC-SHA256 under the
-//! secret of the method, path (with query), caller, time, nonce and body. The receiver refuses a
+//! secret of the method, the `Host` it is sent to (the receiver's HTTP address), path (with
+//! query), caller, time, nonce and body. The receiver refuses a
 //! call whose MAC does not verify, whose time is more than [`WINDOW`] away from its clock, or
 //! whose nonce it has already seen within the window: a captured call cannot be replayed, moved
 //! to another route, or attributed to another member. Without a secret (`node.insecure`) nothing
@@ -59,6 +60,8 @@ impl std::fmt::Debug for Secret {
 #[derive(Debug, Clone, Copy)]
 pub struct CallParts<'a> {
     pub method: &'a str,
+    /// The receiver's HTTP address as the caller addressed it (the `Host` header).
+    pub host: &'a str,
     pub path: &'a str,
     pub caller: &'a str,
     pub body: &'a [u8],
@@ -90,7 +93,9 @@ impl Secret {
     fn mac(key: &[u8], call: &CallParts<'_>, time_ms: u64, nonce: &str) -> Hmac<Sha256> {
         // HMAC accepts keys of any length; `new_from_slice` cannot fail for it.
         let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(key).unwrap_or_else(|_| unreachable!());
-        for part in ["cdtester-http-1", call.method, call.path, call.caller, &time_ms.to_string(), nonce] {
+        for part in
+            ["cdtester-http-2", call.method, call.host, call.path, call.caller, &time_ms.to_string(), nonce]
+        {
             mac.update(part.as_bytes());
             mac.update(b"\n");
         }
@@ -205,7 +210,7 @@ mod tests {
     use proptest::prelude::*;
 
     fn call<'a>(method: &'a str, path: &'a str, caller: &'a str, body: &'a [u8]) -> CallParts<'a> {
-        CallParts { method, path, caller, body }
+        CallParts { method, host: "127.0.0.1:8000", path, caller, body }
     }
 
     fn check(v: &Verifier, c: &CallParts<'_>, s: &Signature, now: u64) -> Result<(), AuthError> {
@@ -220,6 +225,7 @@ mod tests {
         let fresh = || Verifier::new(s.clone());
         assert_eq!(check(&fresh(), &c, &sig, 1_000_000), Ok(()));
         for other in [
+            CallParts { host: "127.0.0.1:8001", ..c },
             call("GET", "/task", "127.0.0.1:7000", b"{}"),
             call("POST", "/internal/sync", "127.0.0.1:7000", b"{}"),
             call("POST", "/task", "127.0.0.1:7001", b"{}"),

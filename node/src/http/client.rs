@@ -88,7 +88,8 @@ impl HttpClient {
         };
         if let Some(me) = &self.me {
             req = req.header(NODE_HEADER, me);
-            let call = CallParts { method: method.as_str(), path, caller: me, body: &bytes };
+            let host = addr.to_string();
+            let call = CallParts { method: method.as_str(), host: &host, path, caller: me, body: &bytes };
             if let Some(sig) = self.secret.sign(&call) {
                 req = req
                     .header(MAC_HEADER, sig.mac)

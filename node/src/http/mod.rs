@@ -489,6 +489,14 @@ fn canonical_ip(ip: std::net::IpAddr) -> std::net::IpAddr {
     }
 }
 
+/// Whether a signed call's `Host` names this node's HTTP address (any IP when it listens on all
+/// of them): a call captured on its way to one member cannot be replayed to another.
+fn addressed_to(me: SocketAddr, host: &str) -> bool {
+    host.parse::<SocketAddr>().is_ok_and(|h| {
+        h.port() == me.port() && (me.ip().is_unspecified() || canonical_ip(h.ip()) == canonical_ip(me.ip()))
+    })
+}
+
 /// An internal call as the member check sees it: the connection's source, method, path, headers
 /// and body (read whole, under [`MAX_BODY`]).
 struct InternalCall {
@@ -523,7 +531,9 @@ impl InternalCall {
         let header = |name| header_str(&self.headers, name);
         let caller = header(auth::NODE_HEADER).map(str::to_string).or(claimed).unwrap_or_default();
         let path = self.uri.path_and_query().map_or(self.uri.path(), |p| p.as_str());
-        let call = auth::CallParts { method: self.method.as_str(), path, caller: &caller, body: &self.body };
+        let host = header(header::HOST.as_str()).unwrap_or_default();
+        let call =
+            auth::CallParts { method: self.method.as_str(), host, path, caller: &caller, body: &self.body };
         app.verifier()
             .verify(&call, header(auth::TIME_HEADER), header(auth::NONCE_HEADER), header(auth::MAC_HEADER))
             .map_err(|e| AppError::Forbidden(e.to_string()))?;
@@ -531,6 +541,9 @@ impl InternalCall {
             AppError::Forbidden(format!("missing or invalid caller address in {}", auth::NODE_HEADER))
         })?;
         if app.verifier().secret().is_set() {
+            if !addressed_to(app.http_addr(), host) {
+                return Err(AppError::Forbidden(format!("call signed for another node ({host})")));
+            }
             if !app.is_member(addr) {
                 return Err(AppError::Forbidden("caller is not a member of this network".into()));
             }
