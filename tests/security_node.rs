@@ -162,6 +162,20 @@ async fn wait_replicated(c: &LocalCluster, id: u64) -> Value {
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
     }
+    // The whole record (header too: versions, running tasks) is the same on every node.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let path = format!("/internal/evaluation/{id}");
+        let mut copies = Vec::new();
+        for i in 0..c.nodes.len() {
+            copies.push(get_internal(c, i, &path).await.1);
+        }
+        if copies.windows(2).all(|w| w[0] == w[1]) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "records of {id} never converged: {copies:?}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
     report
 }
 

@@ -407,7 +407,14 @@ pub async fn accept(app: &Arc<App>, post: TaskPost, caller: SocketAddr) -> Resul
             rec.id, rec.responsible
         )));
     }
-    if app.lock().inflight.get(&post.result.task_id).is_none_or(|f| f.worker != caller) {
+    // Handed out by this node now, or (after a restart, before the record's assignments are
+    // adopted) published as running on the caller by the record.
+    let caller_s = wire::addr_string(caller);
+    let assigned = match app.lock().inflight.get(&post.result.task_id) {
+        Some(f) => f.worker == caller,
+        None => rec.running.get(&post.result.task_id).is_some_and(|w| *w == caller_s),
+    };
+    if !assigned {
         return Err(AppError::Forbidden(format!(
             "task {} is not assigned to {}",
             post.result.task_id,
