@@ -8,7 +8,7 @@
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
-use cdtester_runner_api::Limits;
+use cdtester_runner_api::{Limits, Rlimits};
 use figment::Figment;
 use figment::providers::{Env, Format, Serialized, Toml};
 use serde::{Deserialize, Serialize};
@@ -202,7 +202,7 @@ pub struct LocalRunnerConfig {
     /// Group id tests run as when the node runs as root (default 65534, `nogroup`).
     pub gid: Option<u32>,
     /// Resource limits (setrlimit) of every test process.
-    pub rlimits: LocalRlimits,
+    pub rlimits: Rlimits,
 }
 
 impl Default for LocalRunnerConfig {
@@ -213,29 +213,9 @@ impl Default for LocalRunnerConfig {
             warm: true,
             uid: None,
             gid: None,
-            rlimits: LocalRlimits::default(),
+            rlimits: Rlimits::default(),
             allow_remote_submissions: false,
         }
-    }
-}
-
-/// `setrlimit` limits of the local runner's test processes (each process of a test has its own).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct LocalRlimits {
-    /// CPU seconds per process; default: the run's wall-clock timeout plus 5 s.
-    pub cpu_s: Option<u64>,
-    /// Largest file a test may write, in MiB.
-    pub fsize_mib: u64,
-    /// Open file descriptors per process.
-    pub nofile: u64,
-    /// Processes and threads of the tests' uid, all together (`RLIMIT_NPROC` counts per user).
-    pub nproc: u64,
-}
-
-impl Default for LocalRlimits {
-    fn default() -> Self {
-        LocalRlimits { cpu_s: None, fsize_mib: 1024, nofile: 1024, nproc: 512 }
     }
 }
 

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use cdtester_config::Config;
 use cdtester_runner_api::Runner;
 use cdtester_runners::docker::{DockerRunner, DockerSettings};
-use cdtester_runners::local::{LocalOptions, LocalRunner, Rlimits};
+use cdtester_runners::local::{LocalOptions, LocalRunner};
 
 #[derive(Debug, thiserror::Error)]
 pub enum RegistryError {
@@ -27,14 +27,13 @@ pub struct Registry {
 
 /// The local runner's options from `runner.local` (venvs default to `<data_dir>/venvs`).
 pub fn local_options(config: &Config) -> LocalOptions {
-    let r = &config.runner.local.rlimits;
     LocalOptions {
         python: config.runner.local.python.clone(),
         venv_dir: config.runner.local.venv_dir.clone().unwrap_or_else(|| config.node.data_dir.join("venvs")),
         warm: config.runner.local.warm,
         uid: config.runner.local.uid,
         gid: config.runner.local.gid,
-        rlimits: Rlimits { cpu_s: r.cpu_s, fsize_mib: r.fsize_mib, nofile: r.nofile, nproc: r.nproc },
+        rlimits: config.runner.local.rlimits.clone(),
     }
 }
 

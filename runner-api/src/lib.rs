@@ -16,4 +16,4 @@ pub fn sha256_hex(bytes: &[u8]) -> String {
     hex::encode(sha2::Sha256::digest(bytes))
 }
 
-pub use runner::{Chunk, Limits, PreparedProject, ProjectSource, Runner, RunnerError, TaskSpec};
+pub use runner::{Chunk, Limits, PreparedProject, ProjectSource, Rlimits, Runner, RunnerError, TaskSpec};

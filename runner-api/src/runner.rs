@@ -4,6 +4,27 @@ use serde::{Deserialize, Serialize};
 
 use crate::TaskReport;
 
+/// `setrlimit` limits of the local runner's test processes (`runner.local.rlimits`; each process
+/// of a test has its own).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Rlimits {
+    /// CPU seconds per process; `None` = the run's wall-clock timeout plus a few seconds.
+    pub cpu_s: Option<u64>,
+    /// Largest file a test may write, in MiB.
+    pub fsize_mib: u64,
+    /// Open file descriptors per process.
+    pub nofile: u64,
+    /// Processes and threads of the tests' uid, all together (`RLIMIT_NPROC` counts per user).
+    pub nproc: u64,
+}
+
+impl Default for Rlimits {
+    fn default() -> Self {
+        Rlimits { cpu_s: None, fsize_mib: 1024, nofile: 1024, nproc: 512 }
+    }
+}
+
 /// Resource limits for one task. Runners enforce what their isolation level allows and document
 /// what they ignore (the local runner enforces the timeout and output cap only).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -26,14 +26,14 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use cdtester_runner_api::{
-    Chunk, Limits, ModuleReport, PreparedProject, ProjectSource, Runner, RunnerError, TaskReport, TaskSpec,
-    round2,
+    Chunk, Limits, ModuleReport, PreparedProject, ProjectSource, Rlimits, Runner, RunnerError, TaskReport,
+    TaskSpec, round2,
 };
 
 pub use durations::{DurationStore, MIN_SPLIT_SECS, ModuleStat, UNKNOWN_MODULE_SECS};
 pub(crate) use env::tail;
 pub use env::{PYTEST_REQUIREMENT, content_hash, needs_install, resolve_python};
-pub use sandbox::{DEFAULT_UNPRIVILEGED_ID, Rlimits};
+pub use sandbox::DEFAULT_UNPRIVILEGED_ID;
 
 use crate::pytest::{self, Mode};
 use process::{Exec, Invocation};

@@ -26,6 +26,7 @@ use std::process::Command;
 use std::sync::{Arc, Once};
 use std::time::Duration;
 
+use cdtester_runner_api::Rlimits;
 use tempfile::TempDir;
 
 use super::LocalError;
@@ -36,25 +37,6 @@ pub const DEFAULT_UNPRIVILEGED_ID: u32 = 65534;
 const CPU_SLACK_S: u64 = 5;
 /// Largest plugin record file the runner reads back (a test could grow it up to `fsize_mib`).
 const MAX_RECORDS_BYTES: u64 = 64 << 20;
-
-/// `setrlimit` limits of every test process (`runner.local.rlimits`).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Rlimits {
-    /// CPU seconds per process; `None` = the run's timeout plus a few seconds.
-    pub cpu_s: Option<u64>,
-    /// Largest file a test may write, in MiB.
-    pub fsize_mib: u64,
-    /// Open file descriptors per process.
-    pub nofile: u64,
-    /// Processes (and threads) of the tests' uid, all together.
-    pub nproc: u64,
-}
-
-impl Default for Rlimits {
-    fn default() -> Self {
-        Rlimits { cpu_s: None, fsize_mib: 1024, nofile: 1024, nproc: 512 }
-    }
-}
 
 /// Credentials a test process drops to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
