@@ -24,14 +24,14 @@ pub async fn run(app: Arc<App>) {
     }
 }
 
-/// Content hashes of every project of an unfinished evaluation.
+/// Content hashes of every project of an unfinished evaluation; forgets the runner decisions of
+/// the other projects.
 fn active_content(app: &App) -> HashSet<String> {
-    app.lock()
-        .evals
-        .values()
-        .filter(|r| r.end_time.is_none())
-        .flat_map(|r| r.projects.iter().map(|p| p.content_hash.clone()))
-        .collect()
+    let st = &mut *app.lock();
+    let unfinished = || st.evals.values().filter(|r| r.end_time.is_none()).flat_map(|r| r.projects.iter());
+    let ids: HashSet<&str> = unfinished().map(|p| p.id.as_str()).collect();
+    st.choices.retain(|id, _| ids.contains(id.as_str()));
+    unfinished().map(|p| p.content_hash.clone()).collect()
 }
 
 async fn collect(app: &Arc<App>, idle: &mut IdleSince) {

@@ -172,6 +172,9 @@ struct State {
     next_announce: Option<Instant>,
     /// Peers whose CACHE_UPDATE mentioned evaluations this node lacks: sync with them soon.
     sync_hints: BTreeSet<SocketAddr>,
+    /// This node's runner decision per project id (see [`App::choose_runner`]), made once for
+    /// discovery and every task; dropped when no unfinished evaluation holds the project.
+    choices: HashMap<String, (RunnerChoice, cdtester_config::ProjectSettings)>,
     /// Runner failures per task (requeued until [`sched`]'s limit).
     task_failures: HashMap<String, u32>,
     /// Evaluations this node was responsible for before a restart: not scheduled until
@@ -619,7 +622,7 @@ impl App {
     }
 
     /// This node's own decision for a project: configuration rules, then the policy chain
-    /// (admission, runner and limits). A worker decides again rather than trusting the runner and
+    /// (admission, runner and limits), made once per project on this node. A worker decides itself rather than trusting the runner and
     /// limits a peer's record names: no peer can make this node run code less isolated than its
     /// own configuration says. Refuses the `local` runner for HTTP submissions when the API
     /// listens beyond loopback, unless `runner.local.allow_remote_submissions` is set.
@@ -628,6 +631,9 @@ impl App {
         project: &ProjectRecord,
         root: &std::path::Path,
     ) -> Result<(RunnerChoice, cdtester_config::ProjectSettings), String> {
+        if let Some(decided) = self.lock().choices.get(&project.id) {
+            return Ok(decided.clone());
+        }
         let mut settings = self.cfg.project_settings(&project.name, project.url.as_deref());
         if settings.runner_by_name && settings.runner != self.cfg.runner.default {
             // Names of submitted projects are the submitter's choice: they never route a
@@ -655,6 +661,7 @@ impl App {
                     .into(),
             );
         }
+        self.lock().choices.insert(project.id.clone(), (choice.clone(), settings.clone()));
         Ok((choice, settings))
     }
 
