@@ -25,8 +25,12 @@ pub const TOKEN_VAR: &str = "CDT_GIT_TOKEN";
                         CDT_GIT_TOKEN (never from the command line, where other users see it).")]
 pub struct SubmitArgs {
     /// Project folders (one project, or a folder of project folders), zip files, or git URLs.
-    #[arg(required = true)]
+    #[arg(required_unless_present = "roster")]
     pub sources: Vec<String>,
+    /// A CSV file of `student,repository URL` rows: one evaluation whose projects are named
+    /// after the students.
+    #[arg(long)]
+    pub roster: Option<PathBuf>,
     /// HTTP address of any node (config node.http).
     #[arg(long)]
     pub node: Option<SocketAddr>,
@@ -230,8 +234,13 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
 pub fn submit(args: SubmitArgs, default_node: SocketAddr) -> anyhow::Result<()> {
     let client = Client::new(args.node.unwrap_or(default_node));
     let (urls, local): (Vec<String>, Vec<String>) = args.sources.iter().cloned().partition(|s| is_url(s));
+    let roster = args.roster.as_deref().map(crate::course_cmd::read_roster).transpose()?;
     runtime()?.block_on(async {
         let mut ids = Vec::new();
+        if let Some(roster) = &roster {
+            let token = std::env::var(TOKEN_VAR).ok().filter(|t| !t.is_empty());
+            ids.push(crate::course_cmd::submit_roster(client.node, roster, token.as_deref()).await?);
+        }
         if !local.is_empty() {
             let (zip, name) = local_upload(&local)?;
             ids.push(client.submit_zip(zip, &name).await.context("submitting")?);

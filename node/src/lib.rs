@@ -6,6 +6,7 @@ pub mod bench;
 pub mod client;
 pub mod core;
 pub mod corpus;
+pub mod course_cmd;
 pub mod demo;
 pub mod eval;
 pub mod fetch;

@@ -30,6 +30,8 @@ enum Command {
     Status(cdtester::client::StatusArgs),
     /// List the network's evaluations.
     List(cdtester::client::ListArgs),
+    /// Download an evaluation's grades as CSV (project, grade, counts, status, url).
+    Grades(cdtester::course_cmd::GradesArgs),
     /// Start a local 3-node network, evaluate the bundled example projects, print the grades.
     Demo(cdtester::demo::DemoArgs),
     /// Check the configuration and print it as resolved.
@@ -66,6 +68,7 @@ fn main() -> anyhow::Result<()> {
         Command::Submit(args) => cdtester::client::submit(args, config.node.http),
         Command::Status(args) => cdtester::client::status(args, config.node.http),
         Command::List(args) => cdtester::client::list(args, config.node.http),
+        Command::Grades(args) => cdtester::course_cmd::grades(args, config.node.http),
         Command::Demo(args) => cdtester::demo::main(config, args),
         Command::Bench { cmd } => cdtester::bench::run(cmd, &config),
         Command::Config => {

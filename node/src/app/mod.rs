@@ -444,6 +444,7 @@ impl App {
         self: &Arc<Self>,
         token: Option<String>,
         urls: Vec<String>,
+        names: Vec<Option<String>>,
     ) -> Result<EvalId, AppError> {
         let intake = &self.cfg.intake;
         fetch::UrlPolicy::from_config(intake)
@@ -460,9 +461,12 @@ impl App {
             let _slot = slot;
             let mut out = Vec::new();
             let mut errors = Vec::new();
-            for url in &urls {
+            for (i, url) in urls.iter().enumerate() {
                 match fetch::fetch_git(url, token.as_deref(), &work, &limits).map_err(intake_error) {
-                    Ok(p) => out.push(p),
+                    Ok(p) => out.push(fetch::FetchedProject {
+                        name: names.get(i).cloned().flatten().unwrap_or(p.name),
+                        ..p
+                    }),
                     Err(e) => errors.push(e.to_string()),
                 }
             }
@@ -866,10 +870,17 @@ impl App {
             Event::App { from, msg, .. } => self.on_message(from, msg),
             Event::PeerDown { addr, reason, .. } => {
                 tracing::info!(peer = %addr, ?reason, "peer down: requeueing its tasks");
+                if reason == crate::core::DownReason::Failed {
+                    crate::http::metrics::node().failure_detected()
+                }
                 sched::requeue_worker(self, addr, reason == crate::core::DownReason::Failed);
             }
-            Event::TakeOver { failed_addr, .. } => self.take_over(failed_addr),
+            Event::TakeOver { failed_addr, .. } => {
+                crate::http::metrics::node().election_won();
+                self.take_over(failed_addr)
+            }
             Event::Relinquish { failed_addr, owner, .. } => {
+                crate::http::metrics::node().election_relinquished();
                 tracing::info!(failed = %failed_addr, %owner, "another node owns the failed node's evaluations");
             }
             Event::CacheUpdate { from, data } => {

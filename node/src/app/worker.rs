@@ -223,6 +223,7 @@ async fn execute(
         }
         Err(e) => {
             tracing::warn!(task = %task_id, "module could not run: {e}");
+            crate::http::metrics::node().runner_error();
             TaskPost::new(app, eval, &task_id, &project.id, module, Err(e))
         }
     }

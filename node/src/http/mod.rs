@@ -17,6 +17,11 @@
 
 pub mod auth;
 pub mod client;
+pub mod dashboard;
+pub mod events;
+pub mod grades;
+pub mod metrics;
+pub mod openapi;
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -46,10 +51,10 @@ pub const MAX_SUBMIT_JSON: usize = 64 * 1024;
 
 type AppState = Arc<App>;
 
-/// The router of a node's API.
+/// The router of a node's API (with the course staff's routes of [`dashboard`] and the
+/// request counting and `GET /metrics` of [`metrics`]).
 pub fn router(app: Arc<App>) -> Router {
-    Router::new()
-        .route("/", get(index))
+    let api = Router::new()
         .route("/evaluation", post(submit).layer(DefaultBodyLimit::disable()).get(list))
         .route("/evaluation/{id}", get(evaluation))
         .route("/stats", get(stats))
@@ -61,7 +66,8 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/internal/evaluation/{id}", get(internal_evaluation))
         .fallback(not_found)
         .layer(DefaultBodyLimit::max(MAX_BODY))
-        .with_state(app)
+        .with_state(app.clone());
+    metrics::instrument(api.merge(dashboard::routes(app.clone())), app)
 }
 
 /// Serves the API on `listener` until `shutdown` resolves (then waits up to
@@ -279,20 +285,7 @@ impl IntoResponse for AppError {
 }
 
 async fn not_found() -> Response {
-    error(StatusCode::NOT_FOUND, "no such route; see GET / for the API")
-}
-
-async fn index() -> Response {
-    axum::Json(json!({
-        "endpoints": {
-            "POST /evaluation": "submit: multipart/form-data field \"file\" (zip, one folder per project) or application/json {\"auth_token\", \"projects\": [git URLs]}",
-            "GET /evaluation": "ids of all evaluations",
-            "GET /evaluation/{id}": "progress and results of one evaluation",
-            "GET /stats": "test totals of the network and per connected node",
-            "GET /network": "each node and the nodes it communicates with",
-        }
-    }))
-    .into_response()
+    error(StatusCode::NOT_FOUND, "no such route; see GET /openapi.json for the API")
 }
 
 /// `POST /evaluation` JSON body (`token`/`urls` accepted as aliases).
@@ -302,7 +295,15 @@ struct SubmitJson {
     #[serde(default, alias = "token")]
     auth_token: Option<String>,
     #[serde(default, alias = "urls")]
-    projects: Option<Vec<String>>,
+    projects: Option<Vec<SubmitProject>>,
+}
+
+/// A project of a JSON submission: a git URL, or `{"name", "url"}` (a roster row).
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum SubmitProject {
+    Url(String),
+    Named(crate::course_cmd::NamedProject),
 }
 
 fn content_type(headers: &HeaderMap) -> Option<String> {
@@ -426,15 +427,27 @@ async fn submit_json(app: &Arc<App>, req: Request) -> Result<EvalId, AppError> {
     let parsed: SubmitJson = serde_json::from_slice(&body).map_err(|e| {
         AppError::BadRequest(format!("invalid JSON body ({e}); expected {{\"auth_token\": \"...\", \"projects\": [\"<git url>\", ...]}}"))
     })?;
-    let urls: Vec<String> =
-        parsed.projects.unwrap_or_default().into_iter().map(|u| u.trim().to_string()).collect();
+    let (urls, names): (Vec<String>, Vec<Option<String>>) = parsed
+        .projects
+        .unwrap_or_default()
+        .into_iter()
+        .map(|p| match p {
+            SubmitProject::Url(u) => (u.trim().to_string(), None),
+            SubmitProject::Named(p) => (p.url.trim().to_string(), Some(p.name.trim().to_string())),
+        })
+        .unzip();
     if urls.is_empty() || urls.iter().any(|u| u.is_empty()) {
         return Err(AppError::BadRequest(
-            "\"projects\" (alias \"urls\") must be a non-empty list of git URLs".into(),
+            "\"projects\" (alias \"urls\") must be a non-empty list of git URLs or {\"name\", \"url\"} objects".into(),
+        ));
+    }
+    if names.iter().flatten().any(|n| !crate::course_cmd::valid_project_name(n)) {
+        return Err(AppError::BadRequest(
+            "a project \"name\" must be 1-255 characters without / \\ or control characters".into(),
         ));
     }
     let token = parsed.auth_token.filter(|t| !t.is_empty());
-    app.submit_urls(token, urls).await
+    app.submit_urls(token, urls, names).await
 }
 
 async fn list(State(app): State<AppState>) -> Response {

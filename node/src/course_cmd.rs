@@ -1,0 +1,165 @@
+//! Course staff's commands: `cdtester grades` (an evaluation's grades as CSV) and the roster of
+//! `cdtester submit --roster` (one `student,repository URL` row per project, each project named
+//! after its student).
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use hyper::Method;
+use serde::Serialize;
+
+use crate::eval::EvalId;
+use crate::http::client::HttpClient;
+
+/// `cdtester grades`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct GradesArgs {
+    /// Evaluation id.
+    pub id: EvalId,
+    /// Write the CSV to this file instead of standard output.
+    #[arg(long)]
+    pub csv: Option<PathBuf>,
+    /// HTTP address of any node (config node.http).
+    #[arg(long)]
+    pub node: Option<SocketAddr>,
+}
+
+/// `cdtester grades`: fetches `GET /evaluation/{id}/grades.csv`.
+pub fn grades(args: GradesArgs, default_node: SocketAddr) -> anyhow::Result<()> {
+    let node = args.node.unwrap_or(default_node);
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("starting the tokio runtime")?;
+    let csv = runtime.block_on(async {
+        HttpClient::new(Default::default(), None)
+            .send(
+                Method::GET,
+                node,
+                &format!("/evaluation/{}/grades.csv", args.id),
+                None,
+                Duration::from_secs(60),
+            )
+            .await
+            .with_context(|| format!("fetching the grades of evaluation {}", args.id))
+    })?;
+    match &args.csv {
+        Some(path) => {
+            std::fs::write(path, &csv.body).with_context(|| format!("writing {}", path.display()))?;
+            eprintln!("wrote the grades of evaluation {} to {}", args.id, path.display());
+        }
+        None => {
+            use std::io::Write;
+            std::io::stdout().write_all(&csv.body).context("writing to standard output")?;
+        }
+    }
+    Ok(())
+}
+
+/// One project of a roster submission: `{"name": ..., "url": ...}` in `POST /evaluation`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NamedProject {
+    pub name: String,
+    pub url: String,
+}
+
+/// Whether `name` can name a project (the rule evaluation records are validated with).
+pub fn valid_project_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 255
+        && name != "."
+        && name != ".."
+        && !name.chars().any(|c| c.is_control() || c == '/' || c == '\\')
+}
+
+/// A cell of a roster row: trimmed, without surrounding double quotes.
+fn roster_cell(cell: &str) -> String {
+    let t = cell.trim();
+    t.strip_prefix('"').and_then(|s| s.strip_suffix('"')).unwrap_or(t).replace("\"\"", "\"")
+}
+
+/// Parses a roster: one `student,repository URL` row per line; blank lines, `#` comments and a
+/// header row (whose second cell is not a URL) are skipped. Student names must be unique.
+pub fn parse_roster(text: &str) -> anyhow::Result<Vec<NamedProject>> {
+    let mut out: Vec<NamedProject> = Vec::new();
+    for (i, line) in text.lines().enumerate() {
+        let line = line.trim_start_matches('\u{feff}').trim();
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        let Some((student, url)) = line.rsplit_once(',') else {
+            bail!("roster line {}: expected `student,repository URL`", i + 1);
+        };
+        let (name, url) = (roster_cell(student), roster_cell(url));
+        if !url.contains("://") && !url.starts_with("git@") {
+            if out.is_empty() && i == 0 {
+                continue; // a header row
+            }
+            bail!("roster line {}: {url:?} is not a repository URL", i + 1);
+        }
+        if !valid_project_name(&name) {
+            bail!(
+                "roster line {}: {name:?} cannot name a project (empty, too long, or with / \\ or control characters)",
+                i + 1
+            );
+        }
+        if out.iter().any(|p| p.name == name) {
+            bail!("roster line {}: student {name:?} is listed twice", i + 1);
+        }
+        out.push(NamedProject { name, url });
+    }
+    if out.is_empty() {
+        bail!("the roster lists no student");
+    }
+    Ok(out)
+}
+
+/// Reads and parses a roster file.
+pub fn read_roster(path: &Path) -> anyhow::Result<Vec<NamedProject>> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    parse_roster(&text).with_context(|| format!("in {}", path.display()))
+}
+
+/// Submits a roster's repositories as one evaluation; returns its id.
+pub async fn submit_roster(
+    node: SocketAddr,
+    projects: &[NamedProject],
+    token: Option<&str>,
+) -> anyhow::Result<EvalId> {
+    let body = serde_json::json!({ "auth_token": token, "projects": projects });
+    let v: serde_json::Value = HttpClient::new(Default::default(), None)
+        .post_json(node, "/evaluation", &body, Duration::from_secs(600))
+        .await
+        .context("submitting the roster")?;
+    v["eval_id"].as_u64().with_context(|| format!("the node's answer has no eval_id: {v}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn roster_rows_skip_header_comments_and_blank_lines() {
+        let text = "\u{feff}student,repository\n# week 3\nalice, https://git.example/a/calc.git\n\n\"Bob, Jr\",git@example.com:b/calc.git\n";
+        let r = parse_roster(text).unwrap();
+        assert_eq!(
+            r,
+            vec![
+                NamedProject { name: "alice".into(), url: "https://git.example/a/calc.git".into() },
+                NamedProject { name: "Bob, Jr".into(), url: "git@example.com:b/calc.git".into() },
+            ]
+        );
+    }
+
+    #[test]
+    fn roster_refuses_bad_names_duplicates_and_non_urls() {
+        assert!(parse_roster("alice,https://x/a\nalice,https://x/b").is_err());
+        assert!(parse_roster("../etc,https://x/a").is_err());
+        assert!(parse_roster("a/b,https://x/a").is_err());
+        assert!(parse_roster("alice,https://x/a\nbob,not a url").is_err());
+        assert!(parse_roster("student,repository\n").is_err());
+    }
+}

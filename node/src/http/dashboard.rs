@@ -1,0 +1,110 @@
+//! The course staff's routes: the dashboard at `GET /` (one self-contained page, its script and
+//! style sheet embedded in the binary: no CDN, no build step), `GET /evaluation/{id}/grades.csv`,
+//! `GET /evaluation/{id}/events` (server-sent events) and `GET /openapi.json`.
+//!
+//! The page builds every element with `createElement`/`textContent` (project names, test ids and
+//! failure messages are chosen by students) and is served with a Content-Security-Policy that
+//! allows nothing but this node's own script, style sheet and API.
+
+use std::sync::Arc;
+
+use axum::Router;
+use axum::extract::{Path, State};
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use tokio::sync::Semaphore;
+
+use super::{events, grades, openapi};
+use crate::app::{App, AppError};
+use crate::eval::EvalId;
+
+const INDEX_HTML: &str = include_str!("../../assets/index.html");
+const DASHBOARD_JS: &str = include_str!("../../assets/dashboard.js");
+const DASHBOARD_CSS: &str = include_str!("../../assets/dashboard.css");
+
+/// The Content-Security-Policy of the dashboard's page and assets.
+pub const CSP: &str = "default-src 'none'; script-src 'self'; style-src 'self'; connect-src 'self'; \
+                       img-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'";
+
+#[derive(Clone)]
+struct Staff {
+    app: Arc<App>,
+    streams: Arc<Semaphore>,
+}
+
+/// The routes of this module.
+pub fn routes(app: Arc<App>) -> Router {
+    let staff = Staff { app, streams: Arc::new(Semaphore::new(events::MAX_STREAMS)) };
+    Router::new()
+        .route("/", get(index))
+        .route("/assets/{file}", get(asset))
+        .route("/evaluation/{id}/grades.csv", get(grades_csv))
+        .route("/evaluation/{id}/events", get(event_stream))
+        .route("/openapi.json", get(openapi_json))
+        .with_state(staff)
+}
+
+/// A page or asset with the dashboard's security headers.
+fn page(content_type: &'static str, body: &'static str) -> Response {
+    let mut r = ([(header::CONTENT_TYPE, content_type)], body).into_response();
+    let h = r.headers_mut();
+    h.insert(header::CONTENT_SECURITY_POLICY, HeaderValue::from_static(CSP));
+    h.insert(header::X_CONTENT_TYPE_OPTIONS, HeaderValue::from_static("nosniff"));
+    h.insert(header::REFERRER_POLICY, HeaderValue::from_static("no-referrer"));
+    h.insert(header::X_FRAME_OPTIONS, HeaderValue::from_static("DENY"));
+    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+    r
+}
+
+async fn index() -> Response {
+    page("text/html; charset=utf-8", INDEX_HTML)
+}
+
+async fn asset(Path(file): Path<String>) -> Response {
+    match file.as_str() {
+        "dashboard.js" => page("text/javascript; charset=utf-8", DASHBOARD_JS),
+        "dashboard.css" => page("text/css; charset=utf-8", DASHBOARD_CSS),
+        _ => AppError::NotFound("no such asset".into()).into_response(),
+    }
+}
+
+fn eval_id(id: &str) -> Result<EvalId, AppError> {
+    id.parse::<EvalId>().map_err(|_| AppError::NotFound("Evaluation not found".into()))
+}
+
+async fn grades_csv(State(staff): State<Staff>, Path(id): Path<String>) -> Response {
+    let report = eval_id(&id)
+        .and_then(|id| staff.app.report(id, false).ok_or(AppError::NotFound("Evaluation not found".into())));
+    match report {
+        Ok(r) => {
+            let disposition = format!("attachment; filename=\"grades-{}.csv\"", r.id);
+            let mut resp =
+                ([(header::CONTENT_TYPE, "text/csv; charset=utf-8")], grades::grades_csv(&r)).into_response();
+            if let Ok(v) = HeaderValue::from_str(&disposition) {
+                resp.headers_mut().insert(header::CONTENT_DISPOSITION, v);
+            }
+            resp
+        }
+        Err(e) => e.into_response(),
+    }
+}
+
+async fn event_stream(State(staff): State<Staff>, Path(id): Path<String>) -> Response {
+    let id = match eval_id(&id) {
+        Ok(id) if staff.app.record(id).is_some() => id,
+        Ok(_) | Err(_) => return AppError::NotFound("Evaluation not found".into()).into_response(),
+    };
+    let Ok(slot) = staff.streams.clone().try_acquire_owned() else {
+        return AppError::Unavailable(format!(
+            "{} event streams are open on this node; retry later",
+            events::MAX_STREAMS
+        ))
+        .into_response();
+    };
+    events::follow(staff.app, id, slot).into_response()
+}
+
+async fn openapi_json() -> Response {
+    (StatusCode::OK, axum::Json(openapi::document())).into_response()
+}

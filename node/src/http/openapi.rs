@@ -1,0 +1,155 @@
+//! `GET /openapi.json`: an OpenAPI 3.1 description of every route the node serves (public ones,
+//! and the internal ones between members, tagged `internal`). A test keeps its paths and methods
+//! equal to the router's.
+
+use serde_json::{Value, json};
+
+fn error_response(what: &str) -> Value {
+    json!({
+        "description": what,
+        "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}
+    })
+}
+
+fn json_response(what: &str, schema: Value) -> Value {
+    json!({"description": what, "content": {"application/json": {"schema": schema}}})
+}
+
+fn id_param(name: &str, what: &str) -> Value {
+    json!({"name": name, "in": "path", "required": true, "description": what, "schema": {"type": "string"}})
+}
+
+fn eval_id() -> Value {
+    id_param("id", "evaluation id (an integer)")
+}
+
+fn internal(summary: &str, method_body: Option<&str>) -> Value {
+    let mut op = json!({
+        "tags": ["internal"],
+        "summary": summary,
+        "security": [{"memberMac": []}],
+        "responses": {
+            "200": {"description": "accepted"},
+            "403": error_response("not signed by a live member, stale, replayed or addressed to another node"),
+        }
+    });
+    if let Some(what) = method_body {
+        op["requestBody"] =
+            json!({"required": true, "description": what, "content": {"application/json": {}}});
+    }
+    op
+}
+
+fn submit() -> Value {
+    json!({
+        "summary": "Submit projects for evaluation",
+        "requestBody": {"required": true, "content": {
+            "multipart/form-data": {"schema": {"type": "object", "required": ["file"], "properties": {
+                "file": {"type": "string", "format": "binary", "description": "zip, one top-level folder per project"}}}},
+            "application/json": {"schema": {"$ref": "#/components/schemas/Submission"}}
+        }},
+        "responses": {
+            "200": json_response("submitted", json!({"type": "object", "properties": {
+                "status": {"const": "submitted"}, "eval_id": {"type": "integer"}}})),
+            "400": error_response("malformed body, invalid zip or URL"),
+            "408": error_response("the upload stalled"),
+            "413": error_response("body over the node's cap"),
+            "415": error_response("missing or unsupported Content-Type"),
+            "422": error_response("a git URL could not be cloned"),
+            "503": error_response("every clone or upload slot is busy"),
+        }
+    })
+}
+
+fn public_paths() -> Value {
+    let not_found = error_response("unknown evaluation");
+    json!({
+        "/": {"get": {"summary": "The dashboard (HTML)", "responses": {"200": {"description": "page", "content": {"text/html": {}}}}}},
+        "/assets/{file}": {"get": {"summary": "The dashboard's script and style sheet",
+            "parameters": [id_param("file", "dashboard.js or dashboard.css")],
+            "responses": {"200": {"description": "asset"}, "404": error_response("no such asset")}}},
+        "/evaluation": {
+            "post": submit(),
+            "get": {"summary": "Ids of every evaluation, oldest first",
+                "responses": {"200": json_response("ids", json!({"type": "array", "items": {"type": "integer"}}))}}
+        },
+        "/evaluation/{id}": {"get": {"summary": "Progress and results of one evaluation",
+            "parameters": [eval_id(), {"name": "tests", "in": "query", "required": false,
+                "description": "false leaves the per-test results out", "schema": {"type": "boolean"}}],
+            "responses": {"200": json_response("report", json!({"$ref": "#/components/schemas/Report"})), "404": not_found}}},
+        "/evaluation/{id}/grades.csv": {"get": {"summary": "Grades of one evaluation as CSV",
+            "parameters": [eval_id()],
+            "responses": {"200": {"description": "project,grade,passed,failed,errors,skipped,status,url", "content": {"text/csv": {}}},
+                "404": not_found}}},
+        "/evaluation/{id}/events": {"get": {"summary": "Live progress as server-sent events (report, network, end)",
+            "parameters": [eval_id()],
+            "responses": {"200": {"description": "event stream", "content": {"text/event-stream": {}}},
+                "404": not_found, "503": error_response("too many open streams")}}},
+        "/stats": {"get": {"summary": "Test totals of the network and per connected node",
+            "responses": {"200": json_response("stats", json!({"type": "object", "required": ["all", "nodes"]}))}}},
+        "/network": {"get": {"summary": "Each live node and the nodes it communicates with",
+            "responses": {"200": json_response("adjacency", json!({"type": "object",
+                "additionalProperties": {"type": "array", "items": {"type": "string"}}}))}}},
+        "/metrics": {"get": {"summary": "Metrics in the Prometheus text format",
+            "responses": {"200": {"description": "metrics", "content": {"text/plain": {}}}}}},
+        "/openapi.json": {"get": {"summary": "This description",
+            "responses": {"200": json_response("OpenAPI document", json!({"type": "object"}))}}},
+    })
+}
+
+fn internal_paths() -> Value {
+    json!({
+        "/file/{project_id}": {"get": {
+            "tags": ["internal"], "summary": "A project's archive (header x-content-sha256)",
+            "parameters": [id_param("project_id", "project id")],
+            "responses": {"200": {"description": "zip", "content": {"application/zip": {}}},
+                "403": error_response("not a member"), "404": error_response("unknown project")}}},
+        "/task": {"post": internal("A module's result, from the worker it was handed to", Some("task result"))},
+        "/internal/replicate": {"post": internal("Evaluation records pushed by a member", Some("records"))},
+        "/internal/sync": {"post": internal("Record fingerprints to reconcile", Some("fingerprints"))},
+        "/internal/evaluation/{id}": {"get": {
+            "parameters": [eval_id()],
+            "tags": ["internal"], "summary": "An evaluation's full record", "security": [{"memberMac": []}],
+            "responses": {"200": {"description": "record"}, "403": error_response("not a member"), "404": error_response("unknown evaluation")}}},
+    })
+}
+
+fn components() -> Value {
+    json!({
+        "schemas": {
+            "Error": {"type": "object", "required": ["error"], "properties": {"error": {"type": "string"}}},
+            "Submission": {"type": "object", "required": ["projects"], "properties": {
+                "auth_token": {"type": "string", "description": "token for https clones (alias token)"},
+                "projects": {"type": "array", "description": "git URLs (alias urls)", "items": {"type": "string"}}}},
+            "Counts": {"type": "object", "additionalProperties": {"type": "integer"},
+                "description": "tests per outcome: passed, failed, error, skipped, xfailed, xpassed, timeout, oom, crashed, infra_error"},
+            "Report": {"type": "object", "required": ["id", "status", "node", "start_time", "time_elapsed", "summary", "projects"],
+                "properties": {
+                    "id": {"type": "integer"}, "status": {"enum": ["running", "finished"]}, "node": {"type": "string"},
+                    "start_time": {"type": "number"}, "end_time": {"type": ["number", "null"]}, "time_elapsed": {"type": "number"},
+                    "summary": {"type": "object"},
+                    "projects": {"type": "object", "additionalProperties": {"type": "object", "properties": {
+                        "status": {"enum": ["preparing", "running", "finished", "failed"]},
+                        "grade": {"type": ["number", "null"]}, "tests": {"$ref": "#/components/schemas/Counts"},
+                        "modules": {"type": "object"}}}}}}
+        },
+        "securitySchemes": {"memberMac": {"type": "apiKey", "in": "header", "name": "x-cdtester-mac",
+            "description": "HMAC-SHA256 under the cluster secret with x-cdtester-node, x-cdtester-time and x-cdtester-nonce (README, HTTP API)"}}
+    })
+}
+
+/// The document.
+pub fn document() -> Value {
+    let mut paths = public_paths();
+    if let (Some(all), Value::Object(more)) = (paths.as_object_mut(), internal_paths()) {
+        all.extend(more);
+    }
+    json!({
+        "openapi": "3.1.0",
+        "info": {"title": "cdtester node API", "version": env!("CARGO_PKG_VERSION"),
+            "description": "Every node of a cdtester network serves this API. Errors are {\"error\": \"...\"} with a 4xx status."},
+        "tags": [{"name": "internal", "description": "between members of the network only"}],
+        "paths": paths,
+        "components": components(),
+    })
+}

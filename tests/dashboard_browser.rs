@@ -1,0 +1,289 @@
+//! The dashboard in headless Chromium (Debian's `chromium`, which `tests/run` installs) against
+//! a real 3-node network with a running evaluation, driven over the DevTools protocol
+//! (`--remote-debugging-pipe`: NUL-separated JSON on file descriptors 3 and 4):
+//! the page lists the 3 nodes; the project table changes while tests run without the page being
+//! reloaded; a click on a project shows its modules and tests with a failure message; the
+//! failed-only filter hides passing projects; a click on the grades link downloads the same CSV
+//! as `GET /evaluation/{id}/grades.csv`. Without a Chromium binary the test prints `SKIPPED`.
+//! With `CDT_SCREENSHOTS=<dir>` it saves screenshots of the pages there (the README's).
+
+mod common;
+mod node_common;
+
+use std::io::{BufRead, BufReader, Write};
+use std::os::fd::AsRawFd;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+
+/// The Chromium binary: `$CDT_CHROMIUM`, else the first of the usual names on `PATH`.
+fn chromium() -> Option<PathBuf> {
+    if let Some(p) = std::env::var_os("CDT_CHROMIUM") {
+        return Some(PathBuf::from(p));
+    }
+    let path = std::env::var_os("PATH")?;
+    ["chromium", "chromium-browser", "google-chrome"]
+        .iter()
+        .flat_map(|name| std::env::split_paths(&path).map(move |d| d.join(name)))
+        .find(|p| p.is_file())
+}
+
+/// A headless browser and one page, over the DevTools protocol.
+struct Browser {
+    child: Child,
+    to: std::io::PipeWriter,
+    from: BufReader<std::io::PipeReader>,
+    next: u64,
+    session: String,
+}
+
+impl Browser {
+    fn launch(exe: &Path, profile: &Path) -> Browser {
+        let (to_read, to) = std::io::pipe().expect("pipe");
+        let (from, from_write) = std::io::pipe().expect("pipe");
+        let (r, w) = (to_read.as_raw_fd(), from_write.as_raw_fd());
+        let mut cmd = Command::new(exe);
+        cmd.args([
+            "--headless=new",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-dev-shm-usage",
+            "--no-first-run",
+            "--no-default-browser-check",
+            "--hide-scrollbars",
+            "--window-size=1280,860",
+            "--remote-debugging-pipe",
+        ])
+        .arg(format!("--user-data-dir={}", profile.display()))
+        .arg("about:blank")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+        // SAFETY: only async-signal-safe calls (fcntl, dup2) between fork and exec; the
+        // descriptors are open in the parent until the child is spawned.
+        unsafe {
+            cmd.pre_exec(move || {
+                let (a, b) = (libc::fcntl(r, libc::F_DUPFD, 10), libc::fcntl(w, libc::F_DUPFD, 10));
+                if a < 0 || b < 0 || libc::dup2(a, 3) < 0 || libc::dup2(b, 4) < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let child = cmd.spawn().expect("start chromium");
+        drop((to_read, from_write));
+        let mut b = Browser { child, to, from: BufReader::new(from), next: 0, session: String::new() };
+        let target = b.call(false, "Target.createTarget", json!({"url": "about:blank"}));
+        let attached =
+            b.call(false, "Target.attachToTarget", json!({"targetId": target["targetId"], "flatten": true}));
+        b.session = attached["sessionId"].as_str().expect("session id").to_string();
+        b
+    }
+
+    /// One command (on the page when `page`, else on the browser); its result.
+    fn call(&mut self, page: bool, method: &str, params: Value) -> Value {
+        self.next += 1;
+        let mut msg = json!({"id": self.next, "method": method, "params": params});
+        if page {
+            msg["sessionId"] = json!(self.session);
+        }
+        let mut bytes = serde_json::to_vec(&msg).expect("json");
+        bytes.push(0);
+        self.to.write_all(&bytes).expect("write to chromium");
+        loop {
+            let mut buf = Vec::new();
+            let n = self.from.read_until(0, &mut buf).expect("read from chromium");
+            assert!(n > 0, "chromium closed the DevTools pipe");
+            buf.pop();
+            let v: Value = serde_json::from_slice(&buf).expect("DevTools JSON");
+            if v["id"] == self.next {
+                assert!(v.get("error").is_none(), "{method}: {v}");
+                return v["result"].clone();
+            }
+        }
+    }
+
+    /// Evaluates a JavaScript expression in the page; its value.
+    fn eval(&mut self, expr: &str) -> Value {
+        let r = self.call(
+            true,
+            "Runtime.evaluate",
+            json!({"expression": expr, "returnByValue": true, "awaitPromise": true}),
+        );
+        assert!(r.get("exceptionDetails").is_none(), "{expr}: {r}");
+        r["result"]["value"].clone()
+    }
+
+    /// Polls `expr` until `ok` accepts its value.
+    fn wait_for(&mut self, what: &str, expr: &str, timeout: Duration, ok: impl Fn(&Value) -> bool) -> Value {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let v = self.eval(expr);
+            if ok(&v) {
+                return v;
+            }
+            assert!(Instant::now() < deadline, "{what}: still {v} after {timeout:?}");
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
+    /// Saves a PNG of the page under `$CDT_SCREENSHOTS`, when set.
+    fn screenshot(&mut self, name: &str) {
+        let Some(dir) = std::env::var_os("CDT_SCREENSHOTS") else { return };
+        let shot = self.call(true, "Page.captureScreenshot", json!({"format": "png"}));
+        let png = base64_decode(shot["data"].as_str().expect("screenshot data"));
+        std::fs::create_dir_all(&dir).expect("screenshot folder");
+        std::fs::write(Path::new(&dir).join(name), png).expect("write screenshot");
+    }
+}
+
+impl Drop for Browser {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn base64_decode(s: &str) -> Vec<u8> {
+    const ALPHABET: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut out = Vec::with_capacity(s.len() * 3 / 4);
+    let (mut acc, mut bits) = (0u32, 0);
+    for c in s.bytes().filter(|c| *c != b'=') {
+        let v = ALPHABET.iter().position(|a| *a == c).expect("base64 digit") as u32;
+        acc = (acc << 6) | v;
+        bits += 6;
+        if bits >= 8 {
+            bits -= 8;
+            out.push((acc >> bits) as u8);
+            acc &= (1 << bits) - 1;
+        }
+    }
+    out
+}
+
+const PROJECT_ROWS: &str =
+    "[...document.querySelectorAll('#projects tbody tr.project')].map(r => r.innerText).join('\\n')";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dashboard_in_headless_chromium_on_three_nodes() {
+    let Some(exe) = chromium() else {
+        eprintln!(
+            "SKIPPED dashboard_browser: no chromium binary (apt-get install chromium, or set CDT_CHROMIUM)"
+        );
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let c = node_common::cluster(3, &dir.path().join("nodes"), &[]).await;
+    let http = c.nodes[0].http;
+    let demo = dir.path().join("demo");
+    cdtester::demo::write_examples(&demo).expect("examples");
+    let sleepy = dir.path().join("sleepy");
+    node_common::sleepy_project(&sleepy, 6, 3, 2.0);
+    let zip = node_common::zip_projects(&[
+        ("sleepy", sleepy),
+        ("calc", demo.join("calc")),
+        ("strs", demo.join("strs")),
+        ("shapes", demo.join("shapes")),
+    ]);
+    let id = node_common::submit_zip(http, &zip).await;
+    let downloads = dir.path().join("downloads");
+    std::fs::create_dir_all(&downloads).unwrap();
+
+    let page = format!("http://{http}/#/evaluation/{id}");
+    let profile = dir.path().join("profile");
+    let (seen, finished_rows, msg, modules, shown, href) = tokio::task::spawn_blocking({
+        let downloads = downloads.clone();
+        move || {
+            let mut b = Browser::launch(&exe, &profile);
+            b.call(
+                false,
+                "Browser.setDownloadBehavior",
+                json!({"behavior": "allow", "downloadPath": downloads}),
+            );
+            b.call(true, "Page.navigate", json!({"url": page}));
+            b.wait_for(
+                "network table",
+                "document.querySelectorAll('#network-table tbody tr').length",
+                Duration::from_secs(30),
+                |v| v == 3,
+            );
+            b.eval("window.cdtMarker = 42");
+            // The project table while the evaluation runs: every distinct state it shows.
+            let mut seen: Vec<String> = Vec::new();
+            let deadline = Instant::now() + Duration::from_secs(300);
+            while b.eval("document.getElementById('eval-status').textContent") != "finished" {
+                let rows = b.eval(PROJECT_ROWS).as_str().unwrap_or_default().to_string();
+                if !rows.is_empty() && seen.last() != Some(&rows) {
+                    seen.push(rows);
+                }
+                if seen.len() == 2 {
+                    b.screenshot("dashboard-running.png");
+                }
+                assert!(Instant::now() < deadline, "the page never showed the evaluation finished");
+                std::thread::sleep(Duration::from_millis(250));
+            }
+            assert_eq!(b.eval("window.cdtMarker"), 42, "the page was reloaded");
+            let finished_rows = b.eval(PROJECT_ROWS);
+            // Drill-down: modules and tests of `sleepy`, with its failure message.
+            b.eval("document.querySelector('tr.project[data-project=\"sleepy\"]').click()");
+            let msg = b.wait_for(
+                "failure message",
+                "[...document.querySelectorAll('tr.detail .message')].map(m => m.textContent).join('|')",
+                Duration::from_secs(30),
+                |v| v.as_str().is_some_and(|s| s.contains("assert 1 == 2")),
+            );
+            let modules = b.eval("document.querySelectorAll('tr.detail .module').length");
+            b.screenshot("dashboard-drilldown.png");
+            // Failed only: the projects shown are those with failures or errors.
+            b.eval("document.getElementById('failed-only').click()");
+            let shown = b.eval(
+                "[...document.querySelectorAll('#projects tbody tr.project')].map(r => r.dataset.project)",
+            );
+            // The grades link downloads the CSV.
+            let href = b.eval("document.getElementById('grades-link').getAttribute('href')");
+            b.eval("document.getElementById('grades-link').click()");
+            (seen, finished_rows, msg, modules, shown, href)
+        }
+    })
+    .await
+    .expect("browser session");
+    eprintln!("the project table showed {} states while running; failure messages: {msg}", seen.len());
+    assert!(seen.len() >= 2, "the table did not change while tests ran: {seen:?}");
+    assert_ne!(
+        seen.first().map(|s| Value::String(s.clone())),
+        Some(finished_rows),
+        "no update after the first state"
+    );
+    assert_eq!(modules, 6, "the drill-down lists sleepy's 6 modules");
+
+    let (_, report) = node_common::get(http, &format!("/evaluation/{id}")).await;
+    let failing: Vec<Value> = report["projects"]
+        .as_object()
+        .unwrap()
+        .iter()
+        .filter(|(_, p)| p["total_failed"].as_u64().unwrap_or(0) > 0 || p["status"] == "failed")
+        .map(|(n, _)| Value::String(n.clone()))
+        .collect();
+    assert_eq!(shown, Value::Array(failing), "failed-only filter");
+    assert!(
+        report["projects"].as_object().unwrap().len() > shown.as_array().unwrap().len(),
+        "a passing project"
+    );
+
+    assert_eq!(href, format!("/evaluation/{id}/grades.csv"));
+    let expected = node_common::get_raw(http, &format!("/evaluation/{id}/grades.csv")).await;
+    let file = downloads.join(format!("grades-{id}.csv"));
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while std::fs::read_to_string(&file).ok().as_deref() != Some(expected.as_str()) {
+        assert!(
+            Instant::now() < deadline,
+            "no download of {} in {:?}",
+            file.display(),
+            std::fs::read_dir(&downloads).map(|d| d.flatten().map(|e| e.file_name()).collect::<Vec<_>>())
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
