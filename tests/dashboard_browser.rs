@@ -5,7 +5,7 @@
 //! reloaded; a click on a project shows its modules and tests with a failure message; the
 //! failed-only filter hides passing projects; a click on the grades link downloads the same CSV
 //! as `GET /evaluation/{id}/grades.csv`. Without a Chromium binary the test prints `SKIPPED`.
-//! With `CDT_SCREENSHOTS=<dir>` it saves screenshots of the pages there (the README's).
+//! With `DASHBOARD_SCREENSHOTS=<dir>` it saves screenshots of the pages there (the README's).
 
 mod common;
 mod node_common;
@@ -19,9 +19,9 @@ use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 
-/// The Chromium binary: `$CDT_CHROMIUM`, else the first of the usual names on `PATH`.
+/// The Chromium binary: `$CHROMIUM_BIN`, else the first of the usual names on `PATH`.
 fn chromium() -> Option<PathBuf> {
-    if let Some(p) = std::env::var_os("CDT_CHROMIUM") {
+    if let Some(p) = std::env::var_os("CHROMIUM_BIN") {
         return Some(PathBuf::from(p));
     }
     let path = std::env::var_os("PATH")?;
@@ -130,9 +130,9 @@ impl Browser {
         }
     }
 
-    /// Saves a PNG of the page under `$CDT_SCREENSHOTS`, when set.
+    /// Saves a PNG of the page under `$DASHBOARD_SCREENSHOTS`, when set.
     fn screenshot(&mut self, name: &str) {
-        let Some(dir) = std::env::var_os("CDT_SCREENSHOTS") else { return };
+        let Some(dir) = std::env::var_os("DASHBOARD_SCREENSHOTS") else { return };
         let shot = self.call(true, "Page.captureScreenshot", json!({"format": "png"}));
         let png = base64_decode(shot["data"].as_str().expect("screenshot data"));
         std::fs::create_dir_all(&dir).expect("screenshot folder");
@@ -171,7 +171,7 @@ const PROJECT_ROWS: &str =
 async fn dashboard_in_headless_chromium_on_three_nodes() {
     let Some(exe) = chromium() else {
         eprintln!(
-            "SKIPPED dashboard_browser: no chromium binary (apt-get install chromium, or set CDT_CHROMIUM)"
+            "SKIPPED dashboard_browser: no chromium binary (apt-get install chromium, or set CHROMIUM_BIN)"
         );
         return;
     };
@@ -194,7 +194,7 @@ async fn dashboard_in_headless_chromium_on_three_nodes() {
 
     let page = format!("http://{http}/#/evaluation/{id}");
     let profile = dir.path().join("profile");
-    let (seen, finished_rows, msg, modules, shown, href) = tokio::task::spawn_blocking({
+    let (seen, finished_rows, msg, modules, shown, href, csv) = tokio::task::spawn_blocking({
         let downloads = downloads.clone();
         move || {
             let mut b = Browser::launch(&exe, &profile);
@@ -213,14 +213,18 @@ async fn dashboard_in_headless_chromium_on_three_nodes() {
             b.eval("window.cdtMarker = 42");
             // The project table while the evaluation runs: every distinct state it shows.
             let mut seen: Vec<String> = Vec::new();
+            let mut shot = false;
             let deadline = Instant::now() + Duration::from_secs(300);
             while b.eval("document.getElementById('eval-status').textContent") != "finished" {
                 let rows = b.eval(PROJECT_ROWS).as_str().unwrap_or_default().to_string();
                 if !rows.is_empty() && seen.last() != Some(&rows) {
                     seen.push(rows);
                 }
-                if seen.len() == 2 {
+                if !shot
+                    && b.eval("parseInt(document.getElementById('eval-progress').style.width) >= 40") == true
+                {
                     b.screenshot("dashboard-running.png");
+                    shot = true;
                 }
                 assert!(Instant::now() < deadline, "the page never showed the evaluation finished");
                 std::thread::sleep(Duration::from_millis(250));
@@ -245,7 +249,16 @@ async fn dashboard_in_headless_chromium_on_three_nodes() {
             // The grades link downloads the CSV.
             let href = b.eval("document.getElementById('grades-link').getAttribute('href')");
             b.eval("document.getElementById('grades-link').click()");
-            (seen, finished_rows, msg, modules, shown, href)
+            // The browser must stay open until the download is complete.
+            let file = downloads.join(format!("grades-{id}.csv"));
+            let deadline = Instant::now() + Duration::from_secs(30);
+            while !file.is_file() {
+                let listed: Vec<_> = std::fs::read_dir(&downloads).into_iter().flatten().flatten().collect();
+                assert!(Instant::now() < deadline, "no download of {} ({listed:?})", file.display());
+                std::thread::sleep(Duration::from_millis(200));
+            }
+            let csv = std::fs::read_to_string(&file).expect("downloaded CSV");
+            (seen, finished_rows, msg, modules, shown, href, csv)
         }
     })
     .await
@@ -275,15 +288,5 @@ async fn dashboard_in_headless_chromium_on_three_nodes() {
 
     assert_eq!(href, format!("/evaluation/{id}/grades.csv"));
     let expected = node_common::get_raw(http, &format!("/evaluation/{id}/grades.csv")).await;
-    let file = downloads.join(format!("grades-{id}.csv"));
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while std::fs::read_to_string(&file).ok().as_deref() != Some(expected.as_str()) {
-        assert!(
-            Instant::now() < deadline,
-            "no download of {} in {:?}",
-            file.display(),
-            std::fs::read_dir(&downloads).map(|d| d.flatten().map(|e| e.file_name()).collect::<Vec<_>>())
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    assert_eq!(csv, expected, "the downloaded CSV");
 }

@@ -104,7 +104,7 @@ function projectRow(name, p) {
 }
 
 function testLine(t) {
-  return el("tr", { class: "test" },
+  return el("tr", { class: "test t-" + t.outcome },
     el("td", {}, t.nodeid), el("td", { class: "o-" + t.outcome }, t.outcome),
     el("td", { class: "num" }, num(t.duration).toFixed(3) + " s"),
     el("td", { class: "message" }, t.message || ""));
@@ -193,7 +193,7 @@ function follow(id) {
   });
   source.addEventListener("end", () => {
     source.close();
-    document.getElementById("live").textContent = "evaluation finished";
+    refreshOverview();
   });
   source.onerror = () => { document.getElementById("live").textContent = "reconnecting…"; };
 }
