@@ -2,7 +2,8 @@
 //! the report of `GET /evaluation/{id}` row by row (parsed by Python's csv module, formula-like
 //! student names neutralised) and `cdtester grades` writes the same bytes; `GET /metrics` parses
 //! with the Prometheus client's text-format parser and its counters move while an evaluation
-//! runs; `GET /evaluation/{id}/events` streams reports until the evaluation ends; a roster
+//! runs; `GET /evaluation/{id}/events` streams reports until the evaluation ends, and
+//! `cdtester watch` follows it to the graded table; a roster
 //! submission (`cdtester submit --roster`, and its JSON form) names projects after students.
 
 mod common;
@@ -166,6 +167,11 @@ async fn grades_metrics_events_and_roster_on_three_nodes() {
 
     let id = node_common::submit_zip(http, &projects(dir.path())).await;
     let events = tokio::spawn(read_events(other, id));
+    let watch = {
+        let mut cmd = common::cdtester(&dir.path().join("watch"));
+        cmd.args(["watch", &id.to_string(), "--node", &c.nodes[2].http.to_string()]);
+        tokio::task::spawn_blocking(move || common::output(&mut cmd))
+    };
     node_common::wait_executed(http, id, 1, Duration::from_secs(300)).await;
     let mid = Scrape::of(http).await;
     let report = node_common::wait_finished(http, id, Duration::from_secs(300)).await;
@@ -214,6 +220,14 @@ async fn grades_metrics_events_and_roster_on_three_nodes() {
         "{events:?}"
     );
     assert_eq!(events.last().map(|(e, _)| e.as_str()), Some("end"));
+    // `cdtester watch` follows the same stream: progress lines, then the graded table.
+    let out = watch.await.expect("watch");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{}", common::describe(&out));
+    let total = summary["executed"].as_u64().unwrap();
+    assert!(stdout.lines().next().is_some_and(|l| l.starts_with("running: ")), "{stdout}");
+    assert!(stdout.contains(&format!("finished: {total}/{total} modules")), "{stdout}");
+    assert!(stdout.contains("overall: ") && stdout.contains(FORMULA_NAME), "{stdout}");
 
     check_grades(http, id, &report, dir.path()).await;
     check_roster(&c, dir.path()).await;

@@ -1,4 +1,5 @@
-//! Course staff's commands: `cdtester grades` (an evaluation's grades as CSV) and the roster of
+//! Course staff's commands: `cdtester grades` (an evaluation's grades as CSV), `cdtester watch`
+//! (an evaluation's progress from its server-sent events) and the roster of
 //! `cdtester submit --roster` (one `student,repository URL` row per project, each project named
 //! after its student).
 
@@ -26,14 +27,14 @@ pub struct GradesArgs {
     pub node: Option<SocketAddr>,
 }
 
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_current_thread().enable_all().build().context("starting the tokio runtime")
+}
+
 /// `cdtester grades`: fetches `GET /evaluation/{id}/grades.csv`.
 pub fn grades(args: GradesArgs, default_node: SocketAddr) -> anyhow::Result<()> {
     let node = args.node.unwrap_or(default_node);
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .context("starting the tokio runtime")?;
-    let csv = runtime.block_on(async {
+    let csv = runtime()?.block_on(async {
         HttpClient::new(Default::default(), None)
             .send(
                 Method::GET,
@@ -56,6 +57,106 @@ pub fn grades(args: GradesArgs, default_node: SocketAddr) -> anyhow::Result<()> 
         }
     }
     Ok(())
+}
+
+/// `cdtester watch`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct WatchArgs {
+    /// Evaluation id.
+    pub id: EvalId,
+    /// HTTP address of any node (config node.http).
+    #[arg(long)]
+    pub node: Option<SocketAddr>,
+}
+
+/// One server-sent event: its `event` name and `data`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SseEvent {
+    pub event: String,
+    pub data: String,
+}
+
+/// Takes the complete events (each ends with a blank line) off the front of `buf`.
+pub fn take_events(buf: &mut String) -> Vec<SseEvent> {
+    let mut out = Vec::new();
+    while let Some(end) = buf.find("\n\n") {
+        let block: String = buf.drain(..end + 2).collect();
+        let mut ev = SseEvent { event: "message".into(), data: String::new() };
+        for line in block.lines() {
+            if let Some(v) = line.strip_prefix("event:") {
+                ev.event = v.trim_start().to_string();
+            } else if let Some(v) = line.strip_prefix("data:") {
+                if !ev.data.is_empty() {
+                    ev.data.push('\n');
+                }
+                ev.data.push_str(v.strip_prefix(' ').unwrap_or(v));
+            }
+        }
+        if !ev.data.is_empty() {
+            out.push(ev);
+        }
+    }
+    out
+}
+
+/// A progress line of a `report` event.
+fn progress_line(report: &serde_json::Value) -> String {
+    let s = &report["summary"];
+    let n = |k: &str| s[k].as_u64().unwrap_or(0);
+    format!(
+        "{}: {}/{} modules, {} running | {} passed, {} failed",
+        report["status"].as_str().unwrap_or("?"),
+        n("executed"),
+        n("executed") + n("executing") + n("pending"),
+        n("executing"),
+        n("total_passed"),
+        n("total_failed")
+    )
+}
+
+/// `cdtester watch`: prints a line per change of `GET /evaluation/{id}/events` until the
+/// evaluation is finished, then the graded table.
+pub fn watch(args: WatchArgs, default_node: SocketAddr) -> anyhow::Result<()> {
+    use http_body_util::BodyExt;
+    let node = args.node.unwrap_or(default_node);
+    runtime()?.block_on(async {
+        let stream =
+            tokio::net::TcpStream::connect(node).await.with_context(|| format!("connecting to {node}"))?;
+        let (mut sender, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+            .await
+            .context("HTTP handshake")?;
+        tokio::spawn(conn);
+        let req = hyper::Request::get(format!("/evaluation/{}/events", args.id))
+            .header(hyper::header::HOST, node.to_string())
+            .header(hyper::header::ACCEPT, "text/event-stream")
+            .body(http_body_util::Empty::<hyper::body::Bytes>::new())
+            .context("building the request")?;
+        let resp = sender.send_request(req).await.context("requesting the event stream")?;
+        if !resp.status().is_success() {
+            let body = resp.into_body().collect().await.map(|b| b.to_bytes()).unwrap_or_default();
+            bail!("{node} answered: {}", String::from_utf8_lossy(&body));
+        }
+        let mut body = resp.into_body();
+        let mut buf = String::new();
+        while let Some(frame) = body.frame().await {
+            let Ok(data) = frame.context("reading the event stream")?.into_data() else { continue };
+            buf.push_str(&String::from_utf8_lossy(&data));
+            for ev in take_events(&mut buf) {
+                match ev.event.as_str() {
+                    "report" => {
+                        println!("{}", progress_line(&serde_json::from_str(&ev.data).unwrap_or_default()))
+                    }
+                    "end" => {
+                        let report = crate::client::Client::new(node).report(args.id).await?;
+                        crate::client::print_table(&report);
+                        return Ok(());
+                    }
+                    _ => {}
+                }
+            }
+        }
+        bail!("the event stream closed before the evaluation finished; run the command again")
+    })
 }
 
 /// One project of a roster submission: `{"name": ..., "url": ...}` in `POST /evaluation`.
@@ -140,6 +241,19 @@ pub async fn submit_roster(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn events_are_taken_whole_and_partial_ones_kept() {
+        let mut buf = String::from("event: report\ndata: {\"a\":1}\n\n: keep-alive\n\nevent: end\nda");
+        assert_eq!(
+            take_events(&mut buf),
+            vec![SseEvent { event: "report".into(), data: "{\"a\":1}".into() }]
+        );
+        assert_eq!(buf, "event: end\nda");
+        buf.push_str("ta: x\ndata: y\n\n");
+        assert_eq!(take_events(&mut buf), vec![SseEvent { event: "end".into(), data: "x\ny".into() }]);
+        assert!(buf.is_empty());
+    }
 
     #[test]
     fn roster_rows_skip_header_comments_and_blank_lines() {

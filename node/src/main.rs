@@ -32,6 +32,8 @@ enum Command {
     List(cdtester::client::ListArgs),
     /// Download an evaluation's grades as CSV (project, grade, counts, status, url).
     Grades(cdtester::course_cmd::GradesArgs),
+    /// Follow an evaluation's progress live (server-sent events), then print the graded table.
+    Watch(cdtester::course_cmd::WatchArgs),
     /// Start a local 3-node network, evaluate the bundled example projects, print the grades.
     Demo(cdtester::demo::DemoArgs),
     /// Check the configuration and print it as resolved.
@@ -69,6 +71,7 @@ fn main() -> anyhow::Result<()> {
         Command::Status(args) => cdtester::client::status(args, config.node.http),
         Command::List(args) => cdtester::client::list(args, config.node.http),
         Command::Grades(args) => cdtester::course_cmd::grades(args, config.node.http),
+        Command::Watch(args) => cdtester::course_cmd::watch(args, config.node.http),
         Command::Demo(args) => cdtester::demo::main(config, args),
         Command::Bench { cmd } => cdtester::bench::run(cmd, &config),
         Command::Config => {
