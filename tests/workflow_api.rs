@@ -4,7 +4,8 @@
 //! with the Prometheus client's text-format parser and its counters move while an evaluation
 //! runs; `GET /evaluation/{id}/events` streams reports until the evaluation ends, and
 //! `cdtester watch` follows it to the graded table; a roster
-//! submission (`cdtester submit --roster`, and its JSON form) names projects after students.
+//! submission (`cdtester submit --roster`, and its JSON form) names projects after students; a
+//! member killed with SIGKILL moves the failure detection and election counters.
 
 mod common;
 mod node_common;
@@ -231,6 +232,29 @@ async fn grades_metrics_events_and_roster_on_three_nodes() {
 
     check_grades(http, id, &report, dir.path()).await;
     check_roster(&c, dir.path()).await;
+    check_failure_counters(c).await;
+}
+
+/// After a SIGKILL of a member, the survivors count the failure detection and one wins the
+/// recovery election.
+async fn check_failure_counters(mut c: cdtester::demo::LocalCluster) {
+    c.kill9(1);
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let (a, b) = (Scrape::of(c.nodes[0].http).await, Scrape::of(c.nodes[2].http).await);
+        let detected = [&a, &b].iter().all(|s| s.sum("cdtester_failure_detections_total", &[]) >= 1.0);
+        let won = a.sum("cdtester_elections_total", &[("result", "won")])
+            + b.sum("cdtester_elections_total", &[("result", "won")]);
+        let alive = [&a, &b].iter().all(|s| s.sum("cdtester_peers_alive", &[]) == 1.0);
+        if detected && won >= 1.0 && alive {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "detected {detected}, elections won {won}, alive {alive}"
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
 }
 
 /// grades.csv equals the report, and `cdtester grades` writes the same bytes.
