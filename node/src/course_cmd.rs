@@ -1,5 +1,6 @@
 //! Course staff's commands: `cdtester grades` (an evaluation's grades as CSV), `cdtester watch`
-//! (an evaluation's progress from its server-sent events) and the roster of
+//! (an evaluation's progress from its server-sent events), `cdtester rerun` (the failed modules
+//! of an evaluation, again) and the roster of
 //! `cdtester submit --roster` (one `student,repository URL` row per project, each project named
 //! after its student).
 
@@ -156,6 +157,57 @@ pub fn watch(args: WatchArgs, default_node: SocketAddr) -> anyhow::Result<()> {
             }
         }
         bail!("the event stream closed before the evaluation finished; run the command again")
+    })
+}
+
+/// `cdtester rerun`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct RerunArgs {
+    /// Evaluation id (a finished evaluation).
+    pub id: EvalId,
+    /// Run the modules holding these tests (pytest node ids or module paths) instead of the
+    /// modules with failed tests.
+    #[arg(long = "test")]
+    pub tests: Vec<String>,
+    /// HTTP address of any node (config node.http).
+    #[arg(long)]
+    pub node: Option<SocketAddr>,
+    /// Wait for the new evaluation to finish, showing progress, then print the results.
+    #[arg(long)]
+    pub wait: bool,
+    /// Print the final report as JSON (with --wait).
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// `cdtester rerun`: `POST /evaluation/{id}/rerun`.
+pub fn rerun(args: RerunArgs, default_node: SocketAddr) -> anyhow::Result<()> {
+    let node = args.node.unwrap_or(default_node);
+    let only =
+        if args.tests.is_empty() { serde_json::json!("failed") } else { serde_json::json!(args.tests) };
+    runtime()?.block_on(async {
+        let v: serde_json::Value = HttpClient::new(Default::default(), None)
+            .post_json(
+                node,
+                &format!("/evaluation/{}/rerun", args.id),
+                &serde_json::json!({ "only": only }),
+                Duration::from_secs(600),
+            )
+            .await
+            .with_context(|| format!("rerunning evaluation {}", args.id))?;
+        let id = v["eval_id"].as_u64().with_context(|| format!("the node's answer has no eval_id: {v}"))?;
+        if !args.json {
+            println!("submitted: evaluation {id} (rerun of {}): {}", args.id, v["modules"]);
+        }
+        if args.wait {
+            let report = crate::client::Client::new(node).wait(id, args.json).await?;
+            if args.json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                crate::client::print_table(&report);
+            }
+        }
+        Ok(())
     })
 }
 

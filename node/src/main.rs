@@ -34,6 +34,9 @@ enum Command {
     Grades(cdtester::course_cmd::GradesArgs),
     /// Follow an evaluation's progress live (server-sent events), then print the graded table.
     Watch(cdtester::course_cmd::WatchArgs),
+    /// Run the failed modules (or the modules of given tests) of a finished evaluation again,
+    /// as a new evaluation.
+    Rerun(cdtester::course_cmd::RerunArgs),
     /// Start a local 3-node network, evaluate the bundled example projects, print the grades.
     Demo(cdtester::demo::DemoArgs),
     /// Check the configuration and print it as resolved.
@@ -72,6 +75,7 @@ fn main() -> anyhow::Result<()> {
         Command::List(args) => cdtester::client::list(args, config.node.http),
         Command::Grades(args) => cdtester::course_cmd::grades(args, config.node.http),
         Command::Watch(args) => cdtester::course_cmd::watch(args, config.node.http),
+        Command::Rerun(args) => cdtester::course_cmd::rerun(args, config.node.http),
         Command::Demo(args) => cdtester::demo::main(config, args),
         Command::Bench { cmd } => cdtester::bench::run(cmd, &config),
         Command::Config => {

@@ -183,6 +183,8 @@ struct State {
     resume_at: Option<Instant>,
     /// Nodes that announced work, and when (a worker asks them again as soon as a slot frees).
     announcers: HashMap<SocketAddr, Instant>,
+    /// The modules a rerun runs, by project id (discovery leaves the others out).
+    rerun_only: HashMap<String, BTreeSet<String>>,
 }
 
 /// Prepared projects by (content hash, runner), shared by the worker slots.
@@ -393,6 +395,16 @@ impl App {
     /// Registers an evaluation of already fetched projects; discovery continues in the
     /// background. Returns its id.
     pub async fn submit(self: &Arc<Self>, fetched: Vec<FetchedProject>) -> Result<EvalId, AppError> {
+        self.submit_only(fetched, Vec::new()).await
+    }
+
+    /// [`App::submit`], running only the modules `only` names for each project that has
+    /// `Some` there (a rerun; see `http::rerun`).
+    pub async fn submit_only(
+        self: &Arc<Self>,
+        fetched: Vec<FetchedProject>,
+        only: Vec<Option<BTreeSet<String>>>,
+    ) -> Result<EvalId, AppError> {
         if fetched.is_empty() {
             return Err(AppError::BadRequest("the submission holds no project".into()));
         }
@@ -424,6 +436,11 @@ impl App {
                 })
                 .collect();
             let rec = EvalRecord::new(id, self.udp_s.clone(), eval::now_secs(), projects);
+            for (p, modules) in rec.projects.iter().zip(only) {
+                if let Some(m) = modules {
+                    st.rerun_only.insert(p.id.clone(), m);
+                }
+            }
             st.evals.insert(id, rec.clone());
             st.dirty.entry(id).or_default();
             rec
@@ -589,6 +606,7 @@ impl App {
 
     /// Discovers a project's modules under its configured runner and policies.
     async fn discover(self: &Arc<Self>, eval: EvalId, project_id: &str) -> Option<ProjectState> {
+        let only = self.lock().rerun_only.remove(project_id);
         let project = self.lock().evals.get(&eval)?.project(project_id)?.clone();
         let root = match self.ensure_project(&project, None).await {
             Ok(root) => root,
@@ -609,6 +627,11 @@ impl App {
             Err(e) => return Some(ProjectState::Failed { error: e }),
         };
         let modules = tokio::task::spawn_blocking(move || runner.discover(&prepared)).await;
+        let modules = modules.map(|r| {
+            r.map(|all| {
+                all.into_iter().filter(|m| only.as_ref().is_none_or(|o| o.contains(m))).collect::<Vec<_>>()
+            })
+        });
         match modules {
             Ok(Ok(modules)) if !modules.is_empty() => Some(ProjectState::Ready {
                 chunks: self.plan_chunks(&project.name, &modules),

@@ -1,6 +1,7 @@
 //! The course staff's routes: the dashboard at `GET /` (one self-contained page, its script and
 //! style sheet embedded in the binary: no CDN, no build step), `GET /evaluation/{id}/grades.csv`,
-//! `GET /evaluation/{id}/events` (server-sent events) and `GET /openapi.json`.
+//! `GET /evaluation/{id}/events` (server-sent events), `POST /evaluation/{id}/rerun` and
+//! `GET /openapi.json`.
 //!
 //! The page builds every element with `createElement`/`textContent` (project names, test ids and
 //! failure messages are chosen by students) and is served with a Content-Security-Policy that
@@ -12,12 +13,13 @@ use axum::Router;
 use axum::extract::{Path, State};
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
+use axum::routing::{get, post};
 use tokio::sync::Semaphore;
 
 use super::{events, grades, openapi};
 use crate::app::{App, AppError};
 use crate::eval::EvalId;
+use crate::http::rerun::RerunRequest;
 
 const INDEX_HTML: &str = include_str!("../../assets/index.html");
 const DASHBOARD_JS: &str = include_str!("../../assets/dashboard.js");
@@ -41,6 +43,7 @@ pub fn routes(app: Arc<App>) -> Router {
         .route("/assets/{file}", get(asset))
         .route("/evaluation/{id}/grades.csv", get(grades_csv))
         .route("/evaluation/{id}/events", get(event_stream))
+        .route("/evaluation/{id}/rerun", post(rerun))
         .route("/openapi.json", get(openapi_json))
         .with_state(staff)
 }
@@ -103,6 +106,32 @@ async fn event_stream(State(staff): State<Staff>, Path(id): Path<String>) -> Res
         .into_response();
     };
     events::follow(staff.app, id, slot).into_response()
+}
+
+/// Largest body of `POST /evaluation/{id}/rerun`.
+const MAX_RERUN_BODY: usize = 256 * 1024;
+
+async fn rerun(State(staff): State<Staff>, Path(id): Path<String>, body: axum::body::Bytes) -> Response {
+    let answer = async {
+        let id = eval_id(&id)?;
+        if body.len() > MAX_RERUN_BODY {
+            return Err(AppError::TooLarge(format!("the body is over {MAX_RERUN_BODY} bytes")));
+        }
+        let req: RerunRequest = if body.iter().all(u8::is_ascii_whitespace) {
+            RerunRequest::default()
+        } else {
+            serde_json::from_slice(&body).map_err(|e| {
+                AppError::BadRequest(format!(
+                    "invalid JSON body ({e}); expected {{\"only\": \"failed\"}} or {{\"only\": [\"<test node id>\", ...]}}"
+                ))
+            })?
+        };
+        super::rerun::rerun(&staff.app, id, req).await
+    };
+    match answer.await {
+        Ok(v) => axum::Json(v).into_response(),
+        Err(e) => e.into_response(),
+    }
 }
 
 async fn openapi_json() -> Response {

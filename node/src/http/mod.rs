@@ -22,6 +22,7 @@ pub mod events;
 pub mod grades;
 pub mod metrics;
 pub mod openapi;
+pub mod rerun;
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;

@@ -85,6 +85,16 @@ fn public_paths() -> Value {
             "parameters": [eval_id()],
             "responses": {"200": {"description": "event stream", "content": {"text/event-stream": {}}},
                 "404": not_found, "503": error_response("too many open streams")}}},
+        "/evaluation/{id}/rerun": {"post": {"summary": "A new evaluation running only some modules of a finished one",
+            "parameters": [eval_id()],
+            "requestBody": {"required": false, "content": {"application/json": {"schema": {"type": "object", "properties": {
+                "only": {"oneOf": [{"const": "failed"}, {"type": "array", "items": {"type": "string"}}],
+                    "description": "\"failed\" (default) or test node ids / module paths"}}}}}},
+            "responses": {"200": json_response("submitted", json!({"type": "object", "properties": {
+                    "status": {"const": "submitted"}, "eval_id": {"type": "integer"}, "rerun_of": {"type": "integer"},
+                    "modules": {"type": "object"}}})),
+                "400": error_response("still running, nothing selected, or a malformed body"),
+                "404": not_found, "503": error_response("a project's archive is not on this node")}}},
         "/stats": {"get": {"summary": "Test totals of the network and per connected node",
             "responses": {"200": json_response("stats", json!({"type": "object", "required": ["all", "nodes"]}))}}},
         "/network": {"get": {"summary": "Each live node and the nodes it communicates with",
