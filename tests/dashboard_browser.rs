@@ -4,7 +4,8 @@
 //! the page lists the 3 nodes; the project table changes while tests run without the page being
 //! reloaded; a click on a project shows its modules and tests with a failure message; the
 //! failed-only filter hides passing projects; a click on the grades link downloads the same CSV
-//! as `GET /evaluation/{id}/grades.csv`. Without a Chromium binary the test prints `SKIPPED`.
+//! as `GET /evaluation/{id}/grades.csv`; "rerun failed" opens a new evaluation of the failing
+//! projects. Without a Chromium binary the test prints `SKIPPED`.
 //! With `DASHBOARD_SCREENSHOTS=<dir>` it saves screenshots of the pages there (the README's).
 
 mod common;
@@ -194,7 +195,7 @@ async fn dashboard_in_headless_chromium_on_three_nodes() {
 
     let page = format!("http://{http}/#/evaluation/{id}");
     let profile = dir.path().join("profile");
-    let (seen, finished_rows, msg, modules, shown, href, csv) = tokio::task::spawn_blocking({
+    let (seen, finished_rows, msg, modules, shown, href, csv, rerun_id) = tokio::task::spawn_blocking({
         let downloads = downloads.clone();
         move || {
             let mut b = Browser::launch(&exe, &profile);
@@ -258,7 +259,21 @@ async fn dashboard_in_headless_chromium_on_three_nodes() {
                 std::thread::sleep(Duration::from_millis(200));
             }
             let csv = std::fs::read_to_string(&file).expect("downloaded CSV");
-            (seen, finished_rows, msg, modules, shown, href, csv)
+            // "rerun failed" opens the new evaluation's page.
+            b.eval("document.getElementById('rerun').click()");
+            let first = format!("#/evaluation/{id}");
+            let hash = b.wait_for("rerun navigation", "location.hash", Duration::from_secs(30), |v| {
+                v.as_str().is_some_and(|h| h.starts_with("#/evaluation/") && h != first)
+            });
+            let rerun_id: u64 =
+                hash.as_str().and_then(|h| h.rsplit('/').next()?.parse().ok()).expect("rerun id");
+            b.wait_for(
+                "rerun page",
+                "document.getElementById('eval-id').textContent",
+                Duration::from_secs(30),
+                |v| v.as_str() == Some(rerun_id.to_string().as_str()),
+            );
+            (seen, finished_rows, msg, modules, shown, href, csv, rerun_id)
         }
     })
     .await
@@ -289,4 +304,9 @@ async fn dashboard_in_headless_chromium_on_three_nodes() {
     assert_eq!(href, format!("/evaluation/{id}/grades.csv"));
     let expected = node_common::get_raw(http, &format!("/evaluation/{id}/grades.csv")).await;
     assert_eq!(csv, expected, "the downloaded CSV");
+    // The rerun holds the failing projects only.
+    let (_, rerun) = node_common::get(http, &format!("/evaluation/{rerun_id}?tests=false")).await;
+    let names: Vec<Value> =
+        rerun["projects"].as_object().expect("projects").keys().map(|k| json!(k)).collect();
+    assert_eq!(Value::Array(names), shown, "{rerun}");
 }

@@ -102,4 +102,13 @@ async fn reruns_run_only_the_selected_modules_and_counts_add_up() {
         assert_eq!(s, want, "{body}: {v}");
         assert!(v["error"].is_string(), "{v}");
     }
+    // Not declared JSON (what a cross-site form or no-cors request sends): refused.
+    let (s, v) = node_common::call(
+        http,
+        Method::POST,
+        &format!("/evaluation/{first_id}/rerun"),
+        Some(("text/plain", Vec::new())),
+    )
+    .await;
+    assert_eq!(s, StatusCode::UNSUPPORTED_MEDIA_TYPE, "{v}");
 }

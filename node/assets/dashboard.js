@@ -146,6 +146,7 @@ function renderReport() {
     num(s.executed) + "/" + total + " modules, " + num(s.total_passed) + " passed, " + num(s.total_failed) +
     " failed, grade " + grade(s.grade) + ", " + num(r.time_elapsed).toFixed(1) + " s";
   document.getElementById("eval-progress").style.width = (total ? Math.round((100 * s.executed) / total) : 0) + "%";
+  document.getElementById("rerun").hidden = !(r.status === "finished" && num(s.total_failed) > 0);
   const onlyFailed = document.getElementById("failed-only").checked;
   const rows = [];
   for (const [name, p] of Object.entries(r.projects)) {
@@ -174,6 +175,23 @@ function toggleProject(name) {
   else state.open.add(name);
   renderReport();
   refreshFull();
+}
+
+async function rerunFailed() {
+  const button = document.getElementById("rerun");
+  button.disabled = true;
+  try {
+    const r = await fetch("/evaluation/" + state.evalId + "/rerun", {
+      method: "POST", headers: { "Content-Type": "application/json" }, body: JSON.stringify({ only: "failed" }),
+    });
+    const v = await r.json();
+    if (!r.ok) throw new Error(v.error || String(r.status));
+    location.hash = "#/evaluation/" + v.eval_id;
+  } catch (e) {
+    document.getElementById("live").textContent = "rerun refused: " + e.message;
+  } finally {
+    button.disabled = false;
+  }
 }
 
 function follow(id) {
@@ -213,6 +231,7 @@ function route() {
 
 document.addEventListener("DOMContentLoaded", () => {
   document.getElementById("failed-only").addEventListener("change", renderReport);
+  document.getElementById("rerun").addEventListener("click", rerunFailed);
   window.addEventListener("hashchange", route);
   route();
   refreshOverview();

@@ -111,7 +111,24 @@ async fn event_stream(State(staff): State<Staff>, Path(id): Path<String>) -> Res
 /// Largest body of `POST /evaluation/{id}/rerun`.
 const MAX_RERUN_BODY: usize = 256 * 1024;
 
-async fn rerun(State(staff): State<Staff>, Path(id): Path<String>, body: axum::body::Bytes) -> Response {
+/// `POST /evaluation/{id}/rerun`. The body must be declared JSON (even when empty): a browser
+/// sends that cross-site only after a CORS preflight, which this node never grants, so another
+/// site cannot make a staff member's browser start reruns.
+async fn rerun(
+    State(staff): State<Staff>,
+    Path(id): Path<String>,
+    headers: axum::http::HeaderMap,
+    body: axum::body::Bytes,
+) -> Response {
+    let json = headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).is_some_and(|v| {
+        v.split(';').next().is_some_and(|m| m.trim().eq_ignore_ascii_case("application/json"))
+    });
+    if !json {
+        return (StatusCode::UNSUPPORTED_MEDIA_TYPE, axum::Json(serde_json::json!({
+            "error": "send Content-Type: application/json with {\"only\": \"failed\"} or {\"only\": [\"<test node id>\", ...]}"
+        })))
+        .into_response();
+    }
     let answer = async {
         let id = eval_id(&id)?;
         if body.len() > MAX_RERUN_BODY {
