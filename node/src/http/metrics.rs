@@ -103,12 +103,30 @@ pub fn instrument(router: Router, app: Arc<App>) -> Router {
     router.route("/metrics", get(scrape)).layer(axum::middleware::from_fn_with_state(http, track))
 }
 
+/// The method as a label value: the standard ones by name, any other (clients may invent
+/// methods) as `other`, so that the label set stays bounded.
+fn method_label(method: &axum::http::Method) -> &'static str {
+    use axum::http::Method;
+    const KNOWN: [(Method, &str); 9] = [
+        (Method::GET, "GET"),
+        (Method::POST, "POST"),
+        (Method::PUT, "PUT"),
+        (Method::DELETE, "DELETE"),
+        (Method::PATCH, "PATCH"),
+        (Method::HEAD, "HEAD"),
+        (Method::OPTIONS, "OPTIONS"),
+        (Method::CONNECT, "CONNECT"),
+        (Method::TRACE, "TRACE"),
+    ];
+    KNOWN.iter().find(|(m, _)| m == method).map_or("other", |(_, name)| name)
+}
+
 async fn track(State(http): State<Arc<HttpCounters>>, req: Request, next: Next) -> Response {
-    let method = req.method().as_str().to_string();
+    let method = method_label(req.method());
     // Unmatched paths share one label value: the label set stays bounded.
     let route = req.extensions().get::<MatchedPath>().map_or("unmatched", |p| p.as_str()).to_string();
     let response = next.run(req).await;
-    http.count(&method, &route, response.status().as_u16());
+    http.count(method, &route, response.status().as_u16());
     response
 }
 
@@ -332,6 +350,13 @@ mod tests {
         assert_eq!(get("_bucket{le=\"+Inf\"}"), "5");
         assert_eq!(get("_count"), "5");
         assert_eq!(get("_sum"), "1007.5625");
+    }
+
+    #[test]
+    fn invented_methods_share_one_label() {
+        assert_eq!(method_label(&axum::http::Method::POST), "POST");
+        let invented = axum::http::Method::from_bytes(b"BREW").unwrap();
+        assert_eq!(method_label(&invented), "other");
     }
 
     #[test]
