@@ -12,6 +12,7 @@ use anyhow::{Context, bail};
 use hyper::Method;
 use serde::Serialize;
 
+use crate::client::runtime;
 use crate::eval::EvalId;
 use crate::http::client::HttpClient;
 
@@ -26,10 +27,6 @@ pub struct GradesArgs {
     /// HTTP address of any node (config node.http).
     #[arg(long)]
     pub node: Option<SocketAddr>,
-}
-
-fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
-    tokio::runtime::Builder::new_current_thread().enable_all().build().context("starting the tokio runtime")
 }
 
 /// `cdtester grades`: fetches `GET /evaluation/{id}/grades.csv`.
@@ -219,15 +216,6 @@ pub struct NamedProject {
     pub url: String,
 }
 
-/// Whether `name` can name a project (the rule evaluation records are validated with).
-pub fn valid_project_name(name: &str) -> bool {
-    !name.is_empty()
-        && name.len() <= 255
-        && name != "."
-        && name != ".."
-        && !name.chars().any(|c| c.is_control() || c == '/' || c == '\\')
-}
-
 /// A cell of a roster row: trimmed, without surrounding double quotes.
 fn roster_cell(cell: &str) -> String {
     let t = cell.trim();
@@ -253,7 +241,7 @@ pub fn parse_roster(text: &str) -> anyhow::Result<Vec<NamedProject>> {
             }
             bail!("roster line {}: {url:?} is not a repository URL", i + 1);
         }
-        if !valid_project_name(&name) {
+        if !crate::eval::valid_project_name(&name) {
             bail!(
                 "roster line {}: {name:?} cannot name a project (empty, too long, or with / \\ or control characters)",
                 i + 1

@@ -96,6 +96,16 @@ pub struct EvalRecord {
     pub worker_deaths: BTreeMap<String, u32>,
 }
 
+/// Whether `name` can name a project: 1-255 bytes, not `.` or `..`, no `/`, `\\` or control
+/// characters.
+pub fn valid_project_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 255
+        && name != "."
+        && name != ".."
+        && !name.chars().any(|c| c.is_control() || c == '/' || c == '\\')
+}
+
 /// Whether `s` is a sha256 digest as cdtester writes it (64 lowercase hex digits).
 pub fn is_sha256_hex(s: &str) -> bool {
     s.len() == 64 && s.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
@@ -232,10 +242,7 @@ impl EvalRecord {
             if !is_sha256_hex(&p.content_hash) {
                 return Err(format!("project {}: content hash is not 64 lowercase hex digits", p.id));
             }
-            if p.name.is_empty()
-                || p.name.len() > 255
-                || p.name.chars().any(|c| c.is_control() || c == '/' || c == '\\')
-            {
+            if !valid_project_name(&p.name) {
                 return Err(format!("project {}: invalid name", p.id));
             }
             if p.url.as_deref().is_some_and(|u| u.chars().any(char::is_control)) {

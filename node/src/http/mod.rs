@@ -442,7 +442,7 @@ async fn submit_json(app: &Arc<App>, req: Request) -> Result<EvalId, AppError> {
             "\"projects\" (alias \"urls\") must be a non-empty list of git URLs or {\"name\", \"url\"} objects".into(),
         ));
     }
-    if names.iter().flatten().any(|n| !crate::course_cmd::valid_project_name(n)) {
+    if names.iter().flatten().any(|n| !crate::eval::valid_project_name(n)) {
         return Err(AppError::BadRequest(
             "a project \"name\" must be 1-255 characters without / \\ or control characters".into(),
         ));
