@@ -207,12 +207,93 @@ fn escape_label(v: &str) -> String {
     v.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")
 }
 
-fn by_label(label: &str, map: &BTreeMap<&'static str, u64>) -> Vec<(String, String)> {
+fn by_label(label: &str, map: &BTreeMap<&'static str, u64>) -> Samples {
     map.iter().map(|(k, v)| (format!("{{{label}=\"{k}\"}}"), v.to_string())).collect()
 }
 
-fn plain(v: u64) -> Vec<(String, String)> {
+fn plain(v: u64) -> Samples {
     vec![(String::new(), v.to_string())]
+}
+
+/// Samples of one family: (labels, value).
+type Samples = Vec<(String, String)>;
+
+/// A family to write: name, type, help, samples.
+type Family = (&'static str, &'static str, &'static str, Samples);
+
+/// The families computed from the evaluation records.
+fn tally_families(t: &Tally) -> Vec<Family> {
+    let tests: Samples = Outcome::ALL
+        .iter()
+        .map(|o| (format!("{{outcome=\"{}\"}}", o.as_str()), t.tests.get(*o).to_string()))
+        .collect();
+    vec![
+        (
+            "cdtester_evaluations",
+            "gauge",
+            "Evaluations this node holds, by state.",
+            by_label("state", &t.evaluations),
+        ),
+        (
+            "cdtester_projects",
+            "gauge",
+            "Projects of those evaluations, by state.",
+            by_label("state", &t.projects),
+        ),
+        (
+            "cdtester_tasks",
+            "gauge",
+            "Tasks (test modules) of those evaluations, by state.",
+            by_label("state", &t.tasks),
+        ),
+        ("cdtester_tests_total", "counter", "Test results accepted in those evaluations, by outcome.", tests),
+        (
+            "cdtester_task_duration_seconds",
+            "histogram",
+            "Wall-clock seconds of finished tasks.",
+            histogram(t),
+        ),
+        ("cdtester_queue_length", "gauge", "Tasks waiting to be handed out by this node.", plain(t.queue)),
+    ]
+}
+
+/// The families of this node's membership and event counters.
+fn node_families(peers: usize) -> Vec<Family> {
+    let n = node();
+    let load = |c: &AtomicU64| c.load(Ordering::Relaxed);
+    let elections = vec![
+        ("{result=\"won\"}".to_string(), load(&n.elections_won).to_string()),
+        ("{result=\"relinquished\"}".to_string(), load(&n.elections_relinquished).to_string()),
+    ];
+    vec![
+        ("cdtester_peers_alive", "gauge", "Live peers this node talks to.", plain(peers as u64)),
+        (
+            "cdtester_failure_detections_total",
+            "counter",
+            "Peers this node saw declared failed.",
+            plain(load(&n.failure_detections)),
+        ),
+        ("cdtester_elections_total", "counter", "Recovery elections this node won or gave up.", elections),
+        (
+            "cdtester_runner_errors_total",
+            "counter",
+            "Tasks this node could not run (fetch, preparation or runner failure).",
+            plain(load(&n.runner_errors)),
+        ),
+    ]
+}
+
+fn http_samples(http: &BTreeMap<(String, String, u16), u64>) -> Samples {
+    http.iter()
+        .map(|((method, route, status), v)| {
+            let labels = format!(
+                "{{method=\"{}\",route=\"{}\",status=\"{status}\"}}",
+                escape_label(method),
+                escape_label(route)
+            );
+            (labels, v.to_string())
+        })
+        .collect()
 }
 
 /// The exposition text.
@@ -222,105 +303,23 @@ fn render(
     peers: usize,
     http: &BTreeMap<(String, String, u16), u64>,
 ) -> String {
-    let t = Tally::of(reports, me);
-    let mut out = String::new();
-    family(
-        &mut out,
-        "cdtester_evaluations",
-        "gauge",
-        "Evaluations this node holds, by state.",
-        &by_label("state", &t.evaluations),
-    );
-    family(
-        &mut out,
-        "cdtester_projects",
-        "gauge",
-        "Projects of those evaluations, by state.",
-        &by_label("state", &t.projects),
-    );
-    family(
-        &mut out,
-        "cdtester_tasks",
-        "gauge",
-        "Tasks (test modules) of those evaluations, by state.",
-        &by_label("state", &t.tasks),
-    );
-    let tests: Vec<(String, String)> = Outcome::ALL
-        .iter()
-        .map(|o| (format!("{{outcome=\"{}\"}}", o.as_str()), t.tests.get(*o).to_string()))
-        .collect();
-    family(
-        &mut out,
-        "cdtester_tests_total",
-        "counter",
-        "Test results accepted in those evaluations, by outcome.",
-        &tests,
-    );
-    family(
-        &mut out,
-        "cdtester_task_duration_seconds",
-        "histogram",
-        "Wall-clock seconds of finished tasks.",
-        &histogram(&t),
-    );
-    family(
-        &mut out,
-        "cdtester_queue_length",
-        "gauge",
-        "Tasks waiting to be handed out by this node.",
-        &plain(t.queue),
-    );
-    family(&mut out, "cdtester_peers_alive", "gauge", "Live peers this node talks to.", &plain(peers as u64));
-    let n = node();
-    let load = |c: &AtomicU64| c.load(Ordering::Relaxed);
-    family(
-        &mut out,
-        "cdtester_failure_detections_total",
-        "counter",
-        "Peers this node saw declared failed.",
-        &plain(load(&n.failure_detections)),
-    );
-    let elections = vec![
-        ("{result=\"won\"}".to_string(), load(&n.elections_won).to_string()),
-        ("{result=\"relinquished\"}".to_string(), load(&n.elections_relinquished).to_string()),
-    ];
-    family(
-        &mut out,
-        "cdtester_elections_total",
-        "counter",
-        "Recovery elections this node won or gave up.",
-        &elections,
-    );
-    family(
-        &mut out,
-        "cdtester_runner_errors_total",
-        "counter",
-        "Tasks this node could not run (fetch, preparation or runner failure).",
-        &plain(load(&n.runner_errors)),
-    );
-    let requests: Vec<(String, String)> = http
-        .iter()
-        .map(|((method, route, status), v)| {
-            let labels = format!(
-                "{{method=\"{}\",route=\"{}\",status=\"{status}\"}}",
-                escape_label(method),
-                escape_label(route)
-            );
-            (labels, v.to_string())
-        })
-        .collect();
-    family(
-        &mut out,
+    let mut families = tally_families(&Tally::of(reports, me));
+    families.extend(node_families(peers));
+    families.push((
         "cdtester_http_requests_total",
         "counter",
         "HTTP requests served, by method, route and status.",
-        &requests,
-    );
+        http_samples(http),
+    ));
+    let mut out = String::new();
+    for (name, kind, help, samples) in &families {
+        family(&mut out, name, kind, help, samples);
+    }
     out
 }
 
-fn histogram(t: &Tally) -> Vec<(String, String)> {
-    let mut samples: Vec<(String, String)> = DURATION_BUCKETS
+fn histogram(t: &Tally) -> Samples {
+    let mut samples: Samples = DURATION_BUCKETS
         .iter()
         .zip(t.buckets)
         .map(|(bound, n)| (format!("_bucket{{le=\"{bound}\"}}"), n.to_string()))
