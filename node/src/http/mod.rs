@@ -444,7 +444,7 @@ async fn submit_json(app: &Arc<App>, req: Request) -> Result<EvalId, AppError> {
     }
     if names.iter().flatten().any(|n| !crate::eval::valid_project_name(n)) {
         return Err(AppError::BadRequest(
-            "a project \"name\" must be 1-255 characters without / \\ or control characters".into(),
+            "a project \"name\" must be 1-255 bytes, not . or .., without / \\ or control characters".into(),
         ));
     }
     let token = parsed.auth_token.filter(|t| !t.is_empty());
