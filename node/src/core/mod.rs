@@ -257,7 +257,8 @@ struct Peer {
     direct: u64,
     last_progress: Instant,
     http: Option<SocketAddr>,
-    /// Its heartbeats carry no counters: a reference-implementation node.
+    /// Not (yet) seen speaking cdtester's extensions: its last heartbeat carried no counter, or
+    /// it has not heartbeated since it was admitted. Timed out as a reference node.
     reference: bool,
 }
 
@@ -586,7 +587,10 @@ impl Core {
         }
         self.peers.insert(
             id.clone(),
-            Peer { addr, counter, direct: counter, last_progress: now, http: None, reference: false },
+            // Reference timing until the peer proves it speaks the extensions (its own counter in a
+            // heartbeat): a reference node heartbeats only every 3.5 s, and a peer learned from
+            // CONNECT or CONNECT_REP has not heartbeated yet.
+            Peer { addr, counter, direct: counter, last_progress: now, http: None, reference: true },
         );
         out.push(Action::Event(Event::PeerUp { id, addr }));
     }
@@ -1325,8 +1329,11 @@ mod tests {
         let acts = c.handle(t0, env(7001, Message::Connect(ConnectData {})));
         let [(_, Message::ConnectRep(rep))] = sent(&acts)[..] else { panic!("expected CONNECT_REP") };
         assert_eq!(rep.given_id, given);
-        // Silence: 7001 is declared failed; a restarted process there gets a fresh id.
-        let later = t0 + Duration::from_millis(2_600);
+        // Silence: 7001 never heartbeated, so it may be a reference node (3.5 s beats); it is
+        // declared failed after the reference timeout, not the 2 s one.
+        let acts = c.handle(t0 + Duration::from_millis(7_900), Input::Tick);
+        assert!(events(&acts).is_empty(), "{acts:?}");
+        let later = t0 + REFERENCE_PEER_TIMEOUT + Duration::from_millis(200);
         let acts = c.handle(later, Input::Tick);
         assert!(events(&acts).iter().any(|e| matches!(e, Event::PeerDown { id, .. } if *id == given)));
         let acts = c.handle(later, env(7001, Message::Connect(ConnectData {})));
@@ -1354,6 +1361,56 @@ mod tests {
         let peers: Vec<SocketAddr> = j.peers().map(|(_, a)| a).collect();
         assert_eq!(peers.len(), 2);
         assert!(peers.contains(&addr(7000)) && peers.contains(&addr(7005)));
+    }
+
+    #[test]
+    fn peers_learned_from_a_reference_join_are_not_failed_before_their_first_heartbeat() {
+        // This node joins a reference node A that lists reference node B. Reference nodes beat
+        // every 3.5 s and carry no counters; neither may be declared failed in between.
+        let t0 = Instant::now();
+        let mut j = core(7002, Some(7000), t0);
+        j.handle(t0, Input::Tick);
+        let rep = ConnectRepData {
+            peers: [(NodeId("100000000000000000001".into()), ("127.0.0.1".to_string(), 7001))].into(),
+            id: NodeId("100000000000000000000".into()),
+            given_id: NodeId("100000000000000000002".into()),
+        };
+        j.handle(t0, env(7000, Message::ConnectRep(rep)));
+        // B is a rumour until it talks: a reference node B heartbeats us after learning of us.
+        let mut t = t0;
+        let mut downs = Vec::new();
+        for step in 1..=200 {
+            t += Duration::from_millis(100);
+            // First heartbeats 3.4 s after the join, then every 3.5 s (reference timing).
+            if step % 35 == 34 {
+                j.handle(
+                    t,
+                    env(7000, reference_hb("100000000000000000000", &[("100000000000000000001", 7001)])),
+                );
+                j.handle(
+                    t,
+                    env(7001, reference_hb("100000000000000000001", &[("100000000000000000000", 7000)])),
+                );
+            }
+            for e in events(&j.handle(t, Input::Tick)) {
+                if let Event::PeerDown { id, .. } = e {
+                    downs.push((step, id.clone()));
+                }
+            }
+        }
+        assert!(downs.is_empty(), "healthy reference peers declared failed: {downs:?}");
+        assert_eq!(j.peers().count(), 2);
+        // Silence after that: both go down after the reference timeout, not the 2 s one.
+        for step in 1..=100 {
+            t += Duration::from_millis(100);
+            for e in events(&j.handle(t, Input::Tick)) {
+                if let Event::PeerDown { id, .. } = e {
+                    downs.push((step, id.clone()));
+                }
+            }
+        }
+        assert_eq!(downs.len(), 2, "{downs:?}");
+        assert!(downs.iter().all(|(step, _)| (50..=90).contains(step)), "{downs:?}");
     }
 
     #[test]
