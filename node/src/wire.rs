@@ -84,6 +84,16 @@ pub fn parse_addr(s: &str) -> Option<SocketAddr> {
     s.parse().ok().map(canonical)
 }
 
+/// `"ip:port"` of separate `ip` and `port` fields (as a TASK_RESULT carries them): an IPv6
+/// address in brackets, as [`addr_string`] spells it; fields that are no address are joined
+/// as they are (and then match no node).
+pub fn join_addr(ip: &str, port: &str) -> String {
+    match (ip.parse::<IpAddr>(), port.parse::<u16>()) {
+        (Ok(ip), Ok(port)) => addr_string(canonical(SocketAddr::new(ip, port))),
+        _ => format!("{ip}:{port}"),
+    }
+}
+
 /// An IPv4 address as a dual-stack (`[::]`) socket reports it (`::ffff:a.b.c.d`) is the IPv4
 /// address, so that a node has one spelling in tables, `/network` and seals.
 pub fn canonical(addr: SocketAddr) -> SocketAddr {
@@ -1229,6 +1239,9 @@ mod tests {
         let (sender, _) = c.open(&d, nat, T0).expect("accepted");
         assert_eq!(sender, "[2001:db8::1]:7001".parse::<SocketAddr>().expect("a"));
         assert_eq!(parse_addr(&addr_string(sender)), Some(sender));
+        assert_eq!(join_addr("2001:db8::1", "7001"), "[2001:db8::1]:7001");
+        assert_eq!(join_addr("10.0.0.1", "7001"), "10.0.0.1:7001");
+        assert_eq!(join_addr("x", "y"), "x:y");
     }
 
     proptest! {
