@@ -16,9 +16,10 @@ pub fn unavailable() -> Option<String> {
     if unsafe { libc::geteuid() } != 0 {
         return Some("not root: network namespaces need CAP_NET_ADMIN".into());
     }
-    match Command::new("ip").arg("-V").output() {
-        Ok(o) if o.status.success() => {}
-        _ => return Some("no `ip` command (iproute2)".into()),
+    for (tool, package) in [("ip", "iproute2"), ("iptables", "iptables")] {
+        if !ok(&[tool, "--version"]) && !ok(&[tool, "-V"]) {
+            return Some(format!("no `{tool}` command ({package})"));
+        }
     }
     let probe = format!("cdtprobe{}", std::process::id());
     if !ok(&["ip", "netns", "add", &probe]) {
