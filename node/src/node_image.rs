@@ -22,8 +22,8 @@ use anyhow::{Context, bail};
 use bollard::Docker;
 use bollard::models::{ContainerConfig, ContainerCreateBody, HealthConfig};
 use bollard::query_parameters::{
-    CommitContainerOptionsBuilder, CreateContainerOptionsBuilder, LogsOptionsBuilder,
-    RemoveContainerOptionsBuilder, UploadToContainerOptionsBuilder,
+    CommitContainerOptionsBuilder, CreateContainerOptionsBuilder, ListImagesOptionsBuilder,
+    LogsOptionsBuilder, RemoveContainerOptionsBuilder, UploadToContainerOptionsBuilder,
 };
 use cdtester_runners::docker::{ImageBuildOptions, build_image, image};
 use futures_util::StreamExt;
@@ -150,7 +150,27 @@ pub async fn build_node_image(docker: &Docker, opts: &NodeImageOptions) -> anyho
     }
     let id = built?;
     image::tag_as(docker, &versioned, &opts.tag).await?;
+    remove_older(docker, &versioned).await;
     Ok(NodeImageBuilt { versioned_tag: versioned, tag: opts.tag.clone(), id, built: true })
+}
+
+/// Removes the tags of earlier node image versions (each binary makes a new one), so that
+/// rebuilding does not fill the disk; an image still used by a container stays.
+async fn remove_older(docker: &Docker, current: &str) {
+    let filters = std::collections::HashMap::from([("reference", vec![NODE_REPO])]);
+    let options = ListImagesOptionsBuilder::default().filters(&filters).build();
+    let Ok(images) = docker.list_images(Some(options)).await else { return };
+    let older = images.iter().flat_map(|i| i.repo_tags.iter()).filter(|t| {
+        t.strip_prefix(NODE_REPO).and_then(|v| v.strip_prefix(':')).is_some_and(|v| {
+            v.len() == 16 && v.bytes().all(|b| b.is_ascii_hexdigit()) && t.as_str() != current
+        })
+    });
+    for tag in older {
+        match docker.remove_image(tag, None::<bollard::query_parameters::RemoveImageOptions>, None).await {
+            Ok(_) => tracing::info!(image = %tag, "removed an earlier node image version"),
+            Err(e) => tracing::debug!(image = %tag, "keeping an earlier node image version: {e}"),
+        }
+    }
 }
 
 /// Uploads the staged files, runs the setup and commits the container as `versioned`.
