@@ -10,8 +10,14 @@ use std::process::Command;
 
 use cdtester::demo::Placement;
 
-/// Why these tests cannot run here, if they cannot (not root, no `ip`, no namespaces).
+/// Why these tests cannot run here, if they cannot (not root, no `ip`, no namespaces); checked
+/// once per test process.
 pub fn unavailable() -> Option<String> {
+    static ANSWER: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
+    ANSWER.get_or_init(check).clone()
+}
+
+fn check() -> Option<String> {
     // SAFETY: geteuid(2) has no preconditions and touches no memory.
     if unsafe { libc::geteuid() } != 0 {
         return Some("not root: network namespaces need CAP_NET_ADMIN".into());
