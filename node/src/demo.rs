@@ -53,7 +53,7 @@ pub struct DemoArgs {
 }
 
 /// A free port on 127.0.0.1 for TCP and one for UDP.
-fn free_ports() -> std::io::Result<(u16, u16)> {
+pub fn free_ports() -> std::io::Result<(u16, u16)> {
     let udp = UdpSocket::bind("127.0.0.1:0")?.local_addr()?.port();
     let tcp = TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
     Ok((udp, tcp))
