@@ -34,6 +34,13 @@ pub struct Args {
     /// CPU milliseconds each test spends (at full speed).
     #[arg(long, default_value_t = 40)]
     pub test_ms: u64,
+    /// The nodes' failure timeout (ms): a node held to a CPU share on a loaded machine can miss
+    /// the default 2 s and be declared failed.
+    #[arg(long, default_value_t = 6000)]
+    pub failure_timeout_ms: u64,
+    /// Give up on an evaluation after this many seconds.
+    #[arg(long, default_value_t = 900)]
+    pub timeout_s: u64,
 }
 
 /// Writes the course: `projects` folders with `modules` test modules of 5 busy tests each
@@ -103,11 +110,19 @@ impl Drop for CpuGroup {
 
 /// Submits the course to the first node and waits; returns the wall time after checking the
 /// totals.
-async fn evaluate(cluster: &LocalCluster, zip: &[u8], want: (u64, u64)) -> anyhow::Result<f64> {
+async fn evaluate(
+    cluster: &LocalCluster,
+    zip: &[u8],
+    want: (u64, u64),
+    limit: Duration,
+) -> anyhow::Result<f64> {
     let client = Client::new(cluster.nodes[0].http);
     let started = Instant::now();
     let id = client.submit_zip(zip.to_vec(), "course.zip").await?;
     loop {
+        if started.elapsed() > limit {
+            bail!("evaluation {id} did not finish within {limit:?}");
+        }
         let r = client.progress(id).await?;
         if r["status"] == "finished" {
             let wall = started.elapsed().as_secs_f64();
@@ -144,8 +159,9 @@ async fn measure(
     }
     let timed = async {
         cluster.wait_mesh(Duration::from_secs(60)).await?;
-        evaluate(&cluster, zip, want).await.context("warm-up evaluation")?;
-        evaluate(&cluster, zip, want).await
+        let limit = Duration::from_secs(args.timeout_s);
+        evaluate(&cluster, zip, want, limit).await.context("warm-up evaluation")?;
+        evaluate(&cluster, zip, want, limit).await
     }
     .await;
     cluster.shutdown();
@@ -173,6 +189,7 @@ pub fn run(args: Args, config: &Config) -> anyhow::Result<()> {
         ("CDT_RUNNER__LOCAL__VENV_DIR".to_string(), venvs.to_string_lossy().into_owned()),
         ("CDT_RUNNER__WORKERS".to_string(), "1".to_string()),
         ("CDT_LOG".to_string(), "warn".to_string()),
+        ("CDT_TIMERS__FAILURE_TIMEOUT_MS".to_string(), args.failure_timeout_ms.to_string()),
     ];
     let exe = std::env::current_exe().context("locating the cdtester binary")?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -182,11 +199,13 @@ pub fn run(args: Args, config: &Config) -> anyhow::Result<()> {
         .context("starting the tokio runtime")?;
     let modules = args.projects * args.modules;
     println!(
-        "course: {} projects, {modules} modules, {} tests ({} ms CPU each); each node {} CPU, 1 worker",
+        "course: {} projects, {modules} modules, {} tests ({} ms CPU each); each node {} CPU, 1 worker, \
+         failure timeout {} ms",
         args.projects,
         modules * 5,
         args.test_ms,
-        args.cpus
+        args.cpus,
+        args.failure_timeout_ms
     );
     println!("{:>6} {:>9} {:>8} {:>11}", "nodes", "wall s", "speedup", "efficiency");
     let mut reference: Option<(usize, f64)> = None;
