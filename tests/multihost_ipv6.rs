@@ -32,6 +32,8 @@ async fn three_nodes_on_ipv6_addresses_evaluate_and_report_them() {
         ),
         ("CDT_LOG".to_string(), "info,cdtester::core=warn".to_string()),
         ("CDT_RUNNER__WORKERS".to_string(), "1".to_string()),
+        // The node binding [::] listens beyond loopback; these are the test's own projects.
+        ("CDT_RUNNER__LOCAL__ALLOW_REMOTE_SUBMISSIONS".to_string(), "true".to_string()),
     ];
     let mut c = LocalCluster::new(common::cdtester_bin(), dir.path().join("nodes"), env);
     for i in 0..3 {
