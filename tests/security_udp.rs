@@ -291,7 +291,8 @@ fn with_a_secret_replayed_heartbeats_keep_no_killed_node_alive() {
     let mut from_node2: Vec<Vec<u8>> = Vec::new();
     let node2 = c.nodes[2].udp;
     drain(&m.s.try_clone().expect("clone"), Duration::from_secs(1), |d| {
-        if let Ok(Envelope { msg: Message::ConnectRep(r), .. }) = m.ch.open(d, c.nodes[0].udp, unix_ms()) {
+        if let Ok((_, Envelope { msg: Message::ConnectRep(r), .. })) = m.ch.open(d, c.nodes[0].udp, unix_ms())
+        {
             rep.get_or_insert(r);
         }
     });

@@ -30,10 +30,19 @@ pub struct Config {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct NodeConfig {
-    /// UDP address of the peer protocol; also the node's address in /network and /stats.
+    /// Local UDP address of the peer protocol (`0.0.0.0:PORT` or `[::]:PORT` listens on every
+    /// interface).
     pub bind: SocketAddr,
-    /// HTTP API address.
+    /// HTTP API address to listen on.
     pub http: SocketAddr,
+    /// UDP `ip:port` peers reach this node at: its identity in the protocol, `/network` and
+    /// `/stats` (a published or forwarded port behind NAT). Unset: `bind`, or, when `bind` has an
+    /// unspecified IP, the address of the interface that routes to the join target (or to the
+    /// internet), with the bound port. Port 0: the bound port.
+    pub advertise: Option<SocketAddr>,
+    /// HTTP `ip:port` peers and clients reach the API at. Unset: `http`, or, when `http` has
+    /// an unspecified IP, the advertised UDP IP with the bound HTTP port. Port 0: the bound port.
+    pub http_advertise: Option<SocketAddr>,
     /// UDP address of any member of an existing network; none starts a new network.
     pub join: Option<SocketAddr>,
     /// Durable state (results, stats, project cache).
@@ -59,6 +68,8 @@ impl Default for NodeConfig {
         NodeConfig {
             bind: SocketAddr::from(([127, 0, 0, 1], 7000)),
             http: SocketAddr::from(([127, 0, 0, 1], 8000)),
+            advertise: None,
+            http_advertise: None,
             join: None,
             data_dir: PathBuf::from("cdtester-data"),
             secret: None,
@@ -66,6 +77,18 @@ impl Default for NodeConfig {
             release_after_s: 30,
             cache_budget_mb: 4096,
         }
+    }
+}
+
+impl NodeConfig {
+    /// The UDP address peers know this node by: `advertise`, else `bind`.
+    pub fn udp_advertised(&self) -> SocketAddr {
+        self.advertise.unwrap_or(self.bind)
+    }
+
+    /// The HTTP address peers and clients use: `http_advertise`, else `http`.
+    pub fn http_advertised(&self) -> SocketAddr {
+        self.http_advertise.unwrap_or(self.http)
     }
 }
 
@@ -385,6 +408,19 @@ impl Config {
         if self.node.insecure && self.node.secret.is_some() {
             return bad("node.insecure", "contradicts node.secret: an insecure network has no secret");
         }
+        for (key, addr) in
+            [("node.advertise", self.node.advertise), ("node.http_advertise", self.node.http_advertise)]
+        {
+            if addr.is_some_and(|a| a.ip().is_unspecified() || a.ip().is_multicast()) {
+                return bad(key, "must be an address peers can reach (not 0.0.0.0, [::] or multicast)");
+            }
+        }
+        if self.node.join.is_some_and(|j| j.ip().is_unspecified() || j.port() == 0) {
+            return bad(
+                "node.join",
+                "must be a member's address (an IP that is not 0.0.0.0 or [::], a port that is not 0)",
+            );
+        }
         if self.runner.workers == 0 {
             return bad("runner.workers", "must be at least 1");
         }
@@ -557,6 +593,35 @@ mod tests {
         let s = cfg.project_settings("calc", None);
         assert_eq!(s.runner, "local");
         assert_eq!(s.requirements, vec!["hypothesis".to_string()]);
+    }
+
+    #[test]
+    fn advertise_keys_take_ipv4_and_ipv6_and_refuse_unreachable_addresses() {
+        Jail::expect_with(|jail| {
+            jail.create_file(
+                "cdtester.toml",
+                "[node]\nbind = \"[::]:7000\"\nadvertise = \"[2001:db8::7]:7100\"\n",
+            )?;
+            jail.set_env("CDT_NODE__HTTP_ADVERTISE", "192.0.2.7:8100");
+            jail.set_env("CDT_NODE__JOIN", "[2001:db8::1]:7000");
+            let cfg = load_in_jail(Some("")).map_err(|e| e.to_string())?;
+            assert!(cfg.node.bind.ip().is_unspecified());
+            assert_eq!(cfg.node.advertise, Some("[2001:db8::7]:7100".parse().expect("addr")));
+            assert_eq!(cfg.node.http_advertise, Some("192.0.2.7:8100".parse().expect("addr")));
+            assert_eq!(cfg.node.join, Some("[2001:db8::1]:7000".parse().expect("addr")));
+            jail.set_env("CDT_NODE__ADVERTISE", "0.0.0.0:7100");
+            let err = load_in_jail(Some("")).unwrap_err().to_string();
+            assert!(err.contains("node.advertise"), "{err}");
+            jail.set_env("CDT_NODE__ADVERTISE", "192.0.2.7:7100");
+            jail.set_env("CDT_NODE__HTTP_ADVERTISE", "[::]:8100");
+            let err = load_in_jail(Some("")).unwrap_err().to_string();
+            assert!(err.contains("node.http_advertise"), "{err}");
+            jail.set_env("CDT_NODE__HTTP_ADVERTISE", "192.0.2.7:8100");
+            jail.set_env("CDT_NODE__JOIN", "0.0.0.0:7000");
+            let err = load_in_jail(Some("")).unwrap_err().to_string();
+            assert!(err.contains("node.join"), "{err}");
+            Ok(())
+        });
     }
 
     #[test]

@@ -3,7 +3,8 @@
 //! xfailed tests), with live progress and the graded table; then a clean shutdown.
 //!
 //! [`LocalCluster`] (start, kill -9, restart node processes) is shared with the end-to-end tests
-//! and `cdtester bench cluster`.
+//! and `cdtester bench cluster`; a [`Placement`] puts a node elsewhere than 127.0.0.1 (another
+//! address, its own network namespace, advertised addresses).
 
 use std::net::{SocketAddr, TcpListener, UdpSocket};
 use std::path::{Path, PathBuf};
@@ -52,18 +53,55 @@ pub struct DemoArgs {
 }
 
 /// A free port on 127.0.0.1 for TCP and one for UDP.
-fn free_ports() -> std::io::Result<(u16, u16)> {
+pub fn free_ports() -> std::io::Result<(u16, u16)> {
     let udp = UdpSocket::bind("127.0.0.1:0")?.local_addr()?.port();
     let tcp = TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
     Ok((udp, tcp))
 }
 
+/// Where and how a node process runs: a command prefix (e.g. `ip netns exec HOST` for a node
+/// in its own network namespace), the addresses it binds and the ones it advertises.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Placement {
+    /// Program and arguments the node command is run under; empty = run directly.
+    pub wrapper: Vec<String>,
+    /// `--bind` and `--http`.
+    pub bind: SocketAddr,
+    pub http: SocketAddr,
+    /// `--advertise` and `--http-advertise`; unset = the node decides.
+    pub advertise: Option<SocketAddr>,
+    pub http_advertise: Option<SocketAddr>,
+    /// Where peers and clients reach the node (its UDP identity and HTTP API).
+    pub udp_at: SocketAddr,
+    pub http_at: SocketAddr,
+}
+
+impl Placement {
+    /// A node on 127.0.0.1 at these ports.
+    pub fn loopback(udp: u16, http: u16) -> Placement {
+        let udp = SocketAddr::from(([127, 0, 0, 1], udp));
+        let http = SocketAddr::from(([127, 0, 0, 1], http));
+        Placement {
+            wrapper: Vec::new(),
+            bind: udp,
+            http,
+            advertise: None,
+            http_advertise: None,
+            udp_at: udp,
+            http_at: http,
+        }
+    }
+}
+
 /// One node process.
 pub struct NodeProc {
+    /// The node's advertised UDP address (its identity in /network and /stats).
     pub udp: SocketAddr,
+    /// The node's advertised HTTP API address.
     pub http: SocketAddr,
     pub data_dir: PathBuf,
     pub log: PathBuf,
+    placement: Placement,
     join: Option<SocketAddr>,
     child: Option<Child>,
 }
@@ -78,7 +116,7 @@ impl NodeProc {
     }
 }
 
-/// Node processes of this binary on 127.0.0.1.
+/// Node processes of this binary (on 127.0.0.1 unless placed elsewhere).
 pub struct LocalCluster {
     exe: PathBuf,
     dir: PathBuf,
@@ -107,23 +145,32 @@ impl LocalCluster {
         self.secret.as_deref()
     }
 
-    /// Starts `n` more nodes; the first node of the cluster starts the network, the others join it.
+    /// Starts `n` more nodes on 127.0.0.1; the first node of the cluster starts the network, the
+    /// others join it.
     pub fn start(&mut self, n: usize) -> anyhow::Result<()> {
         for _ in 0..n {
-            let i = self.nodes.len();
             let (udp, http) = free_ports().context("finding free ports")?;
-            let join = self.nodes.first().map(|first| first.udp);
-            let mut node = NodeProc {
-                udp: SocketAddr::from(([127, 0, 0, 1], udp)),
-                http: SocketAddr::from(([127, 0, 0, 1], http)),
-                data_dir: self.dir.join(format!("node{}", i + 1)),
-                log: self.dir.join(format!("node{}.log", i + 1)),
-                join,
-                child: None,
-            };
-            self.spawn(&mut node)?;
-            self.nodes.push(node);
+            self.start_at(Placement::loopback(udp, http))?;
         }
+        Ok(())
+    }
+
+    /// Starts one more node placed as given; it joins the cluster's first node (at its
+    /// advertised address) unless it is the first.
+    pub fn start_at(&mut self, placement: Placement) -> anyhow::Result<()> {
+        let i = self.nodes.len();
+        let join = self.nodes.first().map(|first| first.udp);
+        let mut node = NodeProc {
+            udp: placement.udp_at,
+            http: placement.http_at,
+            data_dir: self.dir.join(format!("node{}", i + 1)),
+            log: self.dir.join(format!("node{}.log", i + 1)),
+            placement,
+            join,
+            child: None,
+        };
+        self.spawn(&mut node)?;
+        self.nodes.push(node);
         Ok(())
     }
 
@@ -135,14 +182,27 @@ impl LocalCluster {
             .append(true)
             .open(&node.log)
             .with_context(|| format!("opening {}", node.log.display()))?;
-        let mut cmd = Command::new(&self.exe);
+        let place = &node.placement;
+        let mut cmd = match place.wrapper.split_first() {
+            Some((program, args)) => {
+                let mut cmd = Command::new(program);
+                cmd.args(args).arg(&self.exe);
+                cmd
+            }
+            None => Command::new(&self.exe),
+        };
         cmd.arg("node")
             .arg("--bind")
-            .arg(node.udp.to_string())
+            .arg(place.bind.to_string())
             .arg("--http")
-            .arg(node.http.to_string())
+            .arg(place.http.to_string())
             .arg("--data-dir")
             .arg(&node.data_dir);
+        for (flag, addr) in [("--advertise", place.advertise), ("--http-advertise", place.http_advertise)] {
+            if let Some(a) = addr {
+                cmd.arg(flag).arg(a.to_string());
+            }
+        }
         if let Some(j) = node.join {
             cmd.arg("--join").arg(j.to_string());
         }
@@ -195,6 +255,7 @@ impl LocalCluster {
                 http: SocketAddr::from(([127, 0, 0, 1], 0)),
                 data_dir: PathBuf::new(),
                 log: PathBuf::new(),
+                placement: Placement::loopback(0, 0),
                 join: None,
                 child: None,
             },

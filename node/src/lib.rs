@@ -12,6 +12,7 @@ pub mod eval;
 pub mod fetch;
 pub mod http;
 pub mod node_cmd;
+pub mod node_image;
 pub mod registry;
 pub mod run_cmd;
 pub mod store;

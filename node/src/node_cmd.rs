@@ -5,26 +5,23 @@
 //! status file up to date (`--status-file`, used by the real-socket tests) and leaves the
 //! network gracefully on Ctrl-C / SIGTERM.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 
 use anyhow::Context;
-use cdtester_config::Config;
+use cdtester_config::{Config, NodeConfig};
 
 use crate::core::{AppState, Event, Snapshot};
 use crate::udp::{self, Running, ShellConfig};
 
-/// Start the UDP protocol loop for `config.node` (bind, join, http, secret) and `config.timers`.
-pub async fn start_protocol(
-    config: &Config,
-    advertise: Option<SocketAddr>,
-    app: Box<dyn AppState>,
-) -> anyhow::Result<Running> {
+/// Start the UDP protocol loop for `config.node` (bind, advertised addresses, join, secret) and
+/// `config.timers`.
+pub async fn start_protocol(config: &Config, app: Box<dyn AppState>) -> anyhow::Result<Running> {
     let shell = ShellConfig {
         bind: config.node.bind,
-        advertise,
+        advertise: config.node.advertise,
         join: config.node.join,
-        http: Some(config.node.http),
+        http: Some(config.node.http_advertised()),
         timers: config.timers.clone(),
         secret: config.node.secret.clone(),
     };
@@ -32,9 +29,10 @@ pub async fn start_protocol(
 }
 
 /// Run a membership-only node until Ctrl-C or SIGTERM, then leave gracefully.
-pub async fn run_membership(config: &Config, status_file: Option<PathBuf>) -> anyhow::Result<()> {
+pub async fn run_membership(mut config: Config, status_file: Option<PathBuf>) -> anyhow::Result<()> {
+    settle_addresses(&mut config.node)?;
     let Running { mut handle, mut events, task, .. } =
-        start_protocol(config, None, Box::new(crate::core::NoApp)).await?;
+        start_protocol(&config, Box::new(crate::core::NoApp)).await?;
     let mut status = handle.clone();
     let writer = status_file.map(|path| {
         tokio::spawn(async move {
@@ -115,12 +113,23 @@ pub struct NodeArgs {
     /// UDP address of the peer protocol (config node.bind, env CDT_NODE__BIND).
     #[arg(long)]
     pub bind: Option<SocketAddr>,
-    /// UDP address of any member to join (config node.join); none starts a new network.
+    /// UDP address of any member to join, as it advertises itself (config node.join); none
+    /// starts a new network.
     #[arg(long)]
     pub join: Option<SocketAddr>,
     /// HTTP API address (config node.http).
     #[arg(long)]
     pub http: Option<SocketAddr>,
+    /// UDP ip:port peers reach this node at, e.g. a forwarded port (config node.advertise, env
+    /// CDT_NODE__ADVERTISE); default: --bind, or the outbound interface's IP when --bind is
+    /// 0.0.0.0 or [::].
+    #[arg(long)]
+    pub advertise: Option<SocketAddr>,
+    /// HTTP ip:port peers and clients reach the API at (config node.http_advertise, env
+    /// CDT_NODE__HTTP_ADVERTISE); default: --http, or the advertised IP when --http is
+    /// 0.0.0.0 or [::].
+    #[arg(long)]
+    pub http_advertise: Option<SocketAddr>,
     /// Directory for durable state (config node.data_dir).
     #[arg(long)]
     pub data_dir: Option<PathBuf>,
@@ -144,6 +153,12 @@ impl NodeArgs {
         if let Some(h) = self.http {
             config.node.http = h;
         }
+        if let Some(a) = self.advertise {
+            config.node.advertise = Some(a);
+        }
+        if let Some(a) = self.http_advertise {
+            config.node.http_advertise = Some(a);
+        }
         if let Some(d) = &self.data_dir {
             config.node.data_dir = d.clone();
         }
@@ -151,6 +166,57 @@ impl NodeArgs {
             config.node.insecure = true;
         }
     }
+}
+
+/// Settles `node.advertise` and `node.http_advertise` (call once `node.http` is the bound HTTP
+/// address): a configured address stands (port 0 = the bound port); otherwise the bound address,
+/// or, when it listens on every interface, the outbound interface's IP (for UDP the one that
+/// routes to the join target, else to the internet; for HTTP the advertised UDP IP) with the
+/// bound port. Logged when detected.
+pub fn settle_addresses(node: &mut NodeConfig) -> anyhow::Result<()> {
+    let udp = match node.advertise {
+        Some(a) => with_port(a, node.bind.port()),
+        None if node.bind.ip().is_unspecified() => {
+            let ip = outbound_ip(node.bind, node.join)?;
+            tracing::info!(%ip, bind = %node.bind, "node.advertise unset: advertising the outbound interface's address");
+            SocketAddr::new(ip, node.bind.port())
+        }
+        None => node.bind,
+    };
+    anyhow::ensure!(udp.port() != 0, "node.bind has port 0: give node.advertise a port peers can reach");
+    let http = match node.http_advertise {
+        Some(a) => with_port(a, node.http.port()),
+        None if node.http.ip().is_unspecified() => SocketAddr::new(udp.ip(), node.http.port()),
+        None => node.http,
+    };
+    node.advertise = Some(udp);
+    node.http_advertise = Some(http);
+    Ok(())
+}
+
+fn with_port(addr: SocketAddr, bound: u16) -> SocketAddr {
+    if addr.port() == 0 { SocketAddr::new(addr.ip(), bound) } else { addr }
+}
+
+/// The IP of the interface this host would use to reach `join` (or, without one, the internet
+/// in `bind`'s family). No packet is sent: connecting a UDP socket only chooses a route.
+fn outbound_ip(bind: SocketAddr, join: Option<SocketAddr>) -> anyhow::Result<IpAddr> {
+    let documentation: IpAddr = if bind.is_ipv4() {
+        Ipv4Addr::new(192, 0, 2, 1).into()
+    } else {
+        Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 1).into()
+    };
+    let target = join.unwrap_or(SocketAddr::new(documentation, 9));
+    let local: SocketAddr =
+        if target.is_ipv4() { (Ipv4Addr::UNSPECIFIED, 0).into() } else { (Ipv6Addr::UNSPECIFIED, 0).into() };
+    let probe = || -> std::io::Result<IpAddr> {
+        let socket = std::net::UdpSocket::bind(local)?;
+        socket.connect(target)?;
+        Ok(socket.local_addr()?.ip())
+    };
+    probe().with_context(|| {
+        format!("{bind} listens on every interface and no route to {target} tells which address peers reach; set node.advertise")
+    })
 }
 
 /// File in the data directory holding the cluster secret a node generated or was given.
@@ -200,7 +266,7 @@ pub fn settle_secret(config: &mut Config) -> anyhow::Result<()> {
         "cdtester: started a new network with a generated cluster secret (kept in {}).\n\
          Join it from another node with:\n  CDT_NODE__SECRET={secret} cdtester node --join {} --bind <IP:PORT> --http <IP:PORT>",
         path.display(),
-        config.node.bind
+        config.node.udp_advertised()
     );
     Ok(())
 }
@@ -221,6 +287,7 @@ fn write_private(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
 /// Entry point of `cdtester node`.
 pub fn main(mut config: Config, args: NodeArgs) -> anyhow::Result<()> {
     args.apply(&mut config);
+    settle_addresses(&mut config.node)?;
     settle_secret(&mut config)?;
     if args.status_file.is_none() {
         // The full node: evaluations, HTTP API and storage on top of the protocol.
@@ -228,5 +295,53 @@ pub fn main(mut config: Config, args: NodeArgs) -> anyhow::Result<()> {
     }
     // With --status-file: the membership layer alone (protocol tests).
     let runtime = tokio::runtime::Runtime::new().context("starting the tokio runtime")?;
-    runtime.block_on(run_membership(&config, args.status_file))
+    runtime.block_on(run_membership(config, args.status_file))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn node(bind: &str, http: &str) -> NodeConfig {
+        NodeConfig {
+            bind: bind.parse().expect("bind"),
+            http: http.parse().expect("http"),
+            ..NodeConfig::default()
+        }
+    }
+
+    #[test]
+    fn configured_advertise_addresses_stand_and_port_0_means_the_bound_port() {
+        let mut n = node("0.0.0.0:7000", "[::]:8000");
+        n.advertise = Some("203.0.113.5:0".parse().expect("a"));
+        n.http_advertise = Some("[2001:db8::5]:18000".parse().expect("a"));
+        settle_addresses(&mut n).expect("settles");
+        assert_eq!(n.udp_advertised(), "203.0.113.5:7000".parse().expect("a"));
+        assert_eq!(n.http_advertised(), "[2001:db8::5]:18000".parse().expect("a"));
+        // Settling again (after the HTTP listener is bound) changes nothing.
+        let before = n.clone();
+        settle_addresses(&mut n).expect("settles");
+        assert_eq!(n, before);
+    }
+
+    #[test]
+    fn bound_addresses_are_advertised_when_specific() {
+        let mut n = node("[::1]:7000", "127.0.0.1:8000");
+        settle_addresses(&mut n).expect("settles");
+        assert_eq!(n.udp_advertised(), "[::1]:7000".parse().expect("a"));
+        assert_eq!(n.http_advertised(), "127.0.0.1:8000".parse().expect("a"));
+    }
+
+    #[test]
+    fn every_interface_advertises_the_one_routing_to_the_join_target() {
+        let mut n = node("0.0.0.0:7000", "0.0.0.0:8000");
+        n.join = Some("127.0.0.1:7001".parse().expect("a"));
+        settle_addresses(&mut n).expect("settles");
+        assert_eq!(n.udp_advertised(), "127.0.0.1:7000".parse().expect("a"));
+        assert_eq!(n.http_advertised(), "127.0.0.1:8000".parse().expect("a"), "HTTP takes the advertised IP");
+        let mut n = node("0.0.0.0:0", "127.0.0.1:8000");
+        n.join = Some("127.0.0.1:7001".parse().expect("a"));
+        let err = settle_addresses(&mut n).expect_err("port 0 cannot be advertised").to_string();
+        assert!(err.contains("node.advertise"), "{err}");
+    }
 }

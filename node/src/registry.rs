@@ -43,7 +43,7 @@ pub fn docker_settings(config: &Config) -> DockerSettings {
     DockerSettings {
         image: config.runner.docker.image.clone(),
         socket: config.runner.docker.socket.clone(),
-        node_id: config.node.bind.to_string(),
+        node_id: config.node.udp_advertised().to_string(),
         cache_dir: config.node.data_dir.join("docker"),
         python: config.runner.local.python.clone().unwrap_or_else(|| PathBuf::from("python3")),
         limits: config.runner.limits.clone(),

@@ -3,9 +3,18 @@
 //!
 //! Datagrams go through a [`Channel`] (length framing; with a cluster secret also the MAC and
 //! replay protection); malformed, oversized, unauthenticated or replayed ones are dropped,
-//! counted and logged (rate-limited). The core gets each message with its datagram's source
-//! address. Outgoing messages the codec refuses (over 65,507 bytes) are dropped with a warning.
+//! counted and logged (rate-limited). The core gets each message with its sender's address:
+//! with a secret the advertised address the member's envelope names, without one the
+//! datagram's source. Outgoing messages the codec refuses (over 65,507 bytes) are dropped with
+//! a warning.
+//!
+//! Behind NAT or a published port a member's datagrams arrive from another address than the
+//! one it advertises. The shell remembers, per member, the source its latest authenticated
+//! datagram came from and sends there (sealed for the advertised address), so replies follow
+//! the path the NAT opened; members it has not heard from yet are sent to at their advertised
+//! address. A mismatch is logged once per member.
 
+use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -17,7 +26,7 @@ use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 
 use crate::core::{Action, AppState, Core, CoreConfig, Event, Input, LocalEvent, Snapshot};
-use crate::wire::{Channel, MAX_DATAGRAM, Message, WireError};
+use crate::wire::{Channel, Envelope, MAX_DATAGRAM, Message, WireError};
 
 /// Errors starting the shell.
 #[derive(Debug, thiserror::Error)]
@@ -180,6 +189,8 @@ pub async fn start(cfg: ShellConfig, app: Box<dyn AppState>) -> Result<Running, 
     let traffic = Arc::new(Traffic::default());
     let shell = Shell {
         socket,
+        local: local_addr,
+        paths: Paths::default(),
         channel,
         core,
         events_tx,
@@ -211,8 +222,77 @@ impl DropLog {
     }
 }
 
+/// Members (and mismatch notes) remembered at most by [`Paths`].
+const MAX_PATHS: usize = 4096;
+
+/// Where datagrams for each member go when it sends from another address than it advertises
+/// (NAT, published ports), and which mismatches were already logged.
+#[derive(Debug, Default)]
+struct Paths {
+    /// Advertised address → source of its latest authenticated datagram, when they differ.
+    via: HashMap<SocketAddr, SocketAddr>,
+    /// Senders whose mismatch was logged.
+    noted: HashSet<SocketAddr>,
+}
+
+impl Paths {
+    /// A datagram from `source` was accepted as coming from `sender`. With a secret the sender
+    /// is the member's authenticated claim and its traffic follows the source; without one the
+    /// sender is the source and a different claim is only logged.
+    fn heard(&mut self, sender: SocketAddr, source: SocketAddr, env: &Envelope, authenticated: bool) {
+        let source = crate::wire::canonical(source);
+        if authenticated {
+            if sender == source {
+                self.via.remove(&sender);
+                return;
+            }
+            if self.via.len() >= MAX_PATHS && !self.via.contains_key(&sender) {
+                self.via.clear();
+            }
+            if self.via.insert(sender, source) != Some(source) && self.note(sender) {
+                tracing::info!(member = %sender, %source,
+                    "member sends from another address than it advertises (NAT or a published port); \
+                     replying to that source");
+            }
+        } else if let Some(claimed) = env.sender().map(crate::wire::canonical)
+            && claimed != source
+            && self.note(source)
+        {
+            tracing::warn!(%source, %claimed,
+                "datagram claims another sender than its source; an open network (no cluster secret) \
+                 knows a node by its source address, so NAT and port mapping need a secret");
+        }
+    }
+
+    /// True the first time `addr` is noted.
+    fn note(&mut self, addr: SocketAddr) -> bool {
+        if self.noted.len() >= MAX_PATHS {
+            self.noted.clear();
+        }
+        self.noted.insert(addr)
+    }
+
+    /// The address to send a datagram for `to` to.
+    fn via(&self, to: SocketAddr) -> SocketAddr {
+        self.via.get(&to).copied().unwrap_or(to)
+    }
+}
+
+/// `to` in the address family of a socket bound to `local` (an IPv4 peer from a dual-stack
+/// `[::]` socket is `::ffff:a.b.c.d`).
+fn for_socket(local: SocketAddr, to: SocketAddr) -> SocketAddr {
+    match (local, to) {
+        (SocketAddr::V6(_), SocketAddr::V4(v4)) => {
+            SocketAddr::new(v4.ip().to_ipv6_mapped().into(), v4.port())
+        }
+        _ => to,
+    }
+}
+
 struct Shell {
     socket: UdpSocket,
+    local: SocketAddr,
+    paths: Paths,
     channel: Channel,
     core: Core,
     events_tx: mpsc::UnboundedSender<Event>,
@@ -234,7 +314,11 @@ impl Shell {
                     Ok((n, from)) => {
                         self.traffic.received.fetch_add(1, Ordering::Relaxed);
                         match self.channel.open(&buf[..n], from, unix_ms()) {
-                            Ok(env) => Input::Message { from, env },
+                            Ok((sender, env)) => {
+                                let authenticated = self.channel.codec().is_authenticated();
+                                self.paths.heard(sender, from, &env, authenticated);
+                                Input::Message { from: sender, env }
+                            }
                             Err(e) => {
                                 self.traffic.refused.fetch_add(1, Ordering::Relaxed);
                                 self.drops.drop(from, &e);
@@ -265,8 +349,9 @@ impl Shell {
                 match action {
                     Action::Send { to, envelope } => {
                         let cmd = envelope.msg.cmd();
+                        let via = for_socket(self.local, self.paths.via(to));
                         match self.channel.seal(envelope, to, unix_ms()) {
-                            Ok(bytes) => match self.socket.send_to(&bytes, to).await {
+                            Ok(bytes) => match self.socket.send_to(&bytes, via).await {
                                 Ok(n) => {
                                     self.traffic.sent.fetch_add(1, Ordering::Relaxed);
                                     self.traffic.sent_bytes.fetch_add(n as u64, Ordering::Relaxed);
@@ -309,15 +394,145 @@ mod tests {
     use crate::core::NoApp;
 
     async fn node(join: Option<SocketAddr>, secret: Option<&str>) -> Running {
+        node_at(SocketAddr::from(([127, 0, 0, 1], 0)), None, join, secret).await
+    }
+
+    async fn node_at(
+        bind: SocketAddr,
+        advertise: Option<SocketAddr>,
+        join: Option<SocketAddr>,
+        secret: Option<&str>,
+    ) -> Running {
         let cfg = ShellConfig {
-            bind: SocketAddr::from(([127, 0, 0, 1], 0)),
-            advertise: None,
+            bind,
+            advertise,
             join,
             http: None,
             timers: Timers::default(),
             secret: secret.map(String::from),
         };
         start(cfg, Box::new(NoApp)).await.expect("start shell")
+    }
+
+    /// A userland UDP port forward (as a published container port): datagrams to the returned
+    /// address go to `target` from one upstream socket per client, and replies come back from
+    /// the forward's address.
+    async fn port_forward(target: SocketAddr) -> SocketAddr {
+        let front = Arc::new(UdpSocket::bind("127.0.0.1:0").await.expect("bind forward"));
+        let addr = front.local_addr().expect("addr");
+        tokio::spawn(async move {
+            let mut upstreams: HashMap<SocketAddr, Arc<UdpSocket>> = HashMap::new();
+            let mut buf = vec![0u8; MAX_DATAGRAM + 1];
+            while let Ok((n, client)) = front.recv_from(&mut buf).await {
+                let up = match upstreams.get(&client) {
+                    Some(up) => up.clone(),
+                    None => {
+                        let up = Arc::new(UdpSocket::bind("127.0.0.1:0").await.expect("bind upstream"));
+                        let (back, front) = (up.clone(), front.clone());
+                        tokio::spawn(async move {
+                            let mut buf = vec![0u8; MAX_DATAGRAM + 1];
+                            while let Ok((n, _)) = back.recv_from(&mut buf).await {
+                                let _ = front.send_to(&buf[..n], client).await;
+                            }
+                        });
+                        upstreams.insert(client, up.clone());
+                        up
+                    }
+                };
+                let _ = up.send_to(&buf[..n], target).await;
+            }
+        });
+        addr
+    }
+
+    async fn wait_for(r: &Running, what: impl Fn(&Snapshot) -> bool) -> Snapshot {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            let snap = r.handle.snapshot();
+            if what(&snap) || Instant::now() > deadline {
+                return snap;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    #[tokio::test]
+    async fn a_member_reachable_only_through_its_advertised_forward_joins_and_is_known_by_it() {
+        // B binds one port and advertises a forward to it; A reaches B only through the forward.
+        let b_sock = std::net::UdpSocket::bind("127.0.0.1:0").expect("reserve");
+        let b_bind = b_sock.local_addr().expect("addr");
+        drop(b_sock);
+        let forward = port_forward(b_bind).await;
+        let a = node(None, Some("s3cret")).await;
+        let b = node_at(b_bind, Some(forward), Some(a.local_addr), Some("s3cret")).await;
+        let a_addr = a.local_addr.to_string();
+        let snap = wait_for(&a, |s| s.peers.values().any(|p| *p == forward.to_string())).await;
+        assert_eq!(snap.peers.values().cloned().collect::<Vec<_>>(), vec![forward.to_string()]);
+        let b_snap = wait_for(&b, |s| s.network.len() == 2).await;
+        assert_eq!(b_snap.addr, forward.to_string(), "B is known by its advertised address");
+        assert_eq!(b_snap.peers.values().cloned().collect::<Vec<_>>(), vec![a_addr.clone()]);
+        assert_eq!(b_snap.network.keys().cloned().collect::<Vec<_>>(), {
+            let mut k = vec![a_addr, forward.to_string()];
+            k.sort();
+            k
+        });
+        // It stays up: A keeps hearing B (through the forward) past the failure timeout.
+        tokio::time::sleep(Duration::from_millis(2500)).await;
+        assert_eq!(a.handle.snapshot().peers.len(), 1, "B is still a live peer of A");
+        assert!(a.handle.snapshot().failed.is_empty());
+    }
+
+    #[tokio::test]
+    async fn an_open_network_knows_a_node_by_its_source_not_by_its_claim() {
+        // Without a secret anyone could claim any address: the claim is not believed.
+        let a = node(None, None).await;
+        let victim: SocketAddr = "127.0.0.1:9".parse().expect("addr");
+        let b_sock = std::net::UdpSocket::bind("127.0.0.1:0").expect("reserve");
+        let b_bind = b_sock.local_addr().expect("addr");
+        drop(b_sock);
+        let b = node_at(b_bind, Some(victim), Some(a.local_addr), None).await;
+        let snap = wait_for(&a, |s| !s.peers.is_empty()).await;
+        assert_eq!(snap.peers.values().cloned().collect::<Vec<_>>(), vec![b_bind.to_string()]);
+        assert!(!snap.network.contains_key(&victim.to_string()));
+        drop(b);
+    }
+
+    #[tokio::test]
+    async fn ipv6_addresses_work_in_bind_join_and_tables() {
+        if std::net::UdpSocket::bind("[::1]:0").is_err() {
+            eprintln!("skipping: no IPv6 loopback (::1) on this machine");
+            return;
+        }
+        let v6 = SocketAddr::from((std::net::Ipv6Addr::LOCALHOST, 0));
+        let a = node_at(v6, None, None, Some("k")).await;
+        let b = node_at(v6, None, Some(a.local_addr), Some("k")).await;
+        let snap = wait_for(&a, |s| !s.peers.is_empty()).await;
+        let b_addr = format!("[::1]:{}", b.local_addr.port());
+        assert_eq!(snap.peers.values().cloned().collect::<Vec<_>>(), vec![b_addr.clone()]);
+        let b_snap = wait_for(&b, |s| s.network.len() == 2).await;
+        assert!(b_snap.network.contains_key(&b_addr), "{:?}", b_snap.network);
+        assert!(b_snap.network.contains_key(&format!("[::1]:{}", a.local_addr.port())));
+    }
+
+    #[test]
+    fn paths_follow_authenticated_sources_only() {
+        let member: SocketAddr = "203.0.113.5:7000".parse().expect("a");
+        let nat: SocketAddr = "[::ffff:198.51.100.1]:40000".parse().expect("a");
+        let env = Envelope::new(member, Message::Connect(crate::wire::ConnectData {}), 1.0);
+        let mut p = Paths::default();
+        p.heard(member, nat, &env, true);
+        assert_eq!(p.via(member), "198.51.100.1:40000".parse::<SocketAddr>().expect("a"));
+        // It talks from its own address again: back to the advertised address.
+        p.heard(member, member, &env, true);
+        assert_eq!(p.via(member), member);
+        // Without a secret a claim never redirects anything.
+        p.heard(nat, nat, &env, false);
+        assert_eq!(p.via(member), member);
+        assert_eq!(
+            for_socket("[::]:1".parse().expect("a"), member),
+            "[::ffff:203.0.113.5]:7000".parse().expect("a")
+        );
+        assert_eq!(for_socket("0.0.0.0:1".parse().expect("a"), member), member);
     }
 
     fn peer_addrs(r: &Running) -> Vec<String> {

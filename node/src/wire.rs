@@ -79,9 +79,31 @@ pub fn addr_string(addr: SocketAddr) -> String {
     addr.to_string()
 }
 
-/// Parse an `"ip:port"` address string from message data.
+/// Parse an `"ip:port"` address string from message data (`[v6]:port` for IPv6).
 pub fn parse_addr(s: &str) -> Option<SocketAddr> {
-    s.parse().ok()
+    s.parse().ok().map(canonical)
+}
+
+/// `"ip:port"` of separate `ip` and `port` fields (as a TASK_RESULT carries them): an IPv6
+/// address in brackets, as [`addr_string`] spells it; fields that are no address are joined
+/// as they are (and then match no node).
+pub fn join_addr(ip: &str, port: &str) -> String {
+    match (ip.parse::<IpAddr>(), port.parse::<u16>()) {
+        (Ok(ip), Ok(port)) => addr_string(canonical(SocketAddr::new(ip, port))),
+        _ => format!("{ip}:{port}"),
+    }
+}
+
+/// An IPv4 address as a dual-stack (`[::]`) socket reports it (`::ffff:a.b.c.d`) is the IPv4
+/// address, so that a node has one spelling in tables, `/network` and seals.
+pub fn canonical(addr: SocketAddr) -> SocketAddr {
+    match addr {
+        SocketAddr::V6(v6) => match v6.ip().to_ipv4_mapped() {
+            Some(v4) => SocketAddr::new(IpAddr::V4(v4), v6.port()),
+            None => addr,
+        },
+        v4 => v4,
+    }
 }
 
 /// Peer table entry: `"<id>": ["ip", port]`.
@@ -447,6 +469,8 @@ pub enum WireError {
     Expired { sent_ms: u64, now_ms: u64 },
     #[error("repeated or stale message (replay)")]
     Replay,
+    #[error("authenticated message names no valid sender address ({0:?})")]
+    NoSender(String),
 }
 
 type HmacSha256 = Hmac<Sha256>;
@@ -636,10 +660,16 @@ pub struct ChannelStats {
 /// id, a strictly increasing sequence number, the send time and the destination, all covered
 /// by the MAC. [`Channel::open`] accepts an authenticated datagram only if it was sealed for
 /// this node's address, was sent within [`REPLAY_WINDOW_MS`] of now, and its sequence number
-/// was not accepted before from that source address (a window of [`SEQ_WINDOW`] tolerates
-/// reordering). A new boot id from a source replaces the old one only if its send time is later
-/// than everything accepted from that source, so datagrams of a previous run cannot be replayed
+/// was not accepted before from the sender it names (a window of [`SEQ_WINDOW`] tolerates
+/// reordering). A new boot id from a sender replaces the old one only if its send time is later
+/// than everything accepted from that sender, so datagrams of a previous run cannot be replayed
 /// either. Without a secret datagrams pass unchanged (the reference has no such header).
+///
+/// The sender of an authenticated datagram is the address its envelope names (`ip`/`port`,
+/// under the MAC: only a member can claim one), which may differ from the datagram's source
+/// behind NAT or a published port; the replay window is kept per claimed sender, so a copy
+/// sent from another source is still a replay. Without a secret the sender is the source
+/// address (a claim anyone could make is not believed).
 /// Sans-IO: times are passed in.
 #[derive(Debug)]
 pub struct Channel {
@@ -690,8 +720,14 @@ impl Channel {
     }
 
     /// Decode a datagram from source `from` received at `now_ms` (Unix ms); with a secret,
-    /// authenticate it and refuse replays. Refusals are counted in [`Channel::stats`].
-    pub fn open(&mut self, datagram: &[u8], from: SocketAddr, now_ms: u64) -> Result<Envelope, WireError> {
+    /// authenticate it and refuse replays. Returns the sender (see [`Channel`]) and the
+    /// envelope. Refusals are counted in [`Channel::stats`].
+    pub fn open(
+        &mut self,
+        datagram: &[u8],
+        from: SocketAddr,
+        now_ms: u64,
+    ) -> Result<(SocketAddr, Envelope), WireError> {
         let r = self.check(datagram, from, now_ms);
         if let Err(e) = &r {
             let s = &mut self.stats;
@@ -706,10 +742,15 @@ impl Channel {
         r
     }
 
-    fn check(&mut self, datagram: &[u8], from: SocketAddr, now_ms: u64) -> Result<Envelope, WireError> {
+    fn check(
+        &mut self,
+        datagram: &[u8],
+        from: SocketAddr,
+        now_ms: u64,
+    ) -> Result<(SocketAddr, Envelope), WireError> {
         let env = self.codec.decode(datagram)?;
         if !self.codec.is_authenticated() {
-            return Ok(env);
+            return Ok((canonical(from), env));
         }
         let seal = env.auth.as_ref().ok_or(WireError::Unsealed)?;
         if parse_addr(&seal.to) != Some(self.me) {
@@ -718,7 +759,11 @@ impl Channel {
         if seal.ms.abs_diff(now_ms) > REPLAY_WINDOW_MS {
             return Err(WireError::Expired { sent_ms: seal.ms, now_ms });
         }
-        match self.seen.get_mut(&from) {
+        // The window belongs to the claimed sender (covered by the MAC), not to the datagram's
+        // source: behind NAT a member's source differs from its address, and a copy replayed
+        // from anywhere else meets the same window.
+        let sender = env.sender().map(canonical).ok_or_else(|| WireError::NoSender(env.ip.clone()))?;
+        match self.seen.get_mut(&sender) {
             Some(w) if w.boot == seal.boot => {
                 if !w.accept(seal.seq) {
                     return Err(WireError::Replay);
@@ -738,10 +783,10 @@ impl Channel {
                 {
                     self.seen.remove(&oldest);
                 }
-                self.seen.insert(from, SeqWindow::new(seal.boot.clone(), seal.seq, seal.ms));
+                self.seen.insert(sender, SeqWindow::new(seal.boot.clone(), seal.seq, seal.ms));
             }
         }
-        Ok(env)
+        Ok((sender, env))
     }
 }
 
@@ -1162,6 +1207,41 @@ mod tests {
         assert!(matches!(b.open(&unsealed, a_addr, T0 + 31), Err(WireError::Unsealed)));
         let s = b.stats();
         assert_eq!((s.replayed, s.misdirected, s.unauthenticated), (3, 1, 1));
+    }
+
+    #[test]
+    fn the_sender_is_the_sealed_claim_and_a_copy_from_another_source_is_a_replay() {
+        let b_addr: SocketAddr = "127.0.0.1:2".parse().expect("a");
+        let claimed: SocketAddr = "127.0.0.1:1".parse().expect("a");
+        let nat: SocketAddr = "[::ffff:198.51.100.9]:40001".parse().expect("a");
+        let attacker: SocketAddr = "203.0.113.66:1".parse().expect("a");
+        let mut a = chan(Some("k"), 1, 11);
+        let mut b = chan(Some("k"), 2, 22);
+        let d = a.seal(hb_env(1), b_addr, T0).expect("seal");
+        // Behind NAT the source differs: the sender is still the address the member claims.
+        let (sender, _) = b.open(&d, nat, T0).expect("accepted");
+        assert_eq!(sender, claimed);
+        // The same datagram replayed from anywhere else meets the claimed sender's window.
+        assert!(matches!(b.open(&d, attacker, T0), Err(WireError::Replay)));
+        // Without a secret a claim is not believed: the sender is the (canonical) source.
+        let mut open_a = chan(None, 1, 1);
+        let mut open_b = chan(None, 2, 2);
+        let d = open_a.seal(hb_env(1), b_addr, T0).expect("seal");
+        let (sender, env) = open_b.open(&d, nat, T0).expect("accepted");
+        assert_eq!(sender, "198.51.100.9:40001".parse::<SocketAddr>().expect("a"));
+        assert_eq!(env.sender(), Some(claimed));
+        // IPv6 claims and seals work like IPv4 ones.
+        let v6: SocketAddr = "[2001:db8::2]:7000".parse().expect("a");
+        let mut c = Channel::new(Some("k"), v6, 3).expect("channel");
+        let mut env = hb_env(7001);
+        env.ip = "2001:db8::1".into();
+        let d = a.seal(env, v6, T0).expect("seal");
+        let (sender, _) = c.open(&d, nat, T0).expect("accepted");
+        assert_eq!(sender, "[2001:db8::1]:7001".parse::<SocketAddr>().expect("a"));
+        assert_eq!(parse_addr(&addr_string(sender)), Some(sender));
+        assert_eq!(join_addr("2001:db8::1", "7001"), "[2001:db8::1]:7001");
+        assert_eq!(join_addr("10.0.0.1", "7001"), "10.0.0.1:7001");
+        assert_eq!(join_addr("x", "y"), "x:y");
     }
 
     proptest! {

@@ -678,8 +678,9 @@ impl App {
         })
         .await
         .map_err(|e| format!("policy evaluation crashed: {e}"))??;
+        // Beyond loopback: where the API listens (`node.http`, bound) or is advertised.
         if choice.runner == "local"
-            && !self.http.ip().is_loopback()
+            && !(self.cfg.node.http.ip().is_loopback() && self.http.ip().is_loopback())
             && !self.cfg.runner.local.allow_remote_submissions
         {
             return Err(

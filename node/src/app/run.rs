@@ -42,14 +42,15 @@ pub async fn run_node(
         .await
         .with_context(|| format!("binding the HTTP API on {}", config.node.http))?;
     config.node.http = listener.local_addr().context("reading the HTTP address")?;
+    crate::node_cmd::settle_addresses(&mut config.node)?;
     let app = App::open(AppOptions {
-        udp: config.node.bind,
-        http: config.node.http,
+        udp: config.node.udp_advertised(),
+        http: config.node.http_advertised(),
         runners,
         policies,
         config: config.clone(),
     })?;
-    let running = crate::node_cmd::start_protocol(&config, None, Box::new(CoreView(app.clone()))).await?;
+    let running = crate::node_cmd::start_protocol(&config, Box::new(CoreView(app.clone()))).await?;
     let handle = running.handle.clone();
     app.start(Arc::new(handle.clone()));
     let mut events = running.events;
@@ -59,7 +60,8 @@ pub async fn run_node(
             pump_app.on_event(ev);
         }
     });
-    tracing::info!(udp = %config.node.bind, http = %config.node.http, data = %config.node.data_dir.display(), "node running");
+    tracing::info!(udp = %config.node.bind, http = %config.node.http, advertise = %config.node.udp_advertised(),
+        http_advertise = %config.node.http_advertised(), data = %config.node.data_dir.display(), "node running");
     crate::http::serve(listener, app.clone(), shutdown).await.context("serving the HTTP API")?;
     tracing::info!("shutting down: leaving the network");
     handle.leave();

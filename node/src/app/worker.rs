@@ -80,7 +80,7 @@ impl TaskPost {
 
     /// The worker's `ip:port`.
     pub fn node(&self) -> String {
-        format!("{}:{}", self.result.ip, self.result.port)
+        crate::wire::join_addr(&self.result.ip, &self.result.port)
     }
 }
 

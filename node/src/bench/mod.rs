@@ -6,6 +6,7 @@ pub mod docker;
 pub mod local;
 pub mod memory;
 pub mod plugins;
+pub mod scale;
 pub mod udp_auth;
 
 use std::path::PathBuf;
@@ -72,6 +73,9 @@ pub enum BenchCommand {
     /// Datagram authentication: datagrams/s encoded and decoded with and without the cluster
     /// MAC and replay check, and the ratio.
     Auth(udp_auth::Args),
+    /// Scaling: a generated course on 1, 2, 4 and 8 nodes, each confined to 0.25 CPU (cgroups):
+    /// wall time, speedup and efficiency against 1 node.
+    Scale(scale::Args),
 }
 
 /// Run one benchmark.
@@ -84,5 +88,6 @@ pub fn run(cmd: BenchCommand, config: &Config) -> anyhow::Result<()> {
         BenchCommand::Docker(args) => docker::run(args, config),
         BenchCommand::Memory(args) => memory::run(args, config),
         BenchCommand::Auth(args) => udp_auth::run(&args),
+        BenchCommand::Scale(args) => scale::run(args, config),
     }
 }

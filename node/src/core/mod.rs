@@ -46,8 +46,9 @@
 //! it chose).
 //!
 //! # Who may say what (issue 9)
-//! The sender of a message is its datagram's source address (the envelope's `ip`/`port` is only
-//! a claim); replies go there. An id is bound to the address it was admitted at: heartbeats,
+//! The sender of a message is the address the shell gives with it: the datagram's source in an
+//! open network, the member's authenticated advertised address with a cluster secret (the
+//! envelope's `ip`/`port` is otherwise only a claim); replies go there. An id is bound to the address it was admitted at: heartbeats,
 //! leaves and refutations for it from elsewhere are refused. RECOVERY_ELECTION is heard only
 //! from its candidate and never evicts a live peer; a gossiped failure claim evicts a peer only
 //! if this node has not heard from it for two heartbeat periods either. Counters are saturating
@@ -153,8 +154,10 @@ pub const COUNTER_CLOCK_SLACK_MS: u64 = 86_400_000;
 /// What the core is given.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Input {
-    /// A decoded message from the datagram's source address `from`. The source is the sender's
-    /// identity and where replies go; the envelope's claimed `ip`/`port` is not trusted.
+    /// A decoded message from sender `from`: the sender's identity and where replies go. The
+    /// shell decides it (see [`crate::wire::Channel`]): with a cluster secret the advertised
+    /// address the member's authenticated envelope names, without one the datagram's source;
+    /// the core never reads the envelope's `ip`/`port` itself.
     Message { from: SocketAddr, env: Envelope },
     /// Timer tick; call every `heartbeat_ms / 5` or more often.
     Tick,
@@ -994,10 +997,6 @@ impl Core {
     // ---------------------------------------------------------------------------- messages
 
     fn on_message(&mut self, now: Instant, from: SocketAddr, env: Envelope, out: &mut Vec<Action>) {
-        if env.sender() != Some(from) {
-            tracing::debug!(%from, claimed_ip = %env.ip, claimed_port = env.port, cmd = env.msg.cmd(),
-                "claimed sender differs from the datagram's source; using the source");
-        }
         if from == self.cfg.addr {
             return;
         }

@@ -347,7 +347,7 @@ impl Sim {
                     continue;
                 }
                 let now = self.unix_ms();
-                if let Ok(env) = self.nodes[dest].channel.open(&bytes, from, now) {
+                if let Ok((from, env)) = self.nodes[dest].channel.open(&bytes, from, now) {
                     self.input(dest, Input::Message { from, env });
                 }
             }

@@ -280,7 +280,7 @@ async fn import(docker: &Docker, rootfs: &Path, versioned: &str) -> Result<Strin
     Ok(found.id.unwrap_or_default())
 }
 
-async fn tag_as(docker: &Docker, source: &str, target: &str) -> Result<(), DockerError> {
+pub async fn tag_as(docker: &Docker, source: &str, target: &str) -> Result<(), DockerError> {
     if source == target {
         return Ok(());
     }
@@ -293,7 +293,7 @@ async fn tag_as(docker: &Docker, source: &str, target: &str) -> Result<(), Docke
 }
 
 /// Runs a build step, turning a failure into an error that carries the tail of its stderr.
-async fn run(mut cmd: Command, what: &str) -> Result<(), DockerError> {
+pub async fn run(mut cmd: Command, what: &str) -> Result<(), DockerError> {
     let out = cmd
         .stdin(Stdio::null())
         .output()
