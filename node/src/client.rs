@@ -165,13 +165,8 @@ pub fn local_upload(sources: &[String]) -> anyhow::Result<(Vec<u8>, String)> {
             bail!("{s} is not a folder, a .zip file or a git URL (zip files must be submitted alone)");
         }
         for (name, dir) in crate::archive::split_projects(path).with_context(|| format!("reading {s}"))? {
-            let mut unique = name.clone();
-            let mut n = 2;
-            while projects.iter().any(|(p, _)| *p == unique) {
-                unique = format!("{name}_{n}");
-                n += 1;
-            }
-            projects.push((unique, dir));
+            let taken: Vec<String> = projects.iter().map(|(p, _)| p.clone()).collect();
+            projects.push((crate::eval::unique_name(&taken, &name), dir));
         }
     }
     Ok((fetch::pack_projects(&projects)?, "projects.zip".into()))

@@ -7,6 +7,7 @@ pub mod client;
 pub mod core;
 pub mod corpus;
 pub mod demo;
+pub mod engine;
 pub mod eval;
 pub mod fetch;
 pub mod http;

@@ -121,13 +121,8 @@ pub fn build_report(
             "failed" => {}
             _ => all_settled = false,
         }
-        let mut key = p.name.clone();
-        let mut n = 2;
-        while projects.contains_key(&key) {
-            key = format!("{}_{n}", p.name);
-            n += 1;
-        }
-        projects.insert(key, view);
+        // Names are unique per evaluation (see `unique_names`).
+        projects.insert(p.name.clone(), view);
     }
     let (pass_percentage, fail_percentage) = percentages(&total);
     let grade =
