@@ -593,8 +593,9 @@ impl App {
                     self.shell().sync_hints.insert(from);
                 }
             }
-            Event::PeerUp { addr, .. } => {
+            Event::PeerUp { id, addr } => {
                 self.refresh_members();
+                self.apply(Input::PeerUp { id, addr });
                 self.shell().sync_hints.insert(addr);
             }
             Event::Joined { .. } | Event::Left => {}

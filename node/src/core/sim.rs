@@ -260,6 +260,34 @@ impl Sim {
         self.nodes[i].stalled_until = Some(self.now_ms + ms);
     }
 
+    /// Hand node `i`'s core a request from its application (nothing if it is down).
+    pub fn local(&mut self, i: usize, event: LocalEvent) {
+        if !self.nodes[i].crashed {
+            self.input(i, Input::Local(event));
+        }
+    }
+
+    /// Restart crashed node `i` at the same address (a new process: new id, empty state),
+    /// joining through node `via`.
+    pub fn restart(&mut self, i: usize, via: usize) {
+        let cfg = CoreConfig {
+            addr: Self::addr(i),
+            join: Some(Self::addr(via)),
+            http: None,
+            timers: self.timers.clone(),
+            unix_micros_at_start: (EPOCH_MS + self.now_ms) * 1000 + i as u64,
+            seed: self.net.seed.wrapping_mul(1_000_003).wrapping_add(i as u64 + self.now_ms),
+        };
+        let core = Core::new(cfg, Box::new(NoApp), self.instant());
+        let channel = Channel::with_codec(self.net.codec.clone(), Self::addr(i), self.rng.random());
+        let node = &mut self.nodes[i];
+        node.core = core;
+        node.channel = channel;
+        node.crashed = false;
+        node.stalled_until = None;
+        node.events.clear();
+    }
+
     /// Graceful leave of node `i`.
     pub fn leave(&mut self, i: usize) {
         self.input(i, Input::Local(LocalEvent::Leave));

@@ -24,6 +24,8 @@
 mod post;
 mod replica;
 mod sched;
+#[cfg(test)]
+mod sim;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::net::SocketAddr;
@@ -95,6 +97,9 @@ pub enum Input {
     Ran { post: TaskPost, from: Option<SocketAddr> },
     /// A peer failed (`died`) or left.
     PeerDown { addr: SocketAddr, died: bool },
+    /// A peer is live: new, back after a false suspicion (same id), or restarted (a new id at
+    /// its address: the tasks it ran died with its previous process).
+    PeerUp { id: NodeId, addr: SocketAddr },
     /// This node now owns the failed node's evaluations.
     TakeOver { failed: SocketAddr },
     /// Records (whole or deltas) replicated by member `from`, not yet validated.
@@ -167,8 +172,18 @@ pub fn duration_key(project_name: &str, module: &str) -> String {
     format!("{project_name}::{module}")
 }
 
+/// A bug the simulator injects on purpose, to show that its invariants catch it.
+#[cfg(test)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Bug {
+    /// Results are accepted from anyone for tasks that have one already, replacing it.
+    AcceptSecondResult,
+}
+
 /// The evaluation state of one node.
 pub struct Engine {
+    #[cfg(test)]
+    bug: Option<Bug>,
     cfg: EngineConfig,
     evals: BTreeMap<EvalId, EvalRecord>,
     assignments: sched::Assignments,
@@ -189,7 +204,9 @@ pub struct Engine {
     busy: usize,
     next_announce: Option<Instant>,
     /// Nodes that announced work, and when (a freed slot asks them again at once).
-    announcers: HashMap<SocketAddr, Instant>,
+    announcers: BTreeMap<SocketAddr, Instant>,
+    /// The node id last seen live at each peer address.
+    incarnations: BTreeMap<SocketAddr, NodeId>,
 }
 
 impl Engine {
@@ -206,6 +223,8 @@ impl Engine {
             evals.values().filter(|r| r.responsible == me && r.end_time.is_none()).map(|r| r.id).collect();
         let resume_at = (!held.is_empty()).then(|| now + cfg.hold);
         Engine {
+            #[cfg(test)]
+            bug: None,
             cfg,
             evals,
             assignments: sched::Assignments::default(),
@@ -219,7 +238,8 @@ impl Engine {
             peers: BTreeSet::new(),
             busy: 0,
             next_announce: None,
-            announcers: HashMap::new(),
+            announcers: BTreeMap::new(),
+            incarnations: BTreeMap::new(),
         }
     }
 
@@ -243,6 +263,12 @@ impl Engine {
             }
             Input::Ran { post, from } => self.ran(now, post, from, &mut out),
             Input::PeerDown { addr, died } => self.requeue_worker(now, addr, died, &mut out),
+            Input::PeerUp { id, addr } => {
+                if self.incarnations.insert(addr, id.clone()).is_some_and(|old| old != id) {
+                    tracing::info!(peer = %addr, "peer restarted: requeueing its tasks");
+                    self.requeue_worker(now, addr, true, &mut out);
+                }
+            }
             Input::TakeOver { failed } => self.take_over(now, failed, &mut out),
             Input::Merge { records, from } => self.merge(records, from, &mut out),
             Input::Flush => {

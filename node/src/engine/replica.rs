@@ -26,14 +26,14 @@ pub fn fingerprint(rec: &EvalRecord) -> String {
 }
 
 /// `POST /internal/sync` request: the caller's fingerprints.
-#[derive(Debug, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct SyncRequest {
     pub digests: BTreeMap<EvalId, String>,
 }
 
 /// `POST /internal/sync` answer: records the caller lacks or holds differently, and ids the
 /// answering node wants the caller's copy of.
-#[derive(Debug, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct SyncResponse {
     pub records: Vec<EvalRecord>,
     pub want: Vec<EvalId>,

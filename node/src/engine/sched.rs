@@ -1,7 +1,7 @@
 //! The responsible node's side of task distribution (the queue, assignments, leases, worker
 //! deaths, results) and the worker's side of the pull protocol.
 
-use std::collections::HashMap;
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
@@ -45,7 +45,7 @@ pub(super) struct Assignment {
 /// node taking over) by the same call that makes it, and withdrawn with it.
 #[derive(Debug, Default)]
 pub(super) struct Assignments {
-    by_task: HashMap<String, Assignment>,
+    by_task: BTreeMap<String, Assignment>,
 }
 
 impl Assignments {
@@ -166,6 +166,10 @@ impl Engine {
     /// TASK_REQUEST from an idle worker: hand it the next task.
     pub(super) fn hand_out(&mut self, now: Now, from: SocketAddr, out: &mut Vec<Action>) {
         let Some(id) = self.id.clone() else { return };
+        if !self.peers.contains(&from) {
+            tracing::debug!(worker = %from, "TASK_REQUEST from a node that is not a live member ignored");
+            return;
+        }
         let Some(task) = self.take_next(now, from, out) else { return };
         let name = task.project.map(|p| p.name).unwrap_or_default();
         let info = TaskInfo {
@@ -263,14 +267,13 @@ impl Engine {
     /// Requeues every task handed to `worker` (it failed or left). When it `died`, the tasks it
     /// had confirmed count a worker death each.
     pub(super) fn requeue_worker(&mut self, now: Now, worker: SocketAddr, died: bool, out: &mut Vec<Action>) {
-        let mut gone: Vec<(String, EvalId)> = self
+        let gone: Vec<(String, EvalId)> = self
             .assignments
             .by_task
             .iter()
             .filter(|(_, a)| a.worker == worker)
             .map(|(t, a)| (t.clone(), a.eval))
             .collect();
-        gone.sort();
         for (t, eval) in gone {
             let confirmed = self.release(eval, &t, out).is_some_and(|a| a.confirmed);
             if died && confirmed {
@@ -370,6 +373,10 @@ impl Engine {
         if !rec.knows_task(task) {
             return Err(Refusal::NotFound(format!("unknown task {task}")));
         }
+        #[cfg(test)]
+        if self.bug == Some(super::Bug::AcceptSecondResult) && rec.responsible == self.me() {
+            return Ok(Ok(rec.id));
+        }
         if rec.results.contains_key(task) {
             return Ok(Err(Accepted::Duplicate));
         }
@@ -445,6 +452,10 @@ impl Engine {
         out: &mut Vec<Action>,
     ) -> bool {
         let Some(rec) = self.evals.get_mut(&eval) else { return false };
+        #[cfg(test)]
+        if self.bug == Some(super::Bug::AcceptSecondResult) {
+            rec.results.remove(task);
+        }
         if !rec.add_result(task, result, now.wall) {
             return false;
         }
