@@ -20,6 +20,7 @@ use cdtester_runner_api::{
 use cdtester_runners::local::{DurationStore, ModuleStat};
 use serde::Serialize;
 
+use crate::eval::Columns;
 use crate::registry::{self, Registry};
 
 #[derive(clap::Args, Debug)]
@@ -421,11 +422,11 @@ pub fn table(eval: &Evaluation) -> String {
             "module", "passed", "failed", "skipped", "errors", "xfail", "other", "time"
         );
         let row = |s: &mut String, name: &str, c: &Counts, t: f64| {
-            let errors = c.error + c.timeout + c.crashed + c.oom + c.infra_error;
+            let c = Columns::of(c);
             let _ = writeln!(
                 s,
                 "  {:<width$} {:>7} {:>7} {:>7} {:>7} {:>7} {:>7} {:>7.2}s",
-                name, c.passed, c.failed, c.skipped, errors, c.xfailed, c.xpassed, t
+                name, c.passed, c.failed, c.skipped, c.errors, c.xfailed, c.xpassed, t
             );
         };
         for m in &p.modules {
@@ -444,11 +445,7 @@ pub fn table(eval: &Evaluation) -> String {
         eval.counts.total(),
         eval.counts.passes(),
         eval.counts.failed,
-        eval.counts.error
-            + eval.counts.timeout
-            + eval.counts.crashed
-            + eval.counts.oom
-            + eval.counts.infra_error,
+        Columns::of(&eval.counts).errors,
         eval.counts.skipped,
         grade_text(eval.grade),
         eval.duration
@@ -493,7 +490,7 @@ pub fn junit_xml(eval: &Evaluation) -> String {
     let mut s = String::from("<?xml version=\"1.0\" encoding=\"utf-8\"?>\n<testsuites name=\"cdtester\">\n");
     for p in &eval.projects {
         let c = &p.counts;
-        let errors = c.error + c.timeout + c.crashed + c.oom + c.infra_error + u64::from(p.error.is_some());
+        let errors = Columns::of(c).errors + u64::from(p.error.is_some());
         let _ = writeln!(
             s,
             "  <testsuite name=\"{}\" tests=\"{}\" failures=\"{}\" errors=\"{}\" skipped=\"{}\" time=\"{:.3}\">",

@@ -18,7 +18,10 @@ use std::collections::BTreeMap;
 use cdtester_runner_api::{Chunk, Counts, Limits, ModuleReport, TestResult};
 use serde::{Deserialize, Serialize};
 
-pub use report::{EvalReport, NodeStatsRow, Stats, StatsAll, build_report, stats};
+pub use report::{
+    Columns, EvalReport, EvalStatus, ModuleStatus, ModuleView, NodeStatsRow, ProjectReport, ProjectStatus,
+    Stats, StatsAll, Summary, build_report, stats,
+};
 
 /// Evaluation ids are positive integers below 2^53 (exact in JSON numbers everywhere).
 pub type EvalId = u64;

@@ -3,16 +3,60 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use cdtester_runner_api::{Counts, TestResult, round2};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use super::{EvalId, EvalRecord, ProjectRecord, ProjectState};
+pub use crate::wire::ModuleStatus;
+
+/// Where an evaluation is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum EvalStatus {
+    Running,
+    Finished,
+}
+
+/// Where a project is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ProjectStatus {
+    Preparing,
+    Running,
+    Finished,
+    Failed,
+}
+
+/// How tables group a module's or project's test outcomes, the same for `cdtester run` and
+/// `cdtester submit --wait`: errors are every verdict that is neither a pass, a plain failure nor
+/// a skip (error, timeout, crashed, oom, infra-error), as in JUnit's `<error>`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Columns {
+    pub passed: u64,
+    pub failed: u64,
+    pub errors: u64,
+    pub skipped: u64,
+    pub xfailed: u64,
+    pub xpassed: u64,
+}
+
+impl Columns {
+    pub fn of(c: &Counts) -> Columns {
+        Columns {
+            passed: c.passed,
+            failed: c.failed,
+            errors: c.error + c.timeout + c.crashed + c.oom + c.infra_error,
+            skipped: c.skipped,
+            xfailed: c.xfailed,
+            xpassed: c.xpassed,
+        }
+    }
+}
 
 /// `GET /evaluation/{id}`.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct EvalReport {
     pub id: EvalId,
-    /// `running` or `finished`.
-    pub status: &'static str,
+    pub status: EvalStatus,
     /// The node that schedules the evaluation now (UDP `ip:port`).
     pub node: String,
     pub start_time: f64,
@@ -26,7 +70,7 @@ pub struct EvalReport {
 
 /// Totals of an evaluation or a project. `executed`/`executing`/`pending` count modules (tasks);
 /// `tests` counts individual tests by outcome.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Summary {
     pub pass_percentage: f64,
     pub fail_percentage: f64,
@@ -41,16 +85,15 @@ pub struct Summary {
     pub grade: Option<f64>,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ProjectReport {
     pub id: String,
     /// Node responsible for the project (UDP `ip:port`).
     pub node: String,
-    #[serde(skip_serializing_if = "Option::is_none")]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub url: Option<String>,
-    /// `preparing`, `running`, `finished` or `failed`.
-    pub status: &'static str,
-    #[serde(skip_serializing_if = "Option::is_none")]
+    pub status: ProjectStatus,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
     pub pass_percentage: f64,
     pub fail_percentage: f64,
@@ -67,12 +110,11 @@ pub struct ProjectReport {
     pub modules: BTreeMap<String, ModuleView>,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ModuleView {
-    /// `pending`, `running` or `finished`.
-    pub status: &'static str,
+    pub status: ModuleStatus,
     /// Node that ran (or runs) it.
-    #[serde(skip_serializing_if = "Option::is_none")]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub node: Option<String>,
     pub passed: u64,
     pub failed: u64,
@@ -81,10 +123,10 @@ pub struct ModuleView {
     pub counts: Counts,
     /// Seconds the module took.
     pub time: f64,
-    #[serde(skip_serializing_if = "Option::is_none")]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub note: Option<String>,
     /// Per-test results (left out when the report is asked for without them).
-    #[serde(skip_serializing_if = "Option::is_none")]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tests: Option<Vec<TestResult>>,
 }
 
@@ -117,9 +159,9 @@ pub fn build_report(
         executing += view.executing;
         pending += view.pending;
         match view.status {
-            "finished" => grades.extend(view.grade),
-            "failed" => {}
-            _ => all_settled = false,
+            ProjectStatus::Finished => grades.extend(view.grade),
+            ProjectStatus::Failed => {}
+            ProjectStatus::Preparing | ProjectStatus::Running => all_settled = false,
         }
         // Names are unique per evaluation (see `unique_names`).
         projects.insert(p.name.clone(), view);
@@ -129,7 +171,7 @@ pub fn build_report(
         (all_settled && !grades.is_empty()).then(|| round2(grades.iter().sum::<f64>() / grades.len() as f64));
     EvalReport {
         id: rec.id,
-        status: if rec.end_time.is_some() { "finished" } else { "running" },
+        status: if rec.end_time.is_some() { EvalStatus::Finished } else { EvalStatus::Running },
         node: rec.responsible.clone(),
         start_time: rec.start_time,
         end_time: rec.end_time,
@@ -164,24 +206,22 @@ fn project_report(
     let (mut executed, mut executing, mut pending) = (0, 0, 0);
     let mut all_tests = Vec::new();
     let (status, error) = match &p.state {
-        ProjectState::Preparing => ("preparing", None),
-        ProjectState::Failed { error } => ("failed", Some(error.clone())),
+        ProjectState::Preparing => (ProjectStatus::Preparing, None),
+        ProjectState::Failed { error } => (ProjectStatus::Failed, Some(error.clone())),
         ProjectState::Ready { modules: names, .. } => {
             for m in names {
                 let progress = rec.module_progress(p, m);
                 let c = progress.counts();
                 counts.merge(&c);
-                let status = if progress.finished() {
-                    executed += 1;
-                    all_tests.extend(progress.tests());
-                    "finished"
-                } else if progress.started() {
-                    executing += 1;
-                    "running"
-                } else {
-                    pending += 1;
-                    "pending"
-                };
+                let status = progress.status();
+                match status {
+                    ModuleStatus::Finished => {
+                        executed += 1;
+                        all_tests.extend(progress.tests());
+                    }
+                    ModuleStatus::Running => executing += 1,
+                    ModuleStatus::Pending => pending += 1,
+                }
                 let (pp, fp) = percentages(&c);
                 let view = ModuleView {
                     status,
@@ -197,11 +237,11 @@ fn project_report(
                 };
                 modules.insert(m.clone(), view);
             }
-            (if executing + pending == 0 { "finished" } else { "running" }, None)
+            (if executing + pending == 0 { ProjectStatus::Finished } else { ProjectStatus::Running }, None)
         }
     };
     let (pass_percentage, fail_percentage) = percentages(&counts);
-    let grade = if status == "finished" { grade(p, &all_tests) } else { None };
+    let grade = if status == ProjectStatus::Finished { grade(p, &all_tests) } else { None };
     ProjectReport {
         id: p.id.clone(),
         node: rec.responsible.clone(),
@@ -331,7 +371,7 @@ mod tests {
         );
         rec.running.insert("9-0::t_sub.py".into(), "127.0.0.1:7002".into());
         let r = build_report(&rec, 12.5, false, &default_grade);
-        assert_eq!(r.status, "running");
+        assert_eq!(r.status, EvalStatus::Running);
         assert_eq!((r.summary.executed, r.summary.executing, r.summary.pending), (1, 1, 1));
         assert_eq!(r.time_elapsed, 2.5);
         assert_eq!(r.projects["calc"].grade, None);
@@ -351,7 +391,12 @@ mod tests {
             14.0,
         );
         let r = build_report(&rec, 20.0, true, &default_grade);
-        assert_eq!(r.status, "finished");
+        assert_eq!(r.status, EvalStatus::Finished);
+        let json = serde_json::to_string(&r).unwrap();
+        let back: EvalReport = serde_json::from_str(&json).expect("a report reads back");
+        assert_eq!(back.projects["calc"].status, ProjectStatus::Finished);
+        assert_eq!(back.projects["calc"].modules["t_add.py"].status, ModuleStatus::Finished);
+        assert!(json.contains(r#""status":"finished""#), "{json}");
         assert_eq!(r.time_elapsed, 4.0);
         let calc = &r.projects["calc"];
         assert_eq!((calc.total_passed, calc.total_failed, calc.grade), (3, 1, Some(15.0)));
