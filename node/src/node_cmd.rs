@@ -11,15 +11,11 @@ use std::path::{Path, PathBuf};
 use anyhow::Context;
 use cdtester_config::Config;
 
-use crate::core::{AppState, Event, Snapshot};
+use crate::core::{Event, Snapshot};
 use crate::udp::{self, Running, ShellConfig};
 
 /// Start the UDP protocol loop for `config.node` (bind, join, http, secret) and `config.timers`.
-pub async fn start_protocol(
-    config: &Config,
-    advertise: Option<SocketAddr>,
-    app: Box<dyn AppState>,
-) -> anyhow::Result<Running> {
+pub async fn start_protocol(config: &Config, advertise: Option<SocketAddr>) -> anyhow::Result<Running> {
     let shell = ShellConfig {
         bind: config.node.bind,
         advertise,
@@ -28,13 +24,12 @@ pub async fn start_protocol(
         timers: config.timers.clone(),
         secret: config.node.secret.clone(),
     };
-    udp::start(shell, app).await.context("starting the peer protocol")
+    udp::start(shell).await.context("starting the peer protocol")
 }
 
 /// Run a membership-only node until Ctrl-C or SIGTERM, then leave gracefully.
 pub async fn run_membership(config: &Config, status_file: Option<PathBuf>) -> anyhow::Result<()> {
-    let Running { mut handle, mut events, task, .. } =
-        start_protocol(config, None, Box::new(crate::core::NoApp)).await?;
+    let Running { mut handle, mut events, task, .. } = start_protocol(config, None).await?;
     let mut status = handle.clone();
     let writer = status_file.map(|path| {
         tokio::spawn(async move {

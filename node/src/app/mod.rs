@@ -30,14 +30,14 @@ use cdtester_plugins::{PolicySet, RunnerChoice};
 use cdtester_runner_api::plan::ModuleStat;
 use cdtester_runner_api::{PreparedProject, Runner, TestResult};
 
-use crate::core::{Event, Snapshot};
+use crate::core::{Event, LocalEvent, Snapshot};
 use crate::engine::{Accepted, Action, Engine, EngineConfig, Input, Now, Refusal};
 use crate::eval::{self, EvalId, EvalRecord, MAX_EVAL_ID, ProjectRecord, ProjectState};
 use crate::fetch::{self, FetchedProject};
 use crate::http::auth::{Secret, Verifier};
 use crate::http::client::HttpClient;
 use crate::store::Store;
-use crate::wire::{CacheContent, EvalMap, Message};
+use crate::wire::Message;
 
 pub use crate::engine::{SyncRequest, SyncResponse, TaskPost};
 pub use run::{node_main, run_node, runners_for};
@@ -45,6 +45,8 @@ pub use sync::Replicated;
 
 /// Period of the engine's tick when nothing else happens.
 const TICK: Duration = Duration::from_millis(100);
+/// Ticks between two refreshes of the CACHE_UPDATE content the core sends periodically.
+const CACHE_EVERY_TICKS: u64 = 10;
 
 /// Accepts a module's result (`POST /task`) from the authenticated `caller`; the answer's
 /// `status`.
@@ -88,6 +90,8 @@ pub trait PeerNet: Send + Sync {
     fn broadcast(&self, msg: Message);
     /// Send a CACHE_UPDATE now.
     fn push_cache(&self);
+    /// Hand the core a value it needs ([`LocalEvent::SetCache`], [`LocalEvent::SetActive`]).
+    fn push_state(&self, event: LocalEvent);
     /// Membership as the core sees it now.
     fn snapshot(&self) -> Snapshot;
     /// A live peer's HTTP API address, if the protocol carries it.
@@ -262,9 +266,15 @@ impl App {
         }
         let app = self.clone();
         tokio::spawn(async move {
+            let mut ticks: u64 = 0;
             loop {
                 app.refresh_members();
                 app.apply(Input::Tick);
+                app.push_active();
+                if ticks.is_multiple_of(CACHE_EVERY_TICKS) {
+                    app.set_cache();
+                }
+                ticks += 1;
                 tokio::time::sleep(TICK).await;
             }
         });
@@ -313,7 +323,7 @@ impl App {
                     tokio::spawn(worker::deliver(self.clone(), post, from));
                 }
                 Action::Answer(a) => applied.answer = Some(a),
-                Action::PushCache => self.net().inspect(|n| n.push_cache()).map_or((), |_| ()),
+                Action::PushCache => self.push_cache(),
                 Action::Prefetch { project, from } => self.prefetch(project, from),
                 Action::RememberDuration { key, stat } => {
                     if let Err(e) = self.store.record_durations(&[(key, stat)]) {
@@ -324,6 +334,28 @@ impl App {
             }
         }
         applied
+    }
+
+    /// Hands the core the active evaluations of every responsible node (for elections).
+    fn push_active(&self) {
+        if let Some(net) = self.net() {
+            net.push_state(LocalEvent::SetActive(self.engine().active_evaluations()));
+        }
+    }
+
+    /// Hands the core this node's current evaluation summary for its CACHE_UPDATEs.
+    fn set_cache(&self) {
+        if let Some(net) = self.net() {
+            net.push_state(LocalEvent::SetCache(Box::new(self.engine().cache_content())));
+        }
+    }
+
+    /// Sends a CACHE_UPDATE with the current summary now.
+    fn push_cache(&self) {
+        self.set_cache();
+        if let Some(net) = self.net() {
+            net.push_cache();
+        }
     }
 
     /// Tells the engine the membership the core sees now.
@@ -654,17 +686,4 @@ fn redactions(cfg: &Config) -> Vec<(String, &'static str)> {
     }
     out.sort_by_key(|(s, _)| std::cmp::Reverse(s.len()));
     out
-}
-
-/// The state the core pulls for CACHE_UPDATE and elections (reference-compatible summary).
-pub struct CoreView(pub Arc<App>);
-
-impl crate::core::AppState for CoreView {
-    fn cache_content(&self) -> CacheContent {
-        self.0.engine().cache_content()
-    }
-
-    fn active_evaluations(&self, failed_addr: &str) -> EvalMap {
-        self.0.engine().active_evaluations().remove(failed_addr).unwrap_or_default()
-    }
 }

@@ -21,7 +21,7 @@ use cdtester_config::Timers;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
-use super::{Action, Core, CoreConfig, Event, Input, LocalEvent, NoApp};
+use super::{Action, Core, CoreConfig, Event, Input, LocalEvent};
 use crate::wire::{Channel, ChannelStats, Codec, Envelope, NodeId};
 
 /// Simulation step.
@@ -191,7 +191,7 @@ impl Sim {
             unix_micros_at_start: (EPOCH_MS + self.now_ms) * 1000 + i as u64,
             seed: self.net.seed.wrapping_mul(1_000_003).wrapping_add(i as u64),
         };
-        let core = Core::new(cfg, Box::new(NoApp), self.instant());
+        let core = Core::new(cfg, self.instant());
         let channel = Channel::with_codec(self.net.codec.clone(), Self::addr(i), self.rng.random());
         let phase = self.rng.random_range(0..TICK_MS / STEP_MS) * STEP_MS;
         self.nodes.push(SimNode {
@@ -278,7 +278,7 @@ impl Sim {
             unix_micros_at_start: (EPOCH_MS + self.now_ms) * 1000 + i as u64,
             seed: self.net.seed.wrapping_mul(1_000_003).wrapping_add(i as u64 + self.now_ms),
         };
-        let core = Core::new(cfg, Box::new(NoApp), self.instant());
+        let core = Core::new(cfg, self.instant());
         let channel = Channel::with_codec(self.net.codec.clone(), Self::addr(i), self.rng.random());
         let node = &mut self.nodes[i];
         node.core = core;

@@ -374,6 +374,10 @@ impl World {
         let id = self.sim.core(i).id().cloned();
         self.input(i, Input::Members { id, peers });
         self.input(i, Input::Tick);
+        // Like the node: the core gets the active evaluations it carries in elections.
+        if let Some(active) = self.engine(i).map(Engine::active_evaluations) {
+            self.sim.local(i, LocalEvent::SetActive(active));
+        }
         self.finish_jobs(i);
         self.start_waiting(i);
         let due: Vec<(u64, EvalId, ProjectRecord)> = {
