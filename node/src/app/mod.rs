@@ -66,7 +66,7 @@ pub async fn accept_result(
 /// Merges replicated records or deltas (`POST /internal/replicate`) sent by the authenticated
 /// member `from`.
 pub fn replicate(app: &Arc<App>, records: Vec<EvalRecord>, from: SocketAddr) -> Replicated {
-    Replicated { merged: app.apply(Input::Merge { records, from }).persisted }
+    Replicated { merged: app.apply(Input::Merge { records, from }).merged }
 }
 
 /// Answers a digest exchange (`POST /internal/sync`).
@@ -181,8 +181,8 @@ type PreparedMap = HashMap<(String, String), Arc<tokio::sync::Mutex<Option<Prepa
 struct Applied {
     answer: Option<Result<Accepted, Refusal>>,
     replicate: Vec<EvalRecord>,
-    /// Records written (changed by the input).
-    persisted: usize,
+    /// Records an [`Input::Merge`] changed.
+    merged: usize,
 }
 
 /// The application state of one node.
@@ -309,10 +309,8 @@ impl App {
         let mut applied = Applied::default();
         for action in actions {
             match action {
-                Action::Persist(rec) => {
-                    applied.persisted += 1;
-                    self.persist(&rec);
-                }
+                Action::Persist(rec) => self.persist(&rec),
+                Action::Merged(n) => applied.merged = n,
                 Action::Discover { eval, project } => self.spawn_discovery(eval, project),
                 Action::Run(task) => {
                     tokio::spawn(worker::run(self.clone(), task));

@@ -149,6 +149,8 @@ pub enum Action {
     RememberDuration { key: String, stat: ModuleStat },
     /// Changed records to push to every member.
     Replicate(Vec<EvalRecord>),
+    /// How many of the records of an [`Input::Merge`] changed this node's copy.
+    Merged(usize),
 }
 
 /// Where a finished task's result goes now.

@@ -52,6 +52,7 @@ impl Engine {
     /// connection's source) a node may only send the records it is responsible for or submitted.
     pub(super) fn merge(&mut self, records: Vec<EvalRecord>, from: SocketAddr, out: &mut Vec<Action>) {
         let from_s = from.to_string();
+        let mut changed = 0;
         for rec in records {
             if let Err(e) = rec.validate() {
                 tracing::warn!(eval = rec.id, peer = %from_s, "refusing a replicated record: {e}");
@@ -79,11 +80,13 @@ impl Engine {
             };
             let Some(added) = added else { continue };
             let Some(mine) = self.evals.get(&id) else { continue };
+            changed += 1;
             out.push(Action::Persist(mine.delta(&added)));
             for p in &mine.projects {
                 out.push(Action::Prefetch { project: p.clone(), from });
             }
         }
+        out.push(Action::Merged(changed));
     }
 
     /// Fingerprints of every record (the caller's half of a digest exchange).

@@ -493,7 +493,7 @@ impl World {
                     self.http(i, j, Call::Replicate(records.clone()));
                 }
             }
-            Action::Answer(_) | Action::PushCache | Action::Prefetch { .. } => {}
+            Action::Answer(_) | Action::PushCache | Action::Prefetch { .. } | Action::Merged(_) => {}
         }
     }
 
