@@ -80,7 +80,8 @@ pub struct Evaluation {
 }
 
 /// Entry point of `cdtester run`.
-pub fn main(config: Config, args: RunArgs) -> anyhow::Result<()> {
+pub fn main(mut config: Config, args: RunArgs) -> anyhow::Result<()> {
+    config.node.data_dir = data_dir(&config.node.data_dir, |k| std::env::var_os(k));
     let workers = args.workers.unwrap_or(config.runner.workers);
     if workers == 0 {
         bail!("--workers must be at least 1");
@@ -127,6 +128,20 @@ pub fn main(config: Config, args: RunArgs) -> anyhow::Result<()> {
         std::process::exit(2);
     }
     Ok(())
+}
+
+/// Where `cdtester run` keeps its data (duration memory, environments): the configured
+/// `node.data_dir`, or, when it is the default (`cdtester-data`, relative to wherever the command
+/// runs), `cdtester` in the user's cache folder (`$XDG_CACHE_HOME`, else `$HOME/.cache`).
+fn data_dir(configured: &Path, env: impl Fn(&str) -> Option<std::ffi::OsString>) -> PathBuf {
+    if configured != cdtester_config::NodeConfig::default().data_dir {
+        return configured.to_path_buf();
+    }
+    let cache = env("XDG_CACHE_HOME")
+        .map(PathBuf::from)
+        .filter(|p| p.is_absolute())
+        .or_else(|| env("HOME").map(|h| PathBuf::from(h).join(".cache")));
+    cache.map_or_else(|| configured.to_path_buf(), |c| c.join("cdtester"))
 }
 
 /// The folder to evaluate: the given one, or a zip extracted into a temporary folder.
@@ -643,6 +658,20 @@ mod tests {
         assert!(t.contains("grade 15.00/20"), "{t}");
         assert!(t.contains("tests/test_a.py"), "{t}");
         assert!(t.lines().any(|l| l.trim_start().starts_with("total") && l.contains(" 3 ")), "{t}");
+    }
+
+    #[test]
+    fn run_data_goes_to_the_user_cache_unless_configured() {
+        let env = |k: &str| match k {
+            "HOME" => Some("/home/u".into()),
+            _ => None,
+        };
+        let default = cdtester_config::NodeConfig::default().data_dir;
+        assert_eq!(data_dir(&default, env), PathBuf::from("/home/u/.cache/cdtester"));
+        let xdg = |k: &str| (k == "XDG_CACHE_HOME").then(|| "/c".into());
+        assert_eq!(data_dir(&default, xdg), PathBuf::from("/c/cdtester"));
+        assert_eq!(data_dir(Path::new("/srv/d"), env), PathBuf::from("/srv/d"));
+        assert_eq!(data_dir(&default, |_| None), default);
     }
 
     #[test]
