@@ -204,6 +204,8 @@ pub struct Engine {
     peers: BTreeSet<SocketAddr>,
     /// Slots running a task.
     busy: usize,
+    /// Tasks running on this node's slots now.
+    here: BTreeSet<String>,
     next_announce: Option<Instant>,
     /// Nodes that announced work, and when (a freed slot asks them again at once).
     announcers: BTreeMap<SocketAddr, Instant>,
@@ -239,6 +241,7 @@ impl Engine {
             id: None,
             peers: BTreeSet::new(),
             busy: 0,
+            here: BTreeSet::new(),
             next_announce: None,
             announcers: BTreeMap::new(),
             incarnations: BTreeMap::new(),
@@ -388,6 +391,8 @@ impl Engine {
     /// nodes that announced work recently.
     fn ran(&mut self, now: Now, post: TaskPost, from: Option<SocketAddr>, out: &mut Vec<Action>) {
         self.busy = self.busy.saturating_sub(1);
+        let task = post.result.task_id.clone();
+        self.here.remove(&task);
         match self.delivery(&post) {
             Delivery::Done => {}
             Delivery::Here => {
@@ -396,6 +401,9 @@ impl Engine {
                 }
             }
             Delivery::To(_) | Delivery::Unknown => out.push(Action::Deliver { post, from }),
+        }
+        if from.is_none() {
+            self.end_local_assignment(&task, out);
         }
         let recent = self.cfg.announce_every.saturating_mul(3);
         self.announcers.retain(|_, at| now.mono.saturating_duration_since(*at) <= recent);
@@ -478,6 +486,7 @@ impl Engine {
         while self.busy < self.cfg.slots {
             let Some(task) = self.take_next(now, self.cfg.me, out) else { break };
             self.busy += 1;
+            self.here.insert(task.task_id.clone());
             out.push(Action::Run(task));
         }
         let due = self.next_announce.is_none_or(|t| now.mono >= t);

@@ -79,6 +79,9 @@ impl Engine {
                 }
             };
             let Some(added) = added else { continue };
+            if self.evals.get(&id).is_some_and(|r| r.responsible != self.me()) {
+                self.drop_assignments_of(id);
+            }
             let Some(mine) = self.evals.get(&id) else { continue };
             changed += 1;
             out.push(Action::Persist(mine.delta(&added)));

@@ -203,6 +203,7 @@ impl Engine {
             msg: Message::TaskConfirm(TaskConfirmData { task_id: task_id.clone() }),
         });
         self.busy += 1;
+        self.here.insert(task_id.clone());
         let project = self
             .evals
             .get(&eval)
@@ -239,6 +240,22 @@ impl Engine {
             self.changed(eval, &[], out);
         }
         a
+    }
+
+    /// A task this node handed to its own slot has finished there: whatever became of its
+    /// result (accepted here, refused, or delivered because responsibility moved meanwhile), the
+    /// slot no longer runs it, so a task still without a result is handed out again.
+    pub(super) fn end_local_assignment(&mut self, task: &str, out: &mut Vec<Action>) {
+        let eval = match self.assignments.get(task) {
+            Some(a) if a.worker == self.cfg.me => a.eval,
+            _ => return,
+        };
+        self.release(eval, task, out);
+    }
+
+    /// Forgets the assignments of an evaluation another node is responsible for now.
+    pub(super) fn drop_assignments_of(&mut self, eval: EvalId) {
+        self.assignments.by_task.retain(|_, a| a.eval != eval);
     }
 
     /// Requeues the tasks whose worker did not confirm in time, overran its lease or left.
@@ -333,8 +350,14 @@ impl Engine {
         let mut died = Vec::new();
         let running: Vec<(String, String)> =
             rec.running.iter().map(|(t, w)| (t.clone(), w.clone())).collect();
+        let mut lost = Vec::new();
         for (task, worker) in running {
             match worker.parse::<SocketAddr>() {
+                // Published as running here, but no slot of this node runs it (it finished while
+                // another node was responsible): hand it out again.
+                Ok(addr) if addr == self.cfg.me && Some(addr) != gone && !self.here.contains(&task) => {
+                    lost.push(task)
+                }
                 Ok(addr) if Some(addr) != gone => {
                     if !self.assignments.contains(&task) {
                         self.assignments.assign(rec, &task, addr, true, now.mono);
@@ -342,6 +365,9 @@ impl Engine {
                 }
                 _ => died.push(task),
             }
+        }
+        for t in lost {
+            self.release(eval, &t, out);
         }
         for t in died {
             self.task_killed_worker(now, eval, &t, out);
