@@ -10,7 +10,7 @@ use hyper::Method;
 use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::Value;
 
-use crate::eval::EvalId;
+use crate::eval::{Columns, EvalId, EvalReport, EvalStatus};
 use crate::fetch;
 use crate::http::auth::Secret;
 use crate::http::client::{HttpClient, multipart_file};
@@ -95,12 +95,12 @@ impl Client {
     }
 
     /// The full report (with per-test results).
-    pub async fn report(&self, id: EvalId) -> anyhow::Result<Value> {
+    pub async fn report(&self, id: EvalId) -> anyhow::Result<EvalReport> {
         Ok(self.http.get_json(self.node, &format!("/evaluation/{id}"), Duration::from_secs(30)).await?)
     }
 
     /// The report without per-test results (cheap enough to poll).
-    pub async fn progress(&self, id: EvalId) -> anyhow::Result<Value> {
+    pub async fn progress(&self, id: EvalId) -> anyhow::Result<EvalReport> {
         Ok(self
             .http
             .get_json(self.node, &format!("/evaluation/{id}?tests=false"), Duration::from_secs(30))
@@ -112,7 +112,7 @@ impl Client {
     }
 
     /// Polls until the evaluation finishes, showing a progress bar (unless `quiet`).
-    pub async fn wait(&self, id: EvalId, quiet: bool) -> anyhow::Result<Value> {
+    pub async fn wait(&self, id: EvalId, quiet: bool) -> anyhow::Result<EvalReport> {
         let bar = if quiet { ProgressBar::hidden() } else { ProgressBar::new(0) };
         bar.set_style(
             ProgressStyle::with_template("{spinner} [{elapsed_precise}] {bar:30} {pos}/{len} modules  {msg}")
@@ -122,16 +122,15 @@ impl Client {
         let started = Instant::now();
         loop {
             let r = self.progress(id).await?;
-            let s = &r["summary"];
-            let (done, running, pending) = (num(&s["executed"]), num(&s["executing"]), num(&s["pending"]));
+            let s = &r.summary;
+            let (done, running, pending) = (s.executed, s.executing, s.pending);
             bar.set_length(done + running + pending);
             bar.set_position(done);
             bar.set_message(format!(
                 "executed {done}, running {running}, pending {pending} | {} passed, {} failed",
-                num(&s["total_passed"]),
-                num(&s["total_failed"])
+                s.total_passed, s.total_failed
             ));
-            if r["status"] == "finished" {
+            if r.status == EvalStatus::Finished {
                 bar.finish_and_clear();
                 return self.report(id).await;
             }
@@ -146,10 +145,6 @@ impl Client {
 fn eval_id(body: &[u8]) -> anyhow::Result<EvalId> {
     let v: Value = serde_json::from_slice(body).context("decoding the node's answer")?;
     v["eval_id"].as_u64().with_context(|| format!("the node's answer has no eval_id: {v}"))
-}
-
-fn num(v: &Value) -> u64 {
-    v.as_u64().unwrap_or(0)
 }
 
 /// Zips local sources (folders and zip files) into one upload.
@@ -169,62 +164,48 @@ pub fn local_upload(sources: &[String]) -> anyhow::Result<(Vec<u8>, String)> {
             bail!("{s} is not a folder, a .zip file or a git URL (zip files must be submitted alone)");
         }
         for (name, dir) in crate::archive::split_projects(path).with_context(|| format!("reading {s}"))? {
-            let mut unique = name.clone();
-            let mut n = 2;
-            while projects.iter().any(|(p, _)| *p == unique) {
-                unique = format!("{name}_{n}");
-                n += 1;
-            }
-            projects.push((unique, dir));
+            let taken: Vec<String> = projects.iter().map(|(p, _)| p.clone()).collect();
+            projects.push((crate::eval::unique_name(&taken, &name), dir));
         }
     }
     Ok((fetch::pack_projects(&projects)?, "projects.zip".into()))
 }
 
-/// Prints the results table of a report.
-pub fn print_table(r: &Value) {
+/// Prints the results table of a report (outcomes grouped as `cdtester run` groups them, see
+/// [`Columns`]).
+pub fn print_table(r: &EvalReport) {
+    let status = r.status.as_str();
+    println!("evaluation {}  ({status}, {:.1} s, node {})", r.id, r.time_elapsed, r.node);
     println!(
-        "evaluation {}  ({}, {:.1} s, node {})",
-        r["id"],
-        r["status"].as_str().unwrap_or("?"),
-        r["time_elapsed"].as_f64().unwrap_or(0.0),
-        r["node"].as_str().unwrap_or("?")
+        "{:<24} {:>7} {:>7} {:>7} {:>7} {:>7} {:>7} {:>7} {:>8}  status",
+        "project", "modules", "passed", "failed", "errors", "skipped", "xfail", "other", "grade"
     );
-    println!(
-        "{:<24} {:>7} {:>7} {:>7} {:>7} {:>7} {:>8}  status",
-        "project", "modules", "passed", "failed", "errors", "skipped", "grade"
-    );
-    if let Some(projects) = r["projects"].as_object() {
-        for (name, p) in projects {
-            let t = &p["tests"];
-            let grade = p["grade"].as_f64().map(|g| format!("{g:.2}")).unwrap_or_else(|| "-".into());
-            let mut status = p["status"].as_str().unwrap_or("?").to_string();
-            if let Some(e) = p["error"].as_str() {
-                status = format!("{status}: {e}");
-            }
-            let counts = serde_json::from_value(t.clone()).unwrap_or_default();
-            let [passed, failed, errors, skipped] = crate::http::grades::columns(&counts);
-            println!(
-                "{:<24} {:>7} {:>7} {:>7} {:>7} {:>7} {:>8}  {}",
-                name,
-                p["modules"].as_object().map(|m| m.len()).unwrap_or(0),
-                passed,
-                failed,
-                errors,
-                skipped,
-                grade,
-                status
-            );
+    for (name, p) in &r.projects {
+        let c = Columns::of(&p.tests);
+        let grade = p.grade.map(|g| format!("{g:.2}")).unwrap_or_else(|| "-".into());
+        let mut status = p.status.as_str().to_string();
+        if let Some(e) = &p.error {
+            status = format!("{status}: {e}");
         }
+        println!(
+            "{:<24} {:>7} {:>7} {:>7} {:>7} {:>7} {:>7} {:>7} {:>8}  {}",
+            name,
+            p.modules.len(),
+            c.passed,
+            c.failed,
+            c.errors,
+            c.skipped,
+            c.xfailed,
+            c.xpassed,
+            grade,
+            status
+        );
     }
-    let s = &r["summary"];
-    let grade = s["grade"].as_f64().map(|g| format!("{g:.2}/20")).unwrap_or_else(|| "-".into());
+    let s = &r.summary;
+    let grade = s.grade.map(|g| format!("{g:.2}/20")).unwrap_or_else(|| "-".into());
     println!(
-        "overall: {} passed, {} failed ({}% passed); grade {}",
-        num(&s["total_passed"]),
-        num(&s["total_failed"]),
-        s["pass_percentage"].as_f64().unwrap_or(0.0),
-        grade
+        "overall: {} passed, {} failed ({}% passed); grade {grade}",
+        s.total_passed, s.total_failed, s.pass_percentage
     );
 }
 

@@ -371,7 +371,7 @@ pub fn main(config: Config, args: DemoArgs) -> anyhow::Result<()> {
         let report = client.wait(id, false).await?;
         client::print_table(&report);
         // Another node's /stats, once replication has brought it every result (bounded wait).
-        let totals = (report["summary"]["total_passed"].clone(), report["summary"]["total_failed"].clone());
+        let totals = (Value::from(report.summary.total_passed), Value::from(report.summary.total_failed));
         let http = crate::http::client::HttpClient::new(Default::default(), None);
         let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
         let stats = loop {

@@ -8,6 +8,7 @@ pub mod core;
 pub mod corpus;
 pub mod course_cmd;
 pub mod demo;
+pub mod engine;
 pub mod eval;
 pub mod fetch;
 pub mod http;

@@ -11,12 +11,12 @@ use std::path::{Path, PathBuf};
 use anyhow::Context;
 use cdtester_config::{Config, NodeConfig};
 
-use crate::core::{AppState, Event, Snapshot};
+use crate::core::{Event, Snapshot};
 use crate::udp::{self, Running, ShellConfig};
 
 /// Start the UDP protocol loop for `config.node` (bind, advertised addresses, join, secret) and
 /// `config.timers`.
-pub async fn start_protocol(config: &Config, app: Box<dyn AppState>) -> anyhow::Result<Running> {
+pub async fn start_protocol(config: &Config) -> anyhow::Result<Running> {
     let shell = ShellConfig {
         bind: config.node.bind,
         advertise: config.node.advertise,
@@ -25,14 +25,13 @@ pub async fn start_protocol(config: &Config, app: Box<dyn AppState>) -> anyhow::
         timers: config.timers.clone(),
         secret: config.node.secret.clone(),
     };
-    udp::start(shell, app).await.context("starting the peer protocol")
+    udp::start(shell).await.context("starting the peer protocol")
 }
 
 /// Run a membership-only node until Ctrl-C or SIGTERM, then leave gracefully.
 pub async fn run_membership(mut config: Config, status_file: Option<PathBuf>) -> anyhow::Result<()> {
     settle_addresses(&mut config.node)?;
-    let Running { mut handle, mut events, task, .. } =
-        start_protocol(&config, Box::new(crate::core::NoApp)).await?;
+    let Running { mut handle, mut events, task, .. } = start_protocol(&config).await?;
     let mut status = handle.clone();
     let writer = status_file.map(|path| {
         tokio::spawn(async move {

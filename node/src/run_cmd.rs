@@ -20,6 +20,7 @@ use cdtester_runner_api::{
 use cdtester_runners::local::{DurationStore, ModuleStat};
 use serde::Serialize;
 
+use crate::eval::Columns;
 use crate::registry::{self, Registry};
 
 #[derive(clap::Args, Debug)]
@@ -79,7 +80,8 @@ pub struct Evaluation {
 }
 
 /// Entry point of `cdtester run`.
-pub fn main(config: Config, args: RunArgs) -> anyhow::Result<()> {
+pub fn main(mut config: Config, args: RunArgs) -> anyhow::Result<()> {
+    config.node.data_dir = data_dir(&config.node.data_dir, |k| std::env::var_os(k));
     let workers = args.workers.unwrap_or(config.runner.workers);
     if workers == 0 {
         bail!("--workers must be at least 1");
@@ -126,6 +128,20 @@ pub fn main(config: Config, args: RunArgs) -> anyhow::Result<()> {
         std::process::exit(2);
     }
     Ok(())
+}
+
+/// Where `cdtester run` keeps its data (duration memory, environments): the configured
+/// `node.data_dir`, or, when it is the default (`cdtester-data`, relative to wherever the command
+/// runs), `cdtester` in the user's cache folder (`$XDG_CACHE_HOME`, else `$HOME/.cache`).
+fn data_dir(configured: &Path, env: impl Fn(&str) -> Option<std::ffi::OsString>) -> PathBuf {
+    if configured != cdtester_config::NodeConfig::default().data_dir {
+        return configured.to_path_buf();
+    }
+    let cache = env("XDG_CACHE_HOME")
+        .map(PathBuf::from)
+        .filter(|p| p.is_absolute())
+        .or_else(|| env("HOME").map(|h| PathBuf::from(h).join(".cache")));
+    cache.map_or_else(|| configured.to_path_buf(), |c| c.join("cdtester"))
 }
 
 /// The folder to evaluate: the given one, or a zip extracted into a temporary folder.
@@ -421,11 +437,11 @@ pub fn table(eval: &Evaluation) -> String {
             "module", "passed", "failed", "skipped", "errors", "xfail", "other", "time"
         );
         let row = |s: &mut String, name: &str, c: &Counts, t: f64| {
-            let errors = c.error + c.timeout + c.crashed + c.oom + c.infra_error;
+            let c = Columns::of(c);
             let _ = writeln!(
                 s,
                 "  {:<width$} {:>7} {:>7} {:>7} {:>7} {:>7} {:>7} {:>7.2}s",
-                name, c.passed, c.failed, c.skipped, errors, c.xfailed, c.xpassed, t
+                name, c.passed, c.failed, c.skipped, c.errors, c.xfailed, c.xpassed, t
             );
         };
         for m in &p.modules {
@@ -444,11 +460,7 @@ pub fn table(eval: &Evaluation) -> String {
         eval.counts.total(),
         eval.counts.passes(),
         eval.counts.failed,
-        eval.counts.error
-            + eval.counts.timeout
-            + eval.counts.crashed
-            + eval.counts.oom
-            + eval.counts.infra_error,
+        Columns::of(&eval.counts).errors,
         eval.counts.skipped,
         grade_text(eval.grade),
         eval.duration
@@ -493,7 +505,7 @@ pub fn junit_xml(eval: &Evaluation) -> String {
     let mut s = String::from("<?xml version=\"1.0\" encoding=\"utf-8\"?>\n<testsuites name=\"cdtester\">\n");
     for p in &eval.projects {
         let c = &p.counts;
-        let errors = c.error + c.timeout + c.crashed + c.oom + c.infra_error + u64::from(p.error.is_some());
+        let errors = Columns::of(c).errors + u64::from(p.error.is_some());
         let _ = writeln!(
             s,
             "  <testsuite name=\"{}\" tests=\"{}\" failures=\"{}\" errors=\"{}\" skipped=\"{}\" time=\"{:.3}\">",
@@ -646,6 +658,20 @@ mod tests {
         assert!(t.contains("grade 15.00/20"), "{t}");
         assert!(t.contains("tests/test_a.py"), "{t}");
         assert!(t.lines().any(|l| l.trim_start().starts_with("total") && l.contains(" 3 ")), "{t}");
+    }
+
+    #[test]
+    fn run_data_goes_to_the_user_cache_unless_configured() {
+        let env = |k: &str| match k {
+            "HOME" => Some("/home/u".into()),
+            _ => None,
+        };
+        let default = cdtester_config::NodeConfig::default().data_dir;
+        assert_eq!(data_dir(&default, env), PathBuf::from("/home/u/.cache/cdtester"));
+        let xdg = |k: &str| (k == "XDG_CACHE_HOME").then(|| "/c".into());
+        assert_eq!(data_dir(&default, xdg), PathBuf::from("/c/cdtester"));
+        assert_eq!(data_dir(Path::new("/srv/d"), env), PathBuf::from("/srv/d"));
+        assert_eq!(data_dir(&default, |_| None), default);
     }
 
     #[test]

@@ -15,6 +15,7 @@
 
 use std::path::{Path, PathBuf};
 
+use cdtester_runner_api::plan::ModuleStat;
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 
 use crate::eval::{EvalId, EvalRecord};
@@ -120,20 +121,26 @@ impl Store {
         tx.commit().map_err(db_err)
     }
 
-    /// Remembered (seconds, tests) of modules, for the given keys (missing keys are absent).
-    pub fn durations(&self, keys: &[String]) -> Result<Vec<Option<(f64, u64)>>, StoreError> {
+    /// Every remembered module duration, by key.
+    pub fn all_durations(&self) -> Result<Vec<(String, ModuleStat)>, StoreError> {
         let tx = self.db.begin_read().map_err(db_err)?;
         let table = tx.open_table(DURATIONS).map_err(db_err)?;
-        keys.iter().map(|k| Ok(table.get(k.as_str()).map_err(db_err)?.map(|v| v.value()))).collect()
+        let mut out = Vec::new();
+        for row in table.iter().map_err(db_err)? {
+            let (k, v) = row.map_err(db_err)?;
+            let (secs, tests) = v.value();
+            out.push((k.value().to_string(), ModuleStat { secs, tests }));
+        }
+        Ok(out)
     }
 
     /// Remembers how long modules took and how many tests they have.
-    pub fn record_durations(&self, entries: &[(String, f64, u64)]) -> Result<(), StoreError> {
+    pub fn record_durations(&self, entries: &[(String, ModuleStat)]) -> Result<(), StoreError> {
         let tx = self.db.begin_write().map_err(db_err)?;
         {
             let mut table = tx.open_table(DURATIONS).map_err(db_err)?;
-            for (k, secs, tests) in entries {
-                table.insert(k.as_str(), (*secs, *tests)).map_err(db_err)?;
+            for (k, stat) in entries {
+                table.insert(k.as_str(), (stat.secs, stat.tests)).map_err(db_err)?;
             }
         }
         tx.commit().map_err(db_err)
@@ -218,7 +225,9 @@ mod tests {
             store.put_evaluation(&other, []).unwrap();
             store.put_blob(&"ab".repeat(32), b"zipbytes").unwrap();
             assert!(matches!(store.put_blob("../../x", b"evil"), Err(StoreError::BadHash)));
-            store.record_durations(&[("p::tests/test_a.py".into(), 2.5, 7)]).unwrap();
+            store
+                .record_durations(&[("p::tests/test_a.py".into(), ModuleStat { secs: 2.5, tests: 7 })])
+                .unwrap();
         }
         let store = Store::open(dir.path()).unwrap();
         let evals = store.load_evaluations().unwrap();
@@ -233,7 +242,9 @@ mod tests {
         assert_eq!(store.blobs().len(), 1);
         store.remove_blob(&hash).unwrap();
         assert!(!store.has_blob(&hash) && !store.has_blob("/etc/passwd"));
-        let d = store.durations(&["p::tests/test_a.py".into(), "other".into()]).unwrap();
-        assert_eq!(d, vec![Some((2.5, 7)), None]);
+        assert_eq!(
+            store.all_durations().unwrap(),
+            vec![("p::tests/test_a.py".to_string(), ModuleStat { secs: 2.5, tests: 7 })]
+        );
     }
 }

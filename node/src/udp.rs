@@ -25,7 +25,7 @@ use tokio::net::UdpSocket;
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 
-use crate::core::{Action, AppState, Core, CoreConfig, Event, Input, LocalEvent, Snapshot};
+use crate::core::{Action, Core, CoreConfig, Event, Input, LocalEvent, Snapshot};
 use crate::wire::{Channel, Envelope, MAX_DATAGRAM, Message, WireError};
 
 /// Errors starting the shell.
@@ -115,6 +115,12 @@ impl NodeHandle {
         self.request(LocalEvent::PushCache);
     }
 
+    /// Hand the core a value it needs from the application ([`LocalEvent::SetCache`],
+    /// [`LocalEvent::SetActive`]).
+    pub fn push_state(&self, event: LocalEvent) {
+        self.request(event);
+    }
+
     /// Leave the network gracefully; the protocol loop ends.
     pub fn leave(&self) {
         self.request(LocalEvent::Leave);
@@ -162,7 +168,7 @@ fn unix_ms() -> u64 {
 }
 
 /// Bind the socket and start the protocol loop.
-pub async fn start(cfg: ShellConfig, app: Box<dyn AppState>) -> Result<Running, ShellError> {
+pub async fn start(cfg: ShellConfig) -> Result<Running, ShellError> {
     let socket =
         UdpSocket::bind(cfg.bind).await.map_err(|source| ShellError::Bind { addr: cfg.bind, source })?;
     let local_addr = socket.local_addr().map_err(|source| ShellError::Bind { addr: cfg.bind, source })?;
@@ -181,7 +187,7 @@ pub async fn start(cfg: ShellConfig, app: Box<dyn AppState>) -> Result<Running, 
     };
     let channel =
         Channel::new(cfg.secret.as_deref(), advertise, rand::random::<u64>()).map_err(ShellError::Secret)?;
-    let core = Core::new(core_cfg, app, Instant::now());
+    let core = Core::new(core_cfg, Instant::now());
     let (tx, rx) = mpsc::unbounded_channel();
     let (events_tx, events) = mpsc::unbounded_channel();
     let (snap_tx, snapshot) = watch::channel(core.snapshot());
@@ -391,7 +397,6 @@ impl Shell {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::core::NoApp;
 
     async fn node(join: Option<SocketAddr>, secret: Option<&str>) -> Running {
         node_at(SocketAddr::from(([127, 0, 0, 1], 0)), None, join, secret).await
@@ -411,7 +416,7 @@ mod tests {
             timers: Timers::default(),
             secret: secret.map(String::from),
         };
-        start(cfg, Box::new(NoApp)).await.expect("start shell")
+        start(cfg).await.expect("start shell")
     }
 
     /// A userland UDP port forward (as a published container port): datagrams to the returned

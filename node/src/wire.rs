@@ -302,6 +302,17 @@ pub enum ModuleStatus {
     Finished,
 }
 
+impl ModuleStatus {
+    /// The name used in JSON and metrics.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ModuleStatus::Pending => "pending",
+            ModuleStatus::Running => "running",
+            ModuleStatus::Finished => "finished",
+        }
+    }
+}
+
 /// Self-reported per-node counters (`/stats` `nodes[]`), plus `submitted_evaluation`.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct NodeStats {

@@ -4,6 +4,7 @@
 
 pub mod abi;
 mod outcome;
+pub mod plan;
 mod report;
 pub mod requirement;
 mod runner;

@@ -27,11 +27,10 @@ pub async fn run(app: Arc<App>) {
 /// Content hashes of every project of an unfinished evaluation; forgets the runner decisions of
 /// the other projects.
 fn active_content(app: &App) -> HashSet<String> {
-    let st = &mut *app.lock();
-    let unfinished = || st.evals.values().filter(|r| r.end_time.is_none()).flat_map(|r| r.projects.iter());
-    let ids: HashSet<&str> = unfinished().map(|p| p.id.as_str()).collect();
-    st.choices.retain(|id, _| ids.contains(id.as_str()));
-    unfinished().map(|p| p.content_hash.clone()).collect()
+    let (ids, hashes): (HashSet<String>, HashSet<String>) =
+        app.engine().active_projects().map(|p| (p.id.clone(), p.content_hash.clone())).unzip();
+    app.shell().choices.retain(|id, _| ids.contains(id));
+    hashes
 }
 
 async fn collect(app: &Arc<App>, idle: &mut IdleSince) {

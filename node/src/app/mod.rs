@@ -1,17 +1,9 @@
-//! The application layer plugged into the protocol core ([`crate::core`]): evaluations,
-//! task distribution, results, replication and recovery takeover.
+//! The application layer plugged into the protocol core ([`crate::core`]): the node's shell
+//! around the evaluation [`Engine`] (see [`crate::engine`] for roles and rules).
 //!
-//! # Roles
-//! - **Responsible node** of an evaluation (first the node that accepted the submission, after a
-//!   failure the node the core elects): discovers each project's modules, keeps the queue of
-//!   unfinished tasks (longest first, by durations remembered in the store), runs tasks on its own
-//!   free worker slots and hands the rest out by the pull protocol (TASK_ANNOUNCE -> TASK_REQUEST
-//!   -> TASK_SEND -> TASK_CONFIRM), accepts results (`POST /task`), and requeues tasks whose
-//!   worker did not confirm in time, failed, or overran its lease.
-//! - **Worker** (every node, the responsible one too): with a free slot, asks announcers for work,
-//!   fetches the project archive (`GET /file/<project id>`, sha256-checked, cached per node by
-//!   content hash), prepares it with the project's runner, runs the module and delivers the result
-//!   to whichever node is responsible *at delivery time*, retrying until accepted.
+//! The engine decides; this shell does the I/O it asks for: it persists records (redb), runs
+//! discovery and tasks with the runners on blocking threads, sends task messages through the UDP
+//! core, delivers results and replicates records over HTTP, and feeds what happens back in.
 //!
 //! # Replication and durability
 //! Every node holds a copy of every [`EvalRecord`] (persisted in redb). Changes are pushed to all
@@ -22,8 +14,8 @@
 //! union (see [`crate::eval`]), so no accepted result is lost or counted twice.
 
 mod lifecycle;
+mod project;
 mod run;
-mod sched;
 mod sync;
 mod worker;
 
@@ -34,22 +26,27 @@ use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, Instant};
 
 use cdtester_config::Config;
-use cdtester_plugins::{PolicySet, ProjectMeta, RunnerChoice};
-use cdtester_runner_api::{PreparedProject, ProjectSource, Runner, TestResult};
-use cdtester_runners::local::{DurationStore, ModuleStat};
-use tokio::sync::{Notify, Semaphore};
+use cdtester_plugins::{PolicySet, RunnerChoice};
+use cdtester_runner_api::plan::ModuleStat;
+use cdtester_runner_api::{PreparedProject, Runner, TestResult};
 
-use crate::core::{AppState, Event, Snapshot};
-use crate::eval::{self, EvalId, EvalRecord, MAX_EVAL_ID, ModuleResult, ProjectRecord, ProjectState};
+use crate::core::{Event, LocalEvent, Snapshot};
+use crate::engine::{Accepted, Action, Engine, EngineConfig, Input, Now, Refusal};
+use crate::eval::{self, EvalId, EvalRecord, MAX_EVAL_ID, ProjectRecord, ProjectState};
 use crate::fetch::{self, FetchedProject};
 use crate::http::auth::{Secret, Verifier};
 use crate::http::client::HttpClient;
 use crate::store::Store;
-use crate::wire::{self, CacheContent, EvalMap, Message};
+use crate::wire::Message;
 
+pub use crate::engine::{SyncRequest, SyncResponse, TaskPost};
 pub use run::{node_main, run_node, runners_for};
-pub use sync::{Replicated, SyncRequest, SyncResponse};
-pub use worker::TaskPost;
+pub use sync::Replicated;
+
+/// Period of the engine's tick when nothing else happens.
+const TICK: Duration = Duration::from_millis(100);
+/// Ticks between two refreshes of the CACHE_UPDATE content the core sends periodically.
+const CACHE_EVERY_TICKS: u64 = 10;
 
 /// Accepts a module's result (`POST /task`) from the authenticated `caller`; the answer's
 /// `status`.
@@ -58,18 +55,23 @@ pub async fn accept_result(
     post: TaskPost,
     caller: SocketAddr,
 ) -> Result<&'static str, AppError> {
-    sched::accept(app, post, caller).await.map(|a| a.as_str())
+    let answer = app.apply(Input::Result { post, caller }).answer;
+    match answer {
+        Some(Ok(a)) => Ok(a.as_str()),
+        Some(Err(refusal)) => Err(refusal.into()),
+        None => Err(AppError::Internal("the result was not answered".into())),
+    }
 }
 
 /// Merges replicated records or deltas (`POST /internal/replicate`) sent by the authenticated
 /// member `from`.
 pub fn replicate(app: &Arc<App>, records: Vec<EvalRecord>, from: SocketAddr) -> Replicated {
-    Replicated { merged: sync::merge_records(app, records, from) }
+    Replicated { merged: app.apply(Input::Merge { records, from }).merged }
 }
 
 /// Answers a digest exchange (`POST /internal/sync`).
 pub fn answer_sync(app: &App, req: &SyncRequest) -> SyncResponse {
-    sync::answer_sync(app, req)
+    app.engine().answer_sync(req)
 }
 
 /// Finds a runner by the name configuration and policies use (or says why it cannot).
@@ -88,6 +90,8 @@ pub trait PeerNet: Send + Sync {
     fn broadcast(&self, msg: Message);
     /// Send a CACHE_UPDATE now.
     fn push_cache(&self);
+    /// Hand the core a value it needs ([`LocalEvent::SetCache`], [`LocalEvent::SetActive`]).
+    fn push_state(&self, event: LocalEvent);
     /// Membership as the core sees it now.
     fn snapshot(&self) -> Snapshot;
     /// A live peer's HTTP API address, if the protocol carries it.
@@ -129,6 +133,17 @@ pub enum AppError {
     Internal(String),
 }
 
+impl From<Refusal> for AppError {
+    fn from(r: Refusal) -> AppError {
+        match r {
+            Refusal::BadRequest(m) => AppError::BadRequest(m),
+            Refusal::Forbidden(m) => AppError::Forbidden(m),
+            Refusal::NotFound(m) => AppError::NotFound(m),
+            Refusal::Unavailable(m) => AppError::Unavailable(m),
+        }
+    }
+}
+
 /// What a node is told at start.
 #[derive(Clone)]
 pub struct AppOptions {
@@ -141,48 +156,21 @@ pub struct AppOptions {
     pub policies: PolicySet,
 }
 
-/// A task handed to a worker (or run here) and not finished yet.
-#[derive(Debug, Clone)]
-struct InFlight {
-    eval: EvalId,
-    worker: SocketAddr,
-    confirmed: bool,
-    since: Instant,
-    deadline: Instant,
-}
-
+/// The shell's own caches (the evaluation state is the engine's).
 #[derive(Default)]
-struct State {
-    evals: BTreeMap<EvalId, EvalRecord>,
-    /// Tasks of evaluations this node is responsible for that are handed out.
-    inflight: HashMap<String, InFlight>,
+struct ShellState {
     /// Known HTTP addresses of peers, by UDP address.
     peers_http: HashMap<SocketAddr, SocketAddr>,
-    /// Remembered module (seconds, tests) (cache of the store's table).
-    durations: HashMap<String, Option<(f64, u64)>>,
-    /// Records changed here and not yet pushed to peers, with the results added since.
-    dirty: BTreeMap<EvalId, BTreeSet<String>>,
-    /// Projects whose discovery runs on this node.
-    discovering: HashSet<String>,
     /// Blobs being downloaded.
     fetching: HashSet<String>,
-    /// Grades of finished projects (policies may be costly).
+    /// Grades of finished projects (policies may be costly; a finished project's results no
+    /// longer change).
     grades: HashMap<String, Option<f64>>,
-    /// When the next TASK_ANNOUNCE may go out.
-    next_announce: Option<Instant>,
-    /// Peers whose CACHE_UPDATE mentioned evaluations this node lacks: sync with them soon.
+    /// Peers to run a digest exchange with soon (they may know evaluations this node lacks).
     sync_hints: BTreeSet<SocketAddr>,
     /// This node's runner decision per project id (see [`App::choose_runner`]), made once for
     /// discovery and every task; dropped when no unfinished evaluation holds the project.
     choices: HashMap<String, (RunnerChoice, cdtester_config::ProjectSettings)>,
-    /// Runner failures per task (requeued until [`sched`]'s limit).
-    task_failures: HashMap<String, u32>,
-    /// Evaluations this node was responsible for before a restart: not scheduled until
-    /// `resume_at`, so that a takeover that happened meanwhile is learnt from peers first.
-    held: HashSet<EvalId>,
-    resume_at: Option<Instant>,
-    /// Nodes that announced work, and when (a worker asks them again as soon as a slot frees).
-    announcers: HashMap<SocketAddr, Instant>,
     /// The modules a rerun runs, by project id (discovery leaves the others out).
     rerun_only: HashMap<String, BTreeSet<String>>,
 }
@@ -190,21 +178,28 @@ struct State {
 /// Prepared projects by (content hash, runner), shared by the worker slots.
 type PreparedMap = HashMap<(String, String), Arc<tokio::sync::Mutex<Option<PreparedProject>>>>;
 
+/// What executing the engine's actions produced for the caller.
+#[derive(Default)]
+struct Applied {
+    answer: Option<Result<Accepted, Refusal>>,
+    replicate: Vec<EvalRecord>,
+    /// Records an [`Input::Merge`] changed.
+    merged: usize,
+}
+
 /// The application state of one node.
 pub struct App {
     cfg: Config,
     udp: SocketAddr,
-    udp_s: String,
     http: SocketAddr,
     store: Store,
-    state: Mutex<State>,
+    engine: Mutex<Engine>,
+    shell: Mutex<ShellState>,
     net: OnceLock<Arc<dyn PeerNet>>,
     runners: RunnerLookup,
     policies: PolicySet,
     client: HttpClient,
     verifier: Verifier,
-    slots: Arc<Semaphore>,
-    wake: Notify,
     prepared: Mutex<PreparedMap>,
     work_dir: PathBuf,
     projects_dir: PathBuf,
@@ -213,8 +208,13 @@ pub struct App {
     intake: fetch::IntakeSlots,
 }
 
+fn now() -> Now {
+    Now { mono: Instant::now(), wall: eval::now_secs() }
+}
+
 impl App {
-    /// Opens the store in the configured data directory and loads every stored evaluation.
+    /// Opens the store in the configured data directory and loads every stored evaluation and
+    /// the remembered module durations into the engine.
     pub fn open(opts: AppOptions) -> anyhow::Result<Arc<App>> {
         use anyhow::Context;
         let data = opts.config.node.data_dir.clone();
@@ -224,26 +224,32 @@ impl App {
         for d in [&work_dir, &projects_dir] {
             std::fs::create_dir_all(d).with_context(|| format!("creating {}", d.display()))?;
         }
-        let mut state = State::default();
-        for rec in store.load_evaluations().context("loading stored evaluations")? {
-            state.evals.insert(rec.id, rec);
-        }
-        tracing::info!(evaluations = state.evals.len(), "store loaded");
+        let records = store.load_evaluations().context("loading stored evaluations")?;
+        let durations: HashMap<String, ModuleStat> =
+            store.all_durations().context("loading remembered durations")?.into_iter().collect();
+        tracing::info!(evaluations = records.len(), "store loaded");
         let secret = Secret::new(opts.config.node.secret.as_deref());
-        let udp_s = wire::addr_string(opts.udp);
+        let timers = &opts.config.timers;
+        let engine_cfg = EngineConfig {
+            me: opts.udp,
+            http_port: opts.http.port(),
+            slots: opts.config.runner.workers,
+            confirm_timeout: Duration::from_millis(timers.confirm_timeout_ms),
+            announce_every: Duration::from_millis(timers.task_announce_ms),
+            hold: Duration::from_millis(timers.failure_timeout_ms.saturating_mul(2)),
+            open: !secret.is_set(),
+        };
         let app = App {
-            slots: Arc::new(Semaphore::new(opts.config.runner.workers)),
-            client: HttpClient::new(secret.clone(), Some(udp_s.clone())),
+            client: HttpClient::new(secret.clone(), Some(opts.udp.to_string())),
             verifier: Verifier::new(secret),
             udp: opts.udp,
-            udp_s,
             http: opts.http,
             store,
-            state: Mutex::new(state),
+            engine: Mutex::new(Engine::new(engine_cfg, records, durations, Instant::now())),
+            shell: Mutex::new(ShellState::default()),
             net: OnceLock::new(),
             runners: opts.runners,
             policies: opts.policies,
-            wake: Notify::new(),
             prepared: Mutex::new(HashMap::new()),
             work_dir,
             projects_dir,
@@ -260,57 +266,30 @@ impl App {
             tracing::warn!("application already started");
             return;
         }
-        // Resume what this node was responsible for before a restart.
-        let resume: Vec<(EvalId, Vec<String>)> = {
-            let st = self.lock();
-            st.evals
-                .values()
-                .filter(|r| r.responsible == self.udp_s && r.end_time.is_none())
-                .map(|r| {
-                    let preparing = r
-                        .projects
-                        .iter()
-                        .filter(|p| matches!(p.state, ProjectState::Preparing))
-                        .map(|p| p.id.clone())
-                        .collect();
-                    (r.id, preparing)
-                })
-                .collect()
-        };
-        if !resume.is_empty() {
-            let hold = Duration::from_millis(self.cfg.timers.failure_timeout_ms.saturating_mul(2));
-            let mut st = self.lock();
-            st.held = resume.iter().map(|(id, _)| *id).collect();
-            st.resume_at = Some(Instant::now() + hold);
-        }
         let app = self.clone();
         tokio::spawn(async move {
-            let Some(at) = app.lock().resume_at else { return };
-            tokio::time::sleep_until(at.into()).await;
-            let held = std::mem::take(&mut app.lock().held);
-            for (id, preparing) in resume {
-                let still_mine =
-                    app.record(id).is_some_and(|r| r.responsible == app.udp_s && r.end_time.is_none());
-                if !held.contains(&id) || !still_mine {
-                    continue;
+            let mut ticks: u64 = 0;
+            loop {
+                app.refresh_members();
+                app.apply(Input::Tick);
+                app.push_active();
+                if ticks.is_multiple_of(CACHE_EVERY_TICKS) {
+                    app.set_cache();
                 }
-                tracing::info!(eval = id, "resuming evaluation after restart");
-                // Tasks this node ran when it stopped count a worker death; those running
-                // elsewhere stay with their workers.
-                sched::adopt_running(&app, id, app.udp);
-                for pid in preparing {
-                    app.spawn_discovery(id, pid);
-                }
+                ticks += 1;
+                tokio::time::sleep(TICK).await;
             }
-            app.wake.notify_one();
         });
-        tokio::spawn(sched::run(self.clone()));
         tokio::spawn(sync::run(self.clone()));
         tokio::spawn(lifecycle::run(self.clone()));
     }
 
-    fn lock(&self) -> MutexGuard<'_, State> {
-        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    fn engine(&self) -> MutexGuard<'_, Engine> {
+        self.engine.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn shell(&self) -> MutexGuard<'_, ShellState> {
+        self.shell.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     fn prepared_map(&self) -> MutexGuard<'_, PreparedMap> {
@@ -321,9 +300,75 @@ impl App {
         self.net.get()
     }
 
+    /// Feeds one input to the engine and does what it asks (the engine's lock is not held
+    /// while doing it).
+    fn apply(self: &Arc<Self>, input: Input) -> Applied {
+        let actions = self.engine().handle(now(), input);
+        self.execute(actions)
+    }
+
+    fn execute(self: &Arc<Self>, actions: Vec<Action>) -> Applied {
+        let mut applied = Applied::default();
+        for action in actions {
+            match action {
+                Action::Persist(rec) => self.persist(&rec),
+                Action::Merged(n) => applied.merged = n,
+                Action::Discover { eval, project } => self.spawn_discovery(eval, project),
+                Action::Run(task) => {
+                    tokio::spawn(worker::run(self.clone(), task));
+                }
+                Action::Send { to, msg } => self.net().inspect(|n| n.send(to, msg)).map_or((), |_| ()),
+                Action::Broadcast(msg) => self.net().inspect(|n| n.broadcast(msg)).map_or((), |_| ()),
+                Action::Deliver { post, from } => {
+                    tokio::spawn(worker::deliver(self.clone(), post, from));
+                }
+                Action::Answer(a) => applied.answer = Some(a),
+                Action::PushCache => self.push_cache(),
+                Action::Prefetch { project, from } => self.prefetch(project, from),
+                Action::RememberDuration { key, stat } => {
+                    if let Err(e) = self.store.record_durations(&[(key, stat)]) {
+                        tracing::warn!("remembering the module duration: {e}");
+                    }
+                }
+                Action::Replicate(records) => applied.replicate.extend(records),
+            }
+        }
+        applied
+    }
+
+    /// Hands the core the active evaluations of every responsible node (for elections).
+    fn push_active(&self) {
+        if let Some(net) = self.net() {
+            net.push_state(LocalEvent::SetActive(self.engine().active_evaluations()));
+        }
+    }
+
+    /// Hands the core this node's current evaluation summary for its CACHE_UPDATEs.
+    fn set_cache(&self) {
+        if let Some(net) = self.net() {
+            net.push_state(LocalEvent::SetCache(Box::new(self.engine().cache_content())));
+        }
+    }
+
+    /// Sends a CACHE_UPDATE with the current summary now.
+    fn push_cache(&self) {
+        self.set_cache();
+        if let Some(net) = self.net() {
+            net.push_cache();
+        }
+    }
+
+    /// Tells the engine the membership the core sees now.
+    fn refresh_members(self: &Arc<Self>) {
+        let Some(net) = self.net() else { return };
+        let snap = net.snapshot();
+        let peers = snap.peers.values().filter_map(|a| a.parse().ok()).collect();
+        self.apply(Input::Members { id: snap.id, peers });
+    }
+
     /// This node's UDP address string (`ip:port`).
-    pub fn addr(&self) -> &str {
-        &self.udp_s
+    pub fn addr(&self) -> String {
+        self.udp.to_string()
     }
 
     pub fn http_addr(&self) -> SocketAddr {
@@ -350,17 +395,17 @@ impl App {
 
     /// Live members now (own address first), as `ip:port` strings.
     pub fn members(&self) -> Vec<String> {
-        let mut out = vec![self.udp_s.clone()];
+        let me = self.addr();
+        let mut out = vec![me.clone()];
         if let Some(net) = self.net() {
-            out.extend(net.snapshot().peers.into_values().filter(|a| *a != self.udp_s));
+            out.extend(net.snapshot().peers.into_values().filter(|a| *a != me));
         }
         out
     }
 
     /// Whether `addr` is this node or a live peer.
     pub fn is_member(&self, addr: SocketAddr) -> bool {
-        let addr = wire::addr_string(addr);
-        self.members().contains(&addr)
+        self.members().contains(&addr.to_string())
     }
 
     /// The HTTP address of a node, by its UDP address.
@@ -371,26 +416,16 @@ impl App {
         if let Some(a) = self.net().and_then(|n| n.peer_http(udp)) {
             return Some(a);
         }
-        self.lock().peers_http.get(&udp).copied()
+        self.shell().peers_http.get(&udp).copied()
     }
 
     fn learn_http(&self, udp: SocketAddr, http: SocketAddr) {
         if udp != self.udp {
-            self.lock().peers_http.insert(udp, http);
+            self.shell().peers_http.insert(udp, http);
         }
     }
 
     // ------------------------------------------------------------------ submissions
-
-    /// A new evaluation id: random below 2^53, unused here.
-    fn new_eval_id(&self, st: &State) -> EvalId {
-        loop {
-            let id = rand::random_range(1_000_000..MAX_EVAL_ID);
-            if !st.evals.contains_key(&id) {
-                return id;
-            }
-        }
-    }
 
     /// Registers an evaluation of already fetched projects; discovery continues in the
     /// background. Returns its id.
@@ -412,46 +447,40 @@ impl App {
             self.store.put_blob(&p.sha256, &p.archive).map_err(|e| AppError::Internal(e.to_string()))?;
         }
         let rec = {
-            let mut st = self.lock();
-            let id = self.new_eval_id(&st);
-            let mut names: Vec<String> = Vec::new();
+            let engine = self.engine();
+            let id = loop {
+                let id = rand::random_range(1_000_000..MAX_EVAL_ID);
+                if !engine.knows(id) {
+                    break id;
+                }
+            };
             let projects = fetched
                 .iter()
                 .enumerate()
-                .map(|(i, p)| {
-                    let mut name = p.name.clone();
-                    let mut n = 2;
-                    while names.contains(&name) {
-                        name = format!("{}_{n}", p.name);
-                        n += 1;
-                    }
-                    names.push(name.clone());
-                    ProjectRecord {
-                        id: format!("{id}-{i}"),
-                        name,
-                        url: p.url.clone(),
-                        content_hash: p.sha256.clone(),
-                        state: ProjectState::Preparing,
-                    }
+                .map(|(i, p)| ProjectRecord {
+                    id: format!("{id}-{i}"),
+                    name: p.name.clone(),
+                    url: p.url.clone(),
+                    content_hash: p.sha256.clone(),
+                    state: ProjectState::Preparing,
                 })
                 .collect();
-            let rec = EvalRecord::new(id, self.udp_s.clone(), eval::now_secs(), projects);
-            for (p, modules) in rec.projects.iter().zip(only) {
-                if let Some(m) = modules {
-                    st.rerun_only.insert(p.id.clone(), m);
-                }
-            }
-            st.evals.insert(id, rec.clone());
-            st.dirty.entry(id).or_default();
+            let mut rec = EvalRecord::new(id, self.addr(), eval::now_secs(), projects);
+            eval::unique_names(&mut rec.projects);
             rec
         };
-        self.persist(&rec);
+        {
+            let mut shell = self.shell();
+            for (p, modules) in rec.projects.iter().zip(only) {
+                if let Some(m) = modules {
+                    shell.rerun_only.insert(p.id.clone(), m);
+                }
+            }
+        }
         tracing::info!(eval = rec.id, projects = rec.projects.len(), "evaluation submitted");
+        self.apply(Input::Submitted(rec.clone()));
         // Replicate before answering, so that the evaluation survives this node's failure.
         sync::push_now(self, std::slice::from_ref(&rec)).await;
-        for p in &rec.projects {
-            self.spawn_discovery(rec.id, p.id.clone());
-        }
         Ok(rec.id)
     }
 
@@ -532,310 +561,16 @@ impl App {
         }
     }
 
-    /// Applies `f` to a record's header (anything but adding results, see [`App::add_result`]),
-    /// persisting and marking it for replication if it changed.
-    fn update<R>(&self, id: EvalId, f: impl FnOnce(&mut EvalRecord) -> R) -> Option<R> {
-        let (out, snapshot) = {
-            let mut st = self.lock();
-            let rec = st.evals.get_mut(&id)?;
-            let before = rec.header_json();
-            let out = f(rec);
-            let snap = (rec.header_json() != before).then(|| rec.clone_header());
-            if snap.is_some() {
-                st.dirty.entry(id).or_default();
-            }
-            (out, snap)
-        };
-        if let Some(rec) = snapshot {
-            self.persist(&rec);
-            self.wake.notify_one();
-        }
-        Some(out)
-    }
-
-    /// Stores a task's result (unless it has one), persisting it and marking it for replication.
-    fn add_result(&self, id: EvalId, task_id: &str, result: ModuleResult) -> bool {
-        let delta = {
-            let mut st = self.lock();
-            let Some(rec) = st.evals.get_mut(&id) else { return false };
-            if !rec.add_result(task_id, result, eval::now_secs()) {
-                return false;
-            }
-            let delta = rec.delta([task_id.to_string()].iter());
-            st.dirty.entry(id).or_default().insert(task_id.to_string());
-            if let Some((pid, _)) = eval::split_task_id(task_id) {
-                st.grades.remove(pid);
-            }
-            delta
-        };
-        self.persist(&delta);
-        self.wake.notify_one();
-        true
-    }
-
-    // ------------------------------------------------------------------ discovery
-
-    fn spawn_discovery(self: &Arc<Self>, eval: EvalId, project_id: String) {
-        if !self.lock().discovering.insert(project_id.clone()) {
-            return;
-        }
-        let app = self.clone();
-        tokio::spawn(async move {
-            let state = app.discover(eval, &project_id).await;
-            app.lock().discovering.remove(&project_id);
-            let Some(state) = state else { return };
-            let state = match state {
-                ProjectState::Failed { error } => ProjectState::Failed { error: app.redact(&error) },
-                other => other,
-            };
-            if let ProjectState::Failed { error } = &state {
-                tracing::warn!(eval, project = %project_id, "project cannot be evaluated: {error}");
-            }
-            app.update(eval, |rec| {
-                if let Some(p) = rec.projects.iter_mut().find(|p| p.id == project_id)
-                    && matches!(p.state, ProjectState::Preparing)
-                {
-                    p.state = state;
-                    rec.version += 1;
-                    rec.settle(eval::now_secs());
-                }
-            });
-            app.net().inspect(|n| n.push_cache());
-        });
-    }
-
-    /// Discovers a project's modules under its configured runner and policies.
-    async fn discover(self: &Arc<Self>, eval: EvalId, project_id: &str) -> Option<ProjectState> {
-        let only = self.lock().rerun_only.remove(project_id);
-        let project = self.lock().evals.get(&eval)?.project(project_id)?.clone();
-        let root = match self.ensure_project(&project, None).await {
-            Ok(root) => root,
-            Err(e) => return Some(ProjectState::Failed { error: e }),
-        };
-        let (choice, settings) = match self.choose_runner(&project, &root).await {
-            Ok(v) => v,
-            Err(e) => return Some(ProjectState::Failed { error: e }),
-        };
-        let hash = project.content_hash.clone();
-        let prepared =
-            match self.prepare(&choice.runner, &project, &hash, &root, &settings.requirements).await {
-                Ok(p) => p,
-                Err(e) => return Some(ProjectState::Failed { error: e }),
-            };
-        let runner = match (self.runners)(&choice.runner) {
-            Ok(r) => r,
-            Err(e) => return Some(ProjectState::Failed { error: e }),
-        };
-        let modules = tokio::task::spawn_blocking(move || runner.discover(&prepared)).await;
-        let modules = modules.map(|r| {
-            r.map(|all| {
-                all.into_iter().filter(|m| only.as_ref().is_none_or(|o| o.contains(m))).collect::<Vec<_>>()
-            })
-        });
-        match modules {
-            Ok(Ok(modules)) if !modules.is_empty() => Some(ProjectState::Ready {
-                chunks: self.plan_chunks(&project.name, &modules),
-                modules,
-                runner: choice.runner,
-                limits: choice.limits,
-                policies: settings.policies,
-            }),
-            Ok(Ok(_)) | Ok(Err(cdtester_runner_api::RunnerError::NoTests)) => {
-                Some(ProjectState::Failed { error: "no test modules found (pytest collects nothing)".into() })
-            }
-            Ok(Err(e)) => Some(ProjectState::Failed { error: e.to_string() }),
-            Err(e) => Some(ProjectState::Failed { error: format!("discovery crashed: {e}") }),
-        }
-    }
-
-    /// This node's own decision for a project: configuration rules, then the policy chain
-    /// (admission, runner and limits), made once per project on this node. A worker decides itself rather than trusting the runner and
-    /// limits a peer's record names: no peer can make this node run code less isolated than its
-    /// own configuration says. Refuses the `local` runner for HTTP submissions when the API
-    /// listens beyond loopback, unless `runner.local.allow_remote_submissions` is set.
-    async fn choose_runner(
-        self: &Arc<Self>,
-        project: &ProjectRecord,
-        root: &std::path::Path,
-    ) -> Result<(RunnerChoice, cdtester_config::ProjectSettings), String> {
-        if let Some(decided) = self.lock().choices.get(&project.id) {
-            return Ok(decided.clone());
-        }
-        let mut settings = self.cfg.project_settings(&project.name, project.url.as_deref());
-        if settings.runner_by_name && settings.runner != self.cfg.runner.default {
-            // Names of submitted projects are the submitter's choice: they never route a
-            // project away from the default runner (a URL rule or a policy may).
-            tracing::warn!(project = %project.id, rule_runner = %settings.runner, "a rule matching only the submitted name does not choose the runner");
-            settings.runner = self.cfg.runner.default.clone();
-        }
-        let app = self.clone();
-        let (name, url, root) = (project.name.clone(), project.url.clone(), root.to_path_buf());
-        let policies = settings.policies.clone();
-        let configured = RunnerChoice { runner: settings.runner.clone(), limits: settings.limits.clone() };
-        let choice = tokio::task::spawn_blocking(move || {
-            let meta = ProjectMeta::from_dir(&name, url.as_deref(), &root).map_err(|e| e.to_string())?;
-            app.policies.decide(&policies, &meta, configured)
-        })
-        .await
-        .map_err(|e| format!("policy evaluation crashed: {e}"))??;
-        // Beyond loopback: where the API listens (`node.http`, bound) or is advertised.
-        if choice.runner == "local"
-            && !(self.cfg.node.http.ip().is_loopback() && self.http.ip().is_loopback())
-            && !self.cfg.runner.local.allow_remote_submissions
-        {
-            return Err(
-                "refused: this node's API listens beyond loopback and the local runner does not isolate \
-                 untrusted code; use the docker runner or set runner.local.allow_remote_submissions"
-                    .into(),
-            );
-        }
-        self.lock().choices.insert(project.id.clone(), (choice.clone(), settings.clone()));
-        Ok((choice, settings))
-    }
-
-    /// How many chunks each slow module runs as: the local runner's planner
-    /// ([`DurationStore::plan`]) over the remembered durations, for the network's worker slots.
-    fn plan_chunks(&self, project: &str, modules: &[String]) -> BTreeMap<String, u32> {
-        let keys: Vec<String> = modules.iter().map(|m| sched::duration_key(project, m)).collect();
-        let known = {
-            let mut st = self.lock();
-            sched::remembered(self, &mut st, &keys)
-        };
-        let mut memory = DurationStore::in_memory();
-        for (m, k) in modules.iter().zip(known) {
-            if let Some((secs, tests)) = k {
-                memory.record(project, m, ModuleStat { secs, tests });
-            }
-        }
-        let slots = self.members().len() * self.cfg.runner.workers;
-        memory
-            .plan(project, modules, slots)
-            .into_iter()
-            .filter_map(|(task, _)| Some((task.modules.first()?.clone(), task.chunk?.count)))
-            .collect()
-    }
-
-    /// Makes sure the project's files are extracted in this node's project cache (downloading the
-    /// archive from `from`, or from the responsible node, when the blob is missing). Returns the
-    /// project root.
-    async fn ensure_project(
-        &self,
-        project: &ProjectRecord,
-        from: Option<SocketAddr>,
-    ) -> Result<PathBuf, String> {
-        let hash = project.content_hash.clone();
-        if !self.store.has_blob(&hash) {
-            self.download_blob(project, from).await?;
-        }
-        let root = self.projects_dir.join(&hash);
-        if root.is_dir() {
-            return Ok(root);
-        }
-        let blob = self.store.blob_path(&hash).map_err(|e| e.to_string())?;
-        let dir = self.projects_dir.clone();
-        tokio::task::spawn_blocking(move || {
-            let bytes = std::fs::read(&blob).map_err(|e| format!("reading {}: {e}", blob.display()))?;
-            let tmp = tempfile::tempdir_in(&dir).map_err(|e| e.to_string())?;
-            crate::archive::extract_zip(&bytes, tmp.path()).map_err(|e| e.to_string())?;
-            let tmp = tmp.keep();
-            if let Err(e) = std::fs::rename(&tmp, &root) {
-                let _ = std::fs::remove_dir_all(&tmp);
-                if !root.is_dir() {
-                    return Err(format!("installing {}: {e}", root.display()));
-                }
-            }
-            Ok(root)
-        })
-        .await
-        .map_err(|e| e.to_string())?
-    }
-
-    /// Downloads a project archive and checks its hash.
-    async fn download_blob(&self, project: &ProjectRecord, from: Option<SocketAddr>) -> Result<(), String> {
-        let mut sources: Vec<SocketAddr> = from.into_iter().collect();
-        let (responsible, submitted_to) = {
-            let st = self.lock();
-            let rec = st.evals.values().find(|r| r.project(&project.id).is_some());
-            (
-                rec.and_then(|r| r.responsible.parse::<SocketAddr>().ok()),
-                rec.and_then(|r| r.submitted_to.parse::<SocketAddr>().ok()),
-            )
-        };
-        sources.extend(responsible.into_iter().chain(submitted_to));
-        if let Some(net) = self.net() {
-            sources.extend(net.snapshot().peers.values().filter_map(|a| a.parse::<SocketAddr>().ok()));
-        }
-        let mut last = format!("no node serves project {}", project.id);
-        let mut tried = HashSet::new();
-        for udp in sources {
-            if udp == self.udp || !tried.insert(udp) {
-                continue;
-            }
-            let Some(http) = self.http_of(udp) else { continue };
-            let path = format!("/file/{}", project.id);
-            match self.client.send(hyper::Method::GET, http, &path, None, Duration::from_secs(120)).await {
-                Ok(resp) => {
-                    let got = cdtester_runner_api::sha256_hex(&resp.body);
-                    if got != project.content_hash {
-                        last =
-                            format!("archive from {udp} has sha256 {got}, expected {}", project.content_hash);
-                        tracing::warn!("{last}");
-                        continue;
-                    }
-                    self.store.put_blob(&got, &resp.body).map_err(|e| e.to_string())?;
-                    return Ok(());
-                }
-                Err(e) => last = e.to_string(),
-            }
-        }
-        Err(last)
-    }
-
-    /// Prepares a project with a runner once per (content, runner) on this node.
-    async fn prepare(
-        &self,
-        runner_name: &str,
-        project: &ProjectRecord,
-        hash: &str,
-        root: &std::path::Path,
-        requirements: &[String],
-    ) -> Result<PreparedProject, String> {
-        let runner = (self.runners)(runner_name)?;
-        let cell = {
-            let mut map = self.prepared_map();
-            map.entry((hash.to_string(), runner_name.to_string())).or_default().clone()
-        };
-        let mut guard = cell.lock().await;
-        if let Some(p) = guard.as_ref() {
-            return Ok(p.clone());
-        }
-        let source = ProjectSource {
-            id: format!("{hash}-{runner_name}"),
-            name: project.name.clone(),
-            root: root.to_path_buf(),
-            extra_requirements: requirements.to_vec(),
-        };
-        let prepared = tokio::task::spawn_blocking(move || runner.prepare(&source))
-            .await
-            .map_err(|e| format!("preparation crashed: {e}"))?
-            .map_err(|e| e.to_string())?;
-        *guard = Some(prepared.clone());
-        Ok(prepared)
-    }
-
     // ------------------------------------------------------------------ queries
 
     /// Every evaluation id this node knows (the network's, by replication), oldest first.
     pub fn list(&self) -> Vec<EvalId> {
-        let st = self.lock();
-        let mut v: Vec<(f64, EvalId)> = st.evals.values().map(|r| (r.start_time, r.id)).collect();
-        v.sort_by(|a, b| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)));
-        v.into_iter().map(|(_, id)| id).collect()
+        self.engine().list()
     }
 
     /// The full record of an evaluation.
     pub fn record(&self, id: EvalId) -> Option<EvalRecord> {
-        self.lock().evals.get(&id).cloned()
+        self.engine().record(id).cloned()
     }
 
     /// The report of an evaluation (with per-test results when `with_tests`).
@@ -846,7 +581,7 @@ impl App {
     }
 
     fn grade(&self, p: &ProjectRecord, tests: &[TestResult]) -> Option<f64> {
-        if let Some(g) = self.lock().grades.get(&p.id) {
+        if let Some(g) = self.shell().grades.get(&p.id) {
             return *g;
         }
         let policies = match &p.state {
@@ -854,31 +589,27 @@ impl App {
             _ => &[],
         };
         let g = self.policies.grade(policies, &p.name, tests).value;
-        self.lock().grades.insert(p.id.clone(), g);
+        self.shell().grades.insert(p.id.clone(), g);
         g
     }
 
     /// `/stats`.
     pub fn stats(&self) -> eval::Stats {
         let members = self.members();
-        let st = self.lock();
-        eval::stats(st.evals.values(), &members)
+        eval::stats(self.engine().records(), &members)
     }
 
     /// `/network`.
     pub fn network(&self) -> BTreeMap<String, Vec<String>> {
         match self.net() {
             Some(net) => net.snapshot().network,
-            None => BTreeMap::from([(self.udp_s.clone(), Vec::new())]),
+            None => BTreeMap::from([(self.addr(), Vec::new())]),
         }
     }
 
     /// The archive of a project, with its sha256 (`GET /file/<project id>`).
     pub fn project_file(&self, project_id: &str) -> Result<(String, Vec<u8>), AppError> {
-        let hash = {
-            let st = self.lock();
-            st.evals.values().find_map(|r| r.project(project_id)).map(|p| p.content_hash.clone())
-        };
+        let hash = self.engine().project(project_id).map(|(_, p)| p.content_hash.clone());
         let Some(hash) = hash else { return Err(AppError::NotFound("File not found".into())) };
         match self.store.read_blob(&hash) {
             Ok(bytes) => Ok((hash, bytes)),
@@ -897,97 +628,67 @@ impl App {
                 if reason == crate::core::DownReason::Failed {
                     crate::http::metrics::node().failure_detected()
                 }
-                sched::requeue_worker(self, addr, reason == crate::core::DownReason::Failed);
+                self.refresh_members();
+                self.apply(Input::PeerDown { addr, died: reason == crate::core::DownReason::Failed });
             }
             Event::TakeOver { failed_addr, .. } => {
                 crate::http::metrics::node().election_won();
-                self.take_over(failed_addr)
+                self.apply(Input::TakeOver { failed: failed_addr });
             }
             Event::Relinquish { failed_addr, owner, .. } => {
                 crate::http::metrics::node().election_relinquished();
                 tracing::info!(failed = %failed_addr, %owner, "another node owns the failed node's evaluations");
             }
             Event::CacheUpdate { from, data } => {
-                let st = &mut *self.lock();
-                let unknown = data
-                    .content
-                    .evaluations
-                    .keys()
-                    .filter_map(|k| k.parse::<EvalId>().ok())
-                    .any(|id| !st.evals.contains_key(&id));
+                let unknown = {
+                    let engine = self.engine();
+                    data.content
+                        .evaluations
+                        .keys()
+                        .filter_map(|k| k.parse::<EvalId>().ok())
+                        .any(|id| !engine.knows(id))
+                };
                 if unknown {
-                    st.sync_hints.insert(from);
+                    self.shell().sync_hints.insert(from);
                 }
             }
-            Event::PeerUp { addr, .. } => {
-                self.lock().sync_hints.insert(addr);
+            Event::PeerUp { id, addr } => {
+                self.refresh_members();
+                self.apply(Input::PeerUp { id, addr });
+                self.shell().sync_hints.insert(addr);
             }
             Event::Joined { .. } | Event::Left => {}
         }
     }
 
     fn on_message(self: &Arc<Self>, from: SocketAddr, msg: Message) {
-        match msg {
-            Message::TaskAnnounce(_) => worker::on_announce(self, from),
-            Message::TaskRequest(_) => sched::on_request(self, from),
+        match &msg {
             Message::TaskSend(data) => {
                 if let Ok(port) = data.info.api_port.parse::<u16>() {
                     self.learn_http(from, SocketAddr::new(from.ip(), port));
                 }
-                worker::on_task_send(self, from, data.info);
             }
-            Message::TaskConfirm(data) => sched::on_confirm(self, from, &data.task_id),
             Message::ProjectAnnounce(data) => {
                 if let Ok(port) = data.api_port.parse::<u16>() {
                     self.learn_http(from, SocketAddr::new(from.ip(), port));
                 }
-                self.lock().sync_hints.insert(from);
+                self.shell().sync_hints.insert(from);
+                return;
             }
             Message::EvaluationResponsibilityUpdate(data) => {
                 tracing::debug!(project = %data.project_id, node = %data.new_node, "responsibility update");
                 if let Ok(addr) = data.new_node.parse() {
-                    self.lock().sync_hints.insert(addr);
+                    self.shell().sync_hints.insert(addr);
                 }
+                return;
             }
-            other => tracing::debug!(cmd = other.cmd(), %from, "ignoring message"),
-        }
-    }
-
-    /// This node now owns the failed node's evaluations: re-own them (new term) and requeue their
-    /// unfinished tasks.
-    fn take_over(self: &Arc<Self>, failed: SocketAddr) {
-        let failed_s = wire::addr_string(failed);
-        let ids: Vec<EvalId> = {
-            let st = self.lock();
-            st.evals
-                .values()
-                .filter(|r| r.responsible == failed_s && r.end_time.is_none())
-                .map(|r| r.id)
-                .collect()
-        };
-        tracing::info!(failed = %failed_s, evaluations = ids.len(), "taking over evaluations");
-        for id in ids {
-            let projects = self.update(id, |rec| {
-                rec.term += 1;
-                rec.version = 0;
-                rec.responsible = self.udp_s.clone();
-                rec.projects.clone()
-            });
-            sched::adopt_running(self, id, failed);
-            for p in projects.unwrap_or_default() {
-                if let Some(net) = self.net() {
-                    net.broadcast(Message::EvaluationResponsibilityUpdate(wire::ResponsibilityUpdateData {
-                        project_id: p.id.clone(),
-                        new_node: self.udp_s.clone(),
-                    }));
-                }
-                if matches!(p.state, ProjectState::Preparing) {
-                    self.spawn_discovery(id, p.id);
-                }
+            Message::TaskAnnounce(_) | Message::TaskRequest(_) | Message::TaskConfirm(_) => {}
+            other => {
+                tracing::debug!(cmd = other.cmd(), %from, "ignoring message");
+                return;
             }
         }
-        sched::requeue_worker(self, failed, true);
-        self.wake.notify_one();
+        self.apply(Input::Message { from, msg });
     }
 }
 
@@ -1012,91 +713,4 @@ fn redactions(cfg: &Config) -> Vec<(String, &'static str)> {
     }
     out.sort_by_key(|(s, _)| std::cmp::Reverse(s.len()));
     out
-}
-
-/// The state the core pulls for CACHE_UPDATE and elections (reference-compatible summary).
-pub struct CoreView(pub Arc<App>);
-
-/// How many finished evaluations a CACHE_UPDATE carries besides the unfinished ones.
-const CACHE_FINISHED_KEEP: usize = 20;
-
-impl AppState for CoreView {
-    fn cache_content(&self) -> CacheContent {
-        let app = &self.0;
-        let members = vec![app.udp_s.clone()];
-        let st = app.lock();
-        let mut finished: Vec<&EvalRecord> = st.evals.values().filter(|r| r.end_time.is_some()).collect();
-        finished.sort_by(|a, b| b.end_time.unwrap_or(0.0).total_cmp(&a.end_time.unwrap_or(0.0)));
-        let chosen = st
-            .evals
-            .values()
-            .filter(|r| r.end_time.is_none())
-            .chain(finished.into_iter().take(CACHE_FINISHED_KEEP));
-        let mut content = CacheContent::default();
-        for rec in chosen {
-            content.evaluations.insert(
-                rec.id.to_string(),
-                wire::EvaluationEntry {
-                    projects: rec.projects.iter().map(|p| p.id.clone()).collect(),
-                    start_time: rec.start_time,
-                    end_time: rec.end_time,
-                },
-            );
-            for p in &rec.projects {
-                let mut modules = BTreeMap::new();
-                for m in p.modules() {
-                    let progress = rec.module_progress(p, m);
-                    let c = progress.counts();
-                    let status = if progress.finished() {
-                        wire::ModuleStatus::Finished
-                    } else if progress.started() {
-                        wire::ModuleStatus::Running
-                    } else {
-                        wire::ModuleStatus::Pending
-                    };
-                    let entry = wire::ModuleEntry {
-                        passed: c.passes(),
-                        failed: c.failures(),
-                        time: progress.duration(),
-                        status,
-                    };
-                    modules.insert(m.to_string(), entry);
-                }
-                content.projects.insert(
-                    p.id.clone(),
-                    wire::ProjectEntry {
-                        project_name: p.name.clone(),
-                        node: rec.responsible.clone(),
-                        modules,
-                    },
-                );
-            }
-        }
-        let s = eval::stats(st.evals.values(), &members);
-        if let Some(row) = s.nodes.into_iter().next() {
-            content.stats = wire::NodeStats {
-                failed: row.failed,
-                passed: row.passed,
-                projects: row.projects,
-                modules: row.modules,
-                evaluations: row.evaluations.iter().map(|e| e.to_string()).collect(),
-                submitted_evaluation: st
-                    .evals
-                    .values()
-                    .filter(|r| r.submitted_to == app.udp_s)
-                    .map(|r| r.id.to_string())
-                    .collect(),
-            };
-        }
-        content
-    }
-
-    fn active_evaluations(&self, failed_addr: &str) -> EvalMap {
-        let st = self.0.lock();
-        st.evals
-            .values()
-            .filter(|r| r.responsible == failed_addr && r.end_time.is_none())
-            .map(|r| (r.id.to_string(), r.projects.iter().map(|p| p.id.clone()).collect()))
-            .collect()
-    }
 }

@@ -8,8 +8,8 @@ use anyhow::Context;
 use cdtester_config::Config;
 use cdtester_plugins::PolicySet;
 
-use super::{App, AppOptions, CoreView, PeerNet, RunnerLookup};
-use crate::core::Snapshot;
+use super::{App, AppOptions, PeerNet, RunnerLookup};
+use crate::core::{LocalEvent, Snapshot};
 use crate::udp::NodeHandle;
 use crate::wire::Message;
 
@@ -22,6 +22,9 @@ impl PeerNet for NodeHandle {
     }
     fn push_cache(&self) {
         NodeHandle::push_cache(self);
+    }
+    fn push_state(&self, event: LocalEvent) {
+        NodeHandle::push_state(self, event);
     }
     fn snapshot(&self) -> Snapshot {
         NodeHandle::snapshot(self)
@@ -50,7 +53,7 @@ pub async fn run_node(
         policies,
         config: config.clone(),
     })?;
-    let running = crate::node_cmd::start_protocol(&config, Box::new(CoreView(app.clone()))).await?;
+    let running = crate::node_cmd::start_protocol(&config).await?;
     let handle = running.handle.clone();
     app.start(Arc::new(handle.clone()));
     let mut events = running.events;

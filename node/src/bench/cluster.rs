@@ -73,10 +73,10 @@ async fn evaluate_on(
     let mut first_result = None;
     let report = loop {
         let r = client.progress(id).await?;
-        if first_result.is_none() && r["summary"]["executed"].as_u64().unwrap_or(0) > 0 {
+        if first_result.is_none() && r.summary.executed > 0 {
             first_result = Some(started.elapsed().as_secs_f64());
         }
-        if r["status"] == "finished" {
+        if r.status == crate::eval::EvalStatus::Finished {
             break client.report(id).await?;
         }
         if started.elapsed() > Duration::from_secs(3600) {
@@ -88,11 +88,9 @@ async fn evaluate_on(
     let mut matches = 0;
     for (name, p) in expected {
         let alone = p.expected_alone();
-        if let Some(mods) = report["projects"][name]["modules"].as_object() {
-            for (m, v) in mods {
-                let c: cdtester_runner_api::Counts =
-                    serde_json::from_value(v["counts"].clone()).unwrap_or_default();
-                if alone.get(m) == Some(&ExpectedCounts::of(&c)) {
+        if let Some(p) = report.projects.get(name) {
+            for (m, v) in &p.modules {
+                if alone.get(m) == Some(&ExpectedCounts::of(&v.counts)) {
                     matches += 1;
                 }
             }

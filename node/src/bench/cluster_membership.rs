@@ -16,8 +16,8 @@ use cdtester_config::Timers;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
+use crate::core::Event;
 use crate::core::sim::{NetConfig, Sim};
-use crate::core::{Event, NoApp};
 use crate::udp::{self, Running, ShellConfig};
 
 /// Options of `cdtester bench membership`.
@@ -106,7 +106,7 @@ async fn real_run(n: usize, timers: &Timers) -> anyhow::Result<Sample> {
             timers: timers.clone(),
             secret: None,
         };
-        let mut running = udp::start(cfg, Box::new(NoApp)).await?;
+        let mut running = udp::start(cfg).await?;
         // Nobody consumes the events here; drain them.
         let mut events = std::mem::replace(&mut running.events, tokio::sync::mpsc::unbounded_channel().1);
         tokio::spawn(async move { while events.recv().await.is_some() {} });

@@ -125,9 +125,9 @@ async fn evaluate(client: &Client, pid: u32, i: usize, peak: &mut (u64, usize)) 
         let usage = tree_usage(pid);
         *peak = (peak.0.max(usage.0), peak.1.max(usage.1));
         let r = client.progress(id).await?;
-        if r["status"] == "finished" {
-            if r["summary"]["total_passed"].as_u64() != Some(4) {
-                bail!("evaluation {i} did not pass its 4 tests: {}", r["summary"]);
+        if r.status == crate::eval::EvalStatus::Finished {
+            if r.summary.total_passed != 4 {
+                bail!("evaluation {i} did not pass its 4 tests: {:?}", r.summary);
             }
             return Ok(());
         }

@@ -15,6 +15,7 @@ use cdtester_config::Config;
 
 use crate::client::Client;
 use crate::demo::{LocalCluster, Placement};
+use crate::eval::EvalStatus;
 
 /// Options of `cdtester bench scale`.
 #[derive(Debug, Clone, clap::Args)]
@@ -124,12 +125,9 @@ async fn evaluate(
             bail!("evaluation {id} did not finish within {limit:?}");
         }
         let r = client.progress(id).await?;
-        if r["status"] == "finished" {
+        if r.status == EvalStatus::Finished {
             let wall = started.elapsed().as_secs_f64();
-            let got = (
-                r["summary"]["total_passed"].as_u64().unwrap_or(0),
-                r["summary"]["total_failed"].as_u64().unwrap_or(0),
-            );
+            let got = (r.summary.total_passed, r.summary.total_failed);
             if got != want {
                 bail!("the course gave {got:?} (passed, failed), expected {want:?}");
             }

@@ -18,9 +18,10 @@
 //! - **Outgoing messages**: the application sends with [`LocalEvent::Send`] (unicast to an
 //!   `ip:port`) or [`LocalEvent::Broadcast`] (every live peer); the core fills the envelope.
 //!   [`LocalEvent::PushCache`] sends a CACHE_UPDATE now (e.g. after a result is stored).
-//! - **Pulled state**: the core calls the application's [`AppState`] (set once at construction)
-//!   for the `evaluations`/`projects`/`stats` part of the periodic CACHE_UPDATE and for the map
-//!   of a failed node's active evaluations carried by the election messages.
+//! - **Pushed state**: the application hands the core the values it needs and nothing else:
+//!   [`LocalEvent::SetCache`] (the `evaluations`/`projects`/`stats` part of CACHE_UPDATE) and
+//!   [`LocalEvent::SetActive`] (the unfinished evaluations of every responsible node, carried by
+//!   the election messages). The core never calls into the application.
 //! - **Membership and recovery outcomes**: [`Event::PeerUp`], [`Event::PeerDown`],
 //!   [`Event::TakeOver`] (this node now owns the failed node's responsibilities: re-own its
 //!   projects, requeue their unfinished modules, broadcast EVALUATION_RESPONSIBILITY_UPDATE per
@@ -174,6 +175,11 @@ pub enum LocalEvent {
     Broadcast(Message),
     /// Send a CACHE_UPDATE to every live peer now.
     PushCache,
+    /// The `evaluations`/`projects`/`stats` part of this node's CACHE_UPDATEs from now on.
+    SetCache(Box<CacheContent>),
+    /// The unfinished evaluations each node (`"ip:port"`) is responsible for, as this node
+    /// knows them (`{eval_id: [project_id...]}`): what elections carry for a failed node.
+    SetActive(BTreeMap<String, EvalMap>),
     /// Leave the network gracefully; the core stops afterwards.
     Leave,
 }
@@ -215,25 +221,6 @@ pub enum Event {
     /// The graceful leave was sent; the core ignores all further input.
     Left,
 }
-
-/// State the core pulls from the application.
-pub trait AppState: Send {
-    /// The `evaluations`/`projects`/`stats` part of this node's CACHE_UPDATE.
-    fn cache_content(&self) -> CacheContent {
-        CacheContent::default()
-    }
-    /// `{eval_id: [project_id...]}` of unfinished projects the node at `failed_addr`
-    /// (`"ip:port"`) was responsible for.
-    fn active_evaluations(&self, failed_addr: &str) -> EvalMap {
-        let _ = failed_addr;
-        EvalMap::new()
-    }
-}
-
-/// An application with no evaluation state (membership only).
-#[derive(Debug, Default, Clone, Copy)]
-pub struct NoApp;
-impl AppState for NoApp {}
 
 /// Static parameters of a core.
 #[derive(Debug, Clone)]
@@ -333,7 +320,9 @@ pub struct Counters {
 /// The protocol state machine of one node.
 pub struct Core {
     cfg: CoreConfig,
-    app: Box<dyn AppState>,
+    /// Pushed by the application ([`LocalEvent::SetCache`], [`LocalEvent::SetActive`]).
+    cache: CacheContent,
+    active: BTreeMap<String, EvalMap>,
     rng: StdRng,
     start: Instant,
     id: Option<NodeId>,
@@ -371,7 +360,7 @@ impl std::fmt::Debug for Core {
 
 impl Core {
     /// A node at `start`. Without `cfg.join` it mints its own id and is a network of one.
-    pub fn new(cfg: CoreConfig, app: Box<dyn AppState>, start: Instant) -> Core {
+    pub fn new(cfg: CoreConfig, start: Instant) -> Core {
         let mut rng = StdRng::seed_from_u64(cfg.seed);
         let id = match cfg.join {
             None => Some(NodeId::mint(cfg.unix_micros_at_start, rng.random_range(10_000..=99_999))),
@@ -380,7 +369,8 @@ impl Core {
         Core {
             counter: cfg.unix_micros_at_start / 1000,
             cfg,
-            app,
+            cache: CacheContent::default(),
+            active: BTreeMap::new(),
             rng,
             start,
             id,
@@ -403,6 +393,11 @@ impl Core {
     }
 
     /// This node's id (none while joining).
+    /// The active evaluations the node at `addr` is responsible for, as last pushed.
+    fn active_of(&self, addr: &str) -> EvalMap {
+        self.active.get(addr).cloned().unwrap_or_default()
+    }
+
     pub fn id(&self) -> Option<&NodeId> {
         self.id.as_ref()
     }
@@ -643,7 +638,7 @@ impl Core {
         );
         tracing::warn!(peer = %id, addr = %peer.addr, ?reason, initiate, "peer down");
         out.push(Action::Event(Event::PeerDown { id: id.clone(), addr: peer.addr, reason }));
-        let evaluations = self.app.active_evaluations(&addr_s);
+        let evaluations = self.active_of(&addr_s);
         self.failures.insert(
             id.clone(),
             Failure {
@@ -715,7 +710,7 @@ impl Core {
                 .insert(id.clone(), Tombstone { addr, counter, direct: 0, at: now, observed: false });
         }
         if !self.failures.contains_key(id) {
-            let evaluations = self.app.active_evaluations(&wire::addr_string(addr));
+            let evaluations = self.active_of(&wire::addr_string(addr));
             self.failures.insert(
                 id.clone(),
                 Failure { addr, at: now, owner: None, evaluations, initiated: false, result_sent: false },
@@ -941,7 +936,7 @@ impl Core {
         let data = CacheUpdateData {
             addr: wire::addr_string(self.cfg.addr),
             peers_ip: self.peer_addrs(),
-            content: self.app.cache_content(),
+            content: self.cache.clone(),
         };
         for part in wire::split_cache_update(data, wire::MAX_BODY - ENVELOPE_ROOM) {
             self.broadcast(now, &Message::CacheUpdate(part), out);
@@ -965,7 +960,7 @@ impl Core {
         for failed in pending {
             let Some(addr) = self.failures.get(&failed).map(|f| f.addr) else { continue };
             if winner == *me {
-                let fresh = self.app.active_evaluations(&wire::addr_string(addr));
+                let fresh = self.active_of(&wire::addr_string(addr));
                 let Some(f) = self.failures.get_mut(&failed) else { continue };
                 Self::merge_evaluations(&mut f.evaluations, fresh);
                 f.owner = Some(me.clone());
@@ -1219,7 +1214,7 @@ impl Core {
             }
         }
         let failed_addr = self.failures.get(&el.failed_node).map(|f| wire::addr_string(f.addr));
-        let mine = failed_addr.map(|a| self.app.active_evaluations(&a)).unwrap_or_default();
+        let mine = failed_addr.map(|a| self.active_of(&a)).unwrap_or_default();
         let rep = RecoveryElectionRepData {
             failed_node_id: el.failed_node,
             evaluations: mine,
@@ -1235,6 +1230,8 @@ impl Core {
             LocalEvent::Send { to, msg } => self.send(now, to, msg, out),
             LocalEvent::Broadcast(msg) => self.broadcast(now, &msg, out),
             LocalEvent::PushCache => self.send_cache(now, out),
+            LocalEvent::SetCache(content) => self.cache = *content,
+            LocalEvent::SetActive(active) => self.active = active,
             LocalEvent::Leave => {
                 if let Some(me) = self.id.clone() {
                     self.counter += 1;
@@ -1269,7 +1266,7 @@ mod tests {
             unix_micros_at_start: 1_795_512_038_648_868,
             seed: u64::from(port),
         };
-        Core::new(cfg, Box::new(NoApp), start)
+        Core::new(cfg, start)
     }
 
     fn env(from: u16, msg: Message) -> Input {

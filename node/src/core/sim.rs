@@ -21,7 +21,7 @@ use cdtester_config::Timers;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
-use super::{Action, Core, CoreConfig, Event, Input, LocalEvent, NoApp};
+use super::{Action, Core, CoreConfig, Event, Input, LocalEvent};
 use crate::wire::{Channel, ChannelStats, Codec, Envelope, NodeId};
 
 /// Simulation step.
@@ -191,7 +191,7 @@ impl Sim {
             unix_micros_at_start: (EPOCH_MS + self.now_ms) * 1000 + i as u64,
             seed: self.net.seed.wrapping_mul(1_000_003).wrapping_add(i as u64),
         };
-        let core = Core::new(cfg, Box::new(NoApp), self.instant());
+        let core = Core::new(cfg, self.instant());
         let channel = Channel::with_codec(self.net.codec.clone(), Self::addr(i), self.rng.random());
         let phase = self.rng.random_range(0..TICK_MS / STEP_MS) * STEP_MS;
         self.nodes.push(SimNode {
@@ -258,6 +258,34 @@ impl Sim {
     /// Freeze node `i`'s event loop for `ms`.
     pub fn stall(&mut self, i: usize, ms: u64) {
         self.nodes[i].stalled_until = Some(self.now_ms + ms);
+    }
+
+    /// Hand node `i`'s core a request from its application (nothing if it is down).
+    pub fn local(&mut self, i: usize, event: LocalEvent) {
+        if !self.nodes[i].crashed {
+            self.input(i, Input::Local(event));
+        }
+    }
+
+    /// Restart crashed node `i` at the same address (a new process: new id, empty state),
+    /// joining through node `via`.
+    pub fn restart(&mut self, i: usize, via: usize) {
+        let cfg = CoreConfig {
+            addr: Self::addr(i),
+            join: Some(Self::addr(via)),
+            http: None,
+            timers: self.timers.clone(),
+            unix_micros_at_start: (EPOCH_MS + self.now_ms) * 1000 + i as u64,
+            seed: self.net.seed.wrapping_mul(1_000_003).wrapping_add(i as u64 + self.now_ms),
+        };
+        let core = Core::new(cfg, self.instant());
+        let channel = Channel::with_codec(self.net.codec.clone(), Self::addr(i), self.rng.random());
+        let node = &mut self.nodes[i];
+        node.core = core;
+        node.channel = channel;
+        node.crashed = false;
+        node.stalled_until = None;
+        node.events.clear();
     }
 
     /// Graceful leave of node `i`.

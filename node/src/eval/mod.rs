@@ -18,7 +18,10 @@ use std::collections::BTreeMap;
 use cdtester_runner_api::{Chunk, Counts, Limits, ModuleReport, TestResult};
 use serde::{Deserialize, Serialize};
 
-pub use report::{EvalReport, NodeStatsRow, Stats, StatsAll, build_report, stats};
+pub use report::{
+    Columns, EvalReport, EvalStatus, ModuleStatus, ModuleView, NodeStatsRow, ProjectReport, ProjectStatus,
+    Stats, StatsAll, Summary, build_report, stats,
+};
 
 /// Evaluation ids are positive integers below 2^53 (exact in JSON numbers everywhere).
 pub type EvalId = u64;
@@ -54,6 +57,26 @@ pub fn parse_task_part(part: &str) -> (&str, Option<Chunk>) {
         return (module, Some(Chunk { index, count }));
     }
     (part, None)
+}
+
+/// Makes names unique: a name met before gets the first free `_<n>` suffix (n = 2, 3, ...).
+pub fn unique_name(taken: &[String], name: &str) -> String {
+    let mut unique = name.to_string();
+    let mut n = 2;
+    while taken.contains(&unique) {
+        unique = format!("{name}_{n}");
+        n += 1;
+    }
+    unique
+}
+
+/// Renames projects so that their names are unique within the evaluation ([`unique_name`]).
+pub fn unique_names(projects: &mut [ProjectRecord]) {
+    let mut taken: Vec<String> = Vec::with_capacity(projects.len());
+    for p in projects {
+        p.name = unique_name(&taken, &p.name);
+        taken.push(p.name.clone());
+    }
 }
 
 /// One task of an evaluation.
@@ -467,6 +490,17 @@ impl ModuleProgress<'_> {
     /// Some task runs or has finished, not all have.
     pub fn started(&self) -> bool {
         !self.finished() && (!self.running.is_empty() || !self.results.is_empty())
+    }
+
+    /// `finished`, `running` (started) or `pending`.
+    pub fn status(&self) -> crate::wire::ModuleStatus {
+        if self.finished() {
+            crate::wire::ModuleStatus::Finished
+        } else if self.started() {
+            crate::wire::ModuleStatus::Running
+        } else {
+            crate::wire::ModuleStatus::Pending
+        }
     }
 
     pub fn counts(&self) -> Counts {

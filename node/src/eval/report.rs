@@ -3,16 +3,82 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use cdtester_runner_api::{Counts, TestResult, round2};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use super::{EvalId, EvalRecord, ProjectRecord, ProjectState};
+pub use crate::wire::ModuleStatus;
+
+/// Where an evaluation is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum EvalStatus {
+    Running,
+    Finished,
+}
+
+impl EvalStatus {
+    /// The name used in JSON, CSV and metrics.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EvalStatus::Running => "running",
+            EvalStatus::Finished => "finished",
+        }
+    }
+}
+
+/// Where a project is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ProjectStatus {
+    Preparing,
+    Running,
+    Finished,
+    Failed,
+}
+
+impl ProjectStatus {
+    /// The name used in JSON, CSV and metrics.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ProjectStatus::Preparing => "preparing",
+            ProjectStatus::Running => "running",
+            ProjectStatus::Finished => "finished",
+            ProjectStatus::Failed => "failed",
+        }
+    }
+}
+
+/// How tables group a module's or project's test outcomes, the same for `cdtester run` and
+/// `cdtester submit --wait`: errors are every verdict that is neither a pass, a plain failure nor
+/// a skip (error, timeout, crashed, oom, infra-error), as in JUnit's `<error>`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Columns {
+    pub passed: u64,
+    pub failed: u64,
+    pub errors: u64,
+    pub skipped: u64,
+    pub xfailed: u64,
+    pub xpassed: u64,
+}
+
+impl Columns {
+    pub fn of(c: &Counts) -> Columns {
+        Columns {
+            passed: c.passed,
+            failed: c.failed,
+            errors: c.error + c.timeout + c.crashed + c.oom + c.infra_error,
+            skipped: c.skipped,
+            xfailed: c.xfailed,
+            xpassed: c.xpassed,
+        }
+    }
+}
 
 /// `GET /evaluation/{id}`.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct EvalReport {
     pub id: EvalId,
-    /// `running` or `finished`.
-    pub status: &'static str,
+    pub status: EvalStatus,
     /// The node that schedules the evaluation now (UDP `ip:port`).
     pub node: String,
     pub start_time: f64,
@@ -26,7 +92,7 @@ pub struct EvalReport {
 
 /// Totals of an evaluation or a project. `executed`/`executing`/`pending` count modules (tasks);
 /// `tests` counts individual tests by outcome.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Summary {
     pub pass_percentage: f64,
     pub fail_percentage: f64,
@@ -41,16 +107,15 @@ pub struct Summary {
     pub grade: Option<f64>,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ProjectReport {
     pub id: String,
     /// Node responsible for the project (UDP `ip:port`).
     pub node: String,
-    #[serde(skip_serializing_if = "Option::is_none")]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub url: Option<String>,
-    /// `preparing`, `running`, `finished` or `failed`.
-    pub status: &'static str,
-    #[serde(skip_serializing_if = "Option::is_none")]
+    pub status: ProjectStatus,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
     pub pass_percentage: f64,
     pub fail_percentage: f64,
@@ -67,12 +132,11 @@ pub struct ProjectReport {
     pub modules: BTreeMap<String, ModuleView>,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ModuleView {
-    /// `pending`, `running` or `finished`.
-    pub status: &'static str,
+    pub status: ModuleStatus,
     /// Node that ran (or runs) it.
-    #[serde(skip_serializing_if = "Option::is_none")]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub node: Option<String>,
     pub passed: u64,
     pub failed: u64,
@@ -81,10 +145,10 @@ pub struct ModuleView {
     pub counts: Counts,
     /// Seconds the module took.
     pub time: f64,
-    #[serde(skip_serializing_if = "Option::is_none")]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub note: Option<String>,
     /// Per-test results (left out when the report is asked for without them).
-    #[serde(skip_serializing_if = "Option::is_none")]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tests: Option<Vec<TestResult>>,
 }
 
@@ -117,24 +181,19 @@ pub fn build_report(
         executing += view.executing;
         pending += view.pending;
         match view.status {
-            "finished" => grades.extend(view.grade),
-            "failed" => {}
-            _ => all_settled = false,
+            ProjectStatus::Finished => grades.extend(view.grade),
+            ProjectStatus::Failed => {}
+            ProjectStatus::Preparing | ProjectStatus::Running => all_settled = false,
         }
-        let mut key = p.name.clone();
-        let mut n = 2;
-        while projects.contains_key(&key) {
-            key = format!("{}_{n}", p.name);
-            n += 1;
-        }
-        projects.insert(key, view);
+        // Names are unique per evaluation (see `unique_names`).
+        projects.insert(p.name.clone(), view);
     }
     let (pass_percentage, fail_percentage) = percentages(&total);
     let grade =
         (all_settled && !grades.is_empty()).then(|| round2(grades.iter().sum::<f64>() / grades.len() as f64));
     EvalReport {
         id: rec.id,
-        status: if rec.end_time.is_some() { "finished" } else { "running" },
+        status: if rec.end_time.is_some() { EvalStatus::Finished } else { EvalStatus::Running },
         node: rec.responsible.clone(),
         start_time: rec.start_time,
         end_time: rec.end_time,
@@ -169,24 +228,22 @@ fn project_report(
     let (mut executed, mut executing, mut pending) = (0, 0, 0);
     let mut all_tests = Vec::new();
     let (status, error) = match &p.state {
-        ProjectState::Preparing => ("preparing", None),
-        ProjectState::Failed { error } => ("failed", Some(error.clone())),
+        ProjectState::Preparing => (ProjectStatus::Preparing, None),
+        ProjectState::Failed { error } => (ProjectStatus::Failed, Some(error.clone())),
         ProjectState::Ready { modules: names, .. } => {
             for m in names {
                 let progress = rec.module_progress(p, m);
                 let c = progress.counts();
                 counts.merge(&c);
-                let status = if progress.finished() {
-                    executed += 1;
-                    all_tests.extend(progress.tests());
-                    "finished"
-                } else if progress.started() {
-                    executing += 1;
-                    "running"
-                } else {
-                    pending += 1;
-                    "pending"
-                };
+                let status = progress.status();
+                match status {
+                    ModuleStatus::Finished => {
+                        executed += 1;
+                        all_tests.extend(progress.tests());
+                    }
+                    ModuleStatus::Running => executing += 1,
+                    ModuleStatus::Pending => pending += 1,
+                }
                 let (pp, fp) = percentages(&c);
                 let view = ModuleView {
                     status,
@@ -202,11 +259,11 @@ fn project_report(
                 };
                 modules.insert(m.clone(), view);
             }
-            (if executing + pending == 0 { "finished" } else { "running" }, None)
+            (if executing + pending == 0 { ProjectStatus::Finished } else { ProjectStatus::Running }, None)
         }
     };
     let (pass_percentage, fail_percentage) = percentages(&counts);
-    let grade = if status == "finished" { grade(p, &all_tests) } else { None };
+    let grade = if status == ProjectStatus::Finished { grade(p, &all_tests) } else { None };
     ProjectReport {
         id: p.id.clone(),
         node: rec.responsible.clone(),
@@ -336,7 +393,7 @@ mod tests {
         );
         rec.running.insert("9-0::t_sub.py".into(), "127.0.0.1:7002".into());
         let r = build_report(&rec, 12.5, false, &default_grade);
-        assert_eq!(r.status, "running");
+        assert_eq!(r.status, EvalStatus::Running);
         assert_eq!((r.summary.executed, r.summary.executing, r.summary.pending), (1, 1, 1));
         assert_eq!(r.time_elapsed, 2.5);
         assert_eq!(r.projects["calc"].grade, None);
@@ -356,7 +413,12 @@ mod tests {
             14.0,
         );
         let r = build_report(&rec, 20.0, true, &default_grade);
-        assert_eq!(r.status, "finished");
+        assert_eq!(r.status, EvalStatus::Finished);
+        let json = serde_json::to_string(&r).unwrap();
+        let back: EvalReport = serde_json::from_str(&json).expect("a report reads back");
+        assert_eq!(back.projects["calc"].status, ProjectStatus::Finished);
+        assert_eq!(back.projects["calc"].modules["t_add.py"].status, ModuleStatus::Finished);
+        assert!(json.contains(r#""status":"finished""#), "{json}");
         assert_eq!(r.time_elapsed, 4.0);
         let calc = &r.projects["calc"];
         assert_eq!((calc.total_passed, calc.total_failed, calc.grade), (3, 1, Some(15.0)));
@@ -394,5 +456,21 @@ mod tests {
             json,
             r#"{"all":{"failed":1,"passed":2,"projects":1,"evaluations":1},"nodes":[{"address":"127.0.0.1:7000","failed":0,"passed":0,"projects":0,"modules":0,"evaluations":[]},{"address":"127.0.0.1:7001","failed":1,"passed":2,"projects":1,"modules":2,"evaluations":[12345]}]}"#
         );
+    }
+
+    #[test]
+    fn status_names_are_their_json_names() {
+        let json = |v: serde_json::Value| v.as_str().map(str::to_string);
+        for s in [EvalStatus::Running, EvalStatus::Finished] {
+            assert_eq!(json(serde_json::json!(s)).as_deref(), Some(s.as_str()));
+        }
+        for s in
+            [ProjectStatus::Preparing, ProjectStatus::Running, ProjectStatus::Finished, ProjectStatus::Failed]
+        {
+            assert_eq!(json(serde_json::json!(s)).as_deref(), Some(s.as_str()));
+        }
+        for s in [ModuleStatus::Pending, ModuleStatus::Running, ModuleStatus::Finished] {
+            assert_eq!(json(serde_json::json!(s)).as_deref(), Some(s.as_str()));
+        }
     }
 }

@@ -21,7 +21,7 @@ use tokio::sync::OwnedSemaphorePermit;
 use tokio::time::Instant;
 
 use crate::app::App;
-use crate::eval::EvalId;
+use crate::eval::{EvalId, EvalStatus};
 
 /// How often a stream looks for changes.
 pub const POLL: Duration = Duration::from_millis(500);
@@ -58,7 +58,7 @@ impl Follow {
             self.done = true;
             return Some(Event::default().event("end").data(r#"{"status":"gone"}"#));
         };
-        let finished = report.status == "finished";
+        let finished = report.status == EvalStatus::Finished;
         let json = serde_json::to_string(&report).unwrap_or_default();
         if json != self.report {
             self.report = json.clone();

@@ -2,7 +2,8 @@
 //!
 //! Columns: `project,grade,passed,failed,errors,skipped,status,url`, from the same report as
 //! `GET /evaluation/{id}`: `passed` = `total_passed` (passed + xpassed), `failed` + `errors` =
-//! `total_failed` (`errors` = tests that errored, `failed` = failed, timeout, oom, crashed),
+//! `total_failed` (`failed` = failed; `errors` = error, timeout, oom, crashed, as the CLI tables
+//! group them; infra-errors, which grade nothing, are errors too),
 //! `skipped` = skipped + xfailed, `grade` on 0..20 (empty until the project is graded).
 //! Cells are quoted as RFC 4180 says, and a cell a spreadsheet would run as a formula (it starts
 //! with `=`, `+`, `-`, `@`, tab or carriage return: project names come from students) is
@@ -10,14 +11,16 @@
 
 use cdtester_runner_api::Counts;
 
-use crate::eval::EvalReport;
+use crate::eval::{Columns, EvalReport};
 
 /// The header row.
 pub const HEADER: [&str; 8] = ["project", "grade", "passed", "failed", "errors", "skipped", "status", "url"];
 
-/// `passed`, `failed`, `errors`, `skipped` of a project's counts.
+/// `passed`, `failed`, `errors`, `skipped` of a project's counts: the tables' grouping
+/// ([`Columns`]) with xpassed among the passes and xfailed among the skips, as grades count them.
 pub fn columns(c: &Counts) -> [u64; 4] {
-    [c.passes(), c.failures() - c.error, c.error, c.skipped + c.xfailed]
+    let cols = Columns::of(c);
+    [cols.passed + cols.xpassed, cols.failed, cols.errors, cols.skipped + cols.xfailed]
 }
 
 /// One cell, guarded against formula injection and quoted when it needs to be.
@@ -54,7 +57,7 @@ pub fn grades_csv(report: &EvalReport) -> String {
     let mut out = HEADER.join(",");
     out.push_str("\r\n");
     for (name, p) in &report.projects {
-        out.push_str(&row(name, p.grade, &p.tests, p.status, p.url.as_deref()));
+        out.push_str(&row(name, p.grade, &p.tests, p.status.as_str(), p.url.as_deref()));
         out.push_str("\r\n");
     }
     out
@@ -88,7 +91,7 @@ mod tests {
             xfailed: 1,
             ..Counts::default()
         };
-        assert_eq!(columns(&c), [4, 3, 4, 6]);
+        assert_eq!(columns(&c), [4, 2, 5, 6]);
         assert_eq!(columns(&c)[1] + columns(&c)[2], c.failures());
     }
 }

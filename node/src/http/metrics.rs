@@ -25,7 +25,7 @@ use axum::routing::get;
 use cdtester_runner_api::{Counts, Outcome};
 
 use crate::app::App;
-use crate::eval::EvalReport;
+use crate::eval::{EvalReport, EvalStatus, ModuleStatus};
 
 /// Upper bounds (seconds) of the task duration histogram's buckets.
 pub const DURATION_BUCKETS: [f64; 10] = [0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0];
@@ -132,8 +132,9 @@ async fn track(State(http): State<Arc<HttpCounters>>, req: Request, next: Next) 
 
 fn metrics_response(app: &App, http: &HttpCounters) -> Response {
     let reports: Vec<EvalReport> = app.list().into_iter().filter_map(|id| app.report(id, false)).collect();
-    let peers = app.network().get(app.addr()).map_or(0, Vec::len);
-    let text = render(&reports, app.addr(), peers, &http.snapshot());
+    let me = app.addr();
+    let peers = app.network().get(&me).map_or(0, Vec::len);
+    let text = render(&reports, &me, peers, &http.snapshot());
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], text).into_response()
 }
 
@@ -164,16 +165,16 @@ impl Tally {
             t.tasks.insert(s, 0);
         }
         for r in reports {
-            *t.evaluations.entry(r.status).or_default() += 1;
+            *t.evaluations.entry(r.status.as_str()).or_default() += 1;
             t.tests.merge(&r.summary.tests);
-            if r.status == "running" && r.node == me {
+            if r.status == EvalStatus::Running && r.node == me {
                 t.queue += r.summary.pending;
             }
             for p in r.projects.values() {
-                *t.projects.entry(p.status).or_default() += 1;
+                *t.projects.entry(p.status.as_str()).or_default() += 1;
                 for m in p.modules.values() {
-                    *t.tasks.entry(m.status).or_default() += 1;
-                    if m.status == "finished" {
+                    *t.tasks.entry(m.status.as_str()).or_default() += 1;
+                    if m.status == ModuleStatus::Finished {
                         t.observe(m.time);
                     }
                 }

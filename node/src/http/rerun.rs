@@ -14,7 +14,7 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 
 use crate::app::{App, AppError};
-use crate::eval::EvalId;
+use crate::eval::{EvalId, EvalStatus};
 use crate::fetch::FetchedProject;
 
 /// The request body.
@@ -55,7 +55,7 @@ fn select(only: &Option<Only>, modules: &[(String, u64)]) -> Result<BTreeSet<Str
 pub async fn rerun(app: &Arc<App>, id: EvalId, req: RerunRequest) -> Result<Value, AppError> {
     let not_found = || AppError::NotFound("Evaluation not found".into());
     let report = app.report(id, false).ok_or_else(not_found)?;
-    if report.status != "finished" {
+    if report.status != EvalStatus::Finished {
         return Err(AppError::BadRequest("the evaluation is still running: rerun it once finished".into()));
     }
     let record = app.record(id).ok_or_else(not_found)?;

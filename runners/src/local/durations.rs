@@ -4,20 +4,9 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use cdtester_runner_api::{Chunk, TaskSpec};
-use serde::{Deserialize, Serialize};
+use cdtester_runner_api::TaskSpec;
 
-/// Estimate for a module never seen before, in seconds.
-pub const UNKNOWN_MODULE_SECS: f64 = 0.5;
-/// Modules faster than this are never split.
-pub const MIN_SPLIT_SECS: f64 = 4.0;
-
-/// What a module took the last time it ran whole (chunks summed).
-#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
-pub struct ModuleStat {
-    pub secs: f64,
-    pub tests: u64,
-}
+pub use cdtester_runner_api::plan::{MIN_SPLIT_SECS, ModuleStat, UNKNOWN_MODULE_SECS};
 
 /// Remembered module durations, per project name, optionally persisted as JSON.
 #[derive(Debug, Default)]
@@ -64,46 +53,28 @@ impl DurationStore {
         std::fs::rename(&tmp, path)
     }
 
-    /// Estimated seconds for a module.
-    pub fn estimate(&self, project: &str, module: &str) -> f64 {
-        self.get(project, module).map_or(UNKNOWN_MODULE_SECS, |s| s.secs)
-    }
-
     /// Tasks for `modules` of `project` on `workers` parallel slots, with their estimated
-    /// seconds: one task per module, longest first, except that a module remembered as longer
-    /// than both [`MIN_SPLIT_SECS`] and half the project's fair share per worker is split into
-    /// chunks of about half a share each (small enough for longest-first to balance the workers).
+    /// seconds ([`cdtester_runner_api::plan::plan`] over this memory).
     pub fn plan(&self, project: &str, modules: &[String], workers: usize) -> Vec<(TaskSpec, f64)> {
-        let workers = workers.max(1);
-        let total: f64 = modules.iter().map(|m| self.estimate(project, m)).sum();
-        let target = total / workers as f64 / 2.0;
-        let mut tasks = Vec::new();
-        for m in modules {
-            let est = self.estimate(project, m);
-            let tests = self.get(project, m).map_or(0, |s| s.tests);
-            let chunks = if est > MIN_SPLIT_SECS && est > target && target > 0.0 {
-                ((est / target).ceil() as u64).min(tests / 2).min(4 * workers as u64)
-            } else {
-                1
-            };
-            if chunks >= 2 {
-                let count = chunks as u32;
-                for index in 0..count {
-                    let mut t = TaskSpec::new(format!("{project}:{m}#{index}/{count}"), vec![m.clone()]);
-                    t.chunk = Some(Chunk { index, count });
-                    tasks.push((t, est / count as f64));
-                }
-            } else {
-                tasks.push((TaskSpec::new(format!("{project}:{m}"), vec![m.clone()]), est));
-            }
-        }
-        tasks.sort_by(|a, b| b.1.total_cmp(&a.1));
-        tasks
+        cdtester_runner_api::plan::plan(modules, |m| self.get(project, m), workers)
+            .into_iter()
+            .map(|t| {
+                let id = match t.chunk {
+                    Some(c) => format!("{project}:{}#{}/{}", t.module, c.index, c.count),
+                    None => format!("{project}:{}", t.module),
+                };
+                let mut spec = TaskSpec::new(id, vec![t.module]);
+                spec.chunk = t.chunk;
+                (spec, t.estimate)
+            })
+            .collect()
     }
 }
 
 #[cfg(test)]
 mod tests {
+    use cdtester_runner_api::Chunk;
+
     use super::*;
 
     fn modules(names: &[&str]) -> Vec<String> {

@@ -1,0 +1,191 @@
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use cdtester_runner_api::{Limits, Outcome};
+
+use super::*;
+use crate::eval::tests::module_report;
+use crate::wire::{NodeId, NodeIdData, TaskConfirmData};
+
+pub(super) fn addr(i: u16) -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 7000 + i))
+}
+
+pub(super) fn config(me: SocketAddr, slots: usize) -> EngineConfig {
+    EngineConfig {
+        me,
+        http_port: 8000,
+        slots,
+        confirm_timeout: Duration::from_millis(1500),
+        announce_every: Duration::from_millis(500),
+        hold: Duration::from_secs(6),
+        open: false,
+    }
+}
+
+pub(super) fn submission(id: EvalId, me: SocketAddr, wall: f64) -> EvalRecord {
+    let project = ProjectRecord {
+        id: format!("{id}-0"),
+        name: "calc".into(),
+        url: None,
+        content_hash: "a".repeat(64),
+        state: ProjectState::Preparing,
+    };
+    EvalRecord::new(id, me.to_string(), wall, vec![project])
+}
+
+pub(super) fn discovery(modules: &[&str]) -> Discovery {
+    Discovery {
+        modules: modules.iter().map(|m| m.to_string()).collect(),
+        runner: "local".into(),
+        limits: Limits::default(),
+        policies: Vec::new(),
+    }
+}
+
+struct Clock(Instant, f64);
+
+impl Clock {
+    fn now(&self) -> Now {
+        Now { mono: self.0, wall: self.1 }
+    }
+    fn advance(&mut self, ms: u64) {
+        self.0 += Duration::from_millis(ms);
+        self.1 += ms as f64 / 1000.0;
+    }
+}
+
+fn runs(actions: &[Action]) -> Vec<Task> {
+    actions.iter().filter_map(|a| if let Action::Run(t) = a { Some(t.clone()) } else { None }).collect()
+}
+
+fn post_for(worker: SocketAddr, task: &Task, outcomes: &[Outcome]) -> TaskPost {
+    let report = module_report(&task.module, outcomes);
+    TaskPost::new(worker, task.eval, &task.task_id, &task.project_id, &task.module, Ok(report), "x".into())
+}
+
+fn answer(actions: &[Action]) -> Result<Accepted, Refusal> {
+    actions
+        .iter()
+        .find_map(|a| if let Action::Answer(r) = a { Some(r.clone()) } else { None })
+        .expect("an answer")
+}
+
+fn started_engine(slots: usize, modules: &[&str]) -> (Engine, Clock, Vec<Action>) {
+    let clock = Clock(Instant::now(), 1000.0);
+    let mut e = Engine::new(config(addr(0), slots), Vec::new(), Default::default(), clock.0);
+    let out = e.handle(clock.now(), Input::Submitted(submission(5, addr(0), clock.1)));
+    assert!(matches!(out.as_slice(), [Action::Persist(_), Action::Discover { eval: 5, .. }]), "{out:?}");
+    let out = e.handle(
+        clock.now(),
+        Input::Discovered { eval: 5, project: "5-0".into(), outcome: Ok(discovery(modules)) },
+    );
+    (e, clock, out)
+}
+
+#[test]
+fn own_slots_take_tasks_at_once_and_a_freed_slot_is_refilled_in_the_same_step() {
+    let (mut e, clock, out) = started_engine(2, &["t_a.py", "t_b.py", "t_c.py"]);
+    let first = runs(&out);
+    assert_eq!(first.len(), 2, "both slots start without a round trip: {out:?}");
+    assert_eq!(e.busy(), 2);
+    let out = e.handle(
+        clock.now(),
+        Input::Ran { post: post_for(addr(0), &first[0], &[Outcome::Passed]), from: None },
+    );
+    assert!(out.iter().any(|a| matches!(a, Action::Persist(r) if r.results.len() == 1)), "{out:?}");
+    assert!(!out.iter().any(|a| matches!(a, Action::Deliver { .. })), "a local result needs no delivery");
+    let next = runs(&out);
+    assert_eq!(next.len(), 1, "the freed slot takes the last task: {out:?}");
+    for t in [&first[1], &next[0]] {
+        e.handle(clock.now(), Input::Ran { post: post_for(addr(0), t, &[Outcome::Failed]), from: None });
+    }
+    let rec = e.record(5).expect("record");
+    assert!(rec.end_time.is_some(), "{rec:?}");
+    assert_eq!(rec.counts().failures(), 2);
+    assert_eq!(e.busy(), 0);
+}
+
+#[test]
+fn results_only_from_the_assigned_worker_and_only_the_first() {
+    let (mut e, mut clock, _) = started_engine(0, &["t_a.py"]);
+    let me = Input::Members { id: Some(NodeId("node-0".into())), peers: vec![addr(1), addr(2)] };
+    e.handle(clock.now(), me);
+    let out = e.handle(
+        clock.now(),
+        Input::Message { from: addr(1), msg: Message::TaskRequest(NodeIdData { id: NodeId("n1".into()) }) },
+    );
+    let Some(Action::Send { to, msg: Message::TaskSend(send) }) = out.first() else { panic!("{out:?}") };
+    assert_eq!(*to, addr(1));
+    let task_id = crate::eval::task_id(&send.info.project_id, &send.info.module);
+    let task = Task {
+        eval: 5,
+        task_id: task_id.clone(),
+        project_id: "5-0".into(),
+        project: None,
+        module: "t_a.py".into(),
+        chunk: None,
+        from: None,
+    };
+    let confirm = Message::TaskConfirm(TaskConfirmData { task_id: task_id.clone() });
+    e.handle(clock.now(), Input::Message { from: addr(1), msg: confirm });
+    assert_eq!(e.record(5).expect("record").running.get(&task_id), Some(&addr(1).to_string()));
+    clock.advance(10);
+    let forged = post_for(addr(2), &task, &[Outcome::Passed]);
+    let out = e.handle(clock.now(), Input::Result { post: forged.clone(), caller: addr(2) });
+    assert!(matches!(answer(&out), Err(Refusal::Forbidden(_))), "{out:?}");
+    let out = e.handle(clock.now(), Input::Result { post: forged, caller: addr(1) });
+    assert!(matches!(answer(&out), Err(Refusal::Forbidden(_))), "the post names another worker: {out:?}");
+    let good = post_for(addr(1), &task, &[Outcome::Failed]);
+    assert_eq!(
+        answer(&e.handle(clock.now(), Input::Result { post: good.clone(), caller: addr(1) })),
+        Ok(Accepted::Stored)
+    );
+    let again = post_for(addr(1), &task, &[Outcome::Passed]);
+    assert_eq!(
+        answer(&e.handle(clock.now(), Input::Result { post: again, caller: addr(1) })),
+        Ok(Accepted::Duplicate)
+    );
+    assert_eq!(e.record(5).expect("record").counts().failures(), 1, "the first result stays");
+}
+
+#[test]
+fn a_dead_worker_counts_a_death_and_its_task_goes_to_the_next_one() {
+    let (mut e, clock, _) = started_engine(0, &["t_a.py"]);
+    e.handle(
+        clock.now(),
+        Input::Members { id: Some(NodeId("node-0".into())), peers: vec![addr(1), addr(2)] },
+    );
+    for (worker, expected_deaths) in [(addr(1), 1), (addr(2), 2)] {
+        let req = Message::TaskRequest(NodeIdData { id: NodeId("n".into()) });
+        let out = e.handle(clock.now(), Input::Message { from: worker, msg: req });
+        assert!(matches!(out.first(), Some(Action::Send { msg: Message::TaskSend(_), .. })), "{out:?}");
+        let confirm = Message::TaskConfirm(TaskConfirmData { task_id: "5-0::t_a.py".into() });
+        e.handle(clock.now(), Input::Message { from: worker, msg: confirm });
+        e.handle(clock.now(), Input::PeerDown { addr: worker, died: true });
+        let rec = e.record(5).expect("record");
+        assert_eq!(rec.worker_deaths.get("5-0::t_a.py"), Some(&expected_deaths));
+        assert!(rec.running.is_empty());
+    }
+    let rec = e.record(5).expect("record");
+    let note = rec.results["5-0::t_a.py"].report.note.clone().unwrap_or_default();
+    assert!(note.contains("crashed"), "{note}");
+    assert!(rec.end_time.is_some());
+}
+
+#[test]
+fn an_unconfirmed_task_is_handed_out_again_after_the_confirm_timeout() {
+    let (mut e, mut clock, _) = started_engine(0, &["t_a.py"]);
+    e.handle(
+        clock.now(),
+        Input::Members { id: Some(NodeId("node-0".into())), peers: vec![addr(1), addr(2)] },
+    );
+    let req = || Message::TaskRequest(NodeIdData { id: NodeId("n".into()) });
+    let out = e.handle(clock.now(), Input::Message { from: addr(1), msg: req() });
+    assert_eq!(out.len(), 1);
+    assert!(e.handle(clock.now(), Input::Message { from: addr(2), msg: req() }).is_empty(), "nothing left");
+    clock.advance(2000);
+    e.handle(clock.now(), Input::Tick);
+    let out = e.handle(clock.now(), Input::Message { from: addr(2), msg: req() });
+    assert!(matches!(out.first(), Some(Action::Send { to, .. }) if *to == addr(2)), "{out:?}");
+}
