@@ -459,7 +459,7 @@ impl Engine {
             },
             (None, None) => return Err(Refusal::BadRequest("a result needs \"report\" or \"error\"".into())),
         };
-        let node = format!("{}:{}", post.result.ip, post.result.port);
+        let node = post.node();
         let result = ModuleResult { node, attempt: post.attempt, finished_at: now.wall, report };
         self.assignments.release(None, &task);
         self.failures.remove(&task);
