@@ -38,7 +38,7 @@ pub use sandbox::DEFAULT_UNPRIVILEGED_ID;
 use crate::pytest::{self, Mode};
 use process::{Exec, Invocation};
 use sandbox::{Confinement, Sandbox, TaskDir};
-use warm::WarmServer;
+use warm::{WarmServer, ZygoteSpec, Zygotes};
 
 /// Wall-clock limit of a discovery (collect-only) run.
 pub const DISCOVER_TIMEOUT: Duration = Duration::from_secs(300);
@@ -74,7 +74,8 @@ struct ProjectState {
     /// Where its tests run: `prepared.root`, or a copy owned by the tests' uid.
     run_root: PathBuf,
     _copy: Option<tempfile::TempDir>,
-    warm: Mutex<Option<Arc<WarmServer>>>,
+    /// Whether its environment has the project installed (then it is the project's alone).
+    own_env: bool,
 }
 
 pub struct LocalRunner {
@@ -83,6 +84,7 @@ pub struct LocalRunner {
     support: PathBuf,
     sandbox: Sandbox,
     projects: Mutex<HashMap<String, Arc<ProjectState>>>,
+    zygotes: Zygotes,
 }
 
 impl LocalRunner {
@@ -112,6 +114,7 @@ impl LocalRunner {
             support,
             sandbox,
             projects: Mutex::new(HashMap::new()),
+            zygotes: Zygotes::default(),
         })
     }
 
@@ -129,30 +132,19 @@ impl LocalRunner {
             .ok_or_else(|| RunnerError::UnknownProject(project.id.clone()))
     }
 
-    /// The project's warm worker, started on first use; `None` when disabled or it cannot start.
+    /// The warm worker of the project's environment (shared with every project using it),
+    /// started on first use; `None` when disabled or it cannot start.
     fn warm_server(&self, state: &ProjectState) -> Option<Arc<WarmServer>> {
         if !self.opts.warm {
             return None;
         }
-        let mut slot = state.warm.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(server) = slot.as_ref()
-            && server.alive()
-        {
-            return Some(Arc::clone(server));
-        }
-        let env = sandbox::test_env(&state.python, &self.support);
-        let confine = self.sandbox.server_confinement();
-        match WarmServer::start(&state.python, &self.support, &state.run_root, &env, &confine) {
-            Ok(server) => {
-                let server = Arc::new(server);
-                *slot = Some(Arc::clone(&server));
-                Some(server)
-            }
-            Err(e) => {
-                tracing::warn!(error = %e, "cannot start the warm worker; using fresh interpreters");
-                None
-            }
-        }
+        self.zygotes.get(&state.python, || ZygoteSpec {
+            server_dir: self.support.clone(),
+            cwd: self.sandbox.work().to_path_buf(),
+            env: sandbox::test_env(&state.python, &self.support),
+            confine: self.sandbox.server_confinement(),
+            plugins: !state.own_env,
+        })
     }
 
     /// Runs one pytest invocation of `state`'s project, warm if possible.
@@ -173,7 +165,7 @@ impl LocalRunner {
                 }
                 Err(e) => {
                     tracing::warn!(error = %e, "warm run failed; running in a fresh interpreter");
-                    state.warm.lock().unwrap_or_else(|e| e.into_inner()).take();
+                    self.zygotes.discard(&state.python, &server);
                     // The fresh retry starts from an empty record file (the test's uid owns it).
                     std::fs::OpenOptions::new().write(true).truncate(true).open(task.records())?;
                 }
@@ -254,7 +246,8 @@ impl Runner for LocalRunner {
         }
         let root = std::fs::canonicalize(&source.root)?;
         let hash = content_hash(&root)?;
-        let install = needs_install(&root).then_some((root.as_path(), hash.as_str()));
+        let own_env = needs_install(&root);
+        let install = own_env.then_some((root.as_path(), hash.as_str()));
         let env = self
             .envs
             .project(&source.extra_requirements, install)
@@ -263,8 +256,7 @@ impl Runner for LocalRunner {
         let run_root = copy.as_ref().map_or_else(|| root.clone(), |c| c.path().to_path_buf());
         let prepared =
             PreparedProject { id: source.id.clone(), name: source.name.clone(), root, content_hash: hash };
-        let state =
-            ProjectState { python: env::venv_python(&env), run_root, _copy: copy, warm: Mutex::new(None) };
+        let state = ProjectState { python: env::venv_python(&env), run_root, _copy: copy, own_env };
         self.projects.lock().unwrap_or_else(|e| e.into_inner()).insert(source.id.clone(), Arc::new(state));
         Ok(prepared)
     }
@@ -307,7 +299,12 @@ impl Runner for LocalRunner {
     }
 
     fn release(&self, project: &PreparedProject) {
-        self.projects.lock().unwrap_or_else(|e| e.into_inner()).remove(&project.id);
+        let state = self.projects.lock().unwrap_or_else(|e| e.into_inner()).remove(&project.id);
+        if let Some(state) = state
+            && state.own_env
+        {
+            self.zygotes.stop(&state.python);
+        }
     }
 }
 
@@ -437,6 +434,57 @@ mod tests {
         }
         assert_eq!(results[0], results[1]);
         assert_eq!(results[0], [("tests/test_noisy.py::test_noisy".to_string(), Outcome::Failed)]);
+    }
+
+    #[test]
+    fn projects_of_one_environment_share_a_zygote_and_nothing_else() {
+        let r = runner(true);
+        let dirs: Vec<tempfile::TempDir> = (0..2).map(|_| tempfile::tempdir().unwrap()).collect();
+        let mut prepared = Vec::new();
+        for (i, dir) in dirs.iter().enumerate() {
+            // Same module names, different values: a module, path entry, variable or folder
+            // left over from the other project would make a test fail.
+            write(dir.path(), "helper.py", &format!("VALUE = {i}\n"));
+            write(dir.path(), "pytest.ini", &format!("[pytest]\nmarkers =\n    p{i}: project {i}\n"));
+            write(
+                dir.path(),
+                "tests/test_state.py",
+                &format!(
+                    "import os, sys\nimport helper\n\n\
+                     LEFT = 'cdt_leak' in sys.modules or 'CDT_LEAK' in os.environ\n\n\
+                     def test_own_module():\n    assert helper.VALUE == {i}\n\n\
+                     def test_own_folder():\n    assert os.getcwd() in sys.path\n    \
+                     assert os.path.isfile('helper.py') and os.path.isfile('pytest.ini')\n\n\
+                     def test_nothing_left_by_earlier_runs():\n    assert not LEFT\n    \
+                     os.environ['CDT_LEAK'] = '{i}'\n    sys.modules['cdt_leak'] = sys\n    \
+                     os.chdir('/')\n\n\
+                     def test_own_ini(pytestconfig):\n    \
+                     mine = [m for m in pytestconfig.getini('markers') if m.startswith('p') and 'project' in m]\n    \
+                     assert mine == ['p{i}: project {i}']\n\n\
+                     def test_exact_environment():\n    assert 'PYTHONPATH' in os.environ and 'HOME' in os.environ\n"
+                ),
+            );
+            let source = ProjectSource {
+                id: format!("z{i}"),
+                name: format!("z{i}"),
+                root: dir.path().into(),
+                extra_requirements: vec![],
+            };
+            prepared.push(r.prepare(&source).unwrap());
+        }
+        let task = TaskSpec::new("t", vec!["tests/test_state.py".into()]);
+        for round in 0..2 {
+            for p in &prepared {
+                let report = r.run(p, &task, &Limits::default()).unwrap();
+                let c = counts(&report);
+                assert_eq!((c.passed, c.failures()), (5, 0), "{} round {round}: {:?}", p.id, report.modules);
+            }
+        }
+        assert_eq!(r.zygotes.live.lock().unwrap().len(), 1, "one zygote for the shared environment");
+        for p in &prepared {
+            r.release(p);
+        }
+        assert_eq!(r.zygotes.live.lock().unwrap().len(), 1, "a shared environment keeps its zygote");
     }
 
     #[test]
