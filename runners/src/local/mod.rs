@@ -18,6 +18,7 @@ mod durations;
 mod env;
 mod process;
 mod sandbox;
+mod together;
 pub(crate) mod warm;
 
 use std::collections::HashMap;
@@ -38,6 +39,7 @@ pub use sandbox::DEFAULT_UNPRIVILEGED_ID;
 use crate::pytest::{self, Mode};
 use process::{Exec, Invocation};
 use sandbox::{Confinement, Sandbox, TaskDir};
+use together::AloneMemory;
 use warm::{WarmServer, ZygoteSpec, Zygotes};
 
 /// Wall-clock limit of a discovery (collect-only) run.
@@ -76,6 +78,8 @@ struct ProjectState {
     _copy: Option<tempfile::TempDir>,
     /// Whether its environment has the project installed (then it is the project's alone).
     own_env: bool,
+    /// Module reports from a shared session (see [`together`]), each handed out once.
+    shared: Mutex<HashMap<String, ModuleReport>>,
 }
 
 pub struct LocalRunner {
@@ -85,6 +89,7 @@ pub struct LocalRunner {
     sandbox: Sandbox,
     projects: Mutex<HashMap<String, Arc<ProjectState>>>,
     zygotes: Zygotes,
+    alone: AloneMemory,
 }
 
 impl LocalRunner {
@@ -109,6 +114,7 @@ impl LocalRunner {
             std::fs::rename(&tmp, &server)?;
         }
         Ok(LocalRunner {
+            alone: AloneMemory::open(&venv_dir),
             envs: env::EnvManager::new(python, venv_dir.clone()),
             opts: LocalOptions { venv_dir, ..opts },
             support,
@@ -220,6 +226,43 @@ impl LocalRunner {
     }
 }
 
+impl LocalRunner {
+    /// Runs the whole project in one session (see [`together`]); `Some(modules)`, with every
+    /// module's report kept for [`Runner::run`], when the session collected exactly the modules
+    /// of `known` and each counted exactly what it counted alone; `None` otherwise.
+    fn run_shared(
+        &self,
+        state: &ProjectState,
+        known: &std::collections::BTreeMap<String, cdtester_runner_api::Counts>,
+    ) -> Result<Option<Vec<String>>, RunnerError> {
+        let modules: Vec<String> = known.keys().cloned().collect();
+        let timeout = Duration::from_secs_f64(3.0 * together::MAX_TOTAL_SECS);
+        let output_kib = Limits::default().output_kib;
+        let (text, exec) = self.invoke(state, Mode::Run, &[], None, timeout, output_kib)?;
+        if !matches!(exec.end, pytest::RunEnd::Exited(0 | 1))
+            || pytest::parse_discovery(&text).modules != modules
+        {
+            return Ok(None);
+        }
+        let mut reports = pytest::build_reports(&modules, &pytest::parse_records(&text), &exec.end, None);
+        if reports.len() != modules.len() || reports.iter().any(|r| known.get(&r.module) != Some(&r.counts()))
+        {
+            return Ok(None);
+        }
+        for r in &mut reports {
+            r.duration = round2(r.tests.iter().map(|t| t.duration).sum());
+            r.output_truncated = exec.truncated;
+            let c = r.counts();
+            if c.failures() > 0 || r.note.is_some() {
+                r.output = Some(exec.output.clone());
+            }
+        }
+        let mut shared = state.shared.lock().unwrap_or_else(|e| e.into_inner());
+        shared.extend(reports.into_iter().map(|r| (r.module.clone(), r)));
+        Ok(Some(modules))
+    }
+}
+
 /// One pytest invocation: arguments, its whole environment, its run directory (with the plugin's
 /// record file, emptied before a fresh retry of a failed warm run) and the limits.
 struct ExecSpec<'a> {
@@ -256,13 +299,25 @@ impl Runner for LocalRunner {
         let run_root = copy.as_ref().map_or_else(|| root.clone(), |c| c.path().to_path_buf());
         let prepared =
             PreparedProject { id: source.id.clone(), name: source.name.clone(), root, content_hash: hash };
-        let state = ProjectState { python: env::venv_python(&env), run_root, _copy: copy, own_env };
+        let state = ProjectState {
+            python: env::venv_python(&env),
+            run_root,
+            _copy: copy,
+            own_env,
+            shared: Mutex::default(),
+        };
         self.projects.lock().unwrap_or_else(|e| e.into_inner()).insert(source.id.clone(), Arc::new(state));
         Ok(prepared)
     }
 
     fn discover(&self, project: &PreparedProject) -> Result<Vec<String>, RunnerError> {
         let state = self.state(project)?;
+        if let Some(known) = self.alone.shareable(&project.content_hash) {
+            if let Some(modules) = self.run_shared(&state, &known)? {
+                return Ok(modules);
+            }
+            self.alone.mark_differs(&project.content_hash);
+        }
         let (text, exec) = self.invoke(&state, Mode::Collect, &[], None, DISCOVER_TIMEOUT, 64)?;
         let found = pytest::parse_discovery(&text);
         if !found.modules.is_empty() {
@@ -293,7 +348,18 @@ impl Runner for LocalRunner {
         }
         let mut modules = Vec::with_capacity(task.modules.len());
         for module in &task.modules {
-            modules.extend(self.run_module(&state, module, task.chunk, limits)?);
+            if task.chunk.is_none() {
+                let shared = state.shared.lock().unwrap_or_else(|e| e.into_inner()).remove(module);
+                if let Some(report) = shared {
+                    modules.push(report);
+                    continue;
+                }
+            }
+            let reports = self.run_module(&state, module, task.chunk, limits)?;
+            if let (None, [alone]) = (task.chunk, reports.as_slice()) {
+                self.alone.record(&project.content_hash, module, alone.counts(), alone.duration);
+            }
+            modules.extend(reports);
         }
         Ok(TaskReport { modules })
     }
@@ -304,6 +370,9 @@ impl Runner for LocalRunner {
             && state.own_env
         {
             self.zygotes.stop(&state.python);
+        }
+        if let Err(e) = self.alone.save() {
+            tracing::warn!(error = %e, "cannot save the run-alone counts");
         }
     }
 }
@@ -485,6 +554,68 @@ mod tests {
             r.release(p);
         }
         assert_eq!(r.zygotes.live.lock().unwrap().len(), 1, "a shared environment keeps its zygote");
+    }
+
+    /// Prepares, discovers and runs every module of `root` (one task per module); the module
+    /// reports and whether discovery served them from a shared session.
+    fn evaluate(r: &LocalRunner, root: &Path) -> (Vec<ModuleReport>, bool) {
+        let source =
+            ProjectSource { id: "s".into(), name: "s".into(), root: root.into(), extra_requirements: vec![] };
+        let prepared = r.prepare(&source).unwrap();
+        let modules = r.discover(&prepared).unwrap();
+        let shared = !r.state(&prepared).unwrap().shared.lock().unwrap().is_empty();
+        let mut reports = Vec::new();
+        for m in modules {
+            reports
+                .extend(r.run(&prepared, &TaskSpec::new("t", vec![m]), &Limits::default()).unwrap().modules);
+        }
+        r.release(&prepared);
+        (reports, shared)
+    }
+
+    #[test]
+    fn small_modules_share_a_session_only_when_it_counts_the_same() {
+        let r = runner(true);
+        let nonce = tempfile::tempdir().unwrap();
+        let nonce = nonce.path().display();
+        let same = tempfile::tempdir().unwrap();
+        write(same.path(), "nonce.py", &format!("# {nonce}\n"));
+        write(same.path(), "tests/test_a.py", "def test_a():\n    assert 1\n\ndef test_b():\n    assert 0\n");
+        write(
+            same.path(),
+            "tests/test_b.py",
+            "import pytest\n\n@pytest.mark.parametrize('i', range(3))\ndef test_p(i):\n    assert i\n",
+        );
+        let (alone, shared) = evaluate(&r, same.path());
+        assert!(!shared, "unknown content runs alone first");
+        let (together, shared) = evaluate(&r, same.path());
+        assert!(shared, "known small modules share a session");
+        let outcomes = |reports: &[ModuleReport]| -> Vec<(String, Outcome)> {
+            reports.iter().flat_map(|m| m.tests.iter().map(|t| (t.nodeid.clone(), t.outcome))).collect()
+        };
+        assert_eq!(outcomes(&together), outcomes(&alone));
+        assert!(
+            together[0].output.as_deref().unwrap_or("").contains("test_b"),
+            "failing modules keep output"
+        );
+
+        // Together, test_b sees what test_a left in a shared module: it must run alone.
+        let differs = tempfile::tempdir().unwrap();
+        write(differs.path(), "nonce.py", &format!("# {nonce}\n"));
+        write(differs.path(), "state.py", "seen = []\n");
+        write(differs.path(), "tests/test_a.py", "import state\n\ndef test_a():\n    state.seen.append(1)\n");
+        write(
+            differs.path(),
+            "tests/test_b.py",
+            "import state\n\ndef test_b():\n    assert state.seen == []\n",
+        );
+        let (alone, _) = evaluate(&r, differs.path());
+        for round in 0..2 {
+            let (again, shared) = evaluate(&r, differs.path());
+            assert!(!shared, "round {round}");
+            assert_eq!(outcomes(&again), outcomes(&alone));
+        }
+        assert_eq!(outcomes(&alone)[1], ("tests/test_b.py::test_b".to_string(), Outcome::Passed));
     }
 
     #[test]
