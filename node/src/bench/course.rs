@@ -154,18 +154,20 @@ fn inputs(seed: u64) -> Vec<Vec<i64>> {
 }
 
 /// Writes `n` student projects (`s000`, `s001`, ...) under `dir`; returns their expected counts.
-fn generate(dir: &Path, n: usize, seed: u64) -> anyhow::Result<Expected> {
+/// `tag` goes into a comment of each project: the same tag gives the same files, a new one new
+/// content (cdtester remembers content it has seen; see the local runner's shared sessions).
+fn generate(dir: &Path, n: usize, seed: u64, tag: &str) -> anyhow::Result<Expected> {
     let inputs = inputs(seed);
     let mut rng = Rng(seed ^ 0x5eed);
     let mut expected = Expected::new();
     for i in 0..n {
         let root = dir.join(format!("s{i:03}"));
         std::fs::create_dir_all(root.join("tests")).context("creating a project folder")?;
-        let mut code = String::from("\"\"\"Assignment 3: small functions.\"\"\"\n");
+        let mut code = format!("\"\"\"Assignment 3: small functions.\"\"\"\n# {tag}\n");
         let modules = expected.entry(format!("s{i:03}")).or_default();
         for (e, ex) in EXERCISES.iter().enumerate() {
             // About one student function in three is wrong.
-            let buggy = rng.next() % 3 == 0;
+            let buggy = rng.next().is_multiple_of(3);
             let body = if buggy { ex.bad } else { ex.good };
             code.push_str(&format!("\n\ndef {}({}):\n    {body}\n", ex.name, ex.params));
             let failed = if buggy { inputs[e].iter().filter(|x| (ex.fails)(**x)).count() as u64 } else { 0 };
@@ -295,7 +297,8 @@ impl CdtCommand {
         let wall = started.elapsed().as_secs_f64();
         if !status.success() {
             let err = std::fs::read_to_string(&err_path).unwrap_or_default();
-            bail!("cdtester run failed ({status}): {}", cdtester_runners::local::tail(&err, 2000));
+            let tail = err.get(err.len().saturating_sub(2000)..).unwrap_or(&err);
+            bail!("cdtester run failed ({status}): {tail}");
         }
         let eval: serde_json::Value = serde_json::from_slice(&std::fs::read(&out_path)?)
             .context("cdtester run --json printed no JSON")?;
@@ -412,7 +415,9 @@ pub fn run(args: Args, config: &Config) -> anyhow::Result<()> {
     }
     let work = tempfile::Builder::new().prefix("cdtester-course-").tempdir()?;
     let course = work.path().join("course");
-    let expected = generate(&course, args.projects, args.seed)?;
+    // Content cdtester has never seen, so that its first run is a first run.
+    let tag = format!("bench {} {:?}", std::process::id(), std::time::SystemTime::now());
+    let expected = generate(&course, args.projects, args.seed, &tag)?;
     let (python, xdist_python) = environments(config, &course.join("s000"))?;
     let local = registry::local_options(config);
     let mut env = vec![
@@ -441,6 +446,32 @@ pub fn run(args: Args, config: &Config) -> anyhow::Result<()> {
     let data = work.path().join("data");
     let runs: Vec<CdtRun> = (0..3).map(|_| cdt.run(&course, &data, &expected)).collect::<Result<_, _>>()?;
     let load_after = load_average();
+    let wrong = print_times(&args, (seq, shell, xdist), &seq_wrong, &runs);
+    println!("  machine load average (1 min): {load_before} before, {load_after} after");
+    print_memory(&format!("{} projects, warm run", args.projects), &runs[2]);
+    if args.memory_projects > 0 {
+        let big = work.path().join("course-big");
+        let expected = generate(&big, args.memory_projects, args.seed, &format!("{tag} big"))?;
+        let run = cdt.run(&big, &data, &expected)?;
+        print_memory(&format!("{} projects ({:.2} s)", args.memory_projects, run.wall), &run);
+        if !run.wrong.is_empty() {
+            println!("  counts DIFFER: {}", run.wrong.join(", "));
+        }
+    }
+    if !wrong.is_empty() {
+        bail!("counts differ");
+    }
+    Ok(())
+}
+
+/// Prints the timed runs (`(sequential, shell loop, xdist)` seconds and the `cdtester run`s)
+/// with their ratios to the shell loop; returns the projects whose counts differ.
+fn print_times(
+    args: &Args,
+    (seq, shell, xdist): (f64, f64, f64),
+    seq_wrong: &[String],
+    runs: &[CdtRun],
+) -> Vec<String> {
     let warm = (runs[1].wall + runs[2].wall) / 2.0;
     let ratio = |t: f64| t / shell.max(f64::EPSILON);
     println!(
@@ -479,21 +510,7 @@ pub fn run(args: Args, config: &Config) -> anyhow::Result<()> {
     } else {
         println!("  counts DIFFER: {}", wrong.join(", "));
     }
-    println!("  machine load average (1 min): {load_before} before, {load_after} after");
-    print_memory(&format!("{} projects, warm run", args.projects), &runs[2]);
-    if args.memory_projects > 0 {
-        let big = work.path().join("course-big");
-        let expected = generate(&big, args.memory_projects, args.seed)?;
-        let run = cdt.run(&big, &data, &expected)?;
-        print_memory(&format!("{} projects ({:.2} s)", args.memory_projects, run.wall), &run);
-        if !run.wrong.is_empty() {
-            println!("  counts DIFFER: {}", run.wrong.join(", "));
-        }
-    }
-    if !wrong.is_empty() {
-        bail!("counts differ");
-    }
-    Ok(())
+    wrong
 }
 
 fn print_memory(what: &str, run: &CdtRun) {
@@ -523,8 +540,8 @@ mod tests {
     fn generation_is_deterministic_and_bugs_fail_where_expected() {
         let a = tempfile::tempdir().unwrap();
         let b = tempfile::tempdir().unwrap();
-        let ea = generate(a.path(), 12, 3).unwrap();
-        assert_eq!(ea, generate(b.path(), 12, 3).unwrap());
+        let ea = generate(a.path(), 12, 3, "t").unwrap();
+        assert_eq!(ea, generate(b.path(), 12, 3, "t").unwrap());
         for p in ea.keys() {
             for f in ["assignment.py", "tests/test_fizz.py"] {
                 assert_eq!(
