@@ -475,30 +475,22 @@ fn print_times(
     let warm = (runs[1].wall + runs[2].wall) / 2.0;
     let ratio = |t: f64| t / shell.max(f64::EPSILON);
     println!(
-        "{} student projects ({} tests each), seed {}, {} workers/jobs",
+        "{} student projects ({} tests each), seed {}, {} workers/jobs; wall seconds, ratio to the shell loop",
         args.projects,
         4 * TESTS_PER_MODULE,
         args.seed,
         args.workers
     );
-    println!("  sequential python -m pytest per project  {seq:7.2} s  {:5.2}x of the shell loop", ratio(seq));
-    println!("  ls | xargs -P {} ... python -m pytest    {shell:7.2} s  1.00x", args.workers);
-    println!(
-        "  pytest -n {} per project                  {xdist:7.2} s  {:5.2}x",
-        args.workers,
-        ratio(xdist)
-    );
-    println!(
-        "  cdtester run, first (empty data folder)   {:7.2} s  {:5.2}x",
-        runs[0].wall,
-        ratio(runs[0].wall)
-    );
-    println!(
-        "  cdtester run, warm (2nd {:.2} s, 3rd {:.2} s) {warm:7.2} s  {:5.2}x (target: at most 0.50x)",
-        runs[1].wall,
-        runs[2].wall,
-        ratio(warm)
-    );
+    let line = |label: &str, secs: f64, note: &str| {
+        println!("  {label:<48} {secs:7.2} s  {:5.2}x{note}", ratio(secs));
+    };
+    let jobs = args.workers;
+    line("sequential `python -m pytest` per project", seq, "");
+    line(&format!("`ls | xargs -P {jobs} ... python -m pytest -q`"), shell, " (the shell loop)");
+    line(&format!("`pytest -n {jobs}` per project"), xdist, "");
+    line("`cdtester run`, first run (empty data folder)", runs[0].wall, "");
+    let warm_label = format!("`cdtester run`, warm (2nd {:.2} s, 3rd {:.2} s)", runs[1].wall, runs[2].wall);
+    line(&warm_label, warm, " (target: at most 0.50x)");
     let mut wrong: Vec<String> = seq_wrong.iter().map(|p| format!("pytest:{p}")).collect();
     for (i, r) in runs.iter().enumerate() {
         wrong.extend(r.wrong.iter().map(|p| format!("cdtester run {}:{p}", i + 1)));
