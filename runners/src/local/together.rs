@@ -12,6 +12,8 @@
 //! a project is released, holding at most [`MAX_PROJECTS`] projects (least recently seen out).
 
 use std::collections::{BTreeMap, HashMap};
+use std::io::Write;
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -82,8 +84,9 @@ impl AloneMemory {
             true;
     }
 
-    /// Writes the memory to its file (atomically), dropping the least recently seen projects
-    /// beyond [`MAX_PROJECTS`].
+    /// Writes the memory to its file (atomically; under the lock, so concurrent saves of this
+    /// process cannot interleave), dropping the least recently seen projects beyond
+    /// [`MAX_PROJECTS`].
     pub(crate) fn save(&self) -> std::io::Result<()> {
         let mut data = self.data.lock().unwrap_or_else(|e| e.into_inner());
         if data.len() > MAX_PROJECTS {
@@ -93,9 +96,11 @@ impl AloneMemory {
             data.retain(|_, p| p.seen >= cut);
         }
         let bytes = serde_json::to_vec(&*data).map_err(std::io::Error::other)?;
-        drop(data);
         let tmp = self.path.with_extension(format!("tmp{}", std::process::id()));
-        std::fs::write(&tmp, bytes)?;
+        // Tests can reach the environments' folder: they must not read other projects' counts.
+        let mut file =
+            std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(&tmp)?;
+        file.write_all(&bytes)?;
         std::fs::rename(&tmp, &self.path)
     }
 }
@@ -119,6 +124,10 @@ mod tests {
         let known = m.shareable("h").unwrap();
         assert_eq!(known["a.py"], counts(3, 1));
         m.save().unwrap();
+        let mode = std::os::unix::fs::PermissionsExt::mode(
+            &std::fs::metadata(dir.path().join("alone-counts.json")).unwrap().permissions(),
+        );
+        assert_eq!(mode & 0o077, 0, "only the runner's user reads it");
         let again = AloneMemory::open(dir.path());
         assert_eq!(again.shareable("h").unwrap(), known, "kept in its file");
         again.record("h", "c.py", counts(1, 0), MAX_MODULE_SECS + 0.1);
