@@ -60,9 +60,25 @@ fn cpu_seconds(who: libc::c_int) -> f64 {
     tv(ru.ru_utime) + tv(ru.ru_stime)
 }
 
-/// CPU seconds used so far by this process and every descendant it has reaped.
+/// CPU seconds used so far by this process and every descendant: reaped ones, and live ones
+/// (the local runner's warm zygotes outlive an evaluation) with what they have reaped.
 fn cpu_total() -> f64 {
-    cpu_seconds(libc::RUSAGE_SELF) + cpu_seconds(libc::RUSAGE_CHILDREN)
+    let own = std::process::id();
+    // SAFETY: sysconf has no preconditions.
+    let tick = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+    let live: f64 = super::memory::tree_processes(own)
+        .into_iter()
+        .filter(|(pid, _)| *pid != own)
+        .filter_map(|(pid, _)| {
+            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+            // utime, stime, cutime, cstime: fields 14-17, counted after the `(comm)` field.
+            let rest = stat.get(stat.rfind(')')? + 2..)?;
+            let f: Vec<f64> =
+                rest.split_whitespace().skip(11).take(4).filter_map(|v| v.parse().ok()).collect();
+            Some(f.iter().sum::<f64>() / tick)
+        })
+        .sum();
+    cpu_seconds(libc::RUSAGE_SELF) + cpu_seconds(libc::RUSAGE_CHILDREN) + live
 }
 
 /// Fetches and unpacks a corpus project under `dir` and builds its baseline environment (its test
