@@ -1,22 +1,33 @@
-"""cdtester warm pytest worker: imports pytest once, then forks one child per request.
+"""cdtester warm pytest worker (the zygote of one Python environment): imports pytest once, then
+forks one child per request.
 
-Each child is exactly a fresh ``python -m pytest ARGS`` run from the project root (cwd on
-``sys.path[0]``, ``sys.argv`` as ``-m pytest`` sets it, its own session and process group, stdin
-from /dev/null, stdout+stderr into one pipe), minus the interpreter and pytest start-up. Nothing of
-the project is imported here (the project root is not on this process's ``sys.path``), so every
-module still runs alone. Before running anything, a child applies the request's resource limits
-and, when given, drops to its uid/gid (with no supplementary groups), so it cannot signal this
-server or whoever started it.
+Each child is exactly a fresh ``python -m pytest ARGS`` run from its project's root (the request's
+``cwd``, else this process's; cwd on ``sys.path[0]``, ``sys.argv`` as ``-m pytest`` sets it, its own
+session and process group, stdin from /dev/null, stdout+stderr into one pipe), minus the
+interpreter and pytest start-up. Nothing of any project is imported here (no project root is on
+this process's ``sys.path``, and it never runs in one), so one worker serves every project of its
+environment and every module still runs alone. Before running anything, a child applies the
+request's resource limits and, when given, drops to its uid/gid (with no supplementary groups),
+so it cannot signal this server or whoever started it; only then does it enter its ``cwd``.
+
+With ``--plugins``, the environment's third-party pytest plugins (``pytest11`` entry points) are
+imported here too, the way pytest imports them: through pytest's assertion-rewriting import hook,
+with every module of their distributions marked for rewriting first, so a child's pytest finds
+them already rewritten (no "already imported" warning, asserts rewritten as in a fresh run).
+Only the entry-point modules are imported, never what their hooks import later.
 
 Protocol (one JSON object per line):
   stdin : {"id": N, "args": [...], "env": {...}, "out": PATH, "cap": BYTES,
-           "rlimits": {"cpu": [SOFT, HARD], ...}, "uid": U, "gid": G}   (the last three optional)
+           "rlimits": {"cpu": [SOFT, HARD], ...}, "uid": U, "gid": G,    (optional)
+           "cwd": DIR, "env_clear": true}                               (optional)
+          With "env_clear", ``env`` is the child's whole environment; otherwise it is added.
   stdout: {"id": N, "pid": PID}            once the child is forked
           {"id": N, "exit": CODE, "dropped": BYTES} or {"id": N, "signal": SIG, "dropped": BYTES}
 The child's output goes to PATH, at most CAP bytes; "dropped" counts the rest. When stdin closes,
 every child's process group is killed and the server exits.
 """
 
+import argparse
 import errno
 import importlib
 import json
@@ -46,6 +57,28 @@ def _preload():
         pass
 
 
+def _preload_plugins():
+    """Imports the ``pytest11`` entry points under pytest's rewrite hook, then removes the hook."""
+    import importlib.metadata
+
+    from _pytest.config import get_config
+
+    config = get_config()
+    # What `_consider_importhook` reads of the command line: the default `--assert=rewrite`.
+    config.known_args_namespace = argparse.Namespace(assertmode="rewrite")
+    config._consider_importhook()
+    hook = getattr(config.pluginmanager, "rewrite_hook", None)
+    try:
+        for ep in importlib.metadata.entry_points(group="pytest11"):
+            try:
+                ep.load()
+            except Exception:  # it fails the same way in the child, where pytest reports it
+                pass
+    finally:
+        if hook is not None and hook in sys.meta_path:
+            sys.meta_path.remove(hook)
+
+
 def _confine(req):
     """Resource limits, then the unprivileged uid/gid when the request names one."""
     import resource
@@ -73,10 +106,14 @@ def _child(req, out_w, close_fds, ready_w):
         os.dup2(out_w, 1)
         os.dup2(out_w, 2)
         os.close(out_w)
+        if req.get("env_clear"):
+            os.environ.clear()
         os.environ.update(req.get("env") or {})
         if "tempfile" in sys.modules:
             sys.modules["tempfile"].tempdir = None  # TMPDIR is the request's
         _confine(req)
+        if req.get("cwd") is not None:
+            os.chdir(req["cwd"])
         # `python -m` puts the working directory first on sys.path.
         sys.path[0] = os.getcwd()
         import random
@@ -242,7 +279,11 @@ class Server:
 
 
 def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--plugins", action="store_true")
     _preload()
+    if parser.parse_args().plugins:
+        _preload_plugins()
     # Everything imported so far lives as long as the server: keep it out of the children's
     # garbage collections (pytest collects several times per session) and off their copied pages.
     import gc

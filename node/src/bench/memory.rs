@@ -25,9 +25,15 @@ pub struct Args {
 
 /// RSS (KiB) and process count of `pid` and all its descendants, from /proc.
 pub fn tree_usage(pid: u32) -> (u64, usize) {
+    let members = tree_processes(pid);
+    (members.iter().map(|(_, rss)| rss).sum(), members.len())
+}
+
+/// `pid` and all its descendants with their RSS (KiB), from /proc.
+pub fn tree_processes(pid: u32) -> Vec<(u32, u64)> {
     let mut parent: HashMap<u32, u32> = HashMap::new();
     let mut rss: HashMap<u32, u64> = HashMap::new();
-    let Ok(dir) = std::fs::read_dir("/proc") else { return (0, 0) };
+    let Ok(dir) = std::fs::read_dir("/proc") else { return Vec::new() };
     for e in dir.filter_map(Result::ok) {
         let Some(p) = e.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else { continue };
         let Ok(status) = std::fs::read_to_string(e.path().join("status")) else { continue };
@@ -51,8 +57,7 @@ pub fn tree_usage(pid: u32) -> (u64, usize) {
         }
         false
     };
-    let members: Vec<u32> = parent.keys().copied().filter(|p| in_tree(*p)).collect();
-    (members.iter().map(|p| rss.get(p).copied().unwrap_or(0)).sum(), members.len())
+    parent.keys().copied().filter(|p| in_tree(*p)).map(|p| (p, rss.get(&p).copied().unwrap_or(0))).collect()
 }
 
 /// A small project whose content differs with `i`.

@@ -2,6 +2,7 @@
 
 pub mod cluster;
 pub mod cluster_membership;
+pub mod course;
 pub mod docker;
 pub mod local;
 pub mod memory;
@@ -66,6 +67,10 @@ pub enum BenchCommand {
     Membership(cluster_membership::Args),
     /// Docker runner vs local runner on corpus projects: per-module overhead and the ratio.
     Docker(docker::Args),
+    /// One assignment's generated student projects under sequential pytest, the `xargs -P`
+    /// shell loop, `pytest -n` per project and `cdtester run` (first and warm): times, ratios,
+    /// counts, and the peak memory of a large run with each warm zygote's.
+    Course(course::Args),
     /// Memory and processes of a node before, during and after many small evaluations.
     Memory(memory::Args),
     /// WASM policy plugins: module load time (cold and cached) and per-call latency p50/p99.
@@ -87,6 +92,7 @@ pub fn run(cmd: BenchCommand, config: &Config) -> anyhow::Result<()> {
         BenchCommand::Plugins(args) => plugins::run(&args),
         BenchCommand::Docker(args) => docker::run(args, config),
         BenchCommand::Memory(args) => memory::run(args, config),
+        BenchCommand::Course(args) => course::run(args, config),
         BenchCommand::Auth(args) => udp_auth::run(&args),
         BenchCommand::Scale(args) => scale::run(args, config),
     }

@@ -18,6 +18,7 @@ mod durations;
 mod env;
 mod process;
 mod sandbox;
+mod together;
 pub(crate) mod warm;
 
 use std::collections::HashMap;
@@ -38,7 +39,8 @@ pub use sandbox::DEFAULT_UNPRIVILEGED_ID;
 use crate::pytest::{self, Mode};
 use process::{Exec, Invocation};
 use sandbox::{Confinement, Sandbox, TaskDir};
-use warm::WarmServer;
+use together::AloneMemory;
+use warm::{WarmServer, ZygoteSpec, Zygotes};
 
 /// Wall-clock limit of a discovery (collect-only) run.
 pub const DISCOVER_TIMEOUT: Duration = Duration::from_secs(300);
@@ -74,7 +76,10 @@ struct ProjectState {
     /// Where its tests run: `prepared.root`, or a copy owned by the tests' uid.
     run_root: PathBuf,
     _copy: Option<tempfile::TempDir>,
-    warm: Mutex<Option<Arc<WarmServer>>>,
+    /// Whether its environment has the project installed (then it is the project's alone).
+    own_env: bool,
+    /// Module reports from a shared session (see [`together`]), each handed out once.
+    shared: Mutex<HashMap<String, ModuleReport>>,
 }
 
 pub struct LocalRunner {
@@ -83,6 +88,8 @@ pub struct LocalRunner {
     support: PathBuf,
     sandbox: Sandbox,
     projects: Mutex<HashMap<String, Arc<ProjectState>>>,
+    zygotes: Zygotes,
+    alone: AloneMemory,
 }
 
 impl LocalRunner {
@@ -107,11 +114,13 @@ impl LocalRunner {
             std::fs::rename(&tmp, &server)?;
         }
         Ok(LocalRunner {
+            alone: AloneMemory::open(&venv_dir),
             envs: env::EnvManager::new(python, venv_dir.clone()),
             opts: LocalOptions { venv_dir, ..opts },
             support,
             sandbox,
             projects: Mutex::new(HashMap::new()),
+            zygotes: Zygotes::default(),
         })
     }
 
@@ -129,30 +138,19 @@ impl LocalRunner {
             .ok_or_else(|| RunnerError::UnknownProject(project.id.clone()))
     }
 
-    /// The project's warm worker, started on first use; `None` when disabled or it cannot start.
+    /// The warm worker of the project's environment (shared with every project using it),
+    /// started on first use; `None` when disabled or it cannot start.
     fn warm_server(&self, state: &ProjectState) -> Option<Arc<WarmServer>> {
         if !self.opts.warm {
             return None;
         }
-        let mut slot = state.warm.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(server) = slot.as_ref()
-            && server.alive()
-        {
-            return Some(Arc::clone(server));
-        }
-        let env = sandbox::test_env(&state.python, &self.support);
-        let confine = self.sandbox.server_confinement();
-        match WarmServer::start(&state.python, &self.support, &state.run_root, &env, &confine) {
-            Ok(server) => {
-                let server = Arc::new(server);
-                *slot = Some(Arc::clone(&server));
-                Some(server)
-            }
-            Err(e) => {
-                tracing::warn!(error = %e, "cannot start the warm worker; using fresh interpreters");
-                None
-            }
-        }
+        self.zygotes.get(&state.python, || ZygoteSpec {
+            server_dir: self.support.clone(),
+            cwd: self.sandbox.work().to_path_buf(),
+            env: sandbox::test_env(&state.python, &self.support),
+            confine: self.sandbox.server_confinement(),
+            plugins: !state.own_env,
+        })
     }
 
     /// Runs one pytest invocation of `state`'s project, warm if possible.
@@ -173,7 +171,7 @@ impl LocalRunner {
                 }
                 Err(e) => {
                     tracing::warn!(error = %e, "warm run failed; running in a fresh interpreter");
-                    state.warm.lock().unwrap_or_else(|e| e.into_inner()).take();
+                    self.zygotes.discard(&state.python, &server);
                     // The fresh retry starts from an empty record file (the test's uid owns it).
                     std::fs::OpenOptions::new().write(true).truncate(true).open(task.records())?;
                 }
@@ -228,6 +226,43 @@ impl LocalRunner {
     }
 }
 
+impl LocalRunner {
+    /// Runs the whole project in one session (see [`together`]); `Some(modules)`, with every
+    /// module's report kept for [`Runner::run`], when the session collected exactly the modules
+    /// of `known` and each counted exactly what it counted alone; `None` otherwise.
+    fn run_shared(
+        &self,
+        state: &ProjectState,
+        known: &std::collections::BTreeMap<String, cdtester_runner_api::Counts>,
+    ) -> Result<Option<Vec<String>>, RunnerError> {
+        let modules: Vec<String> = known.keys().cloned().collect();
+        let timeout = Duration::from_secs_f64(3.0 * together::MAX_TOTAL_SECS);
+        let output_kib = Limits::default().output_kib;
+        let (text, exec) = self.invoke(state, Mode::Run, &[], None, timeout, output_kib)?;
+        if !matches!(exec.end, pytest::RunEnd::Exited(0 | 1))
+            || pytest::parse_discovery(&text).modules != modules
+        {
+            return Ok(None);
+        }
+        let mut reports = pytest::build_reports(&modules, &pytest::parse_records(&text), &exec.end, None);
+        if reports.len() != modules.len() || reports.iter().any(|r| known.get(&r.module) != Some(&r.counts()))
+        {
+            return Ok(None);
+        }
+        for r in &mut reports {
+            r.duration = round2(r.tests.iter().map(|t| t.duration).sum());
+            r.output_truncated = exec.truncated;
+            let c = r.counts();
+            if c.failures() > 0 || r.note.is_some() {
+                r.output = Some(exec.output.clone());
+            }
+        }
+        let mut shared = state.shared.lock().unwrap_or_else(|e| e.into_inner());
+        shared.extend(reports.into_iter().map(|r| (r.module.clone(), r)));
+        Ok(Some(modules))
+    }
+}
+
 /// One pytest invocation: arguments, its whole environment, its run directory (with the plugin's
 /// record file, emptied before a fresh retry of a failed warm run) and the limits.
 struct ExecSpec<'a> {
@@ -254,7 +289,8 @@ impl Runner for LocalRunner {
         }
         let root = std::fs::canonicalize(&source.root)?;
         let hash = content_hash(&root)?;
-        let install = needs_install(&root).then_some((root.as_path(), hash.as_str()));
+        let own_env = needs_install(&root);
+        let install = own_env.then_some((root.as_path(), hash.as_str()));
         let env = self
             .envs
             .project(&source.extra_requirements, install)
@@ -263,14 +299,25 @@ impl Runner for LocalRunner {
         let run_root = copy.as_ref().map_or_else(|| root.clone(), |c| c.path().to_path_buf());
         let prepared =
             PreparedProject { id: source.id.clone(), name: source.name.clone(), root, content_hash: hash };
-        let state =
-            ProjectState { python: env::venv_python(&env), run_root, _copy: copy, warm: Mutex::new(None) };
+        let state = ProjectState {
+            python: env::venv_python(&env),
+            run_root,
+            _copy: copy,
+            own_env,
+            shared: Mutex::default(),
+        };
         self.projects.lock().unwrap_or_else(|e| e.into_inner()).insert(source.id.clone(), Arc::new(state));
         Ok(prepared)
     }
 
     fn discover(&self, project: &PreparedProject) -> Result<Vec<String>, RunnerError> {
         let state = self.state(project)?;
+        if let Some(known) = self.alone.shareable(&project.content_hash) {
+            if let Some(modules) = self.run_shared(&state, &known)? {
+                return Ok(modules);
+            }
+            self.alone.mark_differs(&project.content_hash);
+        }
         let (text, exec) = self.invoke(&state, Mode::Collect, &[], None, DISCOVER_TIMEOUT, 64)?;
         let found = pytest::parse_discovery(&text);
         if !found.modules.is_empty() {
@@ -301,13 +348,32 @@ impl Runner for LocalRunner {
         }
         let mut modules = Vec::with_capacity(task.modules.len());
         for module in &task.modules {
-            modules.extend(self.run_module(&state, module, task.chunk, limits)?);
+            if task.chunk.is_none() {
+                let shared = state.shared.lock().unwrap_or_else(|e| e.into_inner()).remove(module);
+                if let Some(report) = shared {
+                    modules.push(report);
+                    continue;
+                }
+            }
+            let reports = self.run_module(&state, module, task.chunk, limits)?;
+            if let (None, [alone]) = (task.chunk, reports.as_slice()) {
+                self.alone.record(&project.content_hash, module, alone.counts(), alone.duration);
+            }
+            modules.extend(reports);
         }
         Ok(TaskReport { modules })
     }
 
     fn release(&self, project: &PreparedProject) {
-        self.projects.lock().unwrap_or_else(|e| e.into_inner()).remove(&project.id);
+        let state = self.projects.lock().unwrap_or_else(|e| e.into_inner()).remove(&project.id);
+        if let Some(state) = state
+            && state.own_env
+        {
+            self.zygotes.stop(&state.python);
+        }
+        if let Err(e) = self.alone.save() {
+            tracing::warn!(error = %e, "cannot save the run-alone counts");
+        }
     }
 }
 
@@ -437,6 +503,119 @@ mod tests {
         }
         assert_eq!(results[0], results[1]);
         assert_eq!(results[0], [("tests/test_noisy.py::test_noisy".to_string(), Outcome::Failed)]);
+    }
+
+    #[test]
+    fn projects_of_one_environment_share_a_zygote_and_nothing_else() {
+        let r = runner(true);
+        let dirs: Vec<tempfile::TempDir> = (0..2).map(|_| tempfile::tempdir().unwrap()).collect();
+        let mut prepared = Vec::new();
+        for (i, dir) in dirs.iter().enumerate() {
+            // Same module names, different values: a module, path entry, variable or folder
+            // left over from the other project would make a test fail.
+            write(dir.path(), "helper.py", &format!("VALUE = {i}\n"));
+            write(dir.path(), "pytest.ini", &format!("[pytest]\nmarkers =\n    p{i}: project {i}\n"));
+            write(
+                dir.path(),
+                "tests/test_state.py",
+                &format!(
+                    "import os, sys\nimport helper\n\n\
+                     LEFT = 'cdt_leak' in sys.modules or 'CDT_LEAK' in os.environ\n\n\
+                     def test_own_module():\n    assert helper.VALUE == {i}\n\n\
+                     def test_own_folder():\n    assert os.getcwd() in sys.path\n    \
+                     assert os.path.isfile('helper.py') and os.path.isfile('pytest.ini')\n\n\
+                     def test_nothing_left_by_earlier_runs():\n    assert not LEFT\n    \
+                     os.environ['CDT_LEAK'] = '{i}'\n    sys.modules['cdt_leak'] = sys\n    \
+                     os.chdir('/')\n\n\
+                     def test_own_ini(pytestconfig):\n    \
+                     mine = [m for m in pytestconfig.getini('markers') if m.startswith('p') and 'project' in m]\n    \
+                     assert mine == ['p{i}: project {i}']\n\n\
+                     def test_exact_environment():\n    assert 'PYTHONPATH' in os.environ and 'HOME' in os.environ\n"
+                ),
+            );
+            let source = ProjectSource {
+                id: format!("z{i}"),
+                name: format!("z{i}"),
+                root: dir.path().into(),
+                extra_requirements: vec![],
+            };
+            prepared.push(r.prepare(&source).unwrap());
+        }
+        let task = TaskSpec::new("t", vec!["tests/test_state.py".into()]);
+        for round in 0..2 {
+            for p in &prepared {
+                let report = r.run(p, &task, &Limits::default()).unwrap();
+                let c = counts(&report);
+                assert_eq!((c.passed, c.failures()), (5, 0), "{} round {round}: {:?}", p.id, report.modules);
+            }
+        }
+        assert_eq!(r.zygotes.live.lock().unwrap().len(), 1, "one zygote for the shared environment");
+        for p in &prepared {
+            r.release(p);
+        }
+        assert_eq!(r.zygotes.live.lock().unwrap().len(), 1, "a shared environment keeps its zygote");
+    }
+
+    /// Prepares, discovers and runs every module of `root` (one task per module); the module
+    /// reports and whether discovery served them from a shared session.
+    fn evaluate(r: &LocalRunner, root: &Path) -> (Vec<ModuleReport>, bool) {
+        let source =
+            ProjectSource { id: "s".into(), name: "s".into(), root: root.into(), extra_requirements: vec![] };
+        let prepared = r.prepare(&source).unwrap();
+        let modules = r.discover(&prepared).unwrap();
+        let shared = !r.state(&prepared).unwrap().shared.lock().unwrap().is_empty();
+        let mut reports = Vec::new();
+        for m in modules {
+            reports
+                .extend(r.run(&prepared, &TaskSpec::new("t", vec![m]), &Limits::default()).unwrap().modules);
+        }
+        r.release(&prepared);
+        (reports, shared)
+    }
+
+    #[test]
+    fn small_modules_share_a_session_only_when_it_counts_the_same() {
+        let r = runner(true);
+        let nonce = tempfile::tempdir().unwrap();
+        let nonce = nonce.path().display();
+        let same = tempfile::tempdir().unwrap();
+        write(same.path(), "nonce.py", &format!("# {nonce}\n"));
+        write(same.path(), "tests/test_a.py", "def test_a():\n    assert 1\n\ndef test_b():\n    assert 0\n");
+        write(
+            same.path(),
+            "tests/test_b.py",
+            "import pytest\n\n@pytest.mark.parametrize('i', range(3))\ndef test_p(i):\n    assert i\n",
+        );
+        let (alone, shared) = evaluate(&r, same.path());
+        assert!(!shared, "unknown content runs alone first");
+        let (together, shared) = evaluate(&r, same.path());
+        assert!(shared, "known small modules share a session");
+        let outcomes = |reports: &[ModuleReport]| -> Vec<(String, Outcome)> {
+            reports.iter().flat_map(|m| m.tests.iter().map(|t| (t.nodeid.clone(), t.outcome))).collect()
+        };
+        assert_eq!(outcomes(&together), outcomes(&alone));
+        assert!(
+            together[0].output.as_deref().unwrap_or("").contains("test_b"),
+            "failing modules keep output"
+        );
+
+        // Together, test_b sees what test_a left in a shared module: it must run alone.
+        let differs = tempfile::tempdir().unwrap();
+        write(differs.path(), "nonce.py", &format!("# {nonce}\n"));
+        write(differs.path(), "state.py", "seen = []\n");
+        write(differs.path(), "tests/test_a.py", "import state\n\ndef test_a():\n    state.seen.append(1)\n");
+        write(
+            differs.path(),
+            "tests/test_b.py",
+            "import state\n\ndef test_b():\n    assert state.seen == []\n",
+        );
+        let (alone, _) = evaluate(&r, differs.path());
+        for round in 0..2 {
+            let (again, shared) = evaluate(&r, differs.path());
+            assert!(!shared, "round {round}");
+            assert_eq!(outcomes(&again), outcomes(&alone));
+        }
+        assert_eq!(outcomes(&alone)[1], ("tests/test_b.py::test_b".to_string(), Outcome::Passed));
     }
 
     #[test]

@@ -1,8 +1,11 @@
-//! The warm worker: one `cdtester_forkserver.py` per prepared project that imports pytest once and
-//! forks a child per module (see that file for the protocol). Every child is a fresh
-//! `python -m pytest <module>` in its own session, so results are exactly those of a module run
-//! alone; only the interpreter and pytest start-up are saved. Children are confined like fresh
-//! runs (same environment, rlimits and uid; see [`super::sandbox`]).
+//! The warm worker ("zygote"): one `cdtester_forkserver.py` per Python environment, shared by every
+//! project using that environment, that imports pytest (and, for shared environments, the
+//! environment's pytest plugins) once and forks a child per module (see that file for the
+//! protocol). Every child enters its project's folder and is a fresh `python -m pytest <module>`
+//! there in its own session, so results are exactly those of a module run alone; only the
+//! interpreter and pytest start-up are saved. Children are confined like fresh runs (same
+//! environment, rlimits and uid; see [`super::sandbox`]). [`Zygotes`] keeps at most
+//! [`MAX_ZYGOTES`] of them alive, least recently used first out.
 
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader, Write};
@@ -70,19 +73,18 @@ pub(crate) struct WarmExec {
 }
 
 impl WarmServer {
-    /// Starts a server for the project at `cwd` with exactly the environment `env`, confined as
-    /// `confine` (its own session, the tests' mount namespace). It keeps the node's uid: its children confine themselves (rlimits, then the
-    /// request's uid) before running anything of the project, so they cannot signal it.
-    pub(crate) fn start(
-        python: &Path,
-        server_dir: &Path,
-        cwd: &Path,
-        env: &[(String, String)],
-        confine: &Confinement,
-    ) -> std::io::Result<WarmServer> {
+    /// Starts a server for the environment of `python` as `spec` says (its own session, the
+    /// tests' mount namespace). It keeps the node's uid: its children confine themselves
+    /// (rlimits, then the request's uid) before running anything of the project, so they cannot
+    /// signal it.
+    pub(crate) fn start(spec: &ZygoteSpec, python: &Path) -> std::io::Result<WarmServer> {
+        let ZygoteSpec { server_dir, cwd, env, confine, .. } = spec;
         let mut cmd = Command::new(python);
-        cmd.arg(server_dir.join(SERVER_FILE))
-            .current_dir(cwd)
+        cmd.arg(server_dir.join(SERVER_FILE));
+        if spec.plugins {
+            cmd.arg("--plugins");
+        }
+        cmd.current_dir(cwd)
             .env_clear()
             .envs(env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::piped())
@@ -130,8 +132,9 @@ impl WarmServer {
     }
 
     /// Runs one pytest invocation (`inv.args` after the interpreter, starting with `-m pytest`) in
-    /// a forked child confined as `inv.confine` says. `scratch` is a directory for the child's
-    /// output file, which only this process's uid may write to.
+    /// a forked child confined as `inv.confine` says, in `inv.cwd` with exactly `inv.env`.
+    /// `scratch` is a directory for the child's output file, which only this process's uid may
+    /// write to.
     pub(crate) fn run(
         &self,
         inv: &Invocation,
@@ -152,6 +155,8 @@ impl WarmServer {
             ("id".to_string(), id.into()),
             ("args".to_string(), serde_json::json!(args)),
             ("env".to_string(), serde_json::json!(env)),
+            ("env_clear".to_string(), true.into()),
+            ("cwd".to_string(), serde_json::json!(inv.cwd)),
             ("out".to_string(), serde_json::json!(out)),
             ("cap".to_string(), cap.into()),
         ]);
@@ -229,5 +234,87 @@ impl Drop for WarmServer {
         }
         let _ = child.kill();
         let _ = child.wait();
+    }
+}
+
+/// How many zygotes (one per Python environment) may be alive at once; starting one more stops
+/// the least recently used (a run still using it keeps it until it ends).
+pub(crate) const MAX_ZYGOTES: usize = 4;
+
+/// How zygotes are started: the folder of `cdtester_forkserver.py`, the zygote's own working
+/// folder (never a project's), its environment and confinement, and whether it imports the
+/// environment's pytest plugins (never for an environment that has a project installed in it:
+/// the zygote must not run project code).
+pub(crate) struct ZygoteSpec {
+    pub server_dir: PathBuf,
+    pub cwd: PathBuf,
+    pub env: Vec<(String, String)>,
+    pub confine: Confinement,
+    pub plugins: bool,
+}
+
+pub(super) struct Zygote {
+    server: Arc<WarmServer>,
+    used: Instant,
+}
+
+/// The live zygotes, by interpreter (one per environment).
+#[derive(Default)]
+pub(crate) struct Zygotes {
+    pub(super) live: Mutex<HashMap<PathBuf, Zygote>>,
+}
+
+impl Zygotes {
+    /// The zygote of `python`'s environment, started on first use; `None` if it cannot start.
+    /// `spec_for` builds how to start it (called only when a new one is needed).
+    pub(crate) fn get(
+        &self,
+        python: &Path,
+        spec_for: impl FnOnce() -> ZygoteSpec,
+    ) -> Option<Arc<WarmServer>> {
+        // Stopped zygotes are dropped after the lock is released (stopping one may wait for it).
+        let mut stopped = Vec::new();
+        let mut live = self.live.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(z) = live.get_mut(python)
+            && z.server.alive()
+        {
+            z.used = Instant::now();
+            return Some(Arc::clone(&z.server));
+        }
+        stopped.extend(live.remove(python));
+        while live.len() >= MAX_ZYGOTES {
+            let Some(oldest) = live.iter().min_by_key(|(_, z)| z.used).map(|(k, _)| k.clone()) else { break };
+            stopped.extend(live.remove(&oldest));
+        }
+        let started = WarmServer::start(&spec_for(), python);
+        let server = match started {
+            Ok(server) => Arc::new(server),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot start the warm worker; using fresh interpreters");
+                return None;
+            }
+        };
+        live.insert(python.to_path_buf(), Zygote { server: Arc::clone(&server), used: Instant::now() });
+        drop(live);
+        drop(stopped);
+        Some(server)
+    }
+
+    /// Forgets `server` (it failed) if it is still `python`'s zygote.
+    pub(crate) fn discard(&self, python: &Path, server: &Arc<WarmServer>) {
+        let mut live = self.live.lock().unwrap_or_else(|e| e.into_inner());
+        let stopped = if live.get(python).is_some_and(|z| Arc::ptr_eq(&z.server, server)) {
+            live.remove(python)
+        } else {
+            None
+        };
+        drop(live);
+        drop(stopped);
+    }
+
+    /// Stops `python`'s zygote (its environment is no longer used).
+    pub(crate) fn stop(&self, python: &Path) {
+        let stopped = self.live.lock().unwrap_or_else(|e| e.into_inner()).remove(python);
+        drop(stopped);
     }
 }
