@@ -447,6 +447,7 @@ impl Engine {
                 return Ok(Accepted::Requeued);
             }
         }
+        let node = post.node();
         let report = match (post.report, post.error) {
             (Some(r), _) => r,
             (None, Some(error)) => ModuleReport {
@@ -459,7 +460,6 @@ impl Engine {
             },
             (None, None) => return Err(Refusal::BadRequest("a result needs \"report\" or \"error\"".into())),
         };
-        let node = post.node();
         let result = ModuleResult { node, attempt: post.attempt, finished_at: now.wall, report };
         self.assignments.release(None, &task);
         self.failures.remove(&task);
