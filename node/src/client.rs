@@ -31,6 +31,13 @@ pub struct SubmitArgs {
     /// after the students.
     #[arg(long)]
     pub roster: Option<PathBuf>,
+    #[command(flatten)]
+    pub follow: Follow,
+}
+
+/// Where a submission goes and how its outcome is shown (`submit`, `rerun`).
+#[derive(Debug, Clone, clap::Args)]
+pub struct Follow {
     /// HTTP address of any node (config node.http).
     #[arg(long)]
     pub node: Option<SocketAddr>,
@@ -40,6 +47,25 @@ pub struct SubmitArgs {
     /// Print the final report as JSON (with --wait).
     #[arg(long)]
     pub json: bool,
+}
+
+impl Follow {
+    /// Says that `id` was submitted (`what` adds to the line), then, with `--wait`, waits for it
+    /// and prints its report.
+    pub async fn submitted(&self, client: &Client, id: EvalId, what: &str) -> anyhow::Result<()> {
+        if !self.json {
+            println!("submitted: evaluation {id}{what}");
+        }
+        if self.wait {
+            let r = client.wait(id, self.json).await?;
+            if self.json {
+                println!("{}", serde_json::to_string_pretty(&r)?);
+            } else {
+                print_table(&r);
+            }
+        }
+        Ok(())
+    }
 }
 
 /// `cdtester status`.
@@ -216,7 +242,7 @@ pub(crate) fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
 
 /// `cdtester submit`.
 pub fn submit(args: SubmitArgs, default_node: SocketAddr) -> anyhow::Result<()> {
-    let client = Client::new(args.node.unwrap_or(default_node));
+    let client = Client::new(args.follow.node.unwrap_or(default_node));
     let (urls, local): (Vec<String>, Vec<String>) = args.sources.iter().cloned().partition(|s| is_url(s));
     let roster = args.roster.as_deref().map(crate::course_cmd::read_roster).transpose()?;
     runtime()?.block_on(async {
@@ -233,20 +259,8 @@ pub fn submit(args: SubmitArgs, default_node: SocketAddr) -> anyhow::Result<()> 
             let token = std::env::var(TOKEN_VAR).ok().filter(|t| !t.is_empty());
             ids.push(client.submit_urls(&urls, token.as_deref()).await.context("submitting")?);
         }
-        for id in &ids {
-            if !args.json {
-                println!("submitted: evaluation {id}");
-            }
-        }
-        if args.wait {
-            for id in ids {
-                let r = client.wait(id, args.json).await?;
-                if args.json {
-                    println!("{}", serde_json::to_string_pretty(&r)?);
-                } else {
-                    print_table(&r);
-                }
-            }
+        for id in ids {
+            args.follow.submitted(&client, id, "").await?;
         }
         Ok(())
     })

@@ -166,20 +166,13 @@ pub struct RerunArgs {
     /// modules with failed tests.
     #[arg(long = "test")]
     pub tests: Vec<String>,
-    /// HTTP address of any node (config node.http).
-    #[arg(long)]
-    pub node: Option<SocketAddr>,
-    /// Wait for the new evaluation to finish, showing progress, then print the results.
-    #[arg(long)]
-    pub wait: bool,
-    /// Print the final report as JSON (with --wait).
-    #[arg(long)]
-    pub json: bool,
+    #[command(flatten)]
+    pub follow: crate::client::Follow,
 }
 
 /// `cdtester rerun`: `POST /evaluation/{id}/rerun`.
 pub fn rerun(args: RerunArgs, default_node: SocketAddr) -> anyhow::Result<()> {
-    let node = args.node.unwrap_or(default_node);
+    let node = args.follow.node.unwrap_or(default_node);
     let only =
         if args.tests.is_empty() { serde_json::json!("failed") } else { serde_json::json!(args.tests) };
     runtime()?.block_on(async {
@@ -193,18 +186,8 @@ pub fn rerun(args: RerunArgs, default_node: SocketAddr) -> anyhow::Result<()> {
             .await
             .with_context(|| format!("rerunning evaluation {}", args.id))?;
         let id = v["eval_id"].as_u64().with_context(|| format!("the node's answer has no eval_id: {v}"))?;
-        if !args.json {
-            println!("submitted: evaluation {id} (rerun of {}): {}", args.id, v["modules"]);
-        }
-        if args.wait {
-            let report = crate::client::Client::new(node).wait(id, args.json).await?;
-            if args.json {
-                println!("{}", serde_json::to_string_pretty(&report)?);
-            } else {
-                crate::client::print_table(&report);
-            }
-        }
-        Ok(())
+        let what = format!(" (rerun of {}): {}", args.id, v["modules"]);
+        args.follow.submitted(&crate::client::Client::new(node), id, &what).await
     })
 }
 
