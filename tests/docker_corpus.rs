@@ -22,7 +22,7 @@ fn corpus_modules_count_the_same_in_containers() {
     if !engine_available("corpus_modules_count_the_same_in_containers") {
         return;
     }
-    let all = corpus::load(&corpus::default_manifest()).expect("corpus manifest");
+    let all = corpus::shipped().expect("corpus manifest");
     let dir = tempfile::tempdir().expect("tempdir");
     let node = node_id("corpus");
     let runner = runner(&node, dir.path(), Limits::default());
@@ -70,7 +70,7 @@ fn cdtester_run_uses_the_docker_runner_and_cleans_up() {
     if !engine_available("cdtester_run_uses_the_docker_runner_and_cleans_up") {
         return;
     }
-    let all = corpus::load(&corpus::default_manifest()).expect("corpus manifest");
+    let all = corpus::shipped().expect("corpus manifest");
     let p = all.iter().find(|p| p.name == "colorama").expect("colorama in the corpus");
     let dir = tempfile::tempdir().expect("tempdir");
     let sdist = corpus::fetch(p, &python(), &common::corpus_cache()).unwrap_or_else(|e| panic!("{e}"));

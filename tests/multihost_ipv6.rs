@@ -38,15 +38,7 @@ async fn three_nodes_on_ipv6_addresses_evaluate_and_report_them() {
     let mut c = LocalCluster::new(common::cdtester_bin(), dir.path().join("nodes"), env);
     for i in 0..3 {
         let (udp, http) = free_v6().expect("free ports on ::1");
-        let mut place = Placement {
-            wrapper: Vec::new(),
-            bind: udp,
-            http,
-            advertise: None,
-            http_advertise: None,
-            udp_at: udp,
-            http_at: http,
-        };
+        let mut place = Placement::at(udp, http);
         if i == 2 {
             // Every interface, dual-stack; the loopback address advertised.
             place.bind = SocketAddr::new(Ipv6Addr::UNSPECIFIED.into(), udp.port());

@@ -143,7 +143,7 @@ async fn three_hosts_with_their_own_addresses_give_the_corpus_counts_through_a_h
         return;
     }
     let dir = tempfile::tempdir().expect("tempdir");
-    let manifest = corpus::load(&corpus::default_manifest()).expect("manifest");
+    let manifest = corpus::shipped().expect("manifest");
     let mut projects = Vec::new();
     for name in PROJECTS {
         let p = manifest.iter().find(|p| p.name == *name).expect("corpus project").clone();

@@ -58,7 +58,7 @@ fn git_repo_of(src: &Path, dir: &Path) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn corpus_zip_and_git_url_match_the_manifest_on_three_nodes() {
     let dir = tempfile::tempdir().unwrap();
-    let projects = corpus::load(&corpus::default_manifest()).expect("manifest");
+    let projects = corpus::shipped().expect("manifest");
     let pick = |name: &str| projects.iter().find(|p| p.name == name).expect("corpus project").clone();
     let src = dir.path().join("src");
     let mut zipped = Vec::new();

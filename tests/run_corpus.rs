@@ -23,7 +23,7 @@ fn counts_of(module: &serde_json::Value) -> ExpectedCounts {
 }
 
 fn fetch_all(names: &[&str], into: &Path) -> Vec<CorpusProject> {
-    let all = corpus::load(&corpus::default_manifest()).expect("corpus manifest");
+    let all = corpus::shipped().expect("corpus manifest");
     let python = cdtester_runners::local::resolve_python(None).expect("python3");
     names
         .iter()

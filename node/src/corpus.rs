@@ -10,9 +10,13 @@ use std::process::{Command, Stdio};
 use cdtester_runner_api::Counts;
 use serde::Deserialize;
 
-/// The manifest shipped in the repository.
-pub fn default_manifest() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/data/corpus.json")
+/// The manifest built into the binary (`tests/data/corpus.json`), so that benchmarks need no
+/// checkout of the repository.
+const SHIPPED: &str = include_str!("../../tests/data/corpus.json");
+
+/// The projects of the built-in manifest.
+pub fn shipped() -> Result<Vec<CorpusProject>, CorpusError> {
+    parse(SHIPPED.as_bytes(), Path::new("<built-in corpus manifest>"))
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -108,8 +112,12 @@ impl CorpusProject {
 pub fn load(path: &Path) -> Result<Vec<CorpusProject>, CorpusError> {
     let text = std::fs::read(path)
         .map_err(|e| CorpusError::Manifest { path: path.into(), reason: e.to_string() })?;
-    serde_json::from_slice(&text)
-        .map_err(|e| CorpusError::Manifest { path: path.into(), reason: e.to_string() })
+    parse(&text, path)
+}
+
+fn parse(text: &[u8], origin: &Path) -> Result<Vec<CorpusProject>, CorpusError> {
+    serde_json::from_slice(text)
+        .map_err(|e| CorpusError::Manifest { path: origin.into(), reason: e.to_string() })
 }
 
 fn sha256_file(path: &Path) -> Result<String, CorpusError> {
@@ -211,14 +219,17 @@ mod tests {
     fn shipped_manifest_is_the_shared_one() {
         let shared = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/corpus/corpus.json");
         if let Ok(original) = std::fs::read(&shared) {
-            let copy = std::fs::read(default_manifest()).expect("reading tests/data/corpus.json");
-            assert!(copy == original, "tests/data/corpus.json differs from {}", shared.display());
+            assert!(
+                SHIPPED.as_bytes() == original,
+                "tests/data/corpus.json differs from {}",
+                shared.display()
+            );
         }
     }
 
     #[test]
     fn shipped_manifest_has_the_sixteen_projects_with_expectations() {
-        let projects = load(&default_manifest()).unwrap();
+        let projects = shipped().unwrap();
         assert_eq!(projects.len(), 16);
         let toml = projects.iter().find(|p| p.name == "toml").unwrap();
         let alone = toml.expected_alone();

@@ -79,8 +79,11 @@ pub struct Placement {
 impl Placement {
     /// A node on 127.0.0.1 at these ports.
     pub fn loopback(udp: u16, http: u16) -> Placement {
-        let udp = SocketAddr::from(([127, 0, 0, 1], udp));
-        let http = SocketAddr::from(([127, 0, 0, 1], http));
+        Placement::at(SocketAddr::from(([127, 0, 0, 1], udp)), SocketAddr::from(([127, 0, 0, 1], http)))
+    }
+
+    /// A node binding and advertising exactly these addresses, started directly.
+    pub fn at(udp: SocketAddr, http: SocketAddr) -> Placement {
         Placement {
             wrapper: Vec::new(),
             bind: udp,

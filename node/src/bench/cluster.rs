@@ -221,7 +221,7 @@ mod tests {
 
     #[test]
     fn rules_become_valid_toml_for_the_nodes() {
-        let projects = corpus::load(&corpus::default_manifest()).unwrap();
+        let projects = corpus::shipped().unwrap();
         let text = rules_toml(&projects);
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("c.toml");

@@ -20,9 +20,9 @@ use crate::corpus::{self, CorpusProject};
 /// Which corpus projects a benchmark measures, and where their sdists are cached.
 #[derive(Debug, Clone, clap::Args)]
 pub struct CorpusArgs {
-    /// Corpus manifest.
-    #[arg(long, default_value_os_t = corpus::default_manifest())]
-    pub corpus: PathBuf,
+    /// Corpus manifest (default: the one built into the binary, `tests/data/corpus.json`).
+    #[arg(long)]
+    pub corpus: Option<PathBuf>,
     /// Where sdists are cached (default: $CDT_CORPUS_CACHE, else <data_dir>/corpus-cache).
     #[arg(long, env = "CDT_CORPUS_CACHE")]
     pub cache: Option<PathBuf>,
@@ -34,7 +34,10 @@ pub struct CorpusArgs {
 impl CorpusArgs {
     /// The manifest's projects named by `--only`, else those in `default` (all when `None`).
     pub fn projects(&self, default: Option<&[&str]>) -> anyhow::Result<Vec<CorpusProject>> {
-        let mut projects = corpus::load(&self.corpus)?;
+        let mut projects = match &self.corpus {
+            Some(path) => corpus::load(path)?,
+            None => corpus::shipped()?,
+        };
         let wanted: Vec<String> = match (self.only.is_empty(), default) {
             (false, _) => self.only.clone(),
             (true, Some(names)) => names.iter().map(|s| s.to_string()).collect(),
