@@ -368,7 +368,8 @@ pub struct TaskConfirmData {
 
 /// TASK_RESULT: a module's result. The reference sends this body by HTTP `POST /task` (same
 /// fields); the UDP message exists in the protocol's name list and carries the same body.
-/// `port` is the worker's UDP port as a *string*.
+/// `port` is the worker's UDP port: sent as a *string* (as the reference does), read as a string
+/// or as the integer the seed protocol (§7.1.2) shows.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct TaskResultData {
     pub task_id: String,
@@ -378,7 +379,22 @@ pub struct TaskResultData {
     pub project_id: String,
     pub module: String,
     pub ip: String,
+    #[serde(deserialize_with = "port_text")]
     pub port: String,
+}
+
+/// A port given as a string or as an integer, kept as its decimal text.
+fn port_text<'de, D: serde::Deserializer<'de>>(d: D) -> Result<String, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Port {
+        Number(u16),
+        Text(String),
+    }
+    Ok(match Port::deserialize(d)? {
+        Port::Number(n) => n.to_string(),
+        Port::Text(t) => t,
+    })
 }
 
 /// PROJECT_ANNOUNCE.

@@ -129,6 +129,19 @@ mod tests {
         assert!(ours.get("result").is_none(), "{ours}");
     }
 
+    /// The seed protocol (§7.1.2) shows `port` as an integer; the reference sends a string.
+    #[test]
+    fn task_post_port_may_be_an_integer_but_not_out_of_range() {
+        let seed = r#"{"task_id":"p1::test_x.py","passed":2,"failed":1,"time":0.5,"project_id":"p1","module":"test_x.py","ip":"127.0.0.1","port":8001}"#;
+        let post: TaskPost = serde_json::from_str(seed).expect("seed-shaped body parses");
+        assert_eq!(post.node(), "127.0.0.1:8001");
+        assert_eq!(serde_json::to_value(&post).expect("serializes")["port"], "8001");
+        for bad in ["70000", "-1", "1.5", "null", "[8001]"] {
+            let body = seed.replace("8001}", &format!("{bad}}}"));
+            assert!(serde_json::from_str::<TaskPost>(&body).is_err(), "port {bad} accepted");
+        }
+    }
+
     #[test]
     fn answers_use_the_reference_status_words() {
         let a: TaskAnswer = serde_json::from_str(r#"{"status":"success"}"#).expect("parses");
