@@ -513,7 +513,8 @@ impl ModuleProgress<'_> {
 
     /// Seconds the module's tasks took together.
     pub fn duration(&self) -> f64 {
-        self.results.iter().map(|r| r.report.duration).sum()
+        // From +0.0: an empty f64 `sum()` is -0.0, which JSON shows as `-0.0` for a pending module.
+        self.results.iter().fold(0.0, |total, r| total + r.report.duration)
     }
 
     pub fn tests(&self) -> Vec<TestResult> {
@@ -732,6 +733,15 @@ pub(crate) mod tests {
         assert_eq!(parse_task_part("t_b.py#1/3"), ("t_b.py", Some(Chunk { index: 1, count: 3 })));
         assert_eq!(parse_task_part("odd#name.py"), ("odd#name.py", None));
         assert_eq!(task_part("t_b.py", Some(Chunk { index: 1, count: 3 })), "t_b.py#1/3");
+    }
+
+    #[test]
+    fn a_pending_module_took_plus_zero_seconds() {
+        let p = ready("7-0", "calc", &["t_a.py"]);
+        let rec = EvalRecord::new(7, "n1".into(), 1.0, vec![p.clone()]);
+        let d = rec.module_progress(&p, "t_a.py").duration();
+        assert!(d == 0.0 && d.is_sign_positive(), "{d}");
+        assert_eq!(serde_json::to_string(&d).expect("json"), "0.0");
     }
 
     #[test]
