@@ -365,11 +365,17 @@ impl Runner for LocalRunner {
     }
 
     fn release(&self, project: &PreparedProject) {
-        let state = self.projects.lock().unwrap_or_else(|e| e.into_inner()).remove(&project.id);
-        if let Some(state) = state
-            && state.own_env
-        {
-            self.zygotes.stop(&state.python);
+        // A zygote lives while a prepared project uses its environment: the last release stops
+        // it, so an idle node keeps no interpreter (it starts again on the next use).
+        let unused = {
+            let mut projects = self.projects.lock().unwrap_or_else(|e| e.into_inner());
+            projects
+                .remove(&project.id)
+                .filter(|gone| !projects.values().any(|other| other.python == gone.python))
+                .map(|gone| gone.python.clone())
+        };
+        if let Some(python) = unused {
+            self.zygotes.stop(&python);
         }
         if let Err(e) = self.alone.save() {
             tracing::warn!(error = %e, "cannot save the run-alone counts");
