@@ -556,10 +556,10 @@ mod tests {
             }
         }
         assert_eq!(r.zygotes.live.lock().unwrap().len(), 1, "one zygote for the shared environment");
-        for p in &prepared {
-            r.release(p);
-        }
-        assert_eq!(r.zygotes.live.lock().unwrap().len(), 1, "a shared environment keeps its zygote");
+        r.release(&prepared[0]);
+        assert_eq!(r.zygotes.live.lock().unwrap().len(), 1, "an environment still in use keeps its zygote");
+        r.release(&prepared[1]);
+        assert!(r.zygotes.live.lock().unwrap().is_empty(), "the last release stops the zygote");
     }
 
     /// Prepares, discovers and runs every module of `root` (one task per module); the module
