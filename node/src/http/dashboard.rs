@@ -18,7 +18,6 @@ use tokio::sync::Semaphore;
 
 use super::{events, grades, openapi};
 use crate::app::{App, AppError};
-use crate::eval::EvalId;
 use crate::http::rerun::RerunRequest;
 
 const INDEX_HTML: &str = include_str!("../../assets/index.html");
@@ -72,12 +71,8 @@ async fn asset(Path(file): Path<String>) -> Response {
     }
 }
 
-fn eval_id(id: &str) -> Result<EvalId, AppError> {
-    id.parse::<EvalId>().map_err(|_| AppError::NotFound("Evaluation not found".into()))
-}
-
 async fn grades_csv(State(staff): State<Staff>, Path(id): Path<String>) -> Response {
-    let report = eval_id(&id)
+    let report = super::parse_id(&id)
         .and_then(|id| staff.app.report(id, false).ok_or(AppError::NotFound("Evaluation not found".into())));
     match report {
         Ok(r) => {
@@ -94,7 +89,7 @@ async fn grades_csv(State(staff): State<Staff>, Path(id): Path<String>) -> Respo
 }
 
 async fn event_stream(State(staff): State<Staff>, Path(id): Path<String>) -> Response {
-    let id = match eval_id(&id) {
+    let id = match super::parse_id(&id) {
         Ok(id) if staff.app.record(id).is_some() => id,
         Ok(_) | Err(_) => return AppError::NotFound("Evaluation not found".into()).into_response(),
     };
@@ -130,7 +125,7 @@ async fn rerun(
         .into_response();
     }
     let answer = async {
-        let id = eval_id(&id)?;
+        let id = super::parse_id(&id)?;
         if body.len() > MAX_RERUN_BODY {
             return Err(AppError::TooLarge(format!("the body is over {MAX_RERUN_BODY} bytes")));
         }

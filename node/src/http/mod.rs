@@ -455,7 +455,8 @@ async fn list(State(app): State<AppState>) -> Response {
     axum::Json(app.list()).into_response()
 }
 
-fn parse_id(id: &str) -> Result<EvalId, AppError> {
+/// An evaluation id from a path; anything else is "not found".
+pub(crate) fn parse_id(id: &str) -> Result<EvalId, AppError> {
     id.parse::<EvalId>().map_err(|_| AppError::NotFound("Evaluation not found".into()))
 }
 
