@@ -192,6 +192,10 @@ pub struct RunnerConfig {
     pub limits: Limits,
     pub local: LocalRunnerConfig,
     pub docker: DockerRunnerConfig,
+    /// A directory of wheels (made by `cdtester env prepare`) that environments are built from
+    /// instead of the package index: pip gets `--no-index --find-links <dir>` for every build, so
+    /// a host without access to the index still builds them. Default: none (the index is used).
+    pub wheelhouse: Option<PathBuf>,
 }
 
 impl Default for RunnerConfig {
@@ -202,6 +206,7 @@ impl Default for RunnerConfig {
             limits: Limits::default(),
             local: LocalRunnerConfig::default(),
             docker: DockerRunnerConfig::default(),
+            wheelhouse: None,
         }
     }
 }

@@ -9,6 +9,7 @@ pub mod corpus;
 pub mod course_cmd;
 pub mod demo;
 pub mod engine;
+pub mod env_cmd;
 pub mod eval;
 pub mod fetch;
 pub mod http;

@@ -46,6 +46,11 @@ enum Command {
         #[command(subcommand)]
         cmd: cdtester::bench::BenchCommand,
     },
+    /// Python environments: fill a wheelhouse for nodes that cannot reach the package index.
+    Env {
+        #[command(subcommand)]
+        cmd: cdtester::env_cmd::EnvCommand,
+    },
     /// The docker runner's image.
     Image {
         #[command(subcommand)]
@@ -82,6 +87,7 @@ fn main() -> anyhow::Result<()> {
             println!("{config:#?}");
             Ok(())
         }
+        Command::Env { cmd } => cdtester::env_cmd::run(cmd, &config),
         Command::Image { cmd } => image_cmd::run(cmd, &config),
         Command::Plugins { cmd } => plugins_cmd::run(cmd, &config),
     }

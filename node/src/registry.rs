@@ -34,6 +34,7 @@ pub fn local_options(config: &Config) -> LocalOptions {
         uid: config.runner.local.uid,
         gid: config.runner.local.gid,
         rlimits: config.runner.local.rlimits.clone(),
+        wheelhouse: config.runner.wheelhouse.clone(),
     }
 }
 
@@ -49,6 +50,7 @@ pub fn docker_settings(config: &Config) -> DockerSettings {
         limits: config.runner.limits.clone(),
         env_mb: config.runner.docker.env_mb,
         warm: true,
+        wheelhouse: config.runner.wheelhouse.clone(),
     }
 }
 

@@ -46,6 +46,7 @@ pub fn settings(node_id: &str, dir: &Path, limits: Limits) -> DockerSettings {
         limits,
         env_mb: 512,
         warm: true,
+        wheelhouse: None,
     }
 }
 

@@ -34,6 +34,8 @@ use cdtester_runner_api::RunnerError;
 use cdtester_runner_api::requirement::{self, Requirement};
 use sha2::{Digest, Sha256};
 
+use crate::wheelhouse::PackageSource;
+
 /// Most entries (files, directories, links) a built environment may hold.
 pub const MAX_FILES: u64 = 100_000;
 
@@ -116,7 +118,12 @@ pub fn build_requires(root: &Path) -> Vec<String> {
 /// `pip download` arguments that select wheels, never sdists, for the image's interpreter on this
 /// machine's architecture (glibc 2.36 in bookworm: every manylinux tag up to it), followed by
 /// `--` and `reqs` in canonical form.
-pub fn download_args(python_version: &str, dest: &Path, reqs: &[Requirement]) -> Vec<String> {
+pub fn download_args(
+    python_version: &str,
+    source: &PackageSource,
+    dest: &Path,
+    reqs: &[Requirement],
+) -> Vec<String> {
     let arch = std::env::consts::ARCH;
     let mut args: Vec<String> = [
         "-m",
@@ -142,6 +149,7 @@ pub fn download_args(python_version: &str, dest: &Path, reqs: &[Requirement]) ->
     for legacy in ["manylinux2014", "manylinux2010", "manylinux1"] {
         args.extend(["--platform".into(), format!("{legacy}_{arch}")]);
     }
+    args.extend(source.pip_args().into_iter().map(|a| a.to_string_lossy().into_owned()));
     args.extend(["--dest".into(), dest.to_string_lossy().into_owned()]);
     args.extend(requirement::pip_requirement_args(reqs));
     args
@@ -408,9 +416,16 @@ mod tests {
 
     #[test]
     fn download_args_select_wheels_for_the_image_and_end_options() {
-        let args = download_args("3.11", Path::new("/w"), &[req("a>=1")]);
+        let args = download_args("3.11", &PackageSource::default(), Path::new("/w"), &[req("a>=1")]);
         assert!(args.contains(&"--only-binary=:all:".to_string()));
         assert!(args.iter().any(|a| a.starts_with("manylinux_2_17_")));
+        assert_eq!(&args[args.len() - 3..], ["/w", "--", "a>=1"]);
+        assert!(!args.contains(&"--no-index".to_string()));
+        let house = tempfile::tempdir().unwrap();
+        let source = PackageSource::new(Some(house.path())).unwrap();
+        let args = download_args("3.11", &source, Path::new("/w"), &[req("a>=1")]);
+        let at = args.iter().position(|a| a == "--no-index").expect("offline");
+        assert_eq!(args[at + 1], "--find-links");
         assert_eq!(&args[args.len() - 3..], ["/w", "--", "a>=1"]);
     }
 

@@ -37,6 +37,7 @@ use cdtester_runner_api::{
 };
 
 use crate::pytest::{self, Mode, RunEnd};
+use crate::wheelhouse::PackageSource;
 use sandbox::{Bind, LABEL_NODE, LABEL_OWNER, LABEL_PROJECT, Sandbox, SandboxSpec};
 
 pub use image::{ImageBuildOptions, ImageBuilt, build_image};
@@ -156,6 +157,8 @@ pub struct DockerSettings {
     /// server) instead of starting a fresh interpreter per module; falls back to a fresh one
     /// whenever the worker is unavailable.
     pub warm: bool,
+    /// Wheels environments are downloaded from instead of the index (`runner.wheelhouse`).
+    pub wheelhouse: Option<PathBuf>,
 }
 
 struct Project {
@@ -176,6 +179,7 @@ pub struct DockerRunner {
     settings: DockerSettings,
     image_id: String,
     python_version: String,
+    source: PackageSource,
     plugin_dir: PathBuf,
     projects: Mutex<HashMap<String, Arc<Project>>>,
 }
@@ -187,6 +191,8 @@ impl DockerRunner {
         // Bind mounts need absolute host paths.
         std::fs::create_dir_all(&settings.cache_dir)?;
         settings.cache_dir = std::fs::canonicalize(&settings.cache_dir)?;
+        let source = PackageSource::new(settings.wheelhouse.as_deref())
+            .map_err(|e| DockerError::Command { what: "runner.wheelhouse".into(), detail: e.to_string() })?;
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .thread_name("cdtester-docker")
@@ -222,6 +228,7 @@ impl DockerRunner {
             settings,
             image_id,
             python_version,
+            source,
             plugin_dir,
             projects: Mutex::new(HashMap::new()),
         })
@@ -492,7 +499,7 @@ impl DockerRunner {
         let cap = self.settings.env_mb.max(1);
         let scratch = tempfile::Builder::new().prefix("pip-tmp-").tempdir_in(work)?;
         let mut cmd = tokio::process::Command::new(&self.settings.python);
-        cmd.args(env::download_args(&self.python_version, wheels, reqs))
+        cmd.args(env::download_args(&self.python_version, &self.source, wheels, reqs))
             .current_dir(wheels)
             .env("TMPDIR", scratch.path())
             .stdin(std::process::Stdio::null())
@@ -529,13 +536,13 @@ impl DockerRunner {
             return Ok(());
         }
         let stderr = String::from_utf8_lossy(&output.stderr);
-        Err(RunnerError::Prepare(format!(
+        Err(RunnerError::Prepare(self.source.explain(format!(
             "pip download of the {what} ({}) failed; only wheels for CPython {} are used, sdists are \
              never built on the host: {}",
             names.join(" "),
             self.python_version,
             crate::local::tail(stderr.trim(), 1500)
-        )))
+        ))))
     }
 
     /// Installs `plan` into [`BUILD_ENV`] in `sandbox`, then unpacks it, checked, into

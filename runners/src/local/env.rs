@@ -17,6 +17,7 @@ use sha2::{Digest, Sha256};
 
 use super::LocalError;
 use super::sandbox::Confinement;
+use crate::wheelhouse::PackageSource;
 
 /// The pytest every environment gets (the corpus expectations were measured with it).
 pub const PYTEST_REQUIREMENT: &str = "pytest==9.2.0";
@@ -28,12 +29,21 @@ const GENERATED_DIRS: &[&str] = &["__pycache__", ".hypothesis", ".pytest_cache",
 pub(crate) struct EnvManager {
     python: PathBuf,
     dir: PathBuf,
+    source: PackageSource,
     base: Mutex<Option<PathBuf>>,
 }
 
 impl EnvManager {
-    pub(crate) fn new(python: PathBuf, dir: PathBuf) -> EnvManager {
-        EnvManager { python, dir, base: Mutex::new(None) }
+    pub(crate) fn new(python: PathBuf, dir: PathBuf, source: PackageSource) -> EnvManager {
+        EnvManager { python, dir, source, base: Mutex::new(None) }
+    }
+
+    /// A failed build's error, with what to do when pip could not reach its packages.
+    fn explained(&self, e: LocalError) -> LocalError {
+        match e {
+            LocalError::Env(message) => LocalError::Env(self.source.explain(message)),
+            other => other,
+        }
     }
 
     /// The base environment's directory, built on first use.
@@ -53,10 +63,17 @@ impl EnvManager {
         if !final_dir.join(READY_MARKER).is_file() {
             tracing::info!(dir = %final_dir.display(), "building the base Python environment ({PYTEST_REQUIREMENT})");
             let python = self.python.clone();
+            let source = self.source.pip_args();
             build_atomically(&final_dir, |tmp| {
                 run_checked(Command::new(&python).arg("-m").arg("venv").arg(tmp))?;
-                run_checked(Command::new(venv_python(tmp)).args(pip_install_args()).arg(PYTEST_REQUIREMENT))
-            })?;
+                run_checked(
+                    Command::new(venv_python(tmp))
+                        .args(pip_install_args())
+                        .args(&source)
+                        .arg(PYTEST_REQUIREMENT),
+                )
+            })
+            .map_err(|e| self.explained(e))?;
         }
         *guard = Some(final_dir.clone());
         Ok(final_dir)
@@ -102,7 +119,8 @@ impl EnvManager {
             let pip = |args: &[&std::ffi::OsStr]| -> Result<(), LocalError> {
                 let mut cmd = Command::new(&base_python);
                 cmd.args(["-m", "pip", "--python"]).arg(venv_python(tmp));
-                cmd.args(["install", "--quiet", "--disable-pip-version-check"]).args(args);
+                cmd.args(["install", "--quiet", "--disable-pip-version-check"]);
+                cmd.args(self.source.pip_args()).args(args);
                 run_checked(&mut cmd)
             };
             if !reqs.is_empty() {
@@ -118,7 +136,8 @@ impl EnvManager {
                 pip(&["--no-deps".as_ref(), "--".as_ref(), copy.path().as_os_str()])?;
             }
             Ok(())
-        })?;
+        })
+        .map_err(|e| self.explained(e))?;
         Ok(final_dir)
     }
 }
@@ -416,7 +435,11 @@ mod tests {
     #[test]
     fn urls_and_pip_options_are_refused_before_anything_runs() {
         let d = tempfile::tempdir().unwrap();
-        let envs = EnvManager::new(PathBuf::from("/nonexistent/python3"), d.path().join("envs"));
+        let envs = EnvManager::new(
+            PathBuf::from("/nonexistent/python3"),
+            d.path().join("envs"),
+            PackageSource::default(),
+        );
         for bad in ["-r/etc/passwd", "evil @ http://127.0.0.1:1/evil-1.0.tar.gz", "./evil.tar.gz"] {
             let err = envs.project(&["hypothesis".to_string(), bad.to_string()], None).unwrap_err();
             assert!(matches!(err, LocalError::Requirement(_)), "{bad}: {err}");

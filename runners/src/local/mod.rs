@@ -37,6 +37,7 @@ pub use env::{PYTEST_REQUIREMENT, content_hash, needs_install, resolve_python};
 pub use sandbox::DEFAULT_UNPRIVILEGED_ID;
 
 use crate::pytest::{self, Mode};
+use crate::wheelhouse::PackageSource;
 use process::{Exec, Invocation};
 use sandbox::{Confinement, Sandbox, TaskDir};
 use together::AloneMemory;
@@ -69,6 +70,8 @@ pub struct LocalOptions {
     pub gid: Option<u32>,
     /// Resource limits of every test process.
     pub rlimits: Rlimits,
+    /// Wheels environments are built from instead of the index (`runner.wheelhouse`).
+    pub wheelhouse: Option<PathBuf>,
 }
 
 struct ProjectState {
@@ -97,6 +100,8 @@ impl LocalRunner {
         let python = resolve_python(opts.python.as_deref())?;
         std::fs::create_dir_all(&opts.venv_dir)?;
         let venv_dir = std::fs::canonicalize(&opts.venv_dir)?;
+        let source = PackageSource::new(opts.wheelhouse.as_deref())
+            .map_err(|e| LocalError::Env(format!("runner.wheelhouse: {e}")))?;
         // Tests must reach the interpreter and the environments as their own uid.
         let mut sandbox = Sandbox::new(opts.uid, opts.gid, opts.rlimits.clone())?;
         let mut needed = env::interpreter_dirs(&python)?;
@@ -115,7 +120,7 @@ impl LocalRunner {
         }
         Ok(LocalRunner {
             alone: AloneMemory::open(&venv_dir),
-            envs: env::EnvManager::new(python, venv_dir.clone()),
+            envs: env::EnvManager::new(python, venv_dir.clone(), source),
             opts: LocalOptions { venv_dir, ..opts },
             support,
             sandbox,
@@ -409,6 +414,7 @@ mod tests {
             uid: None,
             gid: None,
             rlimits: Rlimits::default(),
+            wheelhouse: None,
         })
         .expect("python3 is available")
     }
