@@ -317,21 +317,10 @@ impl Shell {
         loop {
             let input = tokio::select! {
                 r = self.socket.recv_from(&mut buf) => match r {
-                    Ok((n, from)) => {
-                        self.traffic.received.fetch_add(1, Ordering::Relaxed);
-                        match self.channel.open(&buf[..n], from, unix_ms()) {
-                            Ok((sender, env)) => {
-                                let authenticated = self.channel.codec().is_authenticated();
-                                self.paths.heard(sender, from, &env, authenticated);
-                                Input::Message { from: sender, env }
-                            }
-                            Err(e) => {
-                                self.traffic.refused.fetch_add(1, Ordering::Relaxed);
-                                self.drops.drop(from, &e);
-                                continue;
-                            }
-                        }
-                    }
+                    Ok((n, from)) => match self.open(&buf[..n], from) {
+                        Some(input) => input,
+                        None => continue,
+                    },
                     Err(e) => {
                         // e.g. ICMP port unreachable from a dead peer, reported on the next recv.
                         tracing::debug!("UDP receive error: {e}");
@@ -353,20 +342,7 @@ impl Shell {
             let mut left = false;
             for action in actions {
                 match action {
-                    Action::Send { to, envelope } => {
-                        let cmd = envelope.msg.cmd();
-                        let via = for_socket(self.local, self.paths.via(to));
-                        match self.channel.seal(envelope, to, unix_ms()) {
-                            Ok(bytes) => match self.socket.send_to(&bytes, via).await {
-                                Ok(n) => {
-                                    self.traffic.sent.fetch_add(1, Ordering::Relaxed);
-                                    self.traffic.sent_bytes.fetch_add(n as u64, Ordering::Relaxed);
-                                }
-                                Err(e) => tracing::debug!(%to, cmd, "UDP send failed: {e}"),
-                            },
-                            Err(e) => tracing::warn!(%to, cmd, "not sending: {e}"),
-                        }
-                    }
+                    Action::Send { to, envelope } => self.send(to, envelope).await,
                     Action::Event(event) => {
                         changed |= !matches!(event, Event::App { .. } | Event::CacheUpdate { .. });
                         left |= matches!(event, Event::Left);
@@ -376,21 +352,58 @@ impl Shell {
                 }
             }
             if changed {
-                let snap = self.core.snapshot();
-                self.snap_tx.send_if_modified(|old| {
-                    if *old == snap {
-                        false
-                    } else {
-                        *old = snap;
-                        true
-                    }
-                });
+                self.publish();
             }
             if left {
                 tracing::info!("left the network");
                 return;
             }
         }
+    }
+
+    /// The core's input for a datagram of `from`, or `None` (counted and logged) when refused.
+    fn open(&mut self, datagram: &[u8], from: SocketAddr) -> Option<Input> {
+        self.traffic.received.fetch_add(1, Ordering::Relaxed);
+        match self.channel.open(datagram, from, unix_ms()) {
+            Ok((sender, env)) => {
+                let authenticated = self.channel.codec().is_authenticated();
+                self.paths.heard(sender, from, &env, authenticated);
+                Some(Input::Message { from: sender, env })
+            }
+            Err(e) => {
+                self.traffic.refused.fetch_add(1, Ordering::Relaxed);
+                self.drops.drop(from, &e);
+                None
+            }
+        }
+    }
+
+    async fn send(&mut self, to: SocketAddr, envelope: Envelope) {
+        let cmd = envelope.msg.cmd();
+        let via = for_socket(self.local, self.paths.via(to));
+        match self.channel.seal(envelope, to, unix_ms()) {
+            Ok(bytes) => match self.socket.send_to(&bytes, via).await {
+                Ok(n) => {
+                    self.traffic.sent.fetch_add(1, Ordering::Relaxed);
+                    self.traffic.sent_bytes.fetch_add(n as u64, Ordering::Relaxed);
+                }
+                Err(e) => tracing::debug!(%to, cmd, "UDP send failed: {e}"),
+            },
+            Err(e) => tracing::warn!(%to, cmd, "not sending: {e}"),
+        }
+    }
+
+    /// Publishes the core's snapshot when it changed.
+    fn publish(&self) {
+        let snap = self.core.snapshot();
+        self.snap_tx.send_if_modified(|old| {
+            if *old == snap {
+                false
+            } else {
+                *old = snap;
+                true
+            }
+        });
     }
 }
 

@@ -130,86 +130,54 @@ impl std::str::FromStr for Requirement {
 
 /// Parses `text` as a strict requirement (see the module documentation).
 pub fn parse(text: &str) -> Result<Requirement, RequirementError> {
-    let refuse = |why| Err(RequirementError::new(text, why));
+    parse_strict(text).map_err(|why| RequirementError::new(text, why))
+}
+
+/// Why `text` is refused before parsing: empty, a pip option, too long, a URL or a path.
+fn surface_refusal(text: &str) -> Option<&'static str> {
     let trimmed = text.trim();
     if trimmed.is_empty() {
-        return refuse("it is empty");
+        Some("it is empty")
+    } else if trimmed.starts_with('-') {
+        Some("it starts with '-' (a pip option)")
+    } else if text.len() > MAX_LEN {
+        Some("it is longer than 256 bytes")
+    } else if trimmed.contains("://") || trimmed.contains('@') {
+        Some("direct references (`name @ url`) and URLs are not allowed; name the project and its versions")
+    } else if trimmed.starts_with(['/', '.', '\\', '~']) || trimmed.contains(['/', '\\']) {
+        Some("paths are not allowed; name the project and its versions")
+    } else {
+        None
     }
-    if trimmed.starts_with('-') {
-        return refuse("it starts with '-' (a pip option)");
+}
+
+fn parse_strict(text: &str) -> Result<Requirement, &'static str> {
+    if let Some(why) = surface_refusal(text) {
+        return Err(why);
     }
-    if text.len() > MAX_LEN {
-        return refuse("it is longer than 256 bytes");
-    }
-    if trimmed.contains("://") || trimmed.contains('@') {
-        return refuse(
-            "direct references (`name @ url`) and URLs are not allowed; name the project and its versions",
-        );
-    }
-    if trimmed.starts_with(['/', '.', '\\', '~']) || trimmed.contains(['/', '\\']) {
-        return refuse("paths are not allowed; name the project and its versions");
-    }
-    let mut p = Parser { s: trimmed.as_bytes(), i: 0 };
-    let Some(name) = p.identifier() else {
-        return refuse("it does not start with a project name");
-    };
+    let mut p = Parser { s: text.trim().as_bytes(), i: 0 };
+    let name = p.identifier().ok_or("it does not start with a project name")?;
     p.ws();
-    let mut extras = Vec::new();
-    if p.eat("[") {
-        p.ws();
-        if !p.eat("]") {
-            loop {
-                p.ws();
-                let Some(extra) = p.identifier() else { return refuse("an extra is not a valid name") };
-                extras.push(extra);
-                p.ws();
-                if p.eat("]") {
-                    break;
-                }
-                if !p.eat(",") {
-                    return refuse("the extras are not a bracketed, comma-separated list of names");
-                }
-            }
-        }
-        p.ws();
-    }
-    let parenthesised = p.eat("(");
-    p.ws();
-    let mut specifiers = Vec::new();
-    while let Some(op) = p.op() {
-        p.ws();
-        let Some(version) = p.version_token() else { return refuse("a version specifier has no version") };
-        if !valid_version(op, &version) {
-            return refuse("a version specifier is not a PEP 440 comparison (`===` is not allowed)");
-        }
-        specifiers.push((op, version));
-        p.ws();
-        if !p.eat(",") {
-            break;
-        }
-        p.ws();
-    }
-    if parenthesised && !p.eat(")") {
-        return refuse("an opening parenthesis is not closed");
-    }
+    let extras = p.extras()?;
+    let specifiers = p.specifiers()?;
     p.ws();
     let marker = if p.eat(";") {
         p.ws();
-        let Some(m) = p.marker_or() else { return refuse("the environment marker is not valid") };
+        let m = p.marker_or().ok_or("the environment marker is not valid")?;
         p.ws();
         Some(m)
     } else {
         None
     };
     if !p.done() {
-        return refuse("it is not `name[extras] <version specifiers> ; <marker>`");
+        return Err("it is not `name[extras] <version specifiers> ; <marker>`");
     }
     let req = Requirement { name, extras, specifiers, marker };
     let head = req.to_string();
     let head = head.split(';').next().unwrap_or_default().to_ascii_lowercase();
     let name = req.name.to_ascii_lowercase();
     if ARCHIVE_SUFFIXES.iter().any(|s| head.ends_with(s) || name.ends_with(s)) {
-        return refuse("it looks like an archive file name");
+        return Err("it looks like an archive file name");
     }
     Ok(req)
 }
@@ -316,6 +284,54 @@ struct Parser<'a> {
 }
 
 impl Parser<'_> {
+    /// `[extra, ...]` (optional), then whitespace.
+    fn extras(&mut self) -> Result<Vec<String>, &'static str> {
+        let mut extras = Vec::new();
+        if !self.eat("[") {
+            return Ok(extras);
+        }
+        self.ws();
+        if !self.eat("]") {
+            loop {
+                self.ws();
+                extras.push(self.identifier().ok_or("an extra is not a valid name")?);
+                self.ws();
+                if self.eat("]") {
+                    break;
+                }
+                if !self.eat(",") {
+                    return Err("the extras are not a bracketed, comma-separated list of names");
+                }
+            }
+        }
+        self.ws();
+        Ok(extras)
+    }
+
+    /// Comma-separated version specifiers, optionally in parentheses.
+    fn specifiers(&mut self) -> Result<Vec<(Op, String)>, &'static str> {
+        let parenthesised = self.eat("(");
+        self.ws();
+        let mut specifiers = Vec::new();
+        while let Some(op) = self.op() {
+            self.ws();
+            let version = self.version_token().ok_or("a version specifier has no version")?;
+            if !valid_version(op, &version) {
+                return Err("a version specifier is not a PEP 440 comparison (`===` is not allowed)");
+            }
+            specifiers.push((op, version));
+            self.ws();
+            if !self.eat(",") {
+                break;
+            }
+            self.ws();
+        }
+        if parenthesised && !self.eat(")") {
+            return Err("an opening parenthesis is not closed");
+        }
+        Ok(specifiers)
+    }
+
     fn done(&self) -> bool {
         self.i == self.s.len()
     }

@@ -201,48 +201,13 @@ pub fn build_reports(
     let mut reports = Vec::with_capacity(order.len());
     for (i, module) in order.into_iter().enumerate() {
         let mut results = std::mem::take(&mut tests[i]);
-        let mut note = None;
-        match finished {
-            Some(exit) => {
-                if results.is_empty() && ![0, 1, 5].contains(&exit) && first_chunk {
-                    let why = format!("no result: {}", RunEnd::Exited(exit).describe());
-                    results.push(TestResult {
-                        nodeid: module.clone(),
-                        outcome: Outcome::Error,
-                        duration: 0.0,
-                        message: Some(why.clone()),
-                    });
-                    note = Some(why);
-                }
-            }
+        let note = match finished {
+            Some(exit) => exited_without_result(&module, &mut results, exit, first_chunk),
             None => {
-                let (outcome, why) = match end {
-                    RunEnd::TimedOut(_) => (Outcome::Timeout, end.describe()),
-                    RunEnd::Exited(code @ 2..=4) if items[i].is_empty() => {
-                        (Outcome::Error, RunEnd::Exited(*code).describe())
-                    }
-                    _ => (Outcome::Crashed, format!("{} before the test finished", end.describe())),
-                };
-                let unfinished: Vec<&String> = items[i].iter().filter(|id| !counted.contains(*id)).collect();
-                for id in &unfinished {
-                    results.push(TestResult {
-                        nodeid: (*id).clone(),
-                        outcome,
-                        duration: 0.0,
-                        message: Some(why.clone()),
-                    });
-                }
-                if results.is_empty() && first_chunk {
-                    results.push(TestResult {
-                        nodeid: module.clone(),
-                        outcome,
-                        duration: 0.0,
-                        message: Some(why.clone()),
-                    });
-                }
-                note = Some(why);
+                let unfinished = items[i].iter().filter(|id| !counted.contains(*id));
+                Some(cut_short(&module, &mut results, unfinished, end, items[i].is_empty(), first_chunk))
             }
-        }
+        };
         reports.push(ModuleReport {
             module,
             tests: results,
@@ -253,6 +218,51 @@ pub fn build_reports(
         });
     }
     reports
+}
+
+/// A module of a run that ended with `exit`: when it has no result and pytest failed as a whole,
+/// one `error` entry named after it (in the first chunk only); the note says why.
+fn exited_without_result(
+    module: &str,
+    results: &mut Vec<TestResult>,
+    exit: i32,
+    first_chunk: bool,
+) -> Option<String> {
+    if !results.is_empty() || [0, 1, 5].contains(&exit) || !first_chunk {
+        return None;
+    }
+    let why = format!("no result: {}", RunEnd::Exited(exit).describe());
+    results.push(TestResult {
+        nodeid: module.to_string(),
+        outcome: Outcome::Error,
+        duration: 0.0,
+        message: Some(why.clone()),
+    });
+    Some(why)
+}
+
+/// A module of a run that never finished (`end`): each unfinished item gets `timeout`, `crashed`
+/// or (a collection error) `error`; a module left with nothing gets one such entry named after it
+/// (in the first chunk only). Returns the note.
+fn cut_short<'a>(
+    module: &str,
+    results: &mut Vec<TestResult>,
+    unfinished: impl Iterator<Item = &'a String>,
+    end: &RunEnd,
+    no_items: bool,
+    first_chunk: bool,
+) -> String {
+    let (outcome, why) = match end {
+        RunEnd::TimedOut(_) => (Outcome::Timeout, end.describe()),
+        RunEnd::Exited(code @ 2..=4) if no_items => (Outcome::Error, RunEnd::Exited(*code).describe()),
+        _ => (Outcome::Crashed, format!("{} before the test finished", end.describe())),
+    };
+    let entry = |nodeid: String| TestResult { nodeid, outcome, duration: 0.0, message: Some(why.clone()) };
+    results.extend(unfinished.map(|id| entry(id.clone())));
+    if results.is_empty() && first_chunk {
+        results.push(entry(module.to_string()));
+    }
+    why
 }
 
 #[cfg(test)]
