@@ -962,3 +962,68 @@ async fn m5_idle_prepared_projects_are_released() {
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
 }
+
+/// Opens `GET /evaluation/{id}/events` and reads the answer's status line; the connection stays
+/// open (a held stream) until the returned socket is dropped.
+async fn open_stream(http: SocketAddr, id: u64) -> (u16, tokio::net::TcpStream) {
+    let mut stream = tokio::net::TcpStream::connect(http).await.expect("connect");
+    let req =
+        format!("GET /evaluation/{id}/events HTTP/1.1\r\nHost: {http}\r\nAccept: text/event-stream\r\n\r\n");
+    stream.write_all(req.as_bytes()).await.expect("write request");
+    let mut head = [0u8; 12];
+    tokio::time::timeout(Duration::from_secs(30), stream.read_exact(&mut head))
+        .await
+        .expect("status within 30 s")
+        .expect("read status");
+    let status = String::from_utf8_lossy(&head[9..12]).parse().expect("status code");
+    (status, stream)
+}
+
+/// M8: one client cannot queue unbounded work with small requests (submissions and reruns, each
+/// minutes of test CPU) or hold every event stream of a node.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn m8_one_client_cannot_queue_unbounded_work_or_hold_every_stream() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = node_common::cluster(
+        1,
+        &dir.path().join("nodes"),
+        &[("CDT_INTAKE__MAX_PENDING_PER_CLIENT", "2"), ("CDT_INTAKE__MAX_STREAMS_PER_CLIENT", "2")],
+    )
+    .await;
+    let http = c.nodes[0].http;
+    let zip = victim_zip(dir.path(), 1.0, false);
+    let first = node_common::submit_zip(http, &zip).await;
+    let second = node_common::submit_zip(http, &zip).await;
+    let (ct, body) = cdtester::http::client::multipart_file("file", "projects.zip", &zip);
+    let (status, v) = node_common::call(http, Method::POST, "/evaluation", Some((&ct, body))).await;
+    assert_eq!(status, StatusCode::TOO_MANY_REQUESTS, "a third unfinished evaluation: {v}");
+    assert!(v["error"].as_str().is_some_and(|e| e.contains("intake.max_pending_per_client")), "{v}");
+
+    let (s1, _held1) = open_stream(http, first).await;
+    let (s2, held2) = open_stream(http, second).await;
+    let (s3, _) = open_stream(http, first).await;
+    assert_eq!((s1, s2, s3), (200, 200, 429), "two streams per client");
+    drop(held2);
+
+    // Finished evaluations free their places; reruns (no upload at all) count like submissions.
+    wait_finished(http, first, Duration::from_secs(120)).await;
+    wait_finished(http, second, Duration::from_secs(120)).await;
+    let rerun = |id: u64| async move {
+        let path = format!("/evaluation/{id}/rerun");
+        node_common::call(http, Method::POST, &path, Some(("application/json", b"{}".to_vec()))).await
+    };
+    assert_eq!(rerun(first).await.0, StatusCode::OK);
+    assert_eq!(rerun(first).await.0, StatusCode::OK);
+    let (status, v) = rerun(first).await;
+    assert_eq!(status, StatusCode::TOO_MANY_REQUESTS, "a third unfinished rerun: {v}");
+    // A freed stream place is reusable (the dropped connection's stream ends within a poll).
+    let deadline = Instant::now() + Duration::from_secs(40);
+    loop {
+        let (status, _held) = open_stream(http, second).await;
+        if status == 200 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the dropped stream's place was never given back");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}

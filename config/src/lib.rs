@@ -127,6 +127,11 @@ pub struct IntakeConfig {
     /// Open HTTP connections; at the cap the oldest connection with no request in progress is
     /// closed to make room.
     pub max_connections: usize,
+    /// Evaluations one client (an IP address, an IPv6 /64) may have submitted through this node
+    /// (rerun included) that have not finished; more are answered 429.
+    pub max_pending_per_client: usize,
+    /// Event streams (`GET /evaluation/{id}/events`) one client may hold open; more are answered 429.
+    pub max_streams_per_client: usize,
 }
 
 impl Default for IntakeConfig {
@@ -146,6 +151,8 @@ impl Default for IntakeConfig {
             header_timeout_s: 10,
             body_idle_timeout_s: 30,
             max_connections: 512,
+            max_pending_per_client: 16,
+            max_streams_per_client: 8,
         }
     }
 }
@@ -446,6 +453,8 @@ impl Config {
             ("intake.header_timeout_s", i.header_timeout_s),
             ("intake.body_idle_timeout_s", i.body_idle_timeout_s),
             ("intake.max_connections", i.max_connections as u64),
+            ("intake.max_pending_per_client", i.max_pending_per_client as u64),
+            ("intake.max_streams_per_client", i.max_streams_per_client as u64),
         ] {
             if value == 0 {
                 return bad(key, "must be at least 1");

@@ -127,6 +127,9 @@ pub enum AppError {
     Unavailable(String),
     #[error("{0}")]
     TooLarge(String),
+    /// The client is over its budget (`http::budget`).
+    #[error("{0}")]
+    TooMany(String),
     #[error("{0}")]
     Timeout(String),
     #[error("internal error: {0}")]

@@ -29,6 +29,8 @@ impl App {
 
     /// Discovers a project's modules under this node's runner decision.
     async fn discover(self: &Arc<Self>, project: &ProjectRecord) -> Result<Discovery, String> {
+        // A rerun runs only the modules it names (taken first: every way out of here is final).
+        let only = self.shell().rerun_only.remove(&project.id);
         let root = self.ensure_project(project, None).await?;
         let (choice, settings) = self.choose_runner(project, &root).await?;
         let prepared = self
@@ -38,8 +40,6 @@ impl App {
         let modules = tokio::task::spawn_blocking(move || runner.discover(&prepared))
             .await
             .map_err(|e| format!("discovery crashed: {e}"))?;
-        // A rerun runs only the modules it names.
-        let only = self.shell().rerun_only.remove(&project.id);
         let modules = modules.map(|all| {
             all.into_iter().filter(|m| only.as_ref().is_none_or(|o| o.contains(m))).collect::<Vec<_>>()
         });

@@ -9,13 +9,16 @@
 
 use std::sync::Arc;
 
+use axum::Extension;
 use axum::Router;
 use axum::extract::{Path, State};
+use axum::http::request::Parts;
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use tokio::sync::Semaphore;
 
+use super::budget::Budgets;
 use super::{events, grades, openapi};
 use crate::app::{App, AppError};
 use crate::http::rerun::RerunRequest;
@@ -88,10 +91,19 @@ async fn grades_csv(State(staff): State<Staff>, Path(id): Path<String>) -> Respo
     }
 }
 
-async fn event_stream(State(staff): State<Staff>, Path(id): Path<String>) -> Response {
+async fn event_stream(
+    State(staff): State<Staff>,
+    Extension(budgets): Extension<Arc<Budgets>>,
+    Path(id): Path<String>,
+    req: Parts,
+) -> Response {
     let id = match super::parse_id(&id) {
         Ok(id) if staff.app.record(id).is_some() => id,
         Ok(_) | Err(_) => return AppError::NotFound("Evaluation not found".into()).into_response(),
+    };
+    let mine = match budgets.stream(super::client_of(&req)) {
+        Ok(slot) => slot,
+        Err(e) => return e.into_response(),
     };
     let Ok(slot) = staff.streams.clone().try_acquire_owned() else {
         return AppError::Unavailable(format!(
@@ -100,7 +112,7 @@ async fn event_stream(State(staff): State<Staff>, Path(id): Path<String>) -> Res
         ))
         .into_response();
     };
-    events::follow(staff.app, id, slot).into_response()
+    events::follow(staff.app, id, (slot, mine)).into_response()
 }
 
 /// Largest body of `POST /evaluation/{id}/rerun`.
@@ -111,10 +123,12 @@ const MAX_RERUN_BODY: usize = 256 * 1024;
 /// site cannot make a staff member's browser start reruns.
 async fn rerun(
     State(staff): State<Staff>,
+    Extension(budgets): Extension<Arc<Budgets>>,
     Path(id): Path<String>,
-    headers: axum::http::HeaderMap,
+    req: Parts,
     body: axum::body::Bytes,
 ) -> Response {
+    let headers = &req.headers;
     let json = headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).is_some_and(|v| {
         v.split(';').next().is_some_and(|m| m.trim().eq_ignore_ascii_case("application/json"))
     });
@@ -129,7 +143,7 @@ async fn rerun(
         if body.len() > MAX_RERUN_BODY {
             return Err(AppError::TooLarge(format!("the body is over {MAX_RERUN_BODY} bytes")));
         }
-        let req: RerunRequest = if body.iter().all(u8::is_ascii_whitespace) {
+        let rerun: RerunRequest = if body.iter().all(u8::is_ascii_whitespace) {
             RerunRequest::default()
         } else {
             serde_json::from_slice(&body).map_err(|e| {
@@ -138,7 +152,12 @@ async fn rerun(
                 ))
             })?
         };
-        super::rerun::rerun(&staff.app, id, req).await
+        let admission = budgets.admit(super::client_of(&req), |id| super::unfinished(&staff.app, id))?;
+        let answer = super::rerun::rerun(&staff.app, id, rerun).await?;
+        if let Some(new_id) = answer.get("eval_id").and_then(serde_json::Value::as_u64) {
+            admission.created(new_id);
+        }
+        Ok(answer)
     };
     match answer.await {
         Ok(v) => axum::Json(v).into_response(),

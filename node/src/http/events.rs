@@ -20,6 +20,7 @@ use futures_util::Stream;
 use tokio::sync::OwnedSemaphorePermit;
 use tokio::time::Instant;
 
+use super::budget::StreamSlot;
 use crate::app::App;
 use crate::eval::{EvalId, EvalStatus};
 
@@ -39,7 +40,7 @@ struct Follow {
     finished: bool,
     done: bool,
     until: Instant,
-    _slot: OwnedSemaphorePermit,
+    _slots: (OwnedSemaphorePermit, StreamSlot),
 }
 
 impl Follow {
@@ -69,11 +70,12 @@ impl Follow {
     }
 }
 
-/// The event stream of evaluation `id` (which exists), holding `slot` while it is open.
+/// The event stream of evaluation `id` (which exists), holding its `slots` (the node's and the
+/// client's) while it is open.
 pub fn follow(
     app: Arc<App>,
     id: EvalId,
-    slot: OwnedSemaphorePermit,
+    slots: (OwnedSemaphorePermit, StreamSlot),
 ) -> Sse<impl Stream<Item = Result<Event, Infallible>>> {
     let state = Follow {
         app,
@@ -83,7 +85,7 @@ pub fn follow(
         finished: false,
         done: false,
         until: Instant::now() + MAX_STREAM,
-        _slot: slot,
+        _slots: slots,
     };
     let stream = futures_util::stream::unfold(state, |mut st| async move {
         loop {

@@ -15,6 +15,7 @@ use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Instant;
 
 use axum::Router;
 use axum::extract::{MatchedPath, Request, State};
@@ -93,11 +94,12 @@ impl HttpCounters {
 /// Adds `GET /metrics` to `router` and counts every request it serves (including `/metrics`).
 pub fn instrument(router: Router, app: Arc<App>) -> Router {
     let http = Arc::new(HttpCounters::default());
+    let last = Arc::new(LastScrape::default());
     let scrape = {
         let http = http.clone();
         move || {
-            let (app, http) = (app.clone(), http.clone());
-            async move { metrics_response(&app, &http) }
+            let (app, http, last) = (app.clone(), http.clone(), last.clone());
+            async move { metrics_response(&app, &http, &last).await }
         }
     };
     router.route("/metrics", get(scrape)).layer(axum::middleware::from_fn_with_state(http, track))
@@ -130,12 +132,29 @@ async fn track(State(http): State<Arc<HttpCounters>>, req: Request, next: Next) 
     response
 }
 
-fn metrics_response(app: &App, http: &HttpCounters) -> Response {
-    let reports: Vec<EvalReport> = app.list().into_iter().filter_map(|id| app.report(id, false)).collect();
-    let me = app.addr();
-    let peers = app.network().get(&me).map_or(0, Vec::len);
-    let text = render(&reports, &me, peers, &http.snapshot());
-    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], text).into_response()
+/// The last scrape's text and when its making began. A scrape builds the report of every
+/// evaluation the node holds and anyone can ask, so scrapes are made one at a time and a request
+/// that waited for another's scrape begun after it arrived is answered with that one (still
+/// exact for it): a flood of concurrent scrapes costs about two builds, not one each.
+type LastScrape = tokio::sync::Mutex<Option<(Instant, Arc<str>)>>;
+
+async fn metrics_response(app: &App, http: &HttpCounters, last: &LastScrape) -> Response {
+    let arrived = Instant::now();
+    let mut last = last.lock().await;
+    let text = match last.as_ref() {
+        Some((began, text)) if *began >= arrived => text.clone(),
+        _ => {
+            let began = Instant::now();
+            let reports: Vec<EvalReport> =
+                app.list().into_iter().filter_map(|id| app.report(id, false)).collect();
+            let me = app.addr();
+            let peers = app.network().get(&me).map_or(0, Vec::len);
+            let text: Arc<str> = render(&reports, &me, peers, &http.snapshot()).into();
+            *last = Some((began, text.clone()));
+            text
+        }
+    };
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], text.to_string()).into_response()
 }
 
 /// Figures of the evaluations a node holds.

@@ -16,6 +16,7 @@
 //! (see the `intake` configuration section).
 
 pub mod auth;
+pub mod budget;
 pub mod client;
 pub mod dashboard;
 pub mod events;
@@ -31,12 +32,12 @@ use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use axum::Router;
 use axum::body::{Body, Bytes};
 use axum::extract::{ConnectInfo, DefaultBodyLimit, FromRequest, Multipart, Path, Request, State};
 use axum::http::{HeaderMap, Method, StatusCode, Uri, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
+use axum::{Extension, Router};
 use serde::Deserialize;
 use serde_json::json;
 
@@ -55,6 +56,8 @@ type AppState = Arc<App>;
 /// The router of a node's API (with the course staff's routes of [`dashboard`] and the
 /// request counting and `GET /metrics` of [`metrics`]).
 pub fn router(app: Arc<App>) -> Router {
+    let budgets =
+        budget::Budgets::new(app.intake().max_pending_per_client, app.intake().max_streams_per_client);
     let api = Router::new()
         .route("/evaluation", post(submit).layer(DefaultBodyLimit::disable()).get(list))
         .route("/evaluation/{id}", get(evaluation))
@@ -68,7 +71,19 @@ pub fn router(app: Arc<App>) -> Router {
         .fallback(not_found)
         .layer(DefaultBodyLimit::max(MAX_BODY))
         .with_state(app.clone());
-    metrics::instrument(api.merge(dashboard::routes(app.clone())), app)
+    metrics::instrument(api.merge(dashboard::routes(app.clone())).layer(Extension(budgets)), app)
+}
+
+/// The client of a request ([`budget::Client`]) from the connection's source address.
+pub fn client_of(req: &axum::http::request::Parts) -> budget::Client {
+    let peer = req.extensions.get::<ConnectInfo<SocketAddr>>().map(|c| c.0);
+    // `serve` always sets it; a request without one (none reach this) shares one budget.
+    budget::Client::of(peer.unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 0))))
+}
+
+/// Whether evaluation `id` is still unfinished on this node.
+pub fn unfinished(app: &App, id: EvalId) -> bool {
+    app.record(id).is_some_and(|r| !r.is_complete())
 }
 
 /// Serves the API on `listener` until `shutdown` resolves (then waits up to
@@ -278,6 +293,7 @@ impl IntoResponse for AppError {
             AppError::Unprocessable(_) => StatusCode::UNPROCESSABLE_ENTITY,
             AppError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             AppError::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            AppError::TooMany(_) => StatusCode::TOO_MANY_REQUESTS,
             AppError::Timeout(_) => StatusCode::REQUEST_TIMEOUT,
             AppError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         };
@@ -317,7 +333,17 @@ fn mime_essence(ct: &str) -> &str {
 
 const SUBMIT_HELP: &str = "send multipart/form-data with a zip in field \"file\", or application/json {\"auth_token\": \"...\", \"projects\": [\"<git url>\", ...]}";
 
-async fn submit(State(app): State<AppState>, req: Request) -> Response {
+async fn submit(
+    State(app): State<AppState>,
+    Extension(budgets): Extension<Arc<budget::Budgets>>,
+    req: Request,
+) -> Response {
+    let (parts, body) = req.into_parts();
+    let admission = match budgets.admit(client_of(&parts), |id| unfinished(&app, id)) {
+        Ok(a) => a,
+        Err(e) => return e.into_response(),
+    };
+    let req = Request::from_parts(parts, body);
     let Some(ct) = content_type(req.headers()) else {
         return error(StatusCode::UNSUPPORTED_MEDIA_TYPE, format!("missing Content-Type: {SUBMIT_HELP}"));
     };
@@ -332,7 +358,10 @@ async fn submit(State(app): State<AppState>, req: Request) -> Response {
         }
     };
     match result {
-        Ok(id) => axum::Json(json!({ "status": "submitted", "eval_id": id })).into_response(),
+        Ok(id) => {
+            admission.created(id);
+            axum::Json(json!({ "status": "submitted", "eval_id": id })).into_response()
+        }
         Err(e) => e.into_response(),
     }
 }

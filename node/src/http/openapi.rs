@@ -56,6 +56,7 @@ fn submit() -> Value {
             "413": error_response("body over the node's cap"),
             "415": error_response("missing or unsupported Content-Type"),
             "422": error_response("a git URL could not be cloned"),
+            "429": error_response("the client has intake.max_pending_per_client unfinished evaluations"),
             "503": error_response("every clone or upload slot is busy"),
         }
     })
@@ -84,7 +85,8 @@ fn public_paths() -> Value {
         "/evaluation/{id}/events": {"get": {"summary": "Live progress as server-sent events (report, network, end)",
             "parameters": [eval_id()],
             "responses": {"200": {"description": "event stream", "content": {"text/event-stream": {}}},
-                "404": not_found, "503": error_response("too many open streams")}}},
+                "404": not_found, "429": error_response("the client holds intake.max_streams_per_client streams"),
+                "503": error_response("too many open streams")}}},
         "/evaluation/{id}/rerun": {"post": {"summary": "A new evaluation running only some modules of a finished one",
             "parameters": [eval_id()],
             "requestBody": {"required": false, "content": {"application/json": {"schema": {"type": "object", "properties": {
@@ -95,6 +97,7 @@ fn public_paths() -> Value {
                     "modules": {"type": "object"}}})),
                 "400": error_response("still running, nothing selected, or a malformed body"),
                 "404": not_found, "415": error_response("the body is not declared application/json"),
+                "429": error_response("the client has intake.max_pending_per_client unfinished evaluations"),
                 "503": error_response("a project's archive is not on this node")}}},
         "/stats": {"get": {"summary": "Test totals of the network and per connected node",
             "responses": {"200": json_response("stats", json!({"type": "object", "required": ["all", "nodes"]}))}}},
