@@ -184,6 +184,7 @@ pub fn build_reports(
                         outcome,
                         duration: *duration,
                         message: msg.clone(),
+                        attempts: Vec::new(),
                     });
                 }
             }
@@ -211,6 +212,7 @@ pub fn build_reports(
                         outcome: Outcome::Error,
                         duration: 0.0,
                         message: Some(why.clone()),
+                        attempts: Vec::new(),
                     });
                     note = Some(why);
                 }
@@ -230,6 +232,7 @@ pub fn build_reports(
                         outcome,
                         duration: 0.0,
                         message: Some(why.clone()),
+                        attempts: Vec::new(),
                     });
                 }
                 if results.is_empty() && first_chunk {
@@ -238,6 +241,7 @@ pub fn build_reports(
                         outcome,
                         duration: 0.0,
                         message: Some(why.clone()),
+                        attempts: Vec::new(),
                     });
                 }
                 note = Some(why);
