@@ -5,7 +5,8 @@
 //! reloaded; a click on a project shows its modules and tests with a failure message; the
 //! failed-only filter hides passing projects; a click on the grades link downloads the same CSV
 //! as `GET /evaluation/{id}/grades.csv`; "rerun failed" opens a new evaluation of the failing
-//! projects. Without a Chromium binary the test prints `SKIPPED`.
+//! projects, links back to the evaluation it reruns and, once finished, shows a failing test's
+//! history (its run in each evaluation). Without a Chromium binary the test prints `SKIPPED`.
 //! With `DASHBOARD_SCREENSHOTS=<dir>` it saves screenshots of the pages there (the README's).
 
 mod common;
@@ -272,6 +273,27 @@ async fn dashboard_in_headless_chromium_on_three_nodes() {
                 "document.getElementById('eval-id').textContent",
                 Duration::from_secs(30),
                 |v| v.as_str() == Some(rerun_id.to_string().as_str()),
+            );
+            // The rerun links to the evaluation it came from.
+            b.wait_for(
+                "rerun link",
+                "[...document.querySelectorAll('#eval-links a')].map(a => a.textContent).join(' ')",
+                Duration::from_secs(30),
+                |v| v.as_str() == Some(format!("#{id}").as_str()),
+            );
+            // Once it ran, a failing test of `sleepy` shows its two runs (both evaluations).
+            b.wait_for(
+                "rerun finished",
+                "document.getElementById('eval-status').textContent",
+                Duration::from_secs(300),
+                |v| v == "finished",
+            );
+            b.eval("document.querySelector('tr.project[data-project=\"sleepy\"]').click()");
+            b.wait_for(
+                "test history",
+                "document.querySelectorAll('tr.detail tr[data-test=\"tests/test_m0.py::test_2\"] .history .run.o-failed').length",
+                Duration::from_secs(30),
+                |v| v == 2,
             );
             (seen, finished_rows, msg, modules, shown, href, csv, rerun_id)
         }

@@ -116,8 +116,8 @@ async fn execute(app: &Arc<App>, task: &Task, project: &ProjectRecord) -> Result
             .ok_or_else(|| format!("the runner returned no report for {module}"))
     };
     let task_id = task.task_id.clone();
-    let mut runs = 0u32;
     tokio::task::spawn_blocking(move || {
+        let mut runs = 0u32;
         ModuleReport::run_with_retries(retries, || {
             runs += 1;
             let r = run();

@@ -129,15 +129,9 @@ fn internal_paths() -> Value {
     })
 }
 
-fn components() -> Value {
+/// Schemas of per-test results and their history.
+fn result_schemas() -> Value {
     json!({
-        "schemas": {
-            "Error": {"type": "object", "required": ["error"], "properties": {"error": {"type": "string"}}},
-            "Submission": {"type": "object", "required": ["projects"], "properties": {
-                "auth_token": {"type": "string", "description": "token for https clones (alias token)"},
-                "projects": {"type": "array", "description": "git URLs (alias urls)", "items": {"type": "string"}}}},
-            "Counts": {"type": "object", "additionalProperties": {"type": "integer"},
-                "description": "tests per outcome: passed, failed, error, skipped, xfailed, xpassed, timeout, oom, crashed, infra_error, flaky"},
             "Outcome": {"enum": ["passed", "failed", "error", "skipped", "xfailed", "xpassed", "timeout", "oom", "crashed", "infra-error", "flaky"],
                 "description": "flaky: failed (or errored), then passed when its module ran again (runner.retries); graded as grading.flaky says"},
             "Attempt": {"type": "object", "required": ["outcome", "duration"], "properties": {
@@ -152,7 +146,19 @@ fn components() -> Value {
                 "tests": {"type": "object", "additionalProperties": {"type": "array", "items": {"type": "object",
                     "required": ["eval", "outcome", "duration", "at"], "properties": {
                         "eval": {"type": "integer"}, "outcome": {"$ref": "#/components/schemas/Outcome"},
-                        "duration": {"type": "number"}, "at": {"type": "number", "description": "seconds since the Unix epoch"}}}}}}},
+                        "duration": {"type": "number"}, "at": {"type": "number", "description": "seconds since the Unix epoch"}}}}}}}
+    })
+}
+
+fn components() -> Value {
+    let mut doc = json!({
+        "schemas": {
+            "Error": {"type": "object", "required": ["error"], "properties": {"error": {"type": "string"}}},
+            "Submission": {"type": "object", "required": ["projects"], "properties": {
+                "auth_token": {"type": "string", "description": "token for https clones (alias token)"},
+                "projects": {"type": "array", "description": "git URLs (alias urls)", "items": {"type": "string"}}}},
+            "Counts": {"type": "object", "additionalProperties": {"type": "integer"},
+                "description": "tests per outcome: passed, failed, error, skipped, xfailed, xpassed, timeout, oom, crashed, infra_error, flaky"},
             "Report": {"type": "object", "required": ["id", "status", "node", "start_time", "time_elapsed", "summary", "projects"],
                 "properties": {
                     "id": {"type": "integer"}, "status": {"enum": ["running", "finished"]}, "node": {"type": "string"},
@@ -169,7 +175,11 @@ fn components() -> Value {
         },
         "securitySchemes": {"memberMac": {"type": "apiKey", "in": "header", "name": "x-cdtester-mac",
             "description": "HMAC-SHA256 under the cluster secret with x-cdtester-node, x-cdtester-time and x-cdtester-nonce (README, HTTP API)"}}
-    })
+    });
+    if let (Some(all), Value::Object(more)) = (doc["schemas"].as_object_mut(), result_schemas()) {
+        all.extend(more);
+    }
+    doc
 }
 
 /// The document.
