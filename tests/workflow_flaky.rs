@@ -116,9 +116,11 @@ async fn flaky_tests_history_and_rerun_links_on_two_nodes() {
         assert_eq!(history["tests"].as_object().expect("tests").len(), 3, "{history}");
         for (nodeid, expected) in &want {
             let runs = &history["tests"][nodeid];
-            let evals: Vec<u64> = runs.as_array().expect("runs").iter().filter_map(|r| r["eval"].as_u64()).collect();
+            let evals: Vec<u64> =
+                runs.as_array().expect("runs").iter().filter_map(|r| r["eval"].as_u64()).collect();
             assert_eq!(evals, [first_id, second_id], "{nodeid} on {node}: {runs}");
-            let got: Vec<&str> = runs.as_array().expect("runs").iter().filter_map(|r| r["outcome"].as_str()).collect();
+            let got: Vec<&str> =
+                runs.as_array().expect("runs").iter().filter_map(|r| r["outcome"].as_str()).collect();
             assert_eq!(got, expected, "{nodeid} on {node}");
             assert!(runs[0]["duration"].as_f64().is_some() && runs[0]["at"].as_f64().is_some(), "{runs}");
         }

@@ -642,7 +642,11 @@ mod tests {
         assert_eq!(s.limits.timeout_s, 10);
         assert_eq!(s.limits.memory_mb, cfg.runner.limits.memory_mb);
         let s = cfg.project_settings("calc", None);
-        assert_eq!((s.runner.as_str(), s.retries), ("local", 1), "runner.retries where the rule says nothing");
+        assert_eq!(
+            (s.runner.as_str(), s.retries),
+            ("local", 1),
+            "runner.retries where the rule says nothing"
+        );
         assert_eq!(s.requirements, vec!["hypothesis".to_string()]);
     }
 

@@ -337,7 +337,11 @@ mod tests {
             let mut rec = EvalRecord::new(id, "127.0.0.1:7000".into(), 1.0, vec![project, other]);
             let outcome = if id % 2 == 0 { Passed } else { Failed };
             for pid in [format!("{id}-0"), format!("{id}-1")] {
-                let mut r = crate::eval::tests::result("n", "x", crate::eval::tests::module_report("a.py", &[outcome]));
+                let mut r = crate::eval::tests::result(
+                    "n",
+                    "x",
+                    crate::eval::tests::module_report("a.py", &[outcome]),
+                );
                 r.finished_at = id as f64;
                 rec.add_result(&format!("{pid}::a.py"), r, id as f64);
             }

@@ -46,7 +46,12 @@ pub struct Attempt {
 
 impl TestResult {
     /// A result of a test that ran once.
-    pub fn new(nodeid: impl Into<String>, outcome: Outcome, duration: f64, message: Option<String>) -> TestResult {
+    pub fn new(
+        nodeid: impl Into<String>,
+        outcome: Outcome,
+        duration: f64,
+        message: Option<String>,
+    ) -> TestResult {
         TestResult { nodeid: nodeid.into(), outcome, duration, message, attempts: Vec::new() }
     }
 
@@ -61,7 +66,8 @@ impl TestResult {
     /// ending in a pass.
     pub fn check_attempts(&self) -> Result<(), String> {
         let a = &self.attempts;
-        let bad = |why: &str| Err(format!("test {:?}: {why}", self.nodeid.chars().take(80).collect::<String>()));
+        let bad =
+            |why: &str| Err(format!("test {:?}: {why}", self.nodeid.chars().take(80).collect::<String>()));
         if a.len() == 1 || a.len() > MAX_ATTEMPTS {
             return bad(&format!("{} attempts (0 or 2 to {MAX_ATTEMPTS})", a.len()));
         }
@@ -192,7 +198,12 @@ mod tests {
                 module: "tests/test_a.py".into(),
                 tests: vec![
                     TestResult::new("tests/test_a.py::test_ok", Outcome::Passed, 0.01, None),
-                    TestResult::new("tests/test_a.py::test_bad[1]", Outcome::Failed, 0.5, Some("assert 1 == 2".into())),
+                    TestResult::new(
+                        "tests/test_a.py::test_bad[1]",
+                        Outcome::Failed,
+                        0.5,
+                        Some("assert 1 == 2".into()),
+                    ),
                 ],
                 duration: 0.7,
                 note: None,
@@ -208,7 +219,14 @@ mod tests {
     }
 
     fn module(tests: Vec<TestResult>) -> ModuleReport {
-        ModuleReport { module: "t.py".into(), tests, duration: 1.0, note: None, output: None, output_truncated: false }
+        ModuleReport {
+            module: "t.py".into(),
+            tests,
+            duration: 1.0,
+            note: None,
+            output: None,
+            output_truncated: false,
+        }
     }
 
     #[test]
@@ -224,7 +242,11 @@ mod tests {
         let r = ModuleReport::run_with_retries(2, next).expect("runs");
         assert!(runs.borrow().is_empty(), "ran three times: c kept failing");
         let [a, b, c] = [&r.tests[0], &r.tests[1], &r.tests[2]];
-        assert_eq!((a.outcome, a.attempts.len()), (Outcome::Passed, 0), "a passed at once: its reruns ignored");
+        assert_eq!(
+            (a.outcome, a.attempts.len()),
+            (Outcome::Passed, 0),
+            "a passed at once: its reruns ignored"
+        );
         assert_eq!(b.outcome, Outcome::Flaky);
         let outcomes: Vec<Outcome> = b.attempts.iter().map(|x| x.outcome).collect();
         assert_eq!(outcomes, [Outcome::Failed, Outcome::Passed], "b settled on its second attempt");
