@@ -582,21 +582,17 @@ mod tests {
     #[test]
     fn unknown_and_ill_typed_keys_are_named() {
         Jail::expect_with(|jail| {
-            jail.create_file("cdtester.toml", "[runner]\nworkerz = 3\n")?;
-            let err = load_in_jail(Some("")).unwrap_err().to_string();
-            assert!(err.contains("workerz"), "{err}");
-            jail.create_file("cdtester.toml", "[runner.limits]\ntimeout_s = \"soon\"\n")?;
-            let err = load_in_jail(Some("")).unwrap_err().to_string();
-            assert!(err.contains("runner.limits.timeout_s"), "{err}");
-            jail.create_file("cdtester.toml", "[runner]\nworkers = 0\n")?;
-            let err = load_in_jail(Some("")).unwrap_err().to_string();
-            assert!(err.contains("runner.workers"), "{err}");
-            jail.create_file("cdtester.toml", "[runner]\nretries = 6\n")?;
-            let err = load_in_jail(Some("")).unwrap_err().to_string();
-            assert!(err.contains("runner.retries"), "{err}");
-            jail.create_file("cdtester.toml", "[grading]\nflaky = \"maybe\"\n")?;
-            let err = load_in_jail(Some("")).unwrap_err().to_string();
-            assert!(err.contains("grading.flaky"), "{err}");
+            for (toml, key) in [
+                ("[runner]\nworkerz = 3\n", "workerz"),
+                ("[runner.limits]\ntimeout_s = \"soon\"\n", "runner.limits.timeout_s"),
+                ("[runner]\nworkers = 0\n", "runner.workers"),
+                ("[runner]\nretries = 6\n", "runner.retries"),
+                ("[grading]\nflaky = \"maybe\"\n", "grading.flaky"),
+            ] {
+                jail.create_file("cdtester.toml", toml)?;
+                let err = load_in_jail(Some("")).unwrap_err().to_string();
+                assert!(err.contains(key), "{err}");
+            }
             jail.create_file("cdtester.toml", "[grading]\nflaky = \"fail\"\n[runner]\nretries = 2\n")?;
             let cfg = load_in_jail(Some("")).map_err(|e| e.to_string())?;
             assert_eq!((cfg.grading.flaky, cfg.runner.retries), (FlakyGrade::Fail, 2));
