@@ -446,6 +446,23 @@ mod tests {
         assert_eq!(r.summary.grade, Some(12.5));
         assert_eq!((r.summary.total_passed, r.summary.total_failed), (4, 2));
         assert_eq!(r.summary.tests.skipped, 1);
+        assert!(r.projects["calc"].flaky.is_empty() && r.rerun_of.is_none());
+    }
+
+    #[test]
+    fn flaky_tests_are_listed_and_counted_apart() {
+        let mut rec = EvalRecord::new(9, "127.0.0.1:7000".into(), 10.0, vec![ready("9-0", "calc", &["t.py"])]);
+        rec.rerun_of = Some(3);
+        let report = module_report("t.py", &[Outcome::Passed, Outcome::Flaky, Outcome::Failed]);
+        rec.add_result("9-0::t.py", result("127.0.0.1:7001", "a", report), 11.0);
+        let r = build_report(&rec, 12.0, false, &default_grade);
+        let calc = &r.projects["calc"];
+        assert_eq!(calc.flaky, ["t.py::test_1"], "listed without the per-test results too");
+        assert_eq!((calc.tests.flaky, calc.total_passed, calc.total_failed), (1, 1, 1));
+        assert_eq!(calc.grade, Some(13.33), "the default counts a flaky test as a pass");
+        assert_eq!(r.rerun_of, Some(3));
+        let json = serde_json::to_value(&r).expect("json");
+        assert_eq!(json["projects"]["calc"]["flaky"], serde_json::json!(["t.py::test_1"]));
     }
 
     #[test]
