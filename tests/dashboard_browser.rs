@@ -295,6 +295,7 @@ async fn dashboard_in_headless_chromium_on_three_nodes() {
                 Duration::from_secs(30),
                 |v| v == 2,
             );
+            b.screenshot("dashboard-history.png");
             (seen, finished_rows, msg, modules, shown, href, csv, rerun_id)
         }
     })
