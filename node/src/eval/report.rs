@@ -451,7 +451,8 @@ mod tests {
 
     #[test]
     fn flaky_tests_are_listed_and_counted_apart() {
-        let mut rec = EvalRecord::new(9, "127.0.0.1:7000".into(), 10.0, vec![ready("9-0", "calc", &["t.py"])]);
+        let mut rec =
+            EvalRecord::new(9, "127.0.0.1:7000".into(), 10.0, vec![ready("9-0", "calc", &["t.py"])]);
         rec.rerun_of = Some(3);
         let report = module_report("t.py", &[Outcome::Passed, Outcome::Flaky, Outcome::Failed]);
         rec.add_result("9-0::t.py", result("127.0.0.1:7001", "a", report), 11.0);
