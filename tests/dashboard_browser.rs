@@ -133,6 +133,17 @@ impl Browser {
         }
     }
 
+    /// Clicks the row of project `name` (opens or closes its drill-down).
+    fn click_project(&mut self, name: &str) {
+        self.eval(&format!("document.querySelector('tr.project[data-project=\"{name}\"]').click()"));
+    }
+
+    /// Opens project `name`'s drill-down and waits (30 s at most) until `expr` satisfies `ok`.
+    fn open_project(&mut self, name: &str, what: &str, expr: &str, ok: impl Fn(&Value) -> bool) -> Value {
+        self.click_project(name);
+        self.wait_for(what, expr, Duration::from_secs(30), ok)
+    }
+
     /// Saves a PNG of the page under `$DASHBOARD_SCREENSHOTS`, when set.
     fn screenshot(&mut self, name: &str) {
         let Some(dir) = std::env::var_os("DASHBOARD_SCREENSHOTS") else { return };
@@ -247,21 +258,19 @@ async fn dashboard_in_headless_chromium_on_three_nodes() {
             let flaky = b.eval("[...document.querySelectorAll('#flaky-table tbody tr')].map(r => r.dataset.flaky)");
             assert_eq!(flaky, json!(["tests/test_once.py::test_once"]));
             assert_eq!(b.eval("document.getElementById('flaky-section').hidden"), false);
-            b.eval("document.querySelector('tr.project[data-project=\"flaky\"]').click()");
-            b.wait_for(
+            b.open_project(
+                "flaky",
                 "attempts",
                 "[...document.querySelectorAll('tr.detail tr.t-flaky .attempts span')].map(s => s.className).join(' ')",
-                Duration::from_secs(30),
                 |v| v == "o-failed o-passed",
             );
             b.screenshot("dashboard-flaky.png");
-            b.eval("document.querySelector('tr.project[data-project=\"flaky\"]').click()");
+            b.click_project("flaky");
             // Drill-down: modules and tests of `sleepy`, with its failure message.
-            b.eval("document.querySelector('tr.project[data-project=\"sleepy\"]').click()");
-            let msg = b.wait_for(
+            let msg = b.open_project(
+                "sleepy",
                 "failure message",
                 "[...document.querySelectorAll('tr.detail .message')].map(m => m.textContent).join('|')",
-                Duration::from_secs(30),
                 |v| v.as_str().is_some_and(|s| s.contains("assert 1 == 2")),
             );
             let modules = b.eval("document.querySelectorAll('tr.detail .module').length");
@@ -311,11 +320,10 @@ async fn dashboard_in_headless_chromium_on_three_nodes() {
                 Duration::from_secs(300),
                 |v| v == "finished",
             );
-            b.eval("document.querySelector('tr.project[data-project=\"sleepy\"]').click()");
-            b.wait_for(
+            b.open_project(
+                "sleepy",
                 "test history",
                 "document.querySelectorAll('tr.detail tr[data-test=\"tests/test_m0.py::test_2\"] .history .run.o-failed').length",
-                Duration::from_secs(30),
                 |v| v == 2,
             );
             b.screenshot("dashboard-history.png");
