@@ -2,10 +2,12 @@
 //! a real 3-node network with a running evaluation, driven over the DevTools protocol
 //! (`--remote-debugging-pipe`: NUL-separated JSON on file descriptors 3 and 4):
 //! the page lists the 3 nodes; the project table changes while tests run without the page being
-//! reloaded; a click on a project shows its modules and tests with a failure message; the
-//! failed-only filter hides passing projects; a click on the grades link downloads the same CSV
-//! as `GET /evaluation/{id}/grades.csv`; "rerun failed" opens a new evaluation of the failing
-//! projects. Without a Chromium binary the test prints `SKIPPED`.
+//! reloaded; with `runner.retries = 1` a test failing once is listed as flaky and its
+//! drill-down shows both attempts; a click on a project shows its modules and tests with a
+//! failure message; the failed-only filter hides passing projects; a click on the grades link
+//! downloads the same CSV as `GET /evaluation/{id}/grades.csv`; "rerun failed" opens a new evaluation of the failing
+//! projects, links back to the evaluation it reruns and, once finished, shows a failing test's
+//! history (its run in each evaluation). Without a Chromium binary the test prints `SKIPPED`.
 //! With `DASHBOARD_SCREENSHOTS=<dir>` it saves screenshots of the pages there (the README's).
 
 mod common;
@@ -131,6 +133,17 @@ impl Browser {
         }
     }
 
+    /// Clicks the row of project `name` (opens or closes its drill-down).
+    fn click_project(&mut self, name: &str) {
+        self.eval(&format!("document.querySelector('tr.project[data-project=\"{name}\"]').click()"));
+    }
+
+    /// Opens project `name`'s drill-down and waits (30 s at most) until `expr` satisfies `ok`.
+    fn open_project(&mut self, name: &str, what: &str, expr: &str, ok: impl Fn(&Value) -> bool) -> Value {
+        self.click_project(name);
+        self.wait_for(what, expr, Duration::from_secs(30), ok)
+    }
+
     /// Saves a PNG of the page under `$DASHBOARD_SCREENSHOTS`, when set.
     fn screenshot(&mut self, name: &str) {
         let Some(dir) = std::env::var_os("DASHBOARD_SCREENSHOTS") else { return };
@@ -165,6 +178,11 @@ fn base64_decode(s: &str) -> Vec<u8> {
     out
 }
 
+/// A test that fails on its first run in a project copy (it leaves a marker) and passes after.
+const FAILS_ONCE: &str = "import os\n\nMARK = os.path.join(os.path.dirname(os.path.abspath(__file__)), '.ran')\n\n\
+    def test_once():\n    if not os.path.exists(MARK):\n        open(MARK, 'w').close()\n        \
+    assert False, 'first run'\n";
+
 const PROJECT_ROWS: &str =
     "[...document.querySelectorAll('#projects tbody tr.project')].map(r => r.innerText).join('\\n')";
 
@@ -177,14 +195,17 @@ async fn dashboard_in_headless_chromium_on_three_nodes() {
         return;
     };
     let dir = tempfile::tempdir().unwrap();
-    let c = node_common::cluster(3, &dir.path().join("nodes"), &[]).await;
+    let c = node_common::cluster(3, &dir.path().join("nodes"), &[("CDT_RUNNER__RETRIES", "1")]).await;
     let http = c.nodes[0].http;
     let demo = dir.path().join("demo");
     cdtester::demo::write_examples(&demo).expect("examples");
     let sleepy = dir.path().join("sleepy");
     node_common::sleepy_project(&sleepy, 6, 3, 2.0);
+    let flaky = dir.path().join("flaky");
+    common::write_file(&flaky, "tests/test_once.py", FAILS_ONCE);
     let zip = node_common::zip_projects(&[
         ("sleepy", sleepy),
+        ("flaky", flaky),
         ("calc", demo.join("calc")),
         ("strs", demo.join("strs")),
         ("shapes", demo.join("shapes")),
@@ -232,12 +253,24 @@ async fn dashboard_in_headless_chromium_on_three_nodes() {
             }
             assert_eq!(b.eval("window.cdtMarker"), 42, "the page was reloaded");
             let finished_rows = b.eval(PROJECT_ROWS);
+            // With runner.retries = 1 the test failing once is listed as flaky, and its drill-down
+            // shows both attempts.
+            let flaky = b.eval("[...document.querySelectorAll('#flaky-table tbody tr')].map(r => r.dataset.flaky)");
+            assert_eq!(flaky, json!(["tests/test_once.py::test_once"]));
+            assert_eq!(b.eval("document.getElementById('flaky-section').hidden"), false);
+            b.open_project(
+                "flaky",
+                "attempts",
+                "[...document.querySelectorAll('tr.detail tr.t-flaky .attempts span')].map(s => s.className).join(' ')",
+                |v| v == "o-failed o-passed",
+            );
+            b.screenshot("dashboard-flaky.png");
+            b.click_project("flaky");
             // Drill-down: modules and tests of `sleepy`, with its failure message.
-            b.eval("document.querySelector('tr.project[data-project=\"sleepy\"]').click()");
-            let msg = b.wait_for(
+            let msg = b.open_project(
+                "sleepy",
                 "failure message",
                 "[...document.querySelectorAll('tr.detail .message')].map(m => m.textContent).join('|')",
-                Duration::from_secs(30),
                 |v| v.as_str().is_some_and(|s| s.contains("assert 1 == 2")),
             );
             let modules = b.eval("document.querySelectorAll('tr.detail .module').length");
@@ -273,6 +306,27 @@ async fn dashboard_in_headless_chromium_on_three_nodes() {
                 Duration::from_secs(30),
                 |v| v.as_str() == Some(rerun_id.to_string().as_str()),
             );
+            // The rerun links to the evaluation it came from.
+            b.wait_for(
+                "rerun link",
+                "[...document.querySelectorAll('#eval-links a')].map(a => a.textContent).join(' ')",
+                Duration::from_secs(30),
+                |v| v.as_str() == Some(format!("#{id}").as_str()),
+            );
+            // Once it ran, a failing test of `sleepy` shows its two runs (both evaluations).
+            b.wait_for(
+                "rerun finished",
+                "document.getElementById('eval-status').textContent",
+                Duration::from_secs(300),
+                |v| v == "finished",
+            );
+            b.open_project(
+                "sleepy",
+                "test history",
+                "document.querySelectorAll('tr.detail tr[data-test=\"tests/test_m0.py::test_2\"] .history .run.o-failed').length",
+                |v| v == 2,
+            );
+            b.screenshot("dashboard-history.png");
             (seen, finished_rows, msg, modules, shown, href, csv, rerun_id)
         }
     })

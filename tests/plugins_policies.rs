@@ -130,6 +130,7 @@ fn a_looping_policy_is_stopped_and_the_host_keeps_serving() {
         outcome: Outcome::Passed,
         duration: 0.1,
         message: None,
+        attempts: Vec::new(),
     }];
     for _ in 0..3 {
         let start = Instant::now();

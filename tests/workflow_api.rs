@@ -265,7 +265,10 @@ async fn check_grades(http: SocketAddr, id: u64, report: &Value, dir: &Path) {
         .expect("grades.csv");
     assert_eq!(r.status, StatusCode::OK);
     let rows: Vec<Vec<String>> = serde_json::from_value(python_json(PARSE_CSV, &r.body)).expect("rows");
-    assert_eq!(rows[0], ["project", "grade", "passed", "failed", "errors", "skipped", "status", "url"]);
+    assert_eq!(
+        rows[0],
+        ["project", "grade", "passed", "failed", "errors", "skipped", "status", "url", "flaky"]
+    );
     let projects = report["projects"].as_object().expect("projects");
     assert_eq!(rows.len() - 1, projects.len(), "{rows:?}");
     for (row, (name, p)) in rows[1..].iter().zip(projects) {
@@ -282,6 +285,7 @@ async fn check_grades(http: SocketAddr, id: u64, report: &Value, dir: &Path) {
         assert_eq!(cell(5), n("skipped") + n("xfailed"), "{name} skipped");
         assert_eq!(row[6], p["status"].as_str().unwrap());
         assert_eq!(row[7], p["url"].as_str().unwrap_or(""));
+        assert_eq!(cell(8), n("flaky"), "{name} flaky");
     }
     assert!(projects.contains_key(FORMULA_NAME), "{projects:?}");
 

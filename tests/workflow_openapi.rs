@@ -28,7 +28,11 @@ fn routes_in_source() -> BTreeSet<String> {
 
 /// A concrete path for a documented pattern.
 fn concrete(pattern: &str) -> String {
-    pattern.replace("{id}", "424242").replace("{project_id}", "424242-0").replace("{file}", "dashboard.js")
+    pattern
+        .replace("{id}", "424242")
+        .replace("{project_id}", "424242-0")
+        .replace("{file}", "dashboard.js")
+        .replace("{project}", "calc")
 }
 
 /// Status and body of a request (error statuses included).

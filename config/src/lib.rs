@@ -24,6 +24,29 @@ pub struct Config {
     pub projects: Vec<ProjectRule>,
     pub plugins: PluginsConfig,
     pub intake: IntakeConfig,
+    pub grading: GradingConfig,
+}
+
+/// Most times a failed module may be run again (`runner.retries`, a rule's `retries`).
+pub const MAX_RETRIES: u32 = cdtester_runner_api::MAX_ATTEMPTS as u32 - 1;
+
+/// How grades count what is not a plain pass or failure.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct GradingConfig {
+    /// How a flaky test (failed, then passed when its module was run again) counts in grades.
+    pub flaky: FlakyGrade,
+}
+
+/// `grading.flaky`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum FlakyGrade {
+    /// As a pass (the default: retries are there to forgive what fails by chance).
+    #[default]
+    Pass,
+    /// As a failure.
+    Fail,
 }
 
 /// Where the node listens and whom it joins.
@@ -197,6 +220,9 @@ pub struct RunnerConfig {
     /// Tasks this node runs at the same time.
     pub workers: usize,
     pub limits: Limits,
+    /// Times a module with a failed (or errored) test is run again on the worker, at most
+    /// [`MAX_RETRIES`]; a test that fails and then passes is reported `flaky`.
+    pub retries: u32,
     pub local: LocalRunnerConfig,
     pub docker: DockerRunnerConfig,
     /// A directory of wheels (made by `cdtester env prepare`) that environments are built from
@@ -211,6 +237,7 @@ impl Default for RunnerConfig {
             default: "local".into(),
             workers: 2,
             limits: Limits::default(),
+            retries: 0,
             local: LocalRunnerConfig::default(),
             docker: DockerRunnerConfig::default(),
             wheelhouse: None,
@@ -291,6 +318,9 @@ pub struct ProjectRule {
     /// Extra pip requirements installed before running (e.g. test-only dependencies).
     #[serde(default)]
     pub requirements: Vec<String>,
+    /// Overrides `runner.retries` for matching projects.
+    #[serde(default)]
+    pub retries: Option<u32>,
 }
 
 /// Limits a rule may override; unset fields keep the default.
@@ -377,6 +407,8 @@ pub struct ProjectSettings {
     pub limits: Limits,
     pub policies: Vec<String>,
     pub requirements: Vec<String>,
+    /// Times a module with failed tests is run again (`runner.retries` or the rule's).
+    pub retries: u32,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -463,9 +495,15 @@ impl Config {
         if self.timers.failure_timeout_ms <= self.timers.heartbeat_ms {
             return bad("timers.failure_timeout_ms", "must be larger than timers.heartbeat_ms");
         }
+        if self.runner.retries > MAX_RETRIES {
+            return bad("runner.retries", &format!("must be at most {MAX_RETRIES}"));
+        }
         for (i, rule) in self.projects.iter().enumerate() {
             if let Err(e) = glob::Pattern::new(&rule.pattern) {
                 return bad(&format!("projects[{i}].pattern"), &e.to_string());
+            }
+            if rule.retries.is_some_and(|r| r > MAX_RETRIES) {
+                return bad(&format!("projects[{i}].retries"), &format!("must be at most {MAX_RETRIES}"));
             }
         }
         let wasm =
@@ -498,6 +536,7 @@ impl Config {
                 .unwrap_or_else(|| self.runner.limits.clone()),
             policies: rule.map(|r| r.policies.clone()).unwrap_or_default(),
             requirements: rule.map(|r| r.requirements.clone()).unwrap_or_default(),
+            retries: rule.and_then(|r| r.retries).unwrap_or(self.runner.retries),
         }
     }
 }
@@ -557,15 +596,20 @@ mod tests {
     #[test]
     fn unknown_and_ill_typed_keys_are_named() {
         Jail::expect_with(|jail| {
-            jail.create_file("cdtester.toml", "[runner]\nworkerz = 3\n")?;
-            let err = load_in_jail(Some("")).unwrap_err().to_string();
-            assert!(err.contains("workerz"), "{err}");
-            jail.create_file("cdtester.toml", "[runner.limits]\ntimeout_s = \"soon\"\n")?;
-            let err = load_in_jail(Some("")).unwrap_err().to_string();
-            assert!(err.contains("runner.limits.timeout_s"), "{err}");
-            jail.create_file("cdtester.toml", "[runner]\nworkers = 0\n")?;
-            let err = load_in_jail(Some("")).unwrap_err().to_string();
-            assert!(err.contains("runner.workers"), "{err}");
+            for (toml, key) in [
+                ("[runner]\nworkerz = 3\n", "workerz"),
+                ("[runner.limits]\ntimeout_s = \"soon\"\n", "runner.limits.timeout_s"),
+                ("[runner]\nworkers = 0\n", "runner.workers"),
+                ("[runner]\nretries = 6\n", "runner.retries"),
+                ("[grading]\nflaky = \"maybe\"\n", "grading.flaky"),
+            ] {
+                jail.create_file("cdtester.toml", toml)?;
+                let err = load_in_jail(Some("")).unwrap_err().to_string();
+                assert!(err.contains(key), "{err}");
+            }
+            jail.create_file("cdtester.toml", "[grading]\nflaky = \"fail\"\n[runner]\nretries = 2\n")?;
+            let cfg = load_in_jail(Some("")).map_err(|e| e.to_string())?;
+            assert_eq!((cfg.grading.flaky, cfg.runner.retries), (FlakyGrade::Fail, 2));
             Ok(())
         });
     }
@@ -586,6 +630,7 @@ mod tests {
                     limits: Some(LimitsOverride { timeout_s: Some(10), ..Default::default() }),
                     policies: vec!["p".into()],
                     requirements: vec![],
+                    retries: Some(2),
                 },
                 ProjectRule {
                     pattern: "*".into(),
@@ -593,19 +638,25 @@ mod tests {
                     limits: None,
                     policies: vec![],
                     requirements: vec!["hypothesis".into()],
+                    retries: None,
                 },
             ],
+            runner: RunnerConfig { retries: 1, ..Default::default() },
             ..Default::default()
         };
         let s = cfg.project_settings("repo", Some("https://github.com/untrusted/repo"));
-        assert_eq!(s.runner, "docker");
+        assert_eq!((s.runner.as_str(), s.retries), ("docker", 2));
         assert!(!s.runner_by_name, "matched by URL");
         let s = cfg.project_settings("x-github.com/untrusted/y", None);
         assert!(s.runner_by_name, "a name chosen to look like the URL only matches by name");
         assert_eq!(s.limits.timeout_s, 10);
         assert_eq!(s.limits.memory_mb, cfg.runner.limits.memory_mb);
         let s = cfg.project_settings("calc", None);
-        assert_eq!(s.runner, "local");
+        assert_eq!(
+            (s.runner.as_str(), s.retries),
+            ("local", 1),
+            "runner.retries where the rule says nothing"
+        );
         assert_eq!(s.requirements, vec!["hypothesis".to_string()]);
     }
 

@@ -4,7 +4,7 @@
 "use strict";
 
 const FAILING = new Set(["failed", "error", "timeout", "oom", "crashed", "infra-error"]);
-const state = { evalId: null, source: null, report: null, full: null, open: new Set(), fetching: false };
+const state = { evalId: null, source: null, report: null, full: null, open: new Set(), fetching: false, history: new Map() };
 
 function el(tag, attrs, ...children) {
   const node = document.createElement(tag);
@@ -98,22 +98,45 @@ function projectRow(name, p) {
     el("td", { class: "num" }, num(t.passed) + num(t.xpassed)),
     el("td", { class: "num" }, num(t.failed) + num(t.timeout) + num(t.oom) + num(t.crashed)),
     el("td", { class: "num" }, num(t.error)), el("td", { class: "num" }, num(t.skipped) + num(t.xfailed)),
+    el("td", { class: "num o-flaky" }, num(t.flaky)),
     el("td", { class: "status s-" + p.status }, status), el("td", {}, bar(num(p.executed), total)));
   row.addEventListener("click", () => toggleProject(name));
   return row;
 }
 
-function testLine(t) {
-  return el("tr", { class: "test t-" + t.outcome },
+// Every attempt of a test that ran more than once: "failed 0.012 s → passed 0.010 s".
+function attemptsCell(t) {
+  const cell = el("td", { class: "attempts" });
+  (t.attempts || []).forEach((a, i) => {
+    if (i > 0) cell.appendChild(document.createTextNode(" → "));
+    cell.appendChild(el("span", { class: "o-" + a.outcome, title: a.message || "" },
+      a.outcome + " " + num(a.duration).toFixed(3) + " s"));
+  });
+  return cell;
+}
+
+// The test's recent runs across evaluations of the project's name, oldest first.
+function historyCell(runs) {
+  const cell = el("td", { class: "history" });
+  for (const r of runs || []) {
+    cell.appendChild(el("span", { class: "run o-" + r.outcome, "data-eval": String(r.eval),
+      title: "evaluation " + r.eval + ": " + r.outcome + ", " + num(r.duration).toFixed(3) + " s" }));
+  }
+  return cell;
+}
+
+function testLine(t, history) {
+  return el("tr", { class: "test t-" + t.outcome, "data-test": t.nodeid },
     el("td", {}, t.nodeid), el("td", { class: "o-" + t.outcome }, t.outcome),
     el("td", { class: "num" }, num(t.duration).toFixed(3) + " s"),
-    el("td", { class: "message" }, t.message || ""));
+    el("td", { class: "message" }, t.message || ""), attemptsCell(t),
+    historyCell(history && history[t.nodeid]));
 }
 
 function detailRow(name) {
   const onlyFailed = document.getElementById("failed-only").checked;
   const p = state.full && state.full.projects[name];
-  const box = el("td", { colspan: "8" });
+  const box = el("td", { colspan: "9" });
   if (!p) {
     box.appendChild(el("span", { class: "muted" }, "loading…"));
   } else {
@@ -124,9 +147,11 @@ function detailRow(name) {
       box.appendChild(el("div", { class: "module", "data-module": path },
         path + " — " + m.status + (m.node ? " on " + m.node : "") + ", " + num(m.time).toFixed(2) + " s",
         m.note ? el("div", { class: "message" }, m.note) : null));
+      const history = state.history.get(name);
       const table = el("table", { class: "tests" },
-        el("thead", {}, el("tr", {}, el("th", {}, "test"), el("th", {}, "outcome"), el("th", {}, "duration"), el("th", {}, "message"))),
-        el("tbody", {}, ...tests.map(testLine)));
+        el("thead", {}, el("tr", {}, el("th", {}, "test"), el("th", {}, "outcome"), el("th", {}, "duration"),
+          el("th", {}, "message"), el("th", {}, "attempts"), el("th", {}, "history"))),
+        el("tbody", {}, ...tests.map((t) => testLine(t, history))));
       box.appendChild(table);
     }
   }
@@ -147,6 +172,8 @@ function renderReport() {
     " failed, grade " + grade(s.grade) + ", " + num(r.time_elapsed).toFixed(1) + " s";
   document.getElementById("eval-progress").style.width = (total ? Math.round((100 * s.executed) / total) : 0) + "%";
   document.getElementById("rerun").hidden = !(r.status === "finished" && num(s.total_failed) > 0);
+  renderLinks(r);
+  renderFlaky(r);
   const onlyFailed = document.getElementById("failed-only").checked;
   const rows = [];
   for (const [name, p] of Object.entries(r.projects)) {
@@ -155,6 +182,37 @@ function renderReport() {
     if (state.open.has(name)) rows.push(detailRow(name));
   }
   replaceRows(document.querySelector("#projects tbody"), rows);
+}
+
+// "rerun of #<id>" and "reruns: #<id> ..." links.
+function renderLinks(r) {
+  const links = [];
+  const link = (id) => el("a", { href: "#/evaluation/" + id, "data-link": String(id) }, "#" + id);
+  if (typeof r.rerun_of === "number") links.push("rerun of ", link(r.rerun_of));
+  if (Array.isArray(r.reruns) && r.reruns.length) {
+    links.push(links.length ? "; reruns: " : "reruns: ");
+    r.reruns.forEach((id, i) => { if (i) links.push(" "); links.push(link(id)); });
+  }
+  document.getElementById("eval-links").replaceChildren(...links.map((x) => (x instanceof Node ? x : document.createTextNode(x))));
+}
+
+function renderFlaky(r) {
+  const rows = [];
+  for (const [name, p] of Object.entries(r.projects)) {
+    for (const id of p.flaky || []) rows.push(el("tr", { "data-flaky": id }, el("td", {}, name), el("td", {}, id)));
+  }
+  document.getElementById("flaky-section").hidden = rows.length === 0;
+  replaceRows(document.querySelector("#flaky-table tbody"), rows);
+}
+
+async function refreshHistory(name) {
+  try {
+    const h = await getJSON("/history/" + encodeURIComponent(name));
+    state.history.set(name, h.tests || {});
+  } catch (e) {
+    state.history.delete(name);
+  }
+  renderReport();
 }
 
 async function refreshFull() {
@@ -172,7 +230,10 @@ async function refreshFull() {
 
 function toggleProject(name) {
   if (state.open.has(name)) state.open.delete(name);
-  else state.open.add(name);
+  else {
+    state.open.add(name);
+    refreshHistory(name);
+  }
   renderReport();
   refreshFull();
 }
@@ -196,7 +257,7 @@ async function rerunFailed() {
 
 function follow(id) {
   if (state.source) state.source.close();
-  Object.assign(state, { evalId: id, report: null, full: null, open: new Set() });
+  Object.assign(state, { evalId: id, report: null, full: null, open: new Set(), history: new Map() });
   document.getElementById("grades-link").setAttribute("href", "/evaluation/" + id + "/grades.csv");
   const source = new EventSource("/evaluation/" + id + "/events");
   state.source = source;
@@ -212,6 +273,7 @@ function follow(id) {
   source.addEventListener("end", () => {
     source.close();
     refreshOverview();
+    for (const name of state.open) refreshHistory(name);
   });
   source.onerror = () => { document.getElementById("live").textContent = "reconnecting…"; };
 }

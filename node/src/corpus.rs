@@ -205,6 +205,7 @@ pub fn requirement_rules(projects: &[CorpusProject]) -> Vec<cdtester_config::Pro
             limits: None,
             policies: Vec::new(),
             requirements: p.test_deps.clone(),
+            retries: None,
         })
         .collect()
 }

@@ -78,6 +78,7 @@ fn smoke_policy(plugin: &PolicyPlugin, config: &Config) -> Result<String, String
             outcome,
             duration: 0.01,
             message: None,
+            attempts: Vec::new(),
         })
         .collect();
     let mut said = Vec::new();

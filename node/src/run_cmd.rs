@@ -263,6 +263,7 @@ pub fn evaluate(
                                     outcome: Outcome::InfraError,
                                     duration: 0.0,
                                     message: Some(e.to_string()),
+                                    attempts: Vec::new(),
                                 }],
                                 duration: 0.0,
                                 note: Some(format!("runner error: {e}")),
@@ -563,7 +564,7 @@ mod tests {
     use super::*;
 
     fn result(nodeid: &str, outcome: Outcome, msg: Option<&str>) -> TestResult {
-        TestResult { nodeid: nodeid.into(), outcome, duration: 0.1, message: msg.map(str::to_string) }
+        TestResult::new(nodeid, outcome, 0.1, msg.map(str::to_string))
     }
 
     fn module(name: &str, tests: Vec<TestResult>, duration: f64) -> ModuleReport {

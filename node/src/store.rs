@@ -9,6 +9,9 @@
 //!   so `/stats` totals computed from them never decrease, across restarts too.
 //! - `module_durations`: `"<project name>::<module>"` -> (seconds, tests) of the module's last
 //!   run, used for longest-first scheduling and for splitting slow modules into chunks.
+//! - `test_history`: (project name, test node id) -> the test's last [`HISTORY_KEEP`] runs
+//!   across evaluations of projects of that name (evaluation, outcome, duration, when), as JSON;
+//!   written with the result that holds the run, once per evaluation.
 //!
 //! Blobs: `<data_dir>/blobs/<sha256>.zip`, written to a temporary file and renamed, so a reader
 //! never sees a partial archive.
@@ -18,8 +21,30 @@ use std::path::{Path, PathBuf};
 use cdtester_runner_api::plan::ModuleStat;
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 
-use crate::eval::{EvalId, EvalRecord};
+use cdtester_runner_api::Outcome;
+use serde::{Deserialize, Serialize};
 
+use crate::eval::{EvalId, EvalRecord, ModuleResult};
+
+/// Runs of a test the history keeps.
+pub const HISTORY_KEEP: usize = 20;
+/// Tests of a project `GET /history/{project}` lists at most.
+pub const HISTORY_MAX_TESTS: usize = 10_000;
+/// Longest test node id (bytes) the history records.
+const HISTORY_MAX_NODEID: usize = 1024;
+
+/// One run of a test, in its history.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TestRun {
+    pub eval: EvalId,
+    pub outcome: Outcome,
+    /// Seconds (all attempts of a retried test).
+    pub duration: f64,
+    /// When its result was accepted (seconds since the Unix epoch).
+    pub at: f64,
+}
+
+const HISTORY: TableDefinition<(&str, &str), &[u8]> = TableDefinition::new("test_history");
 const EVALUATIONS: TableDefinition<u64, &[u8]> = TableDefinition::new("evaluations");
 const RESULTS: TableDefinition<(u64, &str), &[u8]> = TableDefinition::new("results");
 const DURATIONS: TableDefinition<&str, (f64, u64)> = TableDefinition::new("module_durations");
@@ -73,6 +98,7 @@ impl Store {
         tx.open_table(EVALUATIONS).map_err(db_err)?;
         tx.open_table(RESULTS).map_err(db_err)?;
         tx.open_table(DURATIONS).map_err(db_err)?;
+        tx.open_table(HISTORY).map_err(db_err)?;
         tx.commit().map_err(db_err)?;
         Ok(Store { db, blobs })
     }
@@ -111,14 +137,36 @@ impl Store {
             let mut table = tx.open_table(EVALUATIONS).map_err(db_err)?;
             table.insert(rec.id, header.as_bytes()).map_err(db_err)?;
             let mut table = tx.open_table(RESULTS).map_err(db_err)?;
+            let mut history = tx.open_table(HISTORY).map_err(db_err)?;
             for t in results {
                 if let Some(r) = rec.results.get(t) {
                     let json = serde_json::to_vec(r).map_err(|e| StoreError::Corrupt(rec.id, e))?;
                     table.insert((rec.id, t.as_str()), json.as_slice()).map_err(db_err)?;
+                    add_history(&mut history, rec, t, r)?;
                 }
             }
         }
         tx.commit().map_err(db_err)
+    }
+
+    /// The recent runs of every test of projects named `project` (oldest run first), by node id;
+    /// at most [`HISTORY_MAX_TESTS`] tests.
+    pub fn history(&self, project: &str) -> Result<Vec<(String, Vec<TestRun>)>, StoreError> {
+        let tx = self.db.begin_read().map_err(db_err)?;
+        let table = tx.open_table(HISTORY).map_err(db_err)?;
+        let mut out = Vec::new();
+        for row in table.range((project, "")..).map_err(db_err)? {
+            let (k, v) = row.map_err(db_err)?;
+            let (name, nodeid) = k.value();
+            if name != project || out.len() >= HISTORY_MAX_TESTS {
+                break;
+            }
+            // Written by this node: an unreadable row is skipped, not fatal.
+            if let Ok(runs) = serde_json::from_slice::<Vec<TestRun>>(v.value()) {
+                out.push((nodeid.to_string(), runs));
+            }
+        }
+        Ok(out)
     }
 
     /// Every remembered module duration, by key.
@@ -202,6 +250,36 @@ impl Store {
     }
 }
 
+/// Adds the runs a task's result holds to the history of its project's tests (once per
+/// evaluation; the last [`HISTORY_KEEP`] runs are kept).
+fn add_history(
+    table: &mut redb::Table<(&str, &str), &[u8]>,
+    rec: &EvalRecord,
+    task: &str,
+    result: &ModuleResult,
+) -> Result<(), StoreError> {
+    let Some(project) = crate::eval::split_task_id(task).and_then(|(pid, _)| rec.project(pid)) else {
+        return Ok(());
+    };
+    for t in result.report.tests.iter().filter(|t| t.nodeid.len() <= HISTORY_MAX_NODEID) {
+        let key = (project.name.as_str(), t.nodeid.as_str());
+        let mut runs: Vec<TestRun> = match table.get(key).map_err(db_err)? {
+            Some(v) => serde_json::from_slice(v.value()).unwrap_or_default(),
+            None => Vec::new(),
+        };
+        if runs.iter().any(|r| r.eval == rec.id) {
+            continue;
+        }
+        runs.push(TestRun { eval: rec.id, outcome: t.outcome, duration: t.duration, at: result.finished_at });
+        runs.sort_by(|a, b| a.at.total_cmp(&b.at).then(a.eval.cmp(&b.eval)));
+        let surplus = runs.len().saturating_sub(HISTORY_KEEP);
+        runs.drain(..surplus);
+        let json = serde_json::to_vec(&runs).map_err(|e| StoreError::Corrupt(rec.id, e))?;
+        table.insert(key, json.as_slice()).map_err(db_err)?;
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -246,5 +324,38 @@ mod tests {
             store.all_durations().unwrap(),
             vec![("p::tests/test_a.py".to_string(), ModuleStat { secs: 2.5, tests: 7 })]
         );
+    }
+
+    #[test]
+    fn history_keeps_the_last_runs_of_each_test_per_project_name_once_per_evaluation() {
+        use cdtester_runner_api::Outcome::{Failed, Passed};
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        for id in 1..=(HISTORY_KEEP as u64 + 2) {
+            let project = crate::eval::tests::ready(&format!("{id}-0"), "calc", &["a.py"]);
+            let other = crate::eval::tests::ready(&format!("{id}-1"), "calculator", &["a.py"]);
+            let mut rec = EvalRecord::new(id, "127.0.0.1:7000".into(), 1.0, vec![project, other]);
+            let outcome = if id % 2 == 0 { Passed } else { Failed };
+            for pid in [format!("{id}-0"), format!("{id}-1")] {
+                let mut r = crate::eval::tests::result(
+                    "n",
+                    "x",
+                    crate::eval::tests::module_report("a.py", &[outcome]),
+                );
+                r.finished_at = id as f64;
+                rec.add_result(&format!("{pid}::a.py"), r, id as f64);
+            }
+            store.put_evaluation(&rec, rec.results.keys()).unwrap();
+            store.put_evaluation(&rec, rec.results.keys()).unwrap();
+        }
+        let h = store.history("calc").unwrap();
+        assert_eq!(h.len(), 1, "{h:?}");
+        let (nodeid, runs) = &h[0];
+        assert_eq!(nodeid, "a.py::test_0");
+        let evals: Vec<EvalId> = runs.iter().map(|r| r.eval).collect();
+        assert_eq!(evals, (3..=HISTORY_KEEP as u64 + 2).collect::<Vec<_>>(), "the last runs, each once");
+        assert_eq!(runs.last().map(|r| r.outcome), Some(Passed));
+        assert_eq!(store.history("calculator").unwrap().len(), 1);
+        assert!(store.history("cal").unwrap().is_empty());
     }
 }

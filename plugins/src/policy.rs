@@ -355,6 +355,7 @@ mod tests {
                 outcome,
                 duration: 0.1,
                 message: None,
+                attempts: Vec::new(),
             })
             .collect()
     }

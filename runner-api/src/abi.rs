@@ -263,6 +263,7 @@ mod tests {
                 outcome: crate::Outcome::Passed,
                 duration: 0.0,
                 message: None,
+                attempts: Vec::new(),
             }];
             Ok(TaskReport {
                 modules: vec![ModuleReport {

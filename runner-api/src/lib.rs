@@ -10,7 +10,9 @@ pub mod requirement;
 mod runner;
 
 pub use outcome::{Counts, Outcome, round2};
-pub use report::{ModuleReport, TaskReport, TestResult};
+pub use report::{
+    Attempt, MAX_ATTEMPT_MESSAGE, MAX_ATTEMPTS, ModuleReport, TaskReport, TestResult, clip_message,
+};
 /// Hex sha256 of `bytes`: project content hashes, archive checks and plugin pins all use it.
 pub fn sha256_hex(bytes: &[u8]) -> String {
     use sha2::Digest;

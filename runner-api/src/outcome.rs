@@ -19,10 +19,14 @@ pub enum Outcome {
     /// The runner itself failed (engine unreachable, image missing): not the project's fault.
     #[serde(rename = "infra-error")]
     InfraError,
+    /// Failed (or errored), then passed when its module was run again (`runner.retries`): every
+    /// attempt is kept in [`crate::TestResult::attempts`]. Neither a pass nor a failure by
+    /// itself: grading counts it as configured (`grading.flaky`).
+    Flaky,
 }
 
 impl Outcome {
-    pub const ALL: [Outcome; 10] = [
+    pub const ALL: [Outcome; 11] = [
         Outcome::Passed,
         Outcome::Failed,
         Outcome::Error,
@@ -33,6 +37,7 @@ impl Outcome {
         Outcome::Oom,
         Outcome::Crashed,
         Outcome::InfraError,
+        Outcome::Flaky,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -47,6 +52,7 @@ impl Outcome {
             Outcome::Oom => "oom",
             Outcome::Crashed => "crashed",
             Outcome::InfraError => "infra-error",
+            Outcome::Flaky => "flaky",
         }
     }
 
@@ -85,6 +91,8 @@ pub struct Counts {
     pub crashed: u64,
     #[serde(default)]
     pub infra_error: u64,
+    #[serde(default)]
+    pub flaky: u64,
 }
 
 impl Counts {
@@ -104,6 +112,7 @@ impl Counts {
             Outcome::Oom => self.oom,
             Outcome::Crashed => self.crashed,
             Outcome::InfraError => self.infra_error,
+            Outcome::Flaky => self.flaky,
         }
     }
 
@@ -119,6 +128,7 @@ impl Counts {
             Outcome::Oom => &mut self.oom,
             Outcome::Crashed => &mut self.crashed,
             Outcome::InfraError => &mut self.infra_error,
+            Outcome::Flaky => &mut self.flaky,
         }
     }
 
@@ -142,14 +152,16 @@ impl Counts {
         Outcome::ALL.iter().filter(|o| o.is_fail()).map(|o| self.get(*o)).sum()
     }
 
-    /// The default grade on 0..20: passes / (passes + failures) * 20, rounded to 2 decimals.
-    /// `None` when nothing gradable ran (only skips, or nothing at all).
+    /// The default grade on 0..20: passes / (passes + failures) * 20, rounded to 2 decimals,
+    /// flaky tests counted as passes (the default of `grading.flaky`; a node grading them as
+    /// failures turns them into failures before grading). `None` when nothing gradable ran (only
+    /// skips, or nothing at all).
     pub fn grade(&self) -> Option<f64> {
-        let graded = self.passes() + self.failures();
+        let graded = self.passes() + self.failures() + self.flaky;
         if graded == 0 {
             return None;
         }
-        Some(round2(self.passes() as f64 / graded as f64 * 20.0))
+        Some(round2((self.passes() + self.flaky) as f64 / graded as f64 * 20.0))
     }
 }
 
@@ -187,6 +199,16 @@ mod tests {
         assert_eq!(c.failures(), 2);
         assert_eq!(c.grade(), Some(13.33));
         assert_eq!(c.total(), 7);
+    }
+
+    #[test]
+    fn flaky_tests_are_neither_passes_nor_failures_and_grade_as_passes() {
+        let mut c = Counts::default();
+        c.add(Outcome::Flaky);
+        c.add(Outcome::Failed);
+        assert_eq!((c.passes(), c.failures(), c.flaky, c.total()), (0, 1, 1, 2));
+        assert_eq!(c.grade(), Some(10.0));
+        assert!(!Outcome::Flaky.is_pass() && !Outcome::Flaky.is_fail());
     }
 
     #[test]

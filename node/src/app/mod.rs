@@ -28,7 +28,7 @@ use std::time::{Duration, Instant};
 use cdtester_config::Config;
 use cdtester_plugins::{PolicySet, RunnerChoice};
 use cdtester_runner_api::plan::ModuleStat;
-use cdtester_runner_api::{PreparedProject, Runner, TestResult};
+use cdtester_runner_api::{Outcome, PreparedProject, Runner, TestResult};
 
 use crate::core::{Event, LocalEvent, Snapshot};
 use crate::engine::{Accepted, Action, Engine, EngineConfig, Input, Now, Refusal};
@@ -433,15 +433,16 @@ impl App {
     /// Registers an evaluation of already fetched projects; discovery continues in the
     /// background. Returns its id.
     pub async fn submit(self: &Arc<Self>, fetched: Vec<FetchedProject>) -> Result<EvalId, AppError> {
-        self.submit_only(fetched, Vec::new()).await
+        self.submit_only(fetched, Vec::new(), None).await
     }
 
     /// [`App::submit`], running only the modules `only` names for each project that has
-    /// `Some` there (a rerun; see `http::rerun`).
+    /// `Some` there (a rerun of evaluation `rerun_of`; see `http::rerun`).
     pub async fn submit_only(
         self: &Arc<Self>,
         fetched: Vec<FetchedProject>,
         only: Vec<Option<BTreeSet<String>>>,
+        rerun_of: Option<EvalId>,
     ) -> Result<EvalId, AppError> {
         if fetched.is_empty() {
             return Err(AppError::BadRequest("the submission holds no project".into()));
@@ -469,6 +470,7 @@ impl App {
                 })
                 .collect();
             let mut rec = EvalRecord::new(id, self.addr(), eval::now_secs(), projects);
+            rec.rerun_of = rerun_of;
             eval::unique_names(&mut rec.projects);
             rec
         };
@@ -578,11 +580,20 @@ impl App {
 
     /// The report of an evaluation (with per-test results when `with_tests`).
     pub fn report(&self, id: EvalId, with_tests: bool) -> Option<eval::EvalReport> {
-        let rec = self.record(id)?;
+        let (rec, reruns) = {
+            let engine = self.engine();
+            let rec = engine.record(id)?.clone();
+            (rec, engine.records().filter(|r| r.rerun_of == Some(id)).map(|r| r.id).collect::<Vec<_>>())
+        };
         let grade = |p: &ProjectRecord, tests: &[TestResult]| self.grade(p, tests);
-        Some(eval::build_report(&rec, eval::now_secs(), with_tests, &grade))
+        let mut report = eval::build_report(&rec, eval::now_secs(), with_tests, &grade);
+        report.reruns = reruns;
+        report.reruns.sort_unstable();
+        Some(report)
     }
 
+    /// A finished project's grade: its grading policies' or the default, flaky tests counted
+    /// as passes or failures as `grading.flaky` says (policies see them so, attempts included).
     fn grade(&self, p: &ProjectRecord, tests: &[TestResult]) -> Option<f64> {
         if let Some(g) = self.shell().grades.get(&p.id) {
             return *g;
@@ -591,9 +602,28 @@ impl App {
             ProjectState::Ready { policies, .. } => policies.as_slice(),
             _ => &[],
         };
-        let g = self.policies.grade(policies, &p.name, tests).value;
+        let as_outcome = match self.cfg.grading.flaky {
+            cdtester_config::FlakyGrade::Pass => Outcome::Passed,
+            cdtester_config::FlakyGrade::Fail => Outcome::Failed,
+        };
+        let graded: Vec<TestResult> = tests
+            .iter()
+            .map(|t| match t.outcome {
+                Outcome::Flaky => TestResult { outcome: as_outcome, ..t.clone() },
+                _ => t.clone(),
+            })
+            .collect();
+        let g = self.policies.grade(policies, &p.name, &graded).value;
         self.shell().grades.insert(p.id.clone(), g);
         g
+    }
+
+    /// The recent runs of each test of the projects named `project` (`GET /history/{project}`).
+    pub fn history(&self, project: &str) -> Result<Vec<(String, Vec<crate::store::TestRun>)>, AppError> {
+        self.store.history(project).map_err(|e| {
+            tracing::error!("reading the test history: {e}");
+            AppError::Internal("reading the test history failed".into())
+        })
     }
 
     /// `/stats`.

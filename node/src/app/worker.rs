@@ -5,7 +5,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use cdtester_runner_api::{ModuleReport, TaskSpec};
+use cdtester_runner_api::{ModuleReport, TaskSpec, clip_message};
 
 use super::{App, AppError};
 use crate::engine::{Delivery, Input, Task, TaskAnswer, TaskPost};
@@ -52,6 +52,9 @@ impl App {
         report.output = report.output.map(|o| self.redact(&o));
         for t in &mut report.tests {
             t.message = t.message.take().map(|m| self.redact(&m));
+            for a in &mut t.attempts {
+                a.message = a.message.take().map(|m| clip_message(&self.redact(&m)).to_string());
+            }
         }
         report
     }
@@ -102,16 +105,30 @@ async fn execute(app: &Arc<App>, task: &Task, project: &ProjectRecord) -> Result
     let runner = (app.runners)(&choice.runner)?;
     let mut spec = TaskSpec::new(task.task_id.clone(), vec![task.module.clone()]);
     spec.chunk = task.chunk;
-    let limits = choice.limits;
-    let report = tokio::task::spawn_blocking(move || runner.run(&prepared, &spec, &limits))
-        .await
-        .map_err(|e| format!("runner crashed: {e}"))?
-        .map_err(|e| e.to_string())?;
-    report
-        .modules
-        .into_iter()
-        .find(|m| m.module == task.module)
-        .ok_or_else(|| format!("the runner returned no report for {}", task.module))
+    let (limits, module, retries) = (choice.limits, task.module.clone(), settings.retries);
+    // A module with failed tests runs again up to `retries` times on this worker (flaky tests).
+    let run = move || {
+        let report = runner.run(&prepared, &spec, &limits).map_err(|e| e.to_string())?;
+        report
+            .modules
+            .into_iter()
+            .find(|m| m.module == module)
+            .ok_or_else(|| format!("the runner returned no report for {module}"))
+    };
+    let task_id = task.task_id.clone();
+    tokio::task::spawn_blocking(move || {
+        let mut runs = 0u32;
+        ModuleReport::run_with_retries(retries, || {
+            runs += 1;
+            let r = run();
+            if let (Err(e), true) = (&r, runs > 1) {
+                tracing::warn!(task = %task_id, "a retry of the module could not run: {e}");
+            }
+            r
+        })
+    })
+    .await
+    .map_err(|e| format!("runner crashed: {e}"))?
 }
 
 /// Posts a result to node `to` (`POST /task`): the one client of that call.

@@ -101,6 +101,7 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
             outcome: outcomes[i % outcomes.len()],
             duration: 0.01,
             message: (i % 4 == 1).then(|| "AssertionError: 1 != 2".into()),
+            attempts: Vec::new(),
         })
         .collect();
 

@@ -385,6 +385,9 @@ impl Engine {
                 post.node()
             )));
         }
+        if let Some(report) = &post.report {
+            report.check_attempts().map_err(Refusal::BadRequest)?;
+        }
         let task = &post.result.task_id;
         let (pid, part) = eval::split_task_id(task)
             .ok_or_else(|| Refusal::BadRequest(format!("task_id {task:?} is not <project_id>::<module>")))?;

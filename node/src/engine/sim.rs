@@ -847,6 +847,7 @@ fn report(module: &str, passed: u8, failed: u8, ms: u64) -> ModuleReport {
         outcome,
         duration: 0.01,
         message: None,
+        attempts: Vec::new(),
     };
     let tests = (0..passed)
         .map(|k| test(k, Outcome::Passed))
@@ -868,6 +869,7 @@ fn timeout_report(module: &str) -> ModuleReport {
         outcome: Outcome::Timeout,
         duration: 4.0,
         message: Some("timed out".into()),
+        attempts: Vec::new(),
     };
     ModuleReport {
         module: module.into(),

@@ -136,6 +136,9 @@ fn results_only_from_the_assigned_worker_and_only_the_first() {
     assert!(matches!(answer(&out), Err(Refusal::Forbidden(_))), "{out:?}");
     let out = e.handle(clock.now(), Input::Result { post: forged, caller: addr(1) });
     assert!(matches!(answer(&out), Err(Refusal::Forbidden(_))), "the post names another worker: {out:?}");
+    let forged_flaky = post_for(addr(1), &task, &[Outcome::Flaky]);
+    let out = e.handle(clock.now(), Input::Result { post: forged_flaky, caller: addr(1) });
+    assert!(matches!(answer(&out), Err(Refusal::BadRequest(_))), "flaky without attempts: {out:?}");
     let good = post_for(addr(1), &task, &[Outcome::Failed]);
     assert_eq!(
         answer(&e.handle(clock.now(), Input::Result { post: good.clone(), caller: addr(1) })),

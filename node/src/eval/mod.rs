@@ -117,6 +117,9 @@ pub struct EvalRecord {
     /// [`EvalRecord::worker_died`]).
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub worker_deaths: BTreeMap<String, u32>,
+    /// The evaluation this one reruns modules of (`POST /evaluation/{id}/rerun`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rerun_of: Option<EvalId>,
 }
 
 /// Whether `name` can name a project: 1-255 bytes, not `.` or `..`, no `/`, `\\` or control
@@ -243,6 +246,7 @@ impl EvalRecord {
             running: BTreeMap::new(),
             results: BTreeMap::new(),
             worker_deaths: BTreeMap::new(),
+            rerun_of: None,
         }
     }
 
@@ -252,6 +256,12 @@ impl EvalRecord {
     pub fn validate(&self) -> Result<(), String> {
         if self.id == 0 || self.id > MAX_EVAL_ID {
             return Err(format!("evaluation id {} out of range", self.id));
+        }
+        if self.rerun_of.is_some_and(|r| r == 0 || r > MAX_EVAL_ID || r == self.id) {
+            return Err(format!("evaluation {}: invalid rerun_of", self.id));
+        }
+        for (t, r) in &self.results {
+            r.report.check_attempts().map_err(|e| format!("result of {}: {e}", clip(t)))?;
         }
         for a in [&self.submitted_to, &self.responsible] {
             if a.parse::<std::net::SocketAddr>().is_err() {
@@ -384,6 +394,7 @@ impl EvalRecord {
             running: self.running.clone(),
             results: BTreeMap::new(),
             worker_deaths: self.worker_deaths.clone(),
+            rerun_of: self.rerun_of,
         }
     }
 
@@ -403,6 +414,11 @@ impl EvalRecord {
             self.running = other.running.clone();
         }
         self.start_time = self.start_time.min(other.start_time);
+        // Set when the rerun is submitted; the smaller id wins should two copies disagree.
+        self.rerun_of = match (self.rerun_of, other.rerun_of) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
         for p in &other.projects {
             if let Some(q) = self.projects.iter_mut().find(|q| q.id == p.id)
                 && q.content_hash == p.content_hash
@@ -556,6 +572,7 @@ pub(crate) mod tests {
                     outcome: *o,
                     duration: 0.01,
                     message: (*o == Outcome::Failed).then(|| "assert 1 == 2".to_string()),
+                    attempts: Vec::new(),
                 })
                 .collect(),
             duration: 0.5,
@@ -659,6 +676,13 @@ pub(crate) mod tests {
             Box::new(|r| r.projects[0].name = "a/b".into()),
             Box::new(|r| r.responsible = "somewhere".into()),
             Box::new(|r| r.id = 0),
+            Box::new(|r| r.rerun_of = Some(7)),
+            Box::new(|r| r.rerun_of = Some(MAX_EVAL_ID + 1)),
+            Box::new(|r| {
+                let mut report = module_report("t_a.py", &[Outcome::Flaky]);
+                report.tests[0].message = Some("no attempts".into());
+                r.results.insert("7-0::t_a.py".into(), result("127.0.0.1:7001", "a", report));
+            }),
             Box::new(|r| {
                 if let ProjectState::Ready { modules, .. } = &mut r.projects[0].state {
                     modules.push("../outside.py".into());

@@ -2,7 +2,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use cdtester_runner_api::{Counts, TestResult, round2};
+use cdtester_runner_api::{Counts, Outcome, TestResult, round2};
 use serde::{Deserialize, Serialize};
 
 use super::{EvalId, EvalRecord, ProjectRecord, ProjectState};
@@ -59,6 +59,8 @@ pub struct Columns {
     pub skipped: u64,
     pub xfailed: u64,
     pub xpassed: u64,
+    /// Failed, then passed on a retry (`runner.retries`).
+    pub flaky: u64,
 }
 
 impl Columns {
@@ -70,6 +72,7 @@ impl Columns {
             skipped: c.skipped,
             xfailed: c.xfailed,
             xpassed: c.xpassed,
+            flaky: c.flaky,
         }
     }
 }
@@ -85,6 +88,12 @@ pub struct EvalReport {
     pub end_time: Option<f64>,
     /// Seconds from submission to completion (or to now while running).
     pub time_elapsed: f64,
+    /// The evaluation this one reruns modules of.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rerun_of: Option<EvalId>,
+    /// Reruns of this evaluation, oldest first.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub reruns: Vec<EvalId>,
     pub summary: Summary,
     /// By project name.
     pub projects: BTreeMap<String, ProjectReport>,
@@ -128,6 +137,10 @@ pub struct ProjectReport {
     pub total_passed: u64,
     pub total_failed: u64,
     pub tests: Counts,
+    /// Node ids of the tests that failed and then passed on a retry (outcome `flaky`; their
+    /// attempts are in the per-test results).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub flaky: Vec<String>,
     /// By module path (relative to the project root).
     pub modules: BTreeMap<String, ModuleView>,
 }
@@ -198,6 +211,8 @@ pub fn build_report(
         start_time: rec.start_time,
         end_time: rec.end_time,
         time_elapsed: round3(rec.end_time.unwrap_or(now) - rec.start_time),
+        rerun_of: rec.rerun_of,
+        reruns: Vec::new(),
         summary: Summary {
             pass_percentage,
             fail_percentage,
@@ -227,6 +242,7 @@ fn project_report(
     let mut counts = Counts::default();
     let (mut executed, mut executing, mut pending) = (0, 0, 0);
     let mut all_tests = Vec::new();
+    let mut flaky = Vec::new();
     let (status, error) = match &p.state {
         ProjectState::Preparing => (ProjectStatus::Preparing, None),
         ProjectState::Failed { error } => (ProjectStatus::Failed, Some(error.clone())),
@@ -236,10 +252,12 @@ fn project_report(
                 let c = progress.counts();
                 counts.merge(&c);
                 let status = progress.status();
+                let tests = progress.tests();
+                flaky.extend(tests.iter().filter(|t| t.outcome == Outcome::Flaky).map(|t| t.nodeid.clone()));
                 match status {
                     ModuleStatus::Finished => {
                         executed += 1;
-                        all_tests.extend(progress.tests());
+                        all_tests.extend(tests.iter().cloned());
                     }
                     ModuleStatus::Running => executing += 1,
                     ModuleStatus::Pending => pending += 1,
@@ -255,7 +273,7 @@ fn project_report(
                     counts: c,
                     time: round3(progress.duration()),
                     note: progress.note(),
-                    tests: with_tests.then(|| progress.tests()),
+                    tests: with_tests.then_some(tests),
                 };
                 modules.insert(m.clone(), view);
             }
@@ -279,6 +297,7 @@ fn project_report(
         total_passed: counts.passes(),
         total_failed: counts.failures(),
         tests: counts,
+        flaky,
         modules,
     }
 }
@@ -363,8 +382,6 @@ pub fn stats<'a>(records: impl IntoIterator<Item = &'a EvalRecord>, nodes: &[Str
 
 #[cfg(test)]
 mod tests {
-    use cdtester_runner_api::Outcome;
-
     use super::super::tests::{module_report, ready, result};
     use super::*;
 
@@ -429,6 +446,24 @@ mod tests {
         assert_eq!(r.summary.grade, Some(12.5));
         assert_eq!((r.summary.total_passed, r.summary.total_failed), (4, 2));
         assert_eq!(r.summary.tests.skipped, 1);
+        assert!(r.projects["calc"].flaky.is_empty() && r.rerun_of.is_none());
+    }
+
+    #[test]
+    fn flaky_tests_are_listed_and_counted_apart() {
+        let mut rec =
+            EvalRecord::new(9, "127.0.0.1:7000".into(), 10.0, vec![ready("9-0", "calc", &["t.py"])]);
+        rec.rerun_of = Some(3);
+        let report = module_report("t.py", &[Outcome::Passed, Outcome::Flaky, Outcome::Failed]);
+        rec.add_result("9-0::t.py", result("127.0.0.1:7001", "a", report), 11.0);
+        let r = build_report(&rec, 12.0, false, &default_grade);
+        let calc = &r.projects["calc"];
+        assert_eq!(calc.flaky, ["t.py::test_1"], "listed without the per-test results too");
+        assert_eq!((calc.tests.flaky, calc.total_passed, calc.total_failed), (1, 1, 1));
+        assert_eq!(calc.grade, Some(13.33), "the default counts a flaky test as a pass");
+        assert_eq!(r.rerun_of, Some(3));
+        let json = serde_json::to_value(&r).expect("json");
+        assert_eq!(json["projects"]["calc"]["flaky"], serde_json::json!(["t.py::test_1"]));
     }
 
     #[test]

@@ -1,7 +1,7 @@
 //! The course staff's routes: the dashboard at `GET /` (one self-contained page, its script and
 //! style sheet embedded in the binary: no CDN, no build step), `GET /evaluation/{id}/grades.csv`,
-//! `GET /evaluation/{id}/events` (server-sent events), `POST /evaluation/{id}/rerun` and
-//! `GET /openapi.json`.
+//! `GET /evaluation/{id}/events` (server-sent events), `POST /evaluation/{id}/rerun`,
+//! `GET /history/{project}` and `GET /openapi.json`.
 //!
 //! The page builds every element with `createElement`/`textContent` (project names, test ids and
 //! failure messages are chosen by students) and is served with a Content-Security-Policy that
@@ -46,6 +46,7 @@ pub fn routes(app: Arc<App>) -> Router {
         .route("/evaluation/{id}/grades.csv", get(grades_csv))
         .route("/evaluation/{id}/events", get(event_stream))
         .route("/evaluation/{id}/rerun", post(rerun))
+        .route("/history/{project}", get(history))
         .route("/openapi.json", get(openapi_json))
         .with_state(staff)
 }
@@ -162,6 +163,27 @@ async fn rerun(
     match answer.await {
         Ok(v) => axum::Json(v).into_response(),
         Err(e) => e.into_response(),
+    }
+}
+
+/// `GET /history/{project}`: `{"project", "keep", "tests": {node id: [run, ...]}}`, each test's
+/// last runs (oldest first) across evaluations of projects of that name.
+async fn history(State(staff): State<Staff>, Path(project): Path<String>) -> Response {
+    if !crate::eval::valid_project_name(&project) {
+        return AppError::BadRequest("invalid project name".into()).into_response();
+    }
+    let app = staff.app.clone();
+    let name = project.clone();
+    let runs = tokio::task::spawn_blocking(move || app.history(&name)).await;
+    match runs {
+        Ok(Ok(tests)) => axum::Json(serde_json::json!({
+            "project": project,
+            "keep": crate::store::HISTORY_KEEP,
+            "tests": tests.into_iter().collect::<std::collections::BTreeMap<_, _>>(),
+        }))
+        .into_response(),
+        Ok(Err(e)) => e.into_response(),
+        Err(e) => AppError::Internal(e.to_string()).into_response(),
     }
 }
 

@@ -1,10 +1,13 @@
 //! `GET /evaluation/{id}/grades.csv`: one row per project of an evaluation, for a gradebook.
 //!
-//! Columns: `project,grade,passed,failed,errors,skipped,status,url`, from the same report as
+//! Columns: `project,grade,passed,failed,errors,skipped,status,url,flaky`, from the same report as
 //! `GET /evaluation/{id}`: `passed` = `total_passed` (passed + xpassed), `failed` + `errors` =
 //! `total_failed` (`failed` = failed; `errors` = error, timeout, oom, crashed, as the CLI tables
 //! group them; infra-errors, which grade nothing, are errors too),
-//! `skipped` = skipped + xfailed, `grade` on 0..20 (empty until the project is graded).
+//! `skipped` = skipped + xfailed, `grade` on 0..20 (empty until the project is graded), `flaky`
+//! = tests that failed and then passed on a retry (counted in none of the other columns; the
+//! grade counts them as `grading.flaky` says). `flaky` is last so that the columns before keep
+//! their places.
 //! Cells are quoted as RFC 4180 says, and a cell a spreadsheet would run as a formula (it starts
 //! with `=`, `+`, `-`, `@`, tab or carriage return: project names come from students) is
 //! prefixed with `'`.
@@ -14,7 +17,8 @@ use cdtester_runner_api::Counts;
 use crate::eval::{Columns, EvalReport};
 
 /// The header row.
-pub const HEADER: [&str; 8] = ["project", "grade", "passed", "failed", "errors", "skipped", "status", "url"];
+pub const HEADER: [&str; 9] =
+    ["project", "grade", "passed", "failed", "errors", "skipped", "status", "url", "flaky"];
 
 /// `passed`, `failed`, `errors`, `skipped` of a project's counts: the tables' grouping
 /// ([`Columns`]) with xpassed among the passes and xfailed among the skips, as grades count them.
@@ -48,6 +52,7 @@ fn row(name: &str, grade: Option<f64>, tests: &Counts, status: &str, url: Option
         skipped.to_string(),
         status.to_string(),
         url.unwrap_or_default().to_string(),
+        tests.flaky.to_string(),
     ];
     cells.iter().map(|c| cell(c)).collect::<Vec<_>>().join(",")
 }

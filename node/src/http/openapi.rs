@@ -80,7 +80,7 @@ fn public_paths() -> Value {
             "responses": {"200": json_response("report", json!({"$ref": "#/components/schemas/Report"})), "404": not_found}}},
         "/evaluation/{id}/grades.csv": {"get": {"summary": "Grades of one evaluation as CSV",
             "parameters": [eval_id()],
-            "responses": {"200": {"description": "project,grade,passed,failed,errors,skipped,status,url", "content": {"text/csv": {}}},
+            "responses": {"200": {"description": "project,grade,passed,failed,errors,skipped,status,url,flaky", "content": {"text/csv": {}}},
                 "404": not_found}}},
         "/evaluation/{id}/events": {"get": {"summary": "Live progress as server-sent events (report, network, end)",
             "parameters": [eval_id()],
@@ -99,6 +99,10 @@ fn public_paths() -> Value {
                 "404": not_found, "415": error_response("the body is not declared application/json"),
                 "429": error_response("the client has intake.max_pending_per_client unfinished evaluations"),
                 "503": error_response("a project's archive is not on this node")}}},
+        "/history/{project}": {"get": {"summary": "Recent runs of each test across evaluations of projects of this name",
+            "parameters": [id_param("project", "project name")],
+            "responses": {"200": json_response("history", json!({"$ref": "#/components/schemas/History"})),
+                "400": error_response("invalid project name")}}},
         "/stats": {"get": {"summary": "Test totals of the network and per connected node",
             "responses": {"200": json_response("stats", json!({"type": "object", "required": ["all", "nodes"]}))}}},
         "/network": {"get": {"summary": "Each live node and the nodes it communicates with",
@@ -128,28 +132,57 @@ fn internal_paths() -> Value {
     })
 }
 
-fn components() -> Value {
+/// Schemas of per-test results and their history.
+fn result_schemas() -> Value {
     json!({
+            "Outcome": {"enum": ["passed", "failed", "error", "skipped", "xfailed", "xpassed", "timeout", "oom", "crashed", "infra-error", "flaky"],
+                "description": "flaky: failed (or errored), then passed when its module ran again (runner.retries); graded as grading.flaky says"},
+            "Attempt": {"type": "object", "required": ["outcome", "duration"], "properties": {
+                "outcome": {"$ref": "#/components/schemas/Outcome"}, "duration": {"type": "number"}, "message": {"type": "string"}}},
+            "TestResult": {"type": "object", "required": ["nodeid", "outcome", "duration"], "properties": {
+                "nodeid": {"type": "string"}, "outcome": {"$ref": "#/components/schemas/Outcome"},
+                "duration": {"type": "number", "description": "seconds, all attempts together"}, "message": {"type": "string"},
+                "attempts": {"type": "array", "maxItems": 6, "items": {"$ref": "#/components/schemas/Attempt"},
+                    "description": "every run, oldest first, when the test ran more than once (absent when it ran once)"}}},
+            "History": {"type": "object", "required": ["project", "keep", "tests"], "properties": {
+                "project": {"type": "string"}, "keep": {"type": "integer", "description": "runs kept per test"},
+                "tests": {"type": "object", "additionalProperties": {"type": "array", "items": {"type": "object",
+                    "required": ["eval", "outcome", "duration", "at"], "properties": {
+                        "eval": {"type": "integer"}, "outcome": {"$ref": "#/components/schemas/Outcome"},
+                        "duration": {"type": "number"}, "at": {"type": "number", "description": "seconds since the Unix epoch"}}}}}}}
+    })
+}
+
+fn components() -> Value {
+    let mut doc = json!({
         "schemas": {
             "Error": {"type": "object", "required": ["error"], "properties": {"error": {"type": "string"}}},
             "Submission": {"type": "object", "required": ["projects"], "properties": {
                 "auth_token": {"type": "string", "description": "token for https clones (alias token)"},
                 "projects": {"type": "array", "description": "git URLs (alias urls)", "items": {"type": "string"}}}},
             "Counts": {"type": "object", "additionalProperties": {"type": "integer"},
-                "description": "tests per outcome: passed, failed, error, skipped, xfailed, xpassed, timeout, oom, crashed, infra_error"},
+                "description": "tests per outcome: passed, failed, error, skipped, xfailed, xpassed, timeout, oom, crashed, infra_error, flaky"},
             "Report": {"type": "object", "required": ["id", "status", "node", "start_time", "time_elapsed", "summary", "projects"],
                 "properties": {
                     "id": {"type": "integer"}, "status": {"enum": ["running", "finished"]}, "node": {"type": "string"},
                     "start_time": {"type": "number"}, "end_time": {"type": ["number", "null"]}, "time_elapsed": {"type": "number"},
+                    "rerun_of": {"type": "integer", "description": "the evaluation this one reruns modules of"},
+                    "reruns": {"type": "array", "items": {"type": "integer"}, "description": "reruns of this evaluation"},
                     "summary": {"type": "object"},
                     "projects": {"type": "object", "additionalProperties": {"type": "object", "properties": {
                         "status": {"enum": ["preparing", "running", "finished", "failed"]},
                         "grade": {"type": ["number", "null"]}, "tests": {"$ref": "#/components/schemas/Counts"},
-                        "modules": {"type": "object"}}}}}}
+                        "flaky": {"type": "array", "items": {"type": "string"}, "description": "node ids of the flaky tests"},
+                        "modules": {"type": "object", "additionalProperties": {"type": "object", "properties": {
+                            "tests": {"type": "array", "items": {"$ref": "#/components/schemas/TestResult"}}}}}}}}}}
         },
         "securitySchemes": {"memberMac": {"type": "apiKey", "in": "header", "name": "x-cdtester-mac",
             "description": "HMAC-SHA256 under the cluster secret with x-cdtester-node, x-cdtester-time and x-cdtester-nonce (README, HTTP API)"}}
-    })
+    });
+    if let (Some(all), Value::Object(more)) = (doc["schemas"].as_object_mut(), result_schemas()) {
+        all.extend(more);
+    }
+    doc
 }
 
 /// The document.

@@ -82,7 +82,7 @@ pub async fn rerun(app: &Arc<App>, id: EvalId, req: RerunRequest) -> Result<Valu
     if fetched.is_empty() {
         return Err(AppError::BadRequest("nothing to rerun: no module is selected".into()));
     }
-    let new_id = app.submit_only(fetched, only).await?;
+    let new_id = app.submit_only(fetched, only, Some(id)).await?;
     tracing::info!(eval = new_id, rerun_of = id, "rerun submitted");
     Ok(json!({ "status": "submitted", "eval_id": new_id, "rerun_of": id, "modules": chosen }))
 }

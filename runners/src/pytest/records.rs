@@ -184,6 +184,7 @@ pub fn build_reports(
                         outcome,
                         duration: *duration,
                         message: msg.clone(),
+                        attempts: Vec::new(),
                     });
                 }
             }
@@ -232,12 +233,7 @@ fn exited_without_result(
         return None;
     }
     let why = format!("no result: {}", RunEnd::Exited(exit).describe());
-    results.push(TestResult {
-        nodeid: module.to_string(),
-        outcome: Outcome::Error,
-        duration: 0.0,
-        message: Some(why.clone()),
-    });
+    results.push(TestResult::new(module, Outcome::Error, 0.0, Some(why.clone())));
     Some(why)
 }
 
@@ -257,7 +253,7 @@ fn cut_short<'a>(
         RunEnd::Exited(code @ 2..=4) if no_items => (Outcome::Error, RunEnd::Exited(*code).describe()),
         _ => (Outcome::Crashed, format!("{} before the test finished", end.describe())),
     };
-    let entry = |nodeid: String| TestResult { nodeid, outcome, duration: 0.0, message: Some(why.clone()) };
+    let entry = |nodeid: String| TestResult::new(nodeid, outcome, 0.0, Some(why.clone()));
     results.extend(unfinished.map(|id| entry(id.clone())));
     if results.is_empty() && first_chunk {
         results.push(entry(module.to_string()));

@@ -170,7 +170,7 @@ fn run_in(
             collected.push(module.to_string());
         }
         for id in collected.into_iter().filter(|id| !seen.contains(id)) {
-            tests.push(TestResult { nodeid: id, outcome: missing, duration: 0.0, message: note.clone() });
+            tests.push(TestResult::new(id, missing, 0.0, note.clone()));
         }
     }
     Ok(ModuleReport {
