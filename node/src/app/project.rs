@@ -29,6 +29,8 @@ impl App {
 
     /// Discovers a project's modules under this node's runner decision.
     async fn discover(self: &Arc<Self>, project: &ProjectRecord) -> Result<Discovery, String> {
+        // Preparing and collecting start pytest processes: at most one per worker slot at once.
+        let _permit = self.discoveries.acquire().await.map_err(|e| e.to_string())?;
         let root = self.ensure_project(project, None).await?;
         let (choice, settings) = self.choose_runner(project, &root).await?;
         let prepared = self
@@ -126,6 +128,9 @@ impl App {
         from: Option<SocketAddr>,
     ) -> Result<PathBuf, String> {
         let hash = project.content_hash.clone();
+        if let Some(root) = self.shell().local_roots.get(&hash) {
+            return Ok(root.clone());
+        }
         if !self.store.has_blob(&hash) {
             self.download_blob(project, from).await?;
         }

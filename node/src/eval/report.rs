@@ -115,6 +115,9 @@ pub struct ProjectReport {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub url: Option<String>,
     pub status: ProjectStatus,
+    /// The runner its responsible node chose (once discovered).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub runner: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
     pub pass_percentage: f64,
@@ -264,11 +267,16 @@ fn project_report(
     };
     let (pass_percentage, fail_percentage) = percentages(&counts);
     let grade = if status == ProjectStatus::Finished { grade(p, &all_tests) } else { None };
+    let runner = match &p.state {
+        ProjectState::Ready { runner, .. } => Some(runner.clone()),
+        _ => None,
+    };
     ProjectReport {
         id: p.id.clone(),
         node: rec.responsible.clone(),
         url: p.url.clone(),
         status,
+        runner,
         error,
         pass_percentage,
         fail_percentage,
