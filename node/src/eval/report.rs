@@ -153,6 +153,9 @@ pub struct ModuleView {
     /// Per-test results (left out when the report is asked for without them).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tests: Option<Vec<TestResult>>,
+    /// What the module's runs printed, when it did not come out clean (with the tests only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub output: Option<String>,
 }
 
 fn percentages(c: &Counts) -> (f64, f64) {
@@ -259,6 +262,7 @@ fn project_report(
                     time: round3(progress.duration()),
                     note: progress.note(),
                     tests: with_tests.then(|| progress.tests()),
+                    output: if with_tests { progress.output() } else { None },
                 };
                 modules.insert(m.clone(), view);
             }
