@@ -84,9 +84,8 @@ fn cdtester_run_uses_the_docker_runner_and_cleans_up() {
     );
     assert!(out.status.success(), "{}", common::describe(&out));
     let eval = common::run_json(&out);
-    let modules = common::first_project(&eval)["modules"]
-        .as_object()
-        .unwrap_or_else(|| panic!("modules in {eval:#}"));
+    let modules =
+        common::first_project(&eval)["modules"].as_object().unwrap_or_else(|| panic!("modules in {eval:#}"));
     let got: BTreeMap<String, ExpectedCounts> = modules
         .iter()
         .map(|(name, m)| {

@@ -116,7 +116,8 @@ fn run_uses_the_native_unittest_runner_selected_by_config() {
     let v: serde_json::Value = serde_json::from_str(&stdout).unwrap();
     let p = v["projects"].as_object().and_then(|m| m.values().next()).unwrap();
     assert_eq!(p["runner"], "unittest", "{v:#}");
-    let tests = p["modules"].as_object().and_then(|m| m.values().next()).unwrap()["tests"].as_array().unwrap();
+    let tests =
+        p["modules"].as_object().and_then(|m| m.values().next()).unwrap()["tests"].as_array().unwrap();
     let outcome = |name: &str| {
         tests.iter().find(|t| t["nodeid"].as_str().unwrap().ends_with(name)).map(|t| t["outcome"].clone())
     };

@@ -120,9 +120,7 @@ fn hostile_project(root: &Path) {
 }
 
 fn module<'a>(eval: &'a serde_json::Value, name: &str) -> &'a serde_json::Value {
-    first_project(eval)["modules"]
-        .get(name)
-        .unwrap_or_else(|| panic!("{name} missing in {eval:#}"))
+    first_project(eval)["modules"].get(name).unwrap_or_else(|| panic!("{name} missing in {eval:#}"))
 }
 
 fn verdicts(eval: &serde_json::Value, name: &str) -> Vec<(String, String)> {

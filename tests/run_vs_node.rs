@@ -42,12 +42,8 @@ fn shape(r: &EvalReport) -> BTreeMap<String, ProjectShape> {
                 .modules
                 .iter()
                 .map(|(m, v)| {
-                    let mut tests: Vec<(String, String)> = v
-                        .tests
-                        .iter()
-                        .flatten()
-                        .map(|t| (t.nodeid.clone(), t.outcome.to_string()))
-                        .collect();
+                    let mut tests: Vec<(String, String)> =
+                        v.tests.iter().flatten().map(|t| (t.nodeid.clone(), t.outcome.to_string())).collect();
                     tests.sort();
                     (m.clone(), (v.status, v.counts, tests))
                 })

@@ -51,7 +51,11 @@ pub struct LocalSession {
 impl LocalSession {
     /// Opens the store in `config`'s data folder (its duration memory) and starts the
     /// application with `config.runner.workers` slots.
-    pub fn open(mut config: Config, runners: RunnerLookup, policies: PolicySet) -> anyhow::Result<LocalSession> {
+    pub fn open(
+        mut config: Config,
+        runners: RunnerLookup,
+        policies: PolicySet,
+    ) -> anyhow::Result<LocalSession> {
         // Names the only member; nothing is bound (and so nothing listens beyond loopback).
         let member = SocketAddr::from((Ipv4Addr::LOCALHOST, 0));
         config.node.http = member;
@@ -60,7 +64,8 @@ impl LocalSession {
             .enable_all()
             .build()
             .context("starting the tokio runtime")?;
-        let app = App::open(AppOptions { udp: member, http: member, runners, policies, config, local: true })?;
+        let app =
+            App::open(AppOptions { udp: member, http: member, runners, policies, config, local: true })?;
         {
             let _entered = runtime.enter();
             app.start(Arc::new(LocalNet::new(member)));
@@ -72,7 +77,8 @@ impl LocalSession {
     /// report with per-test results.
     pub fn evaluate(&self, projects: &[ProjectInput]) -> anyhow::Result<EvalReport> {
         let app = self.app.clone();
-        let projects: Vec<(String, PathBuf)> = projects.iter().map(|p| (p.name.clone(), p.root.clone())).collect();
+        let projects: Vec<(String, PathBuf)> =
+            projects.iter().map(|p| (p.name.clone(), p.root.clone())).collect();
         self.runtime.block_on(async move {
             let id = app.submit_local(projects).await;
             let report = match &id {

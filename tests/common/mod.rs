@@ -81,7 +81,8 @@ pub fn fetch_corpus(names: &[&str], into: &Path) -> Vec<cdtester::corpus::Corpus
                 .find(|p| p.name == *name)
                 .unwrap_or_else(|| panic!("{name} not in the corpus"))
                 .clone();
-            let sdist = cdtester::corpus::fetch(&p, &python, &corpus_cache()).unwrap_or_else(|e| panic!("{e}"));
+            let sdist =
+                cdtester::corpus::fetch(&p, &python, &corpus_cache()).unwrap_or_else(|e| panic!("{e}"));
             cdtester::corpus::unpack(&p, &sdist, into).unwrap_or_else(|e| panic!("{e}"));
             p
         })

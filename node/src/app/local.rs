@@ -41,7 +41,10 @@ impl PeerNet for LocalNet {
 impl App {
     /// Submits project folders of this machine (the operator's own, named by the operator) as
     /// one evaluation; they are prepared and run where they are, without an archive.
-    pub async fn submit_local(self: &Arc<Self>, projects: Vec<(String, PathBuf)>) -> Result<EvalId, AppError> {
+    pub async fn submit_local(
+        self: &Arc<Self>,
+        projects: Vec<(String, PathBuf)>,
+    ) -> Result<EvalId, AppError> {
         if projects.is_empty() {
             return Err(AppError::BadRequest("no project to evaluate".into()));
         }
@@ -58,11 +61,12 @@ impl App {
         .await
         .map_err(|e| AppError::Internal(e.to_string()))?
         .map_err(AppError::BadRequest)?;
-        let mut shell = self.shell();
-        for (_, root, hash) in &hashed {
-            shell.local_roots.insert(hash.clone(), root.clone());
+        {
+            let mut shell = self.shell();
+            for (_, root, hash) in &hashed {
+                shell.local_roots.insert(hash.clone(), root.clone());
+            }
         }
-        drop(shell);
         let projects = hashed.into_iter().map(|(name, _, hash)| (name, None, hash)).collect();
         Ok(self.register(projects, Vec::new()).await)
     }
