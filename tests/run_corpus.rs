@@ -8,7 +8,7 @@ use std::collections::BTreeMap;
 
 use cdtester::corpus::{CorpusProject, ExpectedCounts};
 use cdtester_runner_api::Counts;
-use common::{cdtester, describe, fetch_corpus, output, run_json, write_requirement_config};
+use common::{cdtester, corpus_workspace, describe, fetch_corpus, output, run_json, run_with_junit};
 
 /// toml (2 failures), colorama (skips, `*_test.py`, tests in the package), simplejson (33
 /// in-package modules, skips), attrs (install + hypothesis, failure, xfail, module-level skip),
@@ -40,21 +40,11 @@ fn assert_matches_corpus(projects: &[CorpusProject], eval: &serde_json::Value) {
 #[test]
 fn corpus_projects_count_exactly_like_pytest_run_alone() {
     let work = tempfile::tempdir().expect("tempdir");
-    let projects_dir = work.path().join("projects");
-    let projects = fetch_corpus(PROJECTS, &projects_dir);
-    let config = work.path().join("cdtester.toml");
-    write_requirement_config(&projects, &config);
+    let (projects_dir, config, projects) = corpus_workspace(PROJECTS, work.path());
     let junit = work.path().join("junit.xml");
 
     // All projects in one run (the folder holds one project per top-level folder).
-    let out = output(
-        cdtester(&work.path().join("data"))
-            .arg("--config")
-            .arg(&config)
-            .args(["run", "--json", "--junit-xml"])
-            .arg(&junit)
-            .arg(&projects_dir),
-    );
+    let out = run_with_junit(&work.path().join("data"), &config, &junit, &projects_dir);
     assert!(out.status.success(), "{}", describe(&out));
     let eval = run_json(&out);
     assert_matches_corpus(&projects, &eval);

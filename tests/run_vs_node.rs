@@ -13,7 +13,7 @@ use std::path::Path;
 use cdtester::corpus::ExpectedCounts;
 use cdtester::eval::{EvalReport, ModuleStatus, ProjectStatus};
 use cdtester_runner_api::Counts;
-use common::{cdtester, describe, fetch_corpus, output, write_requirement_config};
+use common::{cdtester, corpus_workspace, describe, output, run_with_junit};
 
 /// toml (failures), colorama (skips, tests inside the package), six (one big module), tabulate
 /// (optional-dependency skips, `test/` without `__init__`).
@@ -86,22 +86,11 @@ fn junit(path: &Path) -> String {
 #[tokio::test(flavor = "multi_thread")]
 async fn run_and_a_one_node_network_give_identical_reports() {
     let work = tempfile::tempdir().expect("tempdir");
-    let projects_dir = work.path().join("projects");
-    let projects = fetch_corpus(PROJECTS, &projects_dir);
-    let config = work.path().join("cdtester.toml");
-    write_requirement_config(&projects, &config);
+    let (projects_dir, config, projects) = corpus_workspace(PROJECTS, work.path());
 
-    // `cdtester run`: one process, no network.
+    // `cdtester run`: one process, no network (2 worker slots by default).
     let run_junit = work.path().join("run.xml");
-    let out = output(
-        cdtester(&work.path().join("run-data"))
-            .arg("--config")
-            .arg(&config)
-            .env("CDT_RUNNER__WORKERS", "2")
-            .args(["run", "--json", "--junit-xml"])
-            .arg(&run_junit)
-            .arg(&projects_dir),
-    );
+    let out = run_with_junit(&work.path().join("run-data"), &config, &run_junit, &projects_dir);
     assert!(out.status.success(), "{}", describe(&out));
     let local = report_of(&out);
 

@@ -102,3 +102,24 @@ pub fn write_requirement_config(projects: &[cdtester::corpus::CorpusProject], pa
     }
     std::fs::write(path, text).expect("write config");
 }
+
+/// The named corpus projects fetched under `<work>/projects` (one folder each) with a config
+/// file `<work>/cdtester.toml` giving them their test requirements: (projects folder, config,
+/// projects).
+pub fn corpus_workspace(
+    names: &[&str],
+    work: &Path,
+) -> (PathBuf, PathBuf, Vec<cdtester::corpus::CorpusProject>) {
+    let dir = work.join("projects");
+    let projects = fetch_corpus(names, &dir);
+    let config = work.join("cdtester.toml");
+    write_requirement_config(&projects, &config);
+    (dir, config, projects)
+}
+
+/// `cdtester --config CONFIG run --json --junit-xml JUNIT DIR` with its data in `data`.
+pub fn run_with_junit(data: &Path, config: &Path, junit: &Path, dir: &Path) -> Output {
+    output(
+        cdtester(data).arg("--config").arg(config).args(["run", "--json", "--junit-xml"]).arg(junit).arg(dir),
+    )
+}
