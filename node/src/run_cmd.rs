@@ -46,10 +46,23 @@ pub struct LocalSession {
     // Dropped first: stops the application's background tasks, which hold references to it.
     runtime: tokio::runtime::Runtime,
     app: Arc<App>,
+    /// The store of a run whose data folder another process holds (removed last).
+    _private: Option<tempfile::TempDir>,
+}
+
+/// Whether `e` says that another process holds the store.
+fn store_in_use(e: &anyhow::Error) -> bool {
+    e.chain().any(|c| {
+        matches!(
+            c.downcast_ref::<crate::store::StoreError>(),
+            Some(crate::store::StoreError::Db(redb::Error::DatabaseAlreadyOpen))
+        )
+    })
 }
 
 impl LocalSession {
-    /// Opens the store in `config`'s data folder (its duration memory) and starts the
+    /// Opens the store in `config`'s data folder (its duration memory; a private temporary
+    /// store, without remembered durations, when another process holds it) and starts the
     /// application with `config.runner.workers` slots.
     pub fn open(
         mut config: Config,
@@ -64,13 +77,25 @@ impl LocalSession {
             .enable_all()
             .build()
             .context("starting the tokio runtime")?;
-        let app =
-            App::open(AppOptions { udp: member, http: member, runners, policies, config, local: true })?;
+        let mut opts = AppOptions { udp: member, http: member, runners, policies, config, local: true };
+        let (app, private) = match App::open(opts.clone()) {
+            Ok(app) => (app, None),
+            Err(e) if store_in_use(&e) => {
+                tracing::warn!(data = %opts.config.node.data_dir.display(), "another cdtester process uses this data folder: this run remembers no module durations");
+                let dir = tempfile::Builder::new()
+                    .prefix("cdtester-run-")
+                    .tempdir()
+                    .context("making a temporary folder")?;
+                opts.config.node.data_dir = dir.path().to_path_buf();
+                (App::open(opts)?, Some(dir))
+            }
+            Err(e) => return Err(e),
+        };
         {
             let _entered = runtime.enter();
             app.start(Arc::new(LocalNet::new(member)));
         }
-        Ok(LocalSession { runtime, app })
+        Ok(LocalSession { runtime, app, _private: private })
     }
 
     /// Evaluates `projects` (all tasks on the shared slots, longest first) and returns the
