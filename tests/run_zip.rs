@@ -79,3 +79,28 @@ fn zip_with_a_project_at_its_root_is_named_after_the_zip() {
     assert_eq!(solo["modules"]["test_solo.py"]["counts"]["passed"], 2, "{eval:#}");
     assert_eq!(eval["summary"]["tests"]["passed"], 2);
 }
+
+#[test]
+fn two_runs_at_once_share_a_data_folder() {
+    let work = tempfile::tempdir().expect("tempdir");
+    let project = work.path().join("bob");
+    common::write_file(&project, "tests/test_calc.py", MIXED);
+    let data = work.path().join("data");
+    let started: Vec<std::process::Child> = (0..2)
+        .map(|_| {
+            cdtester(&data)
+                .args(["run", "--json"])
+                .arg(&project)
+                .stdout(std::process::Stdio::piped())
+                .stderr(std::process::Stdio::piped())
+                .spawn()
+                .expect("start cdtester run")
+        })
+        .collect();
+    for child in started {
+        let out = child.wait_with_output().expect("cdtester run");
+        assert!(out.status.success(), "{}", describe(&out));
+        let eval = run_json(&out);
+        assert_eq!(eval["projects"]["bob"]["grade"], 10.0, "{eval:#}");
+    }
+}
