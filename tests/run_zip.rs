@@ -81,7 +81,7 @@ fn zip_with_a_project_at_its_root_is_named_after_the_zip() {
 }
 
 #[test]
-fn two_runs_at_once_share_a_data_folder() {
+fn two_runs_at_once_share_a_data_folder_and_its_duration_memory() {
     let work = tempfile::tempdir().expect("tempdir");
     let project = work.path().join("bob");
     common::write_file(&project, "tests/test_calc.py", MIXED);
@@ -103,4 +103,9 @@ fn two_runs_at_once_share_a_data_folder() {
         let eval = run_json(&out);
         assert_eq!(eval["projects"]["bob"]["grade"], 10.0, "{eval:#}");
     }
+    // The module's duration is remembered in the data folder's store (the node's own table).
+    let store = cdtester::store::Store::open(&data).expect("the store is free again");
+    let durations = store.all_durations().expect("durations");
+    let stat = durations.iter().find(|(k, _)| k == "bob::tests/test_calc.py").map(|(_, s)| s.tests);
+    assert_eq!(stat, Some(3), "{durations:?}");
 }
