@@ -8,7 +8,7 @@ use std::collections::BTreeMap;
 
 use cdtester::corpus::{CorpusProject, ExpectedCounts};
 use cdtester_runner_api::Counts;
-use common::{cdtester, corpus_workspace, describe, fetch_corpus, output, run_json, run_with_junit};
+use common::{cdtester, corpus_run, describe, fetch_corpus, output, run_json};
 
 /// toml (2 failures), colorama (skips, `*_test.py`, tests in the package), simplejson (33
 /// in-package modules, skips), attrs (install + hypothesis, failure, xfail, module-level skip),
@@ -40,14 +40,11 @@ fn assert_matches_corpus(projects: &[CorpusProject], eval: &serde_json::Value) {
 #[test]
 fn corpus_projects_count_exactly_like_pytest_run_alone() {
     let work = tempfile::tempdir().expect("tempdir");
-    let (projects_dir, config, projects) = corpus_workspace(PROJECTS, work.path());
-    let junit = work.path().join("junit.xml");
-
     // All projects in one run (the folder holds one project per top-level folder).
-    let out = run_with_junit(&work.path().join("data"), &config, &junit, &projects_dir);
-    assert!(out.status.success(), "{}", describe(&out));
-    let eval = run_json(&out);
-    assert_matches_corpus(&projects, &eval);
+    let run = corpus_run(PROJECTS, work.path(), "junit");
+    let (projects, junit) = (&run.projects, &run.junit);
+    let eval = run_json(&run.out);
+    assert_matches_corpus(projects, &eval);
 
     // The JUnit file is well-formed and has one testcase per result.
     let total = eval["summary"]["tests"]
@@ -56,12 +53,12 @@ fn corpus_projects_count_exactly_like_pytest_run_alone() {
         .values()
         .map(|v| v.as_u64().unwrap_or(0))
         .sum::<u64>();
-    let xml = std::fs::read_to_string(&junit).expect("junit file");
+    let xml = std::fs::read_to_string(junit).expect("junit file");
     assert_eq!(xml.matches("<testcase ").count() as u64, total);
     let check = output(
         std::process::Command::new("python3")
             .args(["-c", "import sys, xml.etree.ElementTree as E; r = E.parse(sys.argv[1]).getroot(); print(len(r.findall('testsuite')))"])
-            .arg(&junit),
+            .arg(junit),
     );
     assert!(check.status.success(), "JUnit XML does not parse: {}", describe(&check));
     assert_eq!(String::from_utf8_lossy(&check.stdout).trim(), projects.len().to_string());

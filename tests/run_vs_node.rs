@@ -13,7 +13,7 @@ use std::path::Path;
 use cdtester::corpus::ExpectedCounts;
 use cdtester::eval::{EvalReport, ModuleStatus, ProjectStatus};
 use cdtester_runner_api::Counts;
-use common::{cdtester, corpus_workspace, describe, output, run_with_junit};
+use common::{cdtester, corpus_run, describe, output};
 
 /// toml (failures), colorama (skips, tests inside the package), six (one big module), tabulate
 /// (optional-dependency skips, `test/` without `__init__`).
@@ -86,13 +86,10 @@ fn junit(path: &Path) -> String {
 #[tokio::test(flavor = "multi_thread")]
 async fn run_and_a_one_node_network_give_identical_reports() {
     let work = tempfile::tempdir().expect("tempdir");
-    let (projects_dir, config, projects) = corpus_workspace(PROJECTS, work.path());
-
     // `cdtester run`: one process, no network (2 worker slots by default).
-    let run_junit = work.path().join("run.xml");
-    let out = run_with_junit(&work.path().join("run-data"), &config, &run_junit, &projects_dir);
-    assert!(out.status.success(), "{}", describe(&out));
-    let local = report_of(&out);
+    let run = corpus_run(PROJECTS, work.path(), "run");
+    let (projects_dir, config, projects) = (&run.dir, &run.config, &run.projects);
+    let local = report_of(&run.out);
 
     // A one-node network, the same configuration, the same folder submitted by the client.
     let config_path = config.to_string_lossy().into_owned();
@@ -108,7 +105,7 @@ async fn run_and_a_one_node_network_give_identical_reports() {
         cdtester(&work.path().join("client-data"))
             .args(["submit", "--wait", "--json", "--node", &http, "--junit-xml"])
             .arg(&node_junit)
-            .arg(&projects_dir),
+            .arg(projects_dir),
     );
     assert!(out.status.success(), "{}", describe(&out));
     let networked = report_of(&out);
@@ -118,11 +115,11 @@ async fn run_and_a_one_node_network_give_identical_reports() {
         (local.summary.grade, local.summary.tests, local.summary.executed),
         (networked.summary.grade, networked.summary.tests, networked.summary.executed)
     );
-    assert_eq!(junit(&run_junit), junit(&node_junit), "the JUnit files differ but for their times");
+    assert_eq!(junit(&run.junit), junit(&node_junit), "the JUnit files differ but for their times");
 
     // And both are right: every module counts what the corpus says pytest counts run alone.
     assert_eq!(local.projects.len(), projects.len());
-    for p in &projects {
+    for p in projects {
         let got = local.projects.get(&p.project_root).unwrap_or_else(|| panic!("{} missing", p.name));
         assert_eq!(got.status, ProjectStatus::Finished, "{}: {:?}", p.name, got.error);
         let counts: BTreeMap<String, ExpectedCounts> =

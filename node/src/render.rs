@@ -215,12 +215,11 @@ mod tests {
     fn table_shows_modules_totals_and_grade() {
         let r = report_of(
             "tests/test_a.py",
-            vec![
-                result("tests/test_a.py::a", Outcome::Passed, None),
-                result("tests/test_a.py::b", Outcome::Passed, None),
-                result("tests/test_a.py::c", Outcome::Passed, None),
-                result("tests/test_a.py::d", Outcome::Error, None),
-            ],
+            ["a", "b", "c", "d"]
+                .iter()
+                .zip([Outcome::Passed, Outcome::Passed, Outcome::Passed, Outcome::Error])
+                .map(|(name, outcome)| result(&format!("tests/test_a.py::{name}"), outcome, None))
+                .collect(),
         );
         let t = table(&r);
         assert!(t.contains("project p<1> (finished, runner local): grade 15.00/20"), "{t}");

@@ -103,23 +103,34 @@ pub fn write_requirement_config(projects: &[cdtester::corpus::CorpusProject], pa
     std::fs::write(path, text).expect("write config");
 }
 
-/// The named corpus projects fetched under `<work>/projects` (one folder each) with a config
-/// file `<work>/cdtester.toml` giving them their test requirements: (projects folder, config,
-/// projects).
-pub fn corpus_workspace(
-    names: &[&str],
-    work: &Path,
-) -> (PathBuf, PathBuf, Vec<cdtester::corpus::CorpusProject>) {
+/// A `cdtester run --json --junit-xml` of corpus projects: where they are, their config file,
+/// the projects, the JUnit file and the run's output.
+pub struct CorpusRun {
+    pub dir: PathBuf,
+    pub config: PathBuf,
+    pub projects: Vec<cdtester::corpus::CorpusProject>,
+    pub junit: PathBuf,
+    pub out: Output,
+}
+
+/// Fetches the named corpus projects under `<work>/projects` (one folder each), writes a config
+/// file `<work>/cdtester.toml` giving them their test requirements, and runs
+/// `cdtester --config <it> run --json --junit-xml <work>/<name>.xml` on the folder with its
+/// data in `<work>/<name>-data` (asserting that it succeeds).
+pub fn corpus_run(names: &[&str], work: &Path, name: &str) -> CorpusRun {
     let dir = work.join("projects");
     let projects = fetch_corpus(names, &dir);
     let config = work.join("cdtester.toml");
     write_requirement_config(&projects, &config);
-    (dir, config, projects)
-}
-
-/// `cdtester --config CONFIG run --json --junit-xml JUNIT DIR` with its data in `data`.
-pub fn run_with_junit(data: &Path, config: &Path, junit: &Path, dir: &Path) -> Output {
-    output(
-        cdtester(data).arg("--config").arg(config).args(["run", "--json", "--junit-xml"]).arg(junit).arg(dir),
-    )
+    let junit = work.join(format!("{name}.xml"));
+    let out = output(
+        cdtester(&work.join(format!("{name}-data")))
+            .arg("--config")
+            .arg(&config)
+            .args(["run", "--json", "--junit-xml"])
+            .arg(&junit)
+            .arg(&dir),
+    );
+    assert!(out.status.success(), "{}", describe(&out));
+    CorpusRun { dir, config, projects, junit, out }
 }
