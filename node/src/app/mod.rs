@@ -371,16 +371,18 @@ impl App {
         applied
     }
 
-    /// Hands the core the active evaluations of every responsible node (for elections).
+    /// Hands the core the active evaluations of every responsible node (for elections; a
+    /// local app has no core).
     fn push_active(&self) {
-        if let Some(net) = self.net() {
+        if let Some(net) = self.net().filter(|_| !self.local) {
             net.push_state(LocalEvent::SetActive(self.engine().active_evaluations()));
         }
     }
 
-    /// Hands the core this node's current evaluation summary for its CACHE_UPDATEs.
+    /// Hands the core this node's current evaluation summary for its CACHE_UPDATEs (a local app
+    /// has no core).
     fn set_cache(&self) {
-        if let Some(net) = self.net() {
+        if let Some(net) = self.net().filter(|_| !self.local) {
             net.push_state(LocalEvent::SetCache(Box::new(self.engine().cache_content())));
         }
     }
