@@ -88,9 +88,10 @@ impl App {
             return Ok(decided.clone());
         }
         let mut settings = self.cfg.project_settings(&project.name, project.url.as_deref());
-        if settings.runner_by_name && settings.runner != self.cfg.runner.default {
+        if settings.runner_by_name && settings.runner != self.cfg.runner.default && !self.local {
             // Names of submitted projects are the submitter's choice: they never route a
-            // project away from the default runner (a URL rule or a policy may).
+            // project away from the default runner (a URL rule or a policy may). A local app's
+            // names are the operator's own folder names.
             tracing::warn!(project = %project.id, rule_runner = %settings.runner, "a rule matching only the submitted name does not choose the runner");
             settings.runner = self.cfg.runner.default.clone();
         }
