@@ -127,3 +127,58 @@ async fn run_and_a_one_node_network_give_identical_reports() {
         assert_eq!(counts, p.expected_alone(), "{}: per-module counts differ from the corpus", p.name);
     }
 }
+
+/// Inodes of the sockets process `pid` holds now.
+fn socket_inodes(pid: u32) -> Vec<String> {
+    let Ok(fds) = std::fs::read_dir(format!("/proc/{pid}/fd")) else { return Vec::new() };
+    fds.filter_map(Result::ok)
+        .filter_map(|fd| std::fs::read_link(fd.path()).ok())
+        .filter_map(|target| {
+            let t = target.to_string_lossy().into_owned();
+            t.strip_prefix("socket:[").and_then(|s| s.strip_suffix(']')).map(str::to_string)
+        })
+        .collect()
+}
+
+/// The TCP and UDP sockets (IPv4 and IPv6) among `inodes`, as `/proc/net` rows.
+fn inet_sockets(pid: u32, inodes: &[String]) -> Vec<String> {
+    let mut found = Vec::new();
+    for table in ["tcp", "tcp6", "udp", "udp6"] {
+        let text = std::fs::read_to_string(format!("/proc/{pid}/net/{table}")).unwrap_or_default();
+        for row in text.lines().skip(1) {
+            // Field 10 (from 0) is the socket's inode.
+            if row.split_whitespace().nth(9).is_some_and(|inode| inodes.iter().any(|i| i == inode)) {
+                found.push(format!("{table}: {row}"));
+            }
+        }
+    }
+    found
+}
+
+#[test]
+fn cdtester_run_opens_no_network_socket() {
+    let work = tempfile::tempdir().expect("tempdir");
+    let project = work.path().join("sleepy");
+    node_common::sleepy_project(&project, 2, 3, 1.5);
+    let mut child = cdtester(&work.path().join("data"))
+        .args(["run", "--json"])
+        .arg(&project)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("start cdtester run");
+    let pid = child.id();
+    let mut looked = 0;
+    while child.try_wait().expect("wait").is_none() {
+        let inodes = socket_inodes(pid);
+        let inet = inet_sockets(pid, &inodes);
+        assert!(inet.is_empty(), "cdtester run holds network sockets: {inet:?}");
+        looked += 1;
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let out = child.wait_with_output().expect("cdtester run");
+    assert!(out.status.success(), "{}", describe(&out));
+    assert!(looked > 10, "the run ended before it could be watched");
+    let report = report_of(&out);
+    assert_eq!(report.projects["sleepy"].status, ProjectStatus::Finished, "{}", describe(&out));
+}
