@@ -84,12 +84,13 @@ fn cdtester_run_uses_the_docker_runner_and_cleans_up() {
     );
     assert!(out.status.success(), "{}", common::describe(&out));
     let eval = common::run_json(&out);
-    let modules = eval["projects"][0]["modules"].as_array().unwrap_or_else(|| panic!("modules in {eval:#}"));
+    let modules =
+        common::first_project(&eval)["modules"].as_object().unwrap_or_else(|| panic!("modules in {eval:#}"));
     let got: BTreeMap<String, ExpectedCounts> = modules
         .iter()
-        .map(|m| {
+        .map(|(name, m)| {
             let c: Counts = serde_json::from_value(m["counts"].clone()).expect("module counts");
-            (m["module"].as_str().expect("module name").to_string(), ExpectedCounts::of(&c))
+            (name.clone(), ExpectedCounts::of(&c))
         })
         .collect();
     assert_eq!(got, p.expected_alone(), "colorama through `cdtester run` in containers");

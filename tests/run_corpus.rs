@@ -5,11 +5,10 @@
 mod common;
 
 use std::collections::BTreeMap;
-use std::path::Path;
 
-use cdtester::corpus::{self, CorpusProject, ExpectedCounts};
+use cdtester::corpus::{CorpusProject, ExpectedCounts};
 use cdtester_runner_api::Counts;
-use common::{cdtester, describe, output, run_json};
+use common::{cdtester, corpus_run, describe, fetch_corpus, output, run_json};
 
 /// toml (2 failures), colorama (skips, `*_test.py`, tests in the package), simplejson (33
 /// in-package modules, skips), attrs (install + hypothesis, failure, xfail, module-level skip),
@@ -22,52 +21,17 @@ fn counts_of(module: &serde_json::Value) -> ExpectedCounts {
     ExpectedCounts::of(&c)
 }
 
-fn fetch_all(names: &[&str], into: &Path) -> Vec<CorpusProject> {
-    let all = corpus::shipped().expect("corpus manifest");
-    let python = cdtester_runners::local::resolve_python(None).expect("python3");
-    names
-        .iter()
-        .map(|name| {
-            let p = all
-                .iter()
-                .find(|p| p.name == *name)
-                .unwrap_or_else(|| panic!("{name} not in the corpus"))
-                .clone();
-            let sdist = corpus::fetch(&p, &python, &common::corpus_cache()).unwrap_or_else(|e| panic!("{e}"));
-            corpus::unpack(&p, &sdist, into).unwrap_or_else(|e| panic!("{e}"));
-            p
-        })
-        .collect()
-}
-
-/// A config file giving each project its test requirements, as an operator would write it.
-fn write_config(projects: &[CorpusProject], path: &Path) {
-    let mut text = String::new();
-    for rule in corpus::requirement_rules(projects) {
-        let reqs: Vec<String> = rule.requirements.iter().map(|r| format!("{r:?}")).collect();
-        text.push_str(&format!(
-            "[[projects]]\npattern = {:?}\nrequirements = [{}]\n\n",
-            rule.pattern,
-            reqs.join(", ")
-        ));
-    }
-    std::fs::write(path, text).expect("write config");
-}
-
 fn assert_matches_corpus(projects: &[CorpusProject], eval: &serde_json::Value) {
-    let results = eval["projects"].as_array().expect("projects array");
+    let results = eval["projects"].as_object().expect("projects by name");
     assert_eq!(results.len(), projects.len(), "one result per project:\n{eval:#}");
     for p in projects {
-        let r = results
-            .iter()
-            .find(|r| r["name"] == p.project_root.as_str())
-            .unwrap_or_else(|| panic!("{} missing", p.name));
+        let r = results.get(&p.project_root).unwrap_or_else(|| panic!("{} missing", p.name));
         assert!(r.get("error").is_none(), "{}: {}", p.name, r["error"]);
         let got: BTreeMap<String, ExpectedCounts> = r["modules"]
-            .as_array()
+            .as_object()
             .expect("modules")
             .iter()
-            .map(|m| (m["module"].as_str().expect("module name").to_string(), counts_of(m)))
+            .map(|(name, m)| (name.clone(), counts_of(m)))
             .collect();
         assert_eq!(got, p.expected_alone(), "{}: per-module counts differ from the corpus", p.name);
     }
@@ -76,34 +40,25 @@ fn assert_matches_corpus(projects: &[CorpusProject], eval: &serde_json::Value) {
 #[test]
 fn corpus_projects_count_exactly_like_pytest_run_alone() {
     let work = tempfile::tempdir().expect("tempdir");
-    let projects_dir = work.path().join("projects");
-    let projects = fetch_all(PROJECTS, &projects_dir);
-    let config = work.path().join("cdtester.toml");
-    write_config(&projects, &config);
-    let junit = work.path().join("junit.xml");
-
     // All projects in one run (the folder holds one project per top-level folder).
-    let out = output(
-        cdtester(&work.path().join("data"))
-            .arg("--config")
-            .arg(&config)
-            .args(["run", "--json", "--junit-xml"])
-            .arg(&junit)
-            .arg(&projects_dir),
-    );
-    assert!(out.status.success(), "{}", describe(&out));
-    let eval = run_json(&out);
-    assert_matches_corpus(&projects, &eval);
+    let run = corpus_run(PROJECTS, work.path(), "junit");
+    let (projects, junit) = (&run.projects, &run.junit);
+    let eval = run_json(&run.out);
+    assert_matches_corpus(projects, &eval);
 
     // The JUnit file is well-formed and has one testcase per result.
-    let total =
-        eval["counts"].as_object().expect("counts").values().map(|v| v.as_u64().unwrap_or(0)).sum::<u64>();
-    let xml = std::fs::read_to_string(&junit).expect("junit file");
+    let total = eval["summary"]["tests"]
+        .as_object()
+        .expect("counts")
+        .values()
+        .map(|v| v.as_u64().unwrap_or(0))
+        .sum::<u64>();
+    let xml = std::fs::read_to_string(junit).expect("junit file");
     assert_eq!(xml.matches("<testcase ").count() as u64, total);
     let check = output(
         std::process::Command::new("python3")
             .args(["-c", "import sys, xml.etree.ElementTree as E; r = E.parse(sys.argv[1]).getroot(); print(len(r.findall('testsuite')))"])
-            .arg(&junit),
+            .arg(junit),
     );
     assert!(check.status.success(), "JUnit XML does not parse: {}", describe(&check));
     assert_eq!(String::from_utf8_lossy(&check.stdout).trim(), projects.len().to_string());
@@ -113,7 +68,7 @@ fn corpus_projects_count_exactly_like_pytest_run_alone() {
 fn fresh_interpreters_count_the_same_as_the_warm_worker() {
     let work = tempfile::tempdir().expect("tempdir");
     let projects_dir = work.path().join("projects");
-    let projects = fetch_all(&["toml", "colorama"], &projects_dir);
+    let projects = fetch_corpus(&["toml", "colorama"], &projects_dir);
     let out = output(
         cdtester(&work.path().join("data"))
             .env("CDT_RUNNER__LOCAL__WARM", "false")

@@ -39,13 +39,12 @@ fn zip_with_one_project_per_folder_is_graded_per_project() {
     );
     assert!(out.status.success(), "{}", describe(&out));
     let eval = run_json(&out);
-    let projects = eval["projects"].as_array().expect("projects");
-    let names: Vec<&str> = projects.iter().map(|p| p["name"].as_str().unwrap_or_default()).collect();
+    let projects = eval["projects"].as_object().expect("projects");
+    let names: Vec<&String> = projects.keys().collect();
     assert_eq!(names, ["alice", "bob"]);
-    assert_eq!(projects[0]["grade"], 20.0);
-    assert_eq!(projects[1]["grade"], 10.0);
-    let bob = &projects[1]["modules"][0];
-    assert_eq!(bob["module"], "tests/test_calc.py");
+    assert_eq!(projects["alice"]["grade"], 20.0);
+    assert_eq!(projects["bob"]["grade"], 10.0);
+    let bob = &projects["bob"]["modules"]["tests/test_calc.py"];
     assert_eq!(
         (
             bob["counts"]["passed"].as_u64(),
@@ -54,7 +53,7 @@ fn zip_with_one_project_per_folder_is_graded_per_project() {
         ),
         (Some(1), Some(1), Some(1))
     );
-    assert_eq!(eval["grade"], 15.0);
+    assert_eq!(eval["summary"]["grade"], 15.0);
     let xml = std::fs::read_to_string(&junit).expect("junit");
     assert!(
         xml.contains("<testsuite name=\"bob\" tests=\"3\" failures=\"1\" errors=\"0\" skipped=\"1\""),
@@ -65,7 +64,7 @@ fn zip_with_one_project_per_folder_is_graded_per_project() {
     let out = output(cdtester(&work.path().join("data")).args(["run"]).arg(&zip));
     assert!(out.status.success(), "{}", describe(&out));
     let table = String::from_utf8_lossy(&out.stdout);
-    assert!(table.contains("project bob (runner local): grade 10.00/20"), "{table}");
+    assert!(table.contains("project bob (finished, runner local): grade 10.00/20"), "{table}");
 }
 
 #[test]
@@ -76,7 +75,37 @@ fn zip_with_a_project_at_its_root_is_named_after_the_zip() {
     let out = output(cdtester(&work.path().join("data")).args(["run", "--json"]).arg(&zip));
     assert!(out.status.success(), "{}", describe(&out));
     let eval = run_json(&out);
-    assert_eq!(eval["projects"][0]["name"], "solo");
-    assert_eq!(eval["projects"][0]["modules"][0]["module"], "test_solo.py");
-    assert_eq!(eval["counts"]["passed"], 2);
+    let solo = &eval["projects"]["solo"];
+    assert_eq!(solo["modules"]["test_solo.py"]["counts"]["passed"], 2, "{eval:#}");
+    assert_eq!(eval["summary"]["tests"]["passed"], 2);
+}
+
+#[test]
+fn two_runs_at_once_share_a_data_folder_and_its_duration_memory() {
+    let work = tempfile::tempdir().expect("tempdir");
+    let project = work.path().join("bob");
+    common::write_file(&project, "tests/test_calc.py", MIXED);
+    let data = work.path().join("data");
+    let started: Vec<std::process::Child> = (0..2)
+        .map(|_| {
+            cdtester(&data)
+                .args(["run", "--json"])
+                .arg(&project)
+                .stdout(std::process::Stdio::piped())
+                .stderr(std::process::Stdio::piped())
+                .spawn()
+                .expect("start cdtester run")
+        })
+        .collect();
+    for child in started {
+        let out = child.wait_with_output().expect("cdtester run");
+        assert!(out.status.success(), "{}", describe(&out));
+        let eval = run_json(&out);
+        assert_eq!(eval["projects"]["bob"]["grade"], 10.0, "{eval:#}");
+    }
+    // The module's duration is remembered in the data folder's store (the node's own table).
+    let store = cdtester::store::Store::open(&data).expect("the store is free again");
+    let durations = store.all_durations().expect("durations");
+    let stat = durations.iter().find(|(k, _)| k == "bob::tests/test_calc.py").map(|(_, s)| s.tests);
+    assert_eq!(stat, Some(3), "{durations:?}");
 }

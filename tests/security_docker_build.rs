@@ -40,7 +40,7 @@ fn run_docker(data: &Path, project: &Path, env: &[(&str, &str)]) -> (Output, ser
     }
     let out = output(&mut cmd);
     let report = run_json(&out);
-    let project = report["projects"][0].clone();
+    let project = report["projects"].as_object().and_then(|m| m.values().next()).cloned().unwrap_or_default();
     assert!(!project.is_null(), "{}", describe(&out));
     (out, project)
 }
@@ -304,7 +304,7 @@ fn build_backends_run_only_in_the_network_less_sandbox() {
     );
     let (out, project) = run_docker(&dir.path().join("data"), &root, &[]);
     assert_eq!(project["error"], serde_json::Value::Null, "{}", describe(&out));
-    assert_eq!(project["counts"]["passed"], 4, "{}", describe(&out));
+    assert_eq!(project["tests"]["passed"], 4, "{}", describe(&out));
     assert!(!marker.exists(), "the build backend wrote on the host");
     assert!(listener.accept().is_err(), "the build backend reached the host's listener");
 }

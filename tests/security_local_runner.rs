@@ -31,16 +31,16 @@ fn random_value(tag: &str) -> String {
 
 /// Per module of the only project of a `cdtester run --json` output: (passed, failed, crashed).
 fn module_verdicts(eval: &Value) -> Vec<(String, u64, u64, u64)> {
-    let project = &eval["projects"][0];
+    let project = common::first_project(eval);
     assert!(project.get("error").is_none(), "{eval:#}");
     project["modules"]
-        .as_array()
+        .as_object()
         .expect("modules")
         .iter()
-        .map(|m| {
+        .map(|(name, m)| {
             let c = &m["counts"];
             let n = |k: &str| c[k].as_u64().unwrap_or(0);
-            (m["module"].as_str().expect("module").to_string(), n("passed"), n("failed"), n("crashed"))
+            (name.clone(), n("passed"), n("failed"), n("crashed"))
         })
         .collect()
 }

@@ -10,7 +10,7 @@ use hyper::Method;
 use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::Value;
 
-use crate::eval::{Columns, EvalId, EvalReport, EvalStatus};
+use crate::eval::{EvalId, EvalReport, EvalStatus};
 use crate::fetch;
 use crate::http::auth::Secret;
 use crate::http::client::{HttpClient, multipart_file};
@@ -47,6 +47,9 @@ pub struct Follow {
     /// Print the final report as JSON (with --wait).
     #[arg(long)]
     pub json: bool,
+    /// Also write the final report as JUnit XML to FILE (with --wait), as `cdtester run` does.
+    #[arg(long, value_name = "FILE", requires = "wait")]
+    pub junit_xml: Option<PathBuf>,
 }
 
 impl Follow {
@@ -58,6 +61,10 @@ impl Follow {
         }
         if self.wait {
             let r = client.wait(id, self.json).await?;
+            if let Some(path) = &self.junit_xml {
+                std::fs::write(path, crate::render::junit_xml(&r))
+                    .with_context(|| format!("writing {}", path.display()))?;
+            }
             if self.json {
                 println!("{}", serde_json::to_string_pretty(&r)?);
             } else {
@@ -197,42 +204,11 @@ pub fn local_upload(sources: &[String]) -> anyhow::Result<(Vec<u8>, String)> {
     Ok((fetch::pack_projects(&projects)?, "projects.zip".into()))
 }
 
-/// Prints the results table of a report (outcomes grouped as `cdtester run` groups them, see
-/// [`Columns`]).
+/// Prints a report: which evaluation, then the results table every command shows
+/// ([`crate::render::table`]).
 pub fn print_table(r: &EvalReport) {
-    let status = r.status.as_str();
-    println!("evaluation {}  ({status}, {:.1} s, node {})", r.id, r.time_elapsed, r.node);
-    println!(
-        "{:<24} {:>7} {:>7} {:>7} {:>7} {:>7} {:>7} {:>7} {:>8}  status",
-        "project", "modules", "passed", "failed", "errors", "skipped", "xfail", "other", "grade"
-    );
-    for (name, p) in &r.projects {
-        let c = Columns::of(&p.tests);
-        let grade = p.grade.map(|g| format!("{g:.2}")).unwrap_or_else(|| "-".into());
-        let mut status = p.status.as_str().to_string();
-        if let Some(e) = &p.error {
-            status = format!("{status}: {e}");
-        }
-        println!(
-            "{:<24} {:>7} {:>7} {:>7} {:>7} {:>7} {:>7} {:>7} {:>8}  {}",
-            name,
-            p.modules.len(),
-            c.passed,
-            c.failed,
-            c.errors,
-            c.skipped,
-            c.xfailed,
-            c.xpassed,
-            grade,
-            status
-        );
-    }
-    let s = &r.summary;
-    let grade = s.grade.map(|g| format!("{g:.2}/20")).unwrap_or_else(|| "-".into());
-    println!(
-        "overall: {} passed, {} failed ({}% passed); grade {grade}",
-        s.total_passed, s.total_failed, s.pass_percentage
-    );
+    println!("evaluation {}  ({}, {:.1} s, node {})", r.id, r.status.as_str(), r.time_elapsed, r.node);
+    print!("{}", crate::render::table(r));
 }
 
 /// A single-threaded runtime for a CLI command.

@@ -16,6 +16,7 @@ pub mod http;
 pub mod node_cmd;
 pub mod node_image;
 pub mod registry;
+pub mod render;
 pub mod run_cmd;
 pub mod store;
 pub mod udp;

@@ -54,11 +54,6 @@ pub fn docker_settings(config: &Config) -> DockerSettings {
     }
 }
 
-/// Where the per-module duration memory lives.
-pub fn durations_path(config: &Config) -> PathBuf {
-    config.node.data_dir.join("durations.json")
-}
-
 impl Registry {
     /// The built-in runners the configuration allows on this machine.
     pub fn from_config(config: &Config) -> Registry {

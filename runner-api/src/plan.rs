@@ -61,3 +61,54 @@ pub fn plan(
     tasks.sort_by(|a, b| b.estimate.total_cmp(&a.estimate));
     tasks
 }
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashMap;
+
+    use super::*;
+
+    fn modules(names: &[&str]) -> Vec<String> {
+        names.iter().map(|s| s.to_string()).collect()
+    }
+
+    fn memory(entries: &[(&str, f64, u64)]) -> HashMap<String, ModuleStat> {
+        entries
+            .iter()
+            .map(|(m, secs, tests)| (m.to_string(), ModuleStat { secs: *secs, tests: *tests }))
+            .collect()
+    }
+
+    #[test]
+    fn plan_is_longest_first_and_splits_only_dominant_slow_modules() {
+        let known = memory(&[("big.py", 35.0, 900), ("mid.py", 6.0, 50), ("small.py", 0.2, 5)]);
+        let tasks = plan(&modules(&["small.py", "mid.py", "big.py", "new.py"]), |m| known.get(m).copied(), 2);
+        let got: Vec<(&str, Option<Chunk>)> = tasks.iter().map(|t| (t.module.as_str(), t.chunk)).collect();
+        // total 41.7, half a share 10.4: big.py -> 4 chunks of 8.75 s, then mid, new, small.
+        let chunk = |index| Some(Chunk { index, count: 4 });
+        assert_eq!(
+            got,
+            [
+                ("big.py", chunk(0)),
+                ("big.py", chunk(1)),
+                ("big.py", chunk(2)),
+                ("big.py", chunk(3)),
+                ("mid.py", None),
+                ("new.py", None),
+                ("small.py", None)
+            ]
+        );
+        assert_eq!(tasks[0].estimate, 8.75);
+    }
+
+    #[test]
+    fn small_or_unknown_modules_run_whole() {
+        let known = memory(&[("a.py", 3.0, 400), ("b.py", 3.0, 400), ("c.py", 30.0, 1)]);
+        assert!(
+            plan(&modules(&["a.py", "b.py", "c.py"]), |m| known.get(m).copied(), 2)
+                .iter()
+                .all(|t| t.chunk.is_none())
+        );
+        assert!(plan(&modules(&["a.py"]), |_| None, 2).iter().all(|t| t.chunk.is_none()));
+    }
+}

@@ -72,6 +72,15 @@ fn return_freed_memory() {
     }
 }
 
+/// Releases every prepared project now (stopping the warm interpreters they hold).
+pub(super) async fn release_all(app: &Arc<App>) {
+    let keys: Vec<(String, String)> = app.prepared_map().keys().cloned().collect();
+    for key in keys {
+        release(app, key).await;
+    }
+    return_freed_memory();
+}
+
 /// Releases one prepared project with its runner.
 async fn release(app: &Arc<App>, key: (String, String)) {
     let Some(cell) = app.prepared_map().remove(&key) else { return };

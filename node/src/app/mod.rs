@@ -14,6 +14,7 @@
 //! union (see [`crate::eval`]), so no accepted result is lost or counted twice.
 
 mod lifecycle;
+mod local;
 mod project;
 mod run;
 mod sync;
@@ -40,6 +41,7 @@ use crate::store::Store;
 use crate::wire::Message;
 
 pub use crate::engine::{SyncRequest, SyncResponse, TaskPost};
+pub use local::LocalNet;
 pub use run::{node_main, run_node, runners_for};
 pub use sync::Replicated;
 
@@ -157,6 +159,9 @@ pub struct AppOptions {
     pub http: SocketAddr,
     pub runners: RunnerLookup,
     pub policies: PolicySet,
+    /// One member in this process (`cdtester run`, see [`LocalNet`]): evaluations live in memory
+    /// only and module durations are written in one transaction by [`App::finish_local`].
+    pub local: bool,
 }
 
 /// The shell's own caches (the evaluation state is the engine's).
@@ -176,6 +181,10 @@ struct ShellState {
     choices: HashMap<String, (RunnerChoice, cdtester_config::ProjectSettings)>,
     /// The modules a rerun runs, by project id (discovery leaves the others out).
     rerun_only: HashMap<String, BTreeSet<String>>,
+    /// Project folders of this machine by content hash (`cdtester run`: no archive, no copy).
+    local_roots: HashMap<String, PathBuf>,
+    /// Module durations not written yet (a local app writes them in [`App::finish_local`]).
+    durations: Vec<(String, ModuleStat)>,
 }
 
 /// Prepared projects by (content hash, runner), shared by the worker slots.
@@ -209,6 +218,13 @@ pub struct App {
     /// Host paths clients must not see in errors, longest first, with their placeholders.
     redactions: Vec<(String, &'static str)>,
     intake: fetch::IntakeSlots,
+    /// See [`AppOptions::local`].
+    local: bool,
+    /// Bumped at every record change (waiters use it instead of polling).
+    changes: tokio::sync::watch::Sender<u64>,
+    /// Discoveries (preparation and collection) running at once: at most `runner.workers` in a
+    /// local app (as many pytest processes as slots), unbounded on a node.
+    discoveries: tokio::sync::Semaphore,
 }
 
 fn now() -> Now {
@@ -227,7 +243,11 @@ impl App {
         for d in [&work_dir, &projects_dir] {
             std::fs::create_dir_all(d).with_context(|| format!("creating {}", d.display()))?;
         }
-        let records = store.load_evaluations().context("loading stored evaluations")?;
+        let records = if opts.local {
+            Vec::new()
+        } else {
+            store.load_evaluations().context("loading stored evaluations")?
+        };
         let durations: HashMap<String, ModuleStat> =
             store.all_durations().context("loading remembered durations")?.into_iter().collect();
         tracing::info!(evaluations = records.len(), "store loaded");
@@ -258,6 +278,13 @@ impl App {
             projects_dir,
             redactions: redactions(&opts.config),
             intake: fetch::IntakeSlots::new(&opts.config.intake),
+            local: opts.local,
+            changes: tokio::sync::watch::channel(0).0,
+            discoveries: tokio::sync::Semaphore::new(if opts.local {
+                opts.config.runner.workers.max(1)
+            } else {
+                tokio::sync::Semaphore::MAX_PERMITS
+            }),
             cfg: opts.config,
         };
         Ok(Arc::new(app))
@@ -314,7 +341,12 @@ impl App {
         let mut applied = Applied::default();
         for action in actions {
             match action {
-                Action::Persist(rec) => self.persist(&rec),
+                Action::Persist(rec) => {
+                    if !self.local {
+                        self.persist(&rec);
+                    }
+                    self.changes.send_modify(|v| *v = v.wrapping_add(1));
+                }
                 Action::Merged(n) => applied.merged = n,
                 Action::Discover { eval, project } => self.spawn_discovery(eval, project),
                 Action::Run(task) => {
@@ -328,6 +360,9 @@ impl App {
                 Action::Answer(a) => applied.answer = Some(a),
                 Action::PushCache => self.push_cache(),
                 Action::Prefetch { project, from } => self.prefetch(project, from),
+                Action::RememberDuration { key, stat } if self.local => {
+                    self.shell().durations.push((key, stat));
+                }
                 Action::RememberDuration { key, stat } => {
                     if let Err(e) = self.store.record_durations(&[(key, stat)]) {
                         tracing::warn!("remembering the module duration: {e}");
@@ -339,16 +374,18 @@ impl App {
         applied
     }
 
-    /// Hands the core the active evaluations of every responsible node (for elections).
+    /// Hands the core the active evaluations of every responsible node (for elections; a
+    /// local app has no core).
     fn push_active(&self) {
-        if let Some(net) = self.net() {
+        if let Some(net) = self.net().filter(|_| !self.local) {
             net.push_state(LocalEvent::SetActive(self.engine().active_evaluations()));
         }
     }
 
-    /// Hands the core this node's current evaluation summary for its CACHE_UPDATEs.
+    /// Hands the core this node's current evaluation summary for its CACHE_UPDATEs (a local app
+    /// has no core).
     fn set_cache(&self) {
-        if let Some(net) = self.net() {
+        if let Some(net) = self.net().filter(|_| !self.local) {
             net.push_state(LocalEvent::SetCache(Box::new(self.engine().cache_content())));
         }
     }
@@ -450,6 +487,18 @@ impl App {
         for p in &fetched {
             self.store.put_blob(&p.sha256, &p.archive).map_err(|e| AppError::Internal(e.to_string()))?;
         }
+        let projects = fetched.into_iter().map(|p| (p.name, p.url, p.sha256)).collect();
+        Ok(self.register(projects, only, rerun_of).await)
+    }
+
+    /// Registers an evaluation of projects (name, URL, content hash) whose content this node
+    /// holds (a rerun of `rerun_of` when set), replicates it and starts their discovery.
+    async fn register(
+        self: &Arc<Self>,
+        projects: Vec<(String, Option<String>, String)>,
+        only: Vec<Option<BTreeSet<String>>>,
+        rerun_of: Option<EvalId>,
+    ) -> EvalId {
         let rec = {
             let engine = self.engine();
             let id = loop {
@@ -458,14 +507,14 @@ impl App {
                     break id;
                 }
             };
-            let projects = fetched
-                .iter()
+            let projects = projects
+                .into_iter()
                 .enumerate()
-                .map(|(i, p)| ProjectRecord {
+                .map(|(i, (name, url, content_hash))| ProjectRecord {
                     id: format!("{id}-{i}"),
-                    name: p.name.clone(),
-                    url: p.url.clone(),
-                    content_hash: p.sha256.clone(),
+                    name,
+                    url,
+                    content_hash,
                     state: ProjectState::Preparing,
                 })
                 .collect();
@@ -486,7 +535,7 @@ impl App {
         self.apply(Input::Submitted(rec.clone()));
         // Replicate before answering, so that the evaluation survives this node's failure.
         sync::push_now(self, std::slice::from_ref(&rec)).await;
-        Ok(rec.id)
+        rec.id
     }
 
     /// Fetches git repositories (blocking clones on a worker thread, under the intake's URL

@@ -31,6 +31,8 @@ impl App {
     async fn discover(self: &Arc<Self>, project: &ProjectRecord) -> Result<Discovery, String> {
         // A rerun runs only the modules it names (taken first: every way out of here is final).
         let only = self.shell().rerun_only.remove(&project.id);
+        // Preparing and collecting start pytest processes: at most one per worker slot at once.
+        let _permit = self.discoveries.acquire().await.map_err(|e| e.to_string())?;
         let root = self.ensure_project(project, None).await?;
         let (choice, settings) = self.choose_runner(project, &root).await?;
         let prepared = self
@@ -86,9 +88,10 @@ impl App {
             return Ok(decided.clone());
         }
         let mut settings = self.cfg.project_settings(&project.name, project.url.as_deref());
-        if settings.runner_by_name && settings.runner != self.cfg.runner.default {
+        if settings.runner_by_name && settings.runner != self.cfg.runner.default && !self.local {
             // Names of submitted projects are the submitter's choice: they never route a
-            // project away from the default runner (a URL rule or a policy may).
+            // project away from the default runner (a URL rule or a policy may). A local app's
+            // names are the operator's own folder names.
             tracing::warn!(project = %project.id, rule_runner = %settings.runner, "a rule matching only the submitted name does not choose the runner");
             settings.runner = self.cfg.runner.default.clone();
         }
@@ -126,6 +129,9 @@ impl App {
         from: Option<SocketAddr>,
     ) -> Result<PathBuf, String> {
         let hash = project.content_hash.clone();
+        if let Some(root) = self.shell().local_roots.get(&hash) {
+            return Ok(root.clone());
+        }
         if !self.store.has_blob(&hash) {
             self.download_blob(project, from).await?;
         }

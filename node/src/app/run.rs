@@ -52,6 +52,7 @@ pub async fn run_node(
         runners,
         policies,
         config: config.clone(),
+        local: false,
     })?;
     let running = crate::node_cmd::start_protocol(&config).await?;
     let handle = running.handle.clone();

@@ -301,7 +301,7 @@ impl CdtCommand {
             let tail = err.get(err.len().saturating_sub(2000)..).unwrap_or(&err);
             bail!("cdtester run failed ({status}): {tail}");
         }
-        let eval: serde_json::Value = serde_json::from_slice(&std::fs::read(&out_path)?)
+        let eval: crate::eval::EvalReport = serde_json::from_slice(&std::fs::read(&out_path)?)
             .context("cdtester run --json printed no JSON")?;
         let wrong = compare(&eval, expected);
         Ok(CdtRun {
@@ -351,24 +351,16 @@ fn parent_of(pid: u32) -> Option<u32> {
 
 /// Projects whose per-module (passed, failed) in `cdtester run --json` output differ from
 /// `expected` (or that have other verdicts, or are missing).
-fn compare(eval: &serde_json::Value, expected: &Expected) -> Vec<String> {
+fn compare(eval: &crate::eval::EvalReport, expected: &Expected) -> Vec<String> {
     let mut got: Expected = Expected::new();
     let mut odd = Vec::new();
-    for p in eval["projects"].as_array().into_iter().flatten() {
-        let name = p["name"].as_str().unwrap_or_default().to_string();
-        for m in p["modules"].as_array().into_iter().flatten() {
-            let c = &m["counts"];
-            let n = |k: &str| c[k].as_u64().unwrap_or(0);
-            let others: u64 =
-                ["error", "skipped", "xfailed", "xpassed", "timeout", "oom", "crashed", "infra_error"]
-                    .iter()
-                    .map(|k| n(k))
-                    .sum();
-            if others > 0 {
+    for (name, p) in &eval.projects {
+        for (module, m) in &p.modules {
+            let c = &m.counts;
+            if c.total() != c.passed + c.failed {
                 odd.push(name.clone());
             }
-            let module = m["module"].as_str().unwrap_or_default().to_string();
-            got.entry(name.clone()).or_default().insert(module, (n("passed"), n("failed")));
+            got.entry(name.clone()).or_default().insert(module.clone(), (c.passed, c.failed));
         }
     }
     let mut wrong: Vec<String> = expected

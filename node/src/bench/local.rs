@@ -16,12 +16,13 @@ use anyhow::{Context, bail};
 use cdtester_config::Config;
 use cdtester_plugins::PolicySet;
 use cdtester_runner_api::{ProjectSource, Runner};
-use cdtester_runners::local::{DurationStore, LocalRunner, resolve_python};
+use cdtester_runners::local::{LocalRunner, resolve_python};
 
 use super::CorpusArgs;
 use crate::corpus::{self, CorpusProject, ExpectedCounts};
+use crate::eval::ProjectStatus;
 use crate::registry::{self, Registry};
-use crate::run_cmd::{ProjectInput, evaluate};
+use crate::run_cmd::{LocalSession, ProjectInput};
 
 /// Options of `cdtester bench local`.
 #[derive(Debug, Clone, clap::Args)]
@@ -135,10 +136,11 @@ pub fn run(args: Args, config: &Config) -> anyhow::Result<()> {
     let mut config = config.clone();
     config.projects = corpus::requirement_rules(&projects);
     config.runner.default = "local".into();
-    let registry = Registry::from_config(&config);
+    config.runner.workers = args.workers;
     let policies = PolicySet::load(&config.plugins).context("loading policy plugins")?;
     let baseline = LocalRunner::new(registry::local_options(&config))?;
-    let mut durations = DurationStore::open(&registry::durations_path(&config));
+    let runners = crate::app::registry_lookup(Registry::from_config(&config));
+    let session = LocalSession::open(config.clone(), runners, policies)?;
     let work = tempfile::Builder::new().prefix("cdtester-bench-").tempdir()?;
 
     let mut rows = Vec::new();
@@ -148,8 +150,8 @@ pub fn run(args: Args, config: &Config) -> anyhow::Result<()> {
         let (root, base_python) = baseline_project(p, &baseline, &python, &cache, work.path())?;
         let input = [ProjectInput { name: p.project_root.clone(), root: root.clone() }];
         evaluated.push(input[0].clone());
-        let warm_up = evaluate(&registry, &policies, &config, &input, args.workers, &mut durations);
-        if let Some(e) = warm_up.projects.first().and_then(|r| r.error.clone()) {
+        let warm_up = session.evaluate(&input)?;
+        if let Some(e) = warm_up.projects.values().find_map(|r| r.error.clone()) {
             eprintln!("   skipped: cdtester cannot evaluate it: {e}");
             continue;
         }
@@ -162,15 +164,15 @@ pub fn run(args: Args, config: &Config) -> anyhow::Result<()> {
         let c2 = cpu_total();
         let started = Instant::now();
         // Includes the warm workers: `evaluate` releases (and so reaps) them before returning.
-        let eval = evaluate(&registry, &policies, &config, &input, args.workers, &mut durations);
+        let eval = session.evaluate(&input)?;
         let cdt = started.elapsed().as_secs_f64();
         let c3 = cpu_total();
 
         let expected = p.expected_alone();
         let mut matches = 0;
-        if let Some(r) = eval.projects.first() {
-            for m in &r.modules {
-                if expected.get(&m.report.module) == Some(&ExpectedCounts::of(&m.counts)) {
+        if let Some(r) = eval.projects.values().next() {
+            for (module, m) in &r.modules {
+                if expected.get(module) == Some(&ExpectedCounts::of(&m.counts)) {
                     matches += 1;
                 }
             }
@@ -191,13 +193,14 @@ pub fn run(args: Args, config: &Config) -> anyhow::Result<()> {
     // first, so one project's tail overlaps the next one's start.
     eprintln!("== all {} projects in one evaluation", evaluated.len());
     let started = Instant::now();
-    let all = evaluate(&registry, &policies, &config, &evaluated, args.workers, &mut durations);
+    let all = session.evaluate(&evaluated)?;
     let together = started.elapsed().as_secs_f64();
-    let failed: Vec<&str> =
-        all.projects.iter().filter(|p| p.error.is_some()).map(|p| p.name.as_str()).collect();
-    if let Err(e) = durations.save() {
-        eprintln!("warning: cannot save the duration memory: {e}");
-    }
+    let failed: Vec<&str> = all
+        .projects
+        .iter()
+        .filter(|(_, p)| p.status == ProjectStatus::Failed)
+        .map(|(name, _)| name.as_str())
+        .collect();
     print!("{}", render(&rows, args.workers));
     let xdist_sum: f64 = rows.iter().map(|r| r.xdist).sum();
     let best_sum: f64 = rows.iter().map(|r| r.seq.min(r.xdist)).sum();

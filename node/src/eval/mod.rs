@@ -553,6 +553,12 @@ impl ModuleProgress<'_> {
         let notes: Vec<&str> = self.results.iter().filter_map(|r| r.report.note.as_deref()).collect();
         (!notes.is_empty()).then(|| notes.join("; "))
     }
+
+    /// Output the module's runs kept (of modules that did not come out clean), in task order.
+    pub fn output(&self) -> Option<String> {
+        let outputs: Vec<&str> = self.results.iter().filter_map(|r| r.report.output.as_deref()).collect();
+        (!outputs.is_empty()).then(|| outputs.join("\n"))
+    }
 }
 
 #[cfg(test)]

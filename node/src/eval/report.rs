@@ -124,6 +124,9 @@ pub struct ProjectReport {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub url: Option<String>,
     pub status: ProjectStatus,
+    /// The runner its responsible node chose (once discovered).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub runner: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
     pub pass_percentage: f64,
@@ -163,6 +166,9 @@ pub struct ModuleView {
     /// Per-test results (left out when the report is asked for without them).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tests: Option<Vec<TestResult>>,
+    /// What the module's runs printed, when it did not come out clean (with the tests only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub output: Option<String>,
 }
 
 fn percentages(c: &Counts) -> (f64, f64) {
@@ -274,6 +280,7 @@ fn project_report(
                     time: round3(progress.duration()),
                     note: progress.note(),
                     tests: with_tests.then_some(tests),
+                    output: if with_tests { progress.output() } else { None },
                 };
                 modules.insert(m.clone(), view);
             }
@@ -282,11 +289,16 @@ fn project_report(
     };
     let (pass_percentage, fail_percentage) = percentages(&counts);
     let grade = if status == ProjectStatus::Finished { grade(p, &all_tests) } else { None };
+    let runner = match &p.state {
+        ProjectState::Ready { runner, .. } => Some(runner.clone()),
+        _ => None,
+    };
     ProjectReport {
         id: p.id.clone(),
         node: rec.responsible.clone(),
         url: p.url.clone(),
         status,
+        runner,
         error,
         pass_percentage,
         fail_percentage,

@@ -14,7 +14,6 @@
 //! - Limits enforced: `timeout_s` and `output_kib`, plus the rlimits. Memory and a per-run pid
 //!   limit need a sandbox (use the `docker` runner).
 
-mod durations;
 mod env;
 mod process;
 mod sandbox;
@@ -31,7 +30,6 @@ use cdtester_runner_api::{
     TaskSpec, round2,
 };
 
-pub use durations::{DurationStore, MIN_SPLIT_SECS, ModuleStat, UNKNOWN_MODULE_SECS};
 pub(crate) use env::tail;
 pub use env::{PYTEST_REQUIREMENT, content_hash, needs_install, resolve_python};
 pub use sandbox::DEFAULT_UNPRIVILEGED_ID;
