@@ -292,11 +292,30 @@ pub struct DockerRunnerConfig {
     /// tmpfs its (network-less) build writes to, and the result kept on the host. The build's
     /// container may use this much memory on top of `runner.limits.memory_mb`.
     pub env_mb: u64,
+    /// How project files, environments and the plugin reach test containers: `bind` mounts of
+    /// this node's paths (the node runs on the engine's host), `volume` (copied into named
+    /// volumes through the engine's API: the node runs in a container itself, with the engine's
+    /// socket mounted), or `auto` (volumes when this node runs in a container).
+    pub mounts: DockerMounts,
+}
+
+/// `runner.docker.mounts`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DockerMounts {
+    Auto,
+    Bind,
+    Volume,
 }
 
 impl Default for DockerRunnerConfig {
     fn default() -> Self {
-        DockerRunnerConfig { image: "cdtester-runner:latest".into(), socket: None, env_mb: 512 }
+        DockerRunnerConfig {
+            image: "cdtester-runner:latest".into(),
+            socket: None,
+            env_mb: 512,
+            mounts: DockerMounts::Auto,
+        }
     }
 }
 

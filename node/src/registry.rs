@@ -4,8 +4,9 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use cdtester_config::Config;
+use cdtester_config::{Config, DockerMounts};
 use cdtester_runner_api::Runner;
+use cdtester_runners::docker::volumes::MountMode;
 use cdtester_runners::docker::{DockerRunner, DockerSettings};
 use cdtester_runners::local::{LocalOptions, LocalRunner};
 
@@ -51,6 +52,11 @@ pub fn docker_settings(config: &Config) -> DockerSettings {
         env_mb: config.runner.docker.env_mb,
         warm: true,
         wheelhouse: config.runner.wheelhouse.clone(),
+        mounts: match config.runner.docker.mounts {
+            DockerMounts::Auto => MountMode::Auto,
+            DockerMounts::Bind => MountMode::Bind,
+            DockerMounts::Volume => MountMode::Volume,
+        },
     }
 }
 

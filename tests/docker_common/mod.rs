@@ -47,6 +47,7 @@ pub fn settings(node_id: &str, dir: &Path, limits: Limits) -> DockerSettings {
         env_mb: 512,
         warm: true,
         wheelhouse: None,
+        mounts: cdtester_runners::docker::volumes::MountMode::Auto,
     }
 }
 

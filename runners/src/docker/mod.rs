@@ -23,6 +23,7 @@
 pub mod env;
 pub mod image;
 pub mod sandbox;
+pub mod volumes;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -39,6 +40,7 @@ use cdtester_runner_api::{
 use crate::pytest::{self, Mode, RunEnd};
 use crate::wheelhouse::PackageSource;
 use sandbox::{Bind, LABEL_NODE, LABEL_OWNER, LABEL_PROJECT, Sandbox, SandboxSpec};
+use volumes::{MountMode, Source, Volumes};
 
 pub use image::{ImageBuildOptions, ImageBuilt, build_image};
 
@@ -159,6 +161,8 @@ pub struct DockerSettings {
     pub warm: bool,
     /// Wheels environments are downloaded from instead of the index (`runner.wheelhouse`).
     pub wheelhouse: Option<PathBuf>,
+    /// How directories reach containers (`runner.docker.mounts`; see [`volumes`]).
+    pub mounts: MountMode,
 }
 
 struct Project {
@@ -180,6 +184,8 @@ pub struct DockerRunner {
     image_id: String,
     python_version: String,
     source: PackageSource,
+    /// The volumes directories are copied into, when the engine cannot see this process's paths.
+    volumes: Option<Volumes>,
     plugin_dir: PathBuf,
     projects: Mutex<HashMap<String, Arc<Project>>>,
 }
@@ -213,8 +219,15 @@ impl DockerRunner {
                 .and_then(|l| l.get(image::PYTHON_LABEL).cloned())
                 .unwrap_or_else(|| image::PYTHON_VERSION.to_string());
             cleanup_orphans(&docker, &settings.node_id).await?;
+            volumes::remove_labelled(&docker, &settings.node_id, sandbox::owner_alive).await?;
             Ok::<_, DockerError>((docker, image.id.unwrap_or_default(), python))
         })?;
+        let volumes = settings.mounts.uses_volumes().then(Volumes::default);
+        if volumes.is_some() {
+            tracing::info!(
+                "docker runner: directories reach containers through volumes (runner.docker.mounts)"
+            );
+        }
         let plugin_dir = pytest::install_plugin(&settings.cache_dir.join("plugin"))?;
         let server = plugin_dir.join(FORKSERVER_FILE);
         if std::fs::read_to_string(&server).ok().as_deref() != Some(FORKSERVER_SOURCE) {
@@ -229,6 +242,7 @@ impl DockerRunner {
             image_id,
             python_version,
             source,
+            volumes,
             plugin_dir,
             projects: Mutex::new(HashMap::new()),
         })
@@ -247,7 +261,7 @@ impl DockerRunner {
         for p in &projects {
             let _ = std::fs::remove_dir_all(&p.holder);
         }
-        if let Err(e) = self.block_on(remove_own(&self.docker, &self.settings.node_id)) {
+        if let Err(e) = self.block_on(self.remove_everything()) {
             tracing::warn!(error = %e, "could not remove this node's containers");
         }
     }
@@ -262,12 +276,20 @@ impl DockerRunner {
 
     fn spec(&self, project: &Project, limits: &Limits) -> SandboxSpec {
         let mut binds = vec![
-            Bind { host: project.copy.clone(), container: SRC_MOUNT.into(), read_only: true },
-            Bind { host: self.plugin_dir.clone(), container: PLUGIN_MOUNT.into(), read_only: true },
+            Bind { source: Source::Host(project.copy.clone()), container: SRC_MOUNT.into(), read_only: true },
+            Bind {
+                source: Source::Host(self.plugin_dir.clone()),
+                container: PLUGIN_MOUNT.into(),
+                read_only: true,
+            },
         ];
         let mut path = PLUGIN_MOUNT.to_string();
         if let Some(env) = &project.env {
-            binds.push(Bind { host: env.clone(), container: ENV_MOUNT.into(), read_only: true });
+            binds.push(Bind {
+                source: Source::Host(env.clone()),
+                container: ENV_MOUNT.into(),
+                read_only: true,
+            });
             path.push(':');
             path.push_str(ENV_MOUNT);
         }
@@ -288,8 +310,42 @@ impl DockerRunner {
         };
         match reused {
             Some(s) => Ok(s),
-            None => Sandbox::start(&self.docker, &self.spec(project, limits)).await,
+            None => self.start(self.spec(project, limits)).await,
         }
+    }
+
+    /// Starts a sandbox for `spec`, its directories first copied into volumes when the engine
+    /// cannot see this process's paths.
+    async fn start(&self, mut spec: SandboxSpec) -> Result<Sandbox, DockerError> {
+        if let Some(volumes) = &self.volumes {
+            for bind in &mut spec.binds {
+                if let Source::Host(dir) = &bind.source {
+                    let name = volumes
+                        .volume_of(&self.docker, &self.settings.image, &self.settings.node_id, dir)
+                        .await?;
+                    bind.source = Source::Volume(name);
+                }
+            }
+        }
+        Sandbox::start(&self.docker, &spec).await
+    }
+
+    /// Removes the volume holding `dir`, if any.
+    async fn forget(&self, dir: &Path) {
+        if let Some(volumes) = &self.volumes {
+            volumes.forget(&self.docker, dir).await;
+        }
+    }
+
+    /// Removes this process's containers and volumes of this node.
+    async fn remove_everything(&self) -> Result<usize, DockerError> {
+        let removed = remove_own(&self.docker, &self.settings.node_id).await?;
+        if let Some(volumes) = &self.volumes {
+            volumes.clear();
+        }
+        let mine = sandbox::owner_id();
+        volumes::remove_labelled(&self.docker, &self.settings.node_id, |owner| owner != mine).await?;
+        Ok(removed)
     }
 
     fn checkin(&self, project: &Project, sandbox: Sandbox) {
@@ -468,14 +524,29 @@ impl DockerRunner {
             project_id: project_id.to_string(),
             limits: limits.clone(),
             binds: vec![
-                Bind { host: copy.to_path_buf(), container: BUILD_PROJECT.into(), read_only: true },
-                Bind { host: wheels.clone(), container: BUILD_WHEELS.into(), read_only: true },
+                Bind {
+                    source: Source::Host(copy.to_path_buf()),
+                    container: BUILD_PROJECT.into(),
+                    read_only: true,
+                },
+                Bind {
+                    source: Source::Host(wheels.clone()),
+                    container: BUILD_WHEELS.into(),
+                    read_only: true,
+                },
             ],
             env: base_env(None),
         };
-        let mut sandbox = Sandbox::start(&self.docker, &spec).await?;
-        let built = self.build_in(&mut sandbox, plan, &limits, work.path()).await;
-        sandbox::remove(&self.docker, &sandbox.id).await;
+        let started = self.start(spec).await;
+        let built = match started {
+            Ok(mut sandbox) => {
+                let built = self.build_in(&mut sandbox, plan, &limits, work.path()).await;
+                sandbox::remove(&self.docker, &sandbox.id).await;
+                built
+            }
+            Err(e) => Err(e.into()),
+        };
+        self.forget(&wheels).await;
         let out = built?;
         match std::fs::rename(&out, &dir) {
             Ok(()) => Ok(dir),
@@ -700,10 +771,10 @@ impl Drop for DockerRunner {
         for p in self.lock_projects().values() {
             let _ = std::fs::remove_dir_all(&p.holder);
         }
-        let (docker, node) = (&self.docker, &self.settings.node_id);
+        let this = &*self;
         // On a plain thread: the runner may be dropped inside another runtime.
         std::thread::scope(|s| {
-            let cleanup = s.spawn(|| rt.block_on(remove_own(docker, node)));
+            let cleanup = s.spawn(|| rt.block_on(this.remove_everything()));
             if let Ok(Err(e)) = cleanup.join() {
                 tracing::warn!(error = %e, "could not remove this node's containers");
             }
@@ -796,6 +867,9 @@ impl Runner for DockerRunner {
                     }
                 }
                 Err(e) => tracing::warn!(error = %e, "could not list the project's containers"),
+            }
+            if let Some(state) = &state {
+                self.forget(&state.copy).await;
             }
         });
         if let Some(state) = state {

@@ -11,7 +11,6 @@
 //! makes the runner discard the container instead of reusing it.
 
 use std::collections::HashMap;
-use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use std::pin::Pin;
@@ -30,6 +29,7 @@ use futures_util::{Stream, StreamExt};
 use tokio::io::{AsyncWrite, AsyncWriteExt};
 
 use super::DockerError;
+use super::volumes::Source;
 use crate::local::warm::ServerMessage;
 use crate::pytest::{MARK, OutputCap};
 
@@ -64,10 +64,10 @@ const WRAPPER: &str = "\"$@\"; rc=$?; \
     free=$(stat -f -c '%a %S' /tmp 2>/dev/null); set -- /proc/[0-9]*; \
     echo \"@@cdtester-exec@@ $rc $# $free\" >&2; exit $rc";
 
-/// A bind mount into the container.
+/// A directory mounted into the container (see [`super::volumes`]).
 #[derive(Debug, Clone)]
 pub struct Bind {
-    pub host: PathBuf,
+    pub source: Source,
     pub container: String,
     pub read_only: bool,
 }
@@ -197,12 +197,18 @@ pub fn container_body(spec: &SandboxSpec) -> ContainerCreateBody {
     let mounts = spec
         .binds
         .iter()
-        .map(|b| Mount {
-            target: Some(b.container.clone()),
-            source: Some(b.host.to_string_lossy().into_owned()),
-            typ: Some(MountType::BIND),
-            read_only: Some(b.read_only),
-            ..Default::default()
+        .map(|b| {
+            let (source, typ) = match &b.source {
+                Source::Host(path) => (path.to_string_lossy().into_owned(), MountType::BIND),
+                Source::Volume(name) => (name.clone(), MountType::VOLUME),
+            };
+            Mount {
+                target: Some(b.container.clone()),
+                source: Some(source),
+                typ: Some(typ),
+                read_only: Some(b.read_only),
+                ..Default::default()
+            }
         })
         .collect();
     let host_config = HostConfig {
@@ -807,7 +813,11 @@ mod tests {
             node_id: "127.0.0.1:7000".into(),
             project_id: "p1".into(),
             limits: Limits { memory_mb: 300, pids: 64, cpus: 1.5, tmpfs_mb: 32, ..Limits::default() },
-            binds: vec![Bind { host: "/h/src".into(), container: "/src".into(), read_only: true }],
+            binds: vec![Bind {
+                source: Source::Host("/h/src".into()),
+                container: "/src".into(),
+                read_only: true,
+            }],
             env: vec!["HOME=/tmp".into()],
         }
     }
