@@ -4,6 +4,7 @@ pub mod cluster;
 pub mod cluster_membership;
 pub mod course;
 pub mod docker;
+pub mod latency;
 pub mod local;
 pub mod memory;
 pub mod plugins;
@@ -76,6 +77,8 @@ pub enum BenchCommand {
     Course(course::Args),
     /// Memory and processes of a node before, during and after many small evaluations.
     Memory(memory::Args),
+    /// A warm node's latency: submission to first test start and to finished, p50/p95/max.
+    Latency(latency::Args),
     /// WASM policy plugins: module load time (cold and cached) and per-call latency p50/p99.
     Plugins(plugins::Args),
     /// Datagram authentication: datagrams/s encoded and decoded with and without the cluster
@@ -95,6 +98,7 @@ pub fn run(cmd: BenchCommand, config: &Config) -> anyhow::Result<()> {
         BenchCommand::Plugins(args) => plugins::run(&args),
         BenchCommand::Docker(args) => docker::run(args, config),
         BenchCommand::Memory(args) => memory::run(args, config),
+        BenchCommand::Latency(args) => latency::run(args, config),
         BenchCommand::Course(args) => course::run(args, config),
         BenchCommand::Auth(args) => udp_auth::run(&args),
         BenchCommand::Scale(args) => scale::run(args, config),
