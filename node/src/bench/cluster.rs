@@ -47,7 +47,7 @@ struct NetRun {
 }
 
 /// `[[projects]]` rules as TOML (test requirements of the corpus projects).
-fn rules_toml(projects: &[CorpusProject]) -> String {
+pub(crate) fn rules_toml(projects: &[CorpusProject]) -> String {
     let mut s = String::new();
     for rule in corpus::requirement_rules(projects) {
         let reqs: Vec<String> =

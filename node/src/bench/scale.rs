@@ -1,8 +1,11 @@
 //! `cdtester bench scale`: does more nodes mean less time? Networks of 1, 2, 4 and 8 node
 //! processes, each confined with its pytest processes to a fixed share of a CPU (0.25 by
 //! default) by its own cgroup (v2 `cpu.max`, or v1 `cpu.cfs_quota_us`), evaluate the same
-//! generated course of small projects; the wall time from submission to completion gives the
-//! speedup and efficiency against 1 node. Every run must give the course's exact counts.
+//! workload: a generated course of small projects (`--workload course`, the default) or corpus
+//! projects (`--workload corpus`, a small subset unless `--only` names others); the wall time
+//! from submission to completion gives the speedup and efficiency against 1 node. Every run
+//! must give the workload's exact counts (the course's totals, the corpus manifest's run-alone
+//! counts of every module).
 //!
 //! Untimed: one warm-up evaluation per network (environments, warm servers, duration memory);
 //! then the timed evaluation on the same network. Needs root (cgroups).
@@ -13,9 +16,24 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 use cdtester_config::Config;
 
+use super::CorpusArgs;
 use crate::client::Client;
+use crate::corpus::{self, CorpusProject, ExpectedCounts};
 use crate::demo::{LocalCluster, Placement};
-use crate::eval::EvalStatus;
+use crate::eval::{EvalReport, EvalStatus};
+
+/// The corpus projects `--workload corpus` evaluates unless `--only` names others: small ones,
+/// so that the 1-node run at 0.25 CPU stays within minutes.
+const SCALE_CORPUS: &[&str] = &["six", "toml", "colorama", "tabulate"];
+
+/// What the networks evaluate.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Workload {
+    /// The generated course (`--projects`, `--modules`, `--test-ms`).
+    Course,
+    /// Corpus projects (`--only`, `--cache`, `--corpus`).
+    Corpus,
+}
 
 /// Options of `cdtester bench scale`.
 #[derive(Debug, Clone, clap::Args)]
@@ -42,6 +60,78 @@ pub struct Args {
     /// Give up on an evaluation after this many seconds.
     #[arg(long, default_value_t = 900)]
     pub timeout_s: u64,
+    /// What the networks evaluate.
+    #[arg(long, value_enum, default_value = "course")]
+    pub workload: Workload,
+    #[command(flatten)]
+    pub corpus: CorpusArgs,
+}
+
+/// A workload ready to submit: the zip, how to check a finished report, extra node settings
+/// (TOML) and a one-line description.
+struct Prepared {
+    zip: Vec<u8>,
+    check: Box<dyn Fn(&EvalReport) -> anyhow::Result<()> + Send + Sync>,
+    rules: String,
+    what: String,
+}
+
+/// The generated course, written under `dir`.
+fn course_workload(dir: &Path, args: &Args) -> anyhow::Result<Prepared> {
+    let want = write_course(dir, args)?;
+    let roots: Vec<(String, PathBuf)> =
+        (0..args.projects).map(|p| (format!("student{p:02}"), dir.join(format!("student{p:02}")))).collect();
+    let modules = args.projects * args.modules;
+    Ok(Prepared {
+        zip: crate::fetch::pack_projects(&roots)?,
+        check: Box::new(move |r: &EvalReport| {
+            let got = (r.summary.total_passed, r.summary.total_failed);
+            if got != want {
+                bail!("the course gave {got:?} (passed, failed), expected {want:?}");
+            }
+            Ok(())
+        }),
+        rules: String::new(),
+        what: format!(
+            "course: {} projects, {modules} modules, {} tests ({} ms CPU each)",
+            args.projects,
+            modules * 5,
+            args.test_ms
+        ),
+    })
+}
+
+/// Corpus projects fetched (sdists cached) and unpacked under `dir`.
+fn corpus_workload(dir: &Path, args: &Args, config: &Config) -> anyhow::Result<Prepared> {
+    let projects: Vec<CorpusProject> = args.corpus.projects(Some(SCALE_CORPUS))?;
+    let python = cdtester_runners::local::resolve_python(config.runner.local.python.as_deref())?;
+    let cache = args.corpus.cache_dir(config);
+    let mut roots = Vec::new();
+    for p in &projects {
+        let sdist = corpus::fetch(p, &python, &cache)?;
+        roots.push((p.project_root.clone(), corpus::unpack(p, &sdist, dir)?));
+    }
+    let expected: Vec<(String, std::collections::BTreeMap<String, ExpectedCounts>)> =
+        projects.iter().map(|p| (p.project_root.clone(), p.expected_alone())).collect();
+    let modules: usize = expected.iter().map(|(_, m)| m.len()).sum();
+    let names: Vec<&str> = projects.iter().map(|p| p.name.as_str()).collect();
+    Ok(Prepared {
+        zip: crate::fetch::pack_projects(&roots)?,
+        check: Box::new(move |r: &EvalReport| {
+            for (name, alone) in &expected {
+                let project = r.projects.get(name).with_context(|| format!("no project {name}"))?;
+                for (m, want) in alone {
+                    let got = project.modules.get(m).map(|v| ExpectedCounts::of(&v.counts));
+                    if got.as_ref() != Some(want) {
+                        bail!("{name} {m}: {got:?}, expected {want:?}");
+                    }
+                }
+            }
+            Ok(())
+        }),
+        rules: super::cluster::rules_toml(&projects),
+        what: format!("corpus: {} ({modules} modules)", names.join(", ")),
+    })
 }
 
 /// Writes the course: `projects` folders with `modules` test modules of 5 busy tests each
@@ -109,17 +199,12 @@ impl Drop for CpuGroup {
     }
 }
 
-/// Submits the course to the first node and waits; returns the wall time after checking the
-/// totals.
-async fn evaluate(
-    cluster: &LocalCluster,
-    zip: &[u8],
-    want: (u64, u64),
-    limit: Duration,
-) -> anyhow::Result<f64> {
+/// Submits the workload to the first node and waits; returns the wall time after checking the
+/// results.
+async fn evaluate(cluster: &LocalCluster, work: &Prepared, limit: Duration) -> anyhow::Result<f64> {
     let client = Client::new(cluster.nodes[0].http);
     let started = Instant::now();
-    let id = client.submit_zip(zip.to_vec(), "course.zip").await?;
+    let id = client.submit_zip(work.zip.clone(), "workload.zip").await?;
     loop {
         if started.elapsed() > limit {
             bail!("evaluation {id} did not finish within {limit:?}");
@@ -127,10 +212,7 @@ async fn evaluate(
         let r = client.progress(id).await?;
         if r.status == EvalStatus::Finished {
             let wall = started.elapsed().as_secs_f64();
-            let got = (r.summary.total_passed, r.summary.total_failed);
-            if got != want {
-                bail!("the course gave {got:?} (passed, failed), expected {want:?}");
-            }
+            (work.check)(&client.report(id).await?)?;
             return Ok(wall);
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
@@ -144,8 +226,7 @@ async fn measure(
     exe: &Path,
     dir: &Path,
     env: &[(String, String)],
-    zip: &[u8],
-    want: (u64, u64),
+    work: &Prepared,
 ) -> anyhow::Result<f64> {
     let groups: Vec<CpuGroup> = (0..n)
         .map(|i| CpuGroup::new(&format!("cdtester-scale-{}-{n}-{i}", std::process::id()), args.cpus))
@@ -158,8 +239,8 @@ async fn measure(
     let timed = async {
         cluster.wait_mesh(Duration::from_secs(60)).await?;
         let limit = Duration::from_secs(args.timeout_s);
-        evaluate(&cluster, zip, want, limit).await.context("warm-up evaluation")?;
-        evaluate(&cluster, zip, want, limit).await
+        evaluate(&cluster, work, limit).await.context("warm-up evaluation")?;
+        evaluate(&cluster, work, limit).await
     }
     .await;
     cluster.shutdown();
@@ -176,14 +257,15 @@ pub fn run(args: Args, config: &Config) -> anyhow::Result<()> {
         bail!("--cpus must be between 0.01 and 64");
     }
     let work = tempfile::Builder::new().prefix("cdtester-bench-scale-").tempdir()?;
-    let course = work.path().join("course");
-    let want = write_course(&course, &args)?;
-    let roots: Vec<(String, PathBuf)> = (0..args.projects)
-        .map(|p| (format!("student{p:02}"), course.join(format!("student{p:02}"))))
-        .collect();
-    let zip = crate::fetch::pack_projects(&roots)?;
+    let workload = match args.workload {
+        Workload::Course => course_workload(&work.path().join("course"), &args)?,
+        Workload::Corpus => corpus_workload(&work.path().join("corpus"), &args, config)?,
+    };
+    let config_file = work.path().join("cdtester.toml");
+    std::fs::write(&config_file, &workload.rules).context("writing the nodes' configuration")?;
     let venvs = config.runner.local.venv_dir.clone().unwrap_or_else(crate::demo::shared_venv_dir);
     let env = vec![
+        ("CDT_CONFIG".to_string(), config_file.to_string_lossy().into_owned()),
         ("CDT_RUNNER__LOCAL__VENV_DIR".to_string(), venvs.to_string_lossy().into_owned()),
         ("CDT_RUNNER__WORKERS".to_string(), "1".to_string()),
         ("CDT_LOG".to_string(), "warn".to_string()),
@@ -195,20 +277,14 @@ pub fn run(args: Args, config: &Config) -> anyhow::Result<()> {
         .enable_all()
         .build()
         .context("starting the tokio runtime")?;
-    let modules = args.projects * args.modules;
     println!(
-        "course: {} projects, {modules} modules, {} tests ({} ms CPU each); each node {} CPU, 1 worker, \
-         failure timeout {} ms",
-        args.projects,
-        modules * 5,
-        args.test_ms,
-        args.cpus,
-        args.failure_timeout_ms
+        "{}; each node {} CPU, 1 worker, failure timeout {} ms",
+        workload.what, args.cpus, args.failure_timeout_ms
     );
     println!("{:>6} {:>9} {:>8} {:>11}", "nodes", "wall s", "speedup", "efficiency");
     let mut reference: Option<(usize, f64)> = None;
     for &n in &args.sizes {
-        let wall = runtime.block_on(measure(n, &args, &exe, work.path(), &env, &zip, want))?;
+        let wall = runtime.block_on(measure(n, &args, &exe, work.path(), &env, &workload))?;
         let (n0, w0) = *reference.get_or_insert((n, wall));
         let speedup = w0 / wall;
         let efficiency = speedup * n0 as f64 / n as f64;
