@@ -67,11 +67,14 @@ pub struct Args {
     pub corpus: CorpusArgs,
 }
 
+/// Checks a finished evaluation's report.
+type Check = dyn Fn(&EvalReport) -> anyhow::Result<()> + Send + Sync;
+
 /// A workload ready to submit: the zip, how to check a finished report, extra node settings
 /// (TOML) and a one-line description.
 struct Prepared {
     zip: Vec<u8>,
-    check: Box<dyn Fn(&EvalReport) -> anyhow::Result<()> + Send + Sync>,
+    check: Box<Check>,
     rules: String,
     what: String,
 }
