@@ -12,6 +12,7 @@ pub mod engine;
 pub mod eval;
 pub mod fetch;
 pub mod http;
+pub mod interop;
 pub mod node_cmd;
 pub mod node_image;
 pub mod registry;

@@ -15,6 +15,7 @@
 
 mod lifecycle;
 mod project;
+mod reference;
 mod run;
 mod sync;
 mod worker;
@@ -206,6 +207,8 @@ pub struct App {
     /// Host paths clients must not see in errors, longest first, with their placeholders.
     redactions: Vec<(String, &'static str)>,
     intake: fetch::IntakeSlots,
+    /// Work of reference-implementation nodes (see [`reference`]).
+    reference: Mutex<reference::RefState>,
 }
 
 fn now() -> Now {
@@ -255,6 +258,7 @@ impl App {
             projects_dir,
             redactions: redactions(&opts.config),
             intake: fetch::IntakeSlots::new(&opts.config.intake),
+            reference: Mutex::default(),
             cfg: opts.config,
         };
         Ok(Arc::new(app))
@@ -596,7 +600,9 @@ impl App {
     /// `/stats`.
     pub fn stats(&self) -> eval::Stats {
         let members = self.members();
-        eval::stats(self.engine().records(), &members)
+        let mut stats = eval::stats(self.engine().records(), &members);
+        self.add_reference_stats(&mut stats);
+        stats
     }
 
     /// `/network`.
@@ -640,6 +646,7 @@ impl App {
                 tracing::info!(failed = %failed_addr, %owner, "another node owns the failed node's evaluations");
             }
             Event::CacheUpdate { from, data } => {
+                self.reference_cache(&data.content);
                 let unknown = {
                     let engine = self.engine();
                     data.content
@@ -662,6 +669,9 @@ impl App {
     }
 
     fn on_message(self: &Arc<Self>, from: SocketAddr, msg: Message) {
+        if self.reference_message(from, &msg) {
+            return;
+        }
         match &msg {
             Message::TaskSend(data) => {
                 if let Ok(port) = data.info.api_port.parse::<u16>() {

@@ -77,6 +77,20 @@ impl HttpClient {
         body: Option<(&str, Vec<u8>)>,
         timeout: Duration,
     ) -> Result<Response, ClientError> {
+        self.send_capped(method, addr, path, body, timeout, usize::MAX).await
+    }
+
+    /// [`HttpClient::send`], refusing an answer whose body exceeds `cap` bytes (for peers that
+    /// cannot be trusted to send a bounded one).
+    pub async fn send_capped(
+        &self,
+        method: Method,
+        addr: SocketAddr,
+        path: &str,
+        body: Option<(&str, Vec<u8>)>,
+        timeout: Duration,
+        cap: usize,
+    ) -> Result<Response, ClientError> {
         let url = format!("http://{addr}{path}");
         let mut req = Request::builder().method(method.clone()).uri(&url);
         let bytes = match body {
@@ -107,7 +121,7 @@ impl HttpClient {
                 .await
                 .map_err(|e| ClientError::Transport { url: url.clone(), reason: error_chain(&e) })?;
             let (parts, body) = resp.into_parts();
-            let body = body
+            let body = http_body_util::Limited::new(body, cap)
                 .collect()
                 .await
                 .map_err(|e| ClientError::Transport { url: url.clone(), reason: e.to_string() })?

@@ -452,7 +452,10 @@ async fn submit_json(app: &Arc<App>, req: Request) -> Result<EvalId, AppError> {
 }
 
 async fn list(State(app): State<AppState>) -> Response {
-    axum::Json(app.list()).into_response()
+    // cdtester's ids are integers, those of evaluations owned by reference nodes strings.
+    let mut ids: Vec<serde_json::Value> = app.list().into_iter().map(serde_json::Value::from).collect();
+    ids.extend(app.reference_ids().into_iter().map(serde_json::Value::from));
+    axum::Json(ids).into_response()
 }
 
 /// An evaluation id from a path; anything else is "not found".
@@ -478,6 +481,11 @@ async fn evaluation(
     };
     let report = parse_id(&id)
         .and_then(|id| app.report(id, with_tests).ok_or(AppError::NotFound("Evaluation not found".into())));
+    if report.is_err()
+        && let Some(r) = app.reference_report(&id)
+    {
+        return axum::Json(r).into_response();
+    }
     match report {
         Ok(r) => axum::Json(r).into_response(),
         Err(e) => e.into_response(),
