@@ -328,3 +328,57 @@ fn zips_submitted_to_reference_and_cdtester_nodes_finish_with_plain_pytest_count
         assert!(!text.contains("Traceback"), "a reference node crashed:\n{text}");
     }
 }
+
+/// Kills a process at once (SIGKILL), as a crash would.
+fn kill9(p: &mut Proc) {
+    let _ = p.child.kill();
+    let _ = p.child.wait();
+}
+
+/// Submits `zip` to the first reference node of a network of `refs` reference nodes (plus a
+/// cdtester node when `with_cdtester`), kills that node 6 s later and waits for the second one to
+/// finish the evaluation with `expected` counts (and the cdtester node to show it); the time from
+/// the kill to the end.
+fn kill_reference_owner(reference: &Reference, dir: &Path, zip: &[u8], expected: (u64, u64), with_cdtester: bool) -> Duration {
+    let refs = if with_cdtester { 2 } else { 3 };
+    let (mut procs, https, _) = network_of(reference, dir, refs, with_cdtester);
+    // Let the reference nodes learn every node's status (their failure checker needs it).
+    std::thread::sleep(Duration::from_secs(6));
+    let id = submit(https[0], zip);
+    std::thread::sleep(Duration::from_secs(6));
+    kill9(&mut procs[0]);
+    let killed = Instant::now();
+    let (report, _) = finished(https[1], &id, Duration::from_secs(240)).unwrap_or_else(|| {
+        let log = |n: &str| std::fs::read_to_string(dir.join(n).join("node.log")).unwrap_or_default();
+        panic!(
+            "never finished: {:?}\n--- r1\n{}\n--- c\n{}",
+            call(https[1], "GET", &format!("/evaluation/{id}"), None),
+            log("r1"),
+            log("c")
+        )
+    });
+    let took = killed.elapsed();
+    assert_eq!(totals(&report), expected, "{report}");
+    if with_cdtester {
+        let (mine, _) = finished(https[2], &id, Duration::from_secs(15)).expect("cdtester shows it finished");
+        assert_eq!(totals(&mine), expected, "{mine}");
+    }
+    took
+}
+
+#[test]
+fn a_killed_reference_owner_is_recovered_by_the_mixed_survivors_with_exact_counts() {
+    let Some(reference) = Reference::from_env() else {
+        eprintln!("skipped: set REFERENCE_CHECKOUT and REFERENCE_PYTHON to run reference nodes");
+        return;
+    };
+    let tmp = tempfile::tempdir().expect("temp dir");
+    let src = tmp.path().join("src");
+    projects(&src, 2, 5, 3.0);
+    let expected = plain_pytest(&reference.python, &src);
+    assert_eq!(expected, (20, 10), "plain pytest");
+    let zip = zip_of(&src);
+    let only = kill_reference_owner(&reference, &tmp.path().join("only"), &zip, expected, false);
+    let mixed = kill_reference_owner(&reference, &tmp.path().join("mixed"), &zip, expected, true);
+    eprintln!("reference owner killed 6 s in, finished after the kill: 3 reference nodes {only:?}, 2 reference + 1 cdtester {mixed:?}");
+}
