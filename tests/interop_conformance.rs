@@ -320,6 +320,11 @@ impl Drop for FullNode {
 
 impl FullNode {
     fn start() -> FullNode {
+        FullNode::start_with(&[])
+    }
+
+    /// A node with extra environment (configuration keys).
+    fn start_with(env: &[(&str, &str)]) -> FullNode {
         let dir = tempfile::tempdir().expect("temp dir");
         let udp = UdpSocket::bind("127.0.0.1:0").and_then(|s| s.local_addr()).expect("free port");
         let http = std::net::TcpListener::bind("127.0.0.1:0").and_then(|s| s.local_addr()).expect("free port");
@@ -327,6 +332,7 @@ impl FullNode {
         let mut cmd = common::cdtester(&dir.path().join("data"));
         cmd.args(["node", "--insecure", "--bind", &udp.to_string(), "--http", &http.to_string()])
             .env("CDT_LOG", "info")
+            .envs(env.iter().copied())
             .current_dir(dir.path())
             .stdout(Stdio::null())
             .stderr(log);
@@ -357,17 +363,9 @@ impl FullNode {
     }
 }
 
-/// One HTTP exchange on a plain socket: (status, body) of `GET path`.
+/// `GET path`: (status, JSON body).
 fn http_get(addr: SocketAddr, path: &str) -> Option<(u16, Value)> {
-    use std::io::{Read, Write};
-    let mut s = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(2)).ok()?;
-    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
-    write!(s, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").ok()?;
-    let mut text = String::new();
-    s.read_to_string(&mut text).ok()?;
-    let status = text.split(' ').nth(1)?.parse().ok()?;
-    let body = text.split_once("\r\n\r\n")?.1;
-    Some((status, serde_json::from_str(body).unwrap_or(Value::Null)))
+    common::http_call(addr, "GET", path, None)
 }
 
 /// A request the fake owner's HTTP API received.
@@ -566,4 +564,72 @@ fn evaluations_owned_by_reference_nodes_are_shown_from_their_cache_updates() {
     assert_eq!(report["projects"]["strs"]["score"], 13.33);
     let (_, stats) = http_get(node.http, "/stats").expect("stats");
     assert_eq!(stats["all"], json!({"failed": 2, "passed": 6, "projects": 2, "evaluations": 1}), "{stats}");
+}
+
+#[test]
+fn a_node_hands_work_to_a_reference_worker_in_the_references_terms() {
+    // One slot, so that the node leaves modules for the worker.
+    let node = FullNode::start_with(&[("CDT_RUNNER__WORKERS", "1")]);
+    let mut w = ReferencePeer::new("");
+    let node_id = node.admit(&mut w);
+    let table = BTreeMap::from([(node_id, node.udp)]);
+    let src = tempfile::tempdir().expect("tmp");
+    let slow = TEST_MODULE.replace("def test_c():\n    pass", "def test_c():\n    import time; time.sleep(1)");
+    for m in ["a", "b", "c", "d", "e"] {
+        common::write_file(src.path(), &format!("calc/tests/test_{m}.py"), &slow);
+    }
+    common::write_file(src.path(), "calc/tests/sub/test_nested.py", TEST_MODULE);
+    let zip = cdtester::fetch::pack_projects(&[("calc".into(), src.path().join("calc"))]).expect("zip");
+    let eval = common::submit_zip(node.http, &zip);
+
+    // The worker asks on TASK_ANNOUNCE, as a reference node does, until it gets a task.
+    let mut asked = 0;
+    let got_task = keep_alive_until(&mut w, node.udp, &table, Duration::from_secs(120), |w| {
+        let announces = w.got("TASK_ANNOUNCE").len();
+        if announces > asked {
+            asked = announces;
+            w.send(node.udp, "TASK_REQUEST", json!({"id": w.id}));
+        }
+        !w.got("TASK_SEND").is_empty()
+    });
+    assert!(got_task, "no TASK_SEND:\n{}", node.log());
+    let position = |cmd: &str| w.received.iter().position(|(c, _)| c == cmd);
+    assert!(position("PROJECT_ANNOUNCE") < position("TASK_SEND"), "PROJECT_ANNOUNCE first: {:?}", w.received);
+    let send = w.got("TASK_SEND")[0].clone();
+    let info = &send["info"];
+    let (pid, module) = (info["project_id"].as_str().expect("pid").to_string(), info["module"].as_str().expect("module").to_string());
+    assert!(["test_a.py", "test_b.py", "test_c.py", "test_d.py", "test_e.py"].contains(&module.as_str()), "{send}");
+    assert_eq!((&info["type"], &info["api_port"], &info["token"]), (&json!("zip"), &json!(node.http.port().to_string()), &Value::Null));
+    let announce = w.got("PROJECT_ANNOUNCE")[0].clone();
+    let expected = json!({"project_id": pid, "api_port": node.http.port().to_string(), "project_name": "calc",
+        "eval_id": eval, "url": null, "token": null, "type": 0});
+    assert_eq!(announce, expected);
+
+    // The project in the reference's layout, as its worker fetches it.
+    let (status, head, body) = common::http_raw(node.http, "GET", &format!("/file/{pid}"), None).expect("file");
+    assert_eq!(status, 200, "{head}");
+    assert!(head.to_ascii_lowercase().contains(&format!("filename={pid}.zip")), "{head}");
+    let archive = zip::ZipArchive::new(std::io::Cursor::new(body)).expect("a zip");
+    let names: Vec<String> = archive.file_names().map(String::from).collect();
+    assert!(names.iter().all(|n| n.starts_with(&format!("{pid}/"))), "{names:?}");
+    assert!(names.contains(&format!("{pid}/tests/{module}")), "{names:?}");
+
+    // Confirm and post the reference's body: the node takes it for its own task.
+    let task = format!("{pid}::{module}");
+    w.send(node.udp, "TASK_CONFIRM", json!({"task_id": task}));
+    std::thread::sleep(Duration::from_millis(300));
+    let post = json!({"task_id": task, "passed": 2, "failed": 1, "time": 1.01, "project_id": pid, "module": module,
+        "ip": "127.0.0.1", "port": w.addr.port().to_string()});
+    let body = serde_json::to_vec(&post).expect("json");
+    let answer = common::http_call(node.http, "POST", "/task", Some(("application/json", &body)));
+    assert_eq!(answer, Some((200, json!({"status": "success"}))), "{}", node.log());
+
+    let done = keep_alive_until(&mut w, node.udp, &table, Duration::from_secs(180), |_| {
+        http_get(node.http, &format!("/evaluation/{eval}")).is_some_and(|(_, v)| v["end_time"].is_number())
+    });
+    assert!(done, "{:?}\n{}", http_get(node.http, &format!("/evaluation/{eval}")), node.log());
+    let (_, report) = http_get(node.http, &format!("/evaluation/{eval}")).expect("report");
+    assert_eq!((&report["summary"]["total_passed"], &report["summary"]["total_failed"]), (&json!(12), &json!(6)), "{report}");
+    // Only whole modules directly under tests/ went to the worker.
+    assert!(w.got("TASK_SEND").iter().all(|s| !s["info"]["module"].as_str().unwrap_or("/").contains('/')));
 }

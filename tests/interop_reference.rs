@@ -146,45 +146,6 @@ fn mixed_network_of_reference_and_cdtester_nodes_stays_whole_for_60_s() {
     assert!(!log.contains("peer down"), "a reference node was declared failed:\n{log}");
 }
 
-/// One HTTP/1.0 exchange: (status, JSON body) of `method path` with an optional
-/// (content type, body).
-fn call(http: SocketAddr, method: &str, path: &str, body: Option<(&str, &[u8])>) -> Option<(u16, Value)> {
-    use std::io::{Read, Write};
-    let mut s = std::net::TcpStream::connect_timeout(&http, Duration::from_secs(2)).ok()?;
-    s.set_read_timeout(Some(Duration::from_secs(30))).ok()?;
-    let mut req = format!("{method} {path} HTTP/1.0\r\nHost: {http}\r\n").into_bytes();
-    if let Some((ct, b)) = body {
-        req.extend(format!("Content-Type: {ct}\r\nContent-Length: {}\r\n", b.len()).bytes());
-        req.extend(b"\r\n");
-        req.extend(b);
-    } else {
-        req.extend(b"\r\n");
-    }
-    s.write_all(&req).ok()?;
-    let mut text = Vec::new();
-    s.read_to_end(&mut text).ok()?;
-    let text = String::from_utf8_lossy(&text);
-    let status = text.split(' ').nth(1)?.parse().ok()?;
-    Some((status, serde_json::from_str(text.split_once("\r\n\r\n")?.1).unwrap_or(Value::Null)))
-}
-
-/// `POST /evaluation` of a zip as the multipart upload every implementation accepts; the id
-/// (a string from reference nodes, an integer from cdtester) as text.
-fn submit(http: SocketAddr, zip: &[u8]) -> String {
-    let b = "cdtesterinteropboundary";
-    let mut body = format!(
-        "--{b}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"eval.zip\"\r\nContent-Type: application/zip\r\n\r\n"
-    )
-    .into_bytes();
-    body.extend_from_slice(zip);
-    body.extend(format!("\r\n--{b}--\r\n").bytes());
-    let (status, v) = call(http, "POST", "/evaluation", Some((&format!("multipart/form-data; boundary={b}"), &body)))
-        .expect("submission answered");
-    assert_eq!(status, 200, "{v}");
-    let id = if v["eval_id"].is_null() { v["id"].clone() } else { v["eval_id"].clone() };
-    id.as_str().map_or_else(|| id.to_string(), String::from)
-}
-
 /// The test projects: `projects` folders of `modules` modules each; every module has two
 /// passing tests and one failing, and sleeps `sleep` seconds (so that work spreads).
 fn projects(root: &Path, projects: usize, modules: usize, sleep: f64) {
@@ -230,7 +191,7 @@ fn zip_of(root: &Path) -> Vec<u8> {
 fn finished(http: SocketAddr, id: &str, limit: Duration) -> Option<(Value, Duration)> {
     let start = Instant::now();
     while start.elapsed() < limit {
-        if let Some((200, v)) = call(http, "GET", &format!("/evaluation/{id}"), None)
+        if let Some((200, v)) = common::http_call(http, "GET", &format!("/evaluation/{id}"), None)
             && v["end_time"].is_number()
         {
             return Some((v, start.elapsed()));
@@ -297,7 +258,7 @@ fn zips_submitted_to_reference_and_cdtester_nodes_finish_with_plain_pytest_count
 
     // Reference-only network: the time to compare with.
     let (only, https, _) = network_of(&reference, &tmp.path().join("only"), 3, false);
-    let id = submit(https[0], &zip);
+    let id = common::submit_zip(https[0], &zip);
     let (report, alone) = finished(https[0], &id, Duration::from_secs(180)).expect("reference-only run finished");
     assert_eq!(totals(&report), expected, "{report}");
     drop(only);
@@ -305,7 +266,7 @@ fn zips_submitted_to_reference_and_cdtester_nodes_finish_with_plain_pytest_count
     // Mixed: 2 reference nodes and 1 cdtester node; a zip submitted to a reference node.
     let dir = tmp.path().join("mixed");
     let (_mixed, https, _) = network_of(&reference, &dir, 2, true);
-    let id = submit(https[0], &zip);
+    let id = common::submit_zip(https[0], &zip);
     let (report, mixed) = finished(https[0], &id, Duration::from_secs(180)).expect("mixed run finished");
     assert_eq!(totals(&report), expected, "{report}");
     // cdtester shows the same evaluation, from the reference's CACHE_UPDATEs.
@@ -319,7 +280,7 @@ fn zips_submitted_to_reference_and_cdtester_nodes_finish_with_plain_pytest_count
     eprintln!("zip to a reference node: 3 reference nodes {alone:?}, 2 reference + 1 cdtester {mixed:?} (cdtester ran {ran} of 8 modules)");
 
     // A zip submitted to the cdtester node.
-    let cid = submit(https[2], &zip);
+    let cid = common::submit_zip(https[2], &zip);
     let (mine, by_cdtester) = finished(https[2], &cid, Duration::from_secs(300)).expect("cdtester's run finished");
     assert_eq!(totals(&mine), expected, "{mine}");
     eprintln!("zip to the cdtester node: {by_cdtester:?}");
@@ -344,7 +305,7 @@ fn kill_reference_owner(reference: &Reference, dir: &Path, zip: &[u8], expected:
     let (mut procs, https, _) = network_of(reference, dir, refs, with_cdtester);
     // Let the reference nodes learn every node's status (their failure checker needs it).
     std::thread::sleep(Duration::from_secs(6));
-    let id = submit(https[0], zip);
+    let id = common::submit_zip(https[0], zip);
     std::thread::sleep(Duration::from_secs(6));
     kill9(&mut procs[0]);
     let killed = Instant::now();
@@ -352,7 +313,7 @@ fn kill_reference_owner(reference: &Reference, dir: &Path, zip: &[u8], expected:
         let log = |n: &str| std::fs::read_to_string(dir.join(n).join("node.log")).unwrap_or_default();
         panic!(
             "never finished: {:?}\n--- r1\n{}\n--- c\n{}",
-            call(https[1], "GET", &format!("/evaluation/{id}"), None),
+            common::http_call(https[1], "GET", &format!("/evaluation/{id}"), None),
             log("r1"),
             log("c")
         )

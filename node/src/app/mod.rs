@@ -16,6 +16,7 @@
 mod lifecycle;
 mod project;
 mod reference;
+mod reference_workers;
 mod run;
 mod sync;
 mod worker;
@@ -56,6 +57,7 @@ pub async fn accept_result(
     post: TaskPost,
     caller: SocketAddr,
 ) -> Result<&'static str, AppError> {
+    let post = app.from_reference_worker(post, caller);
     let answer = app.apply(Input::Result { post, caller }).answer;
     match answer {
         Some(Ok(a)) => Ok(a.as_str()),
@@ -278,6 +280,7 @@ impl App {
                 app.apply(Input::Tick);
                 app.push_active();
                 if ticks.is_multiple_of(CACHE_EVERY_TICKS) {
+                    app.announce_to_reference();
                     app.set_cache();
                 }
                 ticks += 1;
@@ -350,7 +353,9 @@ impl App {
     /// Hands the core this node's current evaluation summary for its CACHE_UPDATEs.
     fn set_cache(&self) {
         if let Some(net) = self.net() {
-            net.push_state(LocalEvent::SetCache(Box::new(self.engine().cache_content())));
+            let mut content = self.engine().cache_content();
+            App::reference_names(&mut content);
+            net.push_state(LocalEvent::SetCache(Box::new(content)));
         }
     }
 

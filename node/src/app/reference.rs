@@ -13,12 +13,11 @@
 //!   (the owner waits 5 s for TASK_CONFIRM). The module runs with this node's own runner decision
 //!   and policies; the result is posted to the project's current owner (`POST /task`, the
 //!   reference's exact body), following EVALUATION_RESPONSIBILITY_UPDATEs.
-//! - cdtester's own tasks are not handed to reference workers (their TASK_REQUESTs are not
-//!   answered): the reference runs only `<project>/tests/<file>` of projects announced to it.
+//! - Handing this node's tasks to reference workers: see [`super::reference_workers`].
 //! - Shared view: evaluations owned by reference nodes are kept from their CACHE_UPDATEs
 //!   ([`crate::interop::View`]) and shown by `/evaluation`, `/evaluation/<id>` and `/stats`.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::io::Write;
 use std::net::SocketAddr;
 use std::sync::{Arc, MutexGuard};
@@ -56,6 +55,29 @@ pub(super) struct RefState {
     announcers: HashMap<SocketAddr, Instant>,
     /// Projects fetched from reference owners, by their project id (archives in the store).
     projects: HashMap<String, ProjectRecord>,
+    /// Tasks handed to reference workers: (worker, the reference's task id) → this node's.
+    pub(super) handed: HashMap<(SocketAddr, String), String>,
+    /// Projects announced to reference peers: (peer, project id).
+    announced: HashSet<(SocketAddr, String)>,
+}
+
+impl RefState {
+    /// Remembers a task handed to a reference worker (forgetting all when too many are
+    /// outstanding: their workers died or never answered).
+    pub(super) fn hand(&mut self, key: (SocketAddr, String), ours: String) {
+        if self.handed.len() >= MAX_FETCHED * 16 {
+            self.handed.clear();
+        }
+        self.handed.insert(key, ours);
+    }
+
+    /// Whether a project still needs announcing to a peer (and marks it announced).
+    pub(super) fn announce(&mut self, key: (SocketAddr, String)) -> bool {
+        if self.announced.len() >= MAX_FETCHED * 16 {
+            self.announced.clear();
+        }
+        self.announced.insert(key)
+    }
 }
 
 /// A client that sends no cdtester header: reference nodes get the reference's calls only.
@@ -92,9 +114,11 @@ impl App {
                 true
             }
             Message::TaskRequest(_) if !self.speaks_extensions(from) => {
-                // cdtester's tasks are not in the reference's layout (module paths, no
-                // PROJECT_ANNOUNCE): a reference worker would fail on them.
-                tracing::debug!(%from, "TASK_REQUEST from a reference node not answered");
+                self.hand_to_reference(from, msg.clone());
+                true
+            }
+            Message::TaskConfirm(data) if !self.speaks_extensions(from) => {
+                self.reference_confirm(from, &data.task_id);
                 true
             }
             Message::ProjectAnnounce(data)

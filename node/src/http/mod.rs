@@ -594,6 +594,17 @@ async fn file(State(app): State<AppState>, Path(project_id): Path<String>, call:
     {
         return e.into_response();
     }
+    // A reference node (no cdtester header) gets the reference's layout: `<project_id>/...`.
+    if header_str(&call.headers, auth::NODE_HEADER).is_none() {
+        return match app.reference_file(&project_id) {
+            Ok(bytes) => Response::builder()
+                .header(header::CONTENT_TYPE, "application/zip")
+                .header(header::CONTENT_DISPOSITION, format!("attachment; filename={project_id}.zip"))
+                .body(Body::from(bytes))
+                .unwrap_or_else(|e| error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string())),
+            Err(e) => e.into_response(),
+        };
+    }
     match app.project_file(&project_id) {
         Ok((hash, bytes)) => Response::builder()
             .header(header::CONTENT_TYPE, "application/zip")
