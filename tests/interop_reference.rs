@@ -283,7 +283,8 @@ fn zips_submitted_to_reference_and_cdtester_nodes_finish_with_plain_pytest_count
     let cid = common::submit_zip(https[2], &zip);
     let (mine, by_cdtester) = finished(https[2], &cid, Duration::from_secs(300)).expect("cdtester's run finished");
     assert_eq!(totals(&mine), expected, "{mine}");
-    eprintln!("zip to the cdtester node: {by_cdtester:?}");
+    let by_reference = mine.to_string().matches("run by a reference worker").count();
+    eprintln!("zip to the cdtester node: {by_cdtester:?} (reference workers ran {by_reference} of 8 modules)");
     for r in [dir.join("r0/node.log"), dir.join("r1/node.log")] {
         let text = std::fs::read_to_string(&r).unwrap_or_default();
         assert!(!text.contains("Traceback"), "a reference node crashed:\n{text}");
@@ -342,4 +343,37 @@ fn a_killed_reference_owner_is_recovered_by_the_mixed_survivors_with_exact_count
     let only = kill_reference_owner(&reference, &tmp.path().join("only"), &zip, expected, false);
     let mixed = kill_reference_owner(&reference, &tmp.path().join("mixed"), &zip, expected, true);
     eprintln!("reference owner killed 6 s in, finished after the kill: 3 reference nodes {only:?}, 2 reference + 1 cdtester {mixed:?}");
+}
+
+#[test]
+fn a_killed_cdtester_owner_is_recovered_by_reference_nodes_with_exact_counts() {
+    let Some(reference) = Reference::from_env() else {
+        eprintln!("skipped: set REFERENCE_CHECKOUT and REFERENCE_PYTHON to run reference nodes");
+        return;
+    };
+    let tmp = tempfile::tempdir().expect("temp dir");
+    let src = tmp.path().join("src");
+    projects(&src, 2, 5, 3.0);
+    let expected = plain_pytest(&reference.python, &src);
+    let zip = zip_of(&src);
+    let dir = tmp.path().join("mixed");
+    let (mut procs, https, _) = network_of(&reference, &dir, 2, true);
+    // Let the reference nodes learn the cdtester node's status (their failure checker needs it).
+    std::thread::sleep(Duration::from_secs(6));
+    let id = common::submit_zip(https[2], &zip);
+    std::thread::sleep(Duration::from_secs(6));
+    kill9(&mut procs[2]);
+    let killed = Instant::now();
+    let (report, _) = finished(https[0], &id, Duration::from_secs(240)).unwrap_or_else(|| {
+        let log = |n: &str| std::fs::read_to_string(dir.join(n).join("node.log")).unwrap_or_default();
+        panic!(
+            "never finished: {:?}\n--- r0\n{}\n--- r1\n{}\n--- c\n{}",
+            common::http_call(https[0], "GET", &format!("/evaluation/{id}"), None),
+            log("r0"),
+            log("r1"),
+            log("c")
+        )
+    });
+    assert_eq!(totals(&report), expected, "{report}");
+    eprintln!("cdtester owner killed 6 s in: the reference nodes finished {:?} after the kill", killed.elapsed());
 }
