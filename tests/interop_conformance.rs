@@ -327,7 +327,8 @@ impl FullNode {
     fn start_with(env: &[(&str, &str)]) -> FullNode {
         let dir = tempfile::tempdir().expect("temp dir");
         let udp = UdpSocket::bind("127.0.0.1:0").and_then(|s| s.local_addr()).expect("free port");
-        let http = std::net::TcpListener::bind("127.0.0.1:0").and_then(|s| s.local_addr()).expect("free port");
+        let http =
+            std::net::TcpListener::bind("127.0.0.1:0").and_then(|s| s.local_addr()).expect("free port");
         let log = std::fs::File::create(dir.path().join("node.log")).expect("log file");
         let mut cmd = common::cdtester(&dir.path().join("data"));
         cmd.args(["node", "--insecure", "--bind", &udp.to_string(), "--http", &http.to_string()])
@@ -338,7 +339,11 @@ impl FullNode {
             .stderr(log);
         let child = cmd.spawn().expect("start cdtester node");
         let node = FullNode { udp, http, child, dir };
-        assert!(wait_until(Duration::from_secs(20), || http_get(http, "/network").is_some()), "{}", node.log());
+        assert!(
+            wait_until(Duration::from_secs(20), || http_get(http, "/network").is_some()),
+            "{}",
+            node.log()
+        );
         node
     }
 
@@ -380,7 +385,10 @@ struct Received {
 /// The HTTP API of a reference owner: `GET /file/<project_id>` serves `zip` for `project_id`
 /// (404 `{"error":"File not found"}` otherwise, as the reference), `POST /task` answers
 /// `{"status":"success"}`; every request is recorded.
-fn reference_api(project_id: String, zip: Vec<u8>) -> (SocketAddr, std::sync::Arc<std::sync::Mutex<Vec<Received>>>) {
+fn reference_api(
+    project_id: String,
+    zip: Vec<u8>,
+) -> (SocketAddr, std::sync::Arc<std::sync::Mutex<Vec<Received>>>) {
     use std::io::{BufRead, BufReader, Read, Write};
     let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind api");
     let addr = listener.local_addr().expect("addr");
@@ -394,14 +402,18 @@ fn reference_api(project_id: String, zip: Vec<u8>) -> (SocketAddr, std::sync::Ar
                 continue;
             }
             let mut parts = line.split_whitespace();
-            let (method, path) = (parts.next().unwrap_or("").to_string(), parts.next().unwrap_or("").to_string());
+            let (method, path) =
+                (parts.next().unwrap_or("").to_string(), parts.next().unwrap_or("").to_string());
             let (mut len, mut content_type) = (0usize, None);
             loop {
                 let mut h = String::new();
                 if reader.read_line(&mut h).is_err() || h.trim().is_empty() {
                     break;
                 }
-                let (k, v) = h.split_once(':').map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_string())).unwrap_or_default();
+                let (k, v) = h
+                    .split_once(':')
+                    .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_string()))
+                    .unwrap_or_default();
                 if k == "content-length" {
                     len = v.parse().unwrap_or(0);
                 } else if k == "content-type" {
@@ -411,16 +423,25 @@ fn reference_api(project_id: String, zip: Vec<u8>) -> (SocketAddr, std::sync::Ar
             let mut body = vec![0u8; len];
             let _ = reader.read_exact(&mut body);
             let body = String::from_utf8_lossy(&body).into_owned();
-            log.lock().expect("log").push(Received { method: method.clone(), path: path.clone(), content_type, body });
-            let (status, ct, payload): (&str, &str, Vec<u8>) = if method == "GET" && path == format!("/file/{project_id}") {
-                ("200 OK", "application/zip", zip.clone())
-            } else if method == "POST" && path == "/task" {
-                ("200 OK", "application/json", b"{\"status\":\"success\"}\n".to_vec())
-            } else {
-                ("404 NOT FOUND", "application/json", b"{\"error\":\"File not found\"}\n".to_vec())
-            };
+            log.lock().expect("log").push(Received {
+                method: method.clone(),
+                path: path.clone(),
+                content_type,
+                body,
+            });
+            let (status, ct, payload): (&str, &str, Vec<u8>) =
+                if method == "GET" && path == format!("/file/{project_id}") {
+                    ("200 OK", "application/zip", zip.clone())
+                } else if method == "POST" && path == "/task" {
+                    ("200 OK", "application/json", b"{\"status\":\"success\"}\n".to_vec())
+                } else {
+                    ("404 NOT FOUND", "application/json", b"{\"error\":\"File not found\"}\n".to_vec())
+                };
             let mut conn = conn;
-            let head = format!("HTTP/1.1 {status}\r\nContent-Type: {ct}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n", payload.len());
+            let head = format!(
+                "HTTP/1.1 {status}\r\nContent-Type: {ct}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+                payload.len()
+            );
             let _ = conn.write_all(head.as_bytes()).and_then(|_| conn.write_all(&payload));
         }
     });
@@ -432,7 +453,8 @@ fn reference_zip(project_id: &str, files: &[(&str, &str)]) -> Vec<u8> {
     use std::io::Write;
     let mut w = zip::ZipWriter::new(std::io::Cursor::new(Vec::new()));
     for (name, text) in files {
-        w.start_file(format!("{project_id}/{name}"), zip::write::SimpleFileOptions::default()).expect("entry");
+        w.start_file(format!("{project_id}/{name}"), zip::write::SimpleFileOptions::default())
+            .expect("entry");
         w.write_all(text.as_bytes()).expect("write");
     }
     w.finish().expect("zip").into_inner()
@@ -440,7 +462,13 @@ fn reference_zip(project_id: &str, files: &[(&str, &str)]) -> Vec<u8> {
 
 /// Heartbeats `to` from `r` every 3.5 s and calls `step` every 50 ms until it returns true or
 /// `limit` passes; whether it did.
-fn keep_alive_until(r: &mut ReferencePeer, to: SocketAddr, table: &BTreeMap<String, SocketAddr>, limit: Duration, mut step: impl FnMut(&mut ReferencePeer) -> bool) -> bool {
+fn keep_alive_until(
+    r: &mut ReferencePeer,
+    to: SocketAddr,
+    table: &BTreeMap<String, SocketAddr>,
+    limit: Duration,
+    mut step: impl FnMut(&mut ReferencePeer) -> bool,
+) -> bool {
     let start = Instant::now();
     let mut next = start;
     while start.elapsed() < limit {
@@ -457,7 +485,8 @@ fn keep_alive_until(r: &mut ReferencePeer, to: SocketAddr, table: &BTreeMap<Stri
     false
 }
 
-const TEST_MODULE: &str = "def test_a():\n    assert True\n\ndef test_b():\n    assert 1 == 2\n\ndef test_c():\n    pass\n";
+const TEST_MODULE: &str =
+    "def test_a():\n    assert True\n\ndef test_b():\n    assert 1 == 2\n\ndef test_c():\n    pass\n";
 
 #[test]
 fn a_node_works_for_a_reference_owner_like_a_reference_worker() {
@@ -477,7 +506,9 @@ fn a_node_works_for_a_reference_owner_like_a_reference_worker() {
 
     // TASK_ANNOUNCE is answered with TASK_REQUEST {"id"}.
     r.send(node.udp, "TASK_ANNOUNCE", json!({"id": r.id}));
-    let asked = keep_alive_until(&mut r, node.udp, &table, Duration::from_secs(5), |r| !r.got("TASK_REQUEST").is_empty());
+    let asked = keep_alive_until(&mut r, node.udp, &table, Duration::from_secs(5), |r| {
+        !r.got("TASK_REQUEST").is_empty()
+    });
     assert!(asked, "no TASK_REQUEST:\n{}", node.log());
     assert_eq!(r.got("TASK_REQUEST")[0]["id"], node_id.as_str());
 
@@ -489,11 +520,16 @@ fn a_node_works_for_a_reference_owner_like_a_reference_worker() {
     // A reference task: fetched from /file, confirmed within the owner's 5 s, run, posted.
     let sent = Instant::now();
     r.send(node.udp, "TASK_SEND", good);
-    let confirmed = keep_alive_until(&mut r, node.udp, &table, Duration::from_secs(5), |r| !r.got("TASK_CONFIRM").is_empty());
+    let confirmed = keep_alive_until(&mut r, node.udp, &table, Duration::from_secs(5), |r| {
+        !r.got("TASK_CONFIRM").is_empty()
+    });
     assert!(confirmed, "no TASK_CONFIRM within 5 s:\n{}", node.log());
     assert_eq!(r.got("TASK_CONFIRM")[0]["task_id"], format!("{project_id}::test_calc.py"));
-    let posted = |s: &std::sync::Mutex<Vec<Received>>| s.lock().expect("log").iter().find(|q| q.path == "/task").cloned();
-    let done = keep_alive_until(&mut r, node.udp, &table, Duration::from_secs(240), |_| posted(&seen).is_some());
+    let posted = |s: &std::sync::Mutex<Vec<Received>>| {
+        s.lock().expect("log").iter().find(|q| q.path == "/task").cloned()
+    };
+    let done =
+        keep_alive_until(&mut r, node.udp, &table, Duration::from_secs(240), |_| posted(&seen).is_some());
     assert!(done, "no POST /task after {:?}:\n{}", sent.elapsed(), node.log());
     let requests = seen.lock().expect("log").clone();
     assert_eq!(
@@ -512,7 +548,10 @@ fn a_node_works_for_a_reference_owner_like_a_reference_worker() {
     assert_eq!(body["task_id"], format!("{project_id}::test_calc.py"));
     assert_eq!((body["passed"].as_u64(), body["failed"].as_u64()), (Some(2), Some(1)), "{body}");
     assert!(body["time"].is_f64(), "{body}");
-    assert_eq!((body["project_id"].as_str(), body["module"].as_str()), (Some(project_id), Some("test_calc.py")));
+    assert_eq!(
+        (body["project_id"].as_str(), body["module"].as_str()),
+        (Some(project_id), Some("test_calc.py"))
+    );
     assert_eq!(body["ip"], "127.0.0.1");
     assert_eq!(body["port"], node.udp.port().to_string());
     assert!(!node.log().contains("/internal/"), "no cdtester-only call to a reference peer");
@@ -539,7 +578,8 @@ fn evaluations_owned_by_reference_nodes_are_shown_from_their_cache_updates() {
     };
     r.send(node.udp, "CACHE_UPDATE", cache("running"));
     let listed = keep_alive_until(&mut r, node.udp, &table, Duration::from_secs(5), |_| {
-        http_get(node.http, "/evaluation").is_some_and(|(_, v)| v.as_array().is_some_and(|a| a.contains(&json!(eval))))
+        http_get(node.http, "/evaluation")
+            .is_some_and(|(_, v)| v.as_array().is_some_and(|a| a.contains(&json!(eval))))
     });
     assert!(listed, "{:?}\n{}", http_get(node.http, "/evaluation"), node.log());
     let (status, report) = http_get(node.http, &format!("/evaluation/{eval}")).expect("report");
@@ -549,7 +589,8 @@ fn evaluations_owned_by_reference_nodes_are_shown_from_their_cache_updates() {
     assert_eq!(report["projects"]["calc"]["score"], "--");
     // The module finishes: the last finished write wins, as on reference nodes.
     let mut done = cache("finished");
-    done["projects"]["1795512056.76154521"]["modules"]["test_sub.py"] = json!({"passed": 2, "failed": 0, "time": 0.11, "status": "finished"});
+    done["projects"]["1795512056.76154521"]["modules"]["test_sub.py"] =
+        json!({"passed": 2, "failed": 0, "time": 0.11, "status": "finished"});
     done["evaluations"][eval]["end_time"] = json!(1795512058.647059);
     r.send(node.udp, "CACHE_UPDATE", done);
     let finished = keep_alive_until(&mut r, node.udp, &table, Duration::from_secs(5), |_| {
@@ -574,7 +615,8 @@ fn a_node_hands_work_to_a_reference_worker_in_the_references_terms() {
     let node_id = node.admit(&mut w);
     let table = BTreeMap::from([(node_id, node.udp)]);
     let src = tempfile::tempdir().expect("tmp");
-    let slow = TEST_MODULE.replace("def test_c():\n    pass", "def test_c():\n    import time; time.sleep(1)");
+    let slow =
+        TEST_MODULE.replace("def test_c():\n    pass", "def test_c():\n    import time; time.sleep(1)");
     for m in ["a", "b", "c", "d", "e"] {
         common::write_file(src.path(), &format!("calc/tests/test_{m}.py"), &slow);
     }
@@ -597,16 +639,26 @@ fn a_node_hands_work_to_a_reference_worker_in_the_references_terms() {
     assert!(position("PROJECT_ANNOUNCE") < position("TASK_SEND"), "PROJECT_ANNOUNCE first: {:?}", w.received);
     let send = w.got("TASK_SEND")[0].clone();
     let info = &send["info"];
-    let (pid, module) = (info["project_id"].as_str().expect("pid").to_string(), info["module"].as_str().expect("module").to_string());
-    assert!(["test_a.py", "test_b.py", "test_c.py", "test_d.py", "test_e.py"].contains(&module.as_str()), "{send}");
-    assert_eq!((&info["type"], &info["api_port"], &info["token"]), (&json!("zip"), &json!(node.http.port().to_string()), &Value::Null));
+    let (pid, module) = (
+        info["project_id"].as_str().expect("pid").to_string(),
+        info["module"].as_str().expect("module").to_string(),
+    );
+    assert!(
+        ["test_a.py", "test_b.py", "test_c.py", "test_d.py", "test_e.py"].contains(&module.as_str()),
+        "{send}"
+    );
+    assert_eq!(
+        (&info["type"], &info["api_port"], &info["token"]),
+        (&json!("zip"), &json!(node.http.port().to_string()), &Value::Null)
+    );
     let announce = w.got("PROJECT_ANNOUNCE")[0].clone();
     let expected = json!({"project_id": pid, "api_port": node.http.port().to_string(), "project_name": "calc",
         "eval_id": eval, "url": null, "token": null, "type": 0});
     assert_eq!(announce, expected);
 
     // The project in the reference's layout, as its worker fetches it.
-    let (status, head, body) = common::http_raw(node.http, "GET", &format!("/file/{pid}"), None).expect("file");
+    let (status, head, body) =
+        common::http_raw(node.http, "GET", &format!("/file/{pid}"), None).expect("file");
     assert_eq!(status, 200, "{head}");
     assert!(head.to_ascii_lowercase().contains(&format!("filename={pid}.zip")), "{head}");
     let archive = zip::ZipArchive::new(std::io::Cursor::new(body)).expect("a zip");
@@ -629,7 +681,11 @@ fn a_node_hands_work_to_a_reference_worker_in_the_references_terms() {
     });
     assert!(done, "{:?}\n{}", http_get(node.http, &format!("/evaluation/{eval}")), node.log());
     let (_, report) = http_get(node.http, &format!("/evaluation/{eval}")).expect("report");
-    assert_eq!((&report["summary"]["total_passed"], &report["summary"]["total_failed"]), (&json!(12), &json!(6)), "{report}");
+    assert_eq!(
+        (&report["summary"]["total_passed"], &report["summary"]["total_failed"]),
+        (&json!(12), &json!(6)),
+        "{report}"
+    );
     // Only whole modules directly under tests/ went to the worker.
     assert!(w.got("TASK_SEND").iter().all(|s| !s["info"]["module"].as_str().unwrap_or("/").contains('/')));
 }

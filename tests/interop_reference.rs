@@ -162,7 +162,11 @@ fn projects(root: &Path, projects: usize, modules: usize, sleep: f64) {
 /// Plain pytest's (passed, failed) for the projects under `root`, run with the reference's
 /// interpreter.
 fn plain_pytest(python: &Path, root: &Path) -> (u64, u64) {
-    let out = Command::new(python).args(["-m", "pytest", "-q", "-p", "no:cacheprovider"]).arg(root).output().expect("pytest");
+    let out = Command::new(python)
+        .args(["-m", "pytest", "-q", "-p", "no:cacheprovider"])
+        .arg(root)
+        .output()
+        .expect("pytest");
     let text = String::from_utf8_lossy(&out.stdout);
     let last = text.lines().rev().find(|l| l.contains("passed") || l.contains("failed")).unwrap_or_default();
     let count = |what: &str| {
@@ -212,7 +216,12 @@ fn totals(report: &Value) -> (u64, u64) {
 
 /// A network of reference nodes (and a cdtester node when `with_cdtester`), started in `dir`;
 /// HTTP addresses, reference nodes first.
-fn network_of(reference: &Reference, dir: &Path, refs: usize, with_cdtester: bool) -> (Vec<Proc>, Vec<SocketAddr>, Vec<SocketAddr>) {
+fn network_of(
+    reference: &Reference,
+    dir: &Path,
+    refs: usize,
+    with_cdtester: bool,
+) -> (Vec<Proc>, Vec<SocketAddr>, Vec<SocketAddr>) {
     let (mut procs, mut https, mut udps) = (Vec::new(), Vec::new(), Vec::new());
     for i in 0..refs {
         let (u, h) = (free_udp(), free_tcp());
@@ -259,7 +268,8 @@ fn zips_submitted_to_reference_and_cdtester_nodes_finish_with_plain_pytest_count
     // Reference-only network: the time to compare with.
     let (only, https, _) = network_of(&reference, &tmp.path().join("only"), 3, false);
     let id = common::submit_zip(https[0], &zip);
-    let (report, alone) = finished(https[0], &id, Duration::from_secs(180)).expect("reference-only run finished");
+    let (report, alone) =
+        finished(https[0], &id, Duration::from_secs(180)).expect("reference-only run finished");
     assert_eq!(totals(&report), expected, "{report}");
     drop(only);
 
@@ -277,17 +287,25 @@ fn zips_submitted_to_reference_and_cdtester_nodes_finish_with_plain_pytest_count
     let ran = log.matches("reference module ran").count();
     assert!(ran > 0, "the cdtester node ran none of the reference's modules:\n{log}");
     assert!(!log.contains("peer down"), "a reference node was declared failed:\n{log}");
-    eprintln!("zip to a reference node: 3 reference nodes {alone:?}, 2 reference + 1 cdtester {mixed:?} (cdtester ran {ran} of 8 modules)");
+    eprintln!(
+        "zip to a reference node: 3 reference nodes {alone:?}, 2 reference + 1 cdtester {mixed:?} (cdtester ran {ran} of 8 modules)"
+    );
 
     // A zip submitted to the cdtester node.
     let cid = common::submit_zip(https[2], &zip);
-    let (mine, by_cdtester) = finished(https[2], &cid, Duration::from_secs(300)).expect("cdtester's run finished");
+    let (mine, by_cdtester) =
+        finished(https[2], &cid, Duration::from_secs(300)).expect("cdtester's run finished");
     assert_eq!(totals(&mine), expected, "{mine}");
     let by_reference = mine.to_string().matches("run by a reference worker").count();
-    eprintln!("zip to the cdtester node: {by_cdtester:?} (reference workers ran {by_reference} of 8 modules)");
+    eprintln!(
+        "zip to the cdtester node: {by_cdtester:?} (reference workers ran {by_reference} of 8 modules)"
+    );
     for r in [dir.join("r0/node.log"), dir.join("r1/node.log")] {
         let text = std::fs::read_to_string(&r).unwrap_or_default();
         assert!(!text.contains("Traceback"), "a reference node crashed:\n{text}");
+        // Its request log shows the project fetched from the cdtester node, never an internal call.
+        assert!(text.contains("GET /file/"), "{text}");
+        assert!(!text.contains("/internal/"), "a cdtester-only call reached a reference node:\n{text}");
     }
 }
 
@@ -301,7 +319,13 @@ fn kill9(p: &mut Proc) {
 /// cdtester node when `with_cdtester`), kills that node 6 s later and waits for the second one to
 /// finish the evaluation with `expected` counts (and the cdtester node to show it); the time from
 /// the kill to the end.
-fn kill_reference_owner(reference: &Reference, dir: &Path, zip: &[u8], expected: (u64, u64), with_cdtester: bool) -> Duration {
+fn kill_reference_owner(
+    reference: &Reference,
+    dir: &Path,
+    zip: &[u8],
+    expected: (u64, u64),
+    with_cdtester: bool,
+) -> Duration {
     let refs = if with_cdtester { 2 } else { 3 };
     let (mut procs, https, _) = network_of(reference, dir, refs, with_cdtester);
     // Let the reference nodes learn every node's status (their failure checker needs it).
@@ -342,7 +366,9 @@ fn a_killed_reference_owner_is_recovered_by_the_mixed_survivors_with_exact_count
     let zip = zip_of(&src);
     let only = kill_reference_owner(&reference, &tmp.path().join("only"), &zip, expected, false);
     let mixed = kill_reference_owner(&reference, &tmp.path().join("mixed"), &zip, expected, true);
-    eprintln!("reference owner killed 6 s in, finished after the kill: 3 reference nodes {only:?}, 2 reference + 1 cdtester {mixed:?}");
+    eprintln!(
+        "reference owner killed 6 s in, finished after the kill: 3 reference nodes {only:?}, 2 reference + 1 cdtester {mixed:?}"
+    );
 }
 
 #[test]
@@ -375,5 +401,8 @@ fn a_killed_cdtester_owner_is_recovered_by_reference_nodes_with_exact_counts() {
         )
     });
     assert_eq!(totals(&report), expected, "{report}");
-    eprintln!("cdtester owner killed 6 s in: the reference nodes finished {:?} after the kill", killed.elapsed());
+    eprintln!(
+        "cdtester owner killed 6 s in: the reference nodes finished {:?} after the kill",
+        killed.elapsed()
+    );
 }

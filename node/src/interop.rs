@@ -241,7 +241,11 @@ impl Tally {
 
     /// `round(n / tests * 100, 2)`, or the integer 0 without tests.
     fn percent(&self, n: u64) -> Number {
-        if self.tests() == 0 { Number::Int(0) } else { Number::Float(round2(n as f64 / self.tests() as f64 * 100.0)) }
+        if self.tests() == 0 {
+            Number::Int(0)
+        } else {
+            Number::Float(round2(n as f64 / self.tests() as f64 * 100.0))
+        }
     }
 }
 
@@ -355,7 +359,8 @@ mod tests {
     fn the_report_is_the_references_byte_for_byte() {
         let mut v = View::default();
         v.merge(&capture(), ours);
-        let report = serde_json::to_string(&v.report("1795512038648868597971", 0.0).expect("known")).expect("json");
+        let report =
+            serde_json::to_string(&v.report("1795512038648868597971", 0.0).expect("known")).expect("json");
         // §8.2, as every reference node answered it.
         let expected = r#"{"id":"1795512038648868597971","start_time":1795512056.7254164,"end_time":1795512058.647059,"time_elapsed":1.921642541885376,"summary":{"pass_percentage":70.0,"fail_percentage":30.0,"executed":4,"executing":0,"pending":0,"time_elapsed":0,"total_passed":7,"total_failed":3},"projects":{"calc":{"node":"127.0.0.1:8001","pass_percentage":80.0,"fail_percentage":20.0,"score":16.0,"modules":{"test_add.py":{"passed":2,"failed":1,"time":0.144,"status":"finished"},"test_sub.py":{"passed":2,"failed":0,"time":0.11,"status":"finished"}},"executed":2,"executing":0,"pending":0},"strs":{"node":"127.0.0.1:8001","pass_percentage":60.0,"fail_percentage":40.0,"score":12.0,"modules":{"test_fixture_error.py":{"passed":1,"failed":1,"time":0.062,"status":"finished"},"test_upper.py":{"passed":2,"failed":1,"time":0.18,"status":"finished"}},"executed":2,"executing":0,"pending":0}}}"#;
         let (a, b): (serde_json::Value, serde_json::Value) =

@@ -110,7 +110,8 @@ pub fn submit_zip(http: std::net::SocketAddr, zip: &[u8]) -> String {
     body.extend_from_slice(zip);
     body.extend(format!("\r\n--{b}--\r\n").bytes());
     let ct = format!("multipart/form-data; boundary={b}");
-    let (status, v) = http_call(http, "POST", "/evaluation", Some((&ct, &body))).expect("submission answered");
+    let (status, v) =
+        http_call(http, "POST", "/evaluation", Some((&ct, &body))).expect("submission answered");
     assert_eq!(status, 200, "{v}");
     let id = if v["eval_id"].is_null() { v["id"].clone() } else { v["eval_id"].clone() };
     id.as_str().map_or_else(|| id.to_string(), String::from)

@@ -57,7 +57,7 @@ pub async fn accept_result(
     post: TaskPost,
     caller: SocketAddr,
 ) -> Result<&'static str, AppError> {
-    let post = app.from_reference_worker(post, caller);
+    let post = app.translate_reference_post(post, caller);
     let answer = app.apply(Input::Result { post, caller }).answer;
     match answer {
         Some(Ok(a)) => Ok(a.as_str()),

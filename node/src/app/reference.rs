@@ -59,6 +59,8 @@ pub(super) struct RefState {
     pub(super) handed: HashMap<(SocketAddr, String), String>,
     /// Projects announced to reference peers: (peer, project id).
     announced: HashSet<(SocketAddr, String)>,
+    /// This node's projects repacked in the reference's `/file` layout, by project id.
+    pub(super) repacked: HashMap<String, Arc<Vec<u8>>>,
 }
 
 impl RefState {
@@ -98,7 +100,7 @@ impl App {
     /// Whether `peer` has shown cdtester's extensions (its heartbeats advertise its HTTP API);
     /// every other peer is treated as a reference node.
     pub fn speaks_extensions(&self, peer: SocketAddr) -> bool {
-        self.net().is_some_and(|n| n.snapshot().http.contains_key(&wire::addr_string(peer)))
+        self.net().is_some_and(|n| n.peer_http(peer).is_some())
     }
 
     /// Handles a message that concerns reference nodes; `true` when nothing else should.
@@ -124,9 +126,13 @@ impl App {
             Message::ProjectAnnounce(data)
                 if data.kind == ProjectSourceKind::Zip && !self.speaks_extensions(from) =>
             {
-                if let (Ok(port), true) = (data.api_port.parse::<u16>(), interop::valid_id(&data.project_id)) {
-                    let (owner, pid, name) =
-                        (SocketAddr::new(from.ip(), port), data.project_id.clone(), data.project_name.clone());
+                if let (Ok(port), true) = (data.api_port.parse::<u16>(), interop::valid_id(&data.project_id))
+                {
+                    let (owner, pid, name) = (
+                        SocketAddr::new(from.ip(), port),
+                        data.project_id.clone(),
+                        data.project_name.clone(),
+                    );
                     tokio::spawn(fetch_project(self.clone(), owner, pid, name));
                 }
                 false
@@ -207,8 +213,9 @@ impl App {
         let root = self.ensure_project(project, None).await?;
         let path = module_path(&root, module).ok_or_else(|| format!("the project has no tests/{module}"))?;
         let (choice, settings) = self.choose_runner(project, &root).await?;
-        let prepared =
-            self.prepare(&choice.runner, project, &project.content_hash, &root, &settings.requirements).await?;
+        let prepared = self
+            .prepare(&choice.runner, project, &project.content_hash, &root, &settings.requirements)
+            .await?;
         let runner = (self.runners)(&choice.runner)?;
         let spec = TaskSpec::new(task.to_string(), vec![path.clone()]);
         let limits = choice.limits;
@@ -229,7 +236,12 @@ impl App {
 /// A reference task: fetch the project (within [`CONFIRM_WITHIN`]), confirm, run, post.
 async fn work(app: Arc<App>, from: SocketAddr, owner_http: SocketAddr, info: TaskInfo) {
     let task = interop::task_id(&info.project_id, &info.module);
-    let fetch = tokio::spawn(fetch_project(app.clone(), owner_http, info.project_id.clone(), info.project_name.clone()));
+    let fetch = tokio::spawn(fetch_project(
+        app.clone(),
+        owner_http,
+        info.project_id.clone(),
+        info.project_name.clone(),
+    ));
     match tokio::time::timeout(CONFIRM_WITHIN, fetch).await {
         Ok(Ok(Ok(project))) => {
             if let Some(net) = app.net() {
@@ -244,7 +256,9 @@ async fn work(app: Arc<App>, from: SocketAddr, owner_http: SocketAddr, info: Tas
                 Err(e) => tracing::warn!(%task, "reference module could not run: {}", app.redact(&e)),
             }
         }
-        Ok(Ok(Err(e))) => tracing::warn!(%task, "reference project unavailable, not confirming: {}", app.redact(&e)),
+        Ok(Ok(Err(e))) => {
+            tracing::warn!(%task, "reference project unavailable, not confirming: {}", app.redact(&e))
+        }
         Ok(Err(e)) => tracing::warn!(%task, "fetching the reference project crashed: {e}"),
         Err(_) => tracing::warn!(%task, "reference project not fetched in time, not confirming"),
     }
@@ -325,13 +339,26 @@ async fn post_result(app: &Arc<App>, owner_http: SocketAddr, info: &TaskInfo, re
     loop {
         let to = app.reference_owner_http(&info.project_id, owner_http);
         let sent = client
-            .send_capped(Method::POST, to, "/task", Some(("application/json", bytes.clone())), Duration::from_secs(30), MAX_ANSWER)
+            .send_capped(
+                Method::POST,
+                to,
+                "/task",
+                Some(("application/json", bytes.clone())),
+                Duration::from_secs(30),
+                MAX_ANSWER,
+            )
             .await;
         match sent {
             Ok(_) => return tracing::debug!(task = %body.task_id, %to, "reference result delivered"),
-            Err(e @ ClientError::Status { .. }) => return tracing::warn!(task = %body.task_id, "reference owner refused the result: {e}"),
-            Err(e) if Instant::now() > give_up => return tracing::warn!(task = %body.task_id, "giving up the reference result: {e}"),
-            Err(e) => tracing::debug!(task = %body.task_id, "posting the reference result failed, retrying: {e}"),
+            Err(e @ ClientError::Status { .. }) => {
+                return tracing::warn!(task = %body.task_id, "reference owner refused the result: {e}");
+            }
+            Err(e) if Instant::now() > give_up => {
+                return tracing::warn!(task = %body.task_id, "giving up the reference result: {e}");
+            }
+            Err(e) => {
+                tracing::debug!(task = %body.task_id, "posting the reference result failed, retrying: {e}")
+            }
         }
         tokio::time::sleep(Duration::from_secs(1)).await;
     }
@@ -350,7 +377,9 @@ fn module_path(root: &std::path::Path, module: &str) -> Option<String> {
     while let Some((dir, rel, depth)) = dirs.pop() {
         let Ok(entries) = std::fs::read_dir(&dir) else { continue };
         for e in entries.flatten() {
-            let (Ok(ty), Some(name)) = (e.file_type(), e.file_name().to_str().map(String::from)) else { continue };
+            let (Ok(ty), Some(name)) = (e.file_type(), e.file_name().to_str().map(String::from)) else {
+                continue;
+            };
             if ty.is_dir() && depth < 8 {
                 dirs.push((e.path(), format!("{rel}/{name}"), depth + 1));
             } else if ty.is_file() && name == module {

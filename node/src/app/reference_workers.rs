@@ -25,6 +25,11 @@ use crate::eval::{self, ProjectState};
 use crate::interop;
 use crate::wire::{Message, ProjectAnnounceData, ProjectSourceKind, TaskConfirmData};
 
+/// Most repacked archives kept.
+const MAX_REPACKED: usize = 8;
+/// Most tests a reference worker's counts stand for in a module's report.
+const MAX_COUNTED: u64 = 10_000;
+
 /// The reference's name for a module of this node, when a reference worker can run it: a file
 /// directly under `tests/`, whole (not a chunk).
 fn reference_module(part: &str) -> Option<&str> {
@@ -66,7 +71,10 @@ impl App {
         let ours = self.ref_state().handed.get(&(worker, task.to_string())).cloned();
         match ours {
             Some(task_id) => {
-                self.apply(Input::Message { from: worker, msg: Message::TaskConfirm(TaskConfirmData { task_id }) });
+                self.apply(Input::Message {
+                    from: worker,
+                    msg: Message::TaskConfirm(TaskConfirmData { task_id }),
+                });
             }
             None => tracing::debug!(%task, %worker, "TASK_CONFIRM for no task handed to a reference worker"),
         }
@@ -74,7 +82,7 @@ impl App {
 
     /// A reference worker's `POST /task` (counts only, no evaluation id) in this node's terms;
     /// other posts unchanged.
-    pub(super) fn from_reference_worker(&self, mut post: TaskPost, caller: SocketAddr) -> TaskPost {
+    pub(super) fn translate_reference_post(&self, mut post: TaskPost, caller: SocketAddr) -> TaskPost {
         if post.eval_id.is_some() || post.report.is_some() || post.error.is_some() {
             return post;
         }
@@ -83,8 +91,8 @@ impl App {
         let Some((pid, part)) = eval::split_task_id(&ours) else { return post };
         post.eval_id = self.engine().project(pid).map(|(r, _)| r.id);
         let module = eval::parse_task_part(part).0.to_string();
-        let outcomes = std::iter::repeat_n(Outcome::Passed, post.result.passed.min(100_000) as usize)
-            .chain(std::iter::repeat_n(Outcome::Failed, post.result.failed.min(100_000) as usize));
+        let outcomes = std::iter::repeat_n(Outcome::Passed, post.result.passed.min(MAX_COUNTED) as usize)
+            .chain(std::iter::repeat_n(Outcome::Failed, post.result.failed.min(MAX_COUNTED) as usize));
         let tests = outcomes.enumerate().map(|(i, outcome)| TestResult {
             nodeid: format!("{module}::<reference worker result {}>", i + 1),
             outcome,
@@ -168,8 +176,11 @@ impl App {
     }
 
     /// A project's archive in the reference's `/file` layout: every entry under
-    /// `<project_id>/`.
-    pub fn reference_file(&self, project_id: &str) -> Result<Vec<u8>, super::AppError> {
+    /// `<project_id>/` (repacked once per project).
+    pub fn reference_file(&self, project_id: &str) -> Result<Arc<Vec<u8>>, super::AppError> {
+        if let Some(bytes) = self.ref_state().repacked.get(project_id) {
+            return Ok(bytes.clone());
+        }
         let (_, bytes) = self.project_file(project_id)?;
         let internal = |e: String| {
             tracing::warn!("repacking project {project_id} for a reference node: {e}");
@@ -177,8 +188,15 @@ impl App {
         };
         let dir = tempfile::tempdir_in(&self.work_dir).map_err(|e| internal(e.to_string()))?;
         crate::archive::extract_zip(&bytes, dir.path()).map_err(|e| internal(e.to_string()))?;
-        crate::fetch::pack_projects(&[(project_id.to_string(), dir.path().to_path_buf())])
-            .map_err(|e| internal(e.to_string()))
+        let packed = crate::fetch::pack_projects(&[(project_id.to_string(), dir.path().to_path_buf())])
+            .map_err(|e| internal(e.to_string()))?;
+        let packed = Arc::new(packed);
+        let mut st = self.ref_state();
+        if st.repacked.len() >= MAX_REPACKED {
+            st.repacked.clear();
+        }
+        st.repacked.insert(project_id.to_string(), packed.clone());
+        Ok(packed)
     }
 }
 
@@ -189,7 +207,9 @@ mod tests {
     #[test]
     fn only_whole_modules_directly_under_tests_go_to_reference_workers() {
         assert_eq!(reference_module("tests/test_a.py"), Some("test_a.py"));
-        for no in ["tests/sub/test_a.py", "test_a.py", "tests/test_a.py#0/2", "checks/test_a.py", "tests/.x.py"] {
+        for no in
+            ["tests/sub/test_a.py", "test_a.py", "tests/test_a.py#0/2", "checks/test_a.py", "tests/.x.py"]
+        {
             assert_eq!(reference_module(no), None, "{no}");
         }
     }

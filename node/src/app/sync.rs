@@ -43,7 +43,12 @@ pub async fn run(app: Arc<App>) {
 /// Live peers that speak cdtester's extensions (never reference nodes, which have no
 /// `/internal/*` routes).
 fn peers(app: &App) -> Vec<SocketAddr> {
-    app.members().iter().skip(1).filter_map(|m| m.parse().ok()).filter(|p| app.speaks_extensions(*p)).collect()
+    app.members()
+        .iter()
+        .skip(1)
+        .filter_map(|m| m.parse().ok())
+        .filter(|p| app.speaks_extensions(*p))
+        .collect()
 }
 
 fn random_peer(app: &App) -> Option<SocketAddr> {

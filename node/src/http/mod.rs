@@ -600,7 +600,7 @@ async fn file(State(app): State<AppState>, Path(project_id): Path<String>, call:
             Ok(bytes) => Response::builder()
                 .header(header::CONTENT_TYPE, "application/zip")
                 .header(header::CONTENT_DISPOSITION, format!("attachment; filename={project_id}.zip"))
-                .body(Body::from(bytes))
+                .body(Body::from(bytes.as_ref().clone()))
                 .unwrap_or_else(|e| error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string())),
             Err(e) => e.into_response(),
         };
