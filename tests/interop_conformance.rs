@@ -95,18 +95,29 @@ fn reference_decode(datagram: &[u8]) -> (String, Value) {
     (cmd, v["data"].clone())
 }
 
-struct Node {
-    addr: SocketAddr,
-    status: PathBuf,
+/// A running cdtester process in its own folder (its log is `node.log` there), killed on drop.
+struct Spawned {
     child: Child,
     dir: tempfile::TempDir,
 }
 
-impl Drop for Node {
+impl Drop for Spawned {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+impl Spawned {
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("node.log")).unwrap_or_default()
+    }
+}
+
+struct Node {
+    addr: SocketAddr,
+    status: PathBuf,
+    proc: Spawned,
 }
 
 impl Node {
@@ -124,7 +135,7 @@ impl Node {
         cmd.env_remove("CDT_CONFIG").env("CDT_NODE__DATA_DIR", dir.path().join("data"));
         cmd.current_dir(dir.path()).stdout(Stdio::null()).stderr(log);
         let child = cmd.spawn().expect("start cdtester node");
-        Node { addr, status, child, dir }
+        Node { addr, status, proc: Spawned { child, dir } }
     }
 
     fn status(&self) -> Value {
@@ -149,8 +160,19 @@ impl Node {
     }
 
     fn log(&self) -> String {
-        std::fs::read_to_string(self.dir.path().join("node.log")).unwrap_or_default()
+        self.proc.log()
     }
+}
+
+/// `r` sends CONNECT to `to`; the CONNECT_REP (panics with `log()` when none comes in 5 s).
+fn connect(r: &mut ReferencePeer, to: SocketAddr, log: impl Fn() -> String) -> Value {
+    r.send(to, "CONNECT", json!({}));
+    let answered = wait_until(Duration::from_secs(5), || {
+        r.drain();
+        !r.got("CONNECT_REP").is_empty()
+    });
+    assert!(answered, "no CONNECT_REP:\n{}", log());
+    r.got("CONNECT_REP")[0].clone()
 }
 
 fn wait_until(limit: Duration, mut ok: impl FnMut() -> bool) -> bool {
@@ -205,16 +227,7 @@ fn a_reference_node_joins_and_is_never_falsely_failed() {
     );
     let node_id = node.id().unwrap_or_default();
     let mut r = ReferencePeer::new("");
-    r.send(node.addr, "CONNECT", json!({}));
-    assert!(
-        wait_until(Duration::from_secs(5), || {
-            r.drain();
-            !r.got("CONNECT_REP").is_empty()
-        }),
-        "no CONNECT_REP:\n{}",
-        node.log()
-    );
-    let rep = r.got("CONNECT_REP")[0].clone();
+    let rep = connect(&mut r, node.addr, || node.log());
     assert_eq!(rep["id"], node_id.as_str(), "{rep}");
     assert!(rep["peers"].as_object().is_some_and(|m| m.is_empty()), "the joiner is not listed: {rep}");
     r.id = rep["given_id"].as_str().expect("given_id is a string").to_string();
@@ -307,15 +320,7 @@ mod common;
 struct FullNode {
     udp: SocketAddr,
     http: SocketAddr,
-    child: Child,
-    dir: tempfile::TempDir,
-}
-
-impl Drop for FullNode {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+    proc: Spawned,
 }
 
 impl FullNode {
@@ -338,7 +343,7 @@ impl FullNode {
             .stdout(Stdio::null())
             .stderr(log);
         let child = cmd.spawn().expect("start cdtester node");
-        let node = FullNode { udp, http, child, dir };
+        let node = FullNode { udp, http, proc: Spawned { child, dir } };
         assert!(
             wait_until(Duration::from_secs(20), || http_get(http, "/network").is_some()),
             "{}",
@@ -348,21 +353,12 @@ impl FullNode {
     }
 
     fn log(&self) -> String {
-        std::fs::read_to_string(self.dir.path().join("node.log")).unwrap_or_default()
+        self.proc.log()
     }
 
     /// Joins the reference peer `r` to the node (CONNECT / CONNECT_REP); the node's id.
     fn admit(&self, r: &mut ReferencePeer) -> String {
-        r.send(self.udp, "CONNECT", json!({}));
-        assert!(
-            wait_until(Duration::from_secs(5), || {
-                r.drain();
-                !r.got("CONNECT_REP").is_empty()
-            }),
-            "no CONNECT_REP:\n{}",
-            self.log()
-        );
-        let rep = r.got("CONNECT_REP")[0].clone();
+        let rep = connect(r, self.udp, || self.log());
         r.id = rep["given_id"].as_str().expect("given_id").to_string();
         rep["id"].as_str().expect("id").to_string()
     }

@@ -159,6 +159,27 @@ fn projects(root: &Path, projects: usize, modules: usize, sleep: f64) {
     }
 }
 
+/// What [`setup`] prepares: the reference, a temporary folder, the zip and its counts.
+type Setup = (Reference, tempfile::TempDir, Vec<u8>, (u64, u64));
+
+/// The reference from the environment (or `None`: the test is skipped), a temporary folder and
+/// the zip of `n` projects of `modules` modules sleeping `sleep` s (see [`projects`]) with plain
+/// pytest's counts for it.
+fn setup(n: usize, modules: usize, sleep: f64) -> Option<Setup> {
+    let Some(reference) = Reference::from_env() else {
+        eprintln!("skipped: set REFERENCE_CHECKOUT and REFERENCE_PYTHON to run reference nodes");
+        return None;
+    };
+    let tmp = tempfile::tempdir().expect("temp dir");
+    let src = tmp.path().join("src");
+    projects(&src, n, modules, sleep);
+    let expected = plain_pytest(&reference.python, &src);
+    let per_module = (2 * n * modules) as u64;
+    assert_eq!(expected, (per_module, per_module / 2), "plain pytest");
+    let zip = zip_of(&src);
+    Some((reference, tmp, zip, expected))
+}
+
 /// Plain pytest's (passed, failed) for the projects under `root`, run with the reference's
 /// interpreter.
 fn plain_pytest(python: &Path, root: &Path) -> (u64, u64) {
@@ -254,16 +275,7 @@ fn network_of(
 
 #[test]
 fn zips_submitted_to_reference_and_cdtester_nodes_finish_with_plain_pytest_counts() {
-    let Some(reference) = Reference::from_env() else {
-        eprintln!("skipped: set REFERENCE_CHECKOUT and REFERENCE_PYTHON to run reference nodes");
-        return;
-    };
-    let tmp = tempfile::tempdir().expect("temp dir");
-    let src = tmp.path().join("src");
-    projects(&src, 2, 4, 1.0);
-    let expected = plain_pytest(&reference.python, &src);
-    assert_eq!(expected, (16, 8), "plain pytest");
-    let zip = zip_of(&src);
+    let Some((reference, tmp, zip, expected)) = setup(2, 4, 1.0) else { return };
 
     // Reference-only network: the time to compare with.
     let (only, https, _) = network_of(&reference, &tmp.path().join("only"), 3, false);
@@ -315,38 +327,48 @@ fn kill9(p: &mut Proc) {
     let _ = p.child.wait();
 }
 
-/// Submits `zip` to the first reference node of a network of `refs` reference nodes (plus a
-/// cdtester node when `with_cdtester`), kills that node 6 s later and waits for the second one to
-/// finish the evaluation with `expected` counts (and the cdtester node to show it); the time from
+/// A network of `refs` reference nodes (plus a cdtester node, the last, when `with_cdtester`):
+/// submits `zip` to node `owner`, kills it 6 s later and waits for node `survivor` to finish the
+/// evaluation with `expected` counts (and a surviving cdtester node to show it); the time from
 /// the kill to the end.
-fn kill_reference_owner(
+fn kill_owner(
     reference: &Reference,
     dir: &Path,
     zip: &[u8],
     expected: (u64, u64),
-    with_cdtester: bool,
+    nodes: (usize, bool),
+    owner: usize,
+    survivor: usize,
 ) -> Duration {
-    let refs = if with_cdtester { 2 } else { 3 };
+    let (refs, with_cdtester) = nodes;
     let (mut procs, https, _) = network_of(reference, dir, refs, with_cdtester);
     // Let the reference nodes learn every node's status (their failure checker needs it).
     std::thread::sleep(Duration::from_secs(6));
-    let id = common::submit_zip(https[0], zip);
+    let id = common::submit_zip(https[owner], zip);
     std::thread::sleep(Duration::from_secs(6));
-    kill9(&mut procs[0]);
+    kill9(&mut procs[owner]);
     let killed = Instant::now();
-    let (report, _) = finished(https[1], &id, Duration::from_secs(240)).unwrap_or_else(|| {
-        let log = |n: &str| std::fs::read_to_string(dir.join(n).join("node.log")).unwrap_or_default();
+    let (report, _) = finished(https[survivor], &id, Duration::from_secs(240)).unwrap_or_else(|| {
+        let logs: Vec<String> = ["r0", "r1", "r2", "c"]
+            .iter()
+            .map(|n| {
+                format!(
+                    "--- {n}\n{}",
+                    std::fs::read_to_string(dir.join(n).join("node.log")).unwrap_or_default()
+                )
+            })
+            .collect();
         panic!(
-            "never finished: {:?}\n--- r1\n{}\n--- c\n{}",
-            common::http_call(https[1], "GET", &format!("/evaluation/{id}"), None),
-            log("r1"),
-            log("c")
+            "never finished: {:?}\n{}",
+            common::http_call(https[survivor], "GET", &format!("/evaluation/{id}"), None),
+            logs.join("\n")
         )
     });
     let took = killed.elapsed();
     assert_eq!(totals(&report), expected, "{report}");
-    if with_cdtester {
-        let (mine, _) = finished(https[2], &id, Duration::from_secs(15)).expect("cdtester shows it finished");
+    if with_cdtester && owner != refs {
+        let (mine, _) =
+            finished(https[refs], &id, Duration::from_secs(15)).expect("cdtester shows it finished");
         assert_eq!(totals(&mine), expected, "{mine}");
     }
     took
@@ -354,18 +376,9 @@ fn kill_reference_owner(
 
 #[test]
 fn a_killed_reference_owner_is_recovered_by_the_mixed_survivors_with_exact_counts() {
-    let Some(reference) = Reference::from_env() else {
-        eprintln!("skipped: set REFERENCE_CHECKOUT and REFERENCE_PYTHON to run reference nodes");
-        return;
-    };
-    let tmp = tempfile::tempdir().expect("temp dir");
-    let src = tmp.path().join("src");
-    projects(&src, 2, 5, 3.0);
-    let expected = plain_pytest(&reference.python, &src);
-    assert_eq!(expected, (20, 10), "plain pytest");
-    let zip = zip_of(&src);
-    let only = kill_reference_owner(&reference, &tmp.path().join("only"), &zip, expected, false);
-    let mixed = kill_reference_owner(&reference, &tmp.path().join("mixed"), &zip, expected, true);
+    let Some((reference, tmp, zip, expected)) = setup(2, 5, 3.0) else { return };
+    let only = kill_owner(&reference, &tmp.path().join("only"), &zip, expected, (3, false), 0, 1);
+    let mixed = kill_owner(&reference, &tmp.path().join("mixed"), &zip, expected, (2, true), 0, 1);
     eprintln!(
         "reference owner killed 6 s in, finished after the kill: 3 reference nodes {only:?}, 2 reference + 1 cdtester {mixed:?}"
     );
@@ -373,36 +386,7 @@ fn a_killed_reference_owner_is_recovered_by_the_mixed_survivors_with_exact_count
 
 #[test]
 fn a_killed_cdtester_owner_is_recovered_by_reference_nodes_with_exact_counts() {
-    let Some(reference) = Reference::from_env() else {
-        eprintln!("skipped: set REFERENCE_CHECKOUT and REFERENCE_PYTHON to run reference nodes");
-        return;
-    };
-    let tmp = tempfile::tempdir().expect("temp dir");
-    let src = tmp.path().join("src");
-    projects(&src, 2, 5, 3.0);
-    let expected = plain_pytest(&reference.python, &src);
-    let zip = zip_of(&src);
-    let dir = tmp.path().join("mixed");
-    let (mut procs, https, _) = network_of(&reference, &dir, 2, true);
-    // Let the reference nodes learn the cdtester node's status (their failure checker needs it).
-    std::thread::sleep(Duration::from_secs(6));
-    let id = common::submit_zip(https[2], &zip);
-    std::thread::sleep(Duration::from_secs(6));
-    kill9(&mut procs[2]);
-    let killed = Instant::now();
-    let (report, _) = finished(https[0], &id, Duration::from_secs(240)).unwrap_or_else(|| {
-        let log = |n: &str| std::fs::read_to_string(dir.join(n).join("node.log")).unwrap_or_default();
-        panic!(
-            "never finished: {:?}\n--- r0\n{}\n--- r1\n{}\n--- c\n{}",
-            common::http_call(https[0], "GET", &format!("/evaluation/{id}"), None),
-            log("r0"),
-            log("r1"),
-            log("c")
-        )
-    });
-    assert_eq!(totals(&report), expected, "{report}");
-    eprintln!(
-        "cdtester owner killed 6 s in: the reference nodes finished {:?} after the kill",
-        killed.elapsed()
-    );
+    let Some((reference, tmp, zip, expected)) = setup(2, 5, 3.0) else { return };
+    let took = kill_owner(&reference, &tmp.path().join("mixed"), &zip, expected, (2, true), 2, 0);
+    eprintln!("cdtester owner killed 6 s in: the reference nodes finished {took:?} after the kill");
 }

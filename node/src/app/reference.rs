@@ -83,8 +83,8 @@ impl RefState {
 }
 
 /// A client that sends no cdtester header: reference nodes get the reference's calls only.
-fn plain_client() -> HttpClient {
-    HttpClient::new(Secret::new(None), None)
+fn plain_client(max_body: usize) -> HttpClient {
+    HttpClient::new(Secret::new(None), None).capped(max_body)
 }
 
 /// Whether a TASK_SEND's evaluation id is cdtester's own.
@@ -287,8 +287,8 @@ async fn fetch_project(
     }
     let cap = usize::try_from(app.cfg.intake.max_upload_bytes).unwrap_or(usize::MAX);
     let path = format!("/file/{project_id}");
-    let resp = plain_client()
-        .send_capped(Method::GET, owner_http, &path, None, Duration::from_secs(30), cap)
+    let resp = plain_client(cap)
+        .send(Method::GET, owner_http, &path, None, Duration::from_secs(30))
         .await
         .map_err(|e| e.to_string())?;
     let work = app.work_dir.clone();
@@ -333,24 +333,15 @@ async fn post_result(app: &Arc<App>, owner_http: SocketAddr, info: &TaskInfo, re
         ip: app.udp.ip().to_string(),
         port: app.udp.port().to_string(),
     };
-    let Ok(bytes) = serde_json::to_vec(&body) else { return };
-    let client = plain_client();
+    let client = plain_client(MAX_ANSWER);
     let give_up = Instant::now() + POST_PATIENCE;
     loop {
         let to = app.reference_owner_http(&info.project_id, owner_http);
-        let sent = client
-            .send_capped(
-                Method::POST,
-                to,
-                "/task",
-                Some(("application/json", bytes.clone())),
-                Duration::from_secs(30),
-                MAX_ANSWER,
-            )
-            .await;
+        let sent =
+            client.post_json::<_, serde_json::Value>(to, "/task", &body, Duration::from_secs(30)).await;
         match sent {
             Ok(_) => return tracing::debug!(task = %body.task_id, %to, "reference result delivered"),
-            Err(e @ ClientError::Status { .. }) => {
+            Err(e @ (ClientError::Status { .. } | ClientError::Decode { .. })) => {
                 return tracing::warn!(task = %body.task_id, "reference owner refused the result: {e}");
             }
             Err(e) if Instant::now() > give_up => {
