@@ -43,8 +43,34 @@ const POST_PATIENCE: Duration = Duration::from_secs(60);
 const ANNOUNCE_FRESH: Duration = Duration::from_secs(9);
 /// Most projects fetched from reference owners remembered.
 const MAX_FETCHED: usize = 1_024;
+/// A reference owner's wait for a confirmed task's result (its TASK_TIMEOUT).
+const REFERENCE_TASK_TIMEOUT: Duration = Duration::from_secs(40);
+/// How long a task handed to a reference worker waits for its confirmation here.
+const UNCONFIRMED: Duration = Duration::from_secs(2);
+/// Most reference projects downloaded at once.
+const MAX_FETCHING: usize = 2;
 /// Largest answer to `POST /task` read.
 const MAX_ANSWER: usize = 64 * 1024;
+
+/// A task handed to a reference worker.
+struct Handed {
+    /// This node's task id.
+    ours: String,
+    at: Instant,
+    confirmed: bool,
+}
+
+/// [`RefState::claim`]'s answer.
+enum Claim {
+    /// Fetched already.
+    Ready(Box<ProjectRecord>),
+    /// The caller fetches it.
+    Mine,
+    /// Another call is fetching it.
+    Wait,
+    /// Too many fetches at once.
+    Busy,
+}
 
 /// What this node keeps about reference nodes' work.
 #[derive(Default)]
@@ -56,9 +82,11 @@ pub(super) struct RefState {
     /// Projects fetched from reference owners, by their project id (archives in the store).
     projects: HashMap<String, ProjectRecord>,
     /// Tasks handed to reference workers: (worker, the reference's task id) → this node's.
-    pub(super) handed: HashMap<(SocketAddr, String), String>,
+    handed: HashMap<(SocketAddr, String), Handed>,
     /// Projects announced to reference peers: (peer, project id).
     announced: HashSet<(SocketAddr, String)>,
+    /// Reference projects being downloaded.
+    fetching: HashSet<String>,
     /// This node's projects repacked in the reference's `/file` layout, by project id.
     pub(super) repacked: HashMap<String, Arc<Vec<u8>>>,
 }
@@ -70,7 +98,48 @@ impl RefState {
         if self.handed.len() >= MAX_FETCHED * 16 {
             self.handed.clear();
         }
-        self.handed.insert(key, ours);
+        self.handed.insert(key, Handed { ours, at: Instant::now(), confirmed: false });
+    }
+
+    /// This node's task for a reference worker's confirmation, marking it confirmed.
+    pub(super) fn confirmed(&mut self, key: &(SocketAddr, String)) -> Option<String> {
+        let h = self.handed.get_mut(key)?;
+        h.confirmed = true;
+        Some(h.ours.clone())
+    }
+
+    /// This node's task for a reference worker's result (forgotten then).
+    pub(super) fn finished(&mut self, key: &(SocketAddr, String)) -> Option<String> {
+        self.handed.remove(key).map(|h| h.ours)
+    }
+
+    /// Whether a reference worker is busy with a task of this node: one handed recently and not
+    /// yet confirmed, or confirmed and not yet reported (a reference worker takes one at a time
+    /// and ignores a second TASK_SEND).
+    pub(super) fn worker_busy(&self, worker: SocketAddr) -> bool {
+        self.handed.iter().any(|((w, _), h)| {
+            *w == worker
+                && if h.confirmed {
+                    h.at.elapsed() < REFERENCE_TASK_TIMEOUT
+                } else {
+                    h.at.elapsed() < UNCONFIRMED
+                }
+        })
+    }
+
+    /// Who fetches a reference project now (see [`fetch_project`]).
+    fn claim(&mut self, project_id: &str) -> Claim {
+        if let Some(p) = self.projects.get(project_id) {
+            return Claim::Ready(Box::new(p.clone()));
+        }
+        if self.fetching.contains(project_id) {
+            return Claim::Wait;
+        }
+        if self.fetching.len() >= MAX_FETCHING {
+            return Claim::Busy;
+        }
+        self.fetching.insert(project_id.to_string());
+        Claim::Mine
     }
 
     /// Whether a project still needs announcing to a peer (and marks it announced).
@@ -282,9 +351,35 @@ async fn fetch_project(
     project_id: String,
     name: String,
 ) -> Result<ProjectRecord, String> {
-    if let Some(p) = app.ref_state().projects.get(&project_id) {
-        return Ok(p.clone());
+    loop {
+        let claim = app.ref_state().claim(&project_id);
+        match claim {
+            Claim::Ready(p) => return Ok(*p),
+            Claim::Mine => break,
+            Claim::Busy => return Err("too many reference projects are being fetched".into()),
+            // Another call fetches it: wait for its outcome (the caller bounds the wait).
+            Claim::Wait => tokio::time::sleep(Duration::from_millis(100)).await,
+        }
     }
+    let fetched = download(&app, owner_http, &project_id, name).await;
+    let mut st = app.ref_state();
+    st.fetching.remove(&project_id);
+    if let Ok(rec) = &fetched {
+        if st.projects.len() >= MAX_FETCHED {
+            st.projects.clear();
+        }
+        st.projects.insert(project_id, rec.clone());
+    }
+    fetched
+}
+
+/// Downloads and stores a reference owner's project (see [`fetch_project`]).
+async fn download(
+    app: &Arc<App>,
+    owner_http: SocketAddr,
+    project_id: &str,
+    name: String,
+) -> Result<ProjectRecord, String> {
     let cap = usize::try_from(app.cfg.intake.max_upload_bytes).unwrap_or(usize::MAX);
     let path = format!("/file/{project_id}");
     let resp = plain_client(cap)
@@ -303,19 +398,13 @@ async fn fetch_project(
     let [one]: [crate::fetch::FetchedProject; 1] =
         fetched.try_into().map_err(|v: Vec<_>| format!("the archive holds {} projects, not one", v.len()))?;
     app.store.put_blob(&one.sha256, &one.archive).map_err(|e| e.to_string())?;
-    let rec = ProjectRecord {
-        name: if interop::valid_id(&name) { name } else { project_id.clone() },
-        id: project_id.clone(),
+    Ok(ProjectRecord {
+        name: if interop::valid_id(&name) { name } else { project_id.to_string() },
+        id: project_id.to_string(),
         url: None,
         content_hash: one.sha256,
         state: ProjectState::Preparing,
-    };
-    let mut st = app.ref_state();
-    if st.projects.len() >= MAX_FETCHED {
-        st.projects.clear();
-    }
-    st.projects.insert(project_id, rec.clone());
-    Ok(rec)
+    })
 }
 
 /// Posts a reference module's result with the reference's exact body to the project's current

@@ -43,6 +43,9 @@ impl App {
     /// run is sent in its terms (after announcing its project), another is not sent (the
     /// engine hands it out again when its confirmation does not come).
     pub(super) fn hand_to_reference(self: &Arc<Self>, worker: SocketAddr, request: Message) {
+        if self.ref_state().worker_busy(worker) || !self.has_reference_work() {
+            return;
+        }
         let actions = self.engine().handle(now(), Input::Message { from: worker, msg: request });
         let mut rest = Vec::new();
         for action in actions {
@@ -66,9 +69,23 @@ impl App {
         self.execute(rest);
     }
 
+    /// Whether an evaluation this node schedules has a task without result, not running, that a
+    /// reference worker can run (so that asking the engine for one is likely to give one).
+    fn has_reference_work(&self) -> bool {
+        let me = self.addr();
+        let engine = self.engine();
+        engine.records().filter(|r| r.responsible == me && r.end_time.is_none()).any(|r| {
+            r.all_tasks().any(|t| {
+                !r.results.contains_key(&t.task_id)
+                    && !r.running.contains_key(&t.task_id)
+                    && eval::split_task_id(&t.task_id).and_then(|(_, part)| reference_module(part)).is_some()
+            })
+        })
+    }
+
     /// TASK_CONFIRM of a reference worker, in this node's terms.
     pub(super) fn reference_confirm(self: &Arc<Self>, worker: SocketAddr, task: &str) {
-        let ours = self.ref_state().handed.get(&(worker, task.to_string())).cloned();
+        let ours = self.ref_state().confirmed(&(worker, task.to_string()));
         match ours {
             Some(task_id) => {
                 self.apply(Input::Message {
@@ -87,7 +104,7 @@ impl App {
             return post;
         }
         let key = (caller, post.result.task_id.clone());
-        let Some(ours) = self.ref_state().handed.remove(&key) else { return post };
+        let Some(ours) = self.ref_state().finished(&key) else { return post };
         let Some((pid, part)) = eval::split_task_id(&ours) else { return post };
         post.eval_id = self.engine().project(pid).map(|(r, _)| r.id);
         let module = eval::parse_task_part(part).0.to_string();
