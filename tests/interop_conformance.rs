@@ -175,16 +175,7 @@ fn connect(r: &mut ReferencePeer, to: SocketAddr, log: impl Fn() -> String) -> V
     r.got("CONNECT_REP")[0].clone()
 }
 
-fn wait_until(limit: Duration, mut ok: impl FnMut() -> bool) -> bool {
-    let end = Instant::now() + limit;
-    while Instant::now() < end {
-        if ok() {
-            return true;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    false
-}
+use common::wait_until;
 
 /// Runs the reference peers' loop for `span`: each heartbeats `to` every 3.5 s (the first
 /// `first` after the start), drains its socket and calls `check` every 100 ms. Returns when the

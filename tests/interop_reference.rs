@@ -321,18 +321,6 @@ fn zips_submitted_to_reference_and_cdtester_nodes_finish_with_plain_pytest_count
     }
 }
 
-/// Polls `ok` every 100 ms for at most `limit`; whether it held.
-fn wait_for(limit: Duration, mut ok: impl FnMut() -> bool) -> bool {
-    let end = Instant::now() + limit;
-    while Instant::now() < end {
-        if ok() {
-            return true;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    false
-}
-
 /// Kills a process at once (SIGKILL), as a crash would.
 fn kill9(p: &mut Proc) {
     let _ = p.child.kill();
@@ -360,7 +348,7 @@ fn kill_owner(
     // Mid-run: once a module has finished (the reference publishes its modules only after
     // discovering them all; an owner killed before that leaves nothing to recover).
     let path = format!("/evaluation/{id}");
-    let started = wait_for(Duration::from_secs(120), || {
+    let started = common::wait_until(Duration::from_secs(120), || {
         common::http_call(https[owner], "GET", &path, None)
             .is_some_and(|(_, v)| v["summary"]["executed"].as_u64().is_some_and(|n| n >= 1))
     });

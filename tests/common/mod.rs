@@ -116,3 +116,15 @@ pub fn submit_zip(http: std::net::SocketAddr, zip: &[u8]) -> String {
     let id = if v["eval_id"].is_null() { v["id"].clone() } else { v["eval_id"].clone() };
     id.as_str().map_or_else(|| id.to_string(), String::from)
 }
+
+/// Polls `ok` every 20 ms for at most `limit`; whether it held.
+pub fn wait_until(limit: std::time::Duration, mut ok: impl FnMut() -> bool) -> bool {
+    let end = std::time::Instant::now() + limit;
+    while std::time::Instant::now() < end {
+        if ok() {
+            return true;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    false
+}
