@@ -676,3 +676,63 @@ fn a_node_hands_work_to_a_reference_worker_in_the_references_terms() {
     // Only whole modules directly under tests/ went to the worker.
     assert!(w.got("TASK_SEND").iter().all(|s| !s["info"]["module"].as_str().unwrap_or("/").contains('/')));
 }
+
+#[test]
+fn elections_run_with_reference_nodes_in_both_directions() {
+    let mut a = ReferencePeer::new("100000000000000000001");
+    let b = ReferencePeer::new("100000000000000000002");
+    let node = Node::start(Some(a.addr));
+    assert!(
+        wait_until(Duration::from_secs(10), || {
+            a.drain();
+            !a.got("CONNECT").is_empty()
+        }),
+        "no CONNECT:\n{}",
+        node.log()
+    );
+    let given = "100000000000000000003";
+    let rep = json!({"peers": {b.id.clone(): ["127.0.0.1", b.addr.port()]}, "id": a.id, "given_id": given});
+    a.send(node.addr, "CONNECT_REP", rep);
+    assert!(wait_until(Duration::from_secs(5), || node.id().as_deref() == Some(given)), "{}", node.log());
+    let table =
+        BTreeMap::from([(a.id.clone(), a.addr), (b.id.clone(), b.addr), (given.to_string(), node.addr)]);
+    // B heartbeats once, then dies; A keeps beating. The node detects B, starts an election with
+    // A and, A having the smallest id, tells A it won.
+    b.heartbeat(node.addr, &table);
+    let b_addr = b.addr.to_string();
+    let mut elected = false;
+    beat_for(
+        std::slice::from_mut(&mut a),
+        node.addr,
+        &table,
+        Duration::ZERO,
+        Duration::from_secs(20),
+        |_| {},
+    );
+    for (cmd, data) in a.received.clone() {
+        if cmd == "RECOVERY_ELECTION" && !elected {
+            assert_eq!(data["candidate_id"], given, "{data}");
+            assert_eq!(data["failed_node"], b.id.as_str(), "{data}");
+            assert_eq!(data["failed_node_addr"], b_addr.as_str(), "{data}");
+            assert!(data["timestamp"].is_f64() && data["extra"].is_object(), "{data}");
+            elected = true;
+        }
+    }
+    assert!(elected, "no RECOVERY_ELECTION for the dead reference node: {:?}\n{}", a.received, node.log());
+    let results = a.got("RECOVERY_ELECTION_RESULT");
+    assert_eq!(results.len(), 1, "{:?}\n{}", a.received, node.log());
+    assert_eq!(results[0]["failed_node_id"], b.id.as_str());
+    assert!(results[0]["evaluations"].is_object());
+
+    // The other way: A runs an election for a node C; the node answers with its REP.
+    let c = ("100000000000000000009", "127.0.0.1:9");
+    let election = json!({"candidate_id": a.id, "failed_node": c.0, "timestamp": 1.0, "extra": {}, "failed_node_addr": c.1});
+    a.send(node.addr, "RECOVERY_ELECTION", election);
+    let replied = wait_until(Duration::from_secs(5), || {
+        a.drain();
+        !a.got("RECOVERY_ELECTION_REP").is_empty()
+    });
+    assert!(replied, "no RECOVERY_ELECTION_REP:\n{}", node.log());
+    let rep = a.got("RECOVERY_ELECTION_REP")[0].clone();
+    assert_eq!(rep, json!({"failed_node_id": c.0, "evaluations": {}, "node_id": given}));
+}
