@@ -252,27 +252,30 @@ fn a_reference_node_joins_and_is_never_falsely_failed() {
     assert!(after >= Duration::from_secs(7), "failed {after:?} after its last heartbeat");
 }
 
-#[test]
-fn a_node_joining_reference_nodes_keeps_them_between_their_heartbeats() {
+/// The id reference node A gives the node in [`join_reference_nodes`].
+const GIVEN: &str = "100000000000000000003";
+
+/// A node joining reference node A, which lists reference node B (ids ...01 and ...02; the node
+/// gets [`GIVEN`]).
+fn join_reference_nodes() -> (ReferencePeer, ReferencePeer, Node) {
     let mut a = ReferencePeer::new("100000000000000000001");
     let b = ReferencePeer::new("100000000000000000002");
     let node = Node::start(Some(a.addr));
-    assert!(
-        wait_until(Duration::from_secs(10), || {
-            a.drain();
-            !a.got("CONNECT").is_empty()
-        }),
-        "no CONNECT:\n{}",
-        node.log()
-    );
-    let given = "100000000000000000003";
-    let connect_rep = json!({
-        "peers": {b.id.clone(): ["127.0.0.1", b.addr.port()]},
-        "id": a.id,
-        "given_id": given,
+    let connected = wait_until(Duration::from_secs(10), || {
+        a.drain();
+        !a.got("CONNECT").is_empty()
     });
-    a.send(node.addr, "CONNECT_REP", connect_rep);
-    assert!(wait_until(Duration::from_secs(5), || node.id().as_deref() == Some(given)), "{}", node.log());
+    assert!(connected, "no CONNECT:\n{}", node.log());
+    let rep = json!({"peers": {b.id.clone(): ["127.0.0.1", b.addr.port()]}, "id": a.id, "given_id": GIVEN});
+    a.send(node.addr, "CONNECT_REP", rep);
+    assert!(wait_until(Duration::from_secs(5), || node.id().as_deref() == Some(GIVEN)), "{}", node.log());
+    (a, b, node)
+}
+
+#[test]
+fn a_node_joining_reference_nodes_keeps_them_between_their_heartbeats() {
+    let (a, b, node) = join_reference_nodes();
+    let given = GIVEN;
 
     let table =
         BTreeMap::from([(a.id.clone(), a.addr), (b.id.clone(), b.addr), (given.to_string(), node.addr)]);
@@ -679,21 +682,8 @@ fn a_node_hands_work_to_a_reference_worker_in_the_references_terms() {
 
 #[test]
 fn elections_run_with_reference_nodes_in_both_directions() {
-    let mut a = ReferencePeer::new("100000000000000000001");
-    let b = ReferencePeer::new("100000000000000000002");
-    let node = Node::start(Some(a.addr));
-    assert!(
-        wait_until(Duration::from_secs(10), || {
-            a.drain();
-            !a.got("CONNECT").is_empty()
-        }),
-        "no CONNECT:\n{}",
-        node.log()
-    );
-    let given = "100000000000000000003";
-    let rep = json!({"peers": {b.id.clone(): ["127.0.0.1", b.addr.port()]}, "id": a.id, "given_id": given});
-    a.send(node.addr, "CONNECT_REP", rep);
-    assert!(wait_until(Duration::from_secs(5), || node.id().as_deref() == Some(given)), "{}", node.log());
+    let (mut a, b, node) = join_reference_nodes();
+    let given = GIVEN;
     let table =
         BTreeMap::from([(a.id.clone(), a.addr), (b.id.clone(), b.addr), (given.to_string(), node.addr)]);
     // B heartbeats once, then dies; A keeps beating. The node detects B, starts an election with
