@@ -95,18 +95,29 @@ fn reference_decode(datagram: &[u8]) -> (String, Value) {
     (cmd, v["data"].clone())
 }
 
-struct Node {
-    addr: SocketAddr,
-    status: PathBuf,
+/// A running cdtester process in its own folder (its log is `node.log` there), killed on drop.
+struct Spawned {
     child: Child,
     dir: tempfile::TempDir,
 }
 
-impl Drop for Node {
+impl Drop for Spawned {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+impl Spawned {
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("node.log")).unwrap_or_default()
+    }
+}
+
+struct Node {
+    addr: SocketAddr,
+    status: PathBuf,
+    proc: Spawned,
 }
 
 impl Node {
@@ -124,7 +135,7 @@ impl Node {
         cmd.env_remove("CDT_CONFIG").env("CDT_NODE__DATA_DIR", dir.path().join("data"));
         cmd.current_dir(dir.path()).stdout(Stdio::null()).stderr(log);
         let child = cmd.spawn().expect("start cdtester node");
-        Node { addr, status, child, dir }
+        Node { addr, status, proc: Spawned { child, dir } }
     }
 
     fn status(&self) -> Value {
@@ -149,20 +160,22 @@ impl Node {
     }
 
     fn log(&self) -> String {
-        std::fs::read_to_string(self.dir.path().join("node.log")).unwrap_or_default()
+        self.proc.log()
     }
 }
 
-fn wait_until(limit: Duration, mut ok: impl FnMut() -> bool) -> bool {
-    let end = Instant::now() + limit;
-    while Instant::now() < end {
-        if ok() {
-            return true;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    false
+/// `r` sends CONNECT to `to`; the CONNECT_REP (panics with `log()` when none comes in 5 s).
+fn connect(r: &mut ReferencePeer, to: SocketAddr, log: impl Fn() -> String) -> Value {
+    r.send(to, "CONNECT", json!({}));
+    let answered = wait_until(Duration::from_secs(5), || {
+        r.drain();
+        !r.got("CONNECT_REP").is_empty()
+    });
+    assert!(answered, "no CONNECT_REP:\n{}", log());
+    r.got("CONNECT_REP")[0].clone()
 }
+
+use common::wait_until;
 
 /// Runs the reference peers' loop for `span`: each heartbeats `to` every 3.5 s (the first
 /// `first` after the start), drains its socket and calls `check` every 100 ms. Returns when the
@@ -205,16 +218,7 @@ fn a_reference_node_joins_and_is_never_falsely_failed() {
     );
     let node_id = node.id().unwrap_or_default();
     let mut r = ReferencePeer::new("");
-    r.send(node.addr, "CONNECT", json!({}));
-    assert!(
-        wait_until(Duration::from_secs(5), || {
-            r.drain();
-            !r.got("CONNECT_REP").is_empty()
-        }),
-        "no CONNECT_REP:\n{}",
-        node.log()
-    );
-    let rep = r.got("CONNECT_REP")[0].clone();
+    let rep = connect(&mut r, node.addr, || node.log());
     assert_eq!(rep["id"], node_id.as_str(), "{rep}");
     assert!(rep["peers"].as_object().is_some_and(|m| m.is_empty()), "the joiner is not listed: {rep}");
     r.id = rep["given_id"].as_str().expect("given_id is a string").to_string();
@@ -248,27 +252,30 @@ fn a_reference_node_joins_and_is_never_falsely_failed() {
     assert!(after >= Duration::from_secs(7), "failed {after:?} after its last heartbeat");
 }
 
-#[test]
-fn a_node_joining_reference_nodes_keeps_them_between_their_heartbeats() {
+/// The id reference node A gives the node in [`join_reference_nodes`].
+const GIVEN: &str = "100000000000000000003";
+
+/// A node joining reference node A, which lists reference node B (ids ...01 and ...02; the node
+/// gets [`GIVEN`]).
+fn join_reference_nodes() -> (ReferencePeer, ReferencePeer, Node) {
     let mut a = ReferencePeer::new("100000000000000000001");
     let b = ReferencePeer::new("100000000000000000002");
     let node = Node::start(Some(a.addr));
-    assert!(
-        wait_until(Duration::from_secs(10), || {
-            a.drain();
-            !a.got("CONNECT").is_empty()
-        }),
-        "no CONNECT:\n{}",
-        node.log()
-    );
-    let given = "100000000000000000003";
-    let connect_rep = json!({
-        "peers": {b.id.clone(): ["127.0.0.1", b.addr.port()]},
-        "id": a.id,
-        "given_id": given,
+    let connected = wait_until(Duration::from_secs(10), || {
+        a.drain();
+        !a.got("CONNECT").is_empty()
     });
-    a.send(node.addr, "CONNECT_REP", connect_rep);
-    assert!(wait_until(Duration::from_secs(5), || node.id().as_deref() == Some(given)), "{}", node.log());
+    assert!(connected, "no CONNECT:\n{}", node.log());
+    let rep = json!({"peers": {b.id.clone(): ["127.0.0.1", b.addr.port()]}, "id": a.id, "given_id": GIVEN});
+    a.send(node.addr, "CONNECT_REP", rep);
+    assert!(wait_until(Duration::from_secs(5), || node.id().as_deref() == Some(GIVEN)), "{}", node.log());
+    (a, b, node)
+}
+
+#[test]
+fn a_node_joining_reference_nodes_keeps_them_between_their_heartbeats() {
+    let (a, b, node) = join_reference_nodes();
+    let given = GIVEN;
 
     let table =
         BTreeMap::from([(a.id.clone(), a.addr), (b.id.clone(), b.addr), (given.to_string(), node.addr)]);
@@ -297,4 +304,425 @@ fn a_node_joining_reference_nodes_keeps_them_between_their_heartbeats() {
         let hbs = p.got("HEARTBEAT");
         assert!(hbs.iter().any(|h| h["id"] == given), "{} got no heartbeat from the node", p.id);
     }
+}
+
+// ------------------------------------------------------------------ evaluation flows
+
+mod common;
+
+/// A full cdtester node (evaluations, HTTP API) in open-network mode, founding a network.
+struct FullNode {
+    udp: SocketAddr,
+    http: SocketAddr,
+    proc: Spawned,
+}
+
+impl FullNode {
+    fn start() -> FullNode {
+        FullNode::start_with(&[])
+    }
+
+    /// A node with extra environment (configuration keys).
+    fn start_with(env: &[(&str, &str)]) -> FullNode {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let udp = UdpSocket::bind("127.0.0.1:0").and_then(|s| s.local_addr()).expect("free port");
+        let http =
+            std::net::TcpListener::bind("127.0.0.1:0").and_then(|s| s.local_addr()).expect("free port");
+        let log = std::fs::File::create(dir.path().join("node.log")).expect("log file");
+        let mut cmd = common::cdtester(&dir.path().join("data"));
+        cmd.args(["node", "--insecure", "--bind", &udp.to_string(), "--http", &http.to_string()])
+            .env("CDT_LOG", "info")
+            .envs(env.iter().copied())
+            .current_dir(dir.path())
+            .stdout(Stdio::null())
+            .stderr(log);
+        let child = cmd.spawn().expect("start cdtester node");
+        let node = FullNode { udp, http, proc: Spawned { child, dir } };
+        assert!(
+            wait_until(Duration::from_secs(20), || http_get(http, "/network").is_some()),
+            "{}",
+            node.log()
+        );
+        node
+    }
+
+    fn log(&self) -> String {
+        self.proc.log()
+    }
+
+    /// Joins the reference peer `r` to the node (CONNECT / CONNECT_REP); the node's id.
+    fn admit(&self, r: &mut ReferencePeer) -> String {
+        let rep = connect(r, self.udp, || self.log());
+        r.id = rep["given_id"].as_str().expect("given_id").to_string();
+        rep["id"].as_str().expect("id").to_string()
+    }
+}
+
+/// `GET path`: (status, JSON body).
+fn http_get(addr: SocketAddr, path: &str) -> Option<(u16, Value)> {
+    common::http_call(addr, "GET", path, None)
+}
+
+/// A request the fake owner's HTTP API received.
+#[derive(Debug, Clone)]
+struct Received {
+    method: String,
+    path: String,
+    content_type: Option<String>,
+    body: String,
+}
+
+/// The HTTP API of a reference owner: `GET /file/<project_id>` serves `zip` for `project_id`
+/// (404 `{"error":"File not found"}` otherwise, as the reference), `POST /task` answers
+/// `{"status":"success"}`; every request is recorded.
+fn reference_api(
+    project_id: String,
+    zip: Vec<u8>,
+) -> (SocketAddr, std::sync::Arc<std::sync::Mutex<Vec<Received>>>) {
+    use std::io::{BufRead, BufReader, Read, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind api");
+    let addr = listener.local_addr().expect("addr");
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let log = seen.clone();
+    std::thread::spawn(move || {
+        for conn in listener.incoming().flatten() {
+            let mut reader = BufReader::new(conn.try_clone().expect("clone"));
+            let mut line = String::new();
+            if reader.read_line(&mut line).is_err() {
+                continue;
+            }
+            let mut parts = line.split_whitespace();
+            let (method, path) =
+                (parts.next().unwrap_or("").to_string(), parts.next().unwrap_or("").to_string());
+            let (mut len, mut content_type) = (0usize, None);
+            loop {
+                let mut h = String::new();
+                if reader.read_line(&mut h).is_err() || h.trim().is_empty() {
+                    break;
+                }
+                let (k, v) = h
+                    .split_once(':')
+                    .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_string()))
+                    .unwrap_or_default();
+                if k == "content-length" {
+                    len = v.parse().unwrap_or(0);
+                } else if k == "content-type" {
+                    content_type = Some(v);
+                }
+            }
+            let mut body = vec![0u8; len];
+            let _ = reader.read_exact(&mut body);
+            let body = String::from_utf8_lossy(&body).into_owned();
+            log.lock().expect("log").push(Received {
+                method: method.clone(),
+                path: path.clone(),
+                content_type,
+                body,
+            });
+            let (status, ct, payload): (&str, &str, Vec<u8>) =
+                if method == "GET" && path == format!("/file/{project_id}") {
+                    ("200 OK", "application/zip", zip.clone())
+                } else if method == "POST" && path == "/task" {
+                    ("200 OK", "application/json", b"{\"status\":\"success\"}\n".to_vec())
+                } else {
+                    ("404 NOT FOUND", "application/json", b"{\"error\":\"File not found\"}\n".to_vec())
+                };
+            let mut conn = conn;
+            let head = format!(
+                "HTTP/1.1 {status}\r\nContent-Type: {ct}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+                payload.len()
+            );
+            let _ = conn.write_all(head.as_bytes()).and_then(|_| conn.write_all(&payload));
+        }
+    });
+    (addr, seen)
+}
+
+/// A zip in the reference's `/file` layout: every entry under `<project_id>/`.
+fn reference_zip(project_id: &str, files: &[(&str, &str)]) -> Vec<u8> {
+    use std::io::Write;
+    let mut w = zip::ZipWriter::new(std::io::Cursor::new(Vec::new()));
+    for (name, text) in files {
+        w.start_file(format!("{project_id}/{name}"), zip::write::SimpleFileOptions::default())
+            .expect("entry");
+        w.write_all(text.as_bytes()).expect("write");
+    }
+    w.finish().expect("zip").into_inner()
+}
+
+/// Heartbeats `to` from `r` every 3.5 s and calls `step` every 50 ms until it returns true or
+/// `limit` passes; whether it did.
+fn keep_alive_until(
+    r: &mut ReferencePeer,
+    to: SocketAddr,
+    table: &BTreeMap<String, SocketAddr>,
+    limit: Duration,
+    mut step: impl FnMut(&mut ReferencePeer) -> bool,
+) -> bool {
+    let start = Instant::now();
+    let mut next = start;
+    while start.elapsed() < limit {
+        if Instant::now() >= next {
+            r.heartbeat(to, table);
+            next += REFERENCE_BEAT;
+        }
+        r.drain();
+        if step(r) {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    false
+}
+
+const TEST_MODULE: &str =
+    "def test_a():\n    assert True\n\ndef test_b():\n    assert 1 == 2\n\ndef test_c():\n    pass\n";
+
+#[test]
+fn a_node_works_for_a_reference_owner_like_a_reference_worker() {
+    let node = FullNode::start();
+    let mut r = ReferencePeer::new("");
+    let node_id = node.admit(&mut r);
+    let table = BTreeMap::from([(node_id.clone(), node.udp)]);
+    let project_id = "1795512056.7615452179551203864886859797";
+    let zip = reference_zip(project_id, &[("calc.py", "X = 1\n"), ("tests/test_calc.py", TEST_MODULE)]);
+    let (api, seen) = reference_api(project_id.to_string(), zip);
+    let info = |pid: &str, module: &str| {
+        json!({"id": r.id, "info": {"project_id": pid, "module": module, "project_name": "calc",
+            "api_port": api.port().to_string(), "eval_id": "1795512038648868597971", "url": null,
+            "token": null, "type": "zip"}})
+    };
+    let (hostile, good) = (info("..", "test_calc.py"), info(project_id, "test_calc.py"));
+
+    // TASK_ANNOUNCE is answered with TASK_REQUEST {"id"}.
+    r.send(node.udp, "TASK_ANNOUNCE", json!({"id": r.id}));
+    let asked = keep_alive_until(&mut r, node.udp, &table, Duration::from_secs(5), |r| {
+        !r.got("TASK_REQUEST").is_empty()
+    });
+    assert!(asked, "no TASK_REQUEST:\n{}", node.log());
+    assert_eq!(r.got("TASK_REQUEST")[0]["id"], node_id.as_str());
+
+    // A hostile project id is neither fetched nor confirmed.
+    r.send(node.udp, "TASK_SEND", hostile);
+    keep_alive_until(&mut r, node.udp, &table, Duration::from_secs(2), |_| false);
+    assert!(r.got("TASK_CONFIRM").is_empty(), "{:?}", r.got("TASK_CONFIRM"));
+
+    // A reference task: fetched from /file, confirmed within the owner's 5 s, run, posted.
+    let sent = Instant::now();
+    r.send(node.udp, "TASK_SEND", good);
+    let confirmed = keep_alive_until(&mut r, node.udp, &table, Duration::from_secs(5), |r| {
+        !r.got("TASK_CONFIRM").is_empty()
+    });
+    assert!(confirmed, "no TASK_CONFIRM within 5 s:\n{}", node.log());
+    assert_eq!(r.got("TASK_CONFIRM")[0]["task_id"], format!("{project_id}::test_calc.py"));
+    let posted = |s: &std::sync::Mutex<Vec<Received>>| {
+        s.lock().expect("log").iter().find(|q| q.path == "/task").cloned()
+    };
+    let done =
+        keep_alive_until(&mut r, node.udp, &table, Duration::from_secs(240), |_| posted(&seen).is_some());
+    assert!(done, "no POST /task after {:?}:\n{}", sent.elapsed(), node.log());
+    let requests = seen.lock().expect("log").clone();
+    assert_eq!(
+        requests.iter().map(|q| (q.method.as_str(), q.path.as_str())).collect::<Vec<_>>(),
+        [("GET", format!("/file/{project_id}").as_str()), ("POST", "/task")],
+        "only the reference's calls"
+    );
+    let post = posted(&seen).expect("posted");
+    assert_eq!(post.content_type.as_deref(), Some("application/json"), "exactly, as the reference requires");
+    // The reference's body, keys in its order, `port` as a string.
+    let keys = ["task_id", "passed", "failed", "time", "project_id", "module", "ip", "port"];
+    let at: Vec<usize> = keys.iter().map(|k| post.body.find(&format!("\"{k}\"")).expect(k)).collect();
+    assert!(at.windows(2).all(|w| w[0] < w[1]), "key order: {}", post.body);
+    let body: Value = serde_json::from_str(&post.body).expect("JSON body");
+    assert_eq!(body.as_object().map(|o| o.len()), Some(keys.len()), "{body}");
+    assert_eq!(body["task_id"], format!("{project_id}::test_calc.py"));
+    assert_eq!((body["passed"].as_u64(), body["failed"].as_u64()), (Some(2), Some(1)), "{body}");
+    assert!(body["time"].is_f64(), "{body}");
+    assert_eq!(
+        (body["project_id"].as_str(), body["module"].as_str()),
+        (Some(project_id), Some("test_calc.py"))
+    );
+    assert_eq!(body["ip"], "127.0.0.1");
+    assert_eq!(body["port"], node.udp.port().to_string());
+    assert!(!node.log().contains("/internal/"), "no cdtester-only call to a reference peer");
+}
+
+#[test]
+fn evaluations_owned_by_reference_nodes_are_shown_from_their_cache_updates() {
+    let node = FullNode::start();
+    let mut r = ReferencePeer::new("");
+    let node_id = node.admit(&mut r);
+    let table = BTreeMap::from([(node_id, node.udp)]);
+    let eval = "1795512038648868597971";
+    let me = r.addr.to_string();
+    let cache = |status: &str| {
+        json!({"addr": me, "peers_ip": [node.udp.to_string()],
+            "evaluations": {eval: {"projects": ["1795512056.76154521", "1795512056.76220421"], "start_time": 1795512056.7254164, "end_time": null}},
+            "projects": {
+                "1795512056.76154521": {"project_name": "calc", "node": me, "modules": {
+                    "test_add.py": {"passed": 2, "failed": 1, "time": 0.144, "status": "finished"},
+                    "test_sub.py": {"passed": 0, "failed": 0, "time": 0, "status": status}}},
+                "1795512056.76220421": {"project_name": "strs", "node": me, "modules": {
+                    "test_upper.py": {"passed": 2, "failed": 1, "time": 0.18, "status": "finished"}}}},
+            "stats": {"failed": 0, "passed": 0, "projects": 0, "modules": 0, "evaluations": [], "submitted_evaluation": [eval]}})
+    };
+    r.send(node.udp, "CACHE_UPDATE", cache("running"));
+    let listed = keep_alive_until(&mut r, node.udp, &table, Duration::from_secs(5), |_| {
+        http_get(node.http, "/evaluation")
+            .is_some_and(|(_, v)| v.as_array().is_some_and(|a| a.contains(&json!(eval))))
+    });
+    assert!(listed, "{:?}\n{}", http_get(node.http, "/evaluation"), node.log());
+    let (status, report) = http_get(node.http, &format!("/evaluation/{eval}")).expect("report");
+    assert_eq!(status, 200, "{report}");
+    assert_eq!(report["id"], eval);
+    assert_eq!(report["summary"]["executing"], 1);
+    assert_eq!(report["projects"]["calc"]["score"], "--");
+    // The module finishes: the last finished write wins, as on reference nodes.
+    let mut done = cache("finished");
+    done["projects"]["1795512056.76154521"]["modules"]["test_sub.py"] =
+        json!({"passed": 2, "failed": 0, "time": 0.11, "status": "finished"});
+    done["evaluations"][eval]["end_time"] = json!(1795512058.647059);
+    r.send(node.udp, "CACHE_UPDATE", done);
+    let finished = keep_alive_until(&mut r, node.udp, &table, Duration::from_secs(5), |_| {
+        http_get(node.http, &format!("/evaluation/{eval}")).is_some_and(|(_, v)| v["end_time"].is_number())
+    });
+    assert!(finished, "{}", node.log());
+    let (_, report) = http_get(node.http, &format!("/evaluation/{eval}")).expect("report");
+    let summary = json!({"pass_percentage": 75.0, "fail_percentage": 25.0, "executed": 3, "executing": 0,
+        "pending": 0, "time_elapsed": 0, "total_passed": 6, "total_failed": 2});
+    assert_eq!(report["summary"], summary, "{report}");
+    assert_eq!(report["projects"]["calc"]["score"], 16.0);
+    assert_eq!(report["projects"]["strs"]["score"], 13.33);
+    let (_, stats) = http_get(node.http, "/stats").expect("stats");
+    assert_eq!(stats["all"], json!({"failed": 2, "passed": 6, "projects": 2, "evaluations": 1}), "{stats}");
+}
+
+#[test]
+fn a_node_hands_work_to_a_reference_worker_in_the_references_terms() {
+    // One slot, so that the node leaves modules for the worker.
+    let node = FullNode::start_with(&[("CDT_RUNNER__WORKERS", "1")]);
+    let mut w = ReferencePeer::new("");
+    let node_id = node.admit(&mut w);
+    let table = BTreeMap::from([(node_id, node.udp)]);
+    let src = tempfile::tempdir().expect("tmp");
+    let slow =
+        TEST_MODULE.replace("def test_c():\n    pass", "def test_c():\n    import time; time.sleep(1)");
+    for m in ["a", "b", "c", "d", "e"] {
+        common::write_file(src.path(), &format!("calc/tests/test_{m}.py"), &slow);
+    }
+    common::write_file(src.path(), "calc/tests/sub/test_nested.py", TEST_MODULE);
+    let zip = cdtester::fetch::pack_projects(&[("calc".into(), src.path().join("calc"))]).expect("zip");
+    let eval = common::submit_zip(node.http, &zip);
+
+    // The worker asks on TASK_ANNOUNCE, as a reference node does, until it gets a task.
+    let mut asked = 0;
+    let got_task = keep_alive_until(&mut w, node.udp, &table, Duration::from_secs(120), |w| {
+        let announces = w.got("TASK_ANNOUNCE").len();
+        if announces > asked {
+            asked = announces;
+            w.send(node.udp, "TASK_REQUEST", json!({"id": w.id}));
+        }
+        !w.got("TASK_SEND").is_empty()
+    });
+    assert!(got_task, "no TASK_SEND:\n{}", node.log());
+    let position = |cmd: &str| w.received.iter().position(|(c, _)| c == cmd);
+    assert!(position("PROJECT_ANNOUNCE") < position("TASK_SEND"), "PROJECT_ANNOUNCE first: {:?}", w.received);
+    let send = w.got("TASK_SEND")[0].clone();
+    let info = &send["info"];
+    let (pid, module) = (
+        info["project_id"].as_str().expect("pid").to_string(),
+        info["module"].as_str().expect("module").to_string(),
+    );
+    assert!(
+        ["test_a.py", "test_b.py", "test_c.py", "test_d.py", "test_e.py"].contains(&module.as_str()),
+        "{send}"
+    );
+    assert_eq!(
+        (&info["type"], &info["api_port"], &info["token"]),
+        (&json!("zip"), &json!(node.http.port().to_string()), &Value::Null)
+    );
+    let announce = w.got("PROJECT_ANNOUNCE")[0].clone();
+    let expected = json!({"project_id": pid, "api_port": node.http.port().to_string(), "project_name": "calc",
+        "eval_id": eval, "url": null, "token": null, "type": 0});
+    assert_eq!(announce, expected);
+
+    // The project in the reference's layout, as its worker fetches it.
+    let (status, head, body) =
+        common::http_raw(node.http, "GET", &format!("/file/{pid}"), None).expect("file");
+    assert_eq!(status, 200, "{head}");
+    assert!(head.to_ascii_lowercase().contains(&format!("filename={pid}.zip")), "{head}");
+    let archive = zip::ZipArchive::new(std::io::Cursor::new(body)).expect("a zip");
+    let names: Vec<String> = archive.file_names().filter_map(|n| n.ok().map(|n| n.to_string())).collect();
+    assert!(names.iter().all(|n| n.starts_with(&format!("{pid}/"))), "{names:?}");
+    assert!(names.contains(&format!("{pid}/tests/{module}")), "{names:?}");
+
+    // Confirm and post the reference's body: the node takes it for its own task.
+    let task = format!("{pid}::{module}");
+    w.send(node.udp, "TASK_CONFIRM", json!({"task_id": task}));
+    std::thread::sleep(Duration::from_millis(300));
+    let post = json!({"task_id": task, "passed": 2, "failed": 1, "time": 1.01, "project_id": pid, "module": module,
+        "ip": "127.0.0.1", "port": w.addr.port().to_string()});
+    let body = serde_json::to_vec(&post).expect("json");
+    let answer = common::http_call(node.http, "POST", "/task", Some(("application/json", &body)));
+    assert_eq!(answer, Some((200, json!({"status": "success"}))), "{}", node.log());
+
+    let done = keep_alive_until(&mut w, node.udp, &table, Duration::from_secs(180), |_| {
+        http_get(node.http, &format!("/evaluation/{eval}")).is_some_and(|(_, v)| v["end_time"].is_number())
+    });
+    assert!(done, "{:?}\n{}", http_get(node.http, &format!("/evaluation/{eval}")), node.log());
+    let (_, report) = http_get(node.http, &format!("/evaluation/{eval}")).expect("report");
+    assert_eq!(
+        (&report["summary"]["total_passed"], &report["summary"]["total_failed"]),
+        (&json!(12), &json!(6)),
+        "{report}"
+    );
+    // Only whole modules directly under tests/ went to the worker.
+    assert!(w.got("TASK_SEND").iter().all(|s| !s["info"]["module"].as_str().unwrap_or("/").contains('/')));
+}
+
+#[test]
+fn elections_run_with_reference_nodes_in_both_directions() {
+    let (mut a, b, node) = join_reference_nodes();
+    let given = GIVEN;
+    let table =
+        BTreeMap::from([(a.id.clone(), a.addr), (b.id.clone(), b.addr), (given.to_string(), node.addr)]);
+    // B heartbeats once, then dies; A keeps beating. The node detects B, starts an election with
+    // A and, A having the smallest id, tells A it won.
+    b.heartbeat(node.addr, &table);
+    let b_addr = b.addr.to_string();
+    let mut elected = false;
+    beat_for(
+        std::slice::from_mut(&mut a),
+        node.addr,
+        &table,
+        Duration::ZERO,
+        Duration::from_secs(20),
+        |_| {},
+    );
+    for (cmd, data) in a.received.clone() {
+        if cmd == "RECOVERY_ELECTION" && !elected {
+            assert_eq!(data["candidate_id"], given, "{data}");
+            assert_eq!(data["failed_node"], b.id.as_str(), "{data}");
+            assert_eq!(data["failed_node_addr"], b_addr.as_str(), "{data}");
+            assert!(data["timestamp"].is_f64() && data["extra"].is_object(), "{data}");
+            elected = true;
+        }
+    }
+    assert!(elected, "no RECOVERY_ELECTION for the dead reference node: {:?}\n{}", a.received, node.log());
+    let results = a.got("RECOVERY_ELECTION_RESULT");
+    assert_eq!(results.len(), 1, "{:?}\n{}", a.received, node.log());
+    assert_eq!(results[0]["failed_node_id"], b.id.as_str());
+    assert!(results[0]["evaluations"].is_object());
+
+    // The other way: A runs an election for a node C; the node answers with its REP.
+    let c = ("100000000000000000009", "127.0.0.1:9");
+    let election = json!({"candidate_id": a.id, "failed_node": c.0, "timestamp": 1.0, "extra": {}, "failed_node_addr": c.1});
+    a.send(node.addr, "RECOVERY_ELECTION", election);
+    let replied = wait_until(Duration::from_secs(5), || {
+        a.drain();
+        !a.got("RECOVERY_ELECTION_REP").is_empty()
+    });
+    assert!(replied, "no RECOVERY_ELECTION_REP:\n{}", node.log());
+    let rep = a.got("RECOVERY_ELECTION_REP")[0].clone();
+    assert_eq!(rep, json!({"failed_node_id": c.0, "evaluations": {}, "node_id": given}));
 }

@@ -13,6 +13,8 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
+mod common;
+
 struct Proc {
     child: Child,
 }
@@ -49,8 +51,15 @@ impl Reference {
         std::fs::create_dir_all(dir).expect("node dir");
         let launcher = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/interop/reference_launcher.py");
         let log = std::fs::File::create(dir.join("node.log")).expect("log");
+        // The reference runs bare `python` and `pytest` from PATH: its interpreter's folder first.
+        let bin = self.python.parent().map(Path::to_path_buf).unwrap_or_default();
+        let path = std::env::join_paths(
+            std::iter::once(bin).chain(std::env::split_paths(&std::env::var_os("PATH").unwrap_or_default())),
+        )
+        .expect("PATH");
         let child = Command::new(&self.python)
             .arg(launcher)
+            .env("PATH", path)
             .arg(&self.checkout)
             .env("NODE_PORT", udp.port().to_string())
             .env("OUTSIDE_IP", "127.0.0.1")
@@ -69,11 +78,10 @@ impl Reference {
 fn cdtester_node(dir: &Path, udp: SocketAddr, http: SocketAddr, join: SocketAddr) -> Proc {
     std::fs::create_dir_all(dir).expect("node dir");
     let log = std::fs::File::create(dir.join("node.log")).expect("log");
-    let child = Command::new(env!("CARGO_BIN_EXE_cdtester"))
+    let child = common::cdtester(&dir.join("data"))
         .args(["node", "--insecure", "--bind", &udp.to_string(), "--http", &http.to_string()])
         .args(["--join", &join.to_string()])
-        .env_remove("CDT_CONFIG")
-        .env("CDT_NODE__DATA_DIR", dir.join("data"))
+        .env("CDT_LOG", "info")
         .current_dir(dir)
         .stdout(Stdio::null())
         .stderr(log)
@@ -136,4 +144,258 @@ fn mixed_network_of_reference_and_cdtester_nodes_stays_whole_for_60_s() {
     assert!(joined < Duration::from_secs(10), "whole only after {joined:?}");
     assert!(broken.is_empty(), "membership broke after {joined:?}: {broken:?}\n{log}");
     assert!(!log.contains("peer down"), "a reference node was declared failed:\n{log}");
+}
+
+/// The test projects: `projects` folders of `modules` modules each; every module has two
+/// passing tests and one failing, and sleeps `sleep` seconds (so that work spreads).
+fn projects(root: &Path, projects: usize, modules: usize, sleep: f64) {
+    for p in 0..projects {
+        for m in 0..modules {
+            let text = format!(
+                "import time\n\ndef test_a():\n    time.sleep({sleep})\n\ndef test_b():\n    assert 1 == 1\n\ndef test_c():\n    assert {p} == {m} + 100\n"
+            );
+            common::write_file(root, &format!("proj{p}/tests/test_p{p}_m{m}.py"), &text);
+        }
+    }
+}
+
+/// What [`setup`] prepares: the reference, a temporary folder, the zip and its counts.
+type Setup = (Reference, tempfile::TempDir, Vec<u8>, (u64, u64));
+
+/// The reference from the environment (or `None`: the test is skipped), a temporary folder and
+/// the zip of `n` projects of `modules` modules sleeping `sleep` s (see [`projects`]) with plain
+/// pytest's counts for it.
+fn setup(n: usize, modules: usize, sleep: f64) -> Option<Setup> {
+    let Some(reference) = Reference::from_env() else {
+        eprintln!("skipped: set REFERENCE_CHECKOUT and REFERENCE_PYTHON to run reference nodes");
+        return None;
+    };
+    let tmp = tempfile::tempdir().expect("temp dir");
+    let src = tmp.path().join("src");
+    projects(&src, n, modules, sleep);
+    let expected = plain_pytest(&reference.python, &src);
+    let per_module = (2 * n * modules) as u64;
+    assert_eq!(expected, (per_module, per_module / 2), "plain pytest");
+    let zip = zip_of(&src);
+    Some((reference, tmp, zip, expected))
+}
+
+/// Plain pytest's (passed, failed) for the projects under `root`, run with the reference's
+/// interpreter.
+fn plain_pytest(python: &Path, root: &Path) -> (u64, u64) {
+    let out = Command::new(python)
+        .args(["-m", "pytest", "-q", "-p", "no:cacheprovider"])
+        .arg(root)
+        .output()
+        .expect("pytest");
+    let text = String::from_utf8_lossy(&out.stdout);
+    let last = text.lines().rev().find(|l| l.contains("passed") || l.contains("failed")).unwrap_or_default();
+    let count = |what: &str| {
+        last.split(", ")
+            .filter_map(|part| part.trim_matches(|c: char| c == '=' || c == ' ').split_once(' '))
+            .find(|(_, w)| w.starts_with(what))
+            .and_then(|(n, _)| n.parse().ok())
+            .unwrap_or(0)
+    };
+    (count("passed"), count("failed"))
+}
+
+/// The zip of the folders under `root`, one top-level folder per project.
+fn zip_of(root: &Path) -> Vec<u8> {
+    let mut dirs: Vec<(String, PathBuf)> = std::fs::read_dir(root)
+        .expect("read")
+        .flatten()
+        .map(|e| (e.file_name().to_string_lossy().into_owned(), e.path()))
+        .collect();
+    dirs.sort();
+    cdtester::fetch::pack_projects(&dirs).expect("zip")
+}
+
+/// Polls `GET /evaluation/<id>` on `http` until the evaluation has an end time; the report and
+/// when it ended.
+fn finished(http: SocketAddr, id: &str, limit: Duration) -> Option<(Value, Duration)> {
+    let start = Instant::now();
+    while start.elapsed() < limit {
+        if let Some((200, v)) = common::http_call(http, "GET", &format!("/evaluation/{id}"), None)
+            && v["end_time"].is_number()
+        {
+            return Some((v, start.elapsed()));
+        }
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    None
+}
+
+/// (passed, failed) of a report: the reference's summary, or cdtester's.
+fn totals(report: &Value) -> (u64, u64) {
+    let s = &report["summary"];
+    match (s["total_passed"].as_u64(), s["total_failed"].as_u64()) {
+        (Some(p), Some(f)) => (p, f),
+        _ => (s["passed"].as_u64().unwrap_or(0), s["failed"].as_u64().unwrap_or(0)),
+    }
+}
+
+/// A network of reference nodes (and a cdtester node when `with_cdtester`), started in `dir`;
+/// HTTP addresses, reference nodes first.
+fn network_of(
+    reference: &Reference,
+    dir: &Path,
+    refs: usize,
+    with_cdtester: bool,
+) -> (Vec<Proc>, Vec<SocketAddr>, Vec<SocketAddr>) {
+    let (mut procs, mut https, mut udps) = (Vec::new(), Vec::new(), Vec::new());
+    for i in 0..refs {
+        let (u, h) = (free_udp(), free_tcp());
+        procs.push(reference.start(&dir.join(format!("r{i}")), u, h, udps.first().copied()));
+        https.push(h);
+        udps.push(u);
+        std::thread::sleep(Duration::from_secs(2));
+    }
+    if with_cdtester {
+        let (u, h) = (free_udp(), free_tcp());
+        procs.push(cdtester_node(&dir.join("c"), u, h, udps[0]));
+        https.push(h);
+        udps.push(u);
+    }
+    // Everyone lists everyone.
+    let all: Vec<String> = udps.iter().map(|u| u.to_string()).collect();
+    let whole = || {
+        https.iter().zip(&all).all(|(h, me)| {
+            let view = network(*h).unwrap_or(Value::Null);
+            let others: Vec<&str> = all.iter().filter(|a| *a != me).map(String::as_str).collect();
+            lists(&view, me, &others)
+        })
+    };
+    let start = Instant::now();
+    while !whole() && start.elapsed() < Duration::from_secs(20) {
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    (procs, https, udps)
+}
+
+#[test]
+fn zips_submitted_to_reference_and_cdtester_nodes_finish_with_plain_pytest_counts() {
+    let Some((reference, tmp, zip, expected)) = setup(2, 4, 1.0) else { return };
+
+    // Reference-only network: the time to compare with.
+    let (only, https, _) = network_of(&reference, &tmp.path().join("only"), 3, false);
+    let id = common::submit_zip(https[0], &zip);
+    let (report, alone) =
+        finished(https[0], &id, Duration::from_secs(180)).expect("reference-only run finished");
+    assert_eq!(totals(&report), expected, "{report}");
+    drop(only);
+
+    // Mixed: 2 reference nodes and 1 cdtester node; a zip submitted to a reference node.
+    let dir = tmp.path().join("mixed");
+    let (_mixed, https, _) = network_of(&reference, &dir, 2, true);
+    let id = common::submit_zip(https[0], &zip);
+    let (report, mixed) = finished(https[0], &id, Duration::from_secs(180)).expect("mixed run finished");
+    assert_eq!(totals(&report), expected, "{report}");
+    // cdtester shows the same evaluation, from the reference's CACHE_UPDATEs.
+    let (mine, _) = finished(https[2], &id, Duration::from_secs(15)).expect("cdtester shows it finished");
+    assert_eq!(mine["summary"], report["summary"]);
+    assert_eq!(mine["projects"], report["projects"]);
+    let log = std::fs::read_to_string(dir.join("c/node.log")).unwrap_or_default();
+    let ran = log.matches("reference module ran").count();
+    assert!(ran > 0, "the cdtester node ran none of the reference's modules:\n{log}");
+    assert!(!log.contains("peer down"), "a reference node was declared failed:\n{log}");
+    eprintln!(
+        "zip to a reference node: 3 reference nodes {alone:?}, 2 reference + 1 cdtester {mixed:?} (cdtester ran {ran} of 8 modules)"
+    );
+
+    // A zip submitted to the cdtester node.
+    let cid = common::submit_zip(https[2], &zip);
+    let (mine, by_cdtester) =
+        finished(https[2], &cid, Duration::from_secs(300)).expect("cdtester's run finished");
+    assert_eq!(totals(&mine), expected, "{mine}");
+    let by_reference = mine.to_string().matches("run by a reference worker").count();
+    eprintln!(
+        "zip to the cdtester node: {by_cdtester:?} (reference workers ran {by_reference} of 8 modules)"
+    );
+    for r in [dir.join("r0/node.log"), dir.join("r1/node.log")] {
+        let text = std::fs::read_to_string(&r).unwrap_or_default();
+        assert!(!text.contains("Traceback"), "a reference node crashed:\n{text}");
+        // Its request log shows the project fetched from the cdtester node, never an internal call.
+        assert!(text.contains("GET /file/"), "{text}");
+        assert!(!text.contains("/internal/"), "a cdtester-only call reached a reference node:\n{text}");
+    }
+}
+
+/// Kills a process at once (SIGKILL), as a crash would.
+fn kill9(p: &mut Proc) {
+    let _ = p.child.kill();
+    let _ = p.child.wait();
+}
+
+/// A network of `refs` reference nodes (plus a cdtester node, the last, when `with_cdtester`):
+/// submits `zip` to node `owner`, kills it once a module has finished and waits for node `survivor` to finish the
+/// evaluation with `expected` counts (and a surviving cdtester node to show it); the time from
+/// the kill to the end.
+fn kill_owner(
+    reference: &Reference,
+    dir: &Path,
+    zip: &[u8],
+    expected: (u64, u64),
+    nodes: (usize, bool),
+    owner: usize,
+    survivor: usize,
+) -> Duration {
+    let (refs, with_cdtester) = nodes;
+    let (mut procs, https, _) = network_of(reference, dir, refs, with_cdtester);
+    // Let the reference nodes learn every node's status (their failure checker needs it).
+    std::thread::sleep(Duration::from_secs(6));
+    let id = common::submit_zip(https[owner], zip);
+    // Mid-run: once a module has finished (the reference publishes its modules only after
+    // discovering them all; an owner killed before that leaves nothing to recover).
+    let path = format!("/evaluation/{id}");
+    let started = common::wait_until(Duration::from_secs(120), || {
+        common::http_call(https[owner], "GET", &path, None)
+            .is_some_and(|(_, v)| v["summary"]["executed"].as_u64().is_some_and(|n| n >= 1))
+    });
+    assert!(started, "no module finished: {:?}", common::http_call(https[owner], "GET", &path, None));
+    kill9(&mut procs[owner]);
+    let killed = Instant::now();
+    let (report, _) = finished(https[survivor], &id, Duration::from_secs(240)).unwrap_or_else(|| {
+        let logs: Vec<String> = ["r0", "r1", "r2", "c"]
+            .iter()
+            .map(|n| {
+                format!(
+                    "--- {n}\n{}",
+                    std::fs::read_to_string(dir.join(n).join("node.log")).unwrap_or_default()
+                )
+            })
+            .collect();
+        panic!(
+            "never finished: {:?}\n{}",
+            common::http_call(https[survivor], "GET", &format!("/evaluation/{id}"), None),
+            logs.join("\n")
+        )
+    });
+    let took = killed.elapsed();
+    assert_eq!(totals(&report), expected, "{report}");
+    if with_cdtester && owner != refs {
+        let (mine, _) =
+            finished(https[refs], &id, Duration::from_secs(15)).expect("cdtester shows it finished");
+        assert_eq!(totals(&mine), expected, "{mine}");
+    }
+    took
+}
+
+#[test]
+fn a_killed_reference_owner_is_recovered_by_the_mixed_survivors_with_exact_counts() {
+    let Some((reference, tmp, zip, expected)) = setup(2, 5, 3.0) else { return };
+    let only = kill_owner(&reference, &tmp.path().join("only"), &zip, expected, (3, false), 0, 1);
+    let mixed = kill_owner(&reference, &tmp.path().join("mixed"), &zip, expected, (2, true), 0, 1);
+    eprintln!(
+        "reference owner killed after its first module, finished after the kill: 3 reference nodes {only:?}, 2 reference + 1 cdtester {mixed:?}"
+    );
+}
+
+#[test]
+fn a_killed_cdtester_owner_is_recovered_by_reference_nodes_with_exact_counts() {
+    let Some((reference, tmp, zip, expected)) = setup(2, 5, 3.0) else { return };
+    let took = kill_owner(&reference, &tmp.path().join("mixed"), &zip, expected, (2, true), 2, 0);
+    eprintln!(
+        "cdtester owner killed after its first module: the reference nodes finished {took:?} after the kill"
+    );
 }

@@ -140,7 +140,8 @@ impl Client {
             .await?)
     }
 
-    pub async fn list(&self) -> anyhow::Result<Vec<EvalId>> {
+    /// Evaluation ids: cdtester's (integers) and those owned by reference nodes (strings).
+    pub async fn list(&self) -> anyhow::Result<Vec<serde_json::Value>> {
         Ok(self.http.get_json(self.node, "/evaluation", Duration::from_secs(30)).await?)
     }
 
@@ -261,7 +262,7 @@ pub fn list(args: ListArgs, default_node: SocketAddr) -> anyhow::Result<()> {
     let client = Client::new(args.node.unwrap_or(default_node));
     runtime()?.block_on(async {
         for id in client.list().await? {
-            println!("{id}");
+            println!("{}", id.as_str().map_or_else(|| id.to_string(), String::from));
         }
         Ok(())
     })

@@ -13,6 +13,7 @@ pub mod env_cmd;
 pub mod eval;
 pub mod fetch;
 pub mod http;
+pub mod interop;
 pub mod node_cmd;
 pub mod node_image;
 pub mod registry;

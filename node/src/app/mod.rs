@@ -16,6 +16,8 @@
 mod lifecycle;
 mod local;
 mod project;
+mod reference;
+mod reference_workers;
 mod run;
 mod sync;
 mod worker;
@@ -57,6 +59,7 @@ pub async fn accept_result(
     post: TaskPost,
     caller: SocketAddr,
 ) -> Result<&'static str, AppError> {
+    let post = app.translate_reference_post(post, caller);
     let answer = app.apply(Input::Result { post, caller }).answer;
     match answer {
         Some(Ok(a)) => Ok(a.as_str()),
@@ -225,6 +228,8 @@ pub struct App {
     /// Discoveries (preparation and collection) running at once: at most `runner.workers` in a
     /// local app (as many pytest processes as slots), unbounded on a node.
     discoveries: tokio::sync::Semaphore,
+    /// Work of reference-implementation nodes (see [`reference`]).
+    reference: Mutex<reference::RefState>,
 }
 
 fn now() -> Now {
@@ -285,6 +290,7 @@ impl App {
             } else {
                 tokio::sync::Semaphore::MAX_PERMITS
             }),
+            reference: Mutex::default(),
             cfg: opts.config,
         };
         Ok(Arc::new(app))
@@ -304,6 +310,7 @@ impl App {
                 app.apply(Input::Tick);
                 app.push_active();
                 if ticks.is_multiple_of(CACHE_EVERY_TICKS) {
+                    app.announce_to_reference();
                     app.set_cache();
                 }
                 ticks += 1;
@@ -386,7 +393,9 @@ impl App {
     /// has no core).
     fn set_cache(&self) {
         if let Some(net) = self.net().filter(|_| !self.local) {
-            net.push_state(LocalEvent::SetCache(Box::new(self.engine().cache_content())));
+            let mut content = self.engine().cache_content();
+            App::reference_names(&mut content);
+            net.push_state(LocalEvent::SetCache(Box::new(content)));
         }
     }
 
@@ -678,7 +687,9 @@ impl App {
     /// `/stats`.
     pub fn stats(&self) -> eval::Stats {
         let members = self.members();
-        eval::stats(self.engine().records(), &members)
+        let mut stats = eval::stats(self.engine().records(), &members);
+        self.add_reference_stats(&mut stats);
+        stats
     }
 
     /// `/network`.
@@ -722,6 +733,7 @@ impl App {
                 tracing::info!(failed = %failed_addr, %owner, "another node owns the failed node's evaluations");
             }
             Event::CacheUpdate { from, data } => {
+                self.reference_cache(&data.content);
                 let unknown = {
                     let engine = self.engine();
                     data.content
@@ -744,6 +756,9 @@ impl App {
     }
 
     fn on_message(self: &Arc<Self>, from: SocketAddr, msg: Message) {
+        if self.reference_message(from, &msg) {
+            return;
+        }
         match &msg {
             Message::TaskSend(data) => {
                 if let Ok(port) = data.info.api_port.parse::<u16>() {

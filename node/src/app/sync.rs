@@ -27,7 +27,7 @@ pub async fn run(app: Arc<App>) {
         if !dirty.is_empty() {
             push_now(&app, &dirty).await;
         }
-        let hinted = app.shell().sync_hints.pop_first();
+        let hinted = app.shell().sync_hints.pop_first().filter(|p| app.speaks_extensions(*p));
         if hinted.is_some() || Instant::now() >= next_sync {
             next_sync = Instant::now() + SYNC_EVERY;
             let peer = hinted.or_else(|| random_peer(&app));
@@ -40,8 +40,15 @@ pub async fn run(app: Arc<App>) {
     }
 }
 
+/// Live peers that speak cdtester's extensions (never reference nodes, which have no
+/// `/internal/*` routes).
 fn peers(app: &App) -> Vec<SocketAddr> {
-    app.members().iter().skip(1).filter_map(|m| m.parse().ok()).collect()
+    app.members()
+        .iter()
+        .skip(1)
+        .filter_map(|m| m.parse().ok())
+        .filter(|p| app.speaks_extensions(*p))
+        .collect()
 }
 
 fn random_peer(app: &App) -> Option<SocketAddr> {

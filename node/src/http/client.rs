@@ -57,6 +57,8 @@ pub struct HttpClient {
     secret: Secret,
     /// This node's UDP address, sent as the caller's identity on internal calls.
     me: Option<String>,
+    /// Largest answer body read (see [`HttpClient::capped`]).
+    max_body: usize,
 }
 
 impl HttpClient {
@@ -65,7 +67,14 @@ impl HttpClient {
         connector.set_connect_timeout(Some(Duration::from_secs(3)));
         connector.set_nodelay(true);
         let inner = Client::builder(TokioExecutor::new()).pool_idle_timeout(POOL_IDLE).build(connector);
-        HttpClient { inner, secret, me }
+        HttpClient { inner, secret, me, max_body: usize::MAX }
+    }
+
+    /// This client, refusing answers whose body exceeds `max_body` bytes (for servers that
+    /// cannot be trusted to send a bounded one).
+    pub fn capped(mut self, max_body: usize) -> HttpClient {
+        self.max_body = max_body;
+        self
     }
 
     /// Sends a request; `body` with `content_type`. Non-2xx answers are errors.
@@ -107,7 +116,7 @@ impl HttpClient {
                 .await
                 .map_err(|e| ClientError::Transport { url: url.clone(), reason: error_chain(&e) })?;
             let (parts, body) = resp.into_parts();
-            let body = body
+            let body = http_body_util::Limited::new(body, self.max_body)
                 .collect()
                 .await
                 .map_err(|e| ClientError::Transport { url: url.clone(), reason: e.to_string() })?

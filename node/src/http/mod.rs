@@ -481,7 +481,10 @@ async fn submit_json(app: &Arc<App>, req: Request) -> Result<EvalId, AppError> {
 }
 
 async fn list(State(app): State<AppState>) -> Response {
-    axum::Json(app.list()).into_response()
+    // cdtester's ids are integers, those of evaluations owned by reference nodes strings.
+    let mut ids: Vec<serde_json::Value> = app.list().into_iter().map(serde_json::Value::from).collect();
+    ids.extend(app.reference_ids().into_iter().map(serde_json::Value::from));
+    axum::Json(ids).into_response()
 }
 
 /// An evaluation id from a path; anything else is "not found".
@@ -507,6 +510,11 @@ async fn evaluation(
     };
     let report = parse_id(&id)
         .and_then(|id| app.report(id, with_tests).ok_or(AppError::NotFound("Evaluation not found".into())));
+    if report.is_err()
+        && let Some(r) = app.reference_report(&id)
+    {
+        return axum::Json(r).into_response();
+    }
     match report {
         Ok(r) => axum::Json(r).into_response(),
         Err(e) => e.into_response(),
@@ -614,6 +622,17 @@ async fn file(State(app): State<AppState>, Path(project_id): Path<String>, call:
         && let Err(e) = call.member(&app, None)
     {
         return e.into_response();
+    }
+    // A reference node (no cdtester header) gets the reference's layout: `<project_id>/...`.
+    if header_str(&call.headers, auth::NODE_HEADER).is_none() {
+        return match app.reference_file(&project_id) {
+            Ok(bytes) => Response::builder()
+                .header(header::CONTENT_TYPE, "application/zip")
+                .header(header::CONTENT_DISPOSITION, format!("attachment; filename={project_id}.zip"))
+                .body(Body::from(bytes.as_ref().clone()))
+                .unwrap_or_else(|e| error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string())),
+            Err(e) => e.into_response(),
+        };
     }
     match app.project_file(&project_id) {
         Ok((hash, bytes)) => Response::builder()

@@ -71,13 +71,13 @@ fn public_paths() -> Value {
             "responses": {"200": {"description": "asset"}, "404": error_response("no such asset")}}},
         "/evaluation": {
             "post": submit(),
-            "get": {"summary": "Ids of every evaluation, oldest first",
-                "responses": {"200": json_response("ids", json!({"type": "array", "items": {"type": "integer"}}))}}
+            "get": {"summary": "Ids of every evaluation, oldest first (then those owned by nodes of the earlier implementation, as strings)",
+                "responses": {"200": json_response("ids", json!({"type": "array", "items": {"oneOf": [{"type": "integer"}, {"type": "string"}]}}))}}
         },
         "/evaluation/{id}": {"get": {"summary": "Progress and results of one evaluation",
             "parameters": [eval_id(), {"name": "tests", "in": "query", "required": false,
                 "description": "false leaves the per-test results out", "schema": {"type": "boolean"}}],
-            "responses": {"200": json_response("report", json!({"$ref": "#/components/schemas/Report"})), "404": not_found}}},
+            "responses": {"200": json_response("report (an evaluation owned by a node of the earlier implementation: that implementation's report)", json!({"$ref": "#/components/schemas/Report"})), "404": not_found}}},
         "/evaluation/{id}/grades.csv": {"get": {"summary": "Grades of one evaluation as CSV",
             "parameters": [eval_id()],
             "responses": {"200": {"description": "project,grade,passed,failed,errors,skipped,status,url,flaky", "content": {"text/csv": {}}},
@@ -118,7 +118,7 @@ fn public_paths() -> Value {
 fn internal_paths() -> Value {
     json!({
         "/file/{project_id}": {"get": {
-            "tags": ["internal"], "summary": "A project's archive (header x-content-sha256)",
+            "tags": ["internal"], "summary": "A project's archive (header x-content-sha256); without the x-cdtester-node header, in the earlier implementation's layout (entries under <project_id>/)",
             "parameters": [id_param("project_id", "project id")],
             "responses": {"200": {"description": "zip", "content": {"application/zip": {}}},
                 "403": error_response("not a member"), "404": error_response("unknown project")}}},
