@@ -69,6 +69,14 @@ pub fn replicate(app: &Arc<App>, records: Vec<EvalRecord>, from: SocketAddr) -> 
     Replicated { merged: app.apply(Input::Merge { records, from }).merged }
 }
 
+/// Takes a responsible member's proposal (`POST /internal/propose`) and answers with this
+/// node's vote (its copy of the proposed tasks).
+pub fn propose(app: &Arc<App>, copy: EvalRecord, from: SocketAddr) -> Result<EvalRecord, AppError> {
+    app.apply(Input::Propose { copy, from })
+        .vote
+        .ok_or_else(|| AppError::Forbidden("the proposal was refused".into()))
+}
+
 /// Answers a digest exchange (`POST /internal/sync`).
 pub fn answer_sync(app: &App, req: &SyncRequest) -> SyncResponse {
     app.engine().answer_sync(req)
@@ -185,6 +193,8 @@ struct Applied {
     replicate: Vec<EvalRecord>,
     /// Records an [`Input::Merge`] changed.
     merged: usize,
+    /// The vote answering an [`Input::Propose`].
+    vote: Option<EvalRecord>,
 }
 
 /// The application state of one node.
@@ -331,6 +341,10 @@ impl App {
                     }
                 }
                 Action::Replicate(records) => applied.replicate.extend(records),
+                Action::Propose { to, copy } => {
+                    tokio::spawn(sync::propose(self.clone(), to, copy));
+                }
+                Action::Vote(copy) => applied.vote = Some(copy),
             }
         }
         applied

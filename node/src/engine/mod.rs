@@ -22,6 +22,7 @@
 //! task is accepted in place, a remote one goes back as [`Action::Deliver`].
 
 mod post;
+mod quorum;
 mod replica;
 mod sched;
 #[cfg(test)]
@@ -106,6 +107,11 @@ pub enum Input {
     Merge { records: Vec<EvalRecord>, from: SocketAddr },
     /// Hand out the changes made since the last flush, for replication.
     Flush,
+    /// A proposal (a record delta at the sender's term: provisional results, or none in the
+    /// first phase of a takeover) from member `from`; answered by [`Action::Vote`].
+    Propose { copy: EvalRecord, from: SocketAddr },
+    /// Member `from` answered this node's proposal with its copy.
+    Voted { copy: EvalRecord, from: SocketAddr },
 }
 
 /// A task to run on one of this node's slots.
@@ -151,6 +157,10 @@ pub enum Action {
     Replicate(Vec<EvalRecord>),
     /// How many of the records of an [`Input::Merge`] changed this node's copy.
     Merged(usize),
+    /// Send a proposal to member `to` and report its answer as [`Input::Voted`].
+    Propose { to: SocketAddr, copy: EvalRecord },
+    /// The answer to an [`Input::Propose`].
+    Vote(EvalRecord),
 }
 
 /// Where a finished task's result goes now.
@@ -211,6 +221,8 @@ pub struct Engine {
     announcers: BTreeMap<SocketAddr, Instant>,
     /// The node id last seen live at each peer address.
     incarnations: BTreeMap<SocketAddr, NodeId>,
+    /// Majority commits and takeover phases ([`quorum`]).
+    fence: quorum::Fence,
 }
 
 impl Engine {
@@ -245,6 +257,7 @@ impl Engine {
             next_announce: None,
             announcers: BTreeMap::new(),
             incarnations: BTreeMap::new(),
+            fence: quorum::Fence::default(),
         }
     }
 
@@ -259,6 +272,7 @@ impl Engine {
             Input::Members { id, peers } => {
                 self.id = id;
                 self.peers = peers.into_iter().filter(|p| *p != self.cfg.me).collect();
+                self.fence.members(now.mono, &self.peers);
             }
             Input::Tick => self.expire(now, &mut out),
             Input::Message { from, msg } => self.message(now, from, msg, &mut out),
@@ -267,14 +281,19 @@ impl Engine {
                 out.push(Action::Answer(answer));
             }
             Input::Ran { post, from } => self.ran(now, post, from, &mut out),
-            Input::PeerDown { addr, died } => self.requeue_worker(now, addr, died, &mut out),
+            Input::PeerDown { addr, died } => {
+                if !died {
+                    self.fence.left(addr);
+                }
+                self.requeue_worker(now, addr, died, &mut out)
+            }
             Input::PeerUp { id, addr } => {
                 if self.incarnations.insert(addr, id.clone()).is_some_and(|old| old != id) {
                     tracing::info!(peer = %addr, "peer restarted: requeueing its tasks");
                     self.requeue_worker(now, addr, true, &mut out);
                 }
             }
-            Input::TakeOver { failed } => self.take_over(now, failed, &mut out),
+            Input::TakeOver { failed } => self.take_over_fenced(now, failed, &mut out),
             Input::Merge { records, from } => self.merge(records, from, &mut out),
             Input::Flush => {
                 let dirty = std::mem::take(&mut self.dirty);
@@ -286,8 +305,12 @@ impl Engine {
                     out.push(Action::Replicate(deltas));
                 }
             }
+            Input::Propose { copy, from } => self.proposed(copy, from, &mut out),
+            Input::Voted { copy, from } => self.voted(now, copy, from, &mut out),
         }
+        self.resume_deferred(now, &mut out);
         self.dispatch(now, &mut out);
+        self.send_proposals(now, &mut out);
         out
     }
 
@@ -395,11 +418,11 @@ impl Engine {
         self.here.remove(&task);
         match self.delivery(&post) {
             Delivery::Done => {}
-            Delivery::Here => {
-                if let Err(e) = self.accept(now, post, self.cfg.me, out) {
-                    tracing::warn!("own result refused: {e}");
-                }
-            }
+            Delivery::Here => match self.accept(now, post.clone(), self.cfg.me, out) {
+                Err(Refusal::Unavailable(_)) => out.push(Action::Deliver { post, from }),
+                Err(e) => tracing::warn!("own result refused: {e}"),
+                Ok(_) => {}
+            },
             Delivery::To(_) | Delivery::Unknown => out.push(Action::Deliver { post, from }),
         }
         if from.is_none() {
@@ -447,6 +470,7 @@ impl Engine {
             rec.responsible = me.clone();
             let projects = rec.projects.clone();
             self.changed(id, &[], out);
+            self.start_phase1(id);
             self.adopt_running(now, id, Some(failed), out);
             for p in projects {
                 out.push(Action::Broadcast(Message::EvaluationResponsibilityUpdate(
@@ -468,6 +492,7 @@ impl Engine {
             };
             tracing::info!(eval = id, "resuming evaluation after restart");
             let projects = rec.projects.clone();
+            self.start_phase1(id);
             // Tasks this node ran when it stopped count a worker death; those running elsewhere
             // stay with their workers.
             self.adopt_running(now, id, Some(self.cfg.me), out);

@@ -1,7 +1,7 @@
 //! The responsible node's side of task distribution (the queue, assignments, leases, worker
 //! deaths, results) and the worker's side of the pull protocol.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
@@ -46,6 +46,10 @@ pub(super) struct Assignment {
 #[derive(Debug, Default)]
 pub(super) struct Assignments {
     by_task: BTreeMap<String, Assignment>,
+    /// Every worker a task was handed to by this node (in this term), until it has a result: a
+    /// worker whose assignment expired meanwhile (a false suspicion, a late confirm) still
+    /// delivers an honest result, and the first one wins.
+    handed: BTreeMap<String, BTreeSet<SocketAddr>>,
 }
 
 impl Assignments {
@@ -62,6 +66,7 @@ impl Assignments {
         let deadline = now + lease(&limits_of(rec, task));
         let a = Assignment { eval: rec.id, worker, confirmed, since: now, deadline };
         self.by_task.insert(task.to_string(), a);
+        self.handed.entry(task.to_string()).or_default().insert(worker);
         confirmed && publish(rec, task, worker)
     }
 
@@ -89,6 +94,17 @@ impl Assignments {
         (a, changed)
     }
 
+    /// The task has a result: forgets its assignment and who it was handed to.
+    fn finish(&mut self, task: &str) {
+        self.by_task.remove(task);
+        self.handed.remove(task);
+    }
+
+    /// Whether this node handed `task` to `worker` (and it has no result yet).
+    fn was_handed(&self, task: &str, worker: SocketAddr) -> bool {
+        self.handed.get(task).is_some_and(|w| w.contains(&worker))
+    }
+
     fn get(&self, task: &str) -> Option<&Assignment> {
         self.by_task.get(task)
     }
@@ -107,7 +123,11 @@ fn publish(rec: &mut EvalRecord, task: &str, worker: SocketAddr) -> bool {
 impl Engine {
     /// Whether this node schedules `rec` now.
     fn schedules(&self, rec: &EvalRecord) -> bool {
-        rec.responsible == self.me() && rec.end_time.is_none() && !self.held.contains(&rec.id)
+        rec.responsible == self.me()
+            && rec.end_time.is_none()
+            && !self.held.contains(&rec.id)
+            && !self.fence.in_phase1(rec.id)
+            && self.quorum()
     }
 
     /// Whether a task of an evaluation this node schedules waits for a worker.
@@ -255,7 +275,10 @@ impl Engine {
 
     /// Forgets the assignments of an evaluation another node is responsible for now.
     pub(super) fn drop_assignments_of(&mut self, eval: EvalId) {
+        let prefix = format!("{eval}-");
         self.assignments.by_task.retain(|_, a| a.eval != eval);
+        self.assignments.handed.retain(|t, _| !t.starts_with(&prefix));
+        self.fence.forget(eval);
     }
 
     /// Requeues the tasks whose worker did not confirm in time, overran its lease or left.
@@ -332,8 +355,8 @@ impl Engine {
             finished_at: now.wall,
             report,
         };
-        self.assignments.release(None, task);
-        self.store_result(now, eval, task, result, out);
+        self.assignments.finish(task);
+        self.propose_result(now, eval, task, result, out);
     }
 
     /// Takes the tasks a record lists as running on workers other than `gone` into the
@@ -403,7 +426,7 @@ impl Engine {
         if self.bug == Some(super::Bug::AcceptSecondResult) && rec.responsible == self.me() {
             return Ok(Ok(rec.id));
         }
-        if rec.results.contains_key(task) {
+        if rec.results.contains_key(task) || self.fence.is_pending(rec.id, task) {
             return Ok(Err(Accepted::Duplicate));
         }
         if rec.responsible != self.me() {
@@ -412,12 +435,17 @@ impl Engine {
                 rec.id, rec.responsible
             )));
         }
+        if self.held.contains(&rec.id) || self.fence.in_phase1(rec.id) || !self.quorum() {
+            return Err(Refusal::Unavailable(format!(
+                "evaluation {} is being taken over or this node sees no majority: retry later",
+                rec.id
+            )));
+        }
         // Handed out by this node now, or (after a restart, before the record's assignments
         // are adopted) published as running on the caller by the record.
-        let assigned = match self.assignments.get(task) {
-            Some(a) => a.worker == caller,
-            None => rec.running.get(task).is_some_and(|w| *w == caller_s),
-        };
+        let assigned = self.assignments.get(task).is_some_and(|a| a.worker == caller)
+            || self.assignments.was_handed(task, caller)
+            || rec.running.get(task).is_some_and(|w| *w == caller_s);
         if !assigned {
             return Err(Refusal::Forbidden(format!("task {task} is not assigned to {caller_s}")));
         }
@@ -461,15 +489,15 @@ impl Engine {
             (None, None) => return Err(Refusal::BadRequest("a result needs \"report\" or \"error\"".into())),
         };
         let result = ModuleResult { node, attempt: post.attempt, finished_at: now.wall, report };
-        self.assignments.release(None, &task);
+        self.assignments.finish(&task);
         self.failures.remove(&task);
-        let stored = self.store_result(now, eval, &task, result, out);
+        let stored = self.propose_result(now, eval, &task, result, out);
         Ok(if stored { Accepted::Stored } else { Accepted::Duplicate })
     }
 
     /// Stores a task's result unless it has one; remembers the module's duration once all its
     /// tasks have results. Returns whether it was stored.
-    fn store_result(
+    pub(super) fn store_result(
         &mut self,
         now: Now,
         eval: EvalId,

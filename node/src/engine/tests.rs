@@ -64,6 +64,17 @@ fn post_for(worker: SocketAddr, task: &Task, outcomes: &[Outcome]) -> TaskPost {
     TaskPost::new(worker, task.eval, &task.task_id, &task.project_id, &task.module, Ok(report), "x".into())
 }
 
+/// Every member the engine proposed to holds the proposal and votes for it.
+fn votes_for(e: &mut Engine, clock: &Clock, actions: &[Action]) -> Vec<Action> {
+    let mut out = Vec::new();
+    for a in actions {
+        if let Action::Propose { to, copy } = a {
+            out.extend(e.handle(clock.now(), Input::Voted { copy: copy.clone(), from: *to }));
+        }
+    }
+    out
+}
+
 fn answer(actions: &[Action]) -> Result<Accepted, Refusal> {
     actions
         .iter()
@@ -137,10 +148,10 @@ fn results_only_from_the_assigned_worker_and_only_the_first() {
     let out = e.handle(clock.now(), Input::Result { post: forged, caller: addr(1) });
     assert!(matches!(answer(&out), Err(Refusal::Forbidden(_))), "the post names another worker: {out:?}");
     let good = post_for(addr(1), &task, &[Outcome::Failed]);
-    assert_eq!(
-        answer(&e.handle(clock.now(), Input::Result { post: good.clone(), caller: addr(1) })),
-        Ok(Accepted::Stored)
-    );
+    let out = e.handle(clock.now(), Input::Result { post: good.clone(), caller: addr(1) });
+    assert_eq!(answer(&out), Ok(Accepted::Stored));
+    assert!(e.record(5).expect("record").results.is_empty(), "stored once a majority holds it");
+    votes_for(&mut e, &clock, &out);
     let again = post_for(addr(1), &task, &[Outcome::Passed]);
     assert_eq!(
         answer(&e.handle(clock.now(), Input::Result { post: again, caller: addr(1) })),
@@ -162,7 +173,8 @@ fn a_dead_worker_counts_a_death_and_its_task_goes_to_the_next_one() {
         assert!(matches!(out.first(), Some(Action::Send { msg: Message::TaskSend(_), .. })), "{out:?}");
         let confirm = Message::TaskConfirm(TaskConfirmData { task_id: "5-0::t_a.py".into() });
         e.handle(clock.now(), Input::Message { from: worker, msg: confirm });
-        e.handle(clock.now(), Input::PeerDown { addr: worker, died: true });
+        let out = e.handle(clock.now(), Input::PeerDown { addr: worker, died: true });
+        votes_for(&mut e, &clock, &out);
         let rec = e.record(5).expect("record");
         assert_eq!(rec.worker_deaths.get("5-0::t_a.py"), Some(&expected_deaths));
         assert!(rec.running.is_empty());
@@ -188,4 +200,121 @@ fn an_unconfirmed_task_is_handed_out_again_after_the_confirm_timeout() {
     e.handle(clock.now(), Input::Tick);
     let out = e.handle(clock.now(), Input::Message { from: addr(2), msg: req() });
     assert!(matches!(out.first(), Some(Action::Send { to, .. }) if *to == addr(2)), "{out:?}");
+}
+
+fn members(e: &mut Engine, clock: &Clock, peers: &[SocketAddr]) -> Vec<Action> {
+    e.handle(clock.now(), Input::Members { id: Some(NodeId("me".into())), peers: peers.to_vec() })
+}
+
+fn proposals(actions: &[Action]) -> Vec<(SocketAddr, EvalRecord)> {
+    actions
+        .iter()
+        .filter_map(|a| if let Action::Propose { to, copy } = a { Some((*to, copy.clone())) } else { None })
+        .collect()
+}
+
+#[test]
+fn a_node_cut_off_from_the_majority_neither_schedules_nor_stores_until_it_sees_one() {
+    let clock = Clock(Instant::now(), 1000.0);
+    let mut e = Engine::new(config(addr(0), 1), Vec::new(), Default::default(), clock.0);
+    members(&mut e, &clock, &[addr(1), addr(2), addr(3), addr(4)]);
+    e.handle(clock.now(), Input::Submitted(submission(5, addr(0), clock.1)));
+    let out = e.handle(
+        clock.now(),
+        Input::Discovered { eval: 5, project: "5-0".into(), outcome: Ok(discovery(&["t_a.py", "t_b.py"])) },
+    );
+    let first = runs(&out);
+    assert_eq!(first.len(), 1, "{out:?}");
+    members(&mut e, &clock, &[]);
+    let post = post_for(addr(0), &first[0], &[Outcome::Passed]);
+    let out = e.handle(clock.now(), Input::Ran { post: post.clone(), from: None });
+    assert!(out.iter().any(|a| matches!(a, Action::Deliver { .. })), "kept for later: {out:?}");
+    assert!(runs(&out).is_empty() && proposals(&out).is_empty(), "{out:?}");
+    assert!(e.record(5).expect("record").results.is_empty());
+    let out = members(&mut e, &clock, &[addr(1), addr(2)]);
+    assert_eq!(runs(&out).len(), 1, "three of five live: scheduling again: {out:?}");
+    let out = e.handle(clock.now(), Input::Result { post, caller: addr(0) });
+    assert_eq!(answer(&out), Ok(Accepted::Stored));
+    let sent = proposals(&out);
+    assert_eq!(sent.iter().map(|(to, _)| *to).collect::<Vec<_>>(), vec![addr(1), addr(2)]);
+    e.handle(clock.now(), Input::Voted { copy: sent[0].1.clone(), from: sent[0].0 });
+    assert!(e.record(5).expect("record").results.is_empty(), "two of five hold it: not yet");
+    e.handle(clock.now(), Input::Voted { copy: sent[1].1.clone(), from: sent[1].0 });
+    assert_eq!(e.record(5).expect("record").results.len(), 1, "three of five hold it: stored");
+}
+
+#[test]
+fn a_stale_owner_learns_the_higher_term_from_a_vote_and_stores_nothing() {
+    let (mut e, mut clock, out) = started_engine(1, &["t_a.py"]);
+    let task = runs(&out).remove(0);
+    members(&mut e, &clock, &[addr(1), addr(2), addr(3), addr(4)]);
+    let out = e.handle(
+        clock.now(),
+        Input::Ran { post: post_for(addr(0), &task, &[Outcome::Passed]), from: None },
+    );
+    let sent = proposals(&out);
+    assert_eq!(sent.len(), 4, "{out:?}");
+    e.handle(clock.now(), Input::Voted { copy: sent[1].1.clone(), from: addr(2) });
+    let mut newer = e.record(5).expect("record").clone_header();
+    newer.term = 2;
+    newer.version = 0;
+    newer.responsible = addr(1).to_string();
+    e.handle(clock.now(), Input::Voted { copy: newer, from: addr(1) });
+    let rec = e.record(5).expect("record");
+    assert_eq!((rec.term, rec.responsible.as_str()), (2, addr(1).to_string().as_str()));
+    assert!(rec.results.is_empty(), "a stale owner's result is never stored: {rec:?}");
+    clock.advance(1000);
+    let out = e.handle(clock.now(), Input::Tick);
+    assert!(proposals(&out).is_empty() && runs(&out).is_empty(), "no longer the owner: {out:?}");
+}
+
+#[test]
+fn a_member_takes_a_proposal_only_from_the_owner_at_its_term() {
+    let (origin, clock, out) = started_engine(1, &["t_a.py"]);
+    let task = runs(&out).remove(0);
+    let mut peer = Engine::new(config(addr(1), 1), Vec::new(), Default::default(), clock.0);
+    let mut taken = origin.record(5).expect("record").clone();
+    taken.term = 2;
+    taken.responsible = addr(2).to_string();
+    peer.handle(clock.now(), Input::Merge { records: vec![taken], from: addr(2) });
+    let mut stale = origin.record(5).expect("record").clone_header();
+    let report = crate::eval::tests::module_report(&task.module, &[Outcome::Passed]);
+    let result = crate::eval::ModuleResult { node: addr(0).to_string(), attempt: "a".into(), finished_at: 1.0, report };
+    stale.results.insert(task.task_id.clone(), result);
+    let out = peer.handle(clock.now(), Input::Propose { copy: stale.clone(), from: addr(0) });
+    let Some(Action::Vote(vote)) = out.iter().find(|a| matches!(a, Action::Vote(_))) else { panic!("{out:?}") };
+    assert_eq!((vote.term, vote.results.len()), (2, 0), "refused: {vote:?}");
+    assert!(peer.record(5).expect("record").results.is_empty());
+    let out = peer.handle(clock.now(), Input::Propose { copy: stale, from: addr(3) });
+    assert!(!out.iter().any(|a| matches!(a, Action::Vote(_))), "only the record's owner proposes: {out:?}");
+}
+
+#[test]
+fn a_takeover_learns_every_live_members_results_before_it_schedules() {
+    let (mut origin, clock, out) = started_engine(1, &["t_a.py", "t_b.py"]);
+    let task = runs(&out).remove(0);
+    let done = origin.handle(
+        clock.now(),
+        Input::Ran { post: post_for(addr(0), &task, &[Outcome::Passed]), from: None },
+    );
+    let with_result = origin.record(5).expect("record").clone();
+    assert_eq!(with_result.results.len(), 1, "alone, a node is its own majority: {done:?}");
+    let mut before = with_result.clone();
+    before.results.clear();
+    let mut e = Engine::new(config(addr(1), 1), Vec::new(), Default::default(), clock.0);
+    members(&mut e, &clock, &[addr(0), addr(2)]);
+    e.handle(clock.now(), Input::Merge { records: vec![before], from: addr(0) });
+    members(&mut e, &clock, &[addr(2)]);
+    let out = e.handle(clock.now(), Input::TakeOver { failed: addr(0) });
+    assert!(runs(&out).is_empty(), "nothing runs before the members answered: {out:?}");
+    let sent = proposals(&out);
+    assert_eq!(sent.len(), 1);
+    assert!(sent[0].1.results.is_empty() && sent[0].1.term == 2, "{sent:?}");
+    let mut vote = with_result;
+    vote.term = 2;
+    vote.responsible = addr(1).to_string();
+    let out = e.handle(clock.now(), Input::Voted { copy: vote, from: addr(2) });
+    let next = runs(&out);
+    assert_eq!(next.len(), 1, "{out:?}");
+    assert_ne!(next[0].task_id, task.task_id, "the task with a result is not run again");
 }

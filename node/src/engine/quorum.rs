@@ -1,0 +1,268 @@
+//! Fencing of responsibility: a result counts once a majority of the members holds it, and a
+//! node that takes over (or resumes) an evaluation first collects every live member's copy.
+//!
+//! The record's `term` names the responsibility epoch. The responsible node accepts a result
+//! provisionally and *proposes* it to the live members (a record delta at its term). A member
+//! takes the proposal only while its own copy names the proposer responsible at that term (a
+//! member that has seen a higher term refuses, and its answer tells the stale owner); its answer
+//! (*vote*) is its copy of the proposed tasks. The result is stored (accepted) when the proposer
+//! and a majority of the members it knows ([`Engine::majority`]) hold it. A node without a
+//! majority of live members ([`Engine::quorum`]) neither schedules, commits nor takes over, so
+//! the side of a partition without a majority accepts nothing, and a result accepted on the other
+//! side survives the death of any minority.
+//!
+//! A takeover raises the term and holds the evaluation until every live member has answered a
+//! header-only proposal with its whole copy (phase one): a result a previous owner committed, or
+//! proposed to a member, is learnt then and its task is not run again. A node that restarts does
+//! the same at its own term after its hold. Votes and proposals are idempotent; lost ones are
+//! sent again every `announce_every`.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use super::{Action, Engine, Now};
+use crate::eval::{EvalId, EvalRecord, ModuleResult};
+
+/// How long a member that failed still counts for the majority (a node cut off alone must not
+/// soon count itself a majority; the protocol core keeps its tombstones as long).
+pub(super) const FORGET: Duration = crate::core::TOMBSTONE_KEEP;
+
+/// A result accepted provisionally, waiting for a majority.
+#[derive(Debug, Clone)]
+pub(super) struct Pending {
+    result: ModuleResult,
+    term: u64,
+    acks: BTreeSet<SocketAddr>,
+}
+
+/// The fencing state of one node.
+#[derive(Debug, Default)]
+pub(super) struct Fence {
+    /// Members counted for the majority: live peers (`None`) and failed ones (down since).
+    known: BTreeMap<SocketAddr, Option<Instant>>,
+    /// Provisional results per evaluation, by task.
+    pending: BTreeMap<EvalId, BTreeMap<String, Pending>>,
+    /// Evaluations taken over or resumed, and the live members whose copy is still awaited.
+    phase1: BTreeMap<EvalId, BTreeSet<SocketAddr>>,
+    /// Failed nodes whose evaluations wait for this node to see a majority again.
+    deferred: BTreeSet<SocketAddr>,
+    /// Evaluations whose proposals go out at the end of this step.
+    propose: BTreeSet<EvalId>,
+    next_resend: Option<Instant>,
+}
+
+impl Fence {
+    /// The live peers now; failed ones stay counted until [`FORGET`].
+    pub(super) fn members(&mut self, now: Instant, peers: &BTreeSet<SocketAddr>) {
+        for p in peers {
+            self.known.insert(*p, None);
+        }
+        for (a, down) in &mut self.known {
+            if down.is_none() && !peers.contains(a) {
+                *down = Some(now);
+            }
+        }
+        self.known.retain(|_, down| down.is_none_or(|t| now.saturating_duration_since(t) < FORGET));
+        for waiting in self.phase1.values_mut() {
+            waiting.retain(|a| peers.contains(a));
+        }
+    }
+
+    /// A peer left gracefully: it no longer counts.
+    pub(super) fn left(&mut self, addr: SocketAddr) {
+        self.known.remove(&addr);
+    }
+
+    pub(super) fn in_phase1(&self, eval: EvalId) -> bool {
+        self.phase1.get(&eval).is_some_and(|w| !w.is_empty())
+    }
+
+    pub(super) fn is_pending(&self, eval: EvalId, task: &str) -> bool {
+        self.pending.get(&eval).is_some_and(|p| p.contains_key(task))
+    }
+
+    /// Forgets what this node proposed or awaited for an evaluation it no longer owns.
+    pub(super) fn forget(&mut self, eval: EvalId) {
+        self.pending.remove(&eval);
+        self.phase1.remove(&eval);
+    }
+}
+
+impl Engine {
+    /// Members this node counts (itself included) and how many of them make a majority.
+    pub(super) fn majority(&self) -> usize {
+        (1 + self.fence.known.len()) / 2 + 1
+    }
+
+    /// Whether this node sees a majority of the members it knows live (itself included).
+    pub(super) fn quorum(&self) -> bool {
+        1 + self.peers.len() >= self.majority()
+    }
+
+    /// Proposes a result this node accepted for a task of `eval` (or stores it at once when this
+    /// node alone is a majority). Returns false when the task has a proposal already.
+    pub(super) fn propose_result(
+        &mut self,
+        now: Now,
+        eval: EvalId,
+        task: &str,
+        result: ModuleResult,
+        out: &mut Vec<Action>,
+    ) -> bool {
+        if self.fence.is_pending(eval, task) {
+            return false;
+        }
+        #[cfg(test)]
+        if self.bug == Some(super::Bug::AcceptSecondResult) {
+            return self.store_result(now, eval, task, result, out);
+        }
+        if self.majority() <= 1 {
+            return self.store_result(now, eval, task, result, out);
+        }
+        let Some(term) = self.evals.get(&eval).map(|r| r.term) else { return false };
+        let p = Pending { result, term, acks: BTreeSet::new() };
+        self.fence.pending.entry(eval).or_default().insert(task.to_string(), p);
+        self.fence.propose.insert(eval);
+        true
+    }
+
+    /// Starts phase one for an evaluation this node took over or resumed.
+    pub(super) fn start_phase1(&mut self, eval: EvalId) {
+        self.fence.pending.remove(&eval);
+        if !self.peers.is_empty() {
+            self.fence.phase1.insert(eval, self.peers.clone());
+            self.fence.propose.insert(eval);
+        }
+    }
+
+    /// A takeover while this node does not see a majority waits until it does (the failed node
+    /// may only be cut off from this node, and the majority's owner takes over).
+    pub(super) fn take_over_fenced(&mut self, now: Now, failed: SocketAddr, out: &mut Vec<Action>) {
+        if self.quorum() {
+            self.take_over(now, failed, out);
+        } else {
+            tracing::info!(failed = %failed, "no majority of members live: the takeover waits");
+            self.fence.deferred.insert(failed);
+        }
+    }
+
+    /// Deferred takeovers of nodes still down, once this node sees a majority again.
+    pub(super) fn resume_deferred(&mut self, now: Now, out: &mut Vec<Action>) {
+        if self.fence.deferred.is_empty() || !self.quorum() {
+            return;
+        }
+        for failed in std::mem::take(&mut self.fence.deferred) {
+            if !self.peers.contains(&failed) {
+                self.take_over(now, failed, out);
+            }
+        }
+    }
+
+    /// Sends the proposals due: those made in this step, and every `announce_every` again those
+    /// not answered yet (one record delta per evaluation and member).
+    pub(super) fn send_proposals(&mut self, now: Now, out: &mut Vec<Action>) {
+        let resend = self.fence.next_resend.is_none_or(|t| now.mono >= t);
+        let mut evals = std::mem::take(&mut self.fence.propose);
+        if resend {
+            self.fence.next_resend = Some(now.mono + self.cfg.announce_every);
+            evals.extend(self.fence.pending.keys().chain(self.fence.phase1.keys()).copied());
+        }
+        let me = self.me();
+        for eval in evals {
+            let Some(rec) = self.evals.get(&eval).filter(|r| r.responsible == me) else {
+                self.fence.forget(eval);
+                continue;
+            };
+            let mut copy = rec.clone_header();
+            let pending = self.fence.pending.get(&eval);
+            for (t, p) in pending.into_iter().flatten() {
+                copy.results.insert(t.clone(), p.result.clone());
+            }
+            let targets: Vec<SocketAddr> = match self.fence.phase1.get(&eval) {
+                Some(w) if copy.results.is_empty() => w.iter().copied().collect(),
+                _ => self.peers.iter().copied().collect(),
+            };
+            for to in targets {
+                let done = pending.is_some_and(|p| !p.is_empty() && p.values().all(|x| x.acks.contains(&to)));
+                if !done {
+                    out.push(Action::Propose { to, copy: copy.clone() });
+                }
+            }
+        }
+    }
+
+    /// A proposal from member `from`: takes its results if this copy names `from` responsible at
+    /// the proposal's term; answers with this node's copy (whole, for a header-only proposal).
+    pub(super) fn proposed(&mut self, copy: EvalRecord, from: SocketAddr, out: &mut Vec<Action>) {
+        let id = copy.id;
+        if copy.validate().is_err() || copy.responsible != from.to_string() {
+            tracing::warn!(eval = id, peer = %from, "refusing a proposal for a record the sender does not own");
+            return;
+        }
+        let tasks: Vec<String> = copy.results.keys().cloned().collect();
+        let (term, responsible) = (copy.term, copy.responsible.clone());
+        self.merge(vec![copy.clone_header()], from, out);
+        let owner = self.evals.get(&id).is_some_and(|r| r.term == term && r.responsible == responsible);
+        if owner && !tasks.is_empty() {
+            self.merge(vec![copy], from, out);
+        }
+        let Some(mine) = self.evals.get(&id) else { return };
+        let vote = if tasks.is_empty() { mine.clone() } else { mine.delta(&tasks) };
+        out.push(Action::Vote(vote));
+    }
+
+    /// A member's vote (its copy) for this node's proposal: counts the acknowledgements of the
+    /// provisional results it holds, learns what else it holds (results, a higher term), and
+    /// stores the results a majority holds.
+    pub(super) fn voted(&mut self, now: Now, mut copy: EvalRecord, from: SocketAddr, out: &mut Vec<Action>) {
+        let id = copy.id;
+        let me = self.me();
+        let current = copy.responsible == me && self.evals.get(&id).is_some_and(|r| r.term == copy.term);
+        if let Some(pending) = self.fence.pending.get_mut(&id) {
+            for (task, p) in pending.iter_mut() {
+                if copy.results.get(task).is_some_and(|r| r.attempt == p.result.attempt) {
+                    copy.results.remove(task);
+                    if current && copy.term == p.term {
+                        p.acks.insert(from);
+                    }
+                }
+            }
+        }
+        if current && let Some(w) = self.fence.phase1.get_mut(&id) {
+            w.remove(&from);
+        }
+        self.merge(vec![copy], from, out);
+        if self.evals.get(&id).is_none_or(|r| r.responsible != me) {
+            self.fence.forget(id);
+            return;
+        }
+        if self.fence.phase1.get(&id).is_some_and(BTreeSet::is_empty) {
+            self.fence.phase1.remove(&id);
+        }
+        self.commit_majority(now, id, out);
+    }
+
+    /// Stores the provisional results of `eval` that a majority holds; drops those whose task
+    /// got another result meanwhile.
+    fn commit_majority(&mut self, now: Now, eval: EvalId, out: &mut Vec<Action>) {
+        let majority = self.majority();
+        let Some(rec) = self.evals.get(&eval) else { return };
+        let Some(pending) = self.fence.pending.get_mut(&eval) else { return };
+        pending.retain(|t, _| !rec.results.contains_key(t));
+        let ready: Vec<String> =
+            pending.iter().filter(|(_, p)| p.acks.len() + 1 >= majority).map(|(t, _)| t.clone()).collect();
+        let mut commits = Vec::new();
+        for t in ready {
+            if let Some(p) = pending.remove(&t) {
+                commits.push((t, p.result));
+            }
+        }
+        if pending.is_empty() {
+            self.fence.pending.remove(&eval);
+        }
+        for (t, result) in commits {
+            self.store_result(now, eval, &t, result, out);
+        }
+    }
+}
