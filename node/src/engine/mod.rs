@@ -309,6 +309,7 @@ impl Engine {
             Input::Voted { copy, from } => self.voted(now, copy, from, &mut out),
         }
         self.resume_deferred(now, &mut out);
+        self.end_phase1(now, &mut out);
         self.dispatch(now, &mut out);
         self.send_proposals(now, &mut out);
         out
@@ -465,7 +466,7 @@ impl Engine {
         let me = self.me();
         for id in ids {
             let Some(rec) = self.evals.get_mut(&id) else { continue };
-            rec.term += 1;
+            rec.term = quorum::next_term(rec.term, &me);
             rec.version = 0;
             rec.responsible = me.clone();
             let projects = rec.projects.clone();

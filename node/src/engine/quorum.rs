@@ -36,6 +36,14 @@ pub(super) struct Pending {
     acks: BTreeSet<SocketAddr>,
 }
 
+/// The first phase of a takeover: it ends when every live member answered and the answers
+/// make a majority with this node.
+#[derive(Debug, Default)]
+pub(super) struct Phase1 {
+    waiting: BTreeSet<SocketAddr>,
+    answered: BTreeSet<SocketAddr>,
+}
+
 /// The fencing state of one node.
 #[derive(Debug, Default)]
 pub(super) struct Fence {
@@ -43,8 +51,8 @@ pub(super) struct Fence {
     known: BTreeMap<SocketAddr, Option<Instant>>,
     /// Provisional results per evaluation, by task.
     pending: BTreeMap<EvalId, BTreeMap<String, Pending>>,
-    /// Evaluations taken over or resumed, and the live members whose copy is still awaited.
-    phase1: BTreeMap<EvalId, BTreeSet<SocketAddr>>,
+    /// Evaluations taken over or resumed, in their first phase.
+    phase1: BTreeMap<EvalId, Phase1>,
     /// Failed nodes whose evaluations wait for this node to see a majority again.
     deferred: BTreeSet<SocketAddr>,
     /// Evaluations whose proposals go out at the end of this step.
@@ -64,8 +72,8 @@ impl Fence {
             }
         }
         self.known.retain(|_, down| down.is_none_or(|t| now.saturating_duration_since(t) < FORGET));
-        for waiting in self.phase1.values_mut() {
-            waiting.retain(|a| peers.contains(a));
+        for p in self.phase1.values_mut() {
+            p.waiting = peers.difference(&p.answered).copied().collect();
         }
     }
 
@@ -75,7 +83,7 @@ impl Fence {
     }
 
     pub(super) fn in_phase1(&self, eval: EvalId) -> bool {
-        self.phase1.get(&eval).is_some_and(|w| !w.is_empty())
+        self.phase1.contains_key(&eval)
     }
 
     pub(super) fn is_pending(&self, eval: EvalId, task: &str) -> bool {
@@ -87,6 +95,18 @@ impl Fence {
         self.pending.remove(&eval);
         self.phase1.remove(&eval);
     }
+}
+
+/// Terms of one takeover step: a takeover moves to the next multiple of this plus a number
+/// derived from the node's address, so that two nodes taking over the same evaluation at once
+/// (views that differ for a moment) still get different, ordered terms.
+const TERM_STEP: u64 = 1 << 16;
+
+/// The term a takeover by `me` moves a record at term `t` to: larger than `t`, and unique to
+/// `me` among nodes whose addresses hash differently (FNV-1a, stable across builds).
+pub(super) fn next_term(t: u64, me: &str) -> u64 {
+    let hash = me.bytes().fold(0xcbf2_9ce4_8422_2325_u64, |h, b| (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3));
+    (t / TERM_STEP + 1).saturating_mul(TERM_STEP).saturating_add(hash % TERM_STEP)
 }
 
 impl Engine {
@@ -130,9 +150,36 @@ impl Engine {
     /// Starts phase one for an evaluation this node took over or resumed.
     pub(super) fn start_phase1(&mut self, eval: EvalId) {
         self.fence.pending.remove(&eval);
-        if !self.peers.is_empty() {
-            self.fence.phase1.insert(eval, self.peers.clone());
+        if self.majority() > 1 {
+            let p = Phase1 { waiting: self.peers.clone(), answered: BTreeSet::new() };
+            self.fence.phase1.insert(eval, p);
             self.fence.propose.insert(eval);
+        }
+    }
+
+    /// Ends the first phases whose answers are in, recording the tasks that killed their
+    /// workers too often as crashed.
+    pub(super) fn end_phase1(&mut self, now: Now, out: &mut Vec<Action>) {
+        let majority = self.majority();
+        let done: Vec<EvalId> = self
+            .fence
+            .phase1
+            .iter()
+            .filter(|(_, p)| p.waiting.is_empty() && p.answered.len() + 1 >= majority)
+            .map(|(id, _)| *id)
+            .collect();
+        for id in done {
+            self.fence.phase1.remove(&id);
+            let Some(rec) = self.evals.get(&id) else { continue };
+            let crashed: Vec<(String, u32)> = rec
+                .worker_deaths
+                .iter()
+                .filter(|(t, n)| **n >= crate::eval::MAX_WORKER_DEATHS && !rec.results.contains_key(*t))
+                .map(|(t, n)| (t.clone(), *n))
+                .collect();
+            for (t, n) in crashed {
+                self.record_crash(now, id, &t, n, out);
+            }
         }
     }
 
@@ -180,8 +227,8 @@ impl Engine {
                 copy.results.insert(t.clone(), p.result.clone());
             }
             let targets: Vec<SocketAddr> = match self.fence.phase1.get(&eval) {
-                Some(w) if copy.results.is_empty() => w.iter().copied().collect(),
-                _ => self.peers.iter().copied().collect(),
+                Some(p) => p.waiting.iter().copied().collect(),
+                None => self.peers.iter().copied().collect(),
             };
             for to in targets {
                 let done = pending.is_some_and(|p| !p.is_empty() && p.values().all(|x| x.acks.contains(&to)));
@@ -221,7 +268,7 @@ impl Engine {
         let current = copy.responsible == me && self.evals.get(&id).is_some_and(|r| r.term == copy.term);
         if let Some(pending) = self.fence.pending.get_mut(&id) {
             for (task, p) in pending.iter_mut() {
-                if copy.results.get(task).is_some_and(|r| r.attempt == p.result.attempt) {
+                if copy.results.get(task).is_some_and(|r| *r == p.result) {
                     copy.results.remove(task);
                     if current && copy.term == p.term {
                         p.acks.insert(from);
@@ -229,16 +276,14 @@ impl Engine {
                 }
             }
         }
-        if current && let Some(w) = self.fence.phase1.get_mut(&id) {
-            w.remove(&from);
+        if current && let Some(p) = self.fence.phase1.get_mut(&id) {
+            p.waiting.remove(&from);
+            p.answered.insert(from);
         }
         self.merge(vec![copy], from, out);
         if self.evals.get(&id).is_none_or(|r| r.responsible != me) {
             self.fence.forget(id);
             return;
-        }
-        if self.fence.phase1.get(&id).is_some_and(BTreeSet::is_empty) {
-            self.fence.phase1.remove(&id);
         }
         self.commit_majority(now, id, out);
     }

@@ -130,11 +130,19 @@ impl Engine {
             && self.quorum()
     }
 
+    /// Whether `task` of `r` waits for a worker: no result (not even a provisional one), not
+    /// handed out, and it has not killed its workers too often.
+    fn waits(&self, r: &EvalRecord, task: &str) -> bool {
+        !r.results.contains_key(task)
+            && !self.assignments.contains(task)
+            && !self.fence.is_pending(r.id, task)
+            && r.worker_deaths.get(task).is_none_or(|n| *n < eval::MAX_WORKER_DEATHS)
+    }
+
     /// Whether a task of an evaluation this node schedules waits for a worker.
     pub(super) fn has_pending(&self) -> bool {
         self.evals.values().filter(|r| self.schedules(r)).any(|r| {
-            r.all_tasks()
-                .any(|t| !r.results.contains_key(&t.task_id) && !self.assignments.contains(&t.task_id))
+            r.all_tasks().any(|t| self.waits(r, &t.task_id))
         })
     }
 
@@ -145,7 +153,7 @@ impl Engine {
         let mut best: Option<(f64, f64, Task)> = None;
         for r in self.evals.values().filter(|r| self.schedules(r)) {
             for t in r.all_tasks() {
-                if r.results.contains_key(&t.task_id) || self.assignments.contains(&t.task_id) {
+                if !self.waits(r, &t.task_id) {
                     continue;
                 }
                 let share = t.chunk.map_or(1.0, |c| f64::from(c.count));
@@ -324,7 +332,7 @@ impl Engine {
 
     /// The worker running `task` died. A task that does this [`eval::MAX_WORKER_DEATHS`] times
     /// is recorded as crashed and never handed out again, so that one submission cannot take
-    /// down node after node.
+    /// down node after node (during a takeover's first phase, once it ends).
     fn task_killed_worker(&mut self, now: Now, eval: EvalId, task: &str, out: &mut Vec<Action>) {
         let Some(rec) = self.evals.get_mut(&eval) else { return };
         if rec.results.contains_key(task) || !rec.knows_task(task) {
@@ -333,12 +341,19 @@ impl Engine {
         rec.running.remove(task);
         let deaths = rec.worker_died(task);
         self.changed(eval, &[], out);
+        self.assignments.finish(task);
         if deaths < eval::MAX_WORKER_DEATHS {
             tracing::warn!(eval, %task, deaths, "the worker running this task died; requeued");
-            return;
+        } else if !self.fence.in_phase1(eval) && !self.held.contains(&eval) {
+            self.record_crash(now, eval, task, deaths, out);
         }
+    }
+
+    /// Records a task that killed its worker `deaths` times as crashed.
+    pub(super) fn record_crash(&mut self, now: Now, eval: EvalId, task: &str, deaths: u32, out: &mut Vec<Action>) {
         let module = eval::split_task_id(task).map_or(task, |(_, part)| eval::parse_task_part(part).0);
         tracing::error!(eval, %task, "task killed its worker {deaths} times: recorded as crashed");
+        if std::env::var_os("CDT_SIM_TRACE").is_some() { eprintln!("DBG {} record_crash {task} term {:?} phase1 {}", self.me(), self.evals.get(&eval).map(|r| (r.term, r.responsible.clone())), self.fence.in_phase1(eval)); }
         let report = ModuleReport {
             module: module.to_string(),
             tests: Vec::new(),
@@ -355,7 +370,6 @@ impl Engine {
             finished_at: now.wall,
             report,
         };
-        self.assignments.finish(task);
         self.propose_result(now, eval, task, result, out);
     }
 
@@ -514,6 +528,7 @@ impl Engine {
             return false;
         }
         tracing::info!(%task, "result stored");
+        if std::env::var_os("CDT_SIM_TRACE").is_some() { eprintln!("DBG {} stored {task} term {} attempt {} node {}", self.cfg.me, rec.term, rec.results[task].attempt, rec.results[task].node); }
         self.changed(eval, &[task.to_string()], out);
         out.push(Action::PushCache);
         let Some(rec) = self.evals.get(&eval) else { return true };
