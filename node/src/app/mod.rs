@@ -71,7 +71,7 @@ pub fn replicate(app: &Arc<App>, records: Vec<EvalRecord>, from: SocketAddr) -> 
 
 /// Takes a responsible member's proposal (`POST /internal/propose`) and answers with this
 /// node's vote (its copy of the proposed tasks).
-pub fn propose(app: &Arc<App>, copy: EvalRecord, from: SocketAddr) -> Result<EvalRecord, AppError> {
+pub fn propose(app: &Arc<App>, copy: EvalRecord, from: SocketAddr) -> Result<crate::engine::Vote, AppError> {
     app.apply(Input::Propose { copy, from })
         .vote
         .ok_or_else(|| AppError::Forbidden("the proposal was refused".into()))
@@ -194,7 +194,7 @@ struct Applied {
     /// Records an [`Input::Merge`] changed.
     merged: usize,
     /// The vote answering an [`Input::Propose`].
-    vote: Option<EvalRecord>,
+    vote: Option<crate::engine::Vote>,
 }
 
 /// The application state of one node.

@@ -39,6 +39,7 @@ use crate::eval::{EvalId, EvalRecord, ProjectRecord, ProjectState};
 use crate::wire::{Message, NodeId};
 
 pub use post::{Accepted, Refusal, TaskAnswer, TaskPost};
+pub use quorum::{Held, Vote};
 pub use replica::{SyncRequest, SyncResponse, fingerprint};
 
 /// The current time, as the shell reads it: monotonic for timers, wall seconds for records.
@@ -110,8 +111,8 @@ pub enum Input {
     /// A proposal (a record delta at the sender's term: provisional results, or none in the
     /// first phase of a takeover) from member `from`; answered by [`Action::Vote`].
     Propose { copy: EvalRecord, from: SocketAddr },
-    /// Member `from` answered this node's proposal with its copy.
-    Voted { copy: EvalRecord, from: SocketAddr },
+    /// Member `from` answered this node's proposal.
+    Voted { vote: Vote, from: SocketAddr },
 }
 
 /// A task to run on one of this node's slots.
@@ -160,7 +161,7 @@ pub enum Action {
     /// Send a proposal to member `to` and report its answer as [`Input::Voted`].
     Propose { to: SocketAddr, copy: EvalRecord },
     /// The answer to an [`Input::Propose`].
-    Vote(EvalRecord),
+    Vote(Vote),
 }
 
 /// Where a finished task's result goes now.
@@ -306,7 +307,7 @@ impl Engine {
                 }
             }
             Input::Propose { copy, from } => self.proposed(copy, from, &mut out),
-            Input::Voted { copy, from } => self.voted(now, copy, from, &mut out),
+            Input::Voted { vote, from } => self.voted(now, vote, from, &mut out),
         }
         self.resume_deferred(now, &mut out);
         self.end_phase1(now, &mut out);

@@ -21,8 +21,27 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
+use serde::{Deserialize, Serialize};
+
 use super::{Action, Engine, Now};
 use crate::eval::{EvalId, EvalRecord, ModuleResult};
+
+/// A provisional result a member took from a proposal, with the proposal's term.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Held {
+    pub term: u64,
+    pub result: ModuleResult,
+}
+
+/// A member's answer to a proposal (`POST /internal/propose`): its copy of the record (the
+/// proposed tasks' results, or whole for a header-only proposal) and the provisional results it
+/// holds for tasks without a result.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Vote {
+    pub record: EvalRecord,
+    #[serde(default)]
+    pub proposals: BTreeMap<String, Held>,
+}
 
 /// How long a member that failed still counts for the majority (a node cut off alone must not
 /// soon count itself a majority; the protocol core keeps its tombstones as long).
@@ -42,6 +61,8 @@ pub(super) struct Pending {
 pub(super) struct Phase1 {
     waiting: BTreeSet<SocketAddr>,
     answered: BTreeSet<SocketAddr>,
+    /// The provisional result of the highest term the answers hold, per task.
+    seen: BTreeMap<String, Held>,
 }
 
 /// The fencing state of one node.
@@ -51,6 +72,8 @@ pub(super) struct Fence {
     known: BTreeMap<SocketAddr, Option<Instant>>,
     /// Provisional results per evaluation, by task.
     pending: BTreeMap<EvalId, BTreeMap<String, Pending>>,
+    /// Provisional results this node took from other members' proposals.
+    held: BTreeMap<EvalId, BTreeMap<String, Held>>,
     /// Evaluations taken over or resumed, in their first phase.
     phase1: BTreeMap<EvalId, Phase1>,
     /// Failed nodes whose evaluations wait for this node to see a majority again.
@@ -151,7 +174,7 @@ impl Engine {
     pub(super) fn start_phase1(&mut self, eval: EvalId) {
         self.fence.pending.remove(&eval);
         if self.majority() > 1 {
-            let p = Phase1 { waiting: self.peers.clone(), answered: BTreeSet::new() };
+            let p = Phase1 { waiting: self.peers.clone(), ..Phase1::default() };
             self.fence.phase1.insert(eval, p);
             self.fence.propose.insert(eval);
         }
@@ -169,12 +192,18 @@ impl Engine {
             .map(|(id, _)| *id)
             .collect();
         for id in done {
-            self.fence.phase1.remove(&id);
+            let Some(p) = self.fence.phase1.remove(&id) else { continue };
+            for (t, h) in p.seen {
+                if self.evals.get(&id).is_some_and(|r| !r.results.contains_key(&t)) {
+                    self.propose_result(now, id, &t, h.result, out);
+                }
+            }
             let Some(rec) = self.evals.get(&id) else { continue };
             let crashed: Vec<(String, u32)> = rec
                 .worker_deaths
                 .iter()
                 .filter(|(t, n)| **n >= crate::eval::MAX_WORKER_DEATHS && !rec.results.contains_key(*t))
+                .filter(|(t, _)| !self.fence.is_pending(id, t))
                 .map(|(t, n)| (t.clone(), *n))
                 .collect();
             for (t, n) in crashed {
@@ -239,46 +268,63 @@ impl Engine {
         }
     }
 
-    /// A proposal from member `from`: takes its results if this copy names `from` responsible at
-    /// the proposal's term; answers with this node's copy (whole, for a header-only proposal).
+    /// A proposal from member `from`: holds its provisional results if this copy names `from`
+    /// responsible at the proposal's term; answers with this node's copy (whole, for a
+    /// header-only proposal) and the provisional results it holds.
     pub(super) fn proposed(&mut self, copy: EvalRecord, from: SocketAddr, out: &mut Vec<Action>) {
         let id = copy.id;
         if copy.validate().is_err() || copy.responsible != from.to_string() {
             tracing::warn!(eval = id, peer = %from, "refusing a proposal for a record the sender does not own");
             return;
         }
-        let tasks: Vec<String> = copy.results.keys().cloned().collect();
         let (term, responsible) = (copy.term, copy.responsible.clone());
         self.merge(vec![copy.clone_header()], from, out);
-        let owner = self.evals.get(&id).is_some_and(|r| r.term == term && r.responsible == responsible);
-        if owner && !tasks.is_empty() {
-            self.merge(vec![copy], from, out);
-        }
         let Some(mine) = self.evals.get(&id) else { return };
-        let vote = if tasks.is_empty() { mine.clone() } else { mine.delta(&tasks) };
-        out.push(Action::Vote(vote));
+        let owner = mine.term == term && mine.responsible == responsible;
+        let held = self.fence.held.entry(id).or_default();
+        held.retain(|t, _| !mine.results.contains_key(t));
+        for (t, result) in &copy.results {
+            let newer = held.get(t).is_none_or(|h| h.term <= term);
+            if owner && newer && mine.knows_task(t) && !mine.results.contains_key(t) {
+                held.insert(t.clone(), Held { term, result: result.clone() });
+            }
+        }
+        let tasks: Vec<&String> = copy.results.keys().collect();
+        let (record, proposals) = if tasks.is_empty() {
+            (mine.clone(), held.clone())
+        } else {
+            let mine_tasks = held.iter().filter(|(t, _)| copy.results.contains_key(*t));
+            (mine.delta(tasks), mine_tasks.map(|(t, h)| (t.clone(), h.clone())).collect())
+        };
+        if held.is_empty() {
+            self.fence.held.remove(&id);
+        }
+        out.push(Action::Vote(Vote { record, proposals }));
     }
 
-    /// A member's vote (its copy) for this node's proposal: counts the acknowledgements of the
-    /// provisional results it holds, learns what else it holds (results, a higher term), and
-    /// stores the results a majority holds.
-    pub(super) fn voted(&mut self, now: Now, mut copy: EvalRecord, from: SocketAddr, out: &mut Vec<Action>) {
+    /// A member's vote for this node's proposal: counts the acknowledgements of the provisional
+    /// results it holds, learns what else it holds (results, provisional results in a first
+    /// phase, a higher term), and stores the results a majority holds.
+    pub(super) fn voted(&mut self, now: Now, vote: Vote, from: SocketAddr, out: &mut Vec<Action>) {
+        let Vote { record: copy, proposals } = vote;
         let id = copy.id;
         let me = self.me();
         let current = copy.responsible == me && self.evals.get(&id).is_some_and(|r| r.term == copy.term);
-        if let Some(pending) = self.fence.pending.get_mut(&id) {
+        if current && let Some(pending) = self.fence.pending.get_mut(&id) {
             for (task, p) in pending.iter_mut() {
-                if copy.results.get(task).is_some_and(|r| *r == p.result) {
-                    copy.results.remove(task);
-                    if current && copy.term == p.term {
-                        p.acks.insert(from);
-                    }
+                if proposals.get(task).is_some_and(|h| h.term == p.term && h.result == p.result) {
+                    p.acks.insert(from);
                 }
             }
         }
         if current && let Some(p) = self.fence.phase1.get_mut(&id) {
             p.waiting.remove(&from);
             p.answered.insert(from);
+            for (t, h) in proposals {
+                if p.seen.get(&t).is_none_or(|s| s.term < h.term) {
+                    p.seen.insert(t, h);
+                }
+            }
         }
         self.merge(vec![copy], from, out);
         if self.evals.get(&id).is_none_or(|r| r.responsible != me) {

@@ -353,7 +353,6 @@ impl Engine {
     pub(super) fn record_crash(&mut self, now: Now, eval: EvalId, task: &str, deaths: u32, out: &mut Vec<Action>) {
         let module = eval::split_task_id(task).map_or(task, |(_, part)| eval::parse_task_part(part).0);
         tracing::error!(eval, %task, "task killed its worker {deaths} times: recorded as crashed");
-        if std::env::var_os("CDT_SIM_TRACE").is_some() { eprintln!("DBG {} record_crash {task} term {:?} phase1 {}", self.me(), self.evals.get(&eval).map(|r| (r.term, r.responsible.clone())), self.fence.in_phase1(eval)); }
         let report = ModuleReport {
             module: module.to_string(),
             tests: Vec::new(),
@@ -528,7 +527,6 @@ impl Engine {
             return false;
         }
         tracing::info!(%task, "result stored");
-        if std::env::var_os("CDT_SIM_TRACE").is_some() { eprintln!("DBG {} stored {task} term {} attempt {} node {}", self.cfg.me, rec.term, rec.results[task].attempt, rec.results[task].node); }
         self.changed(eval, &[task.to_string()], out);
         out.push(Action::PushCache);
         let Some(rec) = self.evals.get(&eval) else { return true };

@@ -59,7 +59,7 @@ enum Call {
     Fetch(EvalId),
     /// A responsible node's proposal, and a member's vote answering it.
     Propose(EvalRecord),
-    Vote(EvalRecord),
+    Vote(Box<super::Vote>),
 }
 
 #[derive(Debug)]
@@ -462,7 +462,7 @@ impl World {
     }
 
     /// [`World::input`], also returning the vote answering a proposal.
-    fn input_voting(&mut self, i: usize, input: Input) -> (Option<Result<Accepted, Refusal>>, Option<EvalRecord>) {
+    fn input_voting(&mut self, i: usize, input: Input) -> (Option<Result<Accepted, Refusal>>, Option<super::Vote>) {
         let now = self.now();
         let Some(engine) = self.nodes[i].engine.as_mut() else { return (None, None) };
         let actions = engine.handle(now, input);
@@ -700,11 +700,11 @@ impl World {
             }
             Call::Propose(copy) => {
                 if let (_, Some(vote)) = self.input_voting(to, Input::Propose { copy, from: addr(from) }) {
-                    self.http(to, from, Call::Vote(vote));
+                    self.http(to, from, Call::Vote(Box::new(vote)));
                 }
             }
-            Call::Vote(copy) => {
-                self.input(to, Input::Voted { copy, from: addr(from) });
+            Call::Vote(vote) => {
+                self.input(to, Input::Voted { vote: *vote, from: addr(from) });
             }
         }
         Ok(())

@@ -64,12 +64,18 @@ fn post_for(worker: SocketAddr, task: &Task, outcomes: &[Outcome]) -> TaskPost {
     TaskPost::new(worker, task.eval, &task.task_id, &task.project_id, &task.module, Ok(report), "x".into())
 }
 
+/// The vote of a member that holds the proposal `copy`.
+fn holding(copy: &EvalRecord) -> Vote {
+    let held = |(t, r): (&String, &crate::eval::ModuleResult)| (t.clone(), Held { term: copy.term, result: r.clone() });
+    Vote { record: copy.clone_header(), proposals: copy.results.iter().map(held).collect() }
+}
+
 /// Every member the engine proposed to holds the proposal and votes for it.
 fn votes_for(e: &mut Engine, clock: &Clock, actions: &[Action]) -> Vec<Action> {
     let mut out = Vec::new();
     for a in actions {
         if let Action::Propose { to, copy } = a {
-            out.extend(e.handle(clock.now(), Input::Voted { copy: copy.clone(), from: *to }));
+            out.extend(e.handle(clock.now(), Input::Voted { vote: holding(copy), from: *to }));
         }
     }
     out
@@ -237,9 +243,9 @@ fn a_node_cut_off_from_the_majority_neither_schedules_nor_stores_until_it_sees_o
     assert_eq!(answer(&out), Ok(Accepted::Stored));
     let sent = proposals(&out);
     assert_eq!(sent.iter().map(|(to, _)| *to).collect::<Vec<_>>(), vec![addr(1), addr(2)]);
-    e.handle(clock.now(), Input::Voted { copy: sent[0].1.clone(), from: sent[0].0 });
+    e.handle(clock.now(), Input::Voted { vote: holding(&sent[0].1), from: sent[0].0 });
     assert!(e.record(5).expect("record").results.is_empty(), "two of five hold it: not yet");
-    e.handle(clock.now(), Input::Voted { copy: sent[1].1.clone(), from: sent[1].0 });
+    e.handle(clock.now(), Input::Voted { vote: holding(&sent[1].1), from: sent[1].0 });
     assert_eq!(e.record(5).expect("record").results.len(), 1, "three of five hold it: stored");
 }
 
@@ -254,12 +260,12 @@ fn a_stale_owner_learns_the_higher_term_from_a_vote_and_stores_nothing() {
     );
     let sent = proposals(&out);
     assert_eq!(sent.len(), 4, "{out:?}");
-    e.handle(clock.now(), Input::Voted { copy: sent[1].1.clone(), from: addr(2) });
+    e.handle(clock.now(), Input::Voted { vote: holding(&sent[1].1), from: addr(2) });
     let mut newer = e.record(5).expect("record").clone_header();
     newer.term = 2;
     newer.version = 0;
     newer.responsible = addr(1).to_string();
-    e.handle(clock.now(), Input::Voted { copy: newer, from: addr(1) });
+    e.handle(clock.now(), Input::Voted { vote: Vote { record: newer, proposals: Default::default() }, from: addr(1) });
     let rec = e.record(5).expect("record");
     assert_eq!((rec.term, rec.responsible.as_str()), (2, addr(1).to_string().as_str()));
     assert!(rec.results.is_empty(), "a stale owner's result is never stored: {rec:?}");
@@ -283,7 +289,8 @@ fn a_member_takes_a_proposal_only_from_the_owner_at_its_term() {
     stale.results.insert(task.task_id.clone(), result);
     let out = peer.handle(clock.now(), Input::Propose { copy: stale.clone(), from: addr(0) });
     let Some(Action::Vote(vote)) = out.iter().find(|a| matches!(a, Action::Vote(_))) else { panic!("{out:?}") };
-    assert_eq!((vote.term, vote.results.len()), (2, 0), "refused: {vote:?}");
+    assert_eq!((vote.record.term, vote.record.results.len()), (2, 0), "refused: {vote:?}");
+    assert!(vote.proposals.is_empty(), "{vote:?}");
     assert!(peer.record(5).expect("record").results.is_empty());
     let out = peer.handle(clock.now(), Input::Propose { copy: stale, from: addr(3) });
     assert!(!out.iter().any(|a| matches!(a, Action::Vote(_))), "only the record's owner proposes: {out:?}");
@@ -314,7 +321,7 @@ fn a_takeover_learns_every_live_members_results_before_it_schedules() {
     let mut vote = with_result;
     vote.term = term;
     vote.responsible = addr(1).to_string();
-    let out = e.handle(clock.now(), Input::Voted { copy: vote, from: addr(2) });
+    let out = e.handle(clock.now(), Input::Voted { vote: Vote { record: vote, proposals: Default::default() }, from: addr(2) });
     let next = runs(&out);
     assert_eq!(next.len(), 1, "{out:?}");
     assert_ne!(next[0].task_id, task.task_id, "the task with a result is not run again");
