@@ -94,6 +94,8 @@ struct Node {
     seen: BTreeMap<EvalId, BTreeMap<String, String>>,
     /// Highest `/stats` `all` (passed, failed) seen.
     stats: (u64, u64),
+    /// The active evaluations last handed to the core.
+    active: Option<BTreeMap<String, crate::wire::EvalMap>>,
 }
 
 /// Fault and workload parameters of one run.
@@ -338,6 +340,7 @@ impl World {
         let n = &mut self.nodes[i];
         n.engine = Some(engine);
         n.cursor = 0;
+        n.active = None;
         n.down_until = None;
     }
 
@@ -380,8 +383,12 @@ impl World {
         let id = self.sim.core(i).id().cloned();
         self.input(i, Input::Members { id, peers });
         self.input(i, Input::Tick);
-        // Like the node: the core gets the active evaluations it carries in elections.
-        if let Some(active) = self.engine(i).map(Engine::active_evaluations) {
+        // Like the node: the core gets the active evaluations it carries in elections (when
+        // they changed).
+        if let Some(active) = self.engine(i).map(Engine::active_evaluations)
+            && self.nodes[i].active.as_ref() != Some(&active)
+        {
+            self.nodes[i].active = Some(active.clone());
             self.sim.local(i, LocalEvent::SetActive(active));
         }
         self.finish_jobs(i);
