@@ -69,6 +69,18 @@ pub fn replicate(app: &Arc<App>, records: Vec<EvalRecord>, from: SocketAddr) -> 
     Replicated { merged: app.apply(Input::Merge { records, from }).merged }
 }
 
+/// Results delivered together by the authenticated member `caller` (`POST
+/// /internal/results`): each is checked and answered exactly as a single `POST /task`.
+pub fn accept_results(app: &Arc<App>, posts: Vec<TaskPost>, caller: SocketAddr) -> Vec<crate::engine::BatchAnswer> {
+    let mut answers = Vec::with_capacity(posts.len());
+    for post in posts {
+        let outcome = app.apply(Input::Result { post: post.clone(), caller }).answer;
+        let outcome = outcome.unwrap_or_else(|| Err(Refusal::Unavailable("the result was not answered".into())));
+        answers.push(crate::engine::BatchAnswer::new(&post, &outcome));
+    }
+    answers
+}
+
 /// Takes a responsible member's proposal (`POST /internal/propose`) and answers with this
 /// node's vote (its copy of the proposed tasks).
 pub fn propose(app: &Arc<App>, copy: EvalRecord, from: SocketAddr) -> Result<crate::engine::Vote, AppError> {
@@ -329,8 +341,8 @@ impl App {
                 }
                 Action::Send { to, msg } => self.net().inspect(|n| n.send(to, msg)).map_or((), |_| ()),
                 Action::Broadcast(msg) => self.net().inspect(|n| n.broadcast(msg)).map_or((), |_| ()),
-                Action::Deliver { post, from } => {
-                    tokio::spawn(worker::deliver(self.clone(), post, from));
+                Action::DeliverBatch { to, posts } => {
+                    tokio::spawn(worker::deliver_batch(self.clone(), to, posts));
                 }
                 Action::Answer(a) => applied.answer = Some(a),
                 Action::PushCache => self.push_cache(),

@@ -19,8 +19,9 @@
 //! # Results
 //! A result is accepted only from the worker the task is assigned to, only by the node
 //! responsible for the evaluation, and only once (the first result wins); a result of a local
-//! task is accepted in place, a remote one goes back as [`Action::Deliver`].
+//! task is accepted in place, remote ones go back in batches ([`Action::DeliverBatch`]).
 
+mod outbox;
 mod post;
 mod quorum;
 mod replica;
@@ -38,6 +39,7 @@ use cdtester_runner_api::{Chunk, Limits};
 use crate::eval::{EvalId, EvalRecord, ProjectRecord, ProjectState};
 use crate::wire::{Message, NodeId};
 
+pub use outbox::{BatchAnswer, MAX_BATCH};
 pub use post::{Accepted, Refusal, TaskAnswer, TaskPost};
 pub use quorum::{Held, Vote};
 pub use replica::{SyncRequest, SyncResponse, fingerprint};
@@ -113,6 +115,8 @@ pub enum Input {
     Propose { copy: EvalRecord, from: SocketAddr },
     /// Member `from` answered this node's proposal.
     Voted { vote: Vote, from: SocketAddr },
+    /// The receiver of an [`Action::DeliverBatch`] answered.
+    Delivered(Vec<BatchAnswer>),
 }
 
 /// A task to run on one of this node's slots.
@@ -142,9 +146,10 @@ pub enum Action {
     Send { to: SocketAddr, msg: Message },
     /// Send a message to every live peer.
     Broadcast(Message),
-    /// Deliver a result to the node responsible for its evaluation (retrying; see
-    /// [`Engine::delivery`]), or to `from`, which handed the task out, while none is known.
-    Deliver { post: TaskPost, from: Option<SocketAddr> },
+    /// Deliver results to node `to` (the node responsible for their evaluations, or the one
+    /// that handed the tasks out while none is known) in one request, and report its answers as
+    /// [`Input::Delivered`]. Unanswered results are sent again later.
+    DeliverBatch { to: SocketAddr, posts: Vec<TaskPost> },
     /// The answer to an [`Input::Result`].
     Answer(Result<Accepted, Refusal>),
     /// The evaluation summary changed: send a CACHE_UPDATE now.
@@ -224,6 +229,8 @@ pub struct Engine {
     incarnations: BTreeMap<SocketAddr, NodeId>,
     /// Majority commits and takeover phases ([`quorum`]).
     fence: quorum::Fence,
+    /// Finished results waiting for delivery ([`outbox`]).
+    outbox: outbox::Outbox,
 }
 
 impl Engine {
@@ -259,6 +266,7 @@ impl Engine {
             announcers: BTreeMap::new(),
             incarnations: BTreeMap::new(),
             fence: quorum::Fence::default(),
+            outbox: outbox::Outbox::new(),
         }
     }
 
@@ -308,11 +316,13 @@ impl Engine {
             }
             Input::Propose { copy, from } => self.proposed(copy, from, &mut out),
             Input::Voted { vote, from } => self.voted(now, vote, from, &mut out),
+            Input::Delivered(answers) => self.delivered(answers),
         }
         self.resume_deferred(now, &mut out);
         self.end_phase1(now, &mut out);
         self.dispatch(now, &mut out);
         self.send_proposals(now, &mut out);
+        self.send_outbox(now, &mut out);
         out
     }
 
@@ -421,11 +431,11 @@ impl Engine {
         match self.delivery(&post) {
             Delivery::Done => {}
             Delivery::Here => match self.accept(now, post.clone(), self.cfg.me, out) {
-                Err(Refusal::Unavailable(_)) => out.push(Action::Deliver { post, from }),
+                Err(Refusal::Unavailable(_)) => self.queue_delivery(now, post, from),
                 Err(e) => tracing::warn!("own result refused: {e}"),
                 Ok(_) => {}
             },
-            Delivery::To(_) | Delivery::Unknown => out.push(Action::Deliver { post, from }),
+            Delivery::To(_) | Delivery::Unknown => self.queue_delivery(now, post, from),
         }
         if from.is_none() {
             self.end_local_assignment(&task, out);

@@ -16,7 +16,7 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
 use super::{
-    Accepted, Action, Discovery, Engine, EngineConfig, Input, Now, Refusal, SyncRequest, SyncResponse, Task,
+    Accepted, Action, BatchAnswer, Discovery, Engine, EngineConfig, Input, Now, Refusal, SyncRequest, SyncResponse, Task,
     TaskPost,
 };
 use crate::core::sim::{NetConfig, Sim};
@@ -46,13 +46,9 @@ enum Behaviour {
 /// An HTTP call between nodes.
 #[derive(Debug, Clone)]
 enum Call {
-    Result(Box<TaskPost>),
-    /// The answer to a result post: whether the worker stops delivering it.
-    Answer {
-        task: String,
-        attempt: String,
-        done: bool,
-    },
+    /// Results delivered together, and the answers to them.
+    Results(Vec<TaskPost>),
+    Answers(Vec<BatchAnswer>),
     Replicate(Vec<EvalRecord>),
     SyncAsk(SyncRequest),
     SyncAnswer(SyncResponse),
@@ -70,14 +66,6 @@ struct Job {
     crash: bool,
 }
 
-#[derive(Debug)]
-struct Delivery {
-    post: TaskPost,
-    from: Option<SocketAddr>,
-    next: u64,
-    wait: u64,
-}
-
 #[derive(Default)]
 struct Node {
     engine: Option<Engine>,
@@ -86,7 +74,6 @@ struct Node {
     jobs: Vec<Job>,
     /// Tasks waiting for their record (fetched from the node that sent them), with a deadline.
     waiting: Vec<(Task, u64)>,
-    deliveries: Vec<Delivery>,
     discoveries: Vec<(u64, EvalId, ProjectRecord)>,
     cursor: usize,
     down_until: Option<u64>,
@@ -323,7 +310,6 @@ impl World {
         n.engine = None;
         n.jobs.clear();
         n.waiting.clear();
-        n.deliveries.clear();
         n.discoveries.clear();
         n.down_until = Some(until);
     }
@@ -403,7 +389,6 @@ impl World {
             let outcome = self.discovery(&project);
             self.input(i, Input::Discovered { eval, project: project.id, outcome });
         }
-        self.deliveries(i)?;
         if now.is_multiple_of(250) {
             self.input(i, Input::Flush);
         }
@@ -501,8 +486,10 @@ impl World {
                 self.sim.local(i, LocalEvent::Send { to, msg });
             }
             Action::Broadcast(msg) => self.sim.local(i, LocalEvent::Broadcast(msg)),
-            Action::Deliver { post, from } => {
-                self.nodes[i].deliveries.push(Delivery { post, from, next: now, wait: 200 })
+            Action::DeliverBatch { to, posts } => {
+                if let Some(j) = self.sim.node_at(to) {
+                    self.http(i, j, Call::Results(posts));
+                }
             }
             Action::RememberDuration { key, stat } => {
                 self.nodes[i].durations.insert(key, stat);
@@ -595,40 +582,6 @@ impl World {
         }
     }
 
-    /// Retries the node's pending result deliveries that are due.
-    fn deliveries(&mut self, i: usize) -> Result<(), String> {
-        let now = self.ms();
-        let pending = std::mem::take(&mut self.nodes[i].deliveries);
-        for mut d in pending {
-            if d.next > now {
-                self.nodes[i].deliveries.push(d);
-                continue;
-            }
-            let Some(engine) = self.engine(i) else { return Ok(()) };
-            let target = match engine.delivery(&d.post) {
-                super::Delivery::Done => continue,
-                super::Delivery::Here => Some(i),
-                super::Delivery::To(a) => self.sim.node_at(a),
-                super::Delivery::Unknown => d.from.and_then(|a| self.sim.node_at(a)),
-            };
-            match target {
-                Some(j) if j == i => {
-                    let answer = self.input(i, Input::Result { post: d.post.clone(), caller: addr(i) });
-                    self.count_stored(i, &d.post, &answer)?;
-                    if !matches!(answer, Some(Err(Refusal::Unavailable(_)))) {
-                        continue;
-                    }
-                }
-                Some(j) => self.http(i, j, Call::Result(Box::new(d.post.clone()))),
-                None => {}
-            }
-            d.next = now + d.wait;
-            d.wait = (d.wait * 2).min(2_000);
-            self.nodes[i].deliveries.push(d);
-        }
-        Ok(())
-    }
-
     /// Counts a result post answered `Stored`; a second one for the same task at one node is a
     /// second accepted result.
     fn count_stored(
@@ -667,20 +620,19 @@ impl World {
             return Ok(());
         }
         match call {
-            Call::Result(post) => {
-                let answer = self.input(to, Input::Result { post: (*post).clone(), caller: addr(from) });
-                self.count_stored(to, &post, &answer)?;
-                let done = !matches!(answer, Some(Err(Refusal::Unavailable(_))) | None);
-                let reply =
-                    Call::Answer { task: post.result.task_id.clone(), attempt: post.attempt.clone(), done };
-                self.http(to, from, reply);
-            }
-            Call::Answer { task, attempt, done } => {
-                if done {
-                    self.nodes[to]
-                        .deliveries
-                        .retain(|d| d.post.result.task_id != task || d.post.attempt != attempt);
+            Call::Results(posts) => {
+                let mut answers = Vec::new();
+                for post in posts {
+                    let answer = self.input(to, Input::Result { post: post.clone(), caller: addr(from) });
+                    self.count_stored(to, &post, &answer)?;
+                    if let Some(a) = answer {
+                        answers.push(BatchAnswer::new(&post, &a));
+                    }
                 }
+                self.http(to, from, Call::Answers(answers));
+            }
+            Call::Answers(answers) => {
+                self.input(to, Input::Delivered(answers));
             }
             Call::Replicate(records) => {
                 self.input(to, Input::Merge { records, from: addr(from) });
@@ -815,9 +767,7 @@ impl World {
                                 .iter()
                                 .map(|j| j.task.task_id.clone())
                                 .chain(n.waiting.iter().map(|w| format!("wait:{}", w.0.task_id)))
-                                .chain(
-                                    n.deliveries.iter().map(|d| format!("deliver:{}", d.post.result.task_id)),
-                                )
+                                .chain(n.engine.as_ref().map(|e| format!("undelivered:{}", e.undelivered())))
                                 .collect()
                         })
                         .collect();
