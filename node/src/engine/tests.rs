@@ -326,3 +326,71 @@ fn a_takeover_learns_every_live_members_results_before_it_schedules() {
     assert_eq!(next.len(), 1, "{out:?}");
     assert_ne!(next[0].task_id, task.task_id, "the task with a result is not run again");
 }
+
+/// Carries every proposal in `actions` to `peer` and its vote back to `e`.
+fn vote_with(e: &mut Engine, peer: &mut Engine, clock: &Clock, actions: &[Action]) {
+    for (to, copy) in proposals(actions) {
+        let out = peer.handle(clock.now(), Input::Propose { copy, from: e.cfg.me });
+        for a in out {
+            if let Action::Vote(vote) = a {
+                e.handle(clock.now(), Input::Voted { vote, from: to });
+            }
+        }
+    }
+}
+
+#[test]
+fn results_for_one_node_go_together_and_each_is_checked_alone() {
+    let (mut r, mut clock, _) = started_engine(0, &["t_a.py", "t_b.py"]);
+    let mut w = Engine::new(config(addr(1), 2), Vec::new(), Default::default(), clock.0);
+    members(&mut r, &clock, &[addr(1)]);
+    members(&mut w, &clock, &[addr(0)]);
+    let rec = r.record(5).expect("record").clone();
+    w.handle(clock.now(), Input::Merge { records: vec![rec], from: addr(0) });
+    let mut tasks = Vec::new();
+    for _ in 0..2 {
+        let req = Message::TaskRequest(NodeIdData { id: NodeId("w".into()) });
+        for a in r.handle(clock.now(), Input::Message { from: addr(1), msg: req }) {
+            let Action::Send { msg: send @ Message::TaskSend(_), .. } = a else { continue };
+            for b in w.handle(clock.now(), Input::Message { from: addr(0), msg: send }) {
+                match b {
+                    Action::Run(t) => tasks.push(t),
+                    Action::Send { msg, .. } => {
+                        r.handle(clock.now(), Input::Message { from: addr(1), msg });
+                    }
+                    _ => {}
+                }
+            }
+        }
+    }
+    assert_eq!(tasks.len(), 2);
+    for t in &tasks {
+        let out = w.handle(clock.now(), Input::Ran { post: post_for(addr(1), t, &[Outcome::Passed]), from: t.from });
+        assert!(out.iter().any(|a| matches!(a, Action::DeliverBatch { posts, .. } if posts.len() == 1)), "{out:?}");
+    }
+    clock.advance(250);
+    let out = w.handle(clock.now(), Input::Tick);
+    let batches: Vec<(SocketAddr, Vec<TaskPost>)> = out
+        .into_iter()
+        .filter_map(|a| if let Action::DeliverBatch { to, posts } = a { Some((to, posts)) } else { None })
+        .collect();
+    assert_eq!(batches.len(), 1, "the unanswered results go again, together: {batches:?}");
+    let (to, mut posts) = batches.into_iter().next().expect("a batch");
+    assert_eq!((to, posts.len()), (addr(0), 2));
+    let mut forged = posts[0].clone();
+    forged.result.port = "7002".into();
+    posts.push(forged);
+    posts.push(posts[0].clone());
+    let mut answers = Vec::new();
+    for post in posts {
+        let out = r.handle(clock.now(), Input::Result { post: post.clone(), caller: addr(1) });
+        answers.push(BatchAnswer::new(&post, &answer(&out)));
+        vote_with(&mut r, &mut w, &clock, &out);
+    }
+    let statuses: Vec<Option<Accepted>> = answers.iter().map(|a| a.status).collect();
+    assert_eq!(statuses, vec![Some(Accepted::Stored), Some(Accepted::Stored), None, Some(Accepted::Duplicate)]);
+    assert!(answers[2].error.as_deref().is_some_and(|e| e.contains("sent by")), "{answers:?}");
+    assert_eq!(r.record(5).expect("record").results.len(), 2, "both stored once the worker voted");
+    w.handle(clock.now(), Input::Delivered(answers));
+    assert_eq!(w.undelivered(), 0);
+}
