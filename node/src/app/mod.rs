@@ -71,11 +71,16 @@ pub fn replicate(app: &Arc<App>, records: Vec<EvalRecord>, from: SocketAddr) -> 
 
 /// Results delivered together by the authenticated member `caller` (`POST
 /// /internal/results`): each is checked and answered exactly as a single `POST /task`.
-pub fn accept_results(app: &Arc<App>, posts: Vec<TaskPost>, caller: SocketAddr) -> Vec<crate::engine::BatchAnswer> {
+pub fn accept_results(
+    app: &Arc<App>,
+    posts: Vec<TaskPost>,
+    caller: SocketAddr,
+) -> Vec<crate::engine::BatchAnswer> {
     let mut answers = Vec::with_capacity(posts.len());
     for post in posts {
         let outcome = app.apply(Input::Result { post: post.clone(), caller }).answer;
-        let outcome = outcome.unwrap_or_else(|| Err(Refusal::Unavailable("the result was not answered".into())));
+        let outcome =
+            outcome.unwrap_or_else(|| Err(Refusal::Unavailable("the result was not answered".into())));
         answers.push(crate::engine::BatchAnswer::new(&post, &outcome));
     }
     answers

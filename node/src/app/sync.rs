@@ -79,7 +79,8 @@ pub async fn push_now(app: &Arc<App>, records: &[EvalRecord]) {
 /// one is sent again by the engine.
 pub async fn propose(app: Arc<App>, to: SocketAddr, copy: EvalRecord) {
     let Some(http) = app.http_of(to) else { return };
-    match app.client.post_json::<_, crate::engine::Vote>(http, "/internal/propose", &copy, CALL_TIMEOUT).await {
+    match app.client.post_json::<_, crate::engine::Vote>(http, "/internal/propose", &copy, CALL_TIMEOUT).await
+    {
         Ok(vote) => {
             app.apply(Input::Voted { vote, from: to });
         }

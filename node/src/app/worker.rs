@@ -118,7 +118,12 @@ pub async fn deliver_batch(app: Arc<App>, to: SocketAddr, posts: Vec<TaskPost>) 
         tracing::debug!(%to, "no HTTP address known: results wait");
         return;
     };
-    let call = app.client.post_json::<_, Vec<BatchAnswer>>(http, "/internal/results", &posts, Duration::from_secs(30));
+    let call = app.client.post_json::<_, Vec<BatchAnswer>>(
+        http,
+        "/internal/results",
+        &posts,
+        Duration::from_secs(30),
+    );
     match call.await {
         Ok(answers) => {
             app.apply(Input::Delivered(answers));

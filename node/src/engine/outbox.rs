@@ -27,24 +27,18 @@ const PATIENCE: Duration = Duration::from_secs(900);
 pub struct BatchAnswer {
     pub task_id: String,
     pub attempt: String,
-    /// How it was taken (`None`: refused, see `error`).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub status: Option<Accepted>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub error: Option<String>,
+    /// How it was taken, or why it was refused.
+    pub outcome: Result<Accepted, String>,
     /// Deliver it again later (the receiver is not responsible now, or is being taken over).
-    #[serde(default)]
     pub retry: bool,
 }
 
 impl BatchAnswer {
     /// The answer to `post` as [`Engine::accept`] gave it.
     pub fn new(post: &TaskPost, outcome: &Result<Accepted, Refusal>) -> BatchAnswer {
-        let (status, error, retry) = match outcome {
-            Ok(a) => (Some(*a), None, false),
-            Err(e) => (None, Some(e.to_string()), matches!(e, Refusal::Unavailable(_))),
-        };
-        BatchAnswer { task_id: post.result.task_id.clone(), attempt: post.attempt.clone(), status, error, retry }
+        let retry = matches!(outcome, Err(Refusal::Unavailable(_)));
+        let outcome = outcome.clone().map_err(|e| e.to_string());
+        BatchAnswer { task_id: post.result.task_id.clone(), attempt: post.attempt.clone(), outcome, retry }
     }
 }
 
@@ -141,7 +135,7 @@ impl Engine {
             if a.retry {
                 continue;
             }
-            if let Some(e) = &a.error {
+            if let Err(e) = &a.outcome {
                 tracing::warn!(task = %a.task_id, "result refused: {e}");
             }
             self.outbox.retain(|(_, t, at), _| *t != a.task_id || *at != a.attempt);

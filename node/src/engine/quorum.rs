@@ -128,8 +128,15 @@ const TERM_STEP: u64 = 1 << 16;
 /// The term a takeover by `me` moves a record at term `t` to: larger than `t`, and unique to
 /// `me` among nodes whose addresses hash differently (FNV-1a, stable across builds).
 pub(super) fn next_term(t: u64, me: &str) -> u64 {
-    let hash = me.bytes().fold(0xcbf2_9ce4_8422_2325_u64, |h, b| (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3));
+    let hash =
+        me.bytes().fold(0xcbf2_9ce4_8422_2325_u64, |h, b| (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3));
     (t / TERM_STEP + 1).saturating_mul(TERM_STEP).saturating_add(hash % TERM_STEP)
+}
+
+/// Whether two results are the same execution's (its attempt id and worker; a copy that went
+/// through JSON may differ in the last bit of a float).
+fn same_result(a: &ModuleResult, b: &ModuleResult) -> bool {
+    a.attempt == b.attempt && a.node == b.node
 }
 
 impl Engine {
@@ -149,10 +156,10 @@ impl Engine {
         &mut self,
         now: Now,
         eval: EvalId,
-        task: &str,
-        result: ModuleResult,
+        result: (&str, ModuleResult),
         out: &mut Vec<Action>,
     ) -> bool {
+        let (task, result) = result;
         if self.fence.is_pending(eval, task) {
             return false;
         }
@@ -195,7 +202,7 @@ impl Engine {
             let Some(p) = self.fence.phase1.remove(&id) else { continue };
             for (t, h) in p.seen {
                 if self.evals.get(&id).is_some_and(|r| !r.results.contains_key(&t)) {
-                    self.propose_result(now, id, &t, h.result, out);
+                    self.propose_result(now, id, (&t, h.result), out);
                 }
             }
             let Some(rec) = self.evals.get(&id) else { continue };
@@ -312,7 +319,8 @@ impl Engine {
         let current = copy.responsible == me && self.evals.get(&id).is_some_and(|r| r.term == copy.term);
         if current && let Some(pending) = self.fence.pending.get_mut(&id) {
             for (task, p) in pending.iter_mut() {
-                if proposals.get(task).is_some_and(|h| h.term == p.term && h.result == p.result) {
+                if proposals.get(task).is_some_and(|h| h.term == p.term && same_result(&h.result, &p.result))
+                {
                     p.acks.insert(from);
                 }
             }

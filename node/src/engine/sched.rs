@@ -141,9 +141,10 @@ impl Engine {
 
     /// Whether a task of an evaluation this node schedules waits for a worker.
     pub(super) fn has_pending(&self) -> bool {
-        self.evals.values().filter(|r| self.schedules(r)).any(|r| {
-            r.all_tasks().any(|t| self.waits(r, &t.task_id))
-        })
+        self.evals
+            .values()
+            .filter(|r| self.schedules(r))
+            .any(|r| r.all_tasks().any(|t| self.waits(r, &t.task_id)))
     }
 
     /// Picks the next task (longest remembered duration first, a chunk counting its share;
@@ -350,7 +351,14 @@ impl Engine {
     }
 
     /// Records a task that killed its worker `deaths` times as crashed.
-    pub(super) fn record_crash(&mut self, now: Now, eval: EvalId, task: &str, deaths: u32, out: &mut Vec<Action>) {
+    pub(super) fn record_crash(
+        &mut self,
+        now: Now,
+        eval: EvalId,
+        task: &str,
+        deaths: u32,
+        out: &mut Vec<Action>,
+    ) {
         let module = eval::split_task_id(task).map_or(task, |(_, part)| eval::parse_task_part(part).0);
         tracing::error!(eval, %task, "task killed its worker {deaths} times: recorded as crashed");
         let report = ModuleReport {
@@ -369,7 +377,7 @@ impl Engine {
             finished_at: now.wall,
             report,
         };
-        self.propose_result(now, eval, task, result, out);
+        self.propose_result(now, eval, (task, result), out);
     }
 
     /// Takes the tasks a record lists as running on workers other than `gone` into the
@@ -504,7 +512,7 @@ impl Engine {
         let result = ModuleResult { node, attempt: post.attempt, finished_at: now.wall, report };
         self.assignments.finish(&task);
         self.failures.remove(&task);
-        let stored = self.propose_result(now, eval, &task, result, out);
+        let stored = self.propose_result(now, eval, (&task, result), out);
         Ok(if stored { Accepted::Stored } else { Accepted::Duplicate })
     }
 

@@ -16,8 +16,8 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
 use super::{
-    Accepted, Action, BatchAnswer, Discovery, Engine, EngineConfig, Input, Now, Refusal, SyncRequest, SyncResponse, Task,
-    TaskPost,
+    Accepted, Action, BatchAnswer, Discovery, Engine, EngineConfig, Input, Now, Refusal, SyncRequest,
+    SyncResponse, Task, TaskPost,
 };
 use crate::core::sim::{NetConfig, Sim};
 use crate::core::{DownReason, Event, LocalEvent};
@@ -454,7 +454,11 @@ impl World {
     }
 
     /// [`World::input`], also returning the vote answering a proposal.
-    fn input_voting(&mut self, i: usize, input: Input) -> (Option<Result<Accepted, Refusal>>, Option<super::Vote>) {
+    fn input_voting(
+        &mut self,
+        i: usize,
+        input: Input,
+    ) -> (Option<Result<Accepted, Refusal>>, Option<super::Vote>) {
         let now = self.now();
         let Some(engine) = self.nodes[i].engine.as_mut() else { return (None, None) };
         let actions = engine.handle(now, input);

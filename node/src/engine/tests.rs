@@ -66,7 +66,9 @@ fn post_for(worker: SocketAddr, task: &Task, outcomes: &[Outcome]) -> TaskPost {
 
 /// The vote of a member that holds the proposal `copy`.
 fn holding(copy: &EvalRecord) -> Vote {
-    let held = |(t, r): (&String, &crate::eval::ModuleResult)| (t.clone(), Held { term: copy.term, result: r.clone() });
+    let held = |(t, r): (&String, &crate::eval::ModuleResult)| {
+        (t.clone(), Held { term: copy.term, result: r.clone() })
+    };
     Vote { record: copy.clone_header(), proposals: copy.results.iter().map(held).collect() }
 }
 
@@ -111,7 +113,10 @@ fn own_slots_take_tasks_at_once_and_a_freed_slot_is_refilled_in_the_same_step() 
         Input::Ran { post: post_for(addr(0), &first[0], &[Outcome::Passed]), from: None },
     );
     assert!(out.iter().any(|a| matches!(a, Action::Persist(r) if r.results.len() == 1)), "{out:?}");
-    assert!(!out.iter().any(|a| matches!(a, Action::DeliverBatch { .. })), "a local result needs no delivery");
+    assert!(
+        !out.iter().any(|a| matches!(a, Action::DeliverBatch { .. })),
+        "a local result needs no delivery"
+    );
     let next = runs(&out);
     assert_eq!(next.len(), 1, "the freed slot takes the last task: {out:?}");
     for t in [&first[1], &next[0]] {
@@ -254,10 +259,8 @@ fn a_stale_owner_learns_the_higher_term_from_a_vote_and_stores_nothing() {
     let (mut e, mut clock, out) = started_engine(1, &["t_a.py"]);
     let task = runs(&out).remove(0);
     members(&mut e, &clock, &[addr(1), addr(2), addr(3), addr(4)]);
-    let out = e.handle(
-        clock.now(),
-        Input::Ran { post: post_for(addr(0), &task, &[Outcome::Passed]), from: None },
-    );
+    let out =
+        e.handle(clock.now(), Input::Ran { post: post_for(addr(0), &task, &[Outcome::Passed]), from: None });
     let sent = proposals(&out);
     assert_eq!(sent.len(), 4, "{out:?}");
     e.handle(clock.now(), Input::Voted { vote: holding(&sent[1].1), from: addr(2) });
@@ -265,7 +268,10 @@ fn a_stale_owner_learns_the_higher_term_from_a_vote_and_stores_nothing() {
     newer.term = 2;
     newer.version = 0;
     newer.responsible = addr(1).to_string();
-    e.handle(clock.now(), Input::Voted { vote: Vote { record: newer, proposals: Default::default() }, from: addr(1) });
+    e.handle(
+        clock.now(),
+        Input::Voted { vote: Vote { record: newer, proposals: Default::default() }, from: addr(1) },
+    );
     let rec = e.record(5).expect("record");
     assert_eq!((rec.term, rec.responsible.as_str()), (2, addr(1).to_string().as_str()));
     assert!(rec.results.is_empty(), "a stale owner's result is never stored: {rec:?}");
@@ -285,10 +291,17 @@ fn a_member_takes_a_proposal_only_from_the_owner_at_its_term() {
     peer.handle(clock.now(), Input::Merge { records: vec![taken], from: addr(2) });
     let mut stale = origin.record(5).expect("record").clone_header();
     let report = crate::eval::tests::module_report(&task.module, &[Outcome::Passed]);
-    let result = crate::eval::ModuleResult { node: addr(0).to_string(), attempt: "a".into(), finished_at: 1.0, report };
+    let result = crate::eval::ModuleResult {
+        node: addr(0).to_string(),
+        attempt: "a".into(),
+        finished_at: 1.0,
+        report,
+    };
     stale.results.insert(task.task_id.clone(), result);
     let out = peer.handle(clock.now(), Input::Propose { copy: stale.clone(), from: addr(0) });
-    let Some(Action::Vote(vote)) = out.iter().find(|a| matches!(a, Action::Vote(_))) else { panic!("{out:?}") };
+    let Some(Action::Vote(vote)) = out.iter().find(|a| matches!(a, Action::Vote(_))) else {
+        panic!("{out:?}")
+    };
     assert_eq!((vote.record.term, vote.record.results.len()), (2, 0), "refused: {vote:?}");
     assert!(vote.proposals.is_empty(), "{vote:?}");
     assert!(peer.record(5).expect("record").results.is_empty());
@@ -300,10 +313,8 @@ fn a_member_takes_a_proposal_only_from_the_owner_at_its_term() {
 fn a_takeover_learns_every_live_members_results_before_it_schedules() {
     let (mut origin, clock, out) = started_engine(1, &["t_a.py", "t_b.py"]);
     let task = runs(&out).remove(0);
-    let done = origin.handle(
-        clock.now(),
-        Input::Ran { post: post_for(addr(0), &task, &[Outcome::Passed]), from: None },
-    );
+    let done = origin
+        .handle(clock.now(), Input::Ran { post: post_for(addr(0), &task, &[Outcome::Passed]), from: None });
     let with_result = origin.record(5).expect("record").clone();
     assert_eq!(with_result.results.len(), 1, "alone, a node is its own majority: {done:?}");
     let mut before = with_result.clone();
@@ -321,19 +332,27 @@ fn a_takeover_learns_every_live_members_results_before_it_schedules() {
     let mut vote = with_result;
     vote.term = term;
     vote.responsible = addr(1).to_string();
-    let out = e.handle(clock.now(), Input::Voted { vote: Vote { record: vote, proposals: Default::default() }, from: addr(2) });
+    let out = e.handle(
+        clock.now(),
+        Input::Voted { vote: Vote { record: vote, proposals: Default::default() }, from: addr(2) },
+    );
     let next = runs(&out);
     assert_eq!(next.len(), 1, "{out:?}");
     assert_ne!(next[0].task_id, task.task_id, "the task with a result is not run again");
 }
 
-/// Carries every proposal in `actions` to `peer` and its vote back to `e`.
+/// JSON and back, as between nodes (floats may change in their last bit).
+fn over_http<T: serde::Serialize + serde::de::DeserializeOwned>(v: &T) -> T {
+    serde_json::from_str(&serde_json::to_string(v).expect("serializes")).expect("parses")
+}
+
+/// Carries every proposal in `actions` to `peer` and its vote back to `e`, through JSON.
 fn vote_with(e: &mut Engine, peer: &mut Engine, clock: &Clock, actions: &[Action]) {
     for (to, copy) in proposals(actions) {
-        let out = peer.handle(clock.now(), Input::Propose { copy, from: e.cfg.me });
+        let out = peer.handle(clock.now(), Input::Propose { copy: over_http(&copy), from: e.cfg.me });
         for a in out {
             if let Action::Vote(vote) = a {
-                e.handle(clock.now(), Input::Voted { vote, from: to });
+                e.handle(clock.now(), Input::Voted { vote: over_http(&vote), from: to });
             }
         }
     }
@@ -365,8 +384,12 @@ fn results_for_one_node_go_together_and_each_is_checked_alone() {
     }
     assert_eq!(tasks.len(), 2);
     for t in &tasks {
-        let out = w.handle(clock.now(), Input::Ran { post: post_for(addr(1), t, &[Outcome::Passed]), from: t.from });
-        assert!(out.iter().any(|a| matches!(a, Action::DeliverBatch { posts, .. } if posts.len() == 1)), "{out:?}");
+        let out = w
+            .handle(clock.now(), Input::Ran { post: post_for(addr(1), t, &[Outcome::Passed]), from: t.from });
+        assert!(
+            out.iter().any(|a| matches!(a, Action::DeliverBatch { posts, .. } if posts.len() == 1)),
+            "{out:?}"
+        );
     }
     clock.advance(250);
     let out = w.handle(clock.now(), Input::Tick);
@@ -382,14 +405,17 @@ fn results_for_one_node_go_together_and_each_is_checked_alone() {
     posts.push(forged);
     posts.push(posts[0].clone());
     let mut answers = Vec::new();
-    for post in posts {
+    for post in over_http(&posts) {
         let out = r.handle(clock.now(), Input::Result { post: post.clone(), caller: addr(1) });
-        answers.push(BatchAnswer::new(&post, &answer(&out)));
+        answers.push(over_http(&BatchAnswer::new(&post, &answer(&out))));
         vote_with(&mut r, &mut w, &clock, &out);
     }
-    let statuses: Vec<Option<Accepted>> = answers.iter().map(|a| a.status).collect();
-    assert_eq!(statuses, vec![Some(Accepted::Stored), Some(Accepted::Stored), None, Some(Accepted::Duplicate)]);
-    assert!(answers[2].error.as_deref().is_some_and(|e| e.contains("sent by")), "{answers:?}");
+    let statuses: Vec<Option<Accepted>> = answers.iter().map(|a| a.outcome.as_ref().ok().copied()).collect();
+    assert_eq!(
+        statuses,
+        vec![Some(Accepted::Stored), Some(Accepted::Stored), None, Some(Accepted::Duplicate)]
+    );
+    assert!(answers[2].outcome.as_ref().is_err_and(|e| e.contains("sent by")), "{answers:?}");
     assert_eq!(r.record(5).expect("record").results.len(), 2, "both stored once the worker voted");
     w.handle(clock.now(), Input::Delivered(answers));
     assert_eq!(w.undelivered(), 0);

@@ -623,7 +623,10 @@ async fn results(State(app): State<AppState>, call: InternalCall) -> Response {
     let answers = call.member(&app, None).and_then(|caller| {
         let posts: Vec<TaskPost> = call.json()?;
         if posts.len() > crate::engine::MAX_BATCH {
-            return Err(AppError::BadRequest(format!("at most {} results per batch", crate::engine::MAX_BATCH)));
+            return Err(AppError::BadRequest(format!(
+                "at most {} results per batch",
+                crate::engine::MAX_BATCH
+            )));
         }
         Ok(crate::app::accept_results(&app, posts, caller))
     });
