@@ -53,8 +53,11 @@ pub(super) struct Outgoing {
     until: Instant,
 }
 
-/// Results waiting for delivery, by (evaluation, task id, attempt).
-pub(super) type Outbox = BTreeMap<(EvalId, String, String), Outgoing>;
+/// A result's key in the outbox: (evaluation, task id, attempt).
+type Key = (EvalId, String, String);
+
+/// Results waiting for delivery.
+pub(super) type Outbox = BTreeMap<Key, Outgoing>;
 
 impl Engine {
     /// Queues a finished result for delivery (sent in this step).
@@ -72,7 +75,7 @@ impl Engine {
     /// Sends the results that are due, one batch per receiving node; takes those this node is
     /// responsible for now in place.
     pub(super) fn send_outbox(&mut self, now: Now, out: &mut Vec<Action>) {
-        let due: Vec<((EvalId, String, String), Delivery, Option<SocketAddr>)> = self
+        let due: Vec<(Key, Delivery, Option<SocketAddr>)> = self
             .outbox
             .iter()
             .filter(|(_, o)| o.next <= now.mono)
@@ -112,7 +115,7 @@ impl Engine {
 
     /// A queued result of an evaluation this node is responsible for now: accepted in place
     /// (or kept while the evaluation is being taken over).
-    fn deliver_here(&mut self, now: Now, key: (EvalId, String, String), out: &mut Vec<Action>) {
+    fn deliver_here(&mut self, now: Now, key: Key, out: &mut Vec<Action>) {
         let Some(o) = self.outbox.get_mut(&key) else { return };
         o.next = now.mono + o.wait;
         o.wait = (o.wait * 2).min(MAX_WAIT);

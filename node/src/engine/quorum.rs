@@ -142,7 +142,8 @@ fn same_result(a: &ModuleResult, b: &ModuleResult) -> bool {
 impl Engine {
     /// Members this node counts (itself included) and how many of them make a majority.
     pub(super) fn majority(&self) -> usize {
-        (1 + self.fence.known.len()) / 2 + 1
+        let members = 1 + self.fence.known.len();
+        members / 2 + 1
     }
 
     /// Whether this node sees a majority of the members it knows live (itself included).
