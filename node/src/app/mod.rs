@@ -394,6 +394,9 @@ impl App {
         let Some(net) = self.net() else { return };
         let snap = net.snapshot();
         let peers = snap.peers.values().filter_map(|a| a.parse().ok()).collect();
+        // Peers that advertise an HTTP API are cdtester nodes: they vote (see engine::quorum).
+        let voters = snap.http.keys().filter_map(|a| a.parse().ok()).collect();
+        self.apply(Input::Voters(voters));
         self.apply(Input::Members { id: snap.id, peers });
     }
 

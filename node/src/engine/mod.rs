@@ -90,6 +90,9 @@ pub enum Input {
     Discovered { eval: EvalId, project: String, outcome: Result<Discovery, String> },
     /// The membership as the protocol core sees it now: this node's id and the live peers.
     Members { id: Option<NodeId>, peers: Vec<SocketAddr> },
+    /// The peers that take part in majority commits ([`quorum`]): cdtester nodes, not
+    /// reference-implementation ones, which never vote. Until given, every peer votes.
+    Voters(Vec<SocketAddr>),
     /// Time passed.
     Tick,
     /// A task-distribution message from a peer.
@@ -281,8 +284,9 @@ impl Engine {
             Input::Members { id, peers } => {
                 self.id = id;
                 self.peers = peers.into_iter().filter(|p| *p != self.cfg.me).collect();
-                self.fence.members(now.mono, &self.peers);
+                self.fence_members(now.mono, None);
             }
+            Input::Voters(voters) => self.fence_members(now.mono, Some(voters)),
             Input::Tick => self.expire(now, &mut out),
             Input::Message { from, msg } => self.message(now, from, msg, &mut out),
             Input::Result { post, caller } => {

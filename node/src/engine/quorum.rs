@@ -70,6 +70,9 @@ pub(super) struct Phase1 {
 pub(super) struct Fence {
     /// Members counted for the majority: live peers (`None`) and failed ones (down since).
     known: BTreeMap<SocketAddr, Option<Instant>>,
+    /// The peers that take part in majorities (cdtester nodes, not reference-implementation
+    /// ones); `None`: every peer.
+    voters: Option<BTreeSet<SocketAddr>>,
     /// Provisional results per evaluation, by task.
     pending: BTreeMap<EvalId, BTreeMap<String, Pending>>,
     /// Provisional results this node took from other members' proposals.
@@ -140,6 +143,23 @@ fn same_result(a: &ModuleResult, b: &ModuleResult) -> bool {
 }
 
 impl Engine {
+    /// The live peers that vote.
+    pub(super) fn live_voters(&self) -> BTreeSet<SocketAddr> {
+        match &self.fence.voters {
+            Some(v) => self.peers.intersection(v).copied().collect(),
+            None => self.peers.clone(),
+        }
+    }
+
+    /// The membership changed: live voters and failed ones.
+    pub(super) fn fence_members(&mut self, now: Instant, voters: Option<Vec<SocketAddr>>) {
+        if let Some(v) = voters {
+            self.fence.voters = Some(v.into_iter().collect());
+        }
+        let live = self.live_voters();
+        self.fence.members(now, &live);
+    }
+
     /// Members this node counts (itself included) and how many of them make a majority.
     pub(super) fn majority(&self) -> usize {
         let members = 1 + self.fence.known.len();
@@ -148,7 +168,7 @@ impl Engine {
 
     /// Whether this node sees a majority of the members it knows live (itself included).
     pub(super) fn quorum(&self) -> bool {
-        1 + self.peers.len() >= self.majority()
+        1 + self.live_voters().len() >= self.majority()
     }
 
     /// Proposes a result this node accepted for a task of `eval` (or stores it at once when this
@@ -182,7 +202,7 @@ impl Engine {
     pub(super) fn start_phase1(&mut self, eval: EvalId) {
         self.fence.pending.remove(&eval);
         if self.majority() > 1 {
-            let p = Phase1 { waiting: self.peers.clone(), ..Phase1::default() };
+            let p = Phase1 { waiting: self.live_voters(), ..Phase1::default() };
             self.fence.phase1.insert(eval, p);
             self.fence.propose.insert(eval);
         }
@@ -253,6 +273,7 @@ impl Engine {
             evals.extend(self.fence.pending.keys().chain(self.fence.phase1.keys()).copied());
         }
         let me = self.me();
+        let voters = self.live_voters();
         for eval in evals {
             let Some(rec) = self.evals.get(&eval).filter(|r| r.responsible == me) else {
                 self.fence.forget(eval);
@@ -265,7 +286,7 @@ impl Engine {
             }
             let targets: Vec<SocketAddr> = match self.fence.phase1.get(&eval) {
                 Some(p) => p.waiting.iter().copied().collect(),
-                None => self.peers.iter().copied().collect(),
+                None => voters.iter().copied().collect(),
             };
             for to in targets {
                 let done = pending.is_some_and(|p| !p.is_empty() && p.values().all(|x| x.acks.contains(&to)));

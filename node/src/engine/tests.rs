@@ -420,3 +420,17 @@ fn results_for_one_node_go_together_and_each_is_checked_alone() {
     w.handle(clock.now(), Input::Delivered(answers));
     assert_eq!(w.undelivered(), 0);
 }
+
+#[test]
+fn only_cdtester_peers_vote_reference_ones_never_answer_proposals() {
+    let (mut e, clock, out) = started_engine(1, &["t_a.py", "t_b.py"]);
+    let task = runs(&out).remove(0);
+    e.handle(clock.now(), Input::Voters(vec![addr(1)]));
+    members(&mut e, &clock, &[addr(1), addr(2)]);
+    let post = post_for(addr(0), &task, &[Outcome::Passed]);
+    let out = e.handle(clock.now(), Input::Ran { post, from: None });
+    let sent = proposals(&out);
+    assert_eq!(sent.iter().map(|(to, _)| *to).collect::<Vec<_>>(), vec![addr(1)], "{out:?}");
+    e.handle(clock.now(), Input::Voted { vote: holding(&sent[0].1), from: addr(1) });
+    assert_eq!(e.record(5).expect("record").results.len(), 1, "two of two voters hold it");
+}
