@@ -74,6 +74,31 @@ pub fn replicate(app: &Arc<App>, records: Vec<EvalRecord>, from: SocketAddr) -> 
     Replicated { merged: app.apply(Input::Merge { records, from }).merged }
 }
 
+/// Results delivered together by the authenticated member `caller` (`POST
+/// /internal/results`): each is checked and answered exactly as a single `POST /task`.
+pub fn accept_results(
+    app: &Arc<App>,
+    posts: Vec<TaskPost>,
+    caller: SocketAddr,
+) -> Vec<crate::engine::BatchAnswer> {
+    let mut answers = Vec::with_capacity(posts.len());
+    for post in posts {
+        let outcome = app.apply(Input::Result { post: post.clone(), caller }).answer;
+        let outcome =
+            outcome.unwrap_or_else(|| Err(Refusal::Unavailable("the result was not answered".into())));
+        answers.push(crate::engine::BatchAnswer::new(&post, &outcome));
+    }
+    answers
+}
+
+/// Takes a responsible member's proposal (`POST /internal/propose`) and answers with this
+/// node's vote (its copy of the proposed tasks).
+pub fn propose(app: &Arc<App>, copy: EvalRecord, from: SocketAddr) -> Result<crate::engine::Vote, AppError> {
+    app.apply(Input::Propose { copy, from })
+        .vote
+        .ok_or_else(|| AppError::Forbidden("the proposal was refused".into()))
+}
+
 /// Answers a digest exchange (`POST /internal/sync`).
 pub fn answer_sync(app: &App, req: &SyncRequest) -> SyncResponse {
     app.engine().answer_sync(req)
@@ -200,6 +225,8 @@ struct Applied {
     replicate: Vec<EvalRecord>,
     /// Records an [`Input::Merge`] changed.
     merged: usize,
+    /// The vote answering an [`Input::Propose`].
+    vote: Option<crate::engine::Vote>,
 }
 
 /// The application state of one node.
@@ -361,8 +388,8 @@ impl App {
                 }
                 Action::Send { to, msg } => self.net().inspect(|n| n.send(to, msg)).map_or((), |_| ()),
                 Action::Broadcast(msg) => self.net().inspect(|n| n.broadcast(msg)).map_or((), |_| ()),
-                Action::Deliver { post, from } => {
-                    tokio::spawn(worker::deliver(self.clone(), post, from));
+                Action::DeliverBatch { to, posts } => {
+                    tokio::spawn(worker::deliver_batch(self.clone(), to, posts));
                 }
                 Action::Answer(a) => applied.answer = Some(a),
                 Action::PushCache => self.push_cache(),
@@ -376,6 +403,10 @@ impl App {
                     }
                 }
                 Action::Replicate(records) => applied.replicate.extend(records),
+                Action::Propose { to, copy } => {
+                    tokio::spawn(sync::propose(self.clone(), to, copy));
+                }
+                Action::Vote(copy) => applied.vote = Some(copy),
             }
         }
         applied
@@ -412,6 +443,9 @@ impl App {
         let Some(net) = self.net() else { return };
         let snap = net.snapshot();
         let peers = snap.peers.values().filter_map(|a| a.parse().ok()).collect();
+        // Peers that advertise an HTTP API are cdtester nodes: they vote (see engine::quorum).
+        let voters = snap.http.keys().filter_map(|a| a.parse().ok()).collect();
+        self.apply(Input::Voters(voters));
         self.apply(Input::Members { id: snap.id, peers });
     }
 

@@ -82,6 +82,19 @@ pub async fn push_now(app: &Arc<App>, records: &[EvalRecord]) {
     futures_util::future::join_all(calls).await;
 }
 
+/// Sends a proposal to member `to` (`POST /internal/propose`) and feeds its vote back; a lost
+/// one is sent again by the engine.
+pub async fn propose(app: Arc<App>, to: SocketAddr, copy: EvalRecord) {
+    let Some(http) = app.http_of(to) else { return };
+    match app.client.post_json::<_, crate::engine::Vote>(http, "/internal/propose", &copy, CALL_TIMEOUT).await
+    {
+        Ok(vote) => {
+            app.apply(Input::Voted { vote, from: to });
+        }
+        Err(e) => tracing::debug!(%to, "proposal failed: {e}"),
+    }
+}
+
 /// One digest exchange with `peer`.
 async fn exchange(app: &Arc<App>, peer: SocketAddr) -> Result<(), String> {
     let http = app.http_of(peer).ok_or_else(|| format!("no HTTP address for {peer}"))?;

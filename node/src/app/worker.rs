@@ -7,12 +7,9 @@ use std::time::{Duration, Instant};
 
 use cdtester_runner_api::{ModuleReport, TaskSpec, clip_message};
 
-use super::{App, AppError};
-use crate::engine::{Delivery, Input, Task, TaskAnswer, TaskPost};
+use super::App;
+use crate::engine::{BatchAnswer, Input, Task, TaskPost};
 use crate::eval::{EvalId, ProjectRecord, ProjectState};
-
-/// How long a worker keeps trying to deliver a result.
-const DELIVERY_PATIENCE: Duration = Duration::from_secs(900);
 
 /// Runs a task the engine gave this node's slot, then reports it back (which frees the slot).
 pub async fn run(app: Arc<App>, task: Task) {
@@ -131,55 +128,23 @@ async fn execute(app: &Arc<App>, task: &Task, project: &ProjectRecord) -> Result
     .map_err(|e| format!("runner crashed: {e}"))?
 }
 
-/// Posts a result to node `to` (`POST /task`): the one client of that call.
-pub async fn post_result(app: &App, to: SocketAddr, post: &TaskPost) -> Result<TaskAnswer, AppError> {
+/// Delivers results to node `to` in one request (`POST /internal/results`) and feeds the
+/// answers back to the engine, which sends unanswered results again later.
+pub async fn deliver_batch(app: Arc<App>, to: SocketAddr, posts: Vec<TaskPost>) {
     let Some(http) = app.http_of(to) else {
-        return Err(AppError::Unavailable(format!("no HTTP address known for {to}")));
+        tracing::debug!(%to, "no HTTP address known: results wait");
+        return;
     };
-    match app.client.post_json::<_, TaskAnswer>(http, "/task", post, Duration::from_secs(30)).await {
-        Ok(a) => Ok(a),
-        Err(e) if e.status().is_some_and(|s| s.is_client_error()) => Err(AppError::BadRequest(e.to_string())),
-        Err(e) => Err(AppError::Unavailable(e.to_string())),
-    }
-}
-
-/// Delivers a result to the node responsible for its evaluation now, retrying (the responsible
-/// node may be failing over) until it is accepted, refused, or no longer needed.
-pub async fn deliver(app: Arc<App>, post: TaskPost, sender: Option<SocketAddr>) {
-    let give_up = Instant::now() + DELIVERY_PATIENCE;
-    let mut wait = Duration::from_millis(200);
-    loop {
-        let target = app.engine().delivery(&post);
-        let result = match target {
-            Delivery::Done => return,
-            Delivery::Here => match super::accept_result(&app, post.clone(), app.udp).await {
-                Ok(status) => Ok(status.to_string()),
-                Err(e) => Err(e),
-            },
-            Delivery::To(t) => post_result(&app, t, &post).await.map(|a| a.status.as_str().to_string()),
-            Delivery::Unknown => match sender {
-                Some(t) => post_result(&app, t, &post).await.map(|a| a.status.as_str().to_string()),
-                None => Err(AppError::Unavailable("no responsible node known".into())),
-            },
-        };
-        match result {
-            Ok(status) => {
-                tracing::debug!(task = %post.result.task_id, %status, "result delivered");
-                return;
-            }
-            Err(AppError::Unavailable(e)) | Err(AppError::Internal(e)) => {
-                if Instant::now() > give_up {
-                    tracing::error!(task = %post.result.task_id, "giving up delivering the result: {e}");
-                    return;
-                }
-                tracing::debug!(task = %post.result.task_id, "delivery failed, retrying: {e}");
-            }
-            Err(e) => {
-                tracing::warn!(task = %post.result.task_id, "result refused: {e}");
-                return;
-            }
+    let call = app.client.post_json::<_, Vec<BatchAnswer>>(
+        http,
+        "/internal/results",
+        &posts,
+        Duration::from_secs(30),
+    );
+    match call.await {
+        Ok(answers) => {
+            app.apply(Input::Delivered(answers));
         }
-        tokio::time::sleep(wait).await;
-        wait = (wait * 2).min(Duration::from_secs(2));
+        Err(e) => tracing::debug!(%to, results = posts.len(), "delivery failed, retrying: {e}"),
     }
 }

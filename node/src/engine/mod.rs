@@ -19,9 +19,11 @@
 //! # Results
 //! A result is accepted only from the worker the task is assigned to, only by the node
 //! responsible for the evaluation, and only once (the first result wins); a result of a local
-//! task is accepted in place, a remote one goes back as [`Action::Deliver`].
+//! task is accepted in place, remote ones go back in batches ([`Action::DeliverBatch`]).
 
+mod outbox;
 mod post;
+mod quorum;
 mod replica;
 mod sched;
 #[cfg(test)]
@@ -37,7 +39,9 @@ use cdtester_runner_api::{Chunk, Limits};
 use crate::eval::{EvalId, EvalRecord, ProjectRecord, ProjectState};
 use crate::wire::{Message, NodeId};
 
+pub use outbox::{BatchAnswer, MAX_BATCH};
 pub use post::{Accepted, Refusal, TaskAnswer, TaskPost};
+pub use quorum::{Held, Vote};
 pub use replica::{SyncRequest, SyncResponse, fingerprint};
 
 /// The current time, as the shell reads it: monotonic for timers, wall seconds for records.
@@ -86,6 +90,9 @@ pub enum Input {
     Discovered { eval: EvalId, project: String, outcome: Result<Discovery, String> },
     /// The membership as the protocol core sees it now: this node's id and the live peers.
     Members { id: Option<NodeId>, peers: Vec<SocketAddr> },
+    /// The peers that take part in majority commits ([`quorum`]): cdtester nodes, not
+    /// reference-implementation ones, which never vote. Until given, every peer votes.
+    Voters(Vec<SocketAddr>),
     /// Time passed.
     Tick,
     /// A task-distribution message from a peer.
@@ -106,6 +113,13 @@ pub enum Input {
     Merge { records: Vec<EvalRecord>, from: SocketAddr },
     /// Hand out the changes made since the last flush, for replication.
     Flush,
+    /// A proposal (a record delta at the sender's term: provisional results, or none in the
+    /// first phase of a takeover) from member `from`; answered by [`Action::Vote`].
+    Propose { copy: EvalRecord, from: SocketAddr },
+    /// Member `from` answered this node's proposal.
+    Voted { vote: Vote, from: SocketAddr },
+    /// The receiver of an [`Action::DeliverBatch`] answered.
+    Delivered(Vec<BatchAnswer>),
 }
 
 /// A task to run on one of this node's slots.
@@ -135,9 +149,10 @@ pub enum Action {
     Send { to: SocketAddr, msg: Message },
     /// Send a message to every live peer.
     Broadcast(Message),
-    /// Deliver a result to the node responsible for its evaluation (retrying; see
-    /// [`Engine::delivery`]), or to `from`, which handed the task out, while none is known.
-    Deliver { post: TaskPost, from: Option<SocketAddr> },
+    /// Deliver results to node `to` (the node responsible for their evaluations, or the one
+    /// that handed the tasks out while none is known) in one request, and report its answers as
+    /// [`Input::Delivered`]. Unanswered results are sent again later.
+    DeliverBatch { to: SocketAddr, posts: Vec<TaskPost> },
     /// The answer to an [`Input::Result`].
     Answer(Result<Accepted, Refusal>),
     /// The evaluation summary changed: send a CACHE_UPDATE now.
@@ -151,6 +166,10 @@ pub enum Action {
     Replicate(Vec<EvalRecord>),
     /// How many of the records of an [`Input::Merge`] changed this node's copy.
     Merged(usize),
+    /// Send a proposal to member `to` and report its answer as [`Input::Voted`].
+    Propose { to: SocketAddr, copy: EvalRecord },
+    /// The answer to an [`Input::Propose`].
+    Vote(Vote),
 }
 
 /// Where a finished task's result goes now.
@@ -211,6 +230,10 @@ pub struct Engine {
     announcers: BTreeMap<SocketAddr, Instant>,
     /// The node id last seen live at each peer address.
     incarnations: BTreeMap<SocketAddr, NodeId>,
+    /// Majority commits and takeover phases ([`quorum`]).
+    fence: quorum::Fence,
+    /// Finished results waiting for delivery ([`outbox`]).
+    outbox: outbox::Outbox,
 }
 
 impl Engine {
@@ -245,6 +268,8 @@ impl Engine {
             next_announce: None,
             announcers: BTreeMap::new(),
             incarnations: BTreeMap::new(),
+            fence: quorum::Fence::default(),
+            outbox: outbox::Outbox::new(),
         }
     }
 
@@ -259,7 +284,9 @@ impl Engine {
             Input::Members { id, peers } => {
                 self.id = id;
                 self.peers = peers.into_iter().filter(|p| *p != self.cfg.me).collect();
+                self.fence_members(now.mono, None);
             }
+            Input::Voters(voters) => self.fence_members(now.mono, Some(voters)),
             Input::Tick => self.expire(now, &mut out),
             Input::Message { from, msg } => self.message(now, from, msg, &mut out),
             Input::Result { post, caller } => {
@@ -267,14 +294,19 @@ impl Engine {
                 out.push(Action::Answer(answer));
             }
             Input::Ran { post, from } => self.ran(now, post, from, &mut out),
-            Input::PeerDown { addr, died } => self.requeue_worker(now, addr, died, &mut out),
+            Input::PeerDown { addr, died } => {
+                if !died {
+                    self.fence.left(addr);
+                }
+                self.requeue_worker(now, addr, died, &mut out)
+            }
             Input::PeerUp { id, addr } => {
                 if self.incarnations.insert(addr, id.clone()).is_some_and(|old| old != id) {
                     tracing::info!(peer = %addr, "peer restarted: requeueing its tasks");
                     self.requeue_worker(now, addr, true, &mut out);
                 }
             }
-            Input::TakeOver { failed } => self.take_over(now, failed, &mut out),
+            Input::TakeOver { failed } => self.take_over_fenced(now, failed, &mut out),
             Input::Merge { records, from } => self.merge(records, from, &mut out),
             Input::Flush => {
                 let dirty = std::mem::take(&mut self.dirty);
@@ -286,8 +318,15 @@ impl Engine {
                     out.push(Action::Replicate(deltas));
                 }
             }
+            Input::Propose { copy, from } => self.proposed(copy, from, &mut out),
+            Input::Voted { vote, from } => self.voted(now, vote, from, &mut out),
+            Input::Delivered(answers) => self.delivered(answers),
         }
+        self.resume_deferred(now, &mut out);
+        self.end_phase1(now, &mut out);
         self.dispatch(now, &mut out);
+        self.send_proposals(now, &mut out);
+        self.send_outbox(now, &mut out);
         out
     }
 
@@ -395,12 +434,12 @@ impl Engine {
         self.here.remove(&task);
         match self.delivery(&post) {
             Delivery::Done => {}
-            Delivery::Here => {
-                if let Err(e) = self.accept(now, post, self.cfg.me, out) {
-                    tracing::warn!("own result refused: {e}");
-                }
-            }
-            Delivery::To(_) | Delivery::Unknown => out.push(Action::Deliver { post, from }),
+            Delivery::Here => match self.accept(now, post.clone(), self.cfg.me, out) {
+                Err(Refusal::Unavailable(_)) => self.queue_delivery(now, post, from),
+                Err(e) => tracing::warn!("own result refused: {e}"),
+                Ok(_) => {}
+            },
+            Delivery::To(_) | Delivery::Unknown => self.queue_delivery(now, post, from),
         }
         if from.is_none() {
             self.end_local_assignment(&task, out);
@@ -442,11 +481,12 @@ impl Engine {
         let me = self.me();
         for id in ids {
             let Some(rec) = self.evals.get_mut(&id) else { continue };
-            rec.term += 1;
+            rec.term = quorum::next_term(rec.term, &me);
             rec.version = 0;
             rec.responsible = me.clone();
             let projects = rec.projects.clone();
             self.changed(id, &[], out);
+            self.start_phase1(id);
             self.adopt_running(now, id, Some(failed), out);
             for p in projects {
                 out.push(Action::Broadcast(Message::EvaluationResponsibilityUpdate(
@@ -468,6 +508,7 @@ impl Engine {
             };
             tracing::info!(eval = id, "resuming evaluation after restart");
             let projects = rec.projects.clone();
+            self.start_phase1(id);
             // Tasks this node ran when it stopped count a worker death; those running elsewhere
             // stay with their workers.
             self.adopt_running(now, id, Some(self.cfg.me), out);

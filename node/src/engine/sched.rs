@@ -1,7 +1,7 @@
 //! The responsible node's side of task distribution (the queue, assignments, leases, worker
 //! deaths, results) and the worker's side of the pull protocol.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
@@ -46,6 +46,10 @@ pub(super) struct Assignment {
 #[derive(Debug, Default)]
 pub(super) struct Assignments {
     by_task: BTreeMap<String, Assignment>,
+    /// Every worker a task was handed to by this node (in this term), until it has a result: a
+    /// worker whose assignment expired meanwhile (a false suspicion, a late confirm) still
+    /// delivers an honest result, and the first one wins.
+    handed: BTreeMap<String, BTreeSet<SocketAddr>>,
 }
 
 impl Assignments {
@@ -62,6 +66,7 @@ impl Assignments {
         let deadline = now + lease(&limits_of(rec, task));
         let a = Assignment { eval: rec.id, worker, confirmed, since: now, deadline };
         self.by_task.insert(task.to_string(), a);
+        self.handed.entry(task.to_string()).or_default().insert(worker);
         confirmed && publish(rec, task, worker)
     }
 
@@ -89,6 +94,17 @@ impl Assignments {
         (a, changed)
     }
 
+    /// The task has a result: forgets its assignment and who it was handed to.
+    fn finish(&mut self, task: &str) {
+        self.by_task.remove(task);
+        self.handed.remove(task);
+    }
+
+    /// Whether this node handed `task` to `worker` (and it has no result yet).
+    fn was_handed(&self, task: &str, worker: SocketAddr) -> bool {
+        self.handed.get(task).is_some_and(|w| w.contains(&worker))
+    }
+
     fn get(&self, task: &str) -> Option<&Assignment> {
         self.by_task.get(task)
     }
@@ -107,15 +123,28 @@ fn publish(rec: &mut EvalRecord, task: &str, worker: SocketAddr) -> bool {
 impl Engine {
     /// Whether this node schedules `rec` now.
     fn schedules(&self, rec: &EvalRecord) -> bool {
-        rec.responsible == self.me() && rec.end_time.is_none() && !self.held.contains(&rec.id)
+        rec.responsible == self.me()
+            && rec.end_time.is_none()
+            && !self.held.contains(&rec.id)
+            && !self.fence.in_phase1(rec.id)
+            && self.quorum()
+    }
+
+    /// Whether `task` of `r` waits for a worker: no result (not even a provisional one), not
+    /// handed out, and it has not killed its workers too often.
+    fn waits(&self, r: &EvalRecord, task: &str) -> bool {
+        !r.results.contains_key(task)
+            && !self.assignments.contains(task)
+            && !self.fence.is_pending(r.id, task)
+            && r.worker_deaths.get(task).is_none_or(|n| *n < eval::MAX_WORKER_DEATHS)
     }
 
     /// Whether a task of an evaluation this node schedules waits for a worker.
     pub(super) fn has_pending(&self) -> bool {
-        self.evals.values().filter(|r| self.schedules(r)).any(|r| {
-            r.all_tasks()
-                .any(|t| !r.results.contains_key(&t.task_id) && !self.assignments.contains(&t.task_id))
-        })
+        self.evals
+            .values()
+            .filter(|r| self.schedules(r))
+            .any(|r| r.all_tasks().any(|t| self.waits(r, &t.task_id)))
     }
 
     /// Picks the next task (longest remembered duration first, a chunk counting its share;
@@ -125,7 +154,7 @@ impl Engine {
         let mut best: Option<(f64, f64, Task)> = None;
         for r in self.evals.values().filter(|r| self.schedules(r)) {
             for t in r.all_tasks() {
-                if r.results.contains_key(&t.task_id) || self.assignments.contains(&t.task_id) {
+                if !self.waits(r, &t.task_id) {
                     continue;
                 }
                 let share = t.chunk.map_or(1.0, |c| f64::from(c.count));
@@ -255,7 +284,10 @@ impl Engine {
 
     /// Forgets the assignments of an evaluation another node is responsible for now.
     pub(super) fn drop_assignments_of(&mut self, eval: EvalId) {
+        let prefix = format!("{eval}-");
         self.assignments.by_task.retain(|_, a| a.eval != eval);
+        self.assignments.handed.retain(|t, _| !t.starts_with(&prefix));
+        self.fence.forget(eval);
     }
 
     /// Requeues the tasks whose worker did not confirm in time, overran its lease or left.
@@ -301,7 +333,7 @@ impl Engine {
 
     /// The worker running `task` died. A task that does this [`eval::MAX_WORKER_DEATHS`] times
     /// is recorded as crashed and never handed out again, so that one submission cannot take
-    /// down node after node.
+    /// down node after node (during a takeover's first phase, once it ends).
     fn task_killed_worker(&mut self, now: Now, eval: EvalId, task: &str, out: &mut Vec<Action>) {
         let Some(rec) = self.evals.get_mut(&eval) else { return };
         if rec.results.contains_key(task) || !rec.knows_task(task) {
@@ -310,10 +342,23 @@ impl Engine {
         rec.running.remove(task);
         let deaths = rec.worker_died(task);
         self.changed(eval, &[], out);
+        self.assignments.finish(task);
         if deaths < eval::MAX_WORKER_DEATHS {
             tracing::warn!(eval, %task, deaths, "the worker running this task died; requeued");
-            return;
+        } else if !self.fence.in_phase1(eval) && !self.held.contains(&eval) {
+            self.record_crash(now, eval, task, deaths, out);
         }
+    }
+
+    /// Records a task that killed its worker `deaths` times as crashed.
+    pub(super) fn record_crash(
+        &mut self,
+        now: Now,
+        eval: EvalId,
+        task: &str,
+        deaths: u32,
+        out: &mut Vec<Action>,
+    ) {
         let module = eval::split_task_id(task).map_or(task, |(_, part)| eval::parse_task_part(part).0);
         tracing::error!(eval, %task, "task killed its worker {deaths} times: recorded as crashed");
         let report = ModuleReport {
@@ -332,8 +377,7 @@ impl Engine {
             finished_at: now.wall,
             report,
         };
-        self.assignments.release(None, task);
-        self.store_result(now, eval, task, result, out);
+        self.propose_result(now, eval, (task, result), out);
     }
 
     /// Takes the tasks a record lists as running on workers other than `gone` into the
@@ -406,7 +450,7 @@ impl Engine {
         if self.bug == Some(super::Bug::AcceptSecondResult) && rec.responsible == self.me() {
             return Ok(Ok(rec.id));
         }
-        if rec.results.contains_key(task) {
+        if rec.results.contains_key(task) || self.fence.is_pending(rec.id, task) {
             return Ok(Err(Accepted::Duplicate));
         }
         if rec.responsible != self.me() {
@@ -415,12 +459,17 @@ impl Engine {
                 rec.id, rec.responsible
             )));
         }
+        if self.held.contains(&rec.id) || self.fence.in_phase1(rec.id) || !self.quorum() {
+            return Err(Refusal::Unavailable(format!(
+                "evaluation {} is being taken over or this node sees no majority: retry later",
+                rec.id
+            )));
+        }
         // Handed out by this node now, or (after a restart, before the record's assignments
         // are adopted) published as running on the caller by the record.
-        let assigned = match self.assignments.get(task) {
-            Some(a) => a.worker == caller,
-            None => rec.running.get(task).is_some_and(|w| *w == caller_s),
-        };
+        let assigned = self.assignments.get(task).is_some_and(|a| a.worker == caller)
+            || self.assignments.was_handed(task, caller)
+            || rec.running.get(task).is_some_and(|w| *w == caller_s);
         if !assigned {
             return Err(Refusal::Forbidden(format!("task {task} is not assigned to {caller_s}")));
         }
@@ -464,15 +513,15 @@ impl Engine {
             (None, None) => return Err(Refusal::BadRequest("a result needs \"report\" or \"error\"".into())),
         };
         let result = ModuleResult { node, attempt: post.attempt, finished_at: now.wall, report };
-        self.assignments.release(None, &task);
+        self.assignments.finish(&task);
         self.failures.remove(&task);
-        let stored = self.store_result(now, eval, &task, result, out);
+        let stored = self.propose_result(now, eval, (&task, result), out);
         Ok(if stored { Accepted::Stored } else { Accepted::Duplicate })
     }
 
     /// Stores a task's result unless it has one; remembers the module's duration once all its
     /// tasks have results. Returns whether it was stored.
-    fn store_result(
+    pub(super) fn store_result(
         &mut self,
         now: Now,
         eval: EvalId,

@@ -64,6 +64,25 @@ fn post_for(worker: SocketAddr, task: &Task, outcomes: &[Outcome]) -> TaskPost {
     TaskPost::new(worker, task.eval, &task.task_id, &task.project_id, &task.module, Ok(report), "x".into())
 }
 
+/// The vote of a member that holds the proposal `copy`.
+fn holding(copy: &EvalRecord) -> Vote {
+    let held = |(t, r): (&String, &crate::eval::ModuleResult)| {
+        (t.clone(), Held { term: copy.term, result: r.clone() })
+    };
+    Vote { record: copy.clone_header(), proposals: copy.results.iter().map(held).collect() }
+}
+
+/// Every member the engine proposed to holds the proposal and votes for it.
+fn votes_for(e: &mut Engine, clock: &Clock, actions: &[Action]) -> Vec<Action> {
+    let mut out = Vec::new();
+    for a in actions {
+        if let Action::Propose { to, copy } = a {
+            out.extend(e.handle(clock.now(), Input::Voted { vote: holding(copy), from: *to }));
+        }
+    }
+    out
+}
+
 fn answer(actions: &[Action]) -> Result<Accepted, Refusal> {
     actions
         .iter()
@@ -94,7 +113,10 @@ fn own_slots_take_tasks_at_once_and_a_freed_slot_is_refilled_in_the_same_step() 
         Input::Ran { post: post_for(addr(0), &first[0], &[Outcome::Passed]), from: None },
     );
     assert!(out.iter().any(|a| matches!(a, Action::Persist(r) if r.results.len() == 1)), "{out:?}");
-    assert!(!out.iter().any(|a| matches!(a, Action::Deliver { .. })), "a local result needs no delivery");
+    assert!(
+        !out.iter().any(|a| matches!(a, Action::DeliverBatch { .. })),
+        "a local result needs no delivery"
+    );
     let next = runs(&out);
     assert_eq!(next.len(), 1, "the freed slot takes the last task: {out:?}");
     for t in [&first[1], &next[0]] {
@@ -140,10 +162,10 @@ fn results_only_from_the_assigned_worker_and_only_the_first() {
     let out = e.handle(clock.now(), Input::Result { post: forged_flaky, caller: addr(1) });
     assert!(matches!(answer(&out), Err(Refusal::BadRequest(_))), "flaky without attempts: {out:?}");
     let good = post_for(addr(1), &task, &[Outcome::Failed]);
-    assert_eq!(
-        answer(&e.handle(clock.now(), Input::Result { post: good.clone(), caller: addr(1) })),
-        Ok(Accepted::Stored)
-    );
+    let out = e.handle(clock.now(), Input::Result { post: good.clone(), caller: addr(1) });
+    assert_eq!(answer(&out), Ok(Accepted::Stored));
+    assert!(e.record(5).expect("record").results.is_empty(), "stored once a majority holds it");
+    votes_for(&mut e, &clock, &out);
     let again = post_for(addr(1), &task, &[Outcome::Passed]);
     assert_eq!(
         answer(&e.handle(clock.now(), Input::Result { post: again, caller: addr(1) })),
@@ -165,7 +187,8 @@ fn a_dead_worker_counts_a_death_and_its_task_goes_to_the_next_one() {
         assert!(matches!(out.first(), Some(Action::Send { msg: Message::TaskSend(_), .. })), "{out:?}");
         let confirm = Message::TaskConfirm(TaskConfirmData { task_id: "5-0::t_a.py".into() });
         e.handle(clock.now(), Input::Message { from: worker, msg: confirm });
-        e.handle(clock.now(), Input::PeerDown { addr: worker, died: true });
+        let out = e.handle(clock.now(), Input::PeerDown { addr: worker, died: true });
+        votes_for(&mut e, &clock, &out);
         let rec = e.record(5).expect("record");
         assert_eq!(rec.worker_deaths.get("5-0::t_a.py"), Some(&expected_deaths));
         assert!(rec.running.is_empty());
@@ -191,4 +214,226 @@ fn an_unconfirmed_task_is_handed_out_again_after_the_confirm_timeout() {
     e.handle(clock.now(), Input::Tick);
     let out = e.handle(clock.now(), Input::Message { from: addr(2), msg: req() });
     assert!(matches!(out.first(), Some(Action::Send { to, .. }) if *to == addr(2)), "{out:?}");
+}
+
+fn members(e: &mut Engine, clock: &Clock, peers: &[SocketAddr]) -> Vec<Action> {
+    e.handle(clock.now(), Input::Members { id: Some(NodeId("me".into())), peers: peers.to_vec() })
+}
+
+fn proposals(actions: &[Action]) -> Vec<(SocketAddr, EvalRecord)> {
+    actions
+        .iter()
+        .filter_map(|a| if let Action::Propose { to, copy } = a { Some((*to, copy.clone())) } else { None })
+        .collect()
+}
+
+#[test]
+fn a_node_cut_off_from_the_majority_neither_schedules_nor_stores_until_it_sees_one() {
+    let clock = Clock(Instant::now(), 1000.0);
+    let mut e = Engine::new(config(addr(0), 1), Vec::new(), Default::default(), clock.0);
+    members(&mut e, &clock, &[addr(1), addr(2), addr(3), addr(4)]);
+    e.handle(clock.now(), Input::Submitted(submission(5, addr(0), clock.1)));
+    let out = e.handle(
+        clock.now(),
+        Input::Discovered { eval: 5, project: "5-0".into(), outcome: Ok(discovery(&["t_a.py", "t_b.py"])) },
+    );
+    let first = runs(&out);
+    assert_eq!(first.len(), 1, "{out:?}");
+    members(&mut e, &clock, &[]);
+    let post = post_for(addr(0), &first[0], &[Outcome::Passed]);
+    let out = e.handle(clock.now(), Input::Ran { post: post.clone(), from: None });
+    assert_eq!(e.undelivered(), 1, "kept for later: {out:?}");
+    assert!(runs(&out).is_empty() && proposals(&out).is_empty(), "{out:?}");
+    assert!(e.record(5).expect("record").results.is_empty());
+    let out = members(&mut e, &clock, &[addr(1), addr(2)]);
+    assert_eq!(runs(&out).len(), 1, "three of five live: scheduling again: {out:?}");
+    let out = e.handle(clock.now(), Input::Result { post, caller: addr(0) });
+    assert_eq!(answer(&out), Ok(Accepted::Stored));
+    let sent = proposals(&out);
+    assert_eq!(sent.iter().map(|(to, _)| *to).collect::<Vec<_>>(), vec![addr(1), addr(2)]);
+    e.handle(clock.now(), Input::Voted { vote: holding(&sent[0].1), from: sent[0].0 });
+    assert!(e.record(5).expect("record").results.is_empty(), "two of five hold it: not yet");
+    e.handle(clock.now(), Input::Voted { vote: holding(&sent[1].1), from: sent[1].0 });
+    assert_eq!(e.record(5).expect("record").results.len(), 1, "three of five hold it: stored");
+}
+
+#[test]
+fn a_stale_owner_learns_the_higher_term_from_a_vote_and_stores_nothing() {
+    let (mut e, mut clock, out) = started_engine(1, &["t_a.py"]);
+    let task = runs(&out).remove(0);
+    members(&mut e, &clock, &[addr(1), addr(2), addr(3), addr(4)]);
+    let out =
+        e.handle(clock.now(), Input::Ran { post: post_for(addr(0), &task, &[Outcome::Passed]), from: None });
+    let sent = proposals(&out);
+    assert_eq!(sent.len(), 4, "{out:?}");
+    e.handle(clock.now(), Input::Voted { vote: holding(&sent[1].1), from: addr(2) });
+    let mut newer = e.record(5).expect("record").clone_header();
+    newer.term = 2;
+    newer.version = 0;
+    newer.responsible = addr(1).to_string();
+    e.handle(
+        clock.now(),
+        Input::Voted { vote: Vote { record: newer, proposals: Default::default() }, from: addr(1) },
+    );
+    let rec = e.record(5).expect("record");
+    assert_eq!((rec.term, rec.responsible.as_str()), (2, addr(1).to_string().as_str()));
+    assert!(rec.results.is_empty(), "a stale owner's result is never stored: {rec:?}");
+    clock.advance(1000);
+    let out = e.handle(clock.now(), Input::Tick);
+    assert!(proposals(&out).is_empty() && runs(&out).is_empty(), "no longer the owner: {out:?}");
+}
+
+#[test]
+fn a_member_takes_a_proposal_only_from_the_owner_at_its_term() {
+    let (origin, clock, out) = started_engine(1, &["t_a.py"]);
+    let task = runs(&out).remove(0);
+    let mut peer = Engine::new(config(addr(1), 1), Vec::new(), Default::default(), clock.0);
+    let mut taken = origin.record(5).expect("record").clone();
+    taken.term = 2;
+    taken.responsible = addr(2).to_string();
+    peer.handle(clock.now(), Input::Merge { records: vec![taken], from: addr(2) });
+    let mut stale = origin.record(5).expect("record").clone_header();
+    let report = crate::eval::tests::module_report(&task.module, &[Outcome::Passed]);
+    let result = crate::eval::ModuleResult {
+        node: addr(0).to_string(),
+        attempt: "a".into(),
+        finished_at: 1.0,
+        report,
+    };
+    stale.results.insert(task.task_id.clone(), result);
+    let out = peer.handle(clock.now(), Input::Propose { copy: stale.clone(), from: addr(0) });
+    let Some(Action::Vote(vote)) = out.iter().find(|a| matches!(a, Action::Vote(_))) else {
+        panic!("{out:?}")
+    };
+    assert_eq!((vote.record.term, vote.record.results.len()), (2, 0), "refused: {vote:?}");
+    assert!(vote.proposals.is_empty(), "{vote:?}");
+    assert!(peer.record(5).expect("record").results.is_empty());
+    let out = peer.handle(clock.now(), Input::Propose { copy: stale, from: addr(3) });
+    assert!(!out.iter().any(|a| matches!(a, Action::Vote(_))), "only the record's owner proposes: {out:?}");
+}
+
+#[test]
+fn a_takeover_learns_every_live_members_results_before_it_schedules() {
+    let (mut origin, clock, out) = started_engine(1, &["t_a.py", "t_b.py"]);
+    let task = runs(&out).remove(0);
+    let done = origin
+        .handle(clock.now(), Input::Ran { post: post_for(addr(0), &task, &[Outcome::Passed]), from: None });
+    let with_result = origin.record(5).expect("record").clone();
+    assert_eq!(with_result.results.len(), 1, "alone, a node is its own majority: {done:?}");
+    let mut before = with_result.clone();
+    before.results.clear();
+    let mut e = Engine::new(config(addr(1), 1), Vec::new(), Default::default(), clock.0);
+    members(&mut e, &clock, &[addr(0), addr(2)]);
+    e.handle(clock.now(), Input::Merge { records: vec![before], from: addr(0) });
+    members(&mut e, &clock, &[addr(2)]);
+    let out = e.handle(clock.now(), Input::TakeOver { failed: addr(0) });
+    assert!(runs(&out).is_empty(), "nothing runs before the members answered: {out:?}");
+    let sent = proposals(&out);
+    assert_eq!(sent.len(), 1);
+    let term = sent[0].1.term;
+    assert!(sent[0].1.results.is_empty() && term > 1, "{sent:?}");
+    let mut vote = with_result;
+    vote.term = term;
+    vote.responsible = addr(1).to_string();
+    let out = e.handle(
+        clock.now(),
+        Input::Voted { vote: Vote { record: vote, proposals: Default::default() }, from: addr(2) },
+    );
+    let next = runs(&out);
+    assert_eq!(next.len(), 1, "{out:?}");
+    assert_ne!(next[0].task_id, task.task_id, "the task with a result is not run again");
+}
+
+/// JSON and back, as between nodes (floats may change in their last bit).
+fn over_http<T: serde::Serialize + serde::de::DeserializeOwned>(v: &T) -> T {
+    serde_json::from_str(&serde_json::to_string(v).expect("serializes")).expect("parses")
+}
+
+/// Carries every proposal in `actions` to `peer` and its vote back to `e`, through JSON.
+fn vote_with(e: &mut Engine, peer: &mut Engine, clock: &Clock, actions: &[Action]) {
+    for (to, copy) in proposals(actions) {
+        let out = peer.handle(clock.now(), Input::Propose { copy: over_http(&copy), from: e.cfg.me });
+        for a in out {
+            if let Action::Vote(vote) = a {
+                e.handle(clock.now(), Input::Voted { vote: over_http(&vote), from: to });
+            }
+        }
+    }
+}
+
+#[test]
+fn results_for_one_node_go_together_and_each_is_checked_alone() {
+    let (mut r, mut clock, _) = started_engine(0, &["t_a.py", "t_b.py"]);
+    let mut w = Engine::new(config(addr(1), 2), Vec::new(), Default::default(), clock.0);
+    members(&mut r, &clock, &[addr(1)]);
+    members(&mut w, &clock, &[addr(0)]);
+    let rec = r.record(5).expect("record").clone();
+    w.handle(clock.now(), Input::Merge { records: vec![rec], from: addr(0) });
+    let mut tasks = Vec::new();
+    for _ in 0..2 {
+        let req = Message::TaskRequest(NodeIdData { id: NodeId("w".into()) });
+        for a in r.handle(clock.now(), Input::Message { from: addr(1), msg: req }) {
+            let Action::Send { msg: send @ Message::TaskSend(_), .. } = a else { continue };
+            for b in w.handle(clock.now(), Input::Message { from: addr(0), msg: send }) {
+                match b {
+                    Action::Run(t) => tasks.push(t),
+                    Action::Send { msg, .. } => {
+                        r.handle(clock.now(), Input::Message { from: addr(1), msg });
+                    }
+                    _ => {}
+                }
+            }
+        }
+    }
+    assert_eq!(tasks.len(), 2);
+    for t in &tasks {
+        let out = w
+            .handle(clock.now(), Input::Ran { post: post_for(addr(1), t, &[Outcome::Passed]), from: t.from });
+        assert!(
+            out.iter().any(|a| matches!(a, Action::DeliverBatch { posts, .. } if posts.len() == 1)),
+            "{out:?}"
+        );
+    }
+    clock.advance(250);
+    let out = w.handle(clock.now(), Input::Tick);
+    let batches: Vec<(SocketAddr, Vec<TaskPost>)> = out
+        .into_iter()
+        .filter_map(|a| if let Action::DeliverBatch { to, posts } = a { Some((to, posts)) } else { None })
+        .collect();
+    assert_eq!(batches.len(), 1, "the unanswered results go again, together: {batches:?}");
+    let (to, mut posts) = batches.into_iter().next().expect("a batch");
+    assert_eq!((to, posts.len()), (addr(0), 2));
+    let mut forged = posts[0].clone();
+    forged.result.port = "7002".into();
+    posts.push(forged);
+    posts.push(posts[0].clone());
+    let mut answers = Vec::new();
+    for post in over_http(&posts) {
+        let out = r.handle(clock.now(), Input::Result { post: post.clone(), caller: addr(1) });
+        answers.push(over_http(&BatchAnswer::new(&post, &answer(&out))));
+        vote_with(&mut r, &mut w, &clock, &out);
+    }
+    let statuses: Vec<Option<Accepted>> = answers.iter().map(|a| a.outcome.as_ref().ok().copied()).collect();
+    assert_eq!(
+        statuses,
+        vec![Some(Accepted::Stored), Some(Accepted::Stored), None, Some(Accepted::Duplicate)]
+    );
+    assert!(answers[2].outcome.as_ref().is_err_and(|e| e.contains("sent by")), "{answers:?}");
+    assert_eq!(r.record(5).expect("record").results.len(), 2, "both stored once the worker voted");
+    w.handle(clock.now(), Input::Delivered(answers));
+    assert_eq!(w.undelivered(), 0);
+}
+
+#[test]
+fn only_cdtester_peers_vote_reference_ones_never_answer_proposals() {
+    let (mut e, clock, out) = started_engine(1, &["t_a.py", "t_b.py"]);
+    let task = runs(&out).remove(0);
+    e.handle(clock.now(), Input::Voters(vec![addr(1)]));
+    members(&mut e, &clock, &[addr(1), addr(2)]);
+    let post = post_for(addr(0), &task, &[Outcome::Passed]);
+    let out = e.handle(clock.now(), Input::Ran { post, from: None });
+    let sent = proposals(&out);
+    assert_eq!(sent.iter().map(|(to, _)| *to).collect::<Vec<_>>(), vec![addr(1)], "{out:?}");
+    e.handle(clock.now(), Input::Voted { vote: holding(&sent[0].1), from: addr(1) });
+    assert_eq!(e.record(5).expect("record").results.len(), 1, "two of two voters hold it");
 }

@@ -402,55 +402,68 @@ impl EvalRecord {
     /// cannot do: replace an accepted result, add a result for a task this record does not
     /// know, add or remove projects, or change a project that is no longer preparing.
     pub fn merge(&mut self, other: &EvalRecord) -> Merged {
-        let before = self.header_json();
         let mut merged = Merged::default();
+        let mut header = false;
         if (other.term, other.version) > (self.term, self.version)
             || ((other.term, other.version) == (self.term, self.version)
                 && other.responsible < self.responsible)
         {
+            header = true;
             self.term = other.term;
             self.version = other.version;
-            self.responsible = other.responsible.clone();
-            self.running = other.running.clone();
+            self.responsible.clone_from(&other.responsible);
+            self.running.clone_from(&other.running);
         }
-        self.start_time = self.start_time.min(other.start_time);
+        if other.start_time < self.start_time {
+            header = true;
+            self.start_time = other.start_time;
+        }
         // Set when the rerun is submitted; the smaller id wins should two copies disagree.
-        self.rerun_of = match (self.rerun_of, other.rerun_of) {
+        let rerun_of = match (self.rerun_of, other.rerun_of) {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
         };
+        if rerun_of != self.rerun_of {
+            header = true;
+            self.rerun_of = rerun_of;
+        }
         for p in &other.projects {
             if let Some(q) = self.projects.iter_mut().find(|q| q.id == p.id)
                 && q.content_hash == p.content_hash
                 && matches!(q.state, ProjectState::Preparing)
+                && !matches!(p.state, ProjectState::Preparing)
             {
+                header = true;
                 q.state = p.state.clone();
             }
         }
         for (t, r) in &other.results {
-            if self.knows_task(t) && !self.results.contains_key(t) {
+            if !self.results.contains_key(t) && self.knows_task(t) {
                 self.results.insert(t.clone(), r.clone());
                 merged.results.push(t.clone());
             }
         }
         for (t, n) in &other.worker_deaths {
             let mine = self.worker_deaths.entry(t.clone()).or_insert(0);
-            *mine = (*mine).max((*n).min(MAX_WORKER_DEATHS));
+            let max = (*mine).max((*n).min(MAX_WORKER_DEATHS));
+            header |= max != *mine;
+            *mine = max;
         }
-        let done: Vec<String> =
-            self.running.keys().filter(|t| self.results.contains_key(*t)).cloned().collect();
-        for t in done {
-            self.running.remove(&t);
-        }
-        self.end_time = match (self.end_time, other.end_time) {
+        let before = self.running.len();
+        let results = &self.results;
+        self.running.retain(|t, _| !results.contains_key(t));
+        header |= self.running.len() != before;
+        let end = match (self.end_time, other.end_time) {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
         };
+        header |= end != self.end_time;
+        self.end_time = end;
         if self.end_time.is_none() {
             let latest = self.results.values().map(|r| r.finished_at).fold(self.start_time, f64::max);
-            self.settle(latest);
+            header |= self.settle(latest);
         }
-        merged.header = self.header_json() != before;
+        merged.header = header;
         merged
     }
 

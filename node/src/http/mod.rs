@@ -3,7 +3,7 @@
 //! Public (SPEC.md §3): `POST /evaluation`, `GET /evaluation`, `GET /evaluation/{id}`,
 //! `GET /stats`, `GET /network`. Internal, between members: `GET /file/{project_id}` (a project's
 //! archive, header `x-content-sha256`), `POST /task` (a module's result, accepted by the node
-//! responsible for the evaluation from the worker it handed the task to), `POST /internal/replicate`, `POST /internal/sync` and
+//! responsible for the evaluation from the worker it handed the task to), `POST /internal/replicate`, `POST /internal/propose`, `POST /internal/results` (results delivered together), `POST /internal/sync` and
 //! `GET /internal/evaluation/{id}` (replication). With a cluster secret every internal route
 //! requires a fresh MAC from a live member (see [`auth`]); without one (`node.insecure`) the caller's
 //! claimed address must match the connection's source.
@@ -66,6 +66,8 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/file/{project_id}", get(file))
         .route("/task", post(task))
         .route("/internal/replicate", post(replicate))
+        .route("/internal/propose", post(propose))
+        .route("/internal/results", post(results))
         .route("/internal/sync", post(sync))
         .route("/internal/evaluation/{id}", get(internal_evaluation))
         .fallback(not_found)
@@ -663,6 +665,24 @@ async fn task(State(app): State<AppState>, call: InternalCall) -> Response {
 
 async fn replicate(State(app): State<AppState>, call: InternalCall) -> Response {
     answer(call.member(&app, None).and_then(|from| Ok(crate::app::replicate(&app, call.json()?, from))))
+}
+
+async fn results(State(app): State<AppState>, call: InternalCall) -> Response {
+    let answers = call.member(&app, None).and_then(|caller| {
+        let posts: Vec<TaskPost> = call.json()?;
+        if posts.len() > crate::engine::MAX_BATCH {
+            return Err(AppError::BadRequest(format!(
+                "at most {} results per batch",
+                crate::engine::MAX_BATCH
+            )));
+        }
+        Ok(crate::app::accept_results(&app, posts, caller))
+    });
+    answer(answers)
+}
+
+async fn propose(State(app): State<AppState>, call: InternalCall) -> Response {
+    answer(call.member(&app, None).and_then(|from| crate::app::propose(&app, call.json()?, from)))
 }
 
 async fn sync(State(app): State<AppState>, call: InternalCall) -> Response {

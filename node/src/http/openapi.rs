@@ -124,6 +124,8 @@ fn internal_paths() -> Value {
                 "403": error_response("not a member"), "404": error_response("unknown project")}}},
         "/task": {"post": internal("A module's result, from the worker it was handed to", Some("task result"))},
         "/internal/replicate": {"post": internal("Evaluation records pushed by a member", Some("records"))},
+        "/internal/results": {"post": internal("Results delivered together by a worker; each checked as a POST /task", Some("task results"))},
+        "/internal/propose": {"post": internal("A responsible member's proposal (record delta); answered by this node's copy", Some("record"))},
         "/internal/sync": {"post": internal("Record fingerprints to reconcile", Some("fingerprints"))},
         "/internal/evaluation/{id}": {"get": {
             "parameters": [eval_id()],
