@@ -109,3 +109,22 @@ fn two_runs_at_once_share_a_data_folder_and_its_duration_memory() {
     let stat = durations.iter().find(|(k, _)| k == "bob::tests/test_calc.py").map(|(_, s)| s.tests);
     assert_eq!(stat, Some(3), "{durations:?}");
 }
+
+/// First run on a fresh data folder that also holds the environments (the default
+/// `<data_dir>/venvs`): as root, tests run as another uid that must reach the environments
+/// through the data folder, which the node makes private; the runner must already know that
+/// when it starts (a fresh folder once failed every project with "No module named
+/// pytest.__main__" on its first run only).
+#[test]
+fn a_fresh_data_folder_holding_the_environments_works_on_the_first_run() {
+    let work = tempfile::tempdir().expect("tempdir");
+    let zip = work.path().join("fresh.zip");
+    write_zip(&zip, &[("test_fresh.py", PASSING)]);
+    let data = work.path().join("data");
+    let out =
+        output(cdtester(&data).env_remove("CDT_RUNNER__LOCAL__VENV_DIR").args(["run", "--json"]).arg(&zip));
+    assert!(out.status.success(), "{}", describe(&out));
+    let eval = run_json(&out);
+    assert_eq!(eval["summary"]["total_passed"], 2, "{}", describe(&out));
+    assert!(data.join("venvs").is_dir(), "the environments are in the data folder");
+}

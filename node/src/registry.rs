@@ -39,6 +39,13 @@ pub fn local_options(config: &Config) -> LocalOptions {
     }
 }
 
+/// The local runner of `config`, started once the data directory is private (see
+/// [`crate::store::make_private`]).
+pub fn local_runner(config: &Config) -> Result<LocalRunner, cdtester_runners::local::LocalError> {
+    crate::store::make_private(&config.node.data_dir)?;
+    LocalRunner::new(local_options(config))
+}
+
 /// The docker runner's settings from `runner.docker` (its cache in `<data_dir>/docker`; the node
 /// id on its containers' labels is the node's UDP address).
 pub fn docker_settings(config: &Config) -> DockerSettings {
@@ -64,7 +71,7 @@ impl Registry {
     /// The built-in runners the configuration allows on this machine.
     pub fn from_config(config: &Config) -> Registry {
         let mut reg = Registry::default();
-        match LocalRunner::new(local_options(config)) {
+        match local_runner(config) {
             Ok(local) => reg.insert(Arc::new(local)),
             Err(e) => reg.mark_unavailable("local", e.to_string()),
         }

@@ -74,6 +74,16 @@ pub struct Store {
     blobs: PathBuf,
 }
 
+/// Creates `data_dir` if needed and makes it the node's alone (0700): the store, archives and
+/// cluster secret are in it, and tests the local runner runs as another uid must see nothing of
+/// it. Done before a local runner starts too: the runner decides once, at start, which folders
+/// its tests cannot search and must see through a mount namespace (environments under the data
+/// directory among them), so the folder must already be private by then.
+pub fn make_private(data_dir: &Path) -> std::io::Result<()> {
+    std::fs::create_dir_all(data_dir)?;
+    std::fs::set_permissions(data_dir, std::os::unix::fs::PermissionsExt::from_mode(0o700))
+}
+
 impl Store {
     /// Opens (or creates) the store in `data_dir`.
     pub fn open(data_dir: &Path) -> Result<Store, StoreError> {
@@ -81,11 +91,7 @@ impl Store {
             let path = path.to_path_buf();
             move |source| StoreError::Io { path, source }
         };
-        std::fs::create_dir_all(data_dir).map_err(io(data_dir))?;
-        // The store, archives and cluster secret are the node's alone: tests the local runner
-        // runs as another uid see nothing of the data directory.
-        std::fs::set_permissions(data_dir, std::os::unix::fs::PermissionsExt::from_mode(0o700))
-            .map_err(io(data_dir))?;
+        make_private(data_dir).map_err(io(data_dir))?;
         let blobs = data_dir.join("blobs");
         std::fs::create_dir_all(&blobs).map_err(io(&blobs))?;
         // redb caches pages it has read or written up to this size: without a cap (1 GiB by

@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use cdtester_config::Config;
-use cdtester_runners::local::{LocalRunner, resolve_python};
+use cdtester_runners::local::resolve_python;
 
 use super::CorpusArgs;
 use super::local::{baseline_project, time_pytest};
@@ -110,7 +110,7 @@ pub fn run(args: Args, config: &Config) -> anyhow::Result<()> {
     let src = work.path().join("src");
     let mut base_config = config.clone();
     base_config.projects = corpus::requirement_rules(&projects);
-    let baseline = LocalRunner::new(registry::local_options(&base_config))?;
+    let baseline = registry::local_runner(&base_config)?;
 
     // Preparation and baselines.
     let (mut seq, mut xdist, mut xdist_ok) = (0.0, 0.0, true);

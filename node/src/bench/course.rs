@@ -21,7 +21,6 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 use cdtester_config::Config;
 use cdtester_runner_api::{ProjectSource, Runner};
-use cdtester_runners::local::LocalRunner;
 
 use super::local::{XDIST_REQUIREMENT, time_pytest};
 use super::memory::tree_processes;
@@ -385,7 +384,7 @@ fn load_average() -> String {
 /// Untimed: the interpreters of the plain pytest environment (the one cdtester uses for these
 /// projects) and of the pytest-xdist one, both built on the way.
 fn environments(config: &Config, project: &Path) -> anyhow::Result<(PathBuf, PathBuf)> {
-    let runner = LocalRunner::new(registry::local_options(config))?;
+    let runner = registry::local_runner(config)?;
     let mut pythons = Vec::new();
     for reqs in [vec![], vec![XDIST_REQUIREMENT.to_string()]] {
         let source = ProjectSource {

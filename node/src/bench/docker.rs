@@ -16,7 +16,7 @@ use anyhow::{Context, bail};
 use cdtester_config::Config;
 use cdtester_runner_api::{Limits, PreparedProject, ProjectSource, Runner, TaskSpec};
 use cdtester_runners::docker::DockerRunner;
-use cdtester_runners::local::{LocalRunner, resolve_python};
+use cdtester_runners::local::resolve_python;
 
 use super::CorpusArgs;
 use crate::corpus::{self, CorpusProject, ExpectedCounts};
@@ -81,7 +81,7 @@ pub fn run(args: Args, config: &Config) -> anyhow::Result<()> {
     let projects: Vec<CorpusProject> = args.corpus.projects(Some(DEFAULT_SUBSET))?;
     let cache = args.corpus.cache_dir(config);
     let python = resolve_python(config.runner.local.python.as_deref())?;
-    let local = LocalRunner::new(registry::local_options(config))?;
+    let local = registry::local_runner(config)?;
     let docker =
         DockerRunner::new(registry::docker_settings(config)).context("starting the docker runner")?;
     let limits = config.runner.limits.clone();

@@ -138,7 +138,7 @@ pub fn run(args: Args, config: &Config) -> anyhow::Result<()> {
     config.runner.default = "local".into();
     config.runner.workers = args.workers;
     let policies = PolicySet::load(&config.plugins).context("loading policy plugins")?;
-    let baseline = LocalRunner::new(registry::local_options(&config))?;
+    let baseline = registry::local_runner(&config)?;
     let runners = crate::app::registry_lookup(Registry::from_config(&config));
     let session = LocalSession::open(config.clone(), runners, policies)?;
     let work = tempfile::Builder::new().prefix("cdtester-bench-").tempdir()?;
