@@ -196,6 +196,11 @@ pub struct Timers {
     pub confirm_timeout_ms: u64,
     /// How long an election waits for RECOVERY_ELECTION_REP answers.
     pub election_timeout_ms: u64,
+    /// How long a failed member still counts when a result needs a majority of the members to
+    /// be stored. Longer protects against split decisions in longer network partitions (a node
+    /// cut off alone counts itself a majority only after this); shorter lets a network that lost
+    /// half of its members (1 of 2 alive) carry on sooner.
+    pub quorum_hold_ms: u64,
 }
 
 impl Default for Timers {
@@ -207,6 +212,7 @@ impl Default for Timers {
             task_announce_ms: 300,
             confirm_timeout_ms: 1000,
             election_timeout_ms: 500,
+            quorum_hold_ms: 30_000,
         }
     }
 }
@@ -513,6 +519,9 @@ impl Config {
         }
         if self.timers.failure_timeout_ms <= self.timers.heartbeat_ms {
             return bad("timers.failure_timeout_ms", "must be larger than timers.heartbeat_ms");
+        }
+        if self.timers.quorum_hold_ms < self.timers.failure_timeout_ms {
+            return bad("timers.quorum_hold_ms", "must be at least timers.failure_timeout_ms");
         }
         if self.runner.retries > MAX_RETRIES {
             return bad("runner.retries", &format!("must be at most {MAX_RETRIES}"));

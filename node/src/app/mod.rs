@@ -293,6 +293,7 @@ impl App {
             announce_every: Duration::from_millis(timers.task_announce_ms),
             hold: Duration::from_millis(timers.failure_timeout_ms.saturating_mul(2)),
             open: !secret.is_set(),
+            quorum_hold: Duration::from_millis(timers.quorum_hold_ms),
         };
         let app = App {
             client: HttpClient::new(secret.clone(), Some(opts.udp.to_string())),

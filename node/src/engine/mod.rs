@@ -70,6 +70,8 @@ pub struct EngineConfig {
     pub hold: Duration,
     /// No cluster secret: a peer may only replicate the records it owns or submitted.
     pub open: bool,
+    /// How long a failed member still counts for the majority (`timers.quorum_hold_ms`).
+    pub quorum_hold: Duration,
 }
 
 /// What a project's discovery found (the runner's modules under this node's decision).
@@ -287,7 +289,10 @@ impl Engine {
                 self.fence_members(now.mono, None);
             }
             Input::Voters(voters) => self.fence_members(now.mono, Some(voters)),
-            Input::Tick => self.expire(now, &mut out),
+            Input::Tick => {
+                self.fence_members(now.mono, None);
+                self.expire(now, &mut out);
+            }
             Input::Message { from, msg } => self.message(now, from, msg, &mut out),
             Input::Result { post, caller } => {
                 let answer = self.accept(now, post, caller, &mut out);

@@ -43,10 +43,6 @@ pub struct Vote {
     pub proposals: BTreeMap<String, Held>,
 }
 
-/// How long a member that failed still counts for the majority (a node cut off alone must not
-/// soon count itself a majority; the protocol core keeps its tombstones as long).
-pub(super) const FORGET: Duration = crate::core::TOMBSTONE_KEEP;
-
 /// A result accepted provisionally, waiting for a majority.
 #[derive(Debug, Clone)]
 pub(super) struct Pending {
@@ -87,8 +83,9 @@ pub(super) struct Fence {
 }
 
 impl Fence {
-    /// The live peers now; failed ones stay counted until [`FORGET`].
-    pub(super) fn members(&mut self, now: Instant, peers: &BTreeSet<SocketAddr>) {
+    /// The live peers now; failed ones stay counted for `hold` (a node cut off alone must not
+    /// soon count itself a majority).
+    pub(super) fn members(&mut self, now: Instant, peers: &BTreeSet<SocketAddr>, hold: Duration) {
         for p in peers {
             self.known.insert(*p, None);
         }
@@ -97,7 +94,7 @@ impl Fence {
                 *down = Some(now);
             }
         }
-        self.known.retain(|_, down| down.is_none_or(|t| now.saturating_duration_since(t) < FORGET));
+        self.known.retain(|_, down| down.is_none_or(|t| now.saturating_duration_since(t) < hold));
         for p in self.phase1.values_mut() {
             p.waiting = peers.difference(&p.answered).copied().collect();
         }
@@ -157,7 +154,7 @@ impl Engine {
             self.fence.voters = Some(v.into_iter().collect());
         }
         let live = self.live_voters();
-        self.fence.members(now, &live);
+        self.fence.members(now, &live, self.cfg.quorum_hold);
     }
 
     /// Members this node counts (itself included) and how many of them make a majority.

@@ -134,6 +134,10 @@ fn engine_config(i: usize) -> EngineConfig {
         announce_every: Duration::from_millis(300),
         hold: Duration::from_millis(4000),
         open: false,
+        // Partitions here last 5 s on average (a 1% chance of healing every 50 ms step): one
+        // over a minute, which could let the cut-off node count itself a majority, has odds of
+        // about 1 in 160,000.
+        quorum_hold: Duration::from_secs(60),
     }
 }
 

@@ -20,6 +20,7 @@ pub(super) fn config(me: SocketAddr, slots: usize) -> EngineConfig {
         announce_every: Duration::from_millis(500),
         hold: Duration::from_secs(6),
         open: false,
+        quorum_hold: Duration::from_secs(300),
     }
 }
 
