@@ -328,6 +328,7 @@ impl Engine {
             Input::Delivered(answers) => self.delivered(answers),
         }
         self.resume_deferred(now, &mut out);
+        self.commit_ready(now, &mut out);
         self.end_phase1(now, &mut out);
         self.dispatch(now, &mut out);
         self.send_proposals(now, &mut out);

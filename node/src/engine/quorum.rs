@@ -361,6 +361,16 @@ impl Engine {
         self.commit_majority(now, id, out);
     }
 
+    /// Stores every provisional result a majority now holds. Also when no vote arrives: the
+    /// members that count can shrink (a failed one stops counting after `quorum_hold`), and a
+    /// result this node alone holds is then enough.
+    pub(super) fn commit_ready(&mut self, now: Now, out: &mut Vec<Action>) {
+        let evals: Vec<EvalId> = self.fence.pending.keys().copied().collect();
+        for eval in evals {
+            self.commit_majority(now, eval, out);
+        }
+    }
+
     /// Stores the provisional results of `eval` that a majority holds; drops those whose task
     /// got another result meanwhile.
     fn commit_majority(&mut self, now: Now, eval: EvalId, out: &mut Vec<Action>) {

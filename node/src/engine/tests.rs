@@ -259,6 +259,35 @@ fn a_node_cut_off_from_the_majority_neither_schedules_nor_stores_until_it_sees_o
 }
 
 #[test]
+fn a_result_held_alone_is_stored_once_the_only_other_member_stops_counting() {
+    // Two members; the other one dies before it votes: no vote ever comes. Once it has been
+    // down for `quorum_hold` it stops counting, and this node alone is the majority.
+    let mut clock = Clock(Instant::now(), 1000.0);
+    let mut e = Engine::new(config(addr(0), 1), Vec::new(), Default::default(), clock.0);
+    members(&mut e, &clock, &[addr(1)]);
+    e.handle(clock.now(), Input::Submitted(submission(5, addr(0), clock.1)));
+    let out = e.handle(
+        clock.now(),
+        Input::Discovered { eval: 5, project: "5-0".into(), outcome: Ok(discovery(&["t_a.py"])) },
+    );
+    let task = runs(&out).pop().expect("a task");
+    let out =
+        e.handle(clock.now(), Input::Ran { post: post_for(addr(0), &task, &[Outcome::Passed]), from: None });
+    assert_eq!(proposals(&out).len(), 1, "proposed to the other member: {out:?}");
+    members(&mut e, &clock, &[]);
+    e.handle(clock.now(), Input::Tick);
+    assert!(e.record(5).expect("record").results.is_empty(), "one of two holds it: not yet");
+    clock.advance(300_000 - 1);
+    e.handle(clock.now(), Input::Tick);
+    assert!(e.record(5).expect("record").results.is_empty(), "the dead member still counts");
+    clock.advance(2);
+    e.handle(clock.now(), Input::Tick);
+    let rec = e.record(5).expect("record");
+    assert_eq!(rec.results.len(), 1, "stored without any vote once it stopped counting");
+    assert!(rec.end_time.is_some(), "{rec:?}");
+}
+
+#[test]
 fn a_stale_owner_learns_the_higher_term_from_a_vote_and_stores_nothing() {
     let (mut e, mut clock, out) = started_engine(1, &["t_a.py"]);
     let task = runs(&out).remove(0);
