@@ -97,11 +97,8 @@ fn a_host_without_the_index_builds_environments_from_a_prepared_wheelhouse() {
     std::fs::write(&config, RULES).expect("config");
     let cfg = config.to_str().expect("utf-8 path");
 
-    let version = Command::new(cdtester_runners::local::resolve_python(None).expect("python3"))
-        .args(["-c", "import sys; print('%d.%d' % sys.version_info[:2])"])
-        .output()
-        .expect("python version");
-    let version = String::from_utf8_lossy(&version.stdout).trim().to_string();
+    let python = cdtester_runners::local::resolve_python(None).expect("python3");
+    let version = cdtester::env_cmd::interpreter_version(&python).expect("python version");
     let out = output(
         cdtester(&work.path().join("prep"))
             .args(["--config", cfg, "env", "prepare", "--python-version", &version, "--wheelhouse"])

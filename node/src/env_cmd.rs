@@ -123,7 +123,7 @@ fn project_roots(path: &Path) -> anyhow::Result<Vec<PathBuf>> {
 }
 
 /// `X.Y` of `python`.
-fn interpreter_version(python: &Path) -> anyhow::Result<String> {
+pub fn interpreter_version(python: &Path) -> anyhow::Result<String> {
     let out = std::process::Command::new(python)
         .args(["-c", "import sys; print('%d.%d' % sys.version_info[:2])"])
         .output()

@@ -70,8 +70,7 @@ async fn submit_once(client: &Client, zip: &[u8]) -> anyhow::Result<(f64, f64)> 
 /// p50, p95 and max of `v` (sorted here).
 fn quantiles(v: &mut [f64]) -> (f64, f64, f64) {
     v.sort_by(f64::total_cmp);
-    let at = |q: f64| v[((v.len() - 1) as f64 * q).round() as usize];
-    (at(0.5), at(0.95), at(1.0))
+    (super::percentile(v, 0.5), super::percentile(v, 0.95), super::percentile(v, 1.0))
 }
 
 pub fn run(args: Args, config: &Config) -> anyhow::Result<()> {

@@ -18,6 +18,12 @@ use cdtester_config::Config;
 
 use crate::corpus::{self, CorpusProject};
 
+/// The `p` quantile (0..=1) of `sorted` by nearest rank; `sorted` must not be empty.
+pub(crate) fn percentile<T: Copy>(sorted: &[T], p: f64) -> T {
+    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[i.min(sorted.len() - 1)]
+}
+
 /// Which corpus projects a benchmark measures, and where their sdists are cached.
 #[derive(Debug, Clone, clap::Args)]
 pub struct CorpusArgs {

@@ -31,11 +31,6 @@ fn limits() -> CallLimits {
     CallLimits { fuel: 50_000_000, memory_mb: 16, deadline: DEFAULT_DEADLINE }
 }
 
-fn percentile(sorted: &[Duration], p: f64) -> Duration {
-    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
-    sorted[i.min(sorted.len() - 1)]
-}
-
 fn human(d: Duration) -> String {
     let us = d.as_secs_f64() * 1e6;
     if us >= 1000.0 { format!("{:.2} ms", us / 1000.0) } else { format!("{us:.1} µs") }
@@ -45,8 +40,8 @@ fn stats(mut samples: Vec<Duration>) -> String {
     samples.sort();
     format!(
         "p50 {:>10}  p99 {:>10}  max {:>10}",
-        human(percentile(&samples, 0.5)),
-        human(percentile(&samples, 0.99)),
+        human(super::percentile(&samples, 0.5)),
+        human(super::percentile(&samples, 0.99)),
         human(*samples.last().unwrap_or(&Duration::ZERO))
     )
 }
