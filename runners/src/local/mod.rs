@@ -230,27 +230,32 @@ impl LocalRunner {
 }
 
 impl LocalRunner {
-    /// Runs the whole project in one session (see [`together`]); `Some(modules)`, with every
-    /// module's report kept for [`Runner::run`], when the session collected exactly the modules
-    /// of `known` and each counted exactly what it counted alone; `None` otherwise.
+    /// Runs the modules of `known` in one session (see [`together`]): the whole project when
+    /// `args` is empty (discovery), else the modules named. `Some(modules)`, with every module's
+    /// report kept for [`Runner::run`], when the session collected exactly the modules of `known`
+    /// and each counted exactly what it counted alone.
     fn run_shared(
         &self,
         state: &ProjectState,
         known: &std::collections::BTreeMap<String, cdtester_runner_api::Counts>,
-    ) -> Result<Option<Vec<String>>, RunnerError> {
+        args: &[String],
+        timeout: Duration,
+    ) -> Result<Together, RunnerError> {
         let modules: Vec<String> = known.keys().cloned().collect();
-        let timeout = Duration::from_secs_f64(3.0 * together::MAX_TOTAL_SECS);
         let output_kib = Limits::default().output_kib;
-        let (text, exec) = self.invoke(state, Mode::Run, &[], None, timeout, output_kib)?;
+        let (text, exec) = self.invoke(state, Mode::Run, args, None, timeout, output_kib)?;
+        if let pytest::RunEnd::TimedOut(_) = exec.end {
+            return Ok(Together::Unfinished);
+        }
         if !matches!(exec.end, pytest::RunEnd::Exited(0 | 1))
             || pytest::parse_discovery(&text).modules != modules
         {
-            return Ok(None);
+            return Ok(Together::Differs);
         }
         let mut reports = pytest::build_reports(&modules, &pytest::parse_records(&text), &exec.end, None);
         if reports.len() != modules.len() || reports.iter().any(|r| known.get(&r.module) != Some(&r.counts()))
         {
-            return Ok(None);
+            return Ok(Together::Differs);
         }
         for r in &mut reports {
             r.duration = round2(r.tests.iter().map(|t| t.duration).sum());
@@ -262,8 +267,18 @@ impl LocalRunner {
         }
         let mut shared = state.shared.lock().unwrap_or_else(|e| e.into_inner());
         shared.extend(reports.into_iter().map(|r| (r.module.clone(), r)));
-        Ok(Some(modules))
+        Ok(Together::Served(modules))
     }
+}
+
+/// How a shared session went (see [`together`]).
+enum Together {
+    /// Every module counted what it counted alone: these modules' reports wait to be served.
+    Served(Vec<String>),
+    /// It counted or collected differently (or pytest ended abnormally): never share again.
+    Differs,
+    /// It ran out of time: no evidence either way; the modules run alone.
+    Unfinished,
 }
 
 /// One pytest invocation: arguments, its whole environment, its run directory (with the plugin's
@@ -279,6 +294,27 @@ struct ExecSpec<'a> {
 fn content_key(text: &str) -> String {
     use sha2::{Digest, Sha256};
     hex::encode(&Sha256::digest(text.as_bytes())[..4])
+}
+
+impl LocalRunner {
+    /// Runs the modules of one task in one session when each ran alone before and the project
+    /// never counted differently together; their reports then wait in the project's shared
+    /// reports. Otherwise (or when the session counts differently, which is remembered, or
+    /// cannot run) nothing happens here and each module runs alone.
+    fn share(&self, state: &ProjectState, project: &PreparedProject, modules: &[String], limits: &Limits) {
+        let Some(known) = self.alone.counts_of(&project.content_hash, modules) else { return };
+        // One module's time limit for all of them: a group slower than that runs alone, each
+        // module with its own limit.
+        let timeout = Duration::from_secs(limits.timeout_s.max(1));
+        match self.run_shared(state, &known, modules, timeout) {
+            Ok(Together::Served(_)) => {}
+            Ok(Together::Differs) => self.alone.mark_differs(&project.content_hash),
+            Ok(Together::Unfinished) => {
+                tracing::info!(project = %project.id, "a shared session ran out of time: its modules run alone")
+            }
+            Err(e) => tracing::warn!(project = %project.id, "a shared session could not run: {e}"),
+        }
+    }
 }
 
 impl Runner for LocalRunner {
@@ -316,10 +352,12 @@ impl Runner for LocalRunner {
     fn discover(&self, project: &PreparedProject) -> Result<Vec<String>, RunnerError> {
         let state = self.state(project)?;
         if let Some(known) = self.alone.shareable(&project.content_hash) {
-            if let Some(modules) = self.run_shared(&state, &known)? {
-                return Ok(modules);
+            let timeout = Duration::from_secs_f64(3.0 * together::MAX_TOTAL_SECS);
+            match self.run_shared(&state, &known, &[], timeout)? {
+                Together::Served(modules) => return Ok(modules),
+                Together::Differs => self.alone.mark_differs(&project.content_hash),
+                Together::Unfinished => {}
             }
-            self.alone.mark_differs(&project.content_hash);
         }
         let (text, exec) = self.invoke(&state, Mode::Collect, &[], None, DISCOVER_TIMEOUT, 64)?;
         let found = pytest::parse_discovery(&text);
@@ -348,6 +386,9 @@ impl Runner for LocalRunner {
                 "task {}: a chunk must name exactly one module",
                 task.task_id
             )));
+        }
+        if task.chunk.is_none() && task.modules.len() > 1 {
+            self.share(&state, project, &task.modules, limits);
         }
         let mut modules = Vec::with_capacity(task.modules.len());
         for module in &task.modules {
@@ -624,6 +665,61 @@ mod tests {
             let (again, shared) = evaluate(&r, differs.path());
             assert!(!shared, "round {round}");
             assert_eq!(outcomes(&again), outcomes(&alone));
+        }
+        assert_eq!(outcomes(&alone)[1], ("tests/test_b.py::test_b".to_string(), Outcome::Passed));
+    }
+
+    /// Runs `modules` of `root` as one task (no discovery before it); the reports.
+    fn run_together(r: &LocalRunner, root: &Path, modules: &[&str]) -> Vec<ModuleReport> {
+        let source =
+            ProjectSource { id: "g".into(), name: "g".into(), root: root.into(), extra_requirements: vec![] };
+        let prepared = r.prepare(&source).unwrap();
+        let task = TaskSpec::new("t", modules.iter().map(|m| m.to_string()).collect());
+        let reports = r.run(&prepared, &task, &Limits::default()).unwrap().modules;
+        r.release(&prepared);
+        reports
+    }
+
+    #[test]
+    fn a_task_of_several_modules_shares_a_session_only_when_each_ran_alone_and_counts_the_same() {
+        let r = runner(true);
+        let nonce = tempfile::tempdir().unwrap();
+        let nonce = nonce.path().display();
+        let modules = ["tests/test_a.py", "tests/test_b.py"];
+        let outcomes = |reports: &[ModuleReport]| -> Vec<(String, Outcome)> {
+            reports.iter().flat_map(|m| m.tests.iter().map(|t| (t.nodeid.clone(), t.outcome))).collect()
+        };
+        let same = tempfile::tempdir().unwrap();
+        write(same.path(), "nonce.py", &format!("# {nonce}\n"));
+        write(same.path(), "tests/test_a.py", "def test_a():\n    assert 0\n");
+        write(same.path(), "tests/test_b.py", "def test_b():\n    print('b ran')\n");
+        let first = run_together(&r, same.path(), &modules);
+        assert!(!first[0].output.as_deref().unwrap_or("").contains("b ran"), "never seen: each runs alone");
+        let again = run_together(&r, same.path(), &modules);
+        assert_eq!(outcomes(&again), outcomes(&first));
+        assert!(
+            again[0].output.as_deref().unwrap_or("").contains("test_b"),
+            "known modules ran in one session (the failing one's output shows the other)"
+        );
+
+        // Together, test_b sees what test_a left behind: the task's modules run alone, and
+        // the project never shares again.
+        let differs = tempfile::tempdir().unwrap();
+        write(differs.path(), "nonce.py", &format!("# {nonce}\n"));
+        write(differs.path(), "state.py", "seen = []\n");
+        write(differs.path(), "tests/test_a.py", "import state\n\ndef test_a():\n    state.seen.append(1)\n");
+        write(
+            differs.path(),
+            "tests/test_b.py",
+            "import state\n\ndef test_b():\n    assert state.seen == []\n",
+        );
+        let alone = run_together(&r, differs.path(), &modules);
+        for round in 0..2 {
+            assert_eq!(
+                outcomes(&run_together(&r, differs.path(), &modules)),
+                outcomes(&alone),
+                "round {round}"
+            );
         }
         assert_eq!(outcomes(&alone)[1], ("tests/test_b.py::test_b".to_string(), Outcome::Passed));
     }

@@ -70,6 +70,19 @@ impl AloneMemory {
             .then(|| p.modules.iter().map(|(m, (c, _))| (m.clone(), *c)).collect())
     }
 
+    /// The remembered alone counts of `modules` of project `hash`, when every one of them is
+    /// remembered and the project never counted differently in a shared session (a task that
+    /// names several modules: the scheduler bounded their remembered time already).
+    pub(crate) fn counts_of(&self, hash: &str, modules: &[String]) -> Option<BTreeMap<String, Counts>> {
+        let mut data = self.data.lock().unwrap_or_else(|e| e.into_inner());
+        let p = data.get_mut(hash)?;
+        p.seen = now();
+        if p.differs {
+            return None;
+        }
+        modules.iter().map(|m| p.modules.get(m).map(|(c, _)| (m.clone(), *c))).collect()
+    }
+
     /// Remembers what `module` of project `hash` counted alone in `secs`.
     pub(crate) fn record(&self, hash: &str, module: &str, counts: Counts, secs: f64) {
         let mut data = self.data.lock().unwrap_or_else(|e| e.into_inner());
@@ -134,5 +147,22 @@ mod tests {
         assert!(again.shareable("h").is_none(), "a slow module runs alone");
         m.mark_differs("h");
         assert!(m.shareable("h").is_none());
+    }
+
+    #[test]
+    fn a_task_of_several_modules_shares_only_what_is_all_remembered_and_never_differed() {
+        let dir = tempfile::tempdir().unwrap();
+        let m = AloneMemory::open(dir.path());
+        let names = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        assert!(m.counts_of("h", &names(&["a.py", "b.py"])).is_none(), "unknown project");
+        m.record("h", "a.py", counts(3, 1), 0.2);
+        m.record("h", "b.py", counts(2, 0), 5.0);
+        m.record("h", "c.py", counts(1, 0), 0.1);
+        assert!(m.counts_of("h", &names(&["a.py", "d.py"])).is_none(), "d.py never ran alone");
+        let known = m.counts_of("h", &names(&["b.py", "a.py"])).unwrap();
+        assert_eq!(known.keys().collect::<Vec<_>>(), ["a.py", "b.py"], "only the task's modules");
+        assert_eq!(known["b.py"], counts(2, 0), "no time cap: the scheduler bounded the task");
+        m.mark_differs("h");
+        assert!(m.counts_of("h", &names(&["a.py", "c.py"])).is_none());
     }
 }
