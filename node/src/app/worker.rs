@@ -5,41 +5,60 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use cdtester_runner_api::{ModuleReport, TaskSpec, clip_message};
+use cdtester_runner_api::{
+    Limits, ModuleReport, PreparedProject, Runner, TaskReport, TaskSpec, clip_message,
+};
 
 use super::App;
 use crate::engine::{BatchAnswer, Input, Task, TaskPost};
 use crate::eval::{EvalId, ProjectRecord, ProjectState};
 
-/// Runs a task the engine gave this node's slot, then reports it back (which frees the slot).
+/// Runs a task the engine gave this node's slot (with the modules that run along with it),
+/// then reports each module back, the task's own last (which frees the slot).
 pub async fn run(app: Arc<App>, task: Task) {
     let started = Instant::now();
-    let outcome = match task.project.clone() {
+    let project = match task.project.clone() {
         Some(p) => Ok(p),
         None => match task.from {
             Some(from) => remote_project(&app, from, task.eval, &task.project_id).await,
             None => Err(format!("project {} is not ready", task.project_id)),
         },
     };
-    let outcome = match outcome {
-        Ok(project) => execute(&app, &task, &project).await,
-        Err(e) => Err(e),
+    let members = members(&task);
+    let outcomes = match project {
+        Ok(project) => execute(&app, &task, &members, &project).await,
+        Err(e) => vec![Err(e); members.len()],
     };
-    match &outcome {
-        Ok(report) => {
-            let c = report.counts();
-            tracing::info!(task = %task.task_id, passed = c.passes(), failed = c.failures(), secs = started.elapsed().as_secs_f64(), "module ran");
+    let secs = started.elapsed().as_secs_f64();
+    for ((task_id, module), outcome) in members.into_iter().zip(outcomes) {
+        match &outcome {
+            Ok(report) => {
+                let c = report.counts();
+                tracing::info!(task = %task_id, passed = c.passes(), failed = c.failures(), secs, "module ran");
+            }
+            Err(e) => {
+                tracing::warn!(task = %task_id, "module could not run: {e}");
+                crate::http::metrics::node().runner_error();
+            }
         }
-        Err(e) => {
-            tracing::warn!(task = %task.task_id, "module could not run: {e}");
-            crate::http::metrics::node().runner_error();
+        let outcome = outcome.map(|r| app.redact_report(r)).map_err(|e| app.redact(&e));
+        let attempt = format!("{:032x}", rand::random::<u128>());
+        let post = TaskPost::new(app.udp, task.eval, &task_id, &task.project_id, &module, outcome, attempt);
+        if task_id == task.task_id {
+            app.apply(Input::Ran { post, from: task.from });
+        } else {
+            app.apply(Input::RanAlong { post });
         }
     }
-    let outcome = outcome.map(|r| app.redact_report(r)).map_err(|e| app.redact(&e));
-    let attempt = format!("{:032x}", rand::random::<u128>());
-    let post =
-        TaskPost::new(app.udp, task.eval, &task.task_id, &task.project_id, &task.module, outcome, attempt);
-    app.apply(Input::Ran { post, from: task.from });
+}
+
+/// The task ids and modules a slot runs for `task`: the modules along with it, then its own.
+fn members(task: &Task) -> Vec<(String, String)> {
+    task.with
+        .iter()
+        .map(|c| (c.task_id.clone(), c.module.clone()))
+        .chain(std::iter::once((task.task_id.clone(), task.module.clone())))
+        .collect()
 }
 
 impl App {
@@ -84,13 +103,83 @@ async fn remote_project(
     known(app).ok_or_else(|| format!("project {project_id} is not ready at {from}"))
 }
 
-/// Runs one module (or one chunk of it) of a project with this node's runner decision.
-async fn execute(app: &Arc<App>, task: &Task, project: &ProjectRecord) -> Result<ModuleReport, String> {
+/// Runs the `members` (modules, or one chunk of one) of a project with this node's runner
+/// decision, as one task of the runner (which may run them in one session); a report per
+/// member, in their order.
+async fn execute(
+    app: &Arc<App>,
+    task: &Task,
+    members: &[(String, String)],
+    project: &ProjectRecord,
+) -> Vec<Result<ModuleReport, String>> {
+    let modules: Vec<String> = members.iter().map(|(_, m)| m.clone()).collect();
+    let ready = match ready_runner(app, task, &modules, project).await {
+        Ok(ready) => ready,
+        Err(e) => return vec![Err(e); members.len()],
+    };
+    let Ready { runner, prepared, limits, retries } = ready;
+    let mut spec = TaskSpec::new(task.task_id.clone(), modules.clone());
+    spec.chunk = task.chunk;
+    let task_id = task.task_id.clone();
+    let run = tokio::task::spawn_blocking(move || {
+        let together = runner.run(&prepared, &spec, &limits).map_err(|e| e.to_string());
+        let report_of = |report: &Result<TaskReport, String>, module: &str| {
+            report.clone().and_then(|r| {
+                r.modules
+                    .into_iter()
+                    .find(|m| m.module == module)
+                    .ok_or_else(|| format!("the runner returned no report for {module}"))
+            })
+        };
+        // A module with failed tests runs again, alone, up to `retries` times on this worker
+        // (flaky tests).
+        modules
+            .iter()
+            .map(|module| {
+                let mut first = Some(report_of(&together, module));
+                let mut runs = 0u32;
+                ModuleReport::run_with_retries(retries, || {
+                    runs += 1;
+                    let r = first.take().unwrap_or_else(|| {
+                        let mut alone = TaskSpec::new(task_id.clone(), vec![module.clone()]);
+                        alone.chunk = spec.chunk;
+                        report_of(&runner.run(&prepared, &alone, &limits).map_err(|e| e.to_string()), module)
+                    });
+                    if let (Err(e), true) = (&r, runs > 1) {
+                        tracing::warn!(task = %task_id, module, "a retry of the module could not run: {e}");
+                    }
+                    r
+                })
+            })
+            .collect::<Vec<_>>()
+    });
+    match run.await {
+        Ok(reports) => reports,
+        Err(e) => vec![Err(format!("runner crashed: {e}")); members.len()],
+    }
+}
+
+/// What runs a task's modules on this node.
+struct Ready {
+    runner: Arc<dyn Runner>,
+    prepared: PreparedProject,
+    limits: Limits,
+    retries: u32,
+}
+
+/// The runner that runs `modules` of `project` on this node (by this node's configuration),
+/// with the project prepared for it.
+async fn ready_runner(
+    app: &Arc<App>,
+    task: &Task,
+    modules: &[String],
+    project: &ProjectRecord,
+) -> Result<Ready, String> {
     let ProjectState::Ready { runner: listed, .. } = &project.state else {
         return Err(format!("project {} is not ready", project.id));
     };
-    if !project.modules().contains(&task.module) {
-        return Err(format!("project {} has no module {:?}", project.id, task.module));
+    if let Some(m) = modules.iter().find(|m| !project.modules().contains(m)) {
+        return Err(format!("project {} has no module {m:?}", project.id));
     }
     let root = app.ensure_project(project, task.from).await?;
     let (choice, settings) = app.choose_runner(project, &root).await?;
@@ -100,32 +189,7 @@ async fn execute(app: &Arc<App>, task: &Task, project: &ProjectRecord) -> Result
     let prepared =
         app.prepare(&choice.runner, project, &project.content_hash, &root, &settings.requirements).await?;
     let runner = (app.runners)(&choice.runner)?;
-    let mut spec = TaskSpec::new(task.task_id.clone(), vec![task.module.clone()]);
-    spec.chunk = task.chunk;
-    let (limits, module, retries) = (choice.limits, task.module.clone(), settings.retries);
-    // A module with failed tests runs again up to `retries` times on this worker (flaky tests).
-    let run = move || {
-        let report = runner.run(&prepared, &spec, &limits).map_err(|e| e.to_string())?;
-        report
-            .modules
-            .into_iter()
-            .find(|m| m.module == module)
-            .ok_or_else(|| format!("the runner returned no report for {module}"))
-    };
-    let task_id = task.task_id.clone();
-    tokio::task::spawn_blocking(move || {
-        let mut runs = 0u32;
-        ModuleReport::run_with_retries(retries, || {
-            runs += 1;
-            let r = run();
-            if let (Err(e), true) = (&r, runs > 1) {
-                tracing::warn!(task = %task_id, "a retry of the module could not run: {e}");
-            }
-            r
-        })
-    })
-    .await
-    .map_err(|e| format!("runner crashed: {e}"))?
+    Ok(Ready { runner, prepared, limits: choice.limits, retries: settings.retries })
 }
 
 /// Delivers results to node `to` in one request (`POST /internal/results`) and feeds the

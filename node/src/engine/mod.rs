@@ -104,6 +104,9 @@ pub enum Input {
     /// A task this node ran (on one of its slots) finished; the slot is free. `from` handed it
     /// out (`None`: this node).
     Ran { post: TaskPost, from: Option<SocketAddr> },
+    /// A module that ran in the session of a task on this node's own slot (one of its
+    /// [`Task::with`]); reported before that task's own [`Input::Ran`], which frees the slot.
+    RanAlong { post: TaskPost },
     /// A peer failed (`died`) or left.
     PeerDown { addr: SocketAddr, died: bool },
     /// A peer is live: new, back after a false suspicion (same id), or restarted (a new id at
@@ -136,6 +139,16 @@ pub struct Task {
     pub chunk: Option<Chunk>,
     /// The node that handed it out, when not this one.
     pub from: Option<SocketAddr>,
+    /// Other whole modules of the same project run in the same session on the same slot
+    /// (see [`sched`]'s grouping): each reports an [`Input::RanAlong`].
+    pub with: Vec<Companion>,
+}
+
+/// A whole module run along with a [`Task`] of its project.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Companion {
+    pub task_id: String,
+    pub module: String,
 }
 
 /// What the shell must do.
@@ -299,6 +312,7 @@ impl Engine {
                 out.push(Action::Answer(answer));
             }
             Input::Ran { post, from } => self.ran(now, post, from, &mut out),
+            Input::RanAlong { post } => self.own_result(now, post, None, &mut out),
             Input::PeerDown { addr, died } => {
                 if !died {
                     self.fence.left(addr);
@@ -436,6 +450,20 @@ impl Engine {
     /// nodes that announced work recently.
     fn ran(&mut self, now: Now, post: TaskPost, from: Option<SocketAddr>, out: &mut Vec<Action>) {
         self.busy = self.busy.saturating_sub(1);
+        self.own_result(now, post, from, out);
+        let recent = self.cfg.announce_every.saturating_mul(3);
+        self.announcers.retain(|_, at| now.mono.saturating_duration_since(*at) <= recent);
+        if self.busy < self.cfg.slots && !self.has_pending() {
+            let targets: Vec<SocketAddr> = self.announcers.keys().copied().collect();
+            for t in targets {
+                self.request_work(t, out);
+            }
+        }
+    }
+
+    /// The result of a task run on this node's slot: accepted here when this node is
+    /// responsible, delivered otherwise.
+    fn own_result(&mut self, now: Now, post: TaskPost, from: Option<SocketAddr>, out: &mut Vec<Action>) {
         let task = post.result.task_id.clone();
         self.here.remove(&task);
         match self.delivery(&post) {
@@ -449,14 +477,6 @@ impl Engine {
         }
         if from.is_none() {
             self.end_local_assignment(&task, out);
-        }
-        let recent = self.cfg.announce_every.saturating_mul(3);
-        self.announcers.retain(|_, at| now.mono.saturating_duration_since(*at) <= recent);
-        if self.busy < self.cfg.slots && !self.has_pending() {
-            let targets: Vec<SocketAddr> = self.announcers.keys().copied().collect();
-            for t in targets {
-                self.request_work(t, out);
-            }
         }
     }
 
@@ -531,9 +551,11 @@ impl Engine {
             self.resume(now, out);
         }
         while self.busy < self.cfg.slots {
-            let Some(task) = self.take_next(now, self.cfg.me, out) else { break };
+            let Some(mut task) = self.take_next(now, self.cfg.me, out) else { break };
+            task.with = self.companions(now, &task, out);
             self.busy += 1;
             self.here.insert(task.task_id.clone());
+            self.here.extend(task.with.iter().map(|c| c.task_id.clone()));
             out.push(Action::Run(task));
         }
         let due = self.next_announce.is_none_or(|t| now.mono >= t);

@@ -1,5 +1,12 @@
 //! The responsible node's side of task distribution (the queue, assignments, leases, worker
 //! deaths, results) and the worker's side of the pull protocol.
+//!
+//! Grouping: a whole module this node's own slot takes, remembered to run in at most
+//! [`GROUP_MODULE_SECS`], takes along other such modules of its project, longest first, while
+//! their remembered times sum to at most a fair share of the waiting work per worker slot of
+//! the network (and [`GROUP_MAX_SECS`]). The slot's runner may then run them in one session,
+//! which it does only where that provably counts what each module counts alone (the local
+//! runner's run-alone memory); every module still has its own task and result.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
@@ -8,9 +15,14 @@ use std::time::{Duration, Instant};
 use cdtester_runner_api::plan::ModuleStat;
 use cdtester_runner_api::{Limits, ModuleReport};
 
-use super::{Accepted, Action, Engine, Now, Refusal, Task, TaskPost, duration_key};
+use super::{Accepted, Action, Companion, Engine, Now, Refusal, Task, TaskPost, duration_key};
 use crate::eval::{self, EvalId, EvalRecord, ModuleResult, ProjectState};
 use crate::wire::{Message, TaskConfirmData, TaskInfo, TaskSendData, TaskSourceKind};
+
+/// Modules remembered as slower than this (seconds) run alone on their slot.
+pub const GROUP_MODULE_SECS: f64 = 2.0;
+/// Most remembered seconds of modules grouped on one slot.
+pub const GROUP_MAX_SECS: f64 = 10.0;
 
 /// Failed attempts (runner infrastructure errors) before a task is recorded as not runnable.
 pub(super) const MAX_TASK_FAILURES: u32 = 3;
@@ -178,6 +190,7 @@ impl Engine {
                         chunk: t.chunk,
                         task_id: t.task_id,
                         from: None,
+                        with: Vec::new(),
                     };
                     best = Some((est, r.start_time, task));
                 }
@@ -247,7 +260,70 @@ impl Engine {
             module: module.to_string(),
             chunk,
             from: Some(from),
+            with: Vec::new(),
         }));
+    }
+
+    /// The whole modules of `lead`'s project that its slot on this node runs along with it
+    /// (see the module documentation), assigned to this node.
+    pub(super) fn companions(&mut self, now: Now, lead: &Task, out: &mut Vec<Action>) -> Vec<Companion> {
+        let Some(project) = lead.project.as_ref().filter(|_| lead.chunk.is_none()) else { return Vec::new() };
+        let durations = &self.durations;
+        let small = |m: &str| {
+            durations.get(&duration_key(&project.name, m)).map(|s| s.secs).filter(|s| *s <= GROUP_MODULE_SECS)
+        };
+        let Some(mut total) = small(&lead.module) else { return Vec::new() };
+        let budget = self.fair_share(total).min(GROUP_MAX_SECS);
+        let Some(rec) = self.evals.get(&lead.eval) else { return Vec::new() };
+        let mut candidates: Vec<(f64, Companion)> = rec
+            .all_tasks()
+            .filter(|t| t.chunk.is_none() && t.project.id == lead.project_id && self.waits(rec, &t.task_id))
+            .filter_map(|t| {
+                Some((small(t.module)?, Companion { task_id: t.task_id, module: t.module.into() }))
+            })
+            .collect();
+        candidates.sort_by(|a, b| b.0.total_cmp(&a.0).then_with(|| a.1.task_id.cmp(&b.1.task_id)));
+        let mut with = Vec::new();
+        for (secs, c) in candidates {
+            if total + secs <= budget {
+                total += secs;
+                with.push(c);
+            }
+        }
+        let me = self.cfg.me;
+        let Some(rec) = self.evals.get_mut(&lead.eval) else { return Vec::new() };
+        let mut changed = false;
+        for c in &with {
+            changed |= self.assignments.assign(rec, &c.task_id, me, true, now.mono);
+        }
+        if changed {
+            self.changed(lead.eval, &[], out);
+        }
+        with
+    }
+
+    /// The remembered seconds of the waiting tasks this node schedules, plus `taken`, per worker
+    /// slot of the network (unknown modules count [`UNKNOWN_MODULE_SECS`]).
+    fn fair_share(&self, taken: f64) -> f64 {
+        use cdtester_runner_api::plan::UNKNOWN_MODULE_SECS;
+        let slots = (self.peers.len() + 1) * self.cfg.slots.max(1);
+        let waiting: f64 = self
+            .evals
+            .values()
+            .filter(|r| self.schedules(r))
+            .map(|r| {
+                r.all_tasks()
+                    .filter(|t| self.waits(r, &t.task_id))
+                    .map(|t| {
+                        let share = t.chunk.map_or(1.0, |c| f64::from(c.count));
+                        self.durations
+                            .get(&duration_key(&t.project.name, t.module))
+                            .map_or(UNKNOWN_MODULE_SECS, |s| s.secs / share)
+                    })
+                    .sum::<f64>()
+            })
+            .sum();
+        (waiting + taken) / slots as f64
     }
 
     /// TASK_CONFIRM: the worker runs the task now.

@@ -64,6 +64,8 @@ struct Job {
     task: Task,
     outcome: Result<ModuleReport, String>,
     crash: bool,
+    /// A companion of another job's task (reported as [`Input::RanAlong`], before it).
+    along: bool,
 }
 
 #[derive(Default)]
@@ -531,11 +533,37 @@ impl World {
             self.nodes[i].waiting.push((task, deadline));
             return;
         }
+        // Companions run first in the same session; the task's own result frees the slot last.
+        let mut jobs = Vec::new();
+        let mut at = self.ms();
+        for c in &task.with {
+            let along = Task {
+                task_id: c.task_id.clone(),
+                module: c.module.clone(),
+                with: Vec::new(),
+                ..task.clone()
+            };
+            let (ms, outcome, crash) = self.simulate(&along);
+            at += ms;
+            jobs.push(Job { at: 0, task: along, outcome, crash, along: true });
+        }
+        let (ms, outcome, crash) = self.simulate(&task);
+        at += ms;
+        jobs.push(Job { at, task, outcome, crash, along: false });
+        for mut job in jobs {
+            job.at = at;
+            self.nodes[i].jobs.push(job);
+        }
+    }
+
+    /// How long `task` runs in the simulated runner, what it reports and whether it kills its
+    /// node.
+    fn simulate(&mut self, task: &Task) -> (u64, Result<ModuleReport, String>, bool) {
         let behaviour = self
             .projects
             .get(&strip_suffix(task.project.as_ref().map_or("", |p| p.name.as_str())))
             .and_then(|ms| ms.iter().find(|(m, _)| *m == task.module).map(|(_, b)| *b));
-        let (ms, outcome, crash) = match behaviour {
+        match behaviour {
             Some(Behaviour::Tests { passed, failed, ms }) => {
                 (ms, Ok(report(&task.module, passed, failed, ms)), false)
             }
@@ -546,9 +574,7 @@ impl World {
                 (300, Err("the worker was killed by signal 9".to_string()), self.may_kill())
             }
             None => (10, Err(format!("no module {}", task.module)), false),
-        };
-        let at = self.ms() + ms;
-        self.nodes[i].jobs.push(Job { at, task, outcome, crash });
+        }
     }
 
     fn start_waiting(&mut self, i: usize) {
@@ -586,7 +612,11 @@ impl World {
             }
             let from = job.task.from;
             let post = post(i, &job.task, job.outcome, now);
-            self.input(i, Input::Ran { post, from });
+            if job.along {
+                self.input(i, Input::RanAlong { post });
+            } else {
+                self.input(i, Input::Ran { post, from });
+            }
         }
     }
 

@@ -1,3 +1,4 @@
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
@@ -130,6 +131,53 @@ fn own_slots_take_tasks_at_once_and_a_freed_slot_is_refilled_in_the_same_step() 
 }
 
 #[test]
+fn remembered_small_modules_of_a_project_run_along_on_one_slot_up_to_a_fair_share() {
+    use cdtester_runner_api::plan::ModuleStat;
+    let clock = Clock(Instant::now(), 1000.0);
+    // Ten small modules of 0.5 s and one slow one of 30 s; 2 slots, no peers.
+    let mut names: Vec<String> = (0..10).map(|i| format!("t_{i}.py")).collect();
+    names.push("t_slow.py".into());
+    let mut durations: HashMap<String, ModuleStat> =
+        names.iter().map(|m| (duration_key("calc", m), ModuleStat { secs: 0.5, tests: 3 })).collect();
+    durations.insert(duration_key("calc", "t_slow.py"), ModuleStat { secs: 30.0, tests: 1 });
+    let mut e = Engine::new(config(addr(0), 2), Vec::new(), durations, clock.0);
+    e.handle(clock.now(), Input::Submitted(submission(5, addr(0), clock.1)));
+    let modules: Vec<&str> = names.iter().map(String::as_str).collect();
+    let out = e.handle(
+        clock.now(),
+        Input::Discovered { eval: 5, project: "5-0".into(), outcome: Ok(discovery(&modules)) },
+    );
+    let first = runs(&out);
+    assert_eq!(first.len(), 2, "{out:?}");
+    let slow = first.iter().find(|t| t.module == "t_slow.py").expect("the slow module goes first");
+    assert!(slow.with.is_empty(), "a slow module runs alone");
+    let small = first.iter().find(|t| t.module != "t_slow.py").expect("a small one");
+    // Waiting when the slow one has left: 10 x 0.5 s over 2 slots = 2.5 s a slot: the small
+    // one takes 4 more along (5 x 0.5 s).
+    assert_eq!(small.with.len(), 4, "{small:?}");
+    let rec = e.record(5).expect("record");
+    for c in &small.with {
+        assert_eq!(rec.running.get(&c.task_id), Some(&addr(0).to_string()), "published as running here");
+    }
+    // The companions report first, the task last; only then is the slot free again.
+    for c in small.with.clone() {
+        let along =
+            Task { task_id: c.task_id.clone(), module: c.module.clone(), with: Vec::new(), ..small.clone() };
+        let out =
+            e.handle(clock.now(), Input::RanAlong { post: post_for(addr(0), &along, &[Outcome::Passed]) });
+        assert!(runs(&out).is_empty(), "a companion frees no slot: {out:?}");
+    }
+    assert_eq!(e.busy(), 2);
+    let out =
+        e.handle(clock.now(), Input::Ran { post: post_for(addr(0), small, &[Outcome::Passed]), from: None });
+    let next = runs(&out);
+    assert_eq!(next.len(), 1, "{out:?}");
+    // 5 x 0.5 s left over 2 slots: 1.25 s a slot, the tail in smaller groups.
+    assert_eq!(next[0].with.len(), 1, "{next:?}");
+    assert_eq!(e.record(5).expect("record").results.len(), 5);
+}
+
+#[test]
 fn results_only_from_the_assigned_worker_and_only_the_first() {
     let (mut e, mut clock, _) = started_engine(0, &["t_a.py"]);
     let me = Input::Members { id: Some(NodeId("node-0".into())), peers: vec![addr(1), addr(2)] };
@@ -149,6 +197,7 @@ fn results_only_from_the_assigned_worker_and_only_the_first() {
         module: "t_a.py".into(),
         chunk: None,
         from: None,
+        with: Vec::new(),
     };
     let confirm = Message::TaskConfirm(TaskConfirmData { task_id: task_id.clone() });
     e.handle(clock.now(), Input::Message { from: addr(1), msg: confirm });
