@@ -14,8 +14,8 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use cdtester::demo::LocalCluster;
 use cdtester::eval::{EvalRecord, ProjectState};
-use cdtester::http::auth::{CallParts, MAC_HEADER, NODE_HEADER, NONCE_HEADER, Secret, TIME_HEADER};
-use cdtester::http::client::HttpClient;
+use cdtester::peer_http::auth::{CallParts, MAC_HEADER, NODE_HEADER, NONCE_HEADER, Secret, TIME_HEADER};
+use cdtester::peer_http::client::HttpClient;
 use cdtester::wire::TaskResultData;
 use hyper::{Method, StatusCode};
 use node_common::{get, get_internal, module_counts, stats_all, wait_finished};
@@ -106,7 +106,7 @@ async fn send_as(
     let body = body.map(|b| ("application/json", b));
     match client.send(method, http, path, body, Duration::from_secs(30)).await {
         Ok(r) => (r.status, serde_json::from_slice(&r.body).unwrap_or(Value::Null)),
-        Err(cdtester::http::client::ClientError::Status { status, body, .. }) => {
+        Err(cdtester::peer_http::client::ClientError::Status { status, body, .. }) => {
             (status, serde_json::from_str(&body).unwrap_or(Value::String(body)))
         }
         Err(e) => panic!("{path} on {http}: {e}"),
@@ -997,7 +997,7 @@ async fn m8_one_client_cannot_queue_unbounded_work_or_hold_every_stream() {
     let zip = victim_zip(dir.path(), 1.0, false);
     let first = node_common::submit_zip(http, &zip).await;
     let second = node_common::submit_zip(http, &zip).await;
-    let (ct, body) = cdtester::http::client::multipart_file("file", "projects.zip", &zip);
+    let (ct, body) = cdtester::peer_http::client::multipart_file("file", "projects.zip", &zip);
     let (status, v) = node_common::call(http, Method::POST, "/evaluation", Some((&ct, body))).await;
     assert_eq!(status, StatusCode::TOO_MANY_REQUESTS, "a third unfinished evaluation: {v}");
     assert!(v["error"].as_str().is_some_and(|e| e.contains("intake.max_pending_per_client")), "{v}");

@@ -12,8 +12,8 @@ use serde_json::Value;
 
 use crate::eval::{EvalId, EvalReport, EvalStatus};
 use crate::fetch;
-use crate::http::auth::Secret;
-use crate::http::client::{HttpClient, multipart_file};
+use crate::peer_http::auth::Secret;
+use crate::peer_http::client::{HttpClient, multipart_file};
 
 /// The variable holding the token for https git URLs. Only the environment carries it: a
 /// command-line argument would be visible to every user of the machine (`ps`).

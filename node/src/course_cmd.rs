@@ -14,7 +14,7 @@ use serde::Serialize;
 
 use crate::client::runtime;
 use crate::eval::EvalId;
-use crate::http::client::HttpClient;
+use crate::peer_http::client::HttpClient;
 
 /// `cdtester grades`.
 #[derive(Debug, Clone, clap::Args)]

@@ -18,7 +18,6 @@ mod local;
 mod project;
 mod reference;
 mod reference_workers;
-mod run;
 mod sync;
 mod worker;
 
@@ -37,14 +36,13 @@ use crate::core::{Event, LocalEvent, Snapshot};
 use crate::engine::{Accepted, Action, Engine, EngineConfig, Input, Now, Refusal};
 use crate::eval::{self, EvalId, EvalRecord, MAX_EVAL_ID, ProjectRecord, ProjectState};
 use crate::fetch::{self, FetchedProject};
-use crate::http::auth::{Secret, Verifier};
-use crate::http::client::HttpClient;
+use crate::peer_http::auth::{Secret, Verifier};
+use crate::peer_http::client::HttpClient;
 use crate::store::Store;
 use crate::wire::Message;
 
 pub use crate::engine::{SyncRequest, SyncResponse, TaskPost};
 pub use local::LocalNet;
-pub use run::{node_main, run_node, runners_for};
 pub use sync::Replicated;
 
 /// Period of the engine's tick when nothing else happens.
@@ -754,17 +752,17 @@ impl App {
             Event::PeerDown { addr, reason, .. } => {
                 tracing::info!(peer = %addr, ?reason, "peer down: requeueing its tasks");
                 if reason == crate::core::DownReason::Failed {
-                    crate::http::metrics::node().failure_detected()
+                    crate::metrics::node().failure_detected()
                 }
                 self.refresh_members();
                 self.apply(Input::PeerDown { addr, died: reason == crate::core::DownReason::Failed });
             }
             Event::TakeOver { failed_addr, .. } => {
-                crate::http::metrics::node().election_won();
+                crate::metrics::node().election_won();
                 self.apply(Input::TakeOver { failed: failed_addr });
             }
             Event::Relinquish { failed_addr, owner, .. } => {
-                crate::http::metrics::node().election_relinquished();
+                crate::metrics::node().election_relinquished();
                 tracing::info!(failed = %failed_addr, %owner, "another node owns the failed node's evaluations");
             }
             Event::CacheUpdate { from, data } => {

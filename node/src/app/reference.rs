@@ -28,8 +28,8 @@ use hyper::Method;
 
 use super::App;
 use crate::eval::{EvalId, ProjectRecord, ProjectState};
-use crate::http::auth::Secret;
-use crate::http::client::{ClientError, HttpClient};
+use crate::peer_http::auth::Secret;
+use crate::peer_http::client::{ClientError, HttpClient};
 use crate::interop::{self, View};
 use crate::wire::{self, CacheContent, Message, NodeIdData, ProjectSourceKind, TaskConfirmData, TaskInfo};
 

@@ -32,7 +32,7 @@ pub async fn run(app: Arc<App>, task: Task) {
         }
         Err(e) => {
             tracing::warn!(task = %task.task_id, "module could not run: {e}");
-            crate::http::metrics::node().runner_error();
+            crate::metrics::node().runner_error();
         }
     }
     let outcome = outcome.map(|r| app.redact_report(r)).map_err(|e| app.redact(&e));

@@ -15,9 +15,7 @@
 //! limit) and a connection cap; uploads stream to disk under a byte cap with a stall timeout
 //! (see the `intake` configuration section).
 
-pub mod auth;
 pub mod budget;
-pub mod client;
 pub mod dashboard;
 pub mod events;
 pub mod grades;
@@ -43,6 +41,7 @@ use serde_json::json;
 
 use crate::app::{App, AppError, TaskPost};
 use crate::eval::EvalId;
+use crate::peer_http::auth;
 
 /// Largest request body accepted by the internal routes (`POST /evaluation` has its own caps:
 /// `intake.max_upload_bytes` for uploads, [`MAX_SUBMIT_JSON`] for JSON).
