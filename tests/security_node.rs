@@ -14,6 +14,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use cdtester::demo::LocalCluster;
 use cdtester::eval::{EvalRecord, ProjectState};
+use cdtester::ids::EvalId;
 use cdtester::peer_http::auth::{CallParts, MAC_HEADER, NODE_HEADER, NONCE_HEADER, Secret, TIME_HEADER};
 use cdtester::peer_http::client::HttpClient;
 use cdtester::wire::TaskResultData;
@@ -413,7 +414,7 @@ async fn h1_insecure_forged_records_cannot_replace_results_or_name_host_files() 
     let attacker = claiming(owner, None);
     // A brand-new evaluation naming host files, and one with a CR/LF project id.
     let mut fresh = forge(&real, "/etc/passwd");
-    fresh.id = id + 1000;
+    fresh.id = EvalId::new(id + 1000).unwrap();
     for (i, p) in fresh.projects.iter_mut().enumerate() {
         p.id = format!("{}-{i}", fresh.id);
     }
@@ -468,7 +469,7 @@ fn forged_result(eval: u64, project: &str, module: &str, worker: SocketAddr) -> 
             ip: worker.ip().to_string(),
             port: worker.port().to_string(),
         },
-        eval_id: Some(eval),
+        eval_id: Some(EvalId::new(eval).unwrap()),
         attempt: "0".repeat(32),
         report: Some(cdtester_runner_api::ModuleReport {
             module: module.to_string(),
@@ -704,7 +705,7 @@ async fn l3_crlf_project_id_gets_4xx_never_500() {
     let id = node_common::submit_zip(http, &zip).await;
     wait_finished(http, id, Duration::from_secs(120)).await;
     let mut evil = record(&c, id).await;
-    evil.id = id + 1;
+    evil.id = EvalId::new(id + 1).unwrap();
     evil.projects.truncate(1);
     evil.projects[0].id = format!("{}-0\r\nX-Evil: 1", evil.id);
     let body = serde_json::to_vec(&vec![evil]).unwrap();

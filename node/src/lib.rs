@@ -13,6 +13,7 @@ pub mod env_cmd;
 pub mod eval;
 pub mod fetch;
 pub mod http;
+pub mod ids;
 pub mod interop;
 pub mod metrics;
 pub mod node_cmd;

@@ -34,8 +34,9 @@ use cdtester_runner_api::{Outcome, PreparedProject, Runner, TestResult};
 
 use crate::core::{Event, LocalEvent, Snapshot};
 use crate::engine::{Accepted, Action, Engine, EngineConfig, Input, Now, Refusal};
-use crate::eval::{self, EvalId, EvalRecord, MAX_EVAL_ID, ProjectRecord, ProjectState};
+use crate::eval::{self, EvalRecord, ProjectRecord, ProjectState};
 use crate::fetch::{self, FetchedProject};
+use crate::ids::EvalId;
 use crate::peer_http::auth::{Secret, Verifier};
 use crate::peer_http::client::HttpClient;
 use crate::store::Store;
@@ -544,7 +545,7 @@ impl App {
         let rec = {
             let engine = self.engine();
             let id = loop {
-                let id = rand::random_range(1_000_000..MAX_EVAL_ID);
+                let id = EvalId::random();
                 if !engine.knows(id) {
                     break id;
                 }
@@ -573,7 +574,7 @@ impl App {
                 }
             }
         }
-        tracing::info!(eval = rec.id, projects = rec.projects.len(), "evaluation submitted");
+        tracing::info!(eval = %rec.id, projects = rec.projects.len(), "evaluation submitted");
         self.apply(Input::Submitted(rec.clone()));
         // Replicate before answering, so that the evaluation survives this node's failure.
         sync::push_now(self, std::slice::from_ref(&rec)).await;
@@ -653,7 +654,7 @@ impl App {
     /// Persists a record's header and the results it carries (a delta holds only new ones).
     fn persist(&self, rec: &EvalRecord) {
         if let Err(e) = self.store.put_evaluation(rec, rec.results.keys()) {
-            tracing::error!(eval = rec.id, "persisting the evaluation failed: {e}");
+            tracing::error!(eval = %rec.id, "persisting the evaluation failed: {e}");
         }
     }
 

@@ -12,7 +12,8 @@ use cdtester_runner_api::{PreparedProject, ProjectSource};
 
 use super::App;
 use crate::engine::{Discovery, Input, NO_TESTS};
-use crate::eval::{EvalId, ProjectRecord};
+use crate::eval::ProjectRecord;
+use crate::ids::EvalId;
 
 impl App {
     /// Discovers a project's modules in the background, then tells the engine.
@@ -21,7 +22,7 @@ impl App {
         tokio::spawn(async move {
             let outcome = app.discover(&project).await.map_err(|e| app.redact(&e));
             if let Err(error) = &outcome {
-                tracing::warn!(eval, project = %project.id, "project cannot be evaluated: {error}");
+                tracing::warn!(%eval, project = %project.id, "project cannot be evaluated: {error}");
             }
             app.apply(Input::Discovered { eval, project: project.id, outcome });
         });

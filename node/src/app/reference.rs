@@ -27,10 +27,11 @@ use cdtester_runner_api::{ModuleReport, TaskSpec};
 use hyper::Method;
 
 use super::App;
-use crate::eval::{EvalId, ProjectRecord, ProjectState};
+use crate::eval::{ProjectRecord, ProjectState};
+use crate::ids::EvalId;
+use crate::interop::{self, View};
 use crate::peer_http::auth::Secret;
 use crate::peer_http::client::{ClientError, HttpClient};
-use crate::interop::{self, View};
 use crate::wire::{self, CacheContent, Message, NodeIdData, ProjectSourceKind, TaskConfirmData, TaskInfo};
 
 /// How long a reference task waits for its project before it is left unconfirmed (the owner

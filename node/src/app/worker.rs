@@ -9,7 +9,8 @@ use cdtester_runner_api::{ModuleReport, TaskSpec, clip_message};
 
 use super::App;
 use crate::engine::{BatchAnswer, Input, Task, TaskPost};
-use crate::eval::{EvalId, ProjectRecord, ProjectState};
+use crate::eval::{ProjectRecord, ProjectState};
+use crate::ids::EvalId;
 
 /// Runs a task the engine gave this node's slot, then reports it back (which frees the slot).
 pub async fn run(app: Arc<App>, task: Task) {

@@ -36,7 +36,8 @@ use std::time::{Duration, Instant};
 use cdtester_runner_api::plan::ModuleStat;
 use cdtester_runner_api::{Chunk, Limits};
 
-use crate::eval::{EvalId, EvalRecord, ProjectRecord, ProjectState};
+use crate::eval::{EvalRecord, ProjectRecord, ProjectState};
+use crate::ids::EvalId;
 use crate::wire::{Message, NodeId};
 
 pub use outbox::{BatchAnswer, MAX_BATCH};
@@ -512,7 +513,7 @@ impl Engine {
             else {
                 continue;
             };
-            tracing::info!(eval = id, "resuming evaluation after restart");
+            tracing::info!(eval = %id, "resuming evaluation after restart");
             let projects = rec.projects.clone();
             self.start_phase1(id);
             // Tasks this node ran when it stopped count a worker death; those running elsewhere

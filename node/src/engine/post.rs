@@ -3,7 +3,7 @@
 use cdtester_runner_api::{Counts, ModuleReport};
 use serde::{Deserialize, Serialize};
 
-use crate::eval::EvalId;
+use crate::ids::EvalId;
 use crate::wire::TaskResultData;
 
 /// Body of `POST /task`: the reference's TASK_RESULT fields (`task_id`, `passed`, `failed`,

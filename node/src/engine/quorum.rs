@@ -24,7 +24,8 @@ use std::time::{Duration, Instant};
 use serde::{Deserialize, Serialize};
 
 use super::{Action, Engine, Now};
-use crate::eval::{EvalId, EvalRecord, ModuleResult};
+use crate::eval::{EvalRecord, ModuleResult};
+use crate::ids::EvalId;
 
 /// A provisional result a member took from a proposal, with the proposal's term.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -300,7 +301,7 @@ impl Engine {
     pub(super) fn proposed(&mut self, copy: EvalRecord, from: SocketAddr, out: &mut Vec<Action>) {
         let id = copy.id;
         if copy.validate().is_err() || copy.responsible != from.to_string() {
-            tracing::warn!(eval = id, peer = %from, "refusing a proposal for a record the sender does not own");
+            tracing::warn!(eval = %id, peer = %from, "refusing a proposal for a record the sender does not own");
             return;
         }
         let (term, responsible) = (copy.term, copy.responsible.clone());

@@ -7,7 +7,8 @@ use std::net::SocketAddr;
 use serde::{Deserialize, Serialize};
 
 use super::{Action, Engine};
-use crate::eval::{self, EvalId, EvalRecord, ProjectState};
+use crate::eval::{self, EvalRecord, ProjectState};
+use crate::ids::EvalId;
 use crate::wire::{self, CacheContent, EvalMap};
 
 /// A record's fingerprint: differs whenever the content that matters differs.
@@ -55,12 +56,12 @@ impl Engine {
         let mut changed = 0;
         for rec in records {
             if let Err(e) = rec.validate() {
-                tracing::warn!(eval = rec.id, peer = %from_s, "refusing a replicated record: {e}");
+                tracing::warn!(eval = %rec.id, peer = %from_s, "refusing a replicated record: {e}");
                 continue;
             }
             if self.cfg.open && from != self.cfg.me && rec.responsible != from_s && rec.submitted_to != from_s
             {
-                tracing::warn!(eval = rec.id, peer = %from_s, "refusing a record the sender neither owns nor submitted");
+                tracing::warn!(eval = %rec.id, peer = %from_s, "refusing a record the sender neither owns nor submitted");
                 continue;
             }
             let id = rec.id;

@@ -9,7 +9,8 @@ use cdtester_runner_api::plan::ModuleStat;
 use cdtester_runner_api::{Limits, ModuleReport};
 
 use super::{Accepted, Action, Engine, Now, Refusal, Task, TaskPost, duration_key};
-use crate::eval::{self, EvalId, EvalRecord, ModuleResult, ProjectState};
+use crate::eval::{self, EvalRecord, ModuleResult, ProjectState};
+use crate::ids::EvalId;
 use crate::wire::{Message, TaskConfirmData, TaskInfo, TaskSendData, TaskSourceKind};
 
 /// Failed attempts (runner infrastructure errors) before a task is recorded as not runnable.
@@ -344,7 +345,7 @@ impl Engine {
         self.changed(eval, &[], out);
         self.assignments.finish(task);
         if deaths < eval::MAX_WORKER_DEATHS {
-            tracing::warn!(eval, %task, deaths, "the worker running this task died; requeued");
+            tracing::warn!(%eval, %task, deaths, "the worker running this task died; requeued");
         } else if !self.fence.in_phase1(eval) && !self.held.contains(&eval) {
             self.record_crash(now, eval, task, deaths, out);
         }
@@ -360,7 +361,7 @@ impl Engine {
         out: &mut Vec<Action>,
     ) {
         let module = eval::split_task_id(task).map_or(task, |(_, part)| eval::parse_task_part(part).0);
-        tracing::error!(eval, %task, "task killed its worker {deaths} times: recorded as crashed");
+        tracing::error!(%eval, %task, "task killed its worker {deaths} times: recorded as crashed");
         let report = ModuleReport {
             module: module.to_string(),
             tests: Vec::new(),

@@ -21,7 +21,8 @@ use super::{
 };
 use crate::core::sim::{NetConfig, Sim};
 use crate::core::{DownReason, Event, LocalEvent};
-use crate::eval::{EvalId, EvalRecord, ProjectRecord, ProjectState};
+use crate::eval::{EvalRecord, ProjectRecord, ProjectState};
+use crate::ids::EvalId;
 
 /// One step of the world, ms.
 const STEP: u64 = 50;
@@ -116,7 +117,7 @@ pub struct World {
     projects: BTreeMap<String, Vec<(String, Behaviour)>>,
     submitted: Vec<EvalId>,
     /// Result posts answered `Stored`, per (node, evaluation, task).
-    stored: BTreeMap<(usize, EvalId, String), u32>,
+    stored: BTreeMap<(usize, Option<EvalId>, String), u32>,
     /// The first result (attempt, node) seen per task on any node: the one accepted result.
     accepted: BTreeMap<EvalId, BTreeMap<String, (String, usize)>>,
 }
@@ -243,7 +244,8 @@ impl World {
             return;
         }
         let i = live[self.rng.random_range(0..live.len())];
-        let id = 1_000_000 + self.rng.random_range(0..1_000_000_u64) * 1000 + self.submitted.len() as u64;
+        let n = 1_000_000 + self.rng.random_range(0..1_000_000_u64) * 1000 + self.submitted.len() as u64;
+        let id = EvalId::new(n).expect("below 2^53");
         let count = self.rng.random_range(1..=3);
         let names: Vec<String> = self.projects.keys().cloned().collect();
         let projects = (0..count)
@@ -599,11 +601,11 @@ impl World {
         answer: &Option<Result<Accepted, Refusal>>,
     ) -> Result<(), String> {
         if matches!(answer, Some(Ok(Accepted::Stored))) {
-            let (eval, task) = (post.eval_id.unwrap_or(0), post.result.task_id.clone());
+            let (eval, task) = (post.eval_id, post.result.task_id.clone());
             let n = self.stored.entry((node, eval, task.clone())).or_insert(0);
             *n += 1;
             if *n > 1 {
-                return Err(format!("node {node} accepted task {task} of {eval} {n} times"));
+                return Err(format!("node {node} accepted task {task} of {eval:?} {n} times"));
             }
         }
         Ok(())

@@ -94,11 +94,14 @@ fn answer(actions: &[Action]) -> Result<Accepted, Refusal> {
 fn started_engine(slots: usize, modules: &[&str]) -> (Engine, Clock, Vec<Action>) {
     let clock = Clock(Instant::now(), 1000.0);
     let mut e = Engine::new(config(addr(0), slots), Vec::new(), Default::default(), clock.0);
-    let out = e.handle(clock.now(), Input::Submitted(submission(5, addr(0), clock.1)));
-    assert!(matches!(out.as_slice(), [Action::Persist(_), Action::Discover { eval: 5, .. }]), "{out:?}");
+    let out = e.handle(clock.now(), Input::Submitted(submission(EvalId::test(5), addr(0), clock.1)));
+    assert!(
+        matches!(out.as_slice(), [Action::Persist(_), Action::Discover { eval, .. }] if *eval == EvalId::test(5)),
+        "{out:?}"
+    );
     let out = e.handle(
         clock.now(),
-        Input::Discovered { eval: 5, project: "5-0".into(), outcome: Ok(discovery(modules)) },
+        Input::Discovered { eval: EvalId::test(5), project: "5-0".into(), outcome: Ok(discovery(modules)) },
     );
     (e, clock, out)
 }
@@ -123,7 +126,7 @@ fn own_slots_take_tasks_at_once_and_a_freed_slot_is_refilled_in_the_same_step() 
     for t in [&first[1], &next[0]] {
         e.handle(clock.now(), Input::Ran { post: post_for(addr(0), t, &[Outcome::Failed]), from: None });
     }
-    let rec = e.record(5).expect("record");
+    let rec = e.record(EvalId::test(5)).expect("record");
     assert!(rec.end_time.is_some(), "{rec:?}");
     assert_eq!(rec.counts().failures(), 2);
     assert_eq!(e.busy(), 0);
@@ -142,7 +145,7 @@ fn results_only_from_the_assigned_worker_and_only_the_first() {
     assert_eq!(*to, addr(1));
     let task_id = crate::eval::task_id(&send.info.project_id, &send.info.module);
     let task = Task {
-        eval: 5,
+        eval: EvalId::test(5),
         task_id: task_id.clone(),
         project_id: "5-0".into(),
         project: None,
@@ -152,7 +155,7 @@ fn results_only_from_the_assigned_worker_and_only_the_first() {
     };
     let confirm = Message::TaskConfirm(TaskConfirmData { task_id: task_id.clone() });
     e.handle(clock.now(), Input::Message { from: addr(1), msg: confirm });
-    assert_eq!(e.record(5).expect("record").running.get(&task_id), Some(&addr(1).to_string()));
+    assert_eq!(e.record(EvalId::test(5)).expect("record").running.get(&task_id), Some(&addr(1).to_string()));
     clock.advance(10);
     let forged = post_for(addr(2), &task, &[Outcome::Passed]);
     let out = e.handle(clock.now(), Input::Result { post: forged.clone(), caller: addr(2) });
@@ -165,14 +168,14 @@ fn results_only_from_the_assigned_worker_and_only_the_first() {
     let good = post_for(addr(1), &task, &[Outcome::Failed]);
     let out = e.handle(clock.now(), Input::Result { post: good.clone(), caller: addr(1) });
     assert_eq!(answer(&out), Ok(Accepted::Stored));
-    assert!(e.record(5).expect("record").results.is_empty(), "stored once a majority holds it");
+    assert!(e.record(EvalId::test(5)).expect("record").results.is_empty(), "stored once a majority holds it");
     votes_for(&mut e, &clock, &out);
     let again = post_for(addr(1), &task, &[Outcome::Passed]);
     assert_eq!(
         answer(&e.handle(clock.now(), Input::Result { post: again, caller: addr(1) })),
         Ok(Accepted::Duplicate)
     );
-    assert_eq!(e.record(5).expect("record").counts().failures(), 1, "the first result stays");
+    assert_eq!(e.record(EvalId::test(5)).expect("record").counts().failures(), 1, "the first result stays");
 }
 
 #[test]
@@ -190,11 +193,11 @@ fn a_dead_worker_counts_a_death_and_its_task_goes_to_the_next_one() {
         e.handle(clock.now(), Input::Message { from: worker, msg: confirm });
         let out = e.handle(clock.now(), Input::PeerDown { addr: worker, died: true });
         votes_for(&mut e, &clock, &out);
-        let rec = e.record(5).expect("record");
+        let rec = e.record(EvalId::test(5)).expect("record");
         assert_eq!(rec.worker_deaths.get("5-0::t_a.py"), Some(&expected_deaths));
         assert!(rec.running.is_empty());
     }
-    let rec = e.record(5).expect("record");
+    let rec = e.record(EvalId::test(5)).expect("record");
     let note = rec.results["5-0::t_a.py"].report.note.clone().unwrap_or_default();
     assert!(note.contains("crashed"), "{note}");
     assert!(rec.end_time.is_some());
@@ -233,10 +236,14 @@ fn a_node_cut_off_from_the_majority_neither_schedules_nor_stores_until_it_sees_o
     let clock = Clock(Instant::now(), 1000.0);
     let mut e = Engine::new(config(addr(0), 1), Vec::new(), Default::default(), clock.0);
     members(&mut e, &clock, &[addr(1), addr(2), addr(3), addr(4)]);
-    e.handle(clock.now(), Input::Submitted(submission(5, addr(0), clock.1)));
+    e.handle(clock.now(), Input::Submitted(submission(EvalId::test(5), addr(0), clock.1)));
     let out = e.handle(
         clock.now(),
-        Input::Discovered { eval: 5, project: "5-0".into(), outcome: Ok(discovery(&["t_a.py", "t_b.py"])) },
+        Input::Discovered {
+            eval: EvalId::test(5),
+            project: "5-0".into(),
+            outcome: Ok(discovery(&["t_a.py", "t_b.py"])),
+        },
     );
     let first = runs(&out);
     assert_eq!(first.len(), 1, "{out:?}");
@@ -245,7 +252,7 @@ fn a_node_cut_off_from_the_majority_neither_schedules_nor_stores_until_it_sees_o
     let out = e.handle(clock.now(), Input::Ran { post: post.clone(), from: None });
     assert_eq!(e.undelivered(), 1, "kept for later: {out:?}");
     assert!(runs(&out).is_empty() && proposals(&out).is_empty(), "{out:?}");
-    assert!(e.record(5).expect("record").results.is_empty());
+    assert!(e.record(EvalId::test(5)).expect("record").results.is_empty());
     let out = members(&mut e, &clock, &[addr(1), addr(2)]);
     assert_eq!(runs(&out).len(), 1, "three of five live: scheduling again: {out:?}");
     let out = e.handle(clock.now(), Input::Result { post, caller: addr(0) });
@@ -253,9 +260,9 @@ fn a_node_cut_off_from_the_majority_neither_schedules_nor_stores_until_it_sees_o
     let sent = proposals(&out);
     assert_eq!(sent.iter().map(|(to, _)| *to).collect::<Vec<_>>(), vec![addr(1), addr(2)]);
     e.handle(clock.now(), Input::Voted { vote: holding(&sent[0].1), from: sent[0].0 });
-    assert!(e.record(5).expect("record").results.is_empty(), "two of five hold it: not yet");
+    assert!(e.record(EvalId::test(5)).expect("record").results.is_empty(), "two of five hold it: not yet");
     e.handle(clock.now(), Input::Voted { vote: holding(&sent[1].1), from: sent[1].0 });
-    assert_eq!(e.record(5).expect("record").results.len(), 1, "three of five hold it: stored");
+    assert_eq!(e.record(EvalId::test(5)).expect("record").results.len(), 1, "three of five hold it: stored");
 }
 
 #[test]
@@ -265,10 +272,14 @@ fn a_result_held_alone_is_stored_once_the_only_other_member_stops_counting() {
     let mut clock = Clock(Instant::now(), 1000.0);
     let mut e = Engine::new(config(addr(0), 1), Vec::new(), Default::default(), clock.0);
     members(&mut e, &clock, &[addr(1)]);
-    e.handle(clock.now(), Input::Submitted(submission(5, addr(0), clock.1)));
+    e.handle(clock.now(), Input::Submitted(submission(EvalId::test(5), addr(0), clock.1)));
     let out = e.handle(
         clock.now(),
-        Input::Discovered { eval: 5, project: "5-0".into(), outcome: Ok(discovery(&["t_a.py"])) },
+        Input::Discovered {
+            eval: EvalId::test(5),
+            project: "5-0".into(),
+            outcome: Ok(discovery(&["t_a.py"])),
+        },
     );
     let task = runs(&out).pop().expect("a task");
     let out =
@@ -276,13 +287,13 @@ fn a_result_held_alone_is_stored_once_the_only_other_member_stops_counting() {
     assert_eq!(proposals(&out).len(), 1, "proposed to the other member: {out:?}");
     members(&mut e, &clock, &[]);
     e.handle(clock.now(), Input::Tick);
-    assert!(e.record(5).expect("record").results.is_empty(), "one of two holds it: not yet");
+    assert!(e.record(EvalId::test(5)).expect("record").results.is_empty(), "one of two holds it: not yet");
     clock.advance(300_000 - 1);
     e.handle(clock.now(), Input::Tick);
-    assert!(e.record(5).expect("record").results.is_empty(), "the dead member still counts");
+    assert!(e.record(EvalId::test(5)).expect("record").results.is_empty(), "the dead member still counts");
     clock.advance(2);
     e.handle(clock.now(), Input::Tick);
-    let rec = e.record(5).expect("record");
+    let rec = e.record(EvalId::test(5)).expect("record");
     assert_eq!(rec.results.len(), 1, "stored without any vote once it stopped counting");
     assert!(rec.end_time.is_some(), "{rec:?}");
 }
@@ -297,7 +308,7 @@ fn a_stale_owner_learns_the_higher_term_from_a_vote_and_stores_nothing() {
     let sent = proposals(&out);
     assert_eq!(sent.len(), 4, "{out:?}");
     e.handle(clock.now(), Input::Voted { vote: holding(&sent[1].1), from: addr(2) });
-    let mut newer = e.record(5).expect("record").clone_header();
+    let mut newer = e.record(EvalId::test(5)).expect("record").clone_header();
     newer.term = 2;
     newer.version = 0;
     newer.responsible = addr(1).to_string();
@@ -305,7 +316,7 @@ fn a_stale_owner_learns_the_higher_term_from_a_vote_and_stores_nothing() {
         clock.now(),
         Input::Voted { vote: Vote { record: newer, proposals: Default::default() }, from: addr(1) },
     );
-    let rec = e.record(5).expect("record");
+    let rec = e.record(EvalId::test(5)).expect("record");
     assert_eq!((rec.term, rec.responsible.as_str()), (2, addr(1).to_string().as_str()));
     assert!(rec.results.is_empty(), "a stale owner's result is never stored: {rec:?}");
     clock.advance(1000);
@@ -318,11 +329,11 @@ fn a_member_takes_a_proposal_only_from_the_owner_at_its_term() {
     let (origin, clock, out) = started_engine(1, &["t_a.py"]);
     let task = runs(&out).remove(0);
     let mut peer = Engine::new(config(addr(1), 1), Vec::new(), Default::default(), clock.0);
-    let mut taken = origin.record(5).expect("record").clone();
+    let mut taken = origin.record(EvalId::test(5)).expect("record").clone();
     taken.term = 2;
     taken.responsible = addr(2).to_string();
     peer.handle(clock.now(), Input::Merge { records: vec![taken], from: addr(2) });
-    let mut stale = origin.record(5).expect("record").clone_header();
+    let mut stale = origin.record(EvalId::test(5)).expect("record").clone_header();
     let report = crate::eval::tests::module_report(&task.module, &[Outcome::Passed]);
     let result = crate::eval::ModuleResult {
         node: addr(0).to_string(),
@@ -337,7 +348,7 @@ fn a_member_takes_a_proposal_only_from_the_owner_at_its_term() {
     };
     assert_eq!((vote.record.term, vote.record.results.len()), (2, 0), "refused: {vote:?}");
     assert!(vote.proposals.is_empty(), "{vote:?}");
-    assert!(peer.record(5).expect("record").results.is_empty());
+    assert!(peer.record(EvalId::test(5)).expect("record").results.is_empty());
     let out = peer.handle(clock.now(), Input::Propose { copy: stale, from: addr(3) });
     assert!(!out.iter().any(|a| matches!(a, Action::Vote(_))), "only the record's owner proposes: {out:?}");
 }
@@ -348,7 +359,7 @@ fn a_takeover_learns_every_live_members_results_before_it_schedules() {
     let task = runs(&out).remove(0);
     let done = origin
         .handle(clock.now(), Input::Ran { post: post_for(addr(0), &task, &[Outcome::Passed]), from: None });
-    let with_result = origin.record(5).expect("record").clone();
+    let with_result = origin.record(EvalId::test(5)).expect("record").clone();
     assert_eq!(with_result.results.len(), 1, "alone, a node is its own majority: {done:?}");
     let mut before = with_result.clone();
     before.results.clear();
@@ -397,7 +408,7 @@ fn results_for_one_node_go_together_and_each_is_checked_alone() {
     let mut w = Engine::new(config(addr(1), 2), Vec::new(), Default::default(), clock.0);
     members(&mut r, &clock, &[addr(1)]);
     members(&mut w, &clock, &[addr(0)]);
-    let rec = r.record(5).expect("record").clone();
+    let rec = r.record(EvalId::test(5)).expect("record").clone();
     w.handle(clock.now(), Input::Merge { records: vec![rec], from: addr(0) });
     let mut tasks = Vec::new();
     for _ in 0..2 {
@@ -449,7 +460,11 @@ fn results_for_one_node_go_together_and_each_is_checked_alone() {
         vec![Some(Accepted::Stored), Some(Accepted::Stored), None, Some(Accepted::Duplicate)]
     );
     assert!(answers[2].outcome.as_ref().is_err_and(|e| e.contains("sent by")), "{answers:?}");
-    assert_eq!(r.record(5).expect("record").results.len(), 2, "both stored once the worker voted");
+    assert_eq!(
+        r.record(EvalId::test(5)).expect("record").results.len(),
+        2,
+        "both stored once the worker voted"
+    );
     w.handle(clock.now(), Input::Delivered(answers));
     assert_eq!(w.undelivered(), 0);
 }
@@ -465,5 +480,5 @@ fn only_cdtester_peers_vote_reference_ones_never_answer_proposals() {
     let sent = proposals(&out);
     assert_eq!(sent.iter().map(|(to, _)| *to).collect::<Vec<_>>(), vec![addr(1)], "{out:?}");
     e.handle(clock.now(), Input::Voted { vote: holding(&sent[0].1), from: addr(1) });
-    assert_eq!(e.record(5).expect("record").results.len(), 1, "two of two voters hold it");
+    assert_eq!(e.record(EvalId::test(5)).expect("record").results.len(), 1, "two of two voters hold it");
 }

@@ -18,16 +18,12 @@ use std::collections::BTreeMap;
 use cdtester_runner_api::{Chunk, Counts, Limits, ModuleReport, TestResult};
 use serde::{Deserialize, Serialize};
 
+use crate::ids::EvalId;
+
 pub use report::{
     Columns, EvalReport, EvalStatus, ModuleStatus, ModuleView, NodeStatsRow, ProjectReport, ProjectStatus,
     Stats, StatsAll, Summary, build_report, stats,
 };
-
-/// Evaluation ids are positive integers below 2^53 (exact in JSON numbers everywhere).
-pub type EvalId = u64;
-
-/// Largest evaluation id (2^53 - 1).
-pub const MAX_EVAL_ID: EvalId = (1 << 53) - 1;
 
 /// A task id: `"<project id>::<module>"` (the reference's format).
 pub fn task_id(project_id: &str, module: &str) -> String {
@@ -254,10 +250,7 @@ impl EvalRecord {
     /// hex digits: they name files), names (no path separators or control characters) and
     /// module paths (relative, inside the project).
     pub fn validate(&self) -> Result<(), String> {
-        if self.id == 0 || self.id > MAX_EVAL_ID {
-            return Err(format!("evaluation id {} out of range", self.id));
-        }
-        if self.rerun_of.is_some_and(|r| r == 0 || r > MAX_EVAL_ID || r == self.id) {
+        if self.rerun_of == Some(self.id) {
             return Err(format!("evaluation {}: invalid rerun_of", self.id));
         }
         for (t, r) in &self.results {
@@ -623,7 +616,12 @@ pub(crate) mod tests {
 
     #[test]
     fn results_are_idempotent_and_complete_the_evaluation() {
-        let mut rec = EvalRecord::new(7, "n1".into(), 1.0, vec![ready("7-0", "calc", &["t_a.py", "t_b.py"])]);
+        let mut rec = EvalRecord::new(
+            EvalId::test(7),
+            "n1".into(),
+            1.0,
+            vec![ready("7-0", "calc", &["t_a.py", "t_b.py"])],
+        );
         assert_eq!(rec.unfinished_tasks().len(), 2);
         let r = result("n2", "b", module_report("t_a.py", &[Outcome::Passed, Outcome::Failed]));
         assert!(rec.add_result("7-0::t_a.py", r.clone(), 3.0));
@@ -637,7 +635,12 @@ pub(crate) mod tests {
 
     #[test]
     fn merge_keeps_accepted_results_and_prefers_higher_term() {
-        let base = EvalRecord::new(7, "n1".into(), 1.0, vec![ready("7-0", "calc", &["t_a.py", "t_b.py"])]);
+        let base = EvalRecord::new(
+            EvalId::test(7),
+            "n1".into(),
+            1.0,
+            vec![ready("7-0", "calc", &["t_a.py", "t_b.py"])],
+        );
         let mut a = base.clone();
         a.add_result("7-0::t_a.py", result("n2", "z", module_report("t_a.py", &[Outcome::Passed])), 3.0);
         let mut b = base.clone();
@@ -661,7 +664,8 @@ pub(crate) mod tests {
 
     #[test]
     fn a_copy_cannot_add_projects_unknown_tasks_or_change_settled_projects() {
-        let mut mine = EvalRecord::new(7, "n1".into(), 1.0, vec![ready("7-0", "calc", &["t_a.py"])]);
+        let mut mine =
+            EvalRecord::new(EvalId::test(7), "n1".into(), 1.0, vec![ready("7-0", "calc", &["t_a.py"])]);
         let mut forged = mine.clone();
         forged.projects.push(ready("7-1", "extra", &["t_x.py"]));
         if let ProjectState::Ready { runner, modules, .. } = &mut forged.projects[0].state {
@@ -682,7 +686,12 @@ pub(crate) mod tests {
 
     #[test]
     fn records_with_unsafe_fields_are_invalid() {
-        let good = EvalRecord::new(7, "127.0.0.1:7000".into(), 1.0, vec![ready("7-0", "calc", &["t_a.py"])]);
+        let good = EvalRecord::new(
+            EvalId::test(7),
+            "127.0.0.1:7000".into(),
+            1.0,
+            vec![ready("7-0", "calc", &["t_a.py"])],
+        );
         let mut good = good;
         good.projects[0].content_hash = "a".repeat(64);
         assert_eq!(good.validate(), Ok(()));
@@ -694,9 +703,7 @@ pub(crate) mod tests {
             Box::new(|r| r.projects[0].id = "8-0".into()),
             Box::new(|r| r.projects[0].name = "a/b".into()),
             Box::new(|r| r.responsible = "somewhere".into()),
-            Box::new(|r| r.id = 0),
-            Box::new(|r| r.rerun_of = Some(7)),
-            Box::new(|r| r.rerun_of = Some(MAX_EVAL_ID + 1)),
+            Box::new(|r| r.rerun_of = Some(r.id)),
             Box::new(|r| {
                 let mut report = module_report("t_a.py", &[Outcome::Flaky]);
                 report.tests[0].message = Some("no attempts".into());
@@ -729,7 +736,8 @@ pub(crate) mod tests {
         )
             .prop_map(|(term, version, res)| {
                 let mods = ["t_0.py", "t_1.py", "t_2.py", "t_3.py"];
-                let mut r = EvalRecord::new(7, "n1".into(), 1.0, vec![ready("7-0", "calc", &mods)]);
+                let mut r =
+                    EvalRecord::new(EvalId::test(7), "n1".into(), 1.0, vec![ready("7-0", "calc", &mods)]);
                 r.term = term;
                 r.version = version;
                 for (m, (outcomes, attempt)) in res {
@@ -767,7 +775,7 @@ pub(crate) mod tests {
         if let ProjectState::Ready { chunks, .. } = &mut p.state {
             chunks.insert("t_b.py".into(), 3);
         }
-        let rec = EvalRecord::new(7, "n1".into(), 1.0, vec![p]);
+        let rec = EvalRecord::new(EvalId::test(7), "n1".into(), 1.0, vec![p]);
         let ids: Vec<String> = rec.all_tasks().map(|t| t.task_id).collect();
         assert_eq!(ids, ["7-0::t_a.py", "7-0::t_b.py#0/3", "7-0::t_b.py#1/3", "7-0::t_b.py#2/3"]);
         assert!(rec.knows_task("7-0::t_b.py#2/3"));
@@ -781,7 +789,7 @@ pub(crate) mod tests {
     #[test]
     fn a_pending_module_took_plus_zero_seconds() {
         let p = ready("7-0", "calc", &["t_a.py"]);
-        let rec = EvalRecord::new(7, "n1".into(), 1.0, vec![p.clone()]);
+        let rec = EvalRecord::new(EvalId::test(7), "n1".into(), 1.0, vec![p.clone()]);
         let d = rec.module_progress(&p, "t_a.py").duration();
         assert!(d == 0.0 && d.is_sign_positive(), "{d}");
         assert_eq!(serde_json::to_string(&d).expect("json"), "0.0");
@@ -791,8 +799,8 @@ pub(crate) mod tests {
     fn merge_adopts_discovered_modules() {
         let mut pending = ready("7-0", "calc", &[]);
         pending.state = ProjectState::Preparing;
-        let mut a = EvalRecord::new(7, "n1".into(), 1.0, vec![pending]);
-        let b = EvalRecord::new(7, "n1".into(), 1.0, vec![ready("7-0", "calc", &["t_a.py"])]);
+        let mut a = EvalRecord::new(EvalId::test(7), "n1".into(), 1.0, vec![pending]);
+        let b = EvalRecord::new(EvalId::test(7), "n1".into(), 1.0, vec![ready("7-0", "calc", &["t_a.py"])]);
         assert!(!a.is_complete());
         assert!(a.merge(&b).header);
         assert_eq!(a.unfinished_tasks(), vec!["7-0::t_a.py".to_string()]);

@@ -5,7 +5,8 @@ use std::collections::{BTreeMap, BTreeSet};
 use cdtester_runner_api::{Counts, Outcome, TestResult, round2};
 use serde::{Deserialize, Serialize};
 
-use super::{EvalId, EvalRecord, ProjectRecord, ProjectState};
+use super::{EvalRecord, ProjectRecord, ProjectState};
+use crate::ids::EvalId;
 pub use crate::wire::ModuleStatus;
 
 /// Where an evaluation is.
@@ -406,7 +407,7 @@ mod tests {
     #[test]
     fn report_aggregates_modules_projects_and_grades() {
         let mut rec = EvalRecord::new(
-            9,
+            EvalId::test(9),
             "127.0.0.1:7000".into(),
             10.0,
             vec![ready("9-0", "calc", &["t_add.py", "t_sub.py"]), ready("9-1", "strs", &["t_up.py"])],
@@ -463,9 +464,13 @@ mod tests {
 
     #[test]
     fn flaky_tests_are_listed_and_counted_apart() {
-        let mut rec =
-            EvalRecord::new(9, "127.0.0.1:7000".into(), 10.0, vec![ready("9-0", "calc", &["t.py"])]);
-        rec.rerun_of = Some(3);
+        let mut rec = EvalRecord::new(
+            EvalId::test(9),
+            "127.0.0.1:7000".into(),
+            10.0,
+            vec![ready("9-0", "calc", &["t.py"])],
+        );
+        rec.rerun_of = Some(EvalId::test(3));
         let report = module_report("t.py", &[Outcome::Passed, Outcome::Flaky, Outcome::Failed]);
         rec.add_result("9-0::t.py", result("127.0.0.1:7001", "a", report), 11.0);
         let r = build_report(&rec, 12.0, false, &default_grade);
@@ -473,15 +478,19 @@ mod tests {
         assert_eq!(calc.flaky, ["t.py::test_1"], "listed without the per-test results too");
         assert_eq!((calc.tests.flaky, calc.total_passed, calc.total_failed), (1, 1, 1));
         assert_eq!(calc.grade, Some(13.33), "the default counts a flaky test as a pass");
-        assert_eq!(r.rerun_of, Some(3));
+        assert_eq!(r.rerun_of, Some(EvalId::test(3)));
         let json = serde_json::to_value(&r).expect("json");
         assert_eq!(json["projects"]["calc"]["flaky"], serde_json::json!(["t.py::test_1"]));
     }
 
     #[test]
     fn stats_have_the_exact_shape_and_count_each_module_once() {
-        let mut rec =
-            EvalRecord::new(12345, "127.0.0.1:7000".into(), 1.0, vec![ready("p", "calc", &["a.py", "b.py"])]);
+        let mut rec = EvalRecord::new(
+            EvalId::test(12345),
+            "127.0.0.1:7000".into(),
+            1.0,
+            vec![ready("p", "calc", &["a.py", "b.py"])],
+        );
         rec.add_result(
             "p::a.py",
             result("127.0.0.1:7001", "a", module_report("a.py", &[Outcome::Passed, Outcome::Failed])),
