@@ -14,7 +14,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use cdtester::demo::LocalCluster;
 use cdtester::eval::{EvalRecord, ProjectState};
-use cdtester::ids::EvalId;
+use cdtester::ids::{EvalId, ProjectId};
 use cdtester::peer_http::auth::{CallParts, MAC_HEADER, NODE_HEADER, NONCE_HEADER, Secret, TIME_HEADER};
 use cdtester::peer_http::client::HttpClient;
 use cdtester::wire::TaskResultData;
@@ -392,7 +392,7 @@ async fn h1_forged_replicate_without_the_secret_is_refused() {
     let member_client = claiming(c.nodes[0].udp, Some(&secret));
     for n in &c.nodes {
         for p in &real.projects {
-            assert_eq!(served_hash(&member_client, n.http, &p.id).await, p.content_hash);
+            assert_eq!(served_hash(&member_client, n.http, p.id.as_str()).await, p.content_hash);
         }
     }
 }
@@ -416,7 +416,7 @@ async fn h1_insecure_forged_records_cannot_replace_results_or_name_host_files() 
     let mut fresh = forge(&real, "/etc/passwd");
     fresh.id = EvalId::new(id + 1000).unwrap();
     for (i, p) in fresh.projects.iter_mut().enumerate() {
-        p.id = format!("{}-{i}", fresh.id);
+        p.id = ProjectId::of(fresh.id, i);
     }
     let variants: Vec<(&str, EvalRecord)> = vec![
         ("relative host path as content hash", forge(&real, "../../etc/passwd")),
@@ -445,7 +445,7 @@ async fn h1_insecure_forged_records_cannot_replace_results_or_name_host_files() 
     let peer = claiming(c.nodes[1].udp, None);
     for n in &c.nodes {
         for p in &real.projects {
-            assert_eq!(served_hash(&peer, n.http, &p.id).await, p.content_hash);
+            assert_eq!(served_hash(&peer, n.http, p.id.as_str()).await, p.content_hash);
         }
         let (status, v) = get(n.http, &format!("/evaluation/{}", fresh.id)).await;
         assert_eq!(status, StatusCode::NOT_FOUND, "{v}");
@@ -707,11 +707,12 @@ async fn l3_crlf_project_id_gets_4xx_never_500() {
     let mut evil = record(&c, id).await;
     evil.id = EvalId::new(id + 1).unwrap();
     evil.projects.truncate(1);
-    evil.projects[0].id = format!("{}-0\r\nX-Evil: 1", evil.id);
+    let mut evil = serde_json::to_value(&evil).unwrap();
+    evil["projects"][0]["id"] = json!(format!("{}-0\r\nX-Evil: 1", id + 1));
     let body = serde_json::to_vec(&vec![evil]).unwrap();
     let (status, v) =
         send_as(&claiming(me, None), http, Method::POST, "/internal/replicate", Some(body)).await;
-    assert_eq!((status, &v["merged"]), (StatusCode::OK, &json!(0)), "{v}");
+    assert_eq!(status, StatusCode::BAD_REQUEST, "an invalid project id does not decode: {v}");
     for path in [
         format!("/file/{}-0%0d%0aX-Evil:%201", id + 1),
         format!("/file/{id}-0%0d%0a"),

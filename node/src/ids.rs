@@ -1,5 +1,5 @@
 //! Typed identifiers, each with one parse ([`FromStr`], also behind serde) and one spelling
-//! ([`Display`]): evaluation ids ([`EvalId`]).
+//! ([`Display`]): evaluation ids ([`EvalId`]) and project ids ([`ProjectId`]).
 //!
 //! Every id that arrives from a peer, a client or a file goes through its parse, which refuses
 //! hostile input (wrong length or characters, out-of-range numbers, non-canonical spellings), so
@@ -16,6 +16,8 @@ use serde::{Deserialize, Serialize};
 pub enum IdError {
     #[error("evaluation id {0:?} is not an integer from 1 to 2^53 - 1 without leading zeros")]
     Eval(String),
+    #[error("project id {0:?} is not 1 to 64 characters of [0-9A-Za-z_.-] (not dots only)")]
+    Project(String),
 }
 
 /// The first characters of a hostile text, for error messages.
@@ -96,6 +98,60 @@ impl Display for EvalId {
     }
 }
 
+/// A project id: 1 to 64 characters of `[0-9A-Za-z_.-]`, not dots only (they name folders and
+/// files). cdtester's are `<eval id>-<index>` ([`ProjectId::of`]); those of projects owned by
+/// nodes of the earlier implementation (`<float time><node id>`) follow the same rule
+/// ([`crate::interop::valid_id`]). A JSON string.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct ProjectId(String);
+
+impl ProjectId {
+    /// The id of the `index`th project of evaluation `eval`.
+    pub fn of(eval: EvalId, index: usize) -> ProjectId {
+        ProjectId(format!("{eval}-{index}"))
+    }
+
+    /// The evaluation of a cdtester project id (`None` for another implementation's).
+    pub fn eval(&self) -> Option<EvalId> {
+        self.0.split_once('-').and_then(|(eval, _)| eval.parse().ok())
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl FromStr for ProjectId {
+    type Err = IdError;
+    fn from_str(s: &str) -> Result<ProjectId, IdError> {
+        if crate::interop::valid_id(s) {
+            Ok(ProjectId(s.to_string()))
+        } else {
+            Err(IdError::Project(clip(s)))
+        }
+    }
+}
+
+impl TryFrom<String> for ProjectId {
+    type Error = IdError;
+    fn try_from(s: String) -> Result<ProjectId, IdError> {
+        if crate::interop::valid_id(&s) { Ok(ProjectId(s)) } else { Err(IdError::Project(clip(&s))) }
+    }
+}
+
+impl From<ProjectId> for String {
+    fn from(id: ProjectId) -> String {
+        id.0
+    }
+}
+
+impl Display for ProjectId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use std::collections::BTreeMap;
@@ -128,5 +184,28 @@ mod tests {
         assert!(serde_json::from_str::<EvalId>("0").is_err());
         assert!(serde_json::from_str::<EvalId>(&max_plus_one).is_err());
         assert!(serde_json::from_str::<EvalId>("\"7\"").is_err(), "a number, not a string");
+    }
+
+    #[test]
+    fn project_ids_round_trip_and_keep_their_json_shape() {
+        let ours = ProjectId::of(EvalId::test(7), 10);
+        assert_eq!(ours.to_string(), "7-10");
+        assert_eq!(ours.eval(), Some(EvalId::test(7)));
+        assert_eq!("7-10".parse::<ProjectId>(), Ok(ours.clone()));
+        assert_eq!(serde_json::to_string(&ours).expect("json"), r#""7-10""#);
+        assert_eq!(serde_json::from_str::<ProjectId>(r#""7-10""#).expect("json"), ours);
+        let reference: ProjectId = "1718000000.123412345678901234567".parse().expect("a reference id");
+        assert_eq!(reference.eval(), None);
+        assert_eq!(reference.as_str(), "1718000000.123412345678901234567");
+    }
+
+    #[test]
+    fn hostile_project_ids_are_refused() {
+        let long = "a".repeat(65);
+        for bad in ["", ".", "..", "...", "a/b", "..\\x", "7-0\r\nX-Evil: 1", "a b", "a\0", "é", &long] {
+            assert!(bad.parse::<ProjectId>().is_err(), "{bad:?}");
+            assert!(serde_json::from_value::<ProjectId>(serde_json::json!(bad)).is_err(), "{bad:?}");
+        }
+        assert!("a".repeat(64).parse::<ProjectId>().is_ok());
     }
 }

@@ -265,7 +265,8 @@ fn add_history(
     task: &str,
     result: &ModuleResult,
 ) -> Result<(), StoreError> {
-    let Some(project) = crate::eval::split_task_id(task).and_then(|(pid, _)| rec.project(pid)) else {
+    let Some(project) = crate::eval::split_task_id(task).and_then(|(pid, _)| rec.project(&pid.parse().ok()?))
+    else {
         return Ok(());
     };
     for t in result.report.tests.iter().filter(|t| t.nodeid.len() <= HISTORY_MAX_NODEID) {

@@ -36,7 +36,7 @@ use crate::core::{Event, LocalEvent, Snapshot};
 use crate::engine::{Accepted, Action, Engine, EngineConfig, Input, Now, Refusal};
 use crate::eval::{self, EvalRecord, ProjectRecord, ProjectState};
 use crate::fetch::{self, FetchedProject};
-use crate::ids::EvalId;
+use crate::ids::{EvalId, ProjectId};
 use crate::peer_http::auth::{Secret, Verifier};
 use crate::peer_http::client::HttpClient;
 use crate::store::Store;
@@ -200,14 +200,14 @@ struct ShellState {
     fetching: HashSet<String>,
     /// Grades of finished projects (policies may be costly; a finished project's results no
     /// longer change).
-    grades: HashMap<String, Option<f64>>,
+    grades: HashMap<ProjectId, Option<f64>>,
     /// Peers to run a digest exchange with soon (they may know evaluations this node lacks).
     sync_hints: BTreeSet<SocketAddr>,
     /// This node's runner decision per project id (see [`App::choose_runner`]), made once for
     /// discovery and every task; dropped when no unfinished evaluation holds the project.
-    choices: HashMap<String, (RunnerChoice, cdtester_config::ProjectSettings)>,
+    choices: HashMap<ProjectId, (RunnerChoice, cdtester_config::ProjectSettings)>,
     /// The modules a rerun runs, by project id (discovery leaves the others out).
-    rerun_only: HashMap<String, BTreeSet<String>>,
+    rerun_only: HashMap<ProjectId, BTreeSet<String>>,
     /// Project folders of this machine by content hash (`cdtester run`: no archive, no copy).
     local_roots: HashMap<String, PathBuf>,
     /// Module durations not written yet (a local app writes them in [`App::finish_local`]).
@@ -554,7 +554,7 @@ impl App {
                 .into_iter()
                 .enumerate()
                 .map(|(i, (name, url, content_hash))| ProjectRecord {
-                    id: format!("{id}-{i}"),
+                    id: ProjectId::of(id, i),
                     name,
                     url,
                     content_hash,
@@ -736,7 +736,8 @@ impl App {
 
     /// The archive of a project, with its sha256 (`GET /file/<project id>`).
     pub fn project_file(&self, project_id: &str) -> Result<(String, Vec<u8>), AppError> {
-        let hash = self.engine().project(project_id).map(|(_, p)| p.content_hash.clone());
+        let id = project_id.parse::<ProjectId>().map_err(|_| AppError::NotFound("File not found".into()))?;
+        let hash = self.engine().project(&id).map(|(_, p)| p.content_hash.clone());
         let Some(hash) = hash else { return Err(AppError::NotFound("File not found".into())) };
         match self.store.read_blob(&hash) {
             Ok(bytes) => Ok((hash, bytes)),

@@ -401,7 +401,7 @@ async fn download(
     app.store.put_blob(&one.sha256, &one.archive).map_err(|e| e.to_string())?;
     Ok(ProjectRecord {
         name: if interop::valid_id(&name) { name } else { project_id.to_string() },
-        id: project_id.to_string(),
+        id: project_id.parse().map_err(|e: crate::ids::IdError| e.to_string())?,
         url: None,
         content_hash: one.sha256,
         state: ProjectState::Preparing,

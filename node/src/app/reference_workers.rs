@@ -106,7 +106,7 @@ impl App {
         let key = (caller, post.result.task_id.clone());
         let Some(ours) = self.ref_state().finished(&key) else { return post };
         let Some((pid, part)) = eval::split_task_id(&ours) else { return post };
-        post.eval_id = self.engine().project(pid).map(|(r, _)| r.id);
+        post.eval_id = pid.parse().ok().and_then(|pid| self.engine().project(&pid).map(|(r, _)| r.id));
         let module = eval::parse_task_part(part).0.to_string();
         let outcomes = std::iter::repeat_n(Outcome::Passed, post.result.passed.min(MAX_COUNTED) as usize)
             .chain(std::iter::repeat_n(Outcome::Failed, post.result.failed.min(MAX_COUNTED) as usize));
@@ -136,7 +136,10 @@ impl App {
         if !self.ref_state().announce((peer, project_id.to_string())) {
             return;
         }
-        let found = self.engine().project(project_id).map(|(r, p)| (r.id, p.name.clone()));
+        let found = project_id
+            .parse()
+            .ok()
+            .and_then(|pid| self.engine().project(&pid).map(|(r, p)| (r.id, p.name.clone())));
         let Some((eval_id, name)) = found else { return };
         let data = ProjectAnnounceData {
             project_id: project_id.to_string(),
@@ -173,7 +176,7 @@ impl App {
             .filter(|r| r.responsible == me && r.end_time.is_none())
             .flat_map(|r| r.projects.iter())
             .filter(|p| matches!(p.state, ProjectState::Ready { .. }))
-            .map(|p| p.id.clone())
+            .map(|p| p.id.to_string())
             .collect();
         for peer in peers {
             for p in &projects {

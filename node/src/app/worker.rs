@@ -10,7 +10,7 @@ use cdtester_runner_api::{ModuleReport, TaskSpec, clip_message};
 use super::App;
 use crate::engine::{BatchAnswer, Input, Task, TaskPost};
 use crate::eval::{ProjectRecord, ProjectState};
-use crate::ids::EvalId;
+use crate::ids::{EvalId, ProjectId};
 
 /// Runs a task the engine gave this node's slot, then reports it back (which frees the slot).
 pub async fn run(app: Arc<App>, task: Task) {
@@ -64,7 +64,7 @@ async fn remote_project(
     app: &Arc<App>,
     from: SocketAddr,
     eval: EvalId,
-    project_id: &str,
+    project_id: &ProjectId,
 ) -> Result<ProjectRecord, String> {
     let known = |app: &App| {
         app.engine()

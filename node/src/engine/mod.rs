@@ -37,7 +37,7 @@ use cdtester_runner_api::plan::ModuleStat;
 use cdtester_runner_api::{Chunk, Limits};
 
 use crate::eval::{EvalRecord, ProjectRecord, ProjectState};
-use crate::ids::EvalId;
+use crate::ids::{EvalId, ProjectId};
 use crate::wire::{Message, NodeId};
 
 pub use outbox::{BatchAnswer, MAX_BATCH};
@@ -90,7 +90,7 @@ pub enum Input {
     /// A new evaluation accepted by this node (its records' `responsible` is this node).
     Submitted(EvalRecord),
     /// The discovery of a project finished (`Err`: why the project cannot be evaluated).
-    Discovered { eval: EvalId, project: String, outcome: Result<Discovery, String> },
+    Discovered { eval: EvalId, project: ProjectId, outcome: Result<Discovery, String> },
     /// The membership as the protocol core sees it now: this node's id and the live peers.
     Members { id: Option<NodeId>, peers: Vec<SocketAddr> },
     /// The peers that take part in majority commits ([`quorum`]): cdtester nodes, not
@@ -130,7 +130,7 @@ pub enum Input {
 pub struct Task {
     pub eval: EvalId,
     pub task_id: String,
-    pub project_id: String,
+    pub project_id: ProjectId,
     /// The project, when this node holds it ready (a remote task's record may still be coming).
     pub project: Option<ProjectRecord>,
     pub module: String,
@@ -221,7 +221,7 @@ pub struct Engine {
     /// Records changed here and not yet replicated, with the results added since.
     dirty: BTreeMap<EvalId, BTreeSet<String>>,
     /// Projects whose discovery runs on this node.
-    discovering: HashSet<String>,
+    discovering: HashSet<ProjectId>,
     id: Option<NodeId>,
     peers: BTreeSet<SocketAddr>,
     /// Slots running a task.
@@ -369,7 +369,7 @@ impl Engine {
         &mut self,
         now: Now,
         eval: EvalId,
-        pid: &str,
+        pid: &ProjectId,
         outcome: Result<Discovery, String>,
         out: &mut Vec<Action>,
     ) {
@@ -388,7 +388,7 @@ impl Engine {
             Err(error) => ProjectState::Failed { error },
         };
         let Some(rec) = self.evals.get_mut(&eval) else { return };
-        if let Some(p) = rec.projects.iter_mut().find(|p| p.id == pid) {
+        if let Some(p) = rec.projects.iter_mut().find(|p| &p.id == pid) {
             p.state = state;
         }
         rec.version += 1;
@@ -497,7 +497,10 @@ impl Engine {
             self.adopt_running(now, id, Some(failed), out);
             for p in projects {
                 out.push(Action::Broadcast(Message::EvaluationResponsibilityUpdate(
-                    crate::wire::ResponsibilityUpdateData { project_id: p.id.clone(), new_node: me.clone() },
+                    crate::wire::ResponsibilityUpdateData {
+                        project_id: p.id.to_string(),
+                        new_node: me.clone(),
+                    },
                 )));
                 self.discover(id, p, out);
             }
@@ -571,7 +574,7 @@ impl Engine {
     }
 
     /// The project with this id, in whichever evaluation holds it.
-    pub fn project(&self, project_id: &str) -> Option<(&EvalRecord, &ProjectRecord)> {
+    pub fn project(&self, project_id: &ProjectId) -> Option<(&EvalRecord, &ProjectRecord)> {
         self.evals.values().find_map(|r| r.project(project_id).map(|p| (r, p)))
     }
 

@@ -3,7 +3,7 @@
 use cdtester_runner_api::{Counts, ModuleReport};
 use serde::{Deserialize, Serialize};
 
-use crate::ids::EvalId;
+use crate::ids::{EvalId, ProjectId};
 use crate::wire::TaskResultData;
 
 /// Body of `POST /task`: the reference's TASK_RESULT fields (`task_id`, `passed`, `failed`,
@@ -30,7 +30,7 @@ impl TaskPost {
         node: std::net::SocketAddr,
         eval: EvalId,
         task_id: &str,
-        project_id: &str,
+        project_id: &ProjectId,
         module: &str,
         outcome: Result<ModuleReport, String>,
         attempt: String,

@@ -121,7 +121,7 @@ impl Engine {
         for r in self.evals.values().filter(|r| r.end_time.is_none()) {
             out.entry(r.responsible.clone())
                 .or_default()
-                .insert(r.id.to_string(), r.projects.iter().map(|p| p.id.clone()).collect());
+                .insert(r.id.to_string(), r.projects.iter().map(|p| p.id.to_string()).collect());
         }
         out
     }
@@ -142,7 +142,7 @@ impl Engine {
             content.evaluations.insert(
                 rec.id.to_string(),
                 wire::EvaluationEntry {
-                    projects: rec.projects.iter().map(|p| p.id.clone()).collect(),
+                    projects: rec.projects.iter().map(|p| p.id.to_string()).collect(),
                     start_time: rec.start_time,
                     end_time: rec.end_time,
                 },
@@ -168,7 +168,7 @@ impl Engine {
                     node: rec.responsible.clone(),
                     modules,
                 };
-                content.projects.insert(p.id.clone(), entry);
+                content.projects.insert(p.id.to_string(), entry);
             }
         }
         let s = eval::stats(self.evals.values(), std::slice::from_ref(&me));

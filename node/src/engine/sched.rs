@@ -10,7 +10,7 @@ use cdtester_runner_api::{Limits, ModuleReport};
 
 use super::{Accepted, Action, Engine, Now, Refusal, Task, TaskPost, duration_key};
 use crate::eval::{self, EvalRecord, ModuleResult, ProjectState};
-use crate::ids::EvalId;
+use crate::ids::{EvalId, ProjectId};
 use crate::wire::{Message, TaskConfirmData, TaskInfo, TaskSendData, TaskSourceKind};
 
 /// Failed attempts (runner infrastructure errors) before a task is recorded as not runnable.
@@ -23,7 +23,7 @@ fn lease(limits: &Limits) -> Duration {
 
 fn limits_of(rec: &EvalRecord, task_id: &str) -> Limits {
     eval::split_task_id(task_id)
-        .and_then(|(pid, _)| rec.project(pid))
+        .and_then(|(pid, _)| rec.project(&pid.parse().ok()?))
         .and_then(|p| match &p.state {
             ProjectState::Ready { limits, .. } => Some(limits.clone()),
             _ => None,
@@ -203,7 +203,7 @@ impl Engine {
         let Some(task) = self.take_next(now, from, out) else { return };
         let name = task.project.map(|p| p.name).unwrap_or_default();
         let info = TaskInfo {
-            project_id: task.project_id,
+            project_id: task.project_id.to_string(),
             module: eval::task_part(&task.module, task.chunk),
             project_name: name,
             api_port: self.cfg.http_port.to_string(),
@@ -226,6 +226,10 @@ impl Engine {
             tracing::warn!(%from, "TASK_SEND without a cdtester evaluation id ignored");
             return;
         };
+        let Ok(project_id) = info.project_id.parse::<ProjectId>() else {
+            tracing::warn!(%from, "TASK_SEND with an invalid project id ignored");
+            return;
+        };
         let (module, chunk) = eval::parse_task_part(&info.module);
         let task_id = eval::task_id(&info.project_id, &info.module);
         out.push(Action::Send {
@@ -237,13 +241,13 @@ impl Engine {
         let project = self
             .evals
             .get(&eval)
-            .and_then(|r| r.project(&info.project_id))
+            .and_then(|r| r.project(&project_id))
             .filter(|p| matches!(p.state, ProjectState::Ready { .. }))
             .cloned();
         out.push(Action::Run(Task {
             eval,
             task_id,
-            project_id: info.project_id.clone(),
+            project_id,
             project,
             module: module.to_string(),
             chunk,
@@ -441,7 +445,7 @@ impl Engine {
         }
         let rec = match post.eval_id {
             Some(id) => self.evals.get(&id),
-            None => self.project(pid).map(|(r, _)| r),
+            None => pid.parse().ok().and_then(|pid| self.project(&pid)).map(|(r, _)| r),
         };
         let rec = rec.ok_or_else(|| Refusal::NotFound("unknown evaluation".into()))?;
         if !rec.knows_task(task) {
@@ -543,7 +547,7 @@ impl Engine {
         out.push(Action::PushCache);
         let Some(rec) = self.evals.get(&eval) else { return true };
         let Some((pid, part)) = eval::split_task_id(task) else { return true };
-        let Some(p) = rec.project(pid) else { return true };
+        let Some(p) = pid.parse().ok().and_then(|pid| rec.project(&pid)) else { return true };
         let module = eval::parse_task_part(part).0;
         let progress = rec.module_progress(p, module);
         if progress.finished() {

@@ -22,7 +22,7 @@ use super::{
 use crate::core::sim::{NetConfig, Sim};
 use crate::core::{DownReason, Event, LocalEvent};
 use crate::eval::{EvalRecord, ProjectRecord, ProjectState};
-use crate::ids::EvalId;
+use crate::ids::{EvalId, ProjectId};
 
 /// One step of the world, ms.
 const STEP: u64 = 50;
@@ -250,7 +250,7 @@ impl World {
         let names: Vec<String> = self.projects.keys().cloned().collect();
         let projects = (0..count)
             .map(|k| ProjectRecord {
-                id: format!("{id}-{k}"),
+                id: ProjectId::of(id, k),
                 name: names[self.rng.random_range(0..names.len())].clone(),
                 url: None,
                 content_hash: "c".repeat(64),

@@ -26,7 +26,7 @@ pub(super) fn config(me: SocketAddr, slots: usize) -> EngineConfig {
 
 pub(super) fn submission(id: EvalId, me: SocketAddr, wall: f64) -> EvalRecord {
     let project = ProjectRecord {
-        id: format!("{id}-0"),
+        id: ProjectId::of(id, 0),
         name: "calc".into(),
         url: None,
         content_hash: "a".repeat(64),
@@ -101,7 +101,11 @@ fn started_engine(slots: usize, modules: &[&str]) -> (Engine, Clock, Vec<Action>
     );
     let out = e.handle(
         clock.now(),
-        Input::Discovered { eval: EvalId::test(5), project: "5-0".into(), outcome: Ok(discovery(modules)) },
+        Input::Discovered {
+            eval: EvalId::test(5),
+            project: ProjectId::of(EvalId::test(5), 0),
+            outcome: Ok(discovery(modules)),
+        },
     );
     (e, clock, out)
 }
@@ -147,7 +151,7 @@ fn results_only_from_the_assigned_worker_and_only_the_first() {
     let task = Task {
         eval: EvalId::test(5),
         task_id: task_id.clone(),
-        project_id: "5-0".into(),
+        project_id: ProjectId::of(EvalId::test(5), 0),
         project: None,
         module: "t_a.py".into(),
         chunk: None,
@@ -241,7 +245,7 @@ fn a_node_cut_off_from_the_majority_neither_schedules_nor_stores_until_it_sees_o
         clock.now(),
         Input::Discovered {
             eval: EvalId::test(5),
-            project: "5-0".into(),
+            project: ProjectId::of(EvalId::test(5), 0),
             outcome: Ok(discovery(&["t_a.py", "t_b.py"])),
         },
     );
@@ -277,7 +281,7 @@ fn a_result_held_alone_is_stored_once_the_only_other_member_stops_counting() {
         clock.now(),
         Input::Discovered {
             eval: EvalId::test(5),
-            project: "5-0".into(),
+            project: ProjectId::of(EvalId::test(5), 0),
             outcome: Ok(discovery(&["t_a.py"])),
         },
     );

@@ -18,7 +18,7 @@ use std::collections::BTreeMap;
 use cdtester_runner_api::{Chunk, Counts, Limits, ModuleReport, TestResult};
 use serde::{Deserialize, Serialize};
 
-use crate::ids::EvalId;
+use crate::ids::{EvalId, ProjectId};
 
 pub use report::{
     Columns, EvalReport, EvalStatus, ModuleStatus, ModuleView, NodeStatsRow, ProjectReport, ProjectStatus,
@@ -151,8 +151,8 @@ pub const MAX_WORKER_DEATHS: u32 = 2;
 /// One project of an evaluation.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ProjectRecord {
-    /// Unique in the network: `"<eval id>-<index>"`.
-    pub id: String,
+    /// Unique in the network: `"<eval id>-<index>"` ([`ProjectId::of`]).
+    pub id: ProjectId,
     /// Unique within the evaluation (a duplicate folder/repository name gets a `_<n>` suffix).
     pub name: String,
     /// Where it came from, credentials removed.
@@ -200,9 +200,9 @@ impl ProjectRecord {
             ProjectState::Ready { modules, .. } if !modules.iter().any(|m| m == module) => Vec::new(),
             ProjectState::Ready { chunks, .. } => match chunks.get(module) {
                 Some(&count) if count > 1 => (0..count)
-                    .map(|index| task_id(&self.id, &task_part(module, Some(Chunk { index, count }))))
+                    .map(|index| task_id(self.id.as_str(), &task_part(module, Some(Chunk { index, count }))))
                     .collect(),
-                _ => vec![task_id(&self.id, module)],
+                _ => vec![task_id(self.id.as_str(), module)],
             },
             _ => Vec::new(),
         }
@@ -262,8 +262,8 @@ impl EvalRecord {
             }
         }
         for (i, p) in self.projects.iter().enumerate() {
-            if p.id != format!("{}-{i}", self.id) {
-                return Err(format!("project id {:?} is not {}-{i}", clip(&p.id), self.id));
+            if p.id != ProjectId::of(self.id, i) {
+                return Err(format!("project id {} is not {}", p.id, ProjectId::of(self.id, i)));
             }
             if !is_sha256_hex(&p.content_hash) {
                 return Err(format!("project {}: content hash is not 64 lowercase hex digits", p.id));
@@ -300,8 +300,8 @@ impl EvalRecord {
         *n
     }
 
-    pub fn project(&self, project_id: &str) -> Option<&ProjectRecord> {
-        self.projects.iter().find(|p| p.id == project_id)
+    pub fn project(&self, project_id: &ProjectId) -> Option<&ProjectRecord> {
+        self.projects.iter().find(|p| &p.id == project_id)
     }
 
     /// Every task of the evaluation's ready projects.
@@ -340,7 +340,8 @@ impl EvalRecord {
     pub fn knows_task(&self, task_id: &str) -> bool {
         let Some((pid, part)) = split_task_id(task_id) else { return false };
         let (module, _) = parse_task_part(part);
-        self.project(pid).is_some_and(|p| p.module_tasks(module).iter().any(|t| t == task_id))
+        let Ok(pid) = pid.parse::<ProjectId>() else { return false };
+        self.project(&pid).is_some_and(|p| p.module_tasks(module).iter().any(|t| t == task_id))
     }
 
     /// Stores a result unless the task has one already (the first accepted result wins).
@@ -596,7 +597,7 @@ pub(crate) mod tests {
 
     pub fn ready(id: &str, name: &str, modules: &[&str]) -> ProjectRecord {
         ProjectRecord {
-            id: id.into(),
+            id: id.parse().expect("a valid project id"),
             name: name.into(),
             url: None,
             content_hash: "h".into(),
@@ -699,8 +700,7 @@ pub(crate) mod tests {
         let bad: Vec<Mutation> = vec![
             Box::new(|r| r.projects[0].content_hash = "../../x".into()),
             Box::new(|r| r.projects[0].content_hash = "A".repeat(64)),
-            Box::new(|r| r.projects[0].id = "7-0\r\nx".into()),
-            Box::new(|r| r.projects[0].id = "8-0".into()),
+            Box::new(|r| r.projects[0].id = ProjectId::of(EvalId::test(8), 0)),
             Box::new(|r| r.projects[0].name = "a/b".into()),
             Box::new(|r| r.responsible = "somewhere".into()),
             Box::new(|r| r.rerun_of = Some(r.id)),
@@ -720,6 +720,10 @@ pub(crate) mod tests {
             f(&mut r);
             assert!(r.validate().is_err(), "case {i}: {r:?}");
         }
+        // A project id with CR/LF (it names a file and a path) does not even decode.
+        let mut json = serde_json::to_value(&good).expect("json");
+        json["projects"][0]["id"] = serde_json::json!("7-0\r\nx");
+        assert!(serde_json::from_value::<EvalRecord>(json).is_err());
     }
 
     fn arb_record() -> impl proptest::strategy::Strategy<Value = EvalRecord> {

@@ -6,7 +6,7 @@ use cdtester_runner_api::{Counts, Outcome, TestResult, round2};
 use serde::{Deserialize, Serialize};
 
 use super::{EvalRecord, ProjectRecord, ProjectState};
-use crate::ids::EvalId;
+use crate::ids::{EvalId, ProjectId};
 pub use crate::wire::ModuleStatus;
 
 /// Where an evaluation is.
@@ -119,7 +119,7 @@ pub struct Summary {
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ProjectReport {
-    pub id: String,
+    pub id: ProjectId,
     /// Node responsible for the project (UDP `ip:port`).
     pub node: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]

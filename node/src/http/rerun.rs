@@ -66,7 +66,7 @@ pub async fn rerun(app: &Arc<App>, id: EvalId, req: RerunRequest) -> Result<Valu
             p.modules.iter().map(|(m, v)| (m.clone(), v.counts.failures())).collect();
         let selected = select(&req.only, &modules)?;
         let Some(project) = record.project(&p.id).filter(|_| !selected.is_empty()) else { continue };
-        let (sha256, archive) = app.project_file(&p.id).map_err(|_| {
+        let (sha256, archive) = app.project_file(p.id.as_str()).map_err(|_| {
             AppError::Unavailable(format!(
                 "the archive of {name} is not on this node; ask the node that ran it"
             ))
