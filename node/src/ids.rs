@@ -1,14 +1,18 @@
 //! Typed identifiers, each with one parse ([`FromStr`], also behind serde) and one spelling
-//! ([`Display`]): evaluation ids ([`EvalId`]) and project ids ([`ProjectId`]).
+//! ([`Display`]): evaluation ids ([`EvalId`]), project ids ([`ProjectId`]) and task ids
+//! ([`TaskId`]).
 //!
 //! Every id that arrives from a peer, a client or a file goes through its parse, which refuses
 //! hostile input (wrong length or characters, out-of-range numbers, non-canonical spellings), so
 //! that the rest of the node handles only well-formed ids. The serde forms are the JSON shapes
 //! the HTTP API, the stored records and the peer protocol always used.
 
+use std::cmp::Ordering;
 use std::fmt::{self, Display};
+use std::hash::{Hash, Hasher};
 use std::str::FromStr;
 
+use cdtester_runner_api::Chunk;
 use serde::{Deserialize, Serialize};
 
 /// Why a text is not an id of the kind asked for.
@@ -18,6 +22,10 @@ pub enum IdError {
     Eval(String),
     #[error("project id {0:?} is not 1 to 64 characters of [0-9A-Za-z_.-] (not dots only)")]
     Project(String),
+    #[error(
+        "task id {0:?} is not <project id>::<module>[#<index>/<count>] (a relative module path, index < count, count > 1)"
+    )]
+    Task(String),
 }
 
 /// The first characters of a hostile text, for error messages.
@@ -152,6 +160,169 @@ impl Display for ProjectId {
     }
 }
 
+/// Longest module path a task id names (bytes).
+pub const MAX_MODULE_LEN: usize = 1024;
+
+/// Whether `m` can name a test module: a relative path inside the project (no `..`, `.`, root
+/// or prefix components), 1 to [`MAX_MODULE_LEN`] bytes, no control characters.
+pub fn valid_module_path(m: &str) -> bool {
+    !m.is_empty()
+        && m.len() <= MAX_MODULE_LEN
+        && !m.chars().any(char::is_control)
+        && std::path::Path::new(m).components().all(|c| matches!(c, std::path::Component::Normal(_)))
+}
+
+/// Between the project id and the module in a task id.
+const SEPARATOR: &str = "::";
+
+/// The chunk a task-id suffix `<index>/<count>` names: `Some(Err)` when it has that shape but is
+/// no chunk (`3/2`, `0/0`, leading zeros), `None` when it has another shape (then the `#` is part
+/// of the module's name).
+fn chunk_suffix(spec: &str) -> Option<Result<Chunk, ()>> {
+    let (i, n) = spec.split_once('/')?;
+    let digits = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit());
+    if !digits(i) || !digits(n) {
+        return None;
+    }
+    let chunk = match (i.parse::<u32>(), n.parse::<u32>()) {
+        (Ok(index), Ok(count)) if canonical_decimal(i, 10) && canonical_decimal(n, 10) => {
+            Chunk { index, count }
+        }
+        _ => return Some(Err(())),
+    };
+    Some(if chunk.count > 1 && chunk.index < chunk.count { Ok(chunk) } else { Err(()) })
+}
+
+/// A task: one test module of a project, or one chunk (a contiguous slice of its tests) of it.
+/// One spelling, `<project id>::<module>` or `<project id>::<module>#<index>/<count>` (the
+/// earlier implementation's `<project_id>::<module>` for a whole module), a JSON string. Ordered
+/// as its text, as the records' maps always were.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct TaskId {
+    text: String,
+    project: ProjectId,
+    /// Where the module ends in `text`.
+    module_end: usize,
+    chunk: Option<Chunk>,
+}
+
+impl TaskId {
+    /// The task of `module` (or of one chunk of it) in `project`.
+    pub fn new(project: &ProjectId, module: &str, chunk: Option<Chunk>) -> Result<TaskId, IdError> {
+        let mut text = format!("{project}{SEPARATOR}{module}");
+        let module_end = text.len();
+        if let Some(c) = chunk {
+            text = format!("{text}#{}/{}", c.index, c.count);
+        }
+        // The module may hold a `#`, but nothing that would read back as a chunk.
+        let clean = module.rsplit_once('#').is_none_or(|(_, spec)| chunk_suffix(spec).is_none());
+        let chunk_ok = chunk.is_none_or(|c| c.count > 1 && c.index < c.count);
+        if !valid_module_path(module) || !clean || !chunk_ok {
+            return Err(IdError::Task(clip(&text)));
+        }
+        Ok(TaskId { text, project: project.clone(), module_end, chunk })
+    }
+
+    /// The task a peer names by project id and task part (`<module>[#<index>/<count>]`, as
+    /// TASK_SEND's `module` carries it).
+    pub fn from_parts(project: &str, part: &str) -> Result<TaskId, IdError> {
+        format!("{project}{SEPARATOR}{part}").parse()
+    }
+
+    pub fn project(&self) -> &ProjectId {
+        &self.project
+    }
+
+    /// The module's path in the project.
+    pub fn module(&self) -> &str {
+        &self.text[self.project.as_str().len() + SEPARATOR.len()..self.module_end]
+    }
+
+    pub fn chunk(&self) -> Option<Chunk> {
+        self.chunk
+    }
+
+    /// Everything after the project id: `<module>` or `<module>#<index>/<count>`.
+    pub fn part(&self) -> &str {
+        &self.text[self.project.as_str().len() + SEPARATOR.len()..]
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.text
+    }
+}
+
+#[cfg(test)]
+impl TaskId {
+    /// `s` as a task id, in tests (panics when it is none).
+    pub(crate) fn test(s: &str) -> TaskId {
+        s.parse().expect("a test's task id is valid")
+    }
+}
+
+impl FromStr for TaskId {
+    type Err = IdError;
+    fn from_str(s: &str) -> Result<TaskId, IdError> {
+        let bad = || IdError::Task(clip(s));
+        let (project, part) = s.split_once(SEPARATOR).ok_or_else(bad)?;
+        let project: ProjectId = project.parse().map_err(|_| bad())?;
+        let (module, chunk) = match part.rsplit_once('#').and_then(|(m, spec)| Some((m, chunk_suffix(spec)?)))
+        {
+            Some((module, Ok(chunk))) => (module, Some(chunk)),
+            Some((_, Err(()))) => return Err(bad()),
+            None => (part, None),
+        };
+        TaskId::new(&project, module, chunk).map_err(|_| bad())
+    }
+}
+
+impl TryFrom<String> for TaskId {
+    type Error = IdError;
+    fn try_from(s: String) -> Result<TaskId, IdError> {
+        s.parse()
+    }
+}
+
+impl From<TaskId> for String {
+    fn from(id: TaskId) -> String {
+        id.text
+    }
+}
+
+impl Display for TaskId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.text)
+    }
+}
+
+// The other fields are read from the text: comparing it compares the ids.
+impl PartialEq for TaskId {
+    fn eq(&self, other: &TaskId) -> bool {
+        self.text == other.text
+    }
+}
+
+impl Eq for TaskId {}
+
+impl PartialOrd for TaskId {
+    fn partial_cmp(&self, other: &TaskId) -> Option<Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl Ord for TaskId {
+    fn cmp(&self, other: &TaskId) -> Ordering {
+        self.text.cmp(&other.text)
+    }
+}
+
+impl Hash for TaskId {
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        self.text.hash(state);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use std::collections::BTreeMap;
@@ -207,5 +378,69 @@ mod tests {
             assert!(serde_json::from_value::<ProjectId>(serde_json::json!(bad)).is_err(), "{bad:?}");
         }
         assert!("a".repeat(64).parse::<ProjectId>().is_ok());
+    }
+
+    fn chunk(index: u32, count: u32) -> Option<Chunk> {
+        Some(Chunk { index, count })
+    }
+
+    #[test]
+    fn task_ids_round_trip_and_keep_their_json_shape() {
+        let p = ProjectId::of(EvalId::test(7), 0);
+        for (text, module, c) in [
+            ("7-0::t_a.py", "t_a.py", None),
+            ("7-0::tests/sub/t_b.py#1/3", "tests/sub/t_b.py", chunk(1, 3)),
+            ("7-0::odd#name.py", "odd#name.py", None),
+            ("7-0::odd#1/2.py", "odd#1/2.py", None),
+            ("7-0::a::b.py#10/12", "a::b.py", chunk(10, 12)),
+        ] {
+            let t = TaskId::new(&p, module, c).expect("valid");
+            assert_eq!(t.to_string(), text);
+            assert_eq!(text.parse::<TaskId>(), Ok(t.clone()));
+            let parsed: TaskId = text.parse().expect("parses");
+            assert_eq!((parsed.project(), parsed.module(), parsed.chunk()), (&p, module, c));
+            assert_eq!(TaskId::from_parts("7-0", parsed.part()), Ok(t.clone()));
+            assert_eq!(serde_json::to_string(&t).expect("json"), format!("{text:?}"));
+            assert_eq!(serde_json::from_str::<TaskId>(&format!("{text:?}")).expect("json"), t);
+        }
+        // The reference's task ids are task ids.
+        let r: TaskId = "1718000000.123412345::test_x.py".parse().expect("a reference task id");
+        assert_eq!((r.project().as_str(), r.module()), ("1718000000.123412345", "test_x.py"));
+        // Ordered as text, as the records' maps were: 7-1::x after 7-10::x.
+        let (a, b): (TaskId, TaskId) = ("7-1::x.py".parse().expect("id"), "7-10::x.py".parse().expect("id"));
+        assert!(a > b);
+    }
+
+    #[test]
+    fn hostile_task_ids_are_refused() {
+        let long = format!("7-0::{}", "a".repeat(MAX_MODULE_LEN + 1));
+        for bad in [
+            "",
+            "7-0",
+            "7-0::",
+            "::t.py",
+            "7-0:t.py",
+            "7-0::t.py#3/2",
+            "7-0::t.py#2/2",
+            "7-0::t.py#0/0",
+            "7-0::t.py#0/1",
+            "7-0::t.py#01/3",
+            "7-0::t.py#1/99999999999",
+            "7-0::../t.py",
+            "7-0::/etc/passwd",
+            "7-0::a/../../t.py",
+            "7-0::t.py\n",
+            "7-0::t\0.py",
+            "7\r\n-0::t.py",
+            "../x::t.py",
+            &long,
+        ] {
+            assert!(bad.parse::<TaskId>().is_err(), "{bad:?}");
+            assert!(serde_json::from_value::<TaskId>(serde_json::json!(bad)).is_err(), "{bad:?}");
+        }
+        let p = ProjectId::of(EvalId::test(7), 0);
+        assert!(TaskId::new(&p, "t.py#1/2", None).is_err(), "a module that reads back as a chunk");
+        assert!(TaskId::new(&p, "t.py", chunk(3, 2)).is_err());
+        assert!(TaskId::new(&p, "t.py", chunk(0, 0)).is_err());
     }
 }

@@ -177,7 +177,7 @@ mod tests {
     use super::*;
     use crate::eval::tests::{module_report, ready, result as module_result};
     use crate::eval::{EvalRecord, build_report};
-    use crate::ids::EvalId;
+    use crate::ids::{EvalId, TaskId};
 
     fn result(nodeid: &str, outcome: Outcome, msg: Option<&str>) -> TestResult {
         TestResult::new(nodeid, outcome, 0.1, msg.map(str::to_string))
@@ -193,7 +193,11 @@ mod tests {
         );
         let mut report = module_report(module, &[]);
         report.tests = tests;
-        rec.add_result(&format!("7-0::{module}"), module_result("127.0.0.1:1", "a", report), 2.0);
+        rec.add_result(
+            &TaskId::test(&format!("7-0::{module}")),
+            module_result("127.0.0.1:1", "a", report),
+            2.0,
+        );
         build_report(&rec, 3.0, true, &|_, tests| {
             let mut c = Counts::default();
             tests.iter().for_each(|t| c.add(t.outcome));

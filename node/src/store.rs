@@ -25,7 +25,7 @@ use cdtester_runner_api::Outcome;
 use serde::{Deserialize, Serialize};
 
 use crate::eval::{EvalRecord, ModuleResult};
-use crate::ids::EvalId;
+use crate::ids::{EvalId, IdError, TaskId};
 
 /// Runs of a test the history keeps.
 pub const HISTORY_KEEP: usize = 20;
@@ -58,6 +58,8 @@ pub enum StoreError {
     Io { path: PathBuf, source: std::io::Error },
     #[error("stored record {0} is corrupt: {1}")]
     Corrupt(u64, serde_json::Error),
+    #[error("stored record {0} has an invalid task id: {1}")]
+    BadTask(u64, IdError),
     #[error("a content hash must be 64 lowercase hex digits")]
     BadHash,
 }
@@ -124,7 +126,8 @@ impl Store {
             for r in results.range((id, "")..(id + 1, "")).map_err(db_err)? {
                 let (k, v) = r.map_err(db_err)?;
                 let result = serde_json::from_slice(v.value()).map_err(|e| StoreError::Corrupt(id, e))?;
-                rec.results.insert(k.value().1.to_string(), result);
+                let task = k.value().1.parse().map_err(|e| StoreError::BadTask(id, e))?;
+                rec.results.insert(task, result);
             }
             out.push(rec);
         }
@@ -136,7 +139,7 @@ impl Store {
     pub fn put_evaluation<'a>(
         &self,
         rec: &EvalRecord,
-        results: impl IntoIterator<Item = &'a String>,
+        results: impl IntoIterator<Item = &'a TaskId>,
     ) -> Result<(), StoreError> {
         let header = rec.header_json();
         let tx = self.db.begin_write().map_err(db_err)?;
@@ -262,13 +265,10 @@ impl Store {
 fn add_history(
     table: &mut redb::Table<(&str, &str), &[u8]>,
     rec: &EvalRecord,
-    task: &str,
+    task: &TaskId,
     result: &ModuleResult,
 ) -> Result<(), StoreError> {
-    let Some(project) = crate::eval::split_task_id(task).and_then(|(pid, _)| rec.project(&pid.parse().ok()?))
-    else {
-        return Ok(());
-    };
+    let Some(project) = rec.project(task.project()) else { return Ok(()) };
     for t in result.report.tests.iter().filter(|t| t.nodeid.len() <= HISTORY_MAX_NODEID) {
         let key = (project.name.as_str(), t.nodeid.as_str());
         let mut runs: Vec<TestRun> = match table.get(key).map_err(db_err)? {
@@ -304,7 +304,7 @@ mod tests {
                 vec![crate::eval::tests::ready("42-0", "p", &["a.py", "b.py"])],
             );
             let report = crate::eval::tests::module_report("a.py", &[cdtester_runner_api::Outcome::Passed]);
-            rec.add_result("42-0::a.py", crate::eval::tests::result("n", "x", report), 2.0);
+            rec.add_result(&TaskId::test("42-0::a.py"), crate::eval::tests::result("n", "x", report), 2.0);
             store.put_evaluation(&rec, []).unwrap();
             store.put_evaluation(&rec, rec.results.keys()).unwrap();
             let other = EvalRecord::new(EvalId::test(43), "127.0.0.1:7000".into(), 1.0, vec![]);
@@ -352,7 +352,7 @@ mod tests {
                     crate::eval::tests::module_report("a.py", &[outcome]),
                 );
                 r.finished_at = id as f64;
-                rec.add_result(&format!("{pid}::a.py"), r, id as f64);
+                rec.add_result(&TaskId::test(&format!("{pid}::a.py")), r, id as f64);
             }
             store.put_evaluation(&rec, rec.results.keys()).unwrap();
             store.put_evaluation(&rec, rec.results.keys()).unwrap();

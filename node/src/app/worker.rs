@@ -18,8 +18,8 @@ pub async fn run(app: Arc<App>, task: Task) {
     let outcome = match task.project.clone() {
         Some(p) => Ok(p),
         None => match task.from {
-            Some(from) => remote_project(&app, from, task.eval, &task.project_id).await,
-            None => Err(format!("project {} is not ready", task.project_id)),
+            Some(from) => remote_project(&app, from, task.eval, task.task_id.project()).await,
+            None => Err(format!("project {} is not ready", task.task_id.project())),
         },
     };
     let outcome = match outcome {
@@ -38,8 +38,7 @@ pub async fn run(app: Arc<App>, task: Task) {
     }
     let outcome = outcome.map(|r| app.redact_report(r)).map_err(|e| app.redact(&e));
     let attempt = format!("{:032x}", rand::random::<u128>());
-    let post =
-        TaskPost::new(app.udp, task.eval, &task.task_id, &task.project_id, &task.module, outcome, attempt);
+    let post = TaskPost::new(app.udp, task.eval, &task.task_id, outcome, attempt);
     app.apply(Input::Ran { post, from: task.from });
 }
 
@@ -90,8 +89,9 @@ async fn execute(app: &Arc<App>, task: &Task, project: &ProjectRecord) -> Result
     let ProjectState::Ready { runner: listed, .. } = &project.state else {
         return Err(format!("project {} is not ready", project.id));
     };
-    if !project.modules().contains(&task.module) {
-        return Err(format!("project {} has no module {:?}", project.id, task.module));
+    let module = task.task_id.module().to_string();
+    if !project.modules().contains(&module) {
+        return Err(format!("project {} has no module {module:?}", project.id));
     }
     let root = app.ensure_project(project, task.from).await?;
     let (choice, settings) = app.choose_runner(project, &root).await?;
@@ -101,9 +101,9 @@ async fn execute(app: &Arc<App>, task: &Task, project: &ProjectRecord) -> Result
     let prepared =
         app.prepare(&choice.runner, project, &project.content_hash, &root, &settings.requirements).await?;
     let runner = (app.runners)(&choice.runner)?;
-    let mut spec = TaskSpec::new(task.task_id.clone(), vec![task.module.clone()]);
-    spec.chunk = task.chunk;
-    let (limits, module, retries) = (choice.limits, task.module.clone(), settings.retries);
+    let mut spec = TaskSpec::new(task.task_id.to_string(), vec![module.clone()]);
+    spec.chunk = task.task_id.chunk();
+    let (limits, retries) = (choice.limits, settings.retries);
     // A module with failed tests runs again up to `retries` times on this worker (flaky tests).
     let run = move || {
         let report = runner.run(&prepared, &spec, &limits).map_err(|e| e.to_string())?;

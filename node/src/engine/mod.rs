@@ -33,11 +33,11 @@ use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
+use cdtester_runner_api::Limits;
 use cdtester_runner_api::plan::ModuleStat;
-use cdtester_runner_api::{Chunk, Limits};
 
 use crate::eval::{EvalRecord, ProjectRecord, ProjectState};
-use crate::ids::{EvalId, ProjectId};
+use crate::ids::{EvalId, ProjectId, TaskId};
 use crate::wire::{Message, NodeId};
 
 pub use outbox::{BatchAnswer, MAX_BATCH};
@@ -129,12 +129,9 @@ pub enum Input {
 #[derive(Debug, Clone, PartialEq)]
 pub struct Task {
     pub eval: EvalId,
-    pub task_id: String,
-    pub project_id: ProjectId,
+    pub task_id: TaskId,
     /// The project, when this node holds it ready (a remote task's record may still be coming).
     pub project: Option<ProjectRecord>,
-    pub module: String,
-    pub chunk: Option<Chunk>,
     /// The node that handed it out, when not this one.
     pub from: Option<SocketAddr>,
 }
@@ -212,14 +209,14 @@ pub struct Engine {
     evals: BTreeMap<EvalId, EvalRecord>,
     assignments: sched::Assignments,
     /// Runner failures per task (requeued until [`sched::MAX_TASK_FAILURES`]).
-    failures: HashMap<String, u32>,
+    failures: HashMap<TaskId, u32>,
     /// Evaluations this node was responsible for before a restart, held until `resume_at`.
     held: BTreeSet<EvalId>,
     resume_at: Option<Instant>,
     /// Remembered module durations by [`duration_key`].
     durations: HashMap<String, ModuleStat>,
     /// Records changed here and not yet replicated, with the results added since.
-    dirty: BTreeMap<EvalId, BTreeSet<String>>,
+    dirty: BTreeMap<EvalId, BTreeSet<TaskId>>,
     /// Projects whose discovery runs on this node.
     discovering: HashSet<ProjectId>,
     id: Option<NodeId>,
@@ -227,7 +224,7 @@ pub struct Engine {
     /// Slots running a task.
     busy: usize,
     /// Tasks running on this node's slots now.
-    here: BTreeSet<String>,
+    here: BTreeSet<TaskId>,
     next_announce: Option<Instant>,
     /// Nodes that announced work, and when (a freed slot asks them again at once).
     announcers: BTreeMap<SocketAddr, Instant>,
@@ -343,7 +340,7 @@ impl Engine {
 
     /// Marks a record changed (header, and `results` added): persisted now, replicated at the
     /// next flush.
-    fn changed(&mut self, id: EvalId, results: &[String], out: &mut Vec<Action>) {
+    fn changed(&mut self, id: EvalId, results: &[TaskId], out: &mut Vec<Action>) {
         let Some(rec) = self.evals.get(&id) else { return };
         out.push(Action::Persist(rec.delta(results)));
         self.dirty.entry(id).or_default().extend(results.iter().cloned());
@@ -421,7 +418,10 @@ impl Engine {
             }
             Message::TaskRequest(_) => self.hand_out(now, from, out),
             Message::TaskSend(data) => self.task_sent(from, data.info, out),
-            Message::TaskConfirm(data) => self.confirm(from, &data.task_id, out),
+            Message::TaskConfirm(data) => match data.task_id.parse::<TaskId>() {
+                Ok(task) => self.confirm(from, &task, out),
+                Err(e) => tracing::debug!(%from, "TASK_CONFIRM ignored: {e}"),
+            },
             _ => {}
         }
     }
@@ -437,8 +437,10 @@ impl Engine {
     /// nodes that announced work recently.
     fn ran(&mut self, now: Now, post: TaskPost, from: Option<SocketAddr>, out: &mut Vec<Action>) {
         self.busy = self.busy.saturating_sub(1);
-        let task = post.result.task_id.clone();
-        self.here.remove(&task);
+        let task = post.result.task_id.parse::<TaskId>().ok();
+        if let Some(task) = &task {
+            self.here.remove(task);
+        }
         match self.delivery(&post) {
             Delivery::Done => {}
             Delivery::Here => match self.accept(now, post.clone(), self.cfg.me, out) {
@@ -448,8 +450,8 @@ impl Engine {
             },
             Delivery::To(_) | Delivery::Unknown => self.queue_delivery(now, post, from),
         }
-        if from.is_none() {
-            self.end_local_assignment(&task, out);
+        if let (None, Some(task)) = (from, &task) {
+            self.end_local_assignment(task, out);
         }
         let recent = self.cfg.announce_every.saturating_mul(3);
         self.announcers.retain(|_, at| now.mono.saturating_duration_since(*at) <= recent);
@@ -464,7 +466,7 @@ impl Engine {
     /// Where `post` goes now.
     pub fn delivery(&self, post: &TaskPost) -> Delivery {
         let Some(rec) = post.eval_id.and_then(|id| self.evals.get(&id)) else { return Delivery::Unknown };
-        if rec.results.contains_key(&post.result.task_id) {
+        if post.result.task_id.parse::<TaskId>().is_ok_and(|t| rec.results.contains_key(&t)) {
             return Delivery::Done;
         }
         match rec.responsible.parse::<SocketAddr>() {

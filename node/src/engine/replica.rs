@@ -8,7 +8,7 @@ use serde::{Deserialize, Serialize};
 
 use super::{Action, Engine};
 use crate::eval::{self, EvalRecord, ProjectState};
-use crate::ids::EvalId;
+use crate::ids::{EvalId, TaskId};
 use crate::wire::{self, CacheContent, EvalMap};
 
 /// A record's fingerprint: differs whenever the content that matters differs.
@@ -72,7 +72,7 @@ impl Engine {
                 }
                 None => {
                     let mut fresh = rec;
-                    let known: Vec<String> =
+                    let known: Vec<TaskId> =
                         fresh.results.keys().filter(|t| fresh.knows_task(t)).cloned().collect();
                     fresh.results.retain(|t, _| known.contains(t));
                     self.evals.insert(id, fresh);

@@ -61,13 +61,13 @@ fn runs(actions: &[Action]) -> Vec<Task> {
 }
 
 fn post_for(worker: SocketAddr, task: &Task, outcomes: &[Outcome]) -> TaskPost {
-    let report = module_report(&task.module, outcomes);
-    TaskPost::new(worker, task.eval, &task.task_id, &task.project_id, &task.module, Ok(report), "x".into())
+    let report = module_report(task.task_id.module(), outcomes);
+    TaskPost::new(worker, task.eval, &task.task_id, Ok(report), "x".into())
 }
 
 /// The vote of a member that holds the proposal `copy`.
 fn holding(copy: &EvalRecord) -> Vote {
-    let held = |(t, r): (&String, &crate::eval::ModuleResult)| {
+    let held = |(t, r): (&TaskId, &crate::eval::ModuleResult)| {
         (t.clone(), Held { term: copy.term, result: r.clone() })
     };
     Vote { record: copy.clone_header(), proposals: copy.results.iter().map(held).collect() }
@@ -147,17 +147,10 @@ fn results_only_from_the_assigned_worker_and_only_the_first() {
     );
     let Some(Action::Send { to, msg: Message::TaskSend(send) }) = out.first() else { panic!("{out:?}") };
     assert_eq!(*to, addr(1));
-    let task_id = crate::eval::task_id(&send.info.project_id, &send.info.module);
-    let task = Task {
-        eval: EvalId::test(5),
-        task_id: task_id.clone(),
-        project_id: ProjectId::of(EvalId::test(5), 0),
-        project: None,
-        module: "t_a.py".into(),
-        chunk: None,
-        from: None,
-    };
-    let confirm = Message::TaskConfirm(TaskConfirmData { task_id: task_id.clone() });
+    let task_id = TaskId::from_parts(&send.info.project_id, &send.info.module).expect("a task id");
+    assert_eq!(task_id, TaskId::test("5-0::t_a.py"));
+    let task = Task { eval: EvalId::test(5), task_id: task_id.clone(), project: None, from: None };
+    let confirm = Message::TaskConfirm(TaskConfirmData { task_id: task_id.to_string() });
     e.handle(clock.now(), Input::Message { from: addr(1), msg: confirm });
     assert_eq!(e.record(EvalId::test(5)).expect("record").running.get(&task_id), Some(&addr(1).to_string()));
     clock.advance(10);
@@ -198,11 +191,11 @@ fn a_dead_worker_counts_a_death_and_its_task_goes_to_the_next_one() {
         let out = e.handle(clock.now(), Input::PeerDown { addr: worker, died: true });
         votes_for(&mut e, &clock, &out);
         let rec = e.record(EvalId::test(5)).expect("record");
-        assert_eq!(rec.worker_deaths.get("5-0::t_a.py"), Some(&expected_deaths));
+        assert_eq!(rec.worker_deaths.get(&TaskId::test("5-0::t_a.py")), Some(&expected_deaths));
         assert!(rec.running.is_empty());
     }
     let rec = e.record(EvalId::test(5)).expect("record");
-    let note = rec.results["5-0::t_a.py"].report.note.clone().unwrap_or_default();
+    let note = rec.results[&TaskId::test("5-0::t_a.py")].report.note.clone().unwrap_or_default();
     assert!(note.contains("crashed"), "{note}");
     assert!(rec.end_time.is_some());
 }
@@ -338,7 +331,7 @@ fn a_member_takes_a_proposal_only_from_the_owner_at_its_term() {
     taken.responsible = addr(2).to_string();
     peer.handle(clock.now(), Input::Merge { records: vec![taken], from: addr(2) });
     let mut stale = origin.record(EvalId::test(5)).expect("record").clone_header();
-    let report = crate::eval::tests::module_report(&task.module, &[Outcome::Passed]);
+    let report = crate::eval::tests::module_report(task.task_id.module(), &[Outcome::Passed]);
     let result = crate::eval::ModuleResult {
         node: addr(0).to_string(),
         attempt: "a".into(),

@@ -18,42 +18,12 @@ use std::collections::BTreeMap;
 use cdtester_runner_api::{Chunk, Counts, Limits, ModuleReport, TestResult};
 use serde::{Deserialize, Serialize};
 
-use crate::ids::{EvalId, ProjectId};
+use crate::ids::{EvalId, ProjectId, TaskId, valid_module_path};
 
 pub use report::{
     Columns, EvalReport, EvalStatus, ModuleStatus, ModuleView, NodeStatsRow, ProjectReport, ProjectStatus,
     Stats, StatsAll, Summary, build_report, stats,
 };
-
-/// A task id: `"<project id>::<module>"` (the reference's format).
-pub fn task_id(project_id: &str, module: &str) -> String {
-    format!("{project_id}::{module}")
-}
-
-/// Splits a task id into project id and the task's part (`<module>` or `<module>#<i>/<n>`).
-pub fn split_task_id(task_id: &str) -> Option<(&str, &str)> {
-    task_id.split_once("::")
-}
-
-/// The task part naming one module, or one chunk of it: `<module>` or `<module>#<i>/<n>`.
-pub fn task_part(module: &str, chunk: Option<Chunk>) -> String {
-    match chunk {
-        Some(c) => format!("{module}#{}/{}", c.index, c.count),
-        None => module.to_string(),
-    }
-}
-
-/// Parses a task part into module and chunk.
-pub fn parse_task_part(part: &str) -> (&str, Option<Chunk>) {
-    if let Some((module, spec)) = part.rsplit_once('#')
-        && let Some((i, n)) = spec.split_once('/')
-        && let (Ok(index), Ok(count)) = (i.parse::<u32>(), n.parse::<u32>())
-        && index < count
-    {
-        return (module, Some(Chunk { index, count }));
-    }
-    (part, None)
-}
 
 /// Makes names unique: a name met before gets the first free `_<n>` suffix (n = 2, 3, ...).
 pub fn unique_name(taken: &[String], name: &str) -> String {
@@ -78,10 +48,8 @@ pub fn unique_names(projects: &mut [ProjectRecord]) {
 /// One task of an evaluation.
 #[derive(Debug, Clone)]
 pub struct TaskRef<'a> {
-    pub task_id: String,
+    pub task_id: TaskId,
     pub project: &'a ProjectRecord,
-    pub module: &'a str,
-    pub chunk: Option<Chunk>,
 }
 
 /// Seconds since the Unix epoch.
@@ -105,14 +73,14 @@ pub struct EvalRecord {
     pub end_time: Option<f64>,
     pub projects: Vec<ProjectRecord>,
     /// Task ids handed to a worker and not finished yet, as last published by the responsible node.
-    pub running: BTreeMap<String, String>,
+    pub running: BTreeMap<TaskId, String>,
     /// Results by task id.
     #[serde(default)]
-    pub results: BTreeMap<String, ModuleResult>,
+    pub results: BTreeMap<TaskId, ModuleResult>,
     /// Task ids whose worker died while running them, and how often (see
     /// [`EvalRecord::worker_died`]).
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
-    pub worker_deaths: BTreeMap<String, u32>,
+    pub worker_deaths: BTreeMap<TaskId, u32>,
     /// The evaluation this one reruns modules of (`POST /evaluation/{id}/rerun`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rerun_of: Option<EvalId>,
@@ -131,13 +99,6 @@ pub fn valid_project_name(name: &str) -> bool {
 /// Whether `s` is a sha256 digest as cdtester writes it (64 lowercase hex digits).
 pub fn is_sha256_hex(s: &str) -> bool {
     s.len() == 64 && s.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
-}
-
-fn is_relative_module(m: &str) -> bool {
-    let p = std::path::Path::new(m);
-    !m.is_empty()
-        && !m.chars().any(char::is_control)
-        && p.components().all(|c| matches!(c, std::path::Component::Normal(_)))
 }
 
 /// The first characters of a peer-supplied string, for error messages.
@@ -194,15 +155,16 @@ impl ProjectState {
 }
 
 impl ProjectRecord {
-    /// Task ids of one module (one, or one per chunk).
-    pub fn module_tasks(&self, module: &str) -> Vec<String> {
+    /// Task ids of one module (one, or one per chunk). A module that names no task (a record
+    /// [`EvalRecord::validate`] refuses) has none.
+    pub fn module_tasks(&self, module: &str) -> Vec<TaskId> {
         match &self.state {
             ProjectState::Ready { modules, .. } if !modules.iter().any(|m| m == module) => Vec::new(),
             ProjectState::Ready { chunks, .. } => match chunks.get(module) {
                 Some(&count) if count > 1 => (0..count)
-                    .map(|index| task_id(self.id.as_str(), &task_part(module, Some(Chunk { index, count }))))
+                    .filter_map(|index| TaskId::new(&self.id, module, Some(Chunk { index, count })).ok())
                     .collect(),
-                _ => vec![task_id(self.id.as_str(), module)],
+                _ => TaskId::new(&self.id, module, None).into_iter().collect(),
             },
             _ => Vec::new(),
         }
@@ -254,7 +216,7 @@ impl EvalRecord {
             return Err(format!("evaluation {}: invalid rerun_of", self.id));
         }
         for (t, r) in &self.results {
-            r.report.check_attempts().map_err(|e| format!("result of {}: {e}", clip(t)))?;
+            r.report.check_attempts().map_err(|e| format!("result of {t}: {e}"))?;
         }
         for a in [&self.submitted_to, &self.responsible] {
             if a.parse::<std::net::SocketAddr>().is_err() {
@@ -280,7 +242,7 @@ impl EvalRecord {
                 {
                     return Err(format!("project {}: invalid runner name", p.id));
                 }
-                if let Some(m) = modules.iter().find(|m| !is_relative_module(m)) {
+                if let Some(m) = modules.iter().find(|m| !valid_module_path(m)) {
                     return Err(format!(
                         "project {}: module {:?} is not a relative path inside it",
                         p.id,
@@ -293,8 +255,8 @@ impl EvalRecord {
     }
 
     /// Counts a death of the worker running `task_id`; returns how many it has killed.
-    pub fn worker_died(&mut self, task_id: &str) -> u32 {
-        let n = self.worker_deaths.entry(task_id.to_string()).or_insert(0);
+    pub fn worker_died(&mut self, task_id: &TaskId) -> u32 {
+        let n = self.worker_deaths.entry(task_id.clone()).or_insert(0);
         *n = n.saturating_add(1).min(MAX_WORKER_DEATHS);
         self.version += 1;
         *n
@@ -308,16 +270,13 @@ impl EvalRecord {
     pub fn all_tasks(&self) -> impl Iterator<Item = TaskRef<'_>> {
         self.projects.iter().flat_map(|p| {
             p.modules().iter().flat_map(move |m| {
-                p.module_tasks(m).into_iter().map(move |t| {
-                    let chunk = split_task_id(&t).and_then(|(_, part)| parse_task_part(part).1);
-                    TaskRef { task_id: t, project: p, module: m.as_str(), chunk }
-                })
+                p.module_tasks(m).into_iter().map(move |t| TaskRef { task_id: t, project: p })
             })
         })
     }
 
     /// Task ids that have no result yet.
-    pub fn unfinished_tasks(&self) -> Vec<String> {
+    pub fn unfinished_tasks(&self) -> Vec<TaskId> {
         self.all_tasks().map(|t| t.task_id).filter(|t| !self.results.contains_key(t)).collect()
     }
 
@@ -337,20 +296,18 @@ impl EvalRecord {
     }
 
     /// Whether `task_id` names a task (a module or a chunk) of this evaluation.
-    pub fn knows_task(&self, task_id: &str) -> bool {
-        let Some((pid, part)) = split_task_id(task_id) else { return false };
-        let (module, _) = parse_task_part(part);
-        let Ok(pid) = pid.parse::<ProjectId>() else { return false };
-        self.project(&pid).is_some_and(|p| p.module_tasks(module).iter().any(|t| t == task_id))
+    pub fn knows_task(&self, task_id: &TaskId) -> bool {
+        self.project(task_id.project())
+            .is_some_and(|p| p.module_tasks(task_id.module()).iter().any(|t| t == task_id))
     }
 
     /// Stores a result unless the task has one already (the first accepted result wins).
     /// Returns whether the record changed.
-    pub fn add_result(&mut self, task_id: &str, result: ModuleResult, now: f64) -> bool {
+    pub fn add_result(&mut self, task_id: &TaskId, result: ModuleResult, now: f64) -> bool {
         if self.results.contains_key(task_id) {
             return false;
         }
-        self.results.insert(task_id.to_string(), result);
+        self.results.insert(task_id.clone(), result);
         self.running.remove(task_id);
         self.version += 1;
         self.settle(now);
@@ -364,7 +321,7 @@ impl EvalRecord {
     }
 
     /// This record with only the given results (a replication delta; merging it adds them).
-    pub fn delta<'a>(&self, results: impl IntoIterator<Item = &'a String>) -> EvalRecord {
+    pub fn delta<'a>(&self, results: impl IntoIterator<Item = &'a TaskId>) -> EvalRecord {
         let mut out = self.clone_header();
         for t in results {
             if let Some(r) = self.results.get(t) {
@@ -487,7 +444,7 @@ pub struct Merged {
     /// Anything but the results.
     pub header: bool,
     /// Task ids whose result was added.
-    pub results: Vec<String>,
+    pub results: Vec<TaskId>,
 }
 
 impl Merged {
@@ -625,10 +582,14 @@ pub(crate) mod tests {
         );
         assert_eq!(rec.unfinished_tasks().len(), 2);
         let r = result("n2", "b", module_report("t_a.py", &[Outcome::Passed, Outcome::Failed]));
-        assert!(rec.add_result("7-0::t_a.py", r.clone(), 3.0));
-        assert!(!rec.add_result("7-0::t_a.py", r, 3.0), "duplicate result ignored");
+        assert!(rec.add_result(&TaskId::test("7-0::t_a.py"), r.clone(), 3.0));
+        assert!(!rec.add_result(&TaskId::test("7-0::t_a.py"), r, 3.0), "duplicate result ignored");
         assert!(rec.end_time.is_none());
-        rec.add_result("7-0::t_b.py", result("n1", "c", module_report("t_b.py", &[Outcome::Passed])), 4.0);
+        rec.add_result(
+            &TaskId::test("7-0::t_b.py"),
+            result("n1", "c", module_report("t_b.py", &[Outcome::Passed])),
+            4.0,
+        );
         assert_eq!(rec.end_time, Some(4.0));
         let c = rec.counts();
         assert_eq!((c.passes(), c.failures()), (2, 1));
@@ -643,24 +604,40 @@ pub(crate) mod tests {
             vec![ready("7-0", "calc", &["t_a.py", "t_b.py"])],
         );
         let mut a = base.clone();
-        a.add_result("7-0::t_a.py", result("n2", "z", module_report("t_a.py", &[Outcome::Passed])), 3.0);
+        a.add_result(
+            &TaskId::test("7-0::t_a.py"),
+            result("n2", "z", module_report("t_a.py", &[Outcome::Passed])),
+            3.0,
+        );
         let mut b = base.clone();
         b.term = 2;
         b.responsible = "n3".into();
-        b.add_result("7-0::t_a.py", result("n3", "a", module_report("t_a.py", &[Outcome::Failed])), 3.0);
-        b.add_result("7-0::t_b.py", result("n3", "x", module_report("t_b.py", &[Outcome::Passed])), 5.0);
+        b.add_result(
+            &TaskId::test("7-0::t_a.py"),
+            result("n3", "a", module_report("t_a.py", &[Outcome::Failed])),
+            3.0,
+        );
+        b.add_result(
+            &TaskId::test("7-0::t_b.py"),
+            result("n3", "x", module_report("t_b.py", &[Outcome::Passed])),
+            5.0,
+        );
         let mut ab = a.clone();
         assert!(ab.merge(&b).changed());
         assert_eq!(ab.responsible, "n3");
-        assert_eq!(ab.results["7-0::t_a.py"].attempt, "z", "an accepted result is never replaced");
+        assert_eq!(
+            ab.results[&TaskId::test("7-0::t_a.py")].attempt,
+            "z",
+            "an accepted result is never replaced"
+        );
         assert!(ab.end_time.is_some());
         assert!(!ab.clone().merge(&ab).changed(), "merging an equal copy changes nothing");
         let mut partial = a.clone();
-        let delta = b.delta(["7-0::t_b.py".to_string()].iter());
+        let delta = b.delta([TaskId::test("7-0::t_b.py")].iter());
         assert_eq!(delta.results.len(), 1);
         let m = partial.merge(&delta);
         assert!(m.header, "the higher term's responsibility is adopted");
-        assert_eq!(m.results, vec!["7-0::t_b.py".to_string()]);
+        assert_eq!(m.results, vec![TaskId::test("7-0::t_b.py")]);
     }
 
     #[test]
@@ -674,12 +651,14 @@ pub(crate) mod tests {
             modules.push("t_new.py".into());
         }
         forged.projects[0].content_hash = "../../etc/passwd".into();
-        forged
-            .results
-            .insert("7-1::t_x.py".into(), result("x", "a", module_report("t_x.py", &[Outcome::Passed])));
-        forged
-            .results
-            .insert("7-0::t_new.py".into(), result("x", "a", module_report("t_new.py", &[Outcome::Passed])));
+        forged.results.insert(
+            TaskId::test("7-1::t_x.py"),
+            result("x", "a", module_report("t_x.py", &[Outcome::Passed])),
+        );
+        forged.results.insert(
+            TaskId::test("7-0::t_new.py"),
+            result("x", "a", module_report("t_new.py", &[Outcome::Passed])),
+        );
         let before = mine.clone();
         assert!(!mine.merge(&forged).changed(), "{mine:?}");
         assert_eq!(mine, before);
@@ -707,7 +686,7 @@ pub(crate) mod tests {
             Box::new(|r| {
                 let mut report = module_report("t_a.py", &[Outcome::Flaky]);
                 report.tests[0].message = Some("no attempts".into());
-                r.results.insert("7-0::t_a.py".into(), result("127.0.0.1:7001", "a", report));
+                r.results.insert(TaskId::test("7-0::t_a.py"), result("127.0.0.1:7001", "a", report));
             }),
             Box::new(|r| {
                 if let ProjectState::Ready { modules, .. } = &mut r.projects[0].state {
@@ -746,7 +725,7 @@ pub(crate) mod tests {
                 r.version = version;
                 for (m, (outcomes, attempt)) in res {
                     r.results.insert(
-                        format!("7-0::{}", mods[m]),
+                        TaskId::test(&format!("7-0::{}", mods[m])),
                         result("n", &attempt, module_report(mods[m], &outcomes)),
                     );
                 }
@@ -780,14 +759,13 @@ pub(crate) mod tests {
             chunks.insert("t_b.py".into(), 3);
         }
         let rec = EvalRecord::new(EvalId::test(7), "n1".into(), 1.0, vec![p]);
-        let ids: Vec<String> = rec.all_tasks().map(|t| t.task_id).collect();
+        let ids: Vec<String> = rec.all_tasks().map(|t| t.task_id.to_string()).collect();
         assert_eq!(ids, ["7-0::t_a.py", "7-0::t_b.py#0/3", "7-0::t_b.py#1/3", "7-0::t_b.py#2/3"]);
-        assert!(rec.knows_task("7-0::t_b.py#2/3"));
-        assert!(!rec.knows_task("7-0::t_b.py#3/3"));
-        assert!(!rec.knows_task("7-0::t_b.py"));
-        assert_eq!(parse_task_part("t_b.py#1/3"), ("t_b.py", Some(Chunk { index: 1, count: 3 })));
-        assert_eq!(parse_task_part("odd#name.py"), ("odd#name.py", None));
-        assert_eq!(task_part("t_b.py", Some(Chunk { index: 1, count: 3 })), "t_b.py#1/3");
+        assert!(rec.knows_task(&TaskId::test("7-0::t_b.py#2/3")));
+        assert!(!rec.knows_task(&TaskId::test("7-0::t_b.py")), "a chunked module is no task itself");
+        assert!("7-0::t_b.py#3/3".parse::<TaskId>().is_err(), "no chunk 3 of 3");
+        let chunk = rec.all_tasks().nth(2).map(|t| (t.task_id.module().to_string(), t.task_id.chunk()));
+        assert_eq!(chunk, Some(("t_b.py".to_string(), Some(Chunk { index: 1, count: 3 }))));
     }
 
     #[test]
@@ -807,8 +785,8 @@ pub(crate) mod tests {
         let b = EvalRecord::new(EvalId::test(7), "n1".into(), 1.0, vec![ready("7-0", "calc", &["t_a.py"])]);
         assert!(!a.is_complete());
         assert!(a.merge(&b).header);
-        assert_eq!(a.unfinished_tasks(), vec!["7-0::t_a.py".to_string()]);
-        assert!(a.knows_task("7-0::t_a.py"));
-        assert!(!a.knows_task("7-0::t_x.py"));
+        assert_eq!(a.unfinished_tasks(), vec![TaskId::test("7-0::t_a.py")]);
+        assert!(a.knows_task(&TaskId::test("7-0::t_a.py")));
+        assert!(!a.knows_task(&TaskId::test("7-0::t_x.py")));
     }
 }

@@ -369,15 +369,11 @@ pub fn stats<'a>(records: impl IntoIterator<Item = &'a EvalRecord>, nodes: &[Str
                 let row = &mut rows[i];
                 row.passed += c.passes();
                 row.failed += c.failures();
-                if let Some((pid, part)) = super::split_task_id(t) {
-                    modules.insert((i, rec.id, pid.to_string(), super::parse_task_part(part).0.to_string()));
-                }
+                modules.insert((i, rec.id, t.project().to_string(), t.module().to_string()));
                 if !row.evaluations.contains(&rec.id) {
                     row.evaluations.push(rec.id);
                 }
-                if let Some((pid, _)) = super::split_task_id(t) {
-                    projects.entry(i).or_default().insert(pid.to_string());
-                }
+                projects.entry(i).or_default().insert(t.project().to_string());
             }
         }
     }
@@ -397,6 +393,7 @@ pub fn stats<'a>(records: impl IntoIterator<Item = &'a EvalRecord>, nodes: &[Str
 mod tests {
     use super::super::tests::{module_report, ready, result};
     use super::*;
+    use crate::ids::TaskId;
 
     fn default_grade(_: &ProjectRecord, tests: &[TestResult]) -> Option<f64> {
         let mut c = Counts::default();
@@ -413,7 +410,7 @@ mod tests {
             vec![ready("9-0", "calc", &["t_add.py", "t_sub.py"]), ready("9-1", "strs", &["t_up.py"])],
         );
         rec.add_result(
-            "9-0::t_add.py",
+            &TaskId::test("9-0::t_add.py"),
             result(
                 "127.0.0.1:7001",
                 "a",
@@ -421,7 +418,7 @@ mod tests {
             ),
             11.0,
         );
-        rec.running.insert("9-0::t_sub.py".into(), "127.0.0.1:7002".into());
+        rec.running.insert(TaskId::test("9-0::t_sub.py"), "127.0.0.1:7002".into());
         let r = build_report(&rec, 12.5, false, &default_grade);
         assert_eq!(r.status, EvalStatus::Running);
         assert_eq!((r.summary.executed, r.summary.executing, r.summary.pending), (1, 1, 1));
@@ -429,12 +426,12 @@ mod tests {
         assert_eq!(r.projects["calc"].grade, None);
         assert_eq!(r.summary.grade, None);
         rec.add_result(
-            "9-0::t_sub.py",
+            &TaskId::test("9-0::t_sub.py"),
             result("127.0.0.1:7002", "b", module_report("t_sub.py", &[Outcome::Passed])),
             13.0,
         );
         rec.add_result(
-            "9-1::t_up.py",
+            &TaskId::test("9-1::t_up.py"),
             result(
                 "127.0.0.1:7000",
                 "c",
@@ -472,7 +469,7 @@ mod tests {
         );
         rec.rerun_of = Some(EvalId::test(3));
         let report = module_report("t.py", &[Outcome::Passed, Outcome::Flaky, Outcome::Failed]);
-        rec.add_result("9-0::t.py", result("127.0.0.1:7001", "a", report), 11.0);
+        rec.add_result(&TaskId::test("9-0::t.py"), result("127.0.0.1:7001", "a", report), 11.0);
         let r = build_report(&rec, 12.0, false, &default_grade);
         let calc = &r.projects["calc"];
         assert_eq!(calc.flaky, ["t.py::test_1"], "listed without the per-test results too");
@@ -492,17 +489,17 @@ mod tests {
             vec![ready("p", "calc", &["a.py", "b.py"])],
         );
         rec.add_result(
-            "p::a.py",
+            &TaskId::test("p::a.py"),
             result("127.0.0.1:7001", "a", module_report("a.py", &[Outcome::Passed, Outcome::Failed])),
             2.0,
         );
         rec.add_result(
-            "p::a.py",
+            &TaskId::test("p::a.py"),
             result("127.0.0.1:7002", "b", module_report("a.py", &[Outcome::Passed])),
             2.0,
         );
         rec.add_result(
-            "p::b.py",
+            &TaskId::test("p::b.py"),
             result("127.0.0.1:7001", "c", module_report("b.py", &[Outcome::Passed])),
             2.0,
         );
