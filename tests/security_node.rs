@@ -410,7 +410,7 @@ async fn h1_insecure_forged_records_cannot_replace_results_or_name_host_files() 
     wait_replicated(&c, id).await;
     let before = snapshot(&c, id).await;
     let real = record(&c, id).await;
-    let owner: SocketAddr = real.responsible.parse().unwrap();
+    let owner: SocketAddr = real.responsible.socket();
     let attacker = claiming(owner, None);
     // A brand-new evaluation naming host files, and one with a CR/LF project id.
     let mut fresh = forge(&real, "/etc/passwd");

@@ -1,6 +1,6 @@
 //! Typed identifiers, each with one parse ([`FromStr`], also behind serde) and one spelling
-//! ([`Display`]): evaluation ids ([`EvalId`]), project ids ([`ProjectId`]) and task ids
-//! ([`TaskId`]).
+//! ([`Display`]): evaluation ids ([`EvalId`]), project ids ([`ProjectId`]), task ids
+//! ([`TaskId`]) and node addresses ([`NodeAddr`]).
 //!
 //! Every id that arrives from a peer, a client or a file goes through its parse, which refuses
 //! hostile input (wrong length or characters, out-of-range numbers, non-canonical spellings), so
@@ -10,6 +10,7 @@
 use std::cmp::Ordering;
 use std::fmt::{self, Display};
 use std::hash::{Hash, Hasher};
+use std::net::SocketAddr;
 use std::str::FromStr;
 
 use cdtester_runner_api::Chunk;
@@ -26,6 +27,8 @@ pub enum IdError {
         "task id {0:?} is not <project id>::<module>[#<index>/<count>] (a relative module path, index < count, count > 1)"
     )]
     Task(String),
+    #[error("node address {0:?} is not ip:port ([v6]:port for IPv6)")]
+    Node(String),
 }
 
 /// The first characters of a hostile text, for error messages.
@@ -323,6 +326,76 @@ impl Hash for TaskId {
     }
 }
 
+/// Longest node address text (`[` 45-character IPv6 `]:65535` fits).
+const MAX_ADDR_LEN: usize = 64;
+
+/// A node's UDP address, its identity as a member: `ip:port` (`[v6]:port`), in the one spelling
+/// of [`crate::wire::canonical`] (an IPv4-mapped address written as IPv4). A JSON string.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct NodeAddr(SocketAddr);
+
+impl NodeAddr {
+    pub fn socket(self) -> SocketAddr {
+        self.0
+    }
+}
+
+#[cfg(test)]
+impl NodeAddr {
+    /// `s` as a node address, in tests (panics when it is none).
+    pub(crate) fn test(s: &str) -> NodeAddr {
+        s.parse().expect("a test's node address is valid")
+    }
+}
+
+impl From<SocketAddr> for NodeAddr {
+    fn from(addr: SocketAddr) -> NodeAddr {
+        NodeAddr(crate::wire::canonical(addr))
+    }
+}
+
+impl From<NodeAddr> for SocketAddr {
+    fn from(addr: NodeAddr) -> SocketAddr {
+        addr.0
+    }
+}
+
+impl FromStr for NodeAddr {
+    type Err = IdError;
+    fn from_str(s: &str) -> Result<NodeAddr, IdError> {
+        if s.len() > MAX_ADDR_LEN {
+            return Err(IdError::Node(clip(s)));
+        }
+        s.parse::<SocketAddr>().map(NodeAddr::from).map_err(|_| IdError::Node(clip(s)))
+    }
+}
+
+impl TryFrom<String> for NodeAddr {
+    type Error = IdError;
+    fn try_from(s: String) -> Result<NodeAddr, IdError> {
+        s.parse()
+    }
+}
+
+impl From<NodeAddr> for String {
+    fn from(addr: NodeAddr) -> String {
+        addr.to_string()
+    }
+}
+
+impl Display for NodeAddr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        Display::fmt(&self.0, f)
+    }
+}
+
+impl PartialEq<SocketAddr> for NodeAddr {
+    fn eq(&self, other: &SocketAddr) -> bool {
+        *self == NodeAddr::from(*other)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use std::collections::BTreeMap;
@@ -442,5 +515,43 @@ mod tests {
         assert!(TaskId::new(&p, "t.py#1/2", None).is_err(), "a module that reads back as a chunk");
         assert!(TaskId::new(&p, "t.py", chunk(3, 2)).is_err());
         assert!(TaskId::new(&p, "t.py", chunk(0, 0)).is_err());
+    }
+
+    #[test]
+    fn node_addresses_round_trip_and_keep_their_json_shape() {
+        for text in ["127.0.0.1:7000", "[2001:db8::1]:7001", "0.0.0.0:1"] {
+            let a: NodeAddr = text.parse().expect("an address");
+            assert_eq!(a.to_string(), text);
+            assert_eq!(serde_json::to_string(&a).expect("json"), format!("{text:?}"));
+            assert_eq!(serde_json::from_str::<NodeAddr>(&format!("{text:?}")).expect("json"), a);
+        }
+        let mapped: SocketAddr = "[::ffff:198.51.100.9]:40001".parse().expect("a");
+        assert_eq!(NodeAddr::from(mapped).to_string(), "198.51.100.9:40001", "one spelling");
+        assert_eq!(
+            "[::ffff:198.51.100.9]:40001".parse::<NodeAddr>().map(|a| a.to_string()).as_deref(),
+            Ok("198.51.100.9:40001")
+        );
+        assert!(NodeAddr::from(mapped) == mapped);
+    }
+
+    #[test]
+    fn hostile_node_addresses_are_refused() {
+        let long = format!("127.0.0.1:7000{}", " ".repeat(60));
+        for bad in [
+            "",
+            "n1",
+            "somewhere",
+            "127.0.0.1",
+            "127.0.0.1:",
+            "127.0.0.1:70000",
+            "::1:7000",
+            "127.0.0.1:7000\n",
+            "127.0.0.1:7000/x",
+            "localhost:7000",
+            &long,
+        ] {
+            assert!(bad.parse::<NodeAddr>().is_err(), "{bad:?}");
+            assert!(serde_json::from_value::<NodeAddr>(serde_json::json!(bad)).is_err(), "{bad:?}");
+        }
     }
 }

@@ -177,7 +177,7 @@ mod tests {
     use super::*;
     use crate::eval::tests::{module_report, ready, result as module_result};
     use crate::eval::{EvalRecord, build_report};
-    use crate::ids::{EvalId, TaskId};
+    use crate::ids::{EvalId, NodeAddr, TaskId};
 
     fn result(nodeid: &str, outcome: Outcome, msg: Option<&str>) -> TestResult {
         TestResult::new(nodeid, outcome, 0.1, msg.map(str::to_string))
@@ -187,7 +187,7 @@ mod tests {
     fn report_of(module: &str, tests: Vec<TestResult>) -> EvalReport {
         let mut rec = EvalRecord::new(
             EvalId::test(7),
-            "127.0.0.1:1".into(),
+            NodeAddr::test("127.0.0.1:1"),
             1.0,
             vec![ready("7-0", "p<1>", &[module])],
         );

@@ -299,15 +299,20 @@ mod tests {
             let store = Store::open(dir.path()).unwrap();
             let mut rec = EvalRecord::new(
                 EvalId::test(42),
-                "127.0.0.1:7000".into(),
+                crate::ids::NodeAddr::test("127.0.0.1:7000"),
                 1.0,
                 vec![crate::eval::tests::ready("42-0", "p", &["a.py", "b.py"])],
             );
             let report = crate::eval::tests::module_report("a.py", &[cdtester_runner_api::Outcome::Passed]);
-            rec.add_result(&TaskId::test("42-0::a.py"), crate::eval::tests::result("n", "x", report), 2.0);
+            rec.add_result(
+                &TaskId::test("42-0::a.py"),
+                crate::eval::tests::result("127.0.0.1:7000", "x", report),
+                2.0,
+            );
             store.put_evaluation(&rec, []).unwrap();
             store.put_evaluation(&rec, rec.results.keys()).unwrap();
-            let other = EvalRecord::new(EvalId::test(43), "127.0.0.1:7000".into(), 1.0, vec![]);
+            let other =
+                EvalRecord::new(EvalId::test(43), crate::ids::NodeAddr::test("127.0.0.1:7000"), 1.0, vec![]);
             store.put_evaluation(&other, []).unwrap();
             store.put_blob(&"ab".repeat(32), b"zipbytes").unwrap();
             assert!(matches!(store.put_blob("../../x", b"evil"), Err(StoreError::BadHash)));
@@ -342,12 +347,16 @@ mod tests {
         for id in 1..=(HISTORY_KEEP as u64 + 2) {
             let project = crate::eval::tests::ready(&format!("{id}-0"), "calc", &["a.py"]);
             let other = crate::eval::tests::ready(&format!("{id}-1"), "calculator", &["a.py"]);
-            let mut rec =
-                EvalRecord::new(EvalId::test(id), "127.0.0.1:7000".into(), 1.0, vec![project, other]);
+            let mut rec = EvalRecord::new(
+                EvalId::test(id),
+                crate::ids::NodeAddr::test("127.0.0.1:7000"),
+                1.0,
+                vec![project, other],
+            );
             let outcome = if id % 2 == 0 { Passed } else { Failed };
             for pid in [format!("{id}-0"), format!("{id}-1")] {
                 let mut r = crate::eval::tests::result(
-                    "n",
+                    "127.0.0.1:7000",
                     "x",
                     crate::eval::tests::module_report("a.py", &[outcome]),
                 );

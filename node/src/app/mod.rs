@@ -36,7 +36,7 @@ use crate::core::{Event, LocalEvent, Snapshot};
 use crate::engine::{Accepted, Action, Engine, EngineConfig, Input, Now, Refusal};
 use crate::eval::{self, EvalRecord, ProjectRecord, ProjectState};
 use crate::fetch::{self, FetchedProject};
-use crate::ids::{EvalId, ProjectId};
+use crate::ids::{EvalId, NodeAddr, ProjectId};
 use crate::peer_http::auth::{Secret, Verifier};
 use crate::peer_http::client::HttpClient;
 use crate::store::Store;
@@ -450,8 +450,8 @@ impl App {
     }
 
     /// This node's UDP address string (`ip:port`).
-    pub fn addr(&self) -> String {
-        self.udp.to_string()
+    pub fn addr(&self) -> NodeAddr {
+        NodeAddr::from(self.udp)
     }
 
     pub fn http_addr(&self) -> SocketAddr {
@@ -478,7 +478,7 @@ impl App {
 
     /// Live members now (own address first), as `ip:port` strings.
     pub fn members(&self) -> Vec<String> {
-        let me = self.addr();
+        let me = self.addr().to_string();
         let mut out = vec![me.clone()];
         if let Some(net) = self.net() {
             out.extend(net.snapshot().peers.into_values().filter(|a| *a != me));
@@ -730,7 +730,7 @@ impl App {
     pub fn network(&self) -> BTreeMap<String, Vec<String>> {
         match self.net() {
             Some(net) => net.snapshot().network,
-            None => BTreeMap::from([(self.addr(), Vec::new())]),
+            None => BTreeMap::from([(self.addr().to_string(), Vec::new())]),
         }
     }
 

@@ -169,10 +169,7 @@ impl App {
         let (responsible, submitted_to) = {
             let engine = self.engine();
             let rec = engine.project(&project.id).map(|(r, _)| r);
-            (
-                rec.and_then(|r| r.responsible.parse::<SocketAddr>().ok()),
-                rec.and_then(|r| r.submitted_to.parse::<SocketAddr>().ok()),
-            )
+            (rec.map(|r| r.responsible.socket()), rec.map(|r| r.submitted_to.socket()))
         };
         sources.extend(responsible.into_iter().chain(submitted_to));
         if let Some(net) = self.net() {

@@ -37,7 +37,7 @@ use cdtester_runner_api::Limits;
 use cdtester_runner_api::plan::ModuleStat;
 
 use crate::eval::{EvalRecord, ProjectRecord, ProjectState};
-use crate::ids::{EvalId, ProjectId, TaskId};
+use crate::ids::{EvalId, NodeAddr, ProjectId, TaskId};
 use crate::wire::{Message, NodeId};
 
 pub use outbox::{BatchAnswer, MAX_BATCH};
@@ -244,7 +244,7 @@ impl Engine {
         durations: HashMap<String, ModuleStat>,
         now: Instant,
     ) -> Engine {
-        let me = cfg.me.to_string();
+        let me = cfg.me;
         let evals: BTreeMap<EvalId, EvalRecord> = records.into_iter().map(|r| (r.id, r)).collect();
         let held: BTreeSet<EvalId> =
             evals.values().filter(|r| r.responsible == me && r.end_time.is_none()).map(|r| r.id).collect();
@@ -334,8 +334,8 @@ impl Engine {
         out
     }
 
-    fn me(&self) -> String {
-        self.cfg.me.to_string()
+    fn me(&self) -> NodeAddr {
+        NodeAddr::from(self.cfg.me)
     }
 
     /// Marks a record changed (header, and `results` added): persisted now, replicated at the
@@ -469,30 +469,25 @@ impl Engine {
         if post.result.task_id.parse::<TaskId>().is_ok_and(|t| rec.results.contains_key(&t)) {
             return Delivery::Done;
         }
-        match rec.responsible.parse::<SocketAddr>() {
-            Ok(a) if a == self.cfg.me => Delivery::Here,
-            Ok(a) => Delivery::To(a),
-            Err(_) => Delivery::Unknown,
-        }
+        if rec.responsible == self.cfg.me { Delivery::Here } else { Delivery::To(rec.responsible.socket()) }
     }
 
     /// This node now owns the failed node's evaluations: re-own them (new term), adopt the
     /// tasks running on live workers, requeue the others and discover unsettled projects.
     fn take_over(&mut self, now: Now, failed: SocketAddr, out: &mut Vec<Action>) {
-        let failed_s = failed.to_string();
         let ids: Vec<EvalId> = self
             .evals
             .values()
-            .filter(|r| r.responsible == failed_s && r.end_time.is_none())
+            .filter(|r| r.responsible == failed && r.end_time.is_none())
             .map(|r| r.id)
             .collect();
-        tracing::info!(failed = %failed_s, evaluations = ids.len(), "taking over evaluations");
+        tracing::info!(%failed, evaluations = ids.len(), "taking over evaluations");
         let me = self.me();
         for id in ids {
             let Some(rec) = self.evals.get_mut(&id) else { continue };
-            rec.term = quorum::next_term(rec.term, &me);
+            rec.term = quorum::next_term(rec.term, &me.to_string());
             rec.version = 0;
-            rec.responsible = me.clone();
+            rec.responsible = me;
             let projects = rec.projects.clone();
             self.changed(id, &[], out);
             self.start_phase1(id);
@@ -501,7 +496,7 @@ impl Engine {
                 out.push(Action::Broadcast(Message::EvaluationResponsibilityUpdate(
                     crate::wire::ResponsibilityUpdateData {
                         project_id: p.id.to_string(),
-                        new_node: me.clone(),
+                        new_node: me.to_string(),
                     },
                 )));
                 self.discover(id, p, out);

@@ -300,11 +300,11 @@ impl Engine {
     /// header-only proposal) and the provisional results it holds.
     pub(super) fn proposed(&mut self, copy: EvalRecord, from: SocketAddr, out: &mut Vec<Action>) {
         let id = copy.id;
-        if copy.validate().is_err() || copy.responsible != from.to_string() {
+        if copy.validate().is_err() || copy.responsible != from {
             tracing::warn!(eval = %id, peer = %from, "refusing a proposal for a record the sender does not own");
             return;
         }
-        let (term, responsible) = (copy.term, copy.responsible.clone());
+        let (term, responsible) = (copy.term, copy.responsible);
         self.merge(vec![copy.clone_header()], from, out);
         let Some(mine) = self.evals.get(&id) else { return };
         let owner = mine.term == term && mine.responsible == responsible;

@@ -59,8 +59,7 @@ impl Engine {
                 tracing::warn!(eval = %rec.id, peer = %from_s, "refusing a replicated record: {e}");
                 continue;
             }
-            if self.cfg.open && from != self.cfg.me && rec.responsible != from_s && rec.submitted_to != from_s
-            {
+            if self.cfg.open && from != self.cfg.me && rec.responsible != from && rec.submitted_to != from {
                 tracing::warn!(eval = %rec.id, peer = %from_s, "refusing a record the sender neither owns nor submitted");
                 continue;
             }
@@ -119,7 +118,7 @@ impl Engine {
     pub fn active_evaluations(&self) -> BTreeMap<String, EvalMap> {
         let mut out: BTreeMap<String, EvalMap> = BTreeMap::new();
         for r in self.evals.values().filter(|r| r.end_time.is_none()) {
-            out.entry(r.responsible.clone())
+            out.entry(r.responsible.to_string())
                 .or_default()
                 .insert(r.id.to_string(), r.projects.iter().map(|p| p.id.to_string()).collect());
         }
@@ -165,13 +164,13 @@ impl Engine {
                     .collect();
                 let entry = wire::ProjectEntry {
                     project_name: p.name.clone(),
-                    node: rec.responsible.clone(),
+                    node: rec.responsible.to_string(),
                     modules,
                 };
                 content.projects.insert(p.id.to_string(), entry);
             }
         }
-        let s = eval::stats(self.evals.values(), std::slice::from_ref(&me));
+        let s = eval::stats(self.evals.values(), &[me.to_string()]);
         if let Some(row) = s.nodes.into_iter().next() {
             content.stats = wire::NodeStats {
                 failed: row.failed,

@@ -10,7 +10,7 @@ use cdtester_runner_api::{Limits, ModuleReport};
 
 use super::{Accepted, Action, Engine, Now, Refusal, Task, TaskPost, duration_key};
 use crate::eval::{self, EvalRecord, ModuleResult, ProjectState};
-use crate::ids::{EvalId, TaskId};
+use crate::ids::{EvalId, NodeAddr, TaskId};
 use crate::wire::{Message, TaskConfirmData, TaskInfo, TaskSendData, TaskSourceKind};
 
 /// Failed attempts (runner infrastructure errors) before a task is recorded as not runnable.
@@ -115,7 +115,7 @@ impl Assignments {
 }
 
 fn publish(rec: &mut EvalRecord, task: &TaskId, worker: SocketAddr) -> bool {
-    rec.running.insert(task.clone(), worker.to_string());
+    rec.running.insert(task.clone(), NodeAddr::from(worker));
     rec.version += 1;
     true
 }
@@ -377,17 +377,17 @@ impl Engine {
     ) {
         let Some(rec) = self.evals.get_mut(&eval) else { return };
         let mut died = Vec::new();
-        let running: Vec<(TaskId, String)> =
-            rec.running.iter().map(|(t, w)| (t.clone(), w.clone())).collect();
+        let running: Vec<(TaskId, SocketAddr)> =
+            rec.running.iter().map(|(t, w)| (t.clone(), w.socket())).collect();
         let mut lost = Vec::new();
-        for (task, worker) in running {
-            match worker.parse::<SocketAddr>() {
+        for (task, addr) in running {
+            match addr {
                 // Published as running here, but no slot of this node runs it (it finished while
                 // another node was responsible): hand it out again.
-                Ok(addr) if addr == self.cfg.me && Some(addr) != gone && !self.here.contains(&task) => {
+                addr if addr == self.cfg.me && Some(addr) != gone && !self.here.contains(&task) => {
                     lost.push(task)
                 }
-                Ok(addr) if Some(addr) != gone => {
+                addr if Some(addr) != gone => {
                     if !self.assignments.contains(&task) {
                         self.assignments.assign(rec, &task, addr, true, now.mono);
                     }
@@ -456,7 +456,7 @@ impl Engine {
         // are adopted) published as running on the caller by the record.
         let assigned = self.assignments.get(&task).is_some_and(|a| a.worker == caller)
             || self.assignments.was_handed(&task, caller)
-            || rec.running.get(&task).is_some_and(|w| *w == caller_s);
+            || rec.running.get(&task).is_some_and(|w| *w == caller);
         if !assigned {
             return Err(Refusal::Forbidden(format!("task {task} is not assigned to {caller_s}")));
         }
@@ -485,7 +485,6 @@ impl Engine {
                 return Ok(Accepted::Requeued);
             }
         }
-        let node = post.node();
         let report = match (post.report, post.error) {
             (Some(r), _) => r,
             (None, Some(error)) => ModuleReport {
@@ -498,7 +497,12 @@ impl Engine {
             },
             (None, None) => return Err(Refusal::BadRequest("a result needs \"report\" or \"error\"".into())),
         };
-        let result = ModuleResult { node, attempt: post.attempt, finished_at: now.wall, report };
+        let result = ModuleResult {
+            node: NodeAddr::from(caller),
+            attempt: post.attempt,
+            finished_at: now.wall,
+            report,
+        };
         self.assignments.finish(&task);
         self.failures.remove(&task);
         let stored = self.propose_result(now, eval, (&task, result), out);

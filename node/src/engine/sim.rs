@@ -22,7 +22,7 @@ use super::{
 use crate::core::sim::{NetConfig, Sim};
 use crate::core::{DownReason, Event, LocalEvent};
 use crate::eval::{EvalRecord, ProjectRecord, ProjectState};
-use crate::ids::{EvalId, ProjectId, TaskId};
+use crate::ids::{EvalId, NodeAddr, ProjectId, TaskId};
 
 /// One step of the world, ms.
 const STEP: u64 = 50;
@@ -257,7 +257,7 @@ impl World {
                 state: ProjectState::Preparing,
             })
             .collect();
-        let mut rec = EvalRecord::new(id, addr(i).to_string(), self.now().wall, projects);
+        let mut rec = EvalRecord::new(id, NodeAddr::from(addr(i)), self.now().wall, projects);
         crate::eval::unique_names(&mut rec.projects);
         self.submitted.push(id);
         self.input(i, Input::Submitted(rec));

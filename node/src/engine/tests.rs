@@ -32,7 +32,7 @@ pub(super) fn submission(id: EvalId, me: SocketAddr, wall: f64) -> EvalRecord {
         content_hash: "a".repeat(64),
         state: ProjectState::Preparing,
     };
-    EvalRecord::new(id, me.to_string(), wall, vec![project])
+    EvalRecord::new(id, NodeAddr::from(me), wall, vec![project])
 }
 
 pub(super) fn discovery(modules: &[&str]) -> Discovery {
@@ -152,7 +152,10 @@ fn results_only_from_the_assigned_worker_and_only_the_first() {
     let task = Task { eval: EvalId::test(5), task_id: task_id.clone(), project: None, from: None };
     let confirm = Message::TaskConfirm(TaskConfirmData { task_id: task_id.to_string() });
     e.handle(clock.now(), Input::Message { from: addr(1), msg: confirm });
-    assert_eq!(e.record(EvalId::test(5)).expect("record").running.get(&task_id), Some(&addr(1).to_string()));
+    assert_eq!(
+        e.record(EvalId::test(5)).expect("record").running.get(&task_id),
+        Some(&NodeAddr::from(addr(1)))
+    );
     clock.advance(10);
     let forged = post_for(addr(2), &task, &[Outcome::Passed]);
     let out = e.handle(clock.now(), Input::Result { post: forged.clone(), caller: addr(2) });
@@ -308,13 +311,13 @@ fn a_stale_owner_learns_the_higher_term_from_a_vote_and_stores_nothing() {
     let mut newer = e.record(EvalId::test(5)).expect("record").clone_header();
     newer.term = 2;
     newer.version = 0;
-    newer.responsible = addr(1).to_string();
+    newer.responsible = NodeAddr::from(addr(1));
     e.handle(
         clock.now(),
         Input::Voted { vote: Vote { record: newer, proposals: Default::default() }, from: addr(1) },
     );
     let rec = e.record(EvalId::test(5)).expect("record");
-    assert_eq!((rec.term, rec.responsible.as_str()), (2, addr(1).to_string().as_str()));
+    assert_eq!((rec.term, rec.responsible), (2, NodeAddr::from(addr(1))));
     assert!(rec.results.is_empty(), "a stale owner's result is never stored: {rec:?}");
     clock.advance(1000);
     let out = e.handle(clock.now(), Input::Tick);
@@ -328,12 +331,12 @@ fn a_member_takes_a_proposal_only_from_the_owner_at_its_term() {
     let mut peer = Engine::new(config(addr(1), 1), Vec::new(), Default::default(), clock.0);
     let mut taken = origin.record(EvalId::test(5)).expect("record").clone();
     taken.term = 2;
-    taken.responsible = addr(2).to_string();
+    taken.responsible = NodeAddr::from(addr(2));
     peer.handle(clock.now(), Input::Merge { records: vec![taken], from: addr(2) });
     let mut stale = origin.record(EvalId::test(5)).expect("record").clone_header();
     let report = crate::eval::tests::module_report(task.task_id.module(), &[Outcome::Passed]);
     let result = crate::eval::ModuleResult {
-        node: addr(0).to_string(),
+        node: NodeAddr::from(addr(0)),
         attempt: "a".into(),
         finished_at: 1.0,
         report,
@@ -372,7 +375,7 @@ fn a_takeover_learns_every_live_members_results_before_it_schedules() {
     assert!(sent[0].1.results.is_empty() && term > 1, "{sent:?}");
     let mut vote = with_result;
     vote.term = term;
-    vote.responsible = addr(1).to_string();
+    vote.responsible = NodeAddr::from(addr(1));
     let out = e.handle(
         clock.now(),
         Input::Voted { vote: Vote { record: vote, proposals: Default::default() }, from: addr(2) },

@@ -18,7 +18,7 @@ use std::collections::BTreeMap;
 use cdtester_runner_api::{Chunk, Counts, Limits, ModuleReport, TestResult};
 use serde::{Deserialize, Serialize};
 
-use crate::ids::{EvalId, ProjectId, TaskId, valid_module_path};
+use crate::ids::{EvalId, NodeAddr, ProjectId, TaskId, valid_module_path};
 
 pub use report::{
     Columns, EvalReport, EvalStatus, ModuleStatus, ModuleView, NodeStatsRow, ProjectReport, ProjectStatus,
@@ -62,9 +62,9 @@ pub fn now_secs() -> f64 {
 pub struct EvalRecord {
     pub id: EvalId,
     /// UDP address of the node that accepted the submission.
-    pub submitted_to: String,
+    pub submitted_to: NodeAddr,
     /// UDP address of the node that schedules the evaluation's tasks now.
-    pub responsible: String,
+    pub responsible: NodeAddr,
     /// Responsibility term: increases with every takeover; the higher term wins.
     pub term: u64,
     /// Changes made by the responsible node within the current term (orders `running`).
@@ -73,7 +73,7 @@ pub struct EvalRecord {
     pub end_time: Option<f64>,
     pub projects: Vec<ProjectRecord>,
     /// Task ids handed to a worker and not finished yet, as last published by the responsible node.
-    pub running: BTreeMap<TaskId, String>,
+    pub running: BTreeMap<TaskId, NodeAddr>,
     /// Results by task id.
     #[serde(default)]
     pub results: BTreeMap<TaskId, ModuleResult>,
@@ -183,7 +183,7 @@ impl ProjectRecord {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ModuleResult {
     /// UDP address of the node that ran it.
-    pub node: String,
+    pub node: NodeAddr,
     /// Unique per execution attempt.
     pub attempt: String,
     pub finished_at: f64,
@@ -191,10 +191,10 @@ pub struct ModuleResult {
 }
 
 impl EvalRecord {
-    pub fn new(id: EvalId, node: String, start_time: f64, projects: Vec<ProjectRecord>) -> EvalRecord {
+    pub fn new(id: EvalId, node: NodeAddr, start_time: f64, projects: Vec<ProjectRecord>) -> EvalRecord {
         EvalRecord {
             id,
-            submitted_to: node.clone(),
+            submitted_to: node,
             responsible: node,
             term: 1,
             version: 0,
@@ -217,11 +217,6 @@ impl EvalRecord {
         }
         for (t, r) in &self.results {
             r.report.check_attempts().map_err(|e| format!("result of {t}: {e}"))?;
-        }
-        for a in [&self.submitted_to, &self.responsible] {
-            if a.parse::<std::net::SocketAddr>().is_err() {
-                return Err(format!("invalid node address {:?}", clip(a)));
-            }
         }
         for (i, p) in self.projects.iter().enumerate() {
             if p.id != ProjectId::of(self.id, i) {
@@ -335,8 +330,8 @@ impl EvalRecord {
     pub fn clone_header(&self) -> EvalRecord {
         EvalRecord {
             id: self.id,
-            submitted_to: self.submitted_to.clone(),
-            responsible: self.responsible.clone(),
+            submitted_to: self.submitted_to,
+            responsible: self.responsible,
             term: self.term,
             version: self.version,
             start_time: self.start_time,
@@ -432,7 +427,7 @@ impl EvalRecord {
         let tasks = p.module_tasks(module);
         ModuleProgress {
             results: tasks.iter().filter_map(|t| self.results.get(t)).collect(),
-            running: tasks.iter().filter_map(|t| self.running.get(t).map(String::as_str)).collect(),
+            running: tasks.iter().filter_map(|t| self.running.get(t).copied()).collect(),
             tasks: tasks.len(),
         }
     }
@@ -457,7 +452,7 @@ impl Merged {
 #[derive(Debug)]
 pub struct ModuleProgress<'a> {
     pub results: Vec<&'a ModuleResult>,
-    pub running: Vec<&'a str>,
+    pub running: Vec<NodeAddr>,
     pub tasks: usize,
 }
 
@@ -503,8 +498,10 @@ impl ModuleProgress<'_> {
 
     /// The nodes that ran (or run) it, `, `-separated; `None` when none.
     pub fn nodes(&self) -> Option<String> {
-        let mut seen: Vec<&str> = Vec::new();
-        for n in self.results.iter().map(|r| r.node.as_str()).chain(self.running.iter().copied()) {
+        let mut seen: Vec<String> = Vec::new();
+        for n in
+            self.results.iter().map(|r| r.node).chain(self.running.iter().copied()).map(|n| n.to_string())
+        {
             if !seen.contains(&n) {
                 seen.push(n);
             }
@@ -569,25 +566,25 @@ pub(crate) mod tests {
     }
 
     pub fn result(node: &str, attempt: &str, report: ModuleReport) -> ModuleResult {
-        ModuleResult { node: node.into(), attempt: attempt.into(), finished_at: 2.0, report }
+        ModuleResult { node: NodeAddr::test(node), attempt: attempt.into(), finished_at: 2.0, report }
     }
 
     #[test]
     fn results_are_idempotent_and_complete_the_evaluation() {
         let mut rec = EvalRecord::new(
             EvalId::test(7),
-            "n1".into(),
+            NodeAddr::test("127.0.0.1:7001"),
             1.0,
             vec![ready("7-0", "calc", &["t_a.py", "t_b.py"])],
         );
         assert_eq!(rec.unfinished_tasks().len(), 2);
-        let r = result("n2", "b", module_report("t_a.py", &[Outcome::Passed, Outcome::Failed]));
+        let r = result("127.0.0.1:7002", "b", module_report("t_a.py", &[Outcome::Passed, Outcome::Failed]));
         assert!(rec.add_result(&TaskId::test("7-0::t_a.py"), r.clone(), 3.0));
         assert!(!rec.add_result(&TaskId::test("7-0::t_a.py"), r, 3.0), "duplicate result ignored");
         assert!(rec.end_time.is_none());
         rec.add_result(
             &TaskId::test("7-0::t_b.py"),
-            result("n1", "c", module_report("t_b.py", &[Outcome::Passed])),
+            result("127.0.0.1:7001", "c", module_report("t_b.py", &[Outcome::Passed])),
             4.0,
         );
         assert_eq!(rec.end_time, Some(4.0));
@@ -599,32 +596,32 @@ pub(crate) mod tests {
     fn merge_keeps_accepted_results_and_prefers_higher_term() {
         let base = EvalRecord::new(
             EvalId::test(7),
-            "n1".into(),
+            NodeAddr::test("127.0.0.1:7001"),
             1.0,
             vec![ready("7-0", "calc", &["t_a.py", "t_b.py"])],
         );
         let mut a = base.clone();
         a.add_result(
             &TaskId::test("7-0::t_a.py"),
-            result("n2", "z", module_report("t_a.py", &[Outcome::Passed])),
+            result("127.0.0.1:7002", "z", module_report("t_a.py", &[Outcome::Passed])),
             3.0,
         );
         let mut b = base.clone();
         b.term = 2;
-        b.responsible = "n3".into();
+        b.responsible = NodeAddr::test("127.0.0.1:7003");
         b.add_result(
             &TaskId::test("7-0::t_a.py"),
-            result("n3", "a", module_report("t_a.py", &[Outcome::Failed])),
+            result("127.0.0.1:7003", "a", module_report("t_a.py", &[Outcome::Failed])),
             3.0,
         );
         b.add_result(
             &TaskId::test("7-0::t_b.py"),
-            result("n3", "x", module_report("t_b.py", &[Outcome::Passed])),
+            result("127.0.0.1:7003", "x", module_report("t_b.py", &[Outcome::Passed])),
             5.0,
         );
         let mut ab = a.clone();
         assert!(ab.merge(&b).changed());
-        assert_eq!(ab.responsible, "n3");
+        assert_eq!(ab.responsible, NodeAddr::test("127.0.0.1:7003"));
         assert_eq!(
             ab.results[&TaskId::test("7-0::t_a.py")].attempt,
             "z",
@@ -642,8 +639,12 @@ pub(crate) mod tests {
 
     #[test]
     fn a_copy_cannot_add_projects_unknown_tasks_or_change_settled_projects() {
-        let mut mine =
-            EvalRecord::new(EvalId::test(7), "n1".into(), 1.0, vec![ready("7-0", "calc", &["t_a.py"])]);
+        let mut mine = EvalRecord::new(
+            EvalId::test(7),
+            NodeAddr::test("127.0.0.1:7001"),
+            1.0,
+            vec![ready("7-0", "calc", &["t_a.py"])],
+        );
         let mut forged = mine.clone();
         forged.projects.push(ready("7-1", "extra", &["t_x.py"]));
         if let ProjectState::Ready { runner, modules, .. } = &mut forged.projects[0].state {
@@ -653,11 +654,11 @@ pub(crate) mod tests {
         forged.projects[0].content_hash = "../../etc/passwd".into();
         forged.results.insert(
             TaskId::test("7-1::t_x.py"),
-            result("x", "a", module_report("t_x.py", &[Outcome::Passed])),
+            result("127.0.0.1:7009", "a", module_report("t_x.py", &[Outcome::Passed])),
         );
         forged.results.insert(
             TaskId::test("7-0::t_new.py"),
-            result("x", "a", module_report("t_new.py", &[Outcome::Passed])),
+            result("127.0.0.1:7009", "a", module_report("t_new.py", &[Outcome::Passed])),
         );
         let before = mine.clone();
         assert!(!mine.merge(&forged).changed(), "{mine:?}");
@@ -668,7 +669,7 @@ pub(crate) mod tests {
     fn records_with_unsafe_fields_are_invalid() {
         let good = EvalRecord::new(
             EvalId::test(7),
-            "127.0.0.1:7000".into(),
+            NodeAddr::test("127.0.0.1:7000"),
             1.0,
             vec![ready("7-0", "calc", &["t_a.py"])],
         );
@@ -681,7 +682,6 @@ pub(crate) mod tests {
             Box::new(|r| r.projects[0].content_hash = "A".repeat(64)),
             Box::new(|r| r.projects[0].id = ProjectId::of(EvalId::test(8), 0)),
             Box::new(|r| r.projects[0].name = "a/b".into()),
-            Box::new(|r| r.responsible = "somewhere".into()),
             Box::new(|r| r.rerun_of = Some(r.id)),
             Box::new(|r| {
                 let mut report = module_report("t_a.py", &[Outcome::Flaky]);
@@ -719,14 +719,18 @@ pub(crate) mod tests {
         )
             .prop_map(|(term, version, res)| {
                 let mods = ["t_0.py", "t_1.py", "t_2.py", "t_3.py"];
-                let mut r =
-                    EvalRecord::new(EvalId::test(7), "n1".into(), 1.0, vec![ready("7-0", "calc", &mods)]);
+                let mut r = EvalRecord::new(
+                    EvalId::test(7),
+                    NodeAddr::test("127.0.0.1:7001"),
+                    1.0,
+                    vec![ready("7-0", "calc", &mods)],
+                );
                 r.term = term;
                 r.version = version;
                 for (m, (outcomes, attempt)) in res {
                     r.results.insert(
                         TaskId::test(&format!("7-0::{}", mods[m])),
-                        result("n", &attempt, module_report(mods[m], &outcomes)),
+                        result("127.0.0.1:7000", &attempt, module_report(mods[m], &outcomes)),
                     );
                 }
                 r
@@ -758,7 +762,7 @@ pub(crate) mod tests {
         if let ProjectState::Ready { chunks, .. } = &mut p.state {
             chunks.insert("t_b.py".into(), 3);
         }
-        let rec = EvalRecord::new(EvalId::test(7), "n1".into(), 1.0, vec![p]);
+        let rec = EvalRecord::new(EvalId::test(7), NodeAddr::test("127.0.0.1:7001"), 1.0, vec![p]);
         let ids: Vec<String> = rec.all_tasks().map(|t| t.task_id.to_string()).collect();
         assert_eq!(ids, ["7-0::t_a.py", "7-0::t_b.py#0/3", "7-0::t_b.py#1/3", "7-0::t_b.py#2/3"]);
         assert!(rec.knows_task(&TaskId::test("7-0::t_b.py#2/3")));
@@ -771,7 +775,7 @@ pub(crate) mod tests {
     #[test]
     fn a_pending_module_took_plus_zero_seconds() {
         let p = ready("7-0", "calc", &["t_a.py"]);
-        let rec = EvalRecord::new(EvalId::test(7), "n1".into(), 1.0, vec![p.clone()]);
+        let rec = EvalRecord::new(EvalId::test(7), NodeAddr::test("127.0.0.1:7001"), 1.0, vec![p.clone()]);
         let d = rec.module_progress(&p, "t_a.py").duration();
         assert!(d == 0.0 && d.is_sign_positive(), "{d}");
         assert_eq!(serde_json::to_string(&d).expect("json"), "0.0");
@@ -781,8 +785,13 @@ pub(crate) mod tests {
     fn merge_adopts_discovered_modules() {
         let mut pending = ready("7-0", "calc", &[]);
         pending.state = ProjectState::Preparing;
-        let mut a = EvalRecord::new(EvalId::test(7), "n1".into(), 1.0, vec![pending]);
-        let b = EvalRecord::new(EvalId::test(7), "n1".into(), 1.0, vec![ready("7-0", "calc", &["t_a.py"])]);
+        let mut a = EvalRecord::new(EvalId::test(7), NodeAddr::test("127.0.0.1:7001"), 1.0, vec![pending]);
+        let b = EvalRecord::new(
+            EvalId::test(7),
+            NodeAddr::test("127.0.0.1:7001"),
+            1.0,
+            vec![ready("7-0", "calc", &["t_a.py"])],
+        );
         assert!(!a.is_complete());
         assert!(a.merge(&b).header);
         assert_eq!(a.unfinished_tasks(), vec![TaskId::test("7-0::t_a.py")]);

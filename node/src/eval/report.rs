@@ -6,7 +6,7 @@ use cdtester_runner_api::{Counts, Outcome, TestResult, round2};
 use serde::{Deserialize, Serialize};
 
 use super::{EvalRecord, ProjectRecord, ProjectState};
-use crate::ids::{EvalId, ProjectId};
+use crate::ids::{EvalId, NodeAddr, ProjectId};
 pub use crate::wire::ModuleStatus;
 
 /// Where an evaluation is.
@@ -84,7 +84,7 @@ pub struct EvalReport {
     pub id: EvalId,
     pub status: EvalStatus,
     /// The node that schedules the evaluation now (UDP `ip:port`).
-    pub node: String,
+    pub node: NodeAddr,
     pub start_time: f64,
     pub end_time: Option<f64>,
     /// Seconds from submission to completion (or to now while running).
@@ -121,7 +121,7 @@ pub struct Summary {
 pub struct ProjectReport {
     pub id: ProjectId,
     /// Node responsible for the project (UDP `ip:port`).
-    pub node: String,
+    pub node: NodeAddr,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub url: Option<String>,
     pub status: ProjectStatus,
@@ -214,7 +214,7 @@ pub fn build_report(
     EvalReport {
         id: rec.id,
         status: if rec.end_time.is_some() { EvalStatus::Finished } else { EvalStatus::Running },
-        node: rec.responsible.clone(),
+        node: rec.responsible,
         start_time: rec.start_time,
         end_time: rec.end_time,
         time_elapsed: round3(rec.end_time.unwrap_or(now) - rec.start_time),
@@ -296,7 +296,7 @@ fn project_report(
     };
     ProjectReport {
         id: p.id.clone(),
-        node: rec.responsible.clone(),
+        node: rec.responsible,
         url: p.url.clone(),
         status,
         runner,
@@ -365,7 +365,8 @@ pub fn stats<'a>(records: impl IntoIterator<Item = &'a EvalRecord>, nodes: &[Str
             let c = r.report.counts();
             all.passed += c.passes();
             all.failed += c.failures();
-            if let Some(i) = rows.iter().position(|row| row.address == r.node) {
+            let node = r.node.to_string();
+            if let Some(i) = rows.iter().position(|row| row.address == node) {
                 let row = &mut rows[i];
                 row.passed += c.passes();
                 row.failed += c.failures();
@@ -405,7 +406,7 @@ mod tests {
     fn report_aggregates_modules_projects_and_grades() {
         let mut rec = EvalRecord::new(
             EvalId::test(9),
-            "127.0.0.1:7000".into(),
+            NodeAddr::test("127.0.0.1:7000"),
             10.0,
             vec![ready("9-0", "calc", &["t_add.py", "t_sub.py"]), ready("9-1", "strs", &["t_up.py"])],
         );
@@ -418,7 +419,7 @@ mod tests {
             ),
             11.0,
         );
-        rec.running.insert(TaskId::test("9-0::t_sub.py"), "127.0.0.1:7002".into());
+        rec.running.insert(TaskId::test("9-0::t_sub.py"), NodeAddr::test("127.0.0.1:7002"));
         let r = build_report(&rec, 12.5, false, &default_grade);
         assert_eq!(r.status, EvalStatus::Running);
         assert_eq!((r.summary.executed, r.summary.executing, r.summary.pending), (1, 1, 1));
@@ -463,7 +464,7 @@ mod tests {
     fn flaky_tests_are_listed_and_counted_apart() {
         let mut rec = EvalRecord::new(
             EvalId::test(9),
-            "127.0.0.1:7000".into(),
+            NodeAddr::test("127.0.0.1:7000"),
             10.0,
             vec![ready("9-0", "calc", &["t.py"])],
         );
@@ -484,7 +485,7 @@ mod tests {
     fn stats_have_the_exact_shape_and_count_each_module_once() {
         let mut rec = EvalRecord::new(
             EvalId::test(12345),
-            "127.0.0.1:7000".into(),
+            NodeAddr::test("127.0.0.1:7000"),
             1.0,
             vec![ready("p", "calc", &["a.py", "b.py"])],
         );

@@ -26,6 +26,7 @@ use cdtester_runner_api::{Counts, Outcome};
 
 use crate::app::App;
 use crate::eval::{EvalReport, EvalStatus, ModuleStatus};
+use crate::ids::NodeAddr;
 
 /// Upper bounds (seconds) of the task duration histogram's buckets.
 pub const DURATION_BUCKETS: [f64; 10] = [0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0];
@@ -104,8 +105,8 @@ async fn metrics_response(app: &App, http: &HttpCounters, last: &LastScrape) -> 
             let reports: Vec<EvalReport> =
                 app.list().into_iter().filter_map(|id| app.report(id, false)).collect();
             let me = app.addr();
-            let peers = app.network().get(&me).map_or(0, Vec::len);
-            let text: Arc<str> = render(&reports, &me, peers, &http.snapshot()).into();
+            let peers = app.network().get(&me.to_string()).map_or(0, Vec::len);
+            let text: Arc<str> = render(&reports, me, peers, &http.snapshot()).into();
             *last = Some((began, text.clone()));
             text
         }
@@ -128,7 +129,7 @@ struct Tally {
 }
 
 impl Tally {
-    fn of(reports: &[EvalReport], me: &str) -> Tally {
+    fn of(reports: &[EvalReport], me: NodeAddr) -> Tally {
         let mut t = Tally::default();
         for s in ["running", "finished"] {
             t.evaluations.insert(s, 0);
@@ -274,7 +275,7 @@ fn http_samples(http: &BTreeMap<(String, String, u16), u64>) -> Samples {
 /// The exposition text.
 fn render(
     reports: &[EvalReport],
-    me: &str,
+    me: NodeAddr,
     peers: usize,
     http: &BTreeMap<(String, String, u16), u64>,
 ) -> String {
