@@ -21,7 +21,7 @@ fn zip_of(entries: &[(&str, &[u8])]) -> Vec<u8> {
 }
 
 fn multipart(zip: &[u8]) -> (String, Vec<u8>) {
-    cdtester::http::client::multipart_file("file", "x.zip", zip)
+    cdtester::peer_http::client::multipart_file("file", "x.zip", zip)
 }
 
 fn error_text(v: &serde_json::Value) -> &str {
@@ -41,7 +41,7 @@ async fn bad_requests_get_clear_errors_and_the_node_keeps_serving() {
                     .send(Method::POST, http, "/evaluation", None, Duration::from_secs(10))
                     .await;
                 match r {
-                    Err(cdtester::http::client::ClientError::Status { status, body, .. }) => {
+                    Err(cdtester::peer_http::client::ClientError::Status { status, body, .. }) => {
                         (status, serde_json::from_str(&body).unwrap())
                     }
                     other => panic!("expected an error status, got {other:?}"),
@@ -112,8 +112,8 @@ async fn bad_requests_get_clear_errors_and_the_node_keeps_serving() {
     let forged = br#"{"task_id":"1-0::tests/test_a.py","passed":99,"failed":0,"time":0.5,"project_id":"1-0","module":"tests/test_a.py","ip":"127.0.0.1","port":"9"}"#;
     let (s, v) = call(http, Method::POST, "/task", Some(("application/json", forged.to_vec()))).await;
     assert_eq!(s, StatusCode::FORBIDDEN, "{v}");
-    let forger = cdtester::http::client::HttpClient::new(
-        cdtester::http::auth::Secret::new(Some("guess")),
+    let forger = cdtester::peer_http::client::HttpClient::new(
+        cdtester::peer_http::auth::Secret::new(Some("guess")),
         Some("127.0.0.1:9".into()),
     );
     let err = forger

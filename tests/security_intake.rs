@@ -345,7 +345,7 @@ async fn huge_central_directories_and_oversized_uploads_are_refused_with_bounded
         let path = dir.path().join(format!("cd-{entries}.zip"));
         write_central_directory_zip(&path, entries);
         let zip = std::fs::read(&path).unwrap();
-        let (ct, body) = cdtester::http::client::multipart_file("file", "x.zip", &zip);
+        let (ct, body) = cdtester::peer_http::client::multipart_file("file", "x.zip", &zip);
         drop(zip);
         let t = Instant::now();
         let (s, v) = call(http, Method::POST, "/evaluation", Some((&ct, body))).await;
@@ -363,7 +363,8 @@ async fn huge_central_directories_and_oversized_uploads_are_refused_with_bounded
         }
         z.finish().unwrap();
     }
-    let (ct, body) = cdtester::http::client::multipart_file("file", "x.zip", &std::fs::read(&long).unwrap());
+    let (ct, body) =
+        cdtester::peer_http::client::multipart_file("file", "x.zip", &std::fs::read(&long).unwrap());
     let (s, v) = call(http, Method::POST, "/evaluation", Some((&ct, body))).await;
     assert_eq!(s, StatusCode::BAD_REQUEST, "{v}");
     assert!(error_text(&v).contains("central directory is larger than"), "{v}");

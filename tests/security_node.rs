@@ -14,8 +14,9 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use cdtester::demo::LocalCluster;
 use cdtester::eval::{EvalRecord, ProjectState};
-use cdtester::http::auth::{CallParts, MAC_HEADER, NODE_HEADER, NONCE_HEADER, Secret, TIME_HEADER};
-use cdtester::http::client::HttpClient;
+use cdtester::ids::{EvalId, ProjectId};
+use cdtester::peer_http::auth::{CallParts, MAC_HEADER, NODE_HEADER, NONCE_HEADER, Secret, TIME_HEADER};
+use cdtester::peer_http::client::HttpClient;
 use cdtester::wire::TaskResultData;
 use hyper::{Method, StatusCode};
 use node_common::{get, get_internal, module_counts, stats_all, wait_finished};
@@ -106,7 +107,7 @@ async fn send_as(
     let body = body.map(|b| ("application/json", b));
     match client.send(method, http, path, body, Duration::from_secs(30)).await {
         Ok(r) => (r.status, serde_json::from_slice(&r.body).unwrap_or(Value::Null)),
-        Err(cdtester::http::client::ClientError::Status { status, body, .. }) => {
+        Err(cdtester::peer_http::client::ClientError::Status { status, body, .. }) => {
             (status, serde_json::from_str(&body).unwrap_or(Value::String(body)))
         }
         Err(e) => panic!("{path} on {http}: {e}"),
@@ -391,7 +392,7 @@ async fn h1_forged_replicate_without_the_secret_is_refused() {
     let member_client = claiming(c.nodes[0].udp, Some(&secret));
     for n in &c.nodes {
         for p in &real.projects {
-            assert_eq!(served_hash(&member_client, n.http, &p.id).await, p.content_hash);
+            assert_eq!(served_hash(&member_client, n.http, p.id.as_str()).await, p.content_hash);
         }
     }
 }
@@ -409,13 +410,13 @@ async fn h1_insecure_forged_records_cannot_replace_results_or_name_host_files() 
     wait_replicated(&c, id).await;
     let before = snapshot(&c, id).await;
     let real = record(&c, id).await;
-    let owner: SocketAddr = real.responsible.parse().unwrap();
+    let owner: SocketAddr = real.responsible.socket();
     let attacker = claiming(owner, None);
     // A brand-new evaluation naming host files, and one with a CR/LF project id.
     let mut fresh = forge(&real, "/etc/passwd");
-    fresh.id = id + 1000;
+    fresh.id = EvalId::new(id + 1000).unwrap();
     for (i, p) in fresh.projects.iter_mut().enumerate() {
-        p.id = format!("{}-{i}", fresh.id);
+        p.id = ProjectId::of(fresh.id, i);
     }
     let variants: Vec<(&str, EvalRecord)> = vec![
         ("relative host path as content hash", forge(&real, "../../etc/passwd")),
@@ -444,7 +445,7 @@ async fn h1_insecure_forged_records_cannot_replace_results_or_name_host_files() 
     let peer = claiming(c.nodes[1].udp, None);
     for n in &c.nodes {
         for p in &real.projects {
-            assert_eq!(served_hash(&peer, n.http, &p.id).await, p.content_hash);
+            assert_eq!(served_hash(&peer, n.http, p.id.as_str()).await, p.content_hash);
         }
         let (status, v) = get(n.http, &format!("/evaluation/{}", fresh.id)).await;
         assert_eq!(status, StatusCode::NOT_FOUND, "{v}");
@@ -468,7 +469,7 @@ fn forged_result(eval: u64, project: &str, module: &str, worker: SocketAddr) -> 
             ip: worker.ip().to_string(),
             port: worker.port().to_string(),
         },
-        eval_id: Some(eval),
+        eval_id: Some(EvalId::new(eval).unwrap()),
         attempt: "0".repeat(32),
         report: Some(cdtester_runner_api::ModuleReport {
             module: module.to_string(),
@@ -704,13 +705,14 @@ async fn l3_crlf_project_id_gets_4xx_never_500() {
     let id = node_common::submit_zip(http, &zip).await;
     wait_finished(http, id, Duration::from_secs(120)).await;
     let mut evil = record(&c, id).await;
-    evil.id = id + 1;
+    evil.id = EvalId::new(id + 1).unwrap();
     evil.projects.truncate(1);
-    evil.projects[0].id = format!("{}-0\r\nX-Evil: 1", evil.id);
+    let mut evil = serde_json::to_value(&evil).unwrap();
+    evil["projects"][0]["id"] = json!(format!("{}-0\r\nX-Evil: 1", id + 1));
     let body = serde_json::to_vec(&vec![evil]).unwrap();
     let (status, v) =
         send_as(&claiming(me, None), http, Method::POST, "/internal/replicate", Some(body)).await;
-    assert_eq!((status, &v["merged"]), (StatusCode::OK, &json!(0)), "{v}");
+    assert_eq!(status, StatusCode::BAD_REQUEST, "an invalid project id does not decode: {v}");
     for path in [
         format!("/file/{}-0%0d%0aX-Evil:%201", id + 1),
         format!("/file/{id}-0%0d%0a"),
@@ -997,7 +999,7 @@ async fn m8_one_client_cannot_queue_unbounded_work_or_hold_every_stream() {
     let zip = victim_zip(dir.path(), 1.0, false);
     let first = node_common::submit_zip(http, &zip).await;
     let second = node_common::submit_zip(http, &zip).await;
-    let (ct, body) = cdtester::http::client::multipart_file("file", "projects.zip", &zip);
+    let (ct, body) = cdtester::peer_http::client::multipart_file("file", "projects.zip", &zip);
     let (status, v) = node_common::call(http, Method::POST, "/evaluation", Some((&ct, body))).await;
     assert_eq!(status, StatusCode::TOO_MANY_REQUESTS, "a third unfinished evaluation: {v}");
     assert!(v["error"].as_str().is_some_and(|e| e.contains("intake.max_pending_per_client")), "{v}");

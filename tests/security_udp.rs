@@ -7,7 +7,7 @@ use std::path::Path;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use cdtester::demo::LocalCluster;
-use cdtester::http::client::HttpClient;
+use cdtester::peer_http::client::HttpClient;
 use cdtester::wire::{
     Channel, Codec, ConnectData, ConnectRepData, Envelope, HeartbeatData, Message, NodeId,
     RecoveryElectionData,

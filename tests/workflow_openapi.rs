@@ -10,7 +10,7 @@ use std::collections::BTreeSet;
 use std::path::Path;
 use std::time::Duration;
 
-use cdtester::http::client::ClientError;
+use cdtester::peer_http::client::ClientError;
 use hyper::{Method, StatusCode};
 
 /// Route patterns registered with `.route("...")` in the HTTP sources.

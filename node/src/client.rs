@@ -8,12 +8,13 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 use hyper::Method;
 use indicatif::{ProgressBar, ProgressStyle};
-use serde_json::Value;
+use serde::Deserialize;
 
-use crate::eval::{EvalId, EvalReport, EvalStatus};
+use crate::eval::{EvalReport, EvalStatus};
 use crate::fetch;
-use crate::http::auth::Secret;
-use crate::http::client::{HttpClient, multipart_file};
+use crate::ids::EvalId;
+use crate::peer_http::auth::Secret;
+use crate::peer_http::client::{HttpClient, multipart_file};
 
 /// The variable holding the token for https git URLs. Only the environment carries it: a
 /// command-line argument would be visible to every user of the machine (`ps`).
@@ -123,8 +124,7 @@ impl Client {
     /// Submits git URLs; returns the evaluation id.
     pub async fn submit_urls(&self, urls: &[String], token: Option<&str>) -> anyhow::Result<EvalId> {
         let body = serde_json::json!({ "auth_token": token, "projects": urls });
-        let v: Value = self.http.post_json(self.node, "/evaluation", &body, TIMEOUT).await?;
-        eval_id(v.to_string().as_bytes())
+        created_id(&self.http.post_json(self.node, "/evaluation", &body, TIMEOUT).await?)
     }
 
     /// The full report (with per-test results).
@@ -176,9 +176,14 @@ impl Client {
     }
 }
 
+/// The evaluation id of a node's answer to `POST /evaluation` or `POST /evaluation/{id}/rerun`.
+pub fn created_id(answer: &serde_json::Value) -> anyhow::Result<EvalId> {
+    EvalId::deserialize(&answer["eval_id"])
+        .with_context(|| format!("the node's answer has no valid eval_id: {answer}"))
+}
+
 fn eval_id(body: &[u8]) -> anyhow::Result<EvalId> {
-    let v: Value = serde_json::from_slice(body).context("decoding the node's answer")?;
-    v["eval_id"].as_u64().with_context(|| format!("the node's answer has no eval_id: {v}"))
+    created_id(&serde_json::from_slice(body).context("decoding the node's answer")?)
 }
 
 /// Zips local sources (folders and zip files) into one upload.

@@ -13,8 +13,8 @@ use hyper::Method;
 use serde::Serialize;
 
 use crate::client::runtime;
-use crate::eval::EvalId;
-use crate::http::client::HttpClient;
+use crate::ids::EvalId;
+use crate::peer_http::client::HttpClient;
 
 /// `cdtester grades`.
 #[derive(Debug, Clone, clap::Args)]
@@ -185,7 +185,7 @@ pub fn rerun(args: RerunArgs, default_node: SocketAddr) -> anyhow::Result<()> {
             )
             .await
             .with_context(|| format!("rerunning evaluation {}", args.id))?;
-        let id = v["eval_id"].as_u64().with_context(|| format!("the node's answer has no eval_id: {v}"))?;
+        let id = crate::client::created_id(&v)?;
         let what = format!(" (rerun of {}): {}", args.id, v["modules"]);
         args.follow.submitted(&crate::client::Client::new(node), id, &what).await
     })
@@ -258,7 +258,7 @@ pub async fn submit_roster(
         .post_json(node, "/evaluation", &body, Duration::from_secs(600))
         .await
         .context("submitting the roster")?;
-    v["eval_id"].as_u64().with_context(|| format!("the node's answer has no eval_id: {v}"))
+    crate::client::created_id(&v)
 }
 
 #[cfg(test)]

@@ -283,7 +283,7 @@ impl LocalCluster {
             }
             let mut ok = true;
             for (udp, http) in &live {
-                let c = crate::http::client::HttpClient::new(Default::default(), None);
+                let c = crate::peer_http::client::HttpClient::new(Default::default(), None);
                 let net: Result<std::collections::BTreeMap<String, Vec<String>>, _> =
                     c.get_json(*http, "/network", Duration::from_secs(2)).await;
                 let Ok(net) = net else {
@@ -375,7 +375,7 @@ pub fn main(config: Config, args: DemoArgs) -> anyhow::Result<()> {
         client::print_table(&report);
         // Another node's /stats, once replication has brought it every result (bounded wait).
         let totals = (Value::from(report.summary.total_passed), Value::from(report.summary.total_failed));
-        let http = crate::http::client::HttpClient::new(Default::default(), None);
+        let http = crate::peer_http::client::HttpClient::new(Default::default(), None);
         let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
         let stats = loop {
             let stats = http

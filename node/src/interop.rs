@@ -4,7 +4,7 @@
 //! and rules; the I/O is in `app::reference`.
 //!
 //! Reference ids are strings (22-digit evaluation ids, `<float time><node id>` project ids,
-//! `test_x.py` module names). They never become cdtester [`crate::eval::EvalId`]s: everything
+//! `test_x.py` module names). They never become cdtester [`crate::ids::EvalId`]s: everything
 //! owned by a reference node lives here, apart from cdtester's own records.
 //!
 //! Everything comes from peers that cannot authenticate: ids are checked

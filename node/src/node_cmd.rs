@@ -1,18 +1,24 @@
-//! `cdtester node`: run the peer protocol (and, once wired, the application on top of it).
+//! `cdtester node`: the node's wiring, the one place that puts its parts together.
 //!
-//! [`start_protocol`] starts the UDP shell for a configuration; [`run_membership`] is the
-//! membership-only node (no HTTP side): it logs membership events, optionally keeps a JSON
-//! status file up to date (`--status-file`, used by the real-socket tests) and leaves the
-//! network gracefully on Ctrl-C / SIGTERM.
+//! [`run_node`] runs a full node: store + application + peer protocol + HTTP API, until a
+//! shutdown signal. [`start_protocol`] starts the UDP shell for a configuration;
+//! [`run_membership`] is the membership-only node (no HTTP side): it logs membership events,
+//! optionally keeps a JSON status file up to date (`--status-file`, used by the real-socket
+//! tests) and leaves the network gracefully on Ctrl-C / SIGTERM.
 
+use std::future::Future;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use anyhow::Context;
 use cdtester_config::{Config, NodeConfig};
+use cdtester_plugins::PolicySet;
 
-use crate::core::{Event, Snapshot};
-use crate::udp::{self, Running, ShellConfig};
+use crate::app::{App, AppOptions, PeerNet, RunnerLookup};
+use crate::core::{Event, LocalEvent, Snapshot};
+use crate::udp::{self, NodeHandle, Running, ShellConfig};
+use crate::wire::Message;
 
 /// Start the UDP protocol loop for `config.node` (bind, advertised addresses, join, secret) and
 /// `config.timers`.
@@ -26,6 +32,81 @@ pub async fn start_protocol(config: &Config) -> anyhow::Result<Running> {
         secret: config.node.secret.clone(),
     };
     udp::start(shell).await.context("starting the peer protocol")
+}
+
+impl PeerNet for NodeHandle {
+    fn send(&self, to: SocketAddr, msg: Message) {
+        NodeHandle::send(self, to, msg);
+    }
+    fn broadcast(&self, msg: Message) {
+        NodeHandle::broadcast(self, msg);
+    }
+    fn push_cache(&self) {
+        NodeHandle::push_cache(self);
+    }
+    fn push_state(&self, event: LocalEvent) {
+        NodeHandle::push_state(self, event);
+    }
+    fn snapshot(&self) -> Snapshot {
+        NodeHandle::snapshot(self)
+    }
+    fn peer_http(&self, peer: SocketAddr) -> Option<SocketAddr> {
+        NodeHandle::peer_http(self, peer)
+    }
+}
+
+/// Runs a node with `config` until `shutdown` resolves, then leaves the network gracefully.
+pub async fn run_node(
+    mut config: Config,
+    runners: RunnerLookup,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    let policies = PolicySet::load(&config.plugins).context("loading policy plugins")?;
+    let listener = crate::http::bind(config.node.http)
+        .await
+        .with_context(|| format!("binding the HTTP API on {}", config.node.http))?;
+    config.node.http = listener.local_addr().context("reading the HTTP address")?;
+    settle_addresses(&mut config.node)?;
+    let app = App::open(AppOptions {
+        udp: config.node.udp_advertised(),
+        http: config.node.http_advertised(),
+        runners,
+        policies,
+        config: config.clone(),
+        local: false,
+    })?;
+    let running = start_protocol(&config).await?;
+    let handle = running.handle.clone();
+    app.start(Arc::new(handle.clone()));
+    let mut events = running.events;
+    let pump_app = app.clone();
+    let pump = tokio::spawn(async move {
+        while let Some(ev) = events.recv().await {
+            pump_app.on_event(ev);
+        }
+    });
+    tracing::info!(udp = %config.node.bind, http = %config.node.http, advertise = %config.node.udp_advertised(),
+        http_advertise = %config.node.http_advertised(), data = %config.node.data_dir.display(), "node running");
+    crate::http::serve(listener, app.clone(), shutdown).await.context("serving the HTTP API")?;
+    tracing::info!("shutting down: leaving the network");
+    handle.leave();
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(2), running.task).await;
+    pump.abort();
+    Ok(())
+}
+
+/// The runners a node offers: the built-in ones plus the configured native plugins. The registry
+/// lives as long as the node's application; dropping it at shutdown removes the docker runner's
+/// containers.
+pub fn runners_for(config: &Config) -> RunnerLookup {
+    crate::app::registry_lookup(crate::registry::Registry::from_config(config))
+}
+
+/// `cdtester node` (full node): runs until Ctrl-C or SIGTERM.
+pub fn node_main(config: Config) -> anyhow::Result<()> {
+    let runtime = tokio::runtime::Runtime::new().context("starting the tokio runtime")?;
+    let runners = runners_for(&config);
+    runtime.block_on(run_node(config, runners, shutdown_signal()))
 }
 
 /// Run a membership-only node until Ctrl-C or SIGTERM, then leave gracefully.
@@ -290,7 +371,7 @@ pub fn main(mut config: Config, args: NodeArgs) -> anyhow::Result<()> {
     settle_secret(&mut config)?;
     if args.status_file.is_none() {
         // The full node: evaluations, HTTP API and storage on top of the protocol.
-        return crate::app::node_main(config);
+        return node_main(config);
     }
     // With --status-file: the membership layer alone (protocol tests).
     let runtime = tokio::runtime::Runtime::new().context("starting the tokio runtime")?;

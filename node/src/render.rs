@@ -177,6 +177,7 @@ mod tests {
     use super::*;
     use crate::eval::tests::{module_report, ready, result as module_result};
     use crate::eval::{EvalRecord, build_report};
+    use crate::ids::{EvalId, NodeAddr, TaskId};
 
     fn result(nodeid: &str, outcome: Outcome, msg: Option<&str>) -> TestResult {
         TestResult::new(nodeid, outcome, 0.1, msg.map(str::to_string))
@@ -184,10 +185,19 @@ mod tests {
 
     /// A finished report of one project `p<1>` with one module holding `tests`.
     fn report_of(module: &str, tests: Vec<TestResult>) -> EvalReport {
-        let mut rec = EvalRecord::new(7, "127.0.0.1:1".into(), 1.0, vec![ready("7-0", "p<1>", &[module])]);
+        let mut rec = EvalRecord::new(
+            EvalId::test(7),
+            NodeAddr::test("127.0.0.1:1"),
+            1.0,
+            vec![ready("7-0", "p<1>", &[module])],
+        );
         let mut report = module_report(module, &[]);
         report.tests = tests;
-        rec.add_result(&format!("7-0::{module}"), module_result("127.0.0.1:1", "a", report), 2.0);
+        rec.add_result(
+            &TaskId::test(&format!("7-0::{module}")),
+            module_result("127.0.0.1:1", "a", report),
+            2.0,
+        );
         build_report(&rec, 3.0, true, &|_, tests| {
             let mut c = Counts::default();
             tests.iter().for_each(|t| c.add(t.outcome));

@@ -24,7 +24,8 @@ use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 use cdtester_runner_api::Outcome;
 use serde::{Deserialize, Serialize};
 
-use crate::eval::{EvalId, EvalRecord, ModuleResult};
+use crate::eval::{EvalRecord, ModuleResult};
+use crate::ids::{EvalId, IdError, TaskId};
 
 /// Runs of a test the history keeps.
 pub const HISTORY_KEEP: usize = 20;
@@ -56,7 +57,9 @@ pub enum StoreError {
     #[error("store I/O on {path}: {source}")]
     Io { path: PathBuf, source: std::io::Error },
     #[error("stored record {0} is corrupt: {1}")]
-    Corrupt(EvalId, serde_json::Error),
+    Corrupt(u64, serde_json::Error),
+    #[error("stored record {0} has an invalid task id: {1}")]
+    BadTask(u64, IdError),
     #[error("a content hash must be 64 lowercase hex digits")]
     BadHash,
 }
@@ -123,7 +126,8 @@ impl Store {
             for r in results.range((id, "")..(id + 1, "")).map_err(db_err)? {
                 let (k, v) = r.map_err(db_err)?;
                 let result = serde_json::from_slice(v.value()).map_err(|e| StoreError::Corrupt(id, e))?;
-                rec.results.insert(k.value().1.to_string(), result);
+                let task = k.value().1.parse().map_err(|e| StoreError::BadTask(id, e))?;
+                rec.results.insert(task, result);
             }
             out.push(rec);
         }
@@ -135,19 +139,19 @@ impl Store {
     pub fn put_evaluation<'a>(
         &self,
         rec: &EvalRecord,
-        results: impl IntoIterator<Item = &'a String>,
+        results: impl IntoIterator<Item = &'a TaskId>,
     ) -> Result<(), StoreError> {
         let header = rec.header_json();
         let tx = self.db.begin_write().map_err(db_err)?;
         {
             let mut table = tx.open_table(EVALUATIONS).map_err(db_err)?;
-            table.insert(rec.id, header.as_bytes()).map_err(db_err)?;
+            table.insert(rec.id.get(), header.as_bytes()).map_err(db_err)?;
             let mut table = tx.open_table(RESULTS).map_err(db_err)?;
             let mut history = tx.open_table(HISTORY).map_err(db_err)?;
             for t in results {
                 if let Some(r) = rec.results.get(t) {
-                    let json = serde_json::to_vec(r).map_err(|e| StoreError::Corrupt(rec.id, e))?;
-                    table.insert((rec.id, t.as_str()), json.as_slice()).map_err(db_err)?;
+                    let json = serde_json::to_vec(r).map_err(|e| StoreError::Corrupt(rec.id.get(), e))?;
+                    table.insert((rec.id.get(), t.as_str()), json.as_slice()).map_err(db_err)?;
                     add_history(&mut history, rec, t, r)?;
                 }
             }
@@ -261,12 +265,10 @@ impl Store {
 fn add_history(
     table: &mut redb::Table<(&str, &str), &[u8]>,
     rec: &EvalRecord,
-    task: &str,
+    task: &TaskId,
     result: &ModuleResult,
 ) -> Result<(), StoreError> {
-    let Some(project) = crate::eval::split_task_id(task).and_then(|(pid, _)| rec.project(pid)) else {
-        return Ok(());
-    };
+    let Some(project) = rec.project(task.project()) else { return Ok(()) };
     for t in result.report.tests.iter().filter(|t| t.nodeid.len() <= HISTORY_MAX_NODEID) {
         let key = (project.name.as_str(), t.nodeid.as_str());
         let mut runs: Vec<TestRun> = match table.get(key).map_err(db_err)? {
@@ -280,7 +282,7 @@ fn add_history(
         runs.sort_by(|a, b| a.at.total_cmp(&b.at).then(a.eval.cmp(&b.eval)));
         let surplus = runs.len().saturating_sub(HISTORY_KEEP);
         runs.drain(..surplus);
-        let json = serde_json::to_vec(&runs).map_err(|e| StoreError::Corrupt(rec.id, e))?;
+        let json = serde_json::to_vec(&runs).map_err(|e| StoreError::Corrupt(rec.id.get(), e))?;
         table.insert(key, json.as_slice()).map_err(db_err)?;
     }
     Ok(())
@@ -296,16 +298,21 @@ mod tests {
         {
             let store = Store::open(dir.path()).unwrap();
             let mut rec = EvalRecord::new(
-                42,
-                "127.0.0.1:7000".into(),
+                EvalId::test(42),
+                crate::ids::NodeAddr::test("127.0.0.1:7000"),
                 1.0,
                 vec![crate::eval::tests::ready("42-0", "p", &["a.py", "b.py"])],
             );
             let report = crate::eval::tests::module_report("a.py", &[cdtester_runner_api::Outcome::Passed]);
-            rec.add_result("42-0::a.py", crate::eval::tests::result("n", "x", report), 2.0);
+            rec.add_result(
+                &TaskId::test("42-0::a.py"),
+                crate::eval::tests::result("127.0.0.1:7000", "x", report),
+                2.0,
+            );
             store.put_evaluation(&rec, []).unwrap();
             store.put_evaluation(&rec, rec.results.keys()).unwrap();
-            let other = EvalRecord::new(43, "127.0.0.1:7000".into(), 1.0, vec![]);
+            let other =
+                EvalRecord::new(EvalId::test(43), crate::ids::NodeAddr::test("127.0.0.1:7000"), 1.0, vec![]);
             store.put_evaluation(&other, []).unwrap();
             store.put_blob(&"ab".repeat(32), b"zipbytes").unwrap();
             assert!(matches!(store.put_blob("../../x", b"evil"), Err(StoreError::BadHash)));
@@ -316,7 +323,7 @@ mod tests {
         let store = Store::open(dir.path()).unwrap();
         let evals = store.load_evaluations().unwrap();
         assert_eq!(evals.len(), 2);
-        assert_eq!(evals[0].id, 42);
+        assert_eq!(evals[0].id, EvalId::test(42));
         assert_eq!(evals[0].results.len(), 1);
         assert_eq!(evals[0].counts().passed, 1);
         assert!(evals[1].results.is_empty());
@@ -340,16 +347,21 @@ mod tests {
         for id in 1..=(HISTORY_KEEP as u64 + 2) {
             let project = crate::eval::tests::ready(&format!("{id}-0"), "calc", &["a.py"]);
             let other = crate::eval::tests::ready(&format!("{id}-1"), "calculator", &["a.py"]);
-            let mut rec = EvalRecord::new(id, "127.0.0.1:7000".into(), 1.0, vec![project, other]);
+            let mut rec = EvalRecord::new(
+                EvalId::test(id),
+                crate::ids::NodeAddr::test("127.0.0.1:7000"),
+                1.0,
+                vec![project, other],
+            );
             let outcome = if id % 2 == 0 { Passed } else { Failed };
             for pid in [format!("{id}-0"), format!("{id}-1")] {
                 let mut r = crate::eval::tests::result(
-                    "n",
+                    "127.0.0.1:7000",
                     "x",
                     crate::eval::tests::module_report("a.py", &[outcome]),
                 );
                 r.finished_at = id as f64;
-                rec.add_result(&format!("{pid}::a.py"), r, id as f64);
+                rec.add_result(&TaskId::test(&format!("{pid}::a.py")), r, id as f64);
             }
             store.put_evaluation(&rec, rec.results.keys()).unwrap();
             store.put_evaluation(&rec, rec.results.keys()).unwrap();
@@ -358,7 +370,7 @@ mod tests {
         assert_eq!(h.len(), 1, "{h:?}");
         let (nodeid, runs) = &h[0];
         assert_eq!(nodeid, "a.py::test_0");
-        let evals: Vec<EvalId> = runs.iter().map(|r| r.eval).collect();
+        let evals: Vec<u64> = runs.iter().map(|r| r.eval.get()).collect();
         assert_eq!(evals, (3..=HISTORY_KEEP as u64 + 2).collect::<Vec<_>>(), "the last runs, each once");
         assert_eq!(runs.last().map(|r| r.outcome), Some(Passed));
         assert_eq!(store.history("calculator").unwrap().len(), 1);

@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use cdtester::demo::LocalCluster;
-use cdtester::http::client::{HttpClient, multipart_file};
+use cdtester::peer_http::client::{HttpClient, multipart_file};
 use hyper::{Method, StatusCode};
 use serde_json::Value;
 
@@ -45,7 +45,7 @@ pub async fn call(
 ) -> (StatusCode, Value) {
     match client().send(method.clone(), http, path, body, Duration::from_secs(120)).await {
         Ok(r) => (r.status, serde_json::from_slice(&r.body).unwrap_or(Value::Null)),
-        Err(cdtester::http::client::ClientError::Status { status, body, .. }) => {
+        Err(cdtester::peer_http::client::ClientError::Status { status, body, .. }) => {
             (status, serde_json::from_str(&body).unwrap_or(Value::String(body)))
         }
         Err(e) => panic!("{method} {path} on {http}: {e}"),
@@ -182,11 +182,11 @@ pub fn assert_stats_shape(raw: &str) {
 
 /// A GET of an internal route on node `i`, signed with the cluster secret as node 0 (a member).
 pub async fn get_internal(c: &LocalCluster, i: usize, path: &str) -> (StatusCode, Value) {
-    let secret = cdtester::http::auth::Secret::new(c.secret());
+    let secret = cdtester::peer_http::auth::Secret::new(c.secret());
     let member = HttpClient::new(secret, Some(c.nodes[0].udp.to_string()));
     match member.send(Method::GET, c.nodes[i].http, path, None, Duration::from_secs(30)).await {
         Ok(r) => (r.status, serde_json::from_slice(&r.body).unwrap_or(Value::Null)),
-        Err(cdtester::http::client::ClientError::Status { status, body, .. }) => {
+        Err(cdtester::peer_http::client::ClientError::Status { status, body, .. }) => {
             (status, serde_json::from_str(&body).unwrap_or(Value::String(body)))
         }
         Err(e) => panic!("GET {path}: {e}"),

@@ -9,6 +9,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use super::App;
+use crate::ids::ProjectId;
 
 /// Period of the collector.
 const PERIOD: Duration = Duration::from_secs(2);
@@ -27,7 +28,7 @@ pub async fn run(app: Arc<App>) {
 /// Content hashes of every project of an unfinished evaluation; forgets the runner decisions of
 /// the other projects.
 fn active_content(app: &App) -> HashSet<String> {
-    let (ids, hashes): (HashSet<String>, HashSet<String>) =
+    let (ids, hashes): (HashSet<ProjectId>, HashSet<String>) =
         app.engine().active_projects().map(|p| (p.id.clone(), p.content_hash.clone())).unzip();
     app.shell().choices.retain(|id, _| ids.contains(id));
     hashes

@@ -9,7 +9,8 @@ use std::sync::Arc;
 
 use super::{App, AppError, PeerNet, lifecycle};
 use crate::core::{LocalEvent, Snapshot};
-use crate::eval::{EvalId, EvalReport};
+use crate::eval::EvalReport;
+use crate::ids::EvalId;
 use crate::wire::Message;
 
 /// The peer protocol of a network of one: nobody to send to, no membership changes.

@@ -18,7 +18,6 @@ mod local;
 mod project;
 mod reference;
 mod reference_workers;
-mod run;
 mod sync;
 mod worker;
 
@@ -35,16 +34,16 @@ use cdtester_runner_api::{Outcome, PreparedProject, Runner, TestResult};
 
 use crate::core::{Event, LocalEvent, Snapshot};
 use crate::engine::{Accepted, Action, Engine, EngineConfig, Input, Now, Refusal};
-use crate::eval::{self, EvalId, EvalRecord, MAX_EVAL_ID, ProjectRecord, ProjectState};
+use crate::eval::{self, EvalRecord, ProjectRecord, ProjectState};
 use crate::fetch::{self, FetchedProject};
-use crate::http::auth::{Secret, Verifier};
-use crate::http::client::HttpClient;
+use crate::ids::{EvalId, NodeAddr, ProjectId};
+use crate::peer_http::auth::{Secret, Verifier};
+use crate::peer_http::client::HttpClient;
 use crate::store::Store;
 use crate::wire::Message;
 
 pub use crate::engine::{SyncRequest, SyncResponse, TaskPost};
 pub use local::LocalNet;
-pub use run::{node_main, run_node, runners_for};
 pub use sync::Replicated;
 
 /// Period of the engine's tick when nothing else happens.
@@ -201,14 +200,14 @@ struct ShellState {
     fetching: HashSet<String>,
     /// Grades of finished projects (policies may be costly; a finished project's results no
     /// longer change).
-    grades: HashMap<String, Option<f64>>,
+    grades: HashMap<ProjectId, Option<f64>>,
     /// Peers to run a digest exchange with soon (they may know evaluations this node lacks).
     sync_hints: BTreeSet<SocketAddr>,
     /// This node's runner decision per project id (see [`App::choose_runner`]), made once for
     /// discovery and every task; dropped when no unfinished evaluation holds the project.
-    choices: HashMap<String, (RunnerChoice, cdtester_config::ProjectSettings)>,
+    choices: HashMap<ProjectId, (RunnerChoice, cdtester_config::ProjectSettings)>,
     /// The modules a rerun runs, by project id (discovery leaves the others out).
-    rerun_only: HashMap<String, BTreeSet<String>>,
+    rerun_only: HashMap<ProjectId, BTreeSet<String>>,
     /// Project folders of this machine by content hash (`cdtester run`: no archive, no copy).
     local_roots: HashMap<String, PathBuf>,
     /// Module durations not written yet (a local app writes them in [`App::finish_local`]).
@@ -451,8 +450,8 @@ impl App {
     }
 
     /// This node's UDP address string (`ip:port`).
-    pub fn addr(&self) -> String {
-        self.udp.to_string()
+    pub fn addr(&self) -> NodeAddr {
+        NodeAddr::from(self.udp)
     }
 
     pub fn http_addr(&self) -> SocketAddr {
@@ -479,7 +478,7 @@ impl App {
 
     /// Live members now (own address first), as `ip:port` strings.
     pub fn members(&self) -> Vec<String> {
-        let me = self.addr();
+        let me = self.addr().to_string();
         let mut out = vec![me.clone()];
         if let Some(net) = self.net() {
             out.extend(net.snapshot().peers.into_values().filter(|a| *a != me));
@@ -546,7 +545,7 @@ impl App {
         let rec = {
             let engine = self.engine();
             let id = loop {
-                let id = rand::random_range(1_000_000..MAX_EVAL_ID);
+                let id = EvalId::random();
                 if !engine.knows(id) {
                     break id;
                 }
@@ -555,7 +554,7 @@ impl App {
                 .into_iter()
                 .enumerate()
                 .map(|(i, (name, url, content_hash))| ProjectRecord {
-                    id: format!("{id}-{i}"),
+                    id: ProjectId::of(id, i),
                     name,
                     url,
                     content_hash,
@@ -575,7 +574,7 @@ impl App {
                 }
             }
         }
-        tracing::info!(eval = rec.id, projects = rec.projects.len(), "evaluation submitted");
+        tracing::info!(eval = %rec.id, projects = rec.projects.len(), "evaluation submitted");
         self.apply(Input::Submitted(rec.clone()));
         // Replicate before answering, so that the evaluation survives this node's failure.
         sync::push_now(self, std::slice::from_ref(&rec)).await;
@@ -655,7 +654,7 @@ impl App {
     /// Persists a record's header and the results it carries (a delta holds only new ones).
     fn persist(&self, rec: &EvalRecord) {
         if let Err(e) = self.store.put_evaluation(rec, rec.results.keys()) {
-            tracing::error!(eval = rec.id, "persisting the evaluation failed: {e}");
+            tracing::error!(eval = %rec.id, "persisting the evaluation failed: {e}");
         }
     }
 
@@ -731,13 +730,14 @@ impl App {
     pub fn network(&self) -> BTreeMap<String, Vec<String>> {
         match self.net() {
             Some(net) => net.snapshot().network,
-            None => BTreeMap::from([(self.addr(), Vec::new())]),
+            None => BTreeMap::from([(self.addr().to_string(), Vec::new())]),
         }
     }
 
     /// The archive of a project, with its sha256 (`GET /file/<project id>`).
     pub fn project_file(&self, project_id: &str) -> Result<(String, Vec<u8>), AppError> {
-        let hash = self.engine().project(project_id).map(|(_, p)| p.content_hash.clone());
+        let id = project_id.parse::<ProjectId>().map_err(|_| AppError::NotFound("File not found".into()))?;
+        let hash = self.engine().project(&id).map(|(_, p)| p.content_hash.clone());
         let Some(hash) = hash else { return Err(AppError::NotFound("File not found".into())) };
         match self.store.read_blob(&hash) {
             Ok(bytes) => Ok((hash, bytes)),
@@ -754,17 +754,17 @@ impl App {
             Event::PeerDown { addr, reason, .. } => {
                 tracing::info!(peer = %addr, ?reason, "peer down: requeueing its tasks");
                 if reason == crate::core::DownReason::Failed {
-                    crate::http::metrics::node().failure_detected()
+                    crate::metrics::node().failure_detected()
                 }
                 self.refresh_members();
                 self.apply(Input::PeerDown { addr, died: reason == crate::core::DownReason::Failed });
             }
             Event::TakeOver { failed_addr, .. } => {
-                crate::http::metrics::node().election_won();
+                crate::metrics::node().election_won();
                 self.apply(Input::TakeOver { failed: failed_addr });
             }
             Event::Relinquish { failed_addr, owner, .. } => {
-                crate::http::metrics::node().election_relinquished();
+                crate::metrics::node().election_relinquished();
                 tracing::info!(failed = %failed_addr, %owner, "another node owns the failed node's evaluations");
             }
             Event::CacheUpdate { from, data } => {

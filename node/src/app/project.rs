@@ -12,7 +12,8 @@ use cdtester_runner_api::{PreparedProject, ProjectSource};
 
 use super::App;
 use crate::engine::{Discovery, Input, NO_TESTS};
-use crate::eval::{EvalId, ProjectRecord};
+use crate::eval::ProjectRecord;
+use crate::ids::EvalId;
 
 impl App {
     /// Discovers a project's modules in the background, then tells the engine.
@@ -21,7 +22,7 @@ impl App {
         tokio::spawn(async move {
             let outcome = app.discover(&project).await.map_err(|e| app.redact(&e));
             if let Err(error) = &outcome {
-                tracing::warn!(eval, project = %project.id, "project cannot be evaluated: {error}");
+                tracing::warn!(%eval, project = %project.id, "project cannot be evaluated: {error}");
             }
             app.apply(Input::Discovered { eval, project: project.id, outcome });
         });
@@ -168,10 +169,7 @@ impl App {
         let (responsible, submitted_to) = {
             let engine = self.engine();
             let rec = engine.project(&project.id).map(|(r, _)| r);
-            (
-                rec.and_then(|r| r.responsible.parse::<SocketAddr>().ok()),
-                rec.and_then(|r| r.submitted_to.parse::<SocketAddr>().ok()),
-            )
+            (rec.map(|r| r.responsible.socket()), rec.map(|r| r.submitted_to.socket()))
         };
         sources.extend(responsible.into_iter().chain(submitted_to));
         if let Some(net) = self.net() {

@@ -27,10 +27,11 @@ use cdtester_runner_api::{ModuleReport, TaskSpec};
 use hyper::Method;
 
 use super::App;
-use crate::eval::{EvalId, ProjectRecord, ProjectState};
-use crate::http::auth::Secret;
-use crate::http::client::{ClientError, HttpClient};
+use crate::eval::{ProjectRecord, ProjectState};
+use crate::ids::EvalId;
 use crate::interop::{self, View};
+use crate::peer_http::auth::Secret;
+use crate::peer_http::client::{ClientError, HttpClient};
 use crate::wire::{self, CacheContent, Message, NodeIdData, ProjectSourceKind, TaskConfirmData, TaskInfo};
 
 /// How long a reference task waits for its project before it is left unconfirmed (the owner
@@ -400,7 +401,7 @@ async fn download(
     app.store.put_blob(&one.sha256, &one.archive).map_err(|e| e.to_string())?;
     Ok(ProjectRecord {
         name: if interop::valid_id(&name) { name } else { project_id.to_string() },
-        id: project_id.to_string(),
+        id: project_id.parse().map_err(|e: crate::ids::IdError| e.to_string())?,
         url: None,
         content_hash: one.sha256,
         state: ProjectState::Preparing,

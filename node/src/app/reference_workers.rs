@@ -21,7 +21,8 @@ use cdtester_runner_api::{ModuleReport, Outcome, TestResult};
 
 use super::{App, now};
 use crate::engine::{Action, Input, TaskPost};
-use crate::eval::{self, ProjectState};
+use crate::eval::ProjectState;
+use crate::ids::TaskId;
 use crate::interop;
 use crate::wire::{Message, ProjectAnnounceData, ProjectSourceKind, TaskConfirmData};
 
@@ -31,11 +32,19 @@ const MAX_REPACKED: usize = 8;
 const MAX_COUNTED: u64 = 10_000;
 
 /// The reference's name for a module of this node, when a reference worker can run it: a file
-/// directly under `tests/`, whole (not a chunk).
-fn reference_module(part: &str) -> Option<&str> {
-    let (module, chunk) = eval::parse_task_part(part);
+/// directly under `tests/`.
+fn reference_module(module: &str) -> Option<&str> {
     let file = module.strip_prefix("tests/")?;
-    (chunk.is_none() && interop::valid_module(file)).then_some(file)
+    interop::valid_module(file).then_some(file)
+}
+
+/// The reference's name for a task's module, when a reference worker can run the task: the
+/// module whole (not a chunk) and a [`reference_module`].
+fn reference_task(task: &TaskId) -> Option<&str> {
+    if task.chunk().is_some() {
+        return None;
+    }
+    reference_module(task.module())
 }
 
 impl App {
@@ -51,12 +60,14 @@ impl App {
         for action in actions {
             match action {
                 Action::Send { to, msg: Message::TaskSend(mut data) } if to == worker => {
-                    let Some(file) = reference_module(&data.info.module).map(String::from) else {
+                    let ours = TaskId::from_parts(&data.info.project_id, &data.info.module).ok();
+                    let Some((ours, file)) =
+                        ours.and_then(|t| Some((t.to_string(), reference_task(&t)?.to_string())))
+                    else {
                         tracing::debug!(task = %data.info.module, %worker, "task not in the reference's layout: not sent");
                         continue;
                     };
                     self.announce_to(worker, &data.info.project_id);
-                    let ours = eval::task_id(&data.info.project_id, &data.info.module);
                     self.ref_state().hand((worker, interop::task_id(&data.info.project_id, &file)), ours);
                     data.info.module = file;
                     if let Some(net) = self.net() {
@@ -78,7 +89,7 @@ impl App {
             r.all_tasks().any(|t| {
                 !r.results.contains_key(&t.task_id)
                     && !r.running.contains_key(&t.task_id)
-                    && eval::split_task_id(&t.task_id).and_then(|(_, part)| reference_module(part)).is_some()
+                    && reference_task(&t.task_id).is_some()
             })
         })
     }
@@ -105,9 +116,9 @@ impl App {
         }
         let key = (caller, post.result.task_id.clone());
         let Some(ours) = self.ref_state().finished(&key) else { return post };
-        let Some((pid, part)) = eval::split_task_id(&ours) else { return post };
-        post.eval_id = self.engine().project(pid).map(|(r, _)| r.id);
-        let module = eval::parse_task_part(part).0.to_string();
+        let Ok(ours) = ours.parse::<TaskId>() else { return post };
+        post.eval_id = self.engine().project(ours.project()).map(|(r, _)| r.id);
+        let module = ours.module().to_string();
         let outcomes = std::iter::repeat_n(Outcome::Passed, post.result.passed.min(MAX_COUNTED) as usize)
             .chain(std::iter::repeat_n(Outcome::Failed, post.result.failed.min(MAX_COUNTED) as usize));
         let tests = outcomes.enumerate().map(|(i, outcome)| {
@@ -127,7 +138,7 @@ impl App {
             output_truncated: false,
         });
         post.result.module = module;
-        post.result.task_id = ours;
+        post.result.task_id = ours.to_string();
         post
     }
 
@@ -136,7 +147,10 @@ impl App {
         if !self.ref_state().announce((peer, project_id.to_string())) {
             return;
         }
-        let found = self.engine().project(project_id).map(|(r, p)| (r.id, p.name.clone()));
+        let found = project_id
+            .parse()
+            .ok()
+            .and_then(|pid| self.engine().project(&pid).map(|(r, p)| (r.id, p.name.clone())));
         let Some((eval_id, name)) = found else { return };
         let data = ProjectAnnounceData {
             project_id: project_id.to_string(),
@@ -173,7 +187,7 @@ impl App {
             .filter(|r| r.responsible == me && r.end_time.is_none())
             .flat_map(|r| r.projects.iter())
             .filter(|p| matches!(p.state, ProjectState::Ready { .. }))
-            .map(|p| p.id.clone())
+            .map(|p| p.id.to_string())
             .collect();
         for peer in peers {
             for p in &projects {

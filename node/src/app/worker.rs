@@ -11,7 +11,8 @@ use cdtester_runner_api::{
 
 use super::App;
 use crate::engine::{BatchAnswer, Input, Task, TaskPost};
-use crate::eval::{EvalId, ProjectRecord, ProjectState};
+use crate::eval::{ProjectRecord, ProjectState};
+use crate::ids::{EvalId, ProjectId, TaskId};
 
 /// Runs a task the engine gave this node's slot (with the modules that run along with it),
 /// then reports each module back, the task's own last (which frees the slot).
@@ -20,17 +21,17 @@ pub async fn run(app: Arc<App>, task: Task) {
     let project = match task.project.clone() {
         Some(p) => Ok(p),
         None => match task.from {
-            Some(from) => remote_project(&app, from, task.eval, &task.project_id).await,
-            None => Err(format!("project {} is not ready", task.project_id)),
+            Some(from) => remote_project(&app, from, task.eval, task.task_id.project()).await,
+            None => Err(format!("project {} is not ready", task.task_id.project())),
         },
     };
-    let members = members(&task);
+    let members: Vec<TaskId> = task.with.iter().chain(std::iter::once(&task.task_id)).cloned().collect();
     let outcomes = match project {
         Ok(project) => execute(&app, &task, &members, &project).await,
         Err(e) => vec![Err(e); members.len()],
     };
     let secs = started.elapsed().as_secs_f64();
-    for ((task_id, module), outcome) in members.into_iter().zip(outcomes) {
+    for (task_id, outcome) in members.into_iter().zip(outcomes) {
         match &outcome {
             Ok(report) => {
                 let c = report.counts();
@@ -38,27 +39,18 @@ pub async fn run(app: Arc<App>, task: Task) {
             }
             Err(e) => {
                 tracing::warn!(task = %task_id, "module could not run: {e}");
-                crate::http::metrics::node().runner_error();
+                crate::metrics::node().runner_error();
             }
         }
         let outcome = outcome.map(|r| app.redact_report(r)).map_err(|e| app.redact(&e));
         let attempt = format!("{:032x}", rand::random::<u128>());
-        let post = TaskPost::new(app.udp, task.eval, &task_id, &task.project_id, &module, outcome, attempt);
+        let post = TaskPost::new(app.udp, task.eval, &task_id, outcome, attempt);
         if task_id == task.task_id {
             app.apply(Input::Ran { post, from: task.from });
         } else {
             app.apply(Input::RanAlong { post });
         }
     }
-}
-
-/// The task ids and modules a slot runs for `task`: the modules along with it, then its own.
-fn members(task: &Task) -> Vec<(String, String)> {
-    task.with
-        .iter()
-        .map(|c| (c.task_id.clone(), c.module.clone()))
-        .chain(std::iter::once((task.task_id.clone(), task.module.clone())))
-        .collect()
 }
 
 impl App {
@@ -82,7 +74,7 @@ async fn remote_project(
     app: &Arc<App>,
     from: SocketAddr,
     eval: EvalId,
-    project_id: &str,
+    project_id: &ProjectId,
 ) -> Result<ProjectRecord, String> {
     let known = |app: &App| {
         app.engine()
@@ -109,18 +101,18 @@ async fn remote_project(
 async fn execute(
     app: &Arc<App>,
     task: &Task,
-    members: &[(String, String)],
+    members: &[TaskId],
     project: &ProjectRecord,
 ) -> Vec<Result<ModuleReport, String>> {
-    let modules: Vec<String> = members.iter().map(|(_, m)| m.clone()).collect();
+    let modules: Vec<String> = members.iter().map(|t| t.module().to_string()).collect();
     let ready = match ready_runner(app, task, &modules, project).await {
         Ok(ready) => ready,
         Err(e) => return vec![Err(e); members.len()],
     };
     let Ready { runner, prepared, limits, retries } = ready;
-    let mut spec = TaskSpec::new(task.task_id.clone(), modules.clone());
-    spec.chunk = task.chunk;
-    let task_id = task.task_id.clone();
+    let mut spec = TaskSpec::new(task.task_id.to_string(), modules.clone());
+    spec.chunk = task.task_id.chunk();
+    let task_id = task.task_id.to_string();
     let run = tokio::task::spawn_blocking(move || {
         let together = runner.run(&prepared, &spec, &limits).map_err(|e| e.to_string());
         let report_of = |report: &Result<TaskReport, String>, module: &str| {

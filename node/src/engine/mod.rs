@@ -33,10 +33,11 @@ use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
+use cdtester_runner_api::Limits;
 use cdtester_runner_api::plan::ModuleStat;
-use cdtester_runner_api::{Chunk, Limits};
 
-use crate::eval::{EvalId, EvalRecord, ProjectRecord, ProjectState};
+use crate::eval::{EvalRecord, ProjectRecord, ProjectState};
+use crate::ids::{EvalId, NodeAddr, ProjectId, TaskId};
 use crate::wire::{Message, NodeId};
 
 pub use outbox::{BatchAnswer, MAX_BATCH};
@@ -89,7 +90,7 @@ pub enum Input {
     /// A new evaluation accepted by this node (its records' `responsible` is this node).
     Submitted(EvalRecord),
     /// The discovery of a project finished (`Err`: why the project cannot be evaluated).
-    Discovered { eval: EvalId, project: String, outcome: Result<Discovery, String> },
+    Discovered { eval: EvalId, project: ProjectId, outcome: Result<Discovery, String> },
     /// The membership as the protocol core sees it now: this node's id and the live peers.
     Members { id: Option<NodeId>, peers: Vec<SocketAddr> },
     /// The peers that take part in majority commits ([`quorum`]): cdtester nodes, not
@@ -131,24 +132,14 @@ pub enum Input {
 #[derive(Debug, Clone, PartialEq)]
 pub struct Task {
     pub eval: EvalId,
-    pub task_id: String,
-    pub project_id: String,
+    pub task_id: TaskId,
     /// The project, when this node holds it ready (a remote task's record may still be coming).
     pub project: Option<ProjectRecord>,
-    pub module: String,
-    pub chunk: Option<Chunk>,
     /// The node that handed it out, when not this one.
     pub from: Option<SocketAddr>,
     /// Other whole modules of the same project run in the same session on the same slot
     /// (see [`sched`]'s grouping): each reports an [`Input::RanAlong`].
-    pub with: Vec<Companion>,
-}
-
-/// A whole module run along with a [`Task`] of its project.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Companion {
-    pub task_id: String,
-    pub module: String,
+    pub with: Vec<TaskId>,
 }
 
 /// What the shell must do.
@@ -224,22 +215,22 @@ pub struct Engine {
     evals: BTreeMap<EvalId, EvalRecord>,
     assignments: sched::Assignments,
     /// Runner failures per task (requeued until [`sched::MAX_TASK_FAILURES`]).
-    failures: HashMap<String, u32>,
+    failures: HashMap<TaskId, u32>,
     /// Evaluations this node was responsible for before a restart, held until `resume_at`.
     held: BTreeSet<EvalId>,
     resume_at: Option<Instant>,
     /// Remembered module durations by [`duration_key`].
     durations: HashMap<String, ModuleStat>,
     /// Records changed here and not yet replicated, with the results added since.
-    dirty: BTreeMap<EvalId, BTreeSet<String>>,
+    dirty: BTreeMap<EvalId, BTreeSet<TaskId>>,
     /// Projects whose discovery runs on this node.
-    discovering: HashSet<String>,
+    discovering: HashSet<ProjectId>,
     id: Option<NodeId>,
     peers: BTreeSet<SocketAddr>,
     /// Slots running a task.
     busy: usize,
     /// Tasks running on this node's slots now.
-    here: BTreeSet<String>,
+    here: BTreeSet<TaskId>,
     next_announce: Option<Instant>,
     /// Nodes that announced work, and when (a freed slot asks them again at once).
     announcers: BTreeMap<SocketAddr, Instant>,
@@ -259,7 +250,7 @@ impl Engine {
         durations: HashMap<String, ModuleStat>,
         now: Instant,
     ) -> Engine {
-        let me = cfg.me.to_string();
+        let me = cfg.me;
         let evals: BTreeMap<EvalId, EvalRecord> = records.into_iter().map(|r| (r.id, r)).collect();
         let held: BTreeSet<EvalId> =
             evals.values().filter(|r| r.responsible == me && r.end_time.is_none()).map(|r| r.id).collect();
@@ -350,13 +341,13 @@ impl Engine {
         out
     }
 
-    fn me(&self) -> String {
-        self.cfg.me.to_string()
+    fn me(&self) -> NodeAddr {
+        NodeAddr::from(self.cfg.me)
     }
 
     /// Marks a record changed (header, and `results` added): persisted now, replicated at the
     /// next flush.
-    fn changed(&mut self, id: EvalId, results: &[String], out: &mut Vec<Action>) {
+    fn changed(&mut self, id: EvalId, results: &[TaskId], out: &mut Vec<Action>) {
         let Some(rec) = self.evals.get(&id) else { return };
         out.push(Action::Persist(rec.delta(results)));
         self.dirty.entry(id).or_default().extend(results.iter().cloned());
@@ -382,7 +373,7 @@ impl Engine {
         &mut self,
         now: Now,
         eval: EvalId,
-        pid: &str,
+        pid: &ProjectId,
         outcome: Result<Discovery, String>,
         out: &mut Vec<Action>,
     ) {
@@ -401,7 +392,7 @@ impl Engine {
             Err(error) => ProjectState::Failed { error },
         };
         let Some(rec) = self.evals.get_mut(&eval) else { return };
-        if let Some(p) = rec.projects.iter_mut().find(|p| p.id == pid) {
+        if let Some(p) = rec.projects.iter_mut().find(|p| &p.id == pid) {
             p.state = state;
         }
         rec.version += 1;
@@ -434,7 +425,10 @@ impl Engine {
             }
             Message::TaskRequest(_) => self.hand_out(now, from, out),
             Message::TaskSend(data) => self.task_sent(from, data.info, out),
-            Message::TaskConfirm(data) => self.confirm(from, &data.task_id, out),
+            Message::TaskConfirm(data) => match data.task_id.parse::<TaskId>() {
+                Ok(task) => self.confirm(from, &task, out),
+                Err(e) => tracing::debug!(%from, "TASK_CONFIRM ignored: {e}"),
+            },
             _ => {}
         }
     }
@@ -464,8 +458,10 @@ impl Engine {
     /// The result of a task run on this node's slot: accepted here when this node is
     /// responsible, delivered otherwise.
     fn own_result(&mut self, now: Now, post: TaskPost, from: Option<SocketAddr>, out: &mut Vec<Action>) {
-        let task = post.result.task_id.clone();
-        self.here.remove(&task);
+        let task = post.result.task_id.parse::<TaskId>().ok();
+        if let Some(task) = &task {
+            self.here.remove(task);
+        }
         match self.delivery(&post) {
             Delivery::Done => {}
             Delivery::Here => match self.accept(now, post.clone(), self.cfg.me, out) {
@@ -475,48 +471,46 @@ impl Engine {
             },
             Delivery::To(_) | Delivery::Unknown => self.queue_delivery(now, post, from),
         }
-        if from.is_none() {
-            self.end_local_assignment(&task, out);
+        if let (None, Some(task)) = (from, &task) {
+            self.end_local_assignment(task, out);
         }
     }
 
     /// Where `post` goes now.
     pub fn delivery(&self, post: &TaskPost) -> Delivery {
         let Some(rec) = post.eval_id.and_then(|id| self.evals.get(&id)) else { return Delivery::Unknown };
-        if rec.results.contains_key(&post.result.task_id) {
+        if post.result.task_id.parse::<TaskId>().is_ok_and(|t| rec.results.contains_key(&t)) {
             return Delivery::Done;
         }
-        match rec.responsible.parse::<SocketAddr>() {
-            Ok(a) if a == self.cfg.me => Delivery::Here,
-            Ok(a) => Delivery::To(a),
-            Err(_) => Delivery::Unknown,
-        }
+        if rec.responsible == self.cfg.me { Delivery::Here } else { Delivery::To(rec.responsible.socket()) }
     }
 
     /// This node now owns the failed node's evaluations: re-own them (new term), adopt the
     /// tasks running on live workers, requeue the others and discover unsettled projects.
     fn take_over(&mut self, now: Now, failed: SocketAddr, out: &mut Vec<Action>) {
-        let failed_s = failed.to_string();
         let ids: Vec<EvalId> = self
             .evals
             .values()
-            .filter(|r| r.responsible == failed_s && r.end_time.is_none())
+            .filter(|r| r.responsible == failed && r.end_time.is_none())
             .map(|r| r.id)
             .collect();
-        tracing::info!(failed = %failed_s, evaluations = ids.len(), "taking over evaluations");
+        tracing::info!(%failed, evaluations = ids.len(), "taking over evaluations");
         let me = self.me();
         for id in ids {
             let Some(rec) = self.evals.get_mut(&id) else { continue };
-            rec.term = quorum::next_term(rec.term, &me);
+            rec.term = quorum::next_term(rec.term, &me.to_string());
             rec.version = 0;
-            rec.responsible = me.clone();
+            rec.responsible = me;
             let projects = rec.projects.clone();
             self.changed(id, &[], out);
             self.start_phase1(id);
             self.adopt_running(now, id, Some(failed), out);
             for p in projects {
                 out.push(Action::Broadcast(Message::EvaluationResponsibilityUpdate(
-                    crate::wire::ResponsibilityUpdateData { project_id: p.id.clone(), new_node: me.clone() },
+                    crate::wire::ResponsibilityUpdateData {
+                        project_id: p.id.to_string(),
+                        new_node: me.to_string(),
+                    },
                 )));
                 self.discover(id, p, out);
             }
@@ -532,7 +526,7 @@ impl Engine {
             else {
                 continue;
             };
-            tracing::info!(eval = id, "resuming evaluation after restart");
+            tracing::info!(eval = %id, "resuming evaluation after restart");
             let projects = rec.projects.clone();
             self.start_phase1(id);
             // Tasks this node ran when it stopped count a worker death; those running elsewhere
@@ -555,7 +549,7 @@ impl Engine {
             task.with = self.companions(now, &task, out);
             self.busy += 1;
             self.here.insert(task.task_id.clone());
-            self.here.extend(task.with.iter().map(|c| c.task_id.clone()));
+            self.here.extend(task.with.iter().cloned());
             out.push(Action::Run(task));
         }
         let due = self.next_announce.is_none_or(|t| now.mono >= t);
@@ -592,7 +586,7 @@ impl Engine {
     }
 
     /// The project with this id, in whichever evaluation holds it.
-    pub fn project(&self, project_id: &str) -> Option<(&EvalRecord, &ProjectRecord)> {
+    pub fn project(&self, project_id: &ProjectId) -> Option<(&EvalRecord, &ProjectRecord)> {
         self.evals.values().find_map(|r| r.project(project_id).map(|p| (r, p)))
     }
 

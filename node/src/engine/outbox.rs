@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use serde::{Deserialize, Serialize};
 
 use super::{Accepted, Action, Delivery, Engine, Now, Refusal, TaskPost};
-use crate::eval::EvalId;
+use crate::ids::EvalId;
 
 /// Most results in one batch.
 pub const MAX_BATCH: usize = 64;
@@ -54,7 +54,7 @@ pub(super) struct Outgoing {
 }
 
 /// A result's key in the outbox: (evaluation, task id, attempt).
-type Key = (EvalId, String, String);
+type Key = (Option<EvalId>, String, String);
 
 /// Results waiting for delivery.
 pub(super) type Outbox = BTreeMap<Key, Outgoing>;
@@ -62,7 +62,7 @@ pub(super) type Outbox = BTreeMap<Key, Outgoing>;
 impl Engine {
     /// Queues a finished result for delivery (sent in this step).
     pub(super) fn queue_delivery(&mut self, now: Now, post: TaskPost, from: Option<SocketAddr>) {
-        let key = (post.eval_id.unwrap_or(0), post.result.task_id.clone(), post.attempt.clone());
+        let key = (post.eval_id, post.result.task_id.clone(), post.attempt.clone());
         let o = Outgoing { post, from, next: now.mono, wait: FIRST_WAIT, until: now.mono + PATIENCE };
         self.outbox.entry(key).or_insert(o);
     }

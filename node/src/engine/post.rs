@@ -3,7 +3,7 @@
 use cdtester_runner_api::{Counts, ModuleReport};
 use serde::{Deserialize, Serialize};
 
-use crate::eval::EvalId;
+use crate::ids::{EvalId, TaskId};
 use crate::wire::TaskResultData;
 
 /// Body of `POST /task`: the reference's TASK_RESULT fields (`task_id`, `passed`, `failed`,
@@ -29,9 +29,7 @@ impl TaskPost {
     pub fn new(
         node: std::net::SocketAddr,
         eval: EvalId,
-        task_id: &str,
-        project_id: &str,
-        module: &str,
+        task_id: &TaskId,
         outcome: Result<ModuleReport, String>,
         attempt: String,
     ) -> TaskPost {
@@ -49,8 +47,8 @@ impl TaskPost {
                 passed: counts.passes(),
                 failed: counts.failures(),
                 time,
-                project_id: project_id.to_string(),
-                module: module.to_string(),
+                project_id: task_id.project().to_string(),
+                module: task_id.module().to_string(),
                 ip: node.ip().to_string(),
                 port: node.port().to_string(),
             },

@@ -24,7 +24,8 @@ use std::time::{Duration, Instant};
 use serde::{Deserialize, Serialize};
 
 use super::{Action, Engine, Now};
-use crate::eval::{EvalId, EvalRecord, ModuleResult};
+use crate::eval::{EvalRecord, ModuleResult};
+use crate::ids::{EvalId, TaskId};
 
 /// A provisional result a member took from a proposal, with the proposal's term.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -40,7 +41,7 @@ pub struct Held {
 pub struct Vote {
     pub record: EvalRecord,
     #[serde(default)]
-    pub proposals: BTreeMap<String, Held>,
+    pub proposals: BTreeMap<TaskId, Held>,
 }
 
 /// A result accepted provisionally, waiting for a majority.
@@ -58,7 +59,7 @@ pub(super) struct Phase1 {
     waiting: BTreeSet<SocketAddr>,
     answered: BTreeSet<SocketAddr>,
     /// The provisional result of the highest term the answers hold, per task.
-    seen: BTreeMap<String, Held>,
+    seen: BTreeMap<TaskId, Held>,
 }
 
 /// The fencing state of one node.
@@ -70,9 +71,9 @@ pub(super) struct Fence {
     /// ones); `None`: every peer.
     voters: Option<BTreeSet<SocketAddr>>,
     /// Provisional results per evaluation, by task.
-    pending: BTreeMap<EvalId, BTreeMap<String, Pending>>,
+    pending: BTreeMap<EvalId, BTreeMap<TaskId, Pending>>,
     /// Provisional results this node took from other members' proposals.
-    held: BTreeMap<EvalId, BTreeMap<String, Held>>,
+    held: BTreeMap<EvalId, BTreeMap<TaskId, Held>>,
     /// Evaluations taken over or resumed, in their first phase.
     phase1: BTreeMap<EvalId, Phase1>,
     /// Failed nodes whose evaluations wait for this node to see a majority again.
@@ -109,7 +110,7 @@ impl Fence {
         self.phase1.contains_key(&eval)
     }
 
-    pub(super) fn is_pending(&self, eval: EvalId, task: &str) -> bool {
+    pub(super) fn is_pending(&self, eval: EvalId, task: &TaskId) -> bool {
         self.pending.get(&eval).is_some_and(|p| p.contains_key(task))
     }
 
@@ -174,7 +175,7 @@ impl Engine {
         &mut self,
         now: Now,
         eval: EvalId,
-        result: (&str, ModuleResult),
+        result: (&TaskId, ModuleResult),
         out: &mut Vec<Action>,
     ) -> bool {
         let (task, result) = result;
@@ -190,7 +191,7 @@ impl Engine {
         }
         let Some(term) = self.evals.get(&eval).map(|r| r.term) else { return false };
         let p = Pending { result, term, acks: BTreeSet::new() };
-        self.fence.pending.entry(eval).or_default().insert(task.to_string(), p);
+        self.fence.pending.entry(eval).or_default().insert(task.clone(), p);
         self.fence.propose.insert(eval);
         true
     }
@@ -224,7 +225,7 @@ impl Engine {
                 }
             }
             let Some(rec) = self.evals.get(&id) else { continue };
-            let crashed: Vec<(String, u32)> = rec
+            let crashed: Vec<(TaskId, u32)> = rec
                 .worker_deaths
                 .iter()
                 .filter(|(t, n)| **n >= crate::eval::MAX_WORKER_DEATHS && !rec.results.contains_key(*t))
@@ -299,11 +300,11 @@ impl Engine {
     /// header-only proposal) and the provisional results it holds.
     pub(super) fn proposed(&mut self, copy: EvalRecord, from: SocketAddr, out: &mut Vec<Action>) {
         let id = copy.id;
-        if copy.validate().is_err() || copy.responsible != from.to_string() {
-            tracing::warn!(eval = id, peer = %from, "refusing a proposal for a record the sender does not own");
+        if copy.validate().is_err() || copy.responsible != from {
+            tracing::warn!(eval = %id, peer = %from, "refusing a proposal for a record the sender does not own");
             return;
         }
-        let (term, responsible) = (copy.term, copy.responsible.clone());
+        let (term, responsible) = (copy.term, copy.responsible);
         self.merge(vec![copy.clone_header()], from, out);
         let Some(mine) = self.evals.get(&id) else { return };
         let owner = mine.term == term && mine.responsible == responsible;
@@ -315,7 +316,7 @@ impl Engine {
                 held.insert(t.clone(), Held { term, result: result.clone() });
             }
         }
-        let tasks: Vec<&String> = copy.results.keys().collect();
+        let tasks: Vec<&TaskId> = copy.results.keys().collect();
         let (record, proposals) = if tasks.is_empty() {
             (mine.clone(), held.clone())
         } else {
@@ -378,7 +379,7 @@ impl Engine {
         let Some(rec) = self.evals.get(&eval) else { return };
         let Some(pending) = self.fence.pending.get_mut(&eval) else { return };
         pending.retain(|t, _| !rec.results.contains_key(t));
-        let ready: Vec<String> =
+        let ready: Vec<TaskId> =
             pending.iter().filter(|(_, p)| p.acks.len() + 1 >= majority).map(|(t, _)| t.clone()).collect();
         let mut commits = Vec::new();
         for t in ready {

@@ -7,7 +7,8 @@ use std::net::SocketAddr;
 use serde::{Deserialize, Serialize};
 
 use super::{Action, Engine};
-use crate::eval::{self, EvalId, EvalRecord, ProjectState};
+use crate::eval::{self, EvalRecord, ProjectState};
+use crate::ids::{EvalId, TaskId};
 use crate::wire::{self, CacheContent, EvalMap};
 
 /// A record's fingerprint: differs whenever the content that matters differs.
@@ -55,12 +56,11 @@ impl Engine {
         let mut changed = 0;
         for rec in records {
             if let Err(e) = rec.validate() {
-                tracing::warn!(eval = rec.id, peer = %from_s, "refusing a replicated record: {e}");
+                tracing::warn!(eval = %rec.id, peer = %from_s, "refusing a replicated record: {e}");
                 continue;
             }
-            if self.cfg.open && from != self.cfg.me && rec.responsible != from_s && rec.submitted_to != from_s
-            {
-                tracing::warn!(eval = rec.id, peer = %from_s, "refusing a record the sender neither owns nor submitted");
+            if self.cfg.open && from != self.cfg.me && rec.responsible != from && rec.submitted_to != from {
+                tracing::warn!(eval = %rec.id, peer = %from_s, "refusing a record the sender neither owns nor submitted");
                 continue;
             }
             let id = rec.id;
@@ -71,7 +71,7 @@ impl Engine {
                 }
                 None => {
                     let mut fresh = rec;
-                    let known: Vec<String> =
+                    let known: Vec<TaskId> =
                         fresh.results.keys().filter(|t| fresh.knows_task(t)).cloned().collect();
                     fresh.results.retain(|t, _| known.contains(t));
                     self.evals.insert(id, fresh);
@@ -118,9 +118,9 @@ impl Engine {
     pub fn active_evaluations(&self) -> BTreeMap<String, EvalMap> {
         let mut out: BTreeMap<String, EvalMap> = BTreeMap::new();
         for r in self.evals.values().filter(|r| r.end_time.is_none()) {
-            out.entry(r.responsible.clone())
+            out.entry(r.responsible.to_string())
                 .or_default()
-                .insert(r.id.to_string(), r.projects.iter().map(|p| p.id.clone()).collect());
+                .insert(r.id.to_string(), r.projects.iter().map(|p| p.id.to_string()).collect());
         }
         out
     }
@@ -141,7 +141,7 @@ impl Engine {
             content.evaluations.insert(
                 rec.id.to_string(),
                 wire::EvaluationEntry {
-                    projects: rec.projects.iter().map(|p| p.id.clone()).collect(),
+                    projects: rec.projects.iter().map(|p| p.id.to_string()).collect(),
                     start_time: rec.start_time,
                     end_time: rec.end_time,
                 },
@@ -164,13 +164,13 @@ impl Engine {
                     .collect();
                 let entry = wire::ProjectEntry {
                     project_name: p.name.clone(),
-                    node: rec.responsible.clone(),
+                    node: rec.responsible.to_string(),
                     modules,
                 };
-                content.projects.insert(p.id.clone(), entry);
+                content.projects.insert(p.id.to_string(), entry);
             }
         }
-        let s = eval::stats(self.evals.values(), std::slice::from_ref(&me));
+        let s = eval::stats(self.evals.values(), &[me.to_string()]);
         if let Some(row) = s.nodes.into_iter().next() {
             content.stats = wire::NodeStats {
                 failed: row.failed,

@@ -15,8 +15,9 @@ use std::time::{Duration, Instant};
 use cdtester_runner_api::plan::ModuleStat;
 use cdtester_runner_api::{Limits, ModuleReport};
 
-use super::{Accepted, Action, Companion, Engine, Now, Refusal, Task, TaskPost, duration_key};
-use crate::eval::{self, EvalId, EvalRecord, ModuleResult, ProjectState};
+use super::{Accepted, Action, Engine, Now, Refusal, Task, TaskPost, duration_key};
+use crate::eval::{self, EvalRecord, ModuleResult, ProjectState};
+use crate::ids::{EvalId, NodeAddr, TaskId};
 use crate::wire::{Message, TaskConfirmData, TaskInfo, TaskSendData, TaskSourceKind};
 
 /// Modules remembered as slower than this (seconds) run alone on their slot.
@@ -32,9 +33,8 @@ fn lease(limits: &Limits) -> Duration {
     Duration::from_secs(limits.timeout_s.saturating_mul(2).saturating_add(60))
 }
 
-fn limits_of(rec: &EvalRecord, task_id: &str) -> Limits {
-    eval::split_task_id(task_id)
-        .and_then(|(pid, _)| rec.project(pid))
+fn limits_of(rec: &EvalRecord, task_id: &TaskId) -> Limits {
+    rec.project(task_id.project())
         .and_then(|p| match &p.state {
             ProjectState::Ready { limits, .. } => Some(limits.clone()),
             _ => None,
@@ -57,11 +57,11 @@ pub(super) struct Assignment {
 /// node taking over) by the same call that makes it, and withdrawn with it.
 #[derive(Debug, Default)]
 pub(super) struct Assignments {
-    by_task: BTreeMap<String, Assignment>,
+    by_task: BTreeMap<TaskId, Assignment>,
     /// Every worker a task was handed to by this node (in this term), until it has a result: a
     /// worker whose assignment expired meanwhile (a false suspicion, a late confirm) still
     /// delivers an honest result, and the first one wins.
-    handed: BTreeMap<String, BTreeSet<SocketAddr>>,
+    handed: BTreeMap<TaskId, BTreeSet<SocketAddr>>,
 }
 
 impl Assignments {
@@ -70,20 +70,20 @@ impl Assignments {
     fn assign(
         &mut self,
         rec: &mut EvalRecord,
-        task: &str,
+        task: &TaskId,
         worker: SocketAddr,
         confirmed: bool,
         now: Instant,
     ) -> bool {
         let deadline = now + lease(&limits_of(rec, task));
         let a = Assignment { eval: rec.id, worker, confirmed, since: now, deadline };
-        self.by_task.insert(task.to_string(), a);
-        self.handed.entry(task.to_string()).or_default().insert(worker);
+        self.by_task.insert(task.clone(), a);
+        self.handed.entry(task.clone()).or_default().insert(worker);
         confirmed && publish(rec, task, worker)
     }
 
     /// The worker confirmed; returns whether the record changed.
-    fn confirm(&mut self, rec: &mut EvalRecord, task: &str, worker: SocketAddr) -> bool {
+    fn confirm(&mut self, rec: &mut EvalRecord, task: &TaskId, worker: SocketAddr) -> bool {
         match self.by_task.get_mut(task) {
             Some(a) if a.worker == worker && !a.confirmed => {
                 a.confirmed = true;
@@ -94,7 +94,7 @@ impl Assignments {
     }
 
     /// Withdraws a task's assignment; returns it and whether the record changed.
-    fn release(&mut self, rec: Option<&mut EvalRecord>, task: &str) -> (Option<Assignment>, bool) {
+    fn release(&mut self, rec: Option<&mut EvalRecord>, task: &TaskId) -> (Option<Assignment>, bool) {
         let a = self.by_task.remove(task);
         let changed = rec.is_some_and(|rec| {
             let removed = rec.running.remove(task).is_some();
@@ -107,27 +107,27 @@ impl Assignments {
     }
 
     /// The task has a result: forgets its assignment and who it was handed to.
-    fn finish(&mut self, task: &str) {
+    fn finish(&mut self, task: &TaskId) {
         self.by_task.remove(task);
         self.handed.remove(task);
     }
 
     /// Whether this node handed `task` to `worker` (and it has no result yet).
-    fn was_handed(&self, task: &str, worker: SocketAddr) -> bool {
+    fn was_handed(&self, task: &TaskId, worker: SocketAddr) -> bool {
         self.handed.get(task).is_some_and(|w| w.contains(&worker))
     }
 
-    fn get(&self, task: &str) -> Option<&Assignment> {
+    fn get(&self, task: &TaskId) -> Option<&Assignment> {
         self.by_task.get(task)
     }
 
-    fn contains(&self, task: &str) -> bool {
+    fn contains(&self, task: &TaskId) -> bool {
         self.by_task.contains_key(task)
     }
 }
 
-fn publish(rec: &mut EvalRecord, task: &str, worker: SocketAddr) -> bool {
-    rec.running.insert(task.to_string(), worker.to_string());
+fn publish(rec: &mut EvalRecord, task: &TaskId, worker: SocketAddr) -> bool {
+    rec.running.insert(task.clone(), NodeAddr::from(worker));
     rec.version += 1;
     true
 }
@@ -144,7 +144,7 @@ impl Engine {
 
     /// Whether `task` of `r` waits for a worker: no result (not even a provisional one), not
     /// handed out, and it has not killed its workers too often.
-    fn waits(&self, r: &EvalRecord, task: &str) -> bool {
+    fn waits(&self, r: &EvalRecord, task: &TaskId) -> bool {
         !r.results.contains_key(task)
             && !self.assignments.contains(task)
             && !self.fence.is_pending(r.id, task)
@@ -169,10 +169,10 @@ impl Engine {
                 if !self.waits(r, &t.task_id) {
                     continue;
                 }
-                let share = t.chunk.map_or(1.0, |c| f64::from(c.count));
+                let share = t.task_id.chunk().map_or(1.0, |c| f64::from(c.count));
                 let est = self
                     .durations
-                    .get(&duration_key(&t.project.name, t.module))
+                    .get(&duration_key(&t.project.name, t.task_id.module()))
                     .map_or(f64::INFINITY, |s| s.secs / share);
                 let better = best.as_ref().is_none_or(|(e, start, b)| {
                     est.total_cmp(e)
@@ -184,10 +184,7 @@ impl Engine {
                 if better {
                     let task = Task {
                         eval: r.id,
-                        project_id: t.project.id.clone(),
                         project: Some(t.project.clone()),
-                        module: t.module.to_string(),
-                        chunk: t.chunk,
                         task_id: t.task_id,
                         from: None,
                         with: Vec::new(),
@@ -215,8 +212,8 @@ impl Engine {
         let Some(task) = self.take_next(now, from, out) else { return };
         let name = task.project.map(|p| p.name).unwrap_or_default();
         let info = TaskInfo {
-            project_id: task.project_id,
-            module: eval::task_part(&task.module, task.chunk),
+            project_id: task.task_id.project().to_string(),
+            module: task.task_id.part().to_string(),
             project_name: name,
             api_port: self.cfg.http_port.to_string(),
             eval_id: Some(task.eval.to_string()),
@@ -238,63 +235,60 @@ impl Engine {
             tracing::warn!(%from, "TASK_SEND without a cdtester evaluation id ignored");
             return;
         };
-        let (module, chunk) = eval::parse_task_part(&info.module);
-        let task_id = eval::task_id(&info.project_id, &info.module);
+        let Ok(task_id) = TaskId::from_parts(&info.project_id, &info.module) else {
+            tracing::warn!(%from, "TASK_SEND with an invalid project id or module ignored");
+            return;
+        };
         out.push(Action::Send {
             to: from,
-            msg: Message::TaskConfirm(TaskConfirmData { task_id: task_id.clone() }),
+            msg: Message::TaskConfirm(TaskConfirmData { task_id: task_id.to_string() }),
         });
         self.busy += 1;
         self.here.insert(task_id.clone());
         let project = self
             .evals
             .get(&eval)
-            .and_then(|r| r.project(&info.project_id))
+            .and_then(|r| r.project(task_id.project()))
             .filter(|p| matches!(p.state, ProjectState::Ready { .. }))
             .cloned();
-        out.push(Action::Run(Task {
-            eval,
-            task_id,
-            project_id: info.project_id.clone(),
-            project,
-            module: module.to_string(),
-            chunk,
-            from: Some(from),
-            with: Vec::new(),
-        }));
+        out.push(Action::Run(Task { eval, task_id, project, from: Some(from), with: Vec::new() }));
     }
 
     /// The whole modules of `lead`'s project that its slot on this node runs along with it
     /// (see the module documentation), assigned to this node.
-    pub(super) fn companions(&mut self, now: Now, lead: &Task, out: &mut Vec<Action>) -> Vec<Companion> {
-        let Some(project) = lead.project.as_ref().filter(|_| lead.chunk.is_none()) else { return Vec::new() };
+    pub(super) fn companions(&mut self, now: Now, lead: &Task, out: &mut Vec<Action>) -> Vec<TaskId> {
+        let Some(project) = lead.project.as_ref().filter(|_| lead.task_id.chunk().is_none()) else {
+            return Vec::new();
+        };
         let durations = &self.durations;
         let small = |m: &str| {
             durations.get(&duration_key(&project.name, m)).map(|s| s.secs).filter(|s| *s <= GROUP_MODULE_SECS)
         };
-        let Some(mut total) = small(&lead.module) else { return Vec::new() };
+        let Some(mut total) = small(lead.task_id.module()) else { return Vec::new() };
         let budget = self.fair_share(total).min(GROUP_MAX_SECS);
         let Some(rec) = self.evals.get(&lead.eval) else { return Vec::new() };
-        let mut candidates: Vec<(f64, Companion)> = rec
+        let mut candidates: Vec<(f64, TaskId)> = rec
             .all_tasks()
-            .filter(|t| t.chunk.is_none() && t.project.id == lead.project_id && self.waits(rec, &t.task_id))
-            .filter_map(|t| {
-                Some((small(t.module)?, Companion { task_id: t.task_id, module: t.module.into() }))
+            .filter(|t| {
+                t.task_id.chunk().is_none()
+                    && t.task_id.project() == lead.task_id.project()
+                    && self.waits(rec, &t.task_id)
             })
+            .filter_map(|t| Some((small(t.task_id.module())?, t.task_id)))
             .collect();
-        candidates.sort_by(|a, b| b.0.total_cmp(&a.0).then_with(|| a.1.task_id.cmp(&b.1.task_id)));
+        candidates.sort_by(|a, b| b.0.total_cmp(&a.0).then_with(|| a.1.cmp(&b.1)));
         let mut with = Vec::new();
-        for (secs, c) in candidates {
+        for (secs, task) in candidates {
             if total + secs <= budget {
                 total += secs;
-                with.push(c);
+                with.push(task);
             }
         }
         let me = self.cfg.me;
         let Some(rec) = self.evals.get_mut(&lead.eval) else { return Vec::new() };
         let mut changed = false;
-        for c in &with {
-            changed |= self.assignments.assign(rec, &c.task_id, me, true, now.mono);
+        for task in &with {
+            changed |= self.assignments.assign(rec, task, me, true, now.mono);
         }
         if changed {
             self.changed(lead.eval, &[], out);
@@ -315,9 +309,9 @@ impl Engine {
                 r.all_tasks()
                     .filter(|t| self.waits(r, &t.task_id))
                     .map(|t| {
-                        let share = t.chunk.map_or(1.0, |c| f64::from(c.count));
+                        let share = t.task_id.chunk().map_or(1.0, |c| f64::from(c.count));
                         self.durations
-                            .get(&duration_key(&t.project.name, t.module))
+                            .get(&duration_key(&t.project.name, t.task_id.module()))
                             .map_or(UNKNOWN_MODULE_SECS, |s| s.secs / share)
                     })
                     .sum::<f64>()
@@ -327,7 +321,7 @@ impl Engine {
     }
 
     /// TASK_CONFIRM: the worker runs the task now.
-    pub(super) fn confirm(&mut self, from: SocketAddr, task: &str, out: &mut Vec<Action>) {
+    pub(super) fn confirm(&mut self, from: SocketAddr, task: &TaskId, out: &mut Vec<Action>) {
         let Some(eval) = self.assignments.get(task).map(|a| a.eval) else {
             tracing::debug!(%task, worker = %from, "late or unknown TASK_CONFIRM ignored");
             return;
@@ -339,7 +333,7 @@ impl Engine {
     }
 
     /// Withdraws a task's assignment, persisting the record when it changed.
-    fn release(&mut self, eval: EvalId, task: &str, out: &mut Vec<Action>) -> Option<Assignment> {
+    fn release(&mut self, eval: EvalId, task: &TaskId, out: &mut Vec<Action>) -> Option<Assignment> {
         let (a, changed) = self.assignments.release(self.evals.get_mut(&eval), task);
         if changed {
             self.changed(eval, &[], out);
@@ -350,7 +344,7 @@ impl Engine {
     /// A task this node handed to its own slot has finished there: whatever became of its
     /// result (accepted here, refused, or delivered because responsibility moved meanwhile), the
     /// slot no longer runs it, so a task still without a result is handed out again.
-    pub(super) fn end_local_assignment(&mut self, task: &str, out: &mut Vec<Action>) {
+    pub(super) fn end_local_assignment(&mut self, task: &TaskId, out: &mut Vec<Action>) {
         let eval = match self.assignments.get(task) {
             Some(a) if a.worker == self.cfg.me => a.eval,
             _ => return,
@@ -360,15 +354,14 @@ impl Engine {
 
     /// Forgets the assignments of an evaluation another node is responsible for now.
     pub(super) fn drop_assignments_of(&mut self, eval: EvalId) {
-        let prefix = format!("{eval}-");
         self.assignments.by_task.retain(|_, a| a.eval != eval);
-        self.assignments.handed.retain(|t, _| !t.starts_with(&prefix));
+        self.assignments.handed.retain(|t, _| t.project().eval() != Some(eval));
         self.fence.forget(eval);
     }
 
     /// Requeues the tasks whose worker did not confirm in time, overran its lease or left.
     pub(super) fn expire(&mut self, now: Now, out: &mut Vec<Action>) {
-        let expired: Vec<(String, EvalId)> = self
+        let expired: Vec<(TaskId, EvalId)> = self
             .assignments
             .by_task
             .iter()
@@ -392,7 +385,7 @@ impl Engine {
     /// Requeues every task handed to `worker` (it failed or left). When it `died`, the tasks it
     /// had confirmed count a worker death each.
     pub(super) fn requeue_worker(&mut self, now: Now, worker: SocketAddr, died: bool, out: &mut Vec<Action>) {
-        let gone: Vec<(String, EvalId)> = self
+        let gone: Vec<(TaskId, EvalId)> = self
             .assignments
             .by_task
             .iter()
@@ -410,7 +403,7 @@ impl Engine {
     /// The worker running `task` died. A task that does this [`eval::MAX_WORKER_DEATHS`] times
     /// is recorded as crashed and never handed out again, so that one submission cannot take
     /// down node after node (during a takeover's first phase, once it ends).
-    fn task_killed_worker(&mut self, now: Now, eval: EvalId, task: &str, out: &mut Vec<Action>) {
+    fn task_killed_worker(&mut self, now: Now, eval: EvalId, task: &TaskId, out: &mut Vec<Action>) {
         let Some(rec) = self.evals.get_mut(&eval) else { return };
         if rec.results.contains_key(task) || !rec.knows_task(task) {
             return;
@@ -420,7 +413,7 @@ impl Engine {
         self.changed(eval, &[], out);
         self.assignments.finish(task);
         if deaths < eval::MAX_WORKER_DEATHS {
-            tracing::warn!(eval, %task, deaths, "the worker running this task died; requeued");
+            tracing::warn!(%eval, %task, deaths, "the worker running this task died; requeued");
         } else if !self.fence.in_phase1(eval) && !self.held.contains(&eval) {
             self.record_crash(now, eval, task, deaths, out);
         }
@@ -431,14 +424,13 @@ impl Engine {
         &mut self,
         now: Now,
         eval: EvalId,
-        task: &str,
+        task: &TaskId,
         deaths: u32,
         out: &mut Vec<Action>,
     ) {
-        let module = eval::split_task_id(task).map_or(task, |(_, part)| eval::parse_task_part(part).0);
-        tracing::error!(eval, %task, "task killed its worker {deaths} times: recorded as crashed");
+        tracing::error!(%eval, %task, "task killed its worker {deaths} times: recorded as crashed");
         let report = ModuleReport {
-            module: module.to_string(),
+            module: task.module().to_string(),
             tests: Vec::new(),
             duration: 0.0,
             note: Some(format!(
@@ -468,17 +460,17 @@ impl Engine {
     ) {
         let Some(rec) = self.evals.get_mut(&eval) else { return };
         let mut died = Vec::new();
-        let running: Vec<(String, String)> =
-            rec.running.iter().map(|(t, w)| (t.clone(), w.clone())).collect();
+        let running: Vec<(TaskId, SocketAddr)> =
+            rec.running.iter().map(|(t, w)| (t.clone(), w.socket())).collect();
         let mut lost = Vec::new();
-        for (task, worker) in running {
-            match worker.parse::<SocketAddr>() {
+        for (task, addr) in running {
+            match addr {
                 // Published as running here, but no slot of this node runs it (it finished while
                 // another node was responsible): hand it out again.
-                Ok(addr) if addr == self.cfg.me && Some(addr) != gone && !self.here.contains(&task) => {
+                addr if addr == self.cfg.me && Some(addr) != gone && !self.here.contains(&task) => {
                     lost.push(task)
                 }
-                Ok(addr) if Some(addr) != gone => {
+                addr if Some(addr) != gone => {
                     if !self.assignments.contains(&task) {
                         self.assignments.assign(rec, &task, addr, true, now.mono);
                     }
@@ -497,7 +489,11 @@ impl Engine {
     /// Checks a result post from `caller` against what this node knows: only the worker the
     /// task is assigned to may deliver its result, and only to the node responsible for the
     /// evaluation. Returns the evaluation.
-    fn check_post(&self, post: &TaskPost, caller: SocketAddr) -> Result<Result<EvalId, Accepted>, Refusal> {
+    fn check_post(
+        &self,
+        post: &TaskPost,
+        caller: SocketAddr,
+    ) -> Result<Result<(EvalId, TaskId), Accepted>, Refusal> {
         let caller_s = caller.to_string();
         if post.node() != caller_s {
             return Err(Refusal::Forbidden(format!(
@@ -508,25 +504,23 @@ impl Engine {
         if let Some(report) = &post.report {
             report.check_attempts().map_err(Refusal::BadRequest)?;
         }
-        let task = &post.result.task_id;
-        let (pid, part) = eval::split_task_id(task)
-            .ok_or_else(|| Refusal::BadRequest(format!("task_id {task:?} is not <project_id>::<module>")))?;
-        if pid != post.result.project_id || eval::parse_task_part(part).0 != post.result.module {
+        let task: TaskId = post.result.task_id.parse().map_err(|e| Refusal::BadRequest(format!("{e}")))?;
+        if task.project().as_str() != post.result.project_id || task.module() != post.result.module {
             return Err(Refusal::BadRequest("task_id does not match project_id and module".into()));
         }
         let rec = match post.eval_id {
             Some(id) => self.evals.get(&id),
-            None => self.project(pid).map(|(r, _)| r),
+            None => self.project(task.project()).map(|(r, _)| r),
         };
         let rec = rec.ok_or_else(|| Refusal::NotFound("unknown evaluation".into()))?;
-        if !rec.knows_task(task) {
+        if !rec.knows_task(&task) {
             return Err(Refusal::NotFound(format!("unknown task {task}")));
         }
         #[cfg(test)]
         if self.bug == Some(super::Bug::AcceptSecondResult) && rec.responsible == self.me() {
-            return Ok(Ok(rec.id));
+            return Ok(Ok((rec.id, task)));
         }
-        if rec.results.contains_key(task) || self.fence.is_pending(rec.id, task) {
+        if rec.results.contains_key(&task) || self.fence.is_pending(rec.id, &task) {
             return Ok(Err(Accepted::Duplicate));
         }
         if rec.responsible != self.me() {
@@ -543,13 +537,13 @@ impl Engine {
         }
         // Handed out by this node now, or (after a restart, before the record's assignments
         // are adopted) published as running on the caller by the record.
-        let assigned = self.assignments.get(task).is_some_and(|a| a.worker == caller)
-            || self.assignments.was_handed(task, caller)
-            || rec.running.get(task).is_some_and(|w| *w == caller_s);
+        let assigned = self.assignments.get(&task).is_some_and(|a| a.worker == caller)
+            || self.assignments.was_handed(&task, caller)
+            || rec.running.get(&task).is_some_and(|w| *w == caller);
         if !assigned {
             return Err(Refusal::Forbidden(format!("task {task} is not assigned to {caller_s}")));
         }
-        Ok(Ok(rec.id))
+        Ok(Ok((rec.id, task)))
     }
 
     /// Accepts a result post; the first accepted result of a task wins.
@@ -560,11 +554,10 @@ impl Engine {
         caller: SocketAddr,
         out: &mut Vec<Action>,
     ) -> Result<Accepted, Refusal> {
-        let eval = match self.check_post(&post, caller)? {
-            Ok(eval) => eval,
+        let (eval, task) = match self.check_post(&post, caller)? {
+            Ok(checked) => checked,
             Err(answer) => return Ok(answer),
         };
-        let task = post.result.task_id.clone();
         if let Some(error) = &post.error {
             let n = self.failures.entry(task.clone()).or_insert(0);
             *n += 1;
@@ -575,7 +568,6 @@ impl Engine {
                 return Ok(Accepted::Requeued);
             }
         }
-        let node = post.node();
         let report = match (post.report, post.error) {
             (Some(r), _) => r,
             (None, Some(error)) => ModuleReport {
@@ -588,7 +580,12 @@ impl Engine {
             },
             (None, None) => return Err(Refusal::BadRequest("a result needs \"report\" or \"error\"".into())),
         };
-        let result = ModuleResult { node, attempt: post.attempt, finished_at: now.wall, report };
+        let result = ModuleResult {
+            node: NodeAddr::from(caller),
+            attempt: post.attempt,
+            finished_at: now.wall,
+            report,
+        };
         self.assignments.finish(&task);
         self.failures.remove(&task);
         let stored = self.propose_result(now, eval, (&task, result), out);
@@ -601,7 +598,7 @@ impl Engine {
         &mut self,
         now: Now,
         eval: EvalId,
-        task: &str,
+        task: &TaskId,
         result: ModuleResult,
         out: &mut Vec<Action>,
     ) -> bool {
@@ -614,12 +611,11 @@ impl Engine {
             return false;
         }
         tracing::info!(%task, "result stored");
-        self.changed(eval, &[task.to_string()], out);
+        self.changed(eval, std::slice::from_ref(task), out);
         out.push(Action::PushCache);
         let Some(rec) = self.evals.get(&eval) else { return true };
-        let Some((pid, part)) = eval::split_task_id(task) else { return true };
-        let Some(p) = rec.project(pid) else { return true };
-        let module = eval::parse_task_part(part).0;
+        let Some(p) = rec.project(task.project()) else { return true };
+        let module = task.module();
         let progress = rec.module_progress(p, module);
         if progress.finished() {
             let key = duration_key(&p.name, module);

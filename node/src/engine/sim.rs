@@ -21,7 +21,8 @@ use super::{
 };
 use crate::core::sim::{NetConfig, Sim};
 use crate::core::{DownReason, Event, LocalEvent};
-use crate::eval::{EvalId, EvalRecord, ProjectRecord, ProjectState};
+use crate::eval::{EvalRecord, ProjectRecord, ProjectState};
+use crate::ids::{EvalId, NodeAddr, ProjectId, TaskId};
 
 /// One step of the world, ms.
 const STEP: u64 = 50;
@@ -80,7 +81,7 @@ struct Node {
     cursor: usize,
     down_until: Option<u64>,
     /// The first result seen per task on this node (engine or store): never replaced.
-    seen: BTreeMap<EvalId, BTreeMap<String, String>>,
+    seen: BTreeMap<EvalId, BTreeMap<TaskId, String>>,
     /// Highest `/stats` `all` (passed, failed) seen.
     stats: (u64, u64),
     /// The active evaluations last handed to the core.
@@ -118,9 +119,9 @@ pub struct World {
     projects: BTreeMap<String, Vec<(String, Behaviour)>>,
     submitted: Vec<EvalId>,
     /// Result posts answered `Stored`, per (node, evaluation, task).
-    stored: BTreeMap<(usize, EvalId, String), u32>,
+    stored: BTreeMap<(usize, Option<EvalId>, String), u32>,
     /// The first result (attempt, node) seen per task on any node: the one accepted result.
-    accepted: BTreeMap<EvalId, BTreeMap<String, (String, usize)>>,
+    accepted: BTreeMap<EvalId, BTreeMap<TaskId, (String, usize)>>,
 }
 
 fn addr(i: usize) -> SocketAddr {
@@ -245,19 +246,20 @@ impl World {
             return;
         }
         let i = live[self.rng.random_range(0..live.len())];
-        let id = 1_000_000 + self.rng.random_range(0..1_000_000_u64) * 1000 + self.submitted.len() as u64;
+        let n = 1_000_000 + self.rng.random_range(0..1_000_000_u64) * 1000 + self.submitted.len() as u64;
+        let id = EvalId::new(n).expect("below 2^53");
         let count = self.rng.random_range(1..=3);
         let names: Vec<String> = self.projects.keys().cloned().collect();
         let projects = (0..count)
             .map(|k| ProjectRecord {
-                id: format!("{id}-{k}"),
+                id: ProjectId::of(id, k),
                 name: names[self.rng.random_range(0..names.len())].clone(),
                 url: None,
                 content_hash: "c".repeat(64),
                 state: ProjectState::Preparing,
             })
             .collect();
-        let mut rec = EvalRecord::new(id, addr(i).to_string(), self.now().wall, projects);
+        let mut rec = EvalRecord::new(id, NodeAddr::from(addr(i)), self.now().wall, projects);
         crate::eval::unique_names(&mut rec.projects);
         self.submitted.push(id);
         self.input(i, Input::Submitted(rec));
@@ -537,12 +539,7 @@ impl World {
         let mut jobs = Vec::new();
         let mut at = self.ms();
         for c in &task.with {
-            let along = Task {
-                task_id: c.task_id.clone(),
-                module: c.module.clone(),
-                with: Vec::new(),
-                ..task.clone()
-            };
+            let along = Task { task_id: c.clone(), with: Vec::new(), ..task.clone() };
             let (ms, outcome, crash) = self.simulate(&along);
             at += ms;
             jobs.push(Job { at: 0, task: along, outcome, crash, along: true });
@@ -562,18 +559,18 @@ impl World {
         let behaviour = self
             .projects
             .get(&strip_suffix(task.project.as_ref().map_or("", |p| p.name.as_str())))
-            .and_then(|ms| ms.iter().find(|(m, _)| *m == task.module).map(|(_, b)| *b));
+            .and_then(|ms| ms.iter().find(|(m, _)| *m == task.task_id.module()).map(|(_, b)| *b));
         match behaviour {
             Some(Behaviour::Tests { passed, failed, ms }) => {
-                (ms, Ok(report(&task.module, passed, failed, ms)), false)
+                (ms, Ok(report(task.task_id.module(), passed, failed, ms)), false)
             }
             Some(Behaviour::InfraError) => (100, Err("the runner failed".to_string()), false),
-            Some(Behaviour::Hang) => (4_000, Ok(timeout_report(&task.module)), false),
+            Some(Behaviour::Hang) => (4_000, Ok(timeout_report(task.task_id.module())), false),
             // It kills its node, unless that would take down a majority (then only its worker).
             Some(Behaviour::Crash) => {
                 (300, Err("the worker was killed by signal 9".to_string()), self.may_kill())
             }
-            None => (10, Err(format!("no module {}", task.module)), false),
+            None => (10, Err(format!("no module {}", task.task_id.module())), false),
         }
     }
 
@@ -584,7 +581,7 @@ impl World {
             let ready = self
                 .engine(i)
                 .and_then(|e| e.record(task.eval))
-                .and_then(|r| r.project(&task.project_id))
+                .and_then(|r| r.project(task.task_id.project()))
                 .filter(|p| matches!(p.state, ProjectState::Ready { .. }))
                 .cloned();
             if let Some(p) = ready {
@@ -629,11 +626,11 @@ impl World {
         answer: &Option<Result<Accepted, Refusal>>,
     ) -> Result<(), String> {
         if matches!(answer, Some(Ok(Accepted::Stored))) {
-            let (eval, task) = (post.eval_id.unwrap_or(0), post.result.task_id.clone());
+            let (eval, task) = (post.eval_id, post.result.task_id.clone());
             let n = self.stored.entry((node, eval, task.clone())).or_insert(0);
             *n += 1;
             if *n > 1 {
-                return Err(format!("node {node} accepted task {task} of {eval} {n} times"));
+                return Err(format!("node {node} accepted task {task} of {eval:?} {n} times"));
             }
         }
         Ok(())
@@ -717,7 +714,7 @@ impl World {
 
     /// Every node holds results for the same tasks.
     fn converged(&self) -> bool {
-        let keys = |n: &Node| -> Option<Vec<(EvalId, BTreeSet<String>)>> {
+        let keys = |n: &Node| -> Option<Vec<(EvalId, BTreeSet<TaskId>)>> {
             let e = n.engine.as_ref()?;
             Some(e.records().map(|r| (r.id, r.results.keys().cloned().collect())).collect())
         };
@@ -803,7 +800,7 @@ impl World {
                         .map(|n| {
                             n.jobs
                                 .iter()
-                                .map(|j| j.task.task_id.clone())
+                                .map(|j| j.task.task_id.to_string())
                                 .chain(n.waiting.iter().map(|w| format!("wait:{}", w.0.task_id)))
                                 .chain(n.engine.as_ref().map(|e| format!("undelivered:{}", e.undelivered())))
                                 .collect()
@@ -832,13 +829,13 @@ impl World {
                         rec.term
                     ));
                 }
-                let keys: BTreeSet<&String> = rec.results.keys().collect();
+                let keys: BTreeSet<&TaskId> = rec.results.keys().collect();
                 if keys != want.results.keys().collect() {
                     return Err(format!("nodes 0 and {i} hold results of different tasks of {id}"));
                 }
                 // Exactly one accepted result per task: every node holds the same ones.
                 if rec.results != want.results {
-                    let diff: Vec<(&String, &str, &str)> = rec
+                    let diff: Vec<(&TaskId, &str, &str)> = rec
                         .results
                         .iter()
                         .filter(|(t, r)| want.results.get(*t) != Some(*r))
@@ -929,7 +926,7 @@ fn timeout_report(module: &str) -> ModuleReport {
 
 fn post(i: usize, task: &Task, outcome: Result<ModuleReport, String>, now: u64) -> TaskPost {
     let attempt = format!("n{i}-{now}-{}", task.task_id);
-    TaskPost::new(addr(i), task.eval, &task.task_id, &task.project_id, &task.module, outcome, attempt)
+    TaskPost::new(addr(i), task.eval, &task.task_id, outcome, attempt)
 }
 
 /// What the store keeps of a persisted record: the latest header and every result written.

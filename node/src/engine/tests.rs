@@ -27,13 +27,13 @@ pub(super) fn config(me: SocketAddr, slots: usize) -> EngineConfig {
 
 pub(super) fn submission(id: EvalId, me: SocketAddr, wall: f64) -> EvalRecord {
     let project = ProjectRecord {
-        id: format!("{id}-0"),
+        id: ProjectId::of(id, 0),
         name: "calc".into(),
         url: None,
         content_hash: "a".repeat(64),
         state: ProjectState::Preparing,
     };
-    EvalRecord::new(id, me.to_string(), wall, vec![project])
+    EvalRecord::new(id, NodeAddr::from(me), wall, vec![project])
 }
 
 pub(super) fn discovery(modules: &[&str]) -> Discovery {
@@ -62,13 +62,13 @@ fn runs(actions: &[Action]) -> Vec<Task> {
 }
 
 fn post_for(worker: SocketAddr, task: &Task, outcomes: &[Outcome]) -> TaskPost {
-    let report = module_report(&task.module, outcomes);
-    TaskPost::new(worker, task.eval, &task.task_id, &task.project_id, &task.module, Ok(report), "x".into())
+    let report = module_report(task.task_id.module(), outcomes);
+    TaskPost::new(worker, task.eval, &task.task_id, Ok(report), "x".into())
 }
 
 /// The vote of a member that holds the proposal `copy`.
 fn holding(copy: &EvalRecord) -> Vote {
-    let held = |(t, r): (&String, &crate::eval::ModuleResult)| {
+    let held = |(t, r): (&TaskId, &crate::eval::ModuleResult)| {
         (t.clone(), Held { term: copy.term, result: r.clone() })
     };
     Vote { record: copy.clone_header(), proposals: copy.results.iter().map(held).collect() }
@@ -95,11 +95,18 @@ fn answer(actions: &[Action]) -> Result<Accepted, Refusal> {
 fn started_engine(slots: usize, modules: &[&str]) -> (Engine, Clock, Vec<Action>) {
     let clock = Clock(Instant::now(), 1000.0);
     let mut e = Engine::new(config(addr(0), slots), Vec::new(), Default::default(), clock.0);
-    let out = e.handle(clock.now(), Input::Submitted(submission(5, addr(0), clock.1)));
-    assert!(matches!(out.as_slice(), [Action::Persist(_), Action::Discover { eval: 5, .. }]), "{out:?}");
+    let out = e.handle(clock.now(), Input::Submitted(submission(EvalId::test(5), addr(0), clock.1)));
+    assert!(
+        matches!(out.as_slice(), [Action::Persist(_), Action::Discover { eval, .. }] if *eval == EvalId::test(5)),
+        "{out:?}"
+    );
     let out = e.handle(
         clock.now(),
-        Input::Discovered { eval: 5, project: "5-0".into(), outcome: Ok(discovery(modules)) },
+        Input::Discovered {
+            eval: EvalId::test(5),
+            project: ProjectId::of(EvalId::test(5), 0),
+            outcome: Ok(discovery(modules)),
+        },
     );
     (e, clock, out)
 }
@@ -124,7 +131,7 @@ fn own_slots_take_tasks_at_once_and_a_freed_slot_is_refilled_in_the_same_step() 
     for t in [&first[1], &next[0]] {
         e.handle(clock.now(), Input::Ran { post: post_for(addr(0), t, &[Outcome::Failed]), from: None });
     }
-    let rec = e.record(5).expect("record");
+    let rec = e.record(EvalId::test(5)).expect("record");
     assert!(rec.end_time.is_some(), "{rec:?}");
     assert_eq!(rec.counts().failures(), 2);
     assert_eq!(e.busy(), 0);
@@ -141,28 +148,31 @@ fn remembered_small_modules_of_a_project_run_along_on_one_slot_up_to_a_fair_shar
         names.iter().map(|m| (duration_key("calc", m), ModuleStat { secs: 0.5, tests: 3 })).collect();
     durations.insert(duration_key("calc", "t_slow.py"), ModuleStat { secs: 30.0, tests: 1 });
     let mut e = Engine::new(config(addr(0), 2), Vec::new(), durations, clock.0);
-    e.handle(clock.now(), Input::Submitted(submission(5, addr(0), clock.1)));
+    e.handle(clock.now(), Input::Submitted(submission(EvalId::test(5), addr(0), clock.1)));
     let modules: Vec<&str> = names.iter().map(String::as_str).collect();
     let out = e.handle(
         clock.now(),
-        Input::Discovered { eval: 5, project: "5-0".into(), outcome: Ok(discovery(&modules)) },
+        Input::Discovered {
+            eval: EvalId::test(5),
+            project: ProjectId::of(EvalId::test(5), 0),
+            outcome: Ok(discovery(&modules)),
+        },
     );
     let first = runs(&out);
     assert_eq!(first.len(), 2, "{out:?}");
-    let slow = first.iter().find(|t| t.module == "t_slow.py").expect("the slow module goes first");
+    let slow = first.iter().find(|t| t.task_id.module() == "t_slow.py").expect("the slow module goes first");
     assert!(slow.with.is_empty(), "a slow module runs alone");
-    let small = first.iter().find(|t| t.module != "t_slow.py").expect("a small one");
+    let small = first.iter().find(|t| t.task_id.module() != "t_slow.py").expect("a small one");
     // Waiting when the slow one has left: 10 x 0.5 s over 2 slots = 2.5 s a slot: the small
     // one takes 4 more along (5 x 0.5 s).
     assert_eq!(small.with.len(), 4, "{small:?}");
-    let rec = e.record(5).expect("record");
+    let rec = e.record(EvalId::test(5)).expect("record");
     for c in &small.with {
-        assert_eq!(rec.running.get(&c.task_id), Some(&addr(0).to_string()), "published as running here");
+        assert_eq!(rec.running.get(c), Some(&NodeAddr::from(addr(0))), "published as running here");
     }
     // The companions report first, the task last; only then is the slot free again.
     for c in small.with.clone() {
-        let along =
-            Task { task_id: c.task_id.clone(), module: c.module.clone(), with: Vec::new(), ..small.clone() };
+        let along = Task { task_id: c.clone(), with: Vec::new(), ..small.clone() };
         let out =
             e.handle(clock.now(), Input::RanAlong { post: post_for(addr(0), &along, &[Outcome::Passed]) });
         assert!(runs(&out).is_empty(), "a companion frees no slot: {out:?}");
@@ -174,7 +184,7 @@ fn remembered_small_modules_of_a_project_run_along_on_one_slot_up_to_a_fair_shar
     assert_eq!(next.len(), 1, "{out:?}");
     // 5 x 0.5 s left over 2 slots: 1.25 s a slot, the tail in smaller groups.
     assert_eq!(next[0].with.len(), 1, "{next:?}");
-    assert_eq!(e.record(5).expect("record").results.len(), 5);
+    assert_eq!(e.record(EvalId::test(5)).expect("record").results.len(), 5);
 }
 
 #[test]
@@ -188,20 +198,16 @@ fn results_only_from_the_assigned_worker_and_only_the_first() {
     );
     let Some(Action::Send { to, msg: Message::TaskSend(send) }) = out.first() else { panic!("{out:?}") };
     assert_eq!(*to, addr(1));
-    let task_id = crate::eval::task_id(&send.info.project_id, &send.info.module);
-    let task = Task {
-        eval: 5,
-        task_id: task_id.clone(),
-        project_id: "5-0".into(),
-        project: None,
-        module: "t_a.py".into(),
-        chunk: None,
-        from: None,
-        with: Vec::new(),
-    };
-    let confirm = Message::TaskConfirm(TaskConfirmData { task_id: task_id.clone() });
+    let task_id = TaskId::from_parts(&send.info.project_id, &send.info.module).expect("a task id");
+    assert_eq!(task_id, TaskId::test("5-0::t_a.py"));
+    let task =
+        Task { eval: EvalId::test(5), task_id: task_id.clone(), project: None, from: None, with: Vec::new() };
+    let confirm = Message::TaskConfirm(TaskConfirmData { task_id: task_id.to_string() });
     e.handle(clock.now(), Input::Message { from: addr(1), msg: confirm });
-    assert_eq!(e.record(5).expect("record").running.get(&task_id), Some(&addr(1).to_string()));
+    assert_eq!(
+        e.record(EvalId::test(5)).expect("record").running.get(&task_id),
+        Some(&NodeAddr::from(addr(1)))
+    );
     clock.advance(10);
     let forged = post_for(addr(2), &task, &[Outcome::Passed]);
     let out = e.handle(clock.now(), Input::Result { post: forged.clone(), caller: addr(2) });
@@ -214,14 +220,14 @@ fn results_only_from_the_assigned_worker_and_only_the_first() {
     let good = post_for(addr(1), &task, &[Outcome::Failed]);
     let out = e.handle(clock.now(), Input::Result { post: good.clone(), caller: addr(1) });
     assert_eq!(answer(&out), Ok(Accepted::Stored));
-    assert!(e.record(5).expect("record").results.is_empty(), "stored once a majority holds it");
+    assert!(e.record(EvalId::test(5)).expect("record").results.is_empty(), "stored once a majority holds it");
     votes_for(&mut e, &clock, &out);
     let again = post_for(addr(1), &task, &[Outcome::Passed]);
     assert_eq!(
         answer(&e.handle(clock.now(), Input::Result { post: again, caller: addr(1) })),
         Ok(Accepted::Duplicate)
     );
-    assert_eq!(e.record(5).expect("record").counts().failures(), 1, "the first result stays");
+    assert_eq!(e.record(EvalId::test(5)).expect("record").counts().failures(), 1, "the first result stays");
 }
 
 #[test]
@@ -239,12 +245,12 @@ fn a_dead_worker_counts_a_death_and_its_task_goes_to_the_next_one() {
         e.handle(clock.now(), Input::Message { from: worker, msg: confirm });
         let out = e.handle(clock.now(), Input::PeerDown { addr: worker, died: true });
         votes_for(&mut e, &clock, &out);
-        let rec = e.record(5).expect("record");
-        assert_eq!(rec.worker_deaths.get("5-0::t_a.py"), Some(&expected_deaths));
+        let rec = e.record(EvalId::test(5)).expect("record");
+        assert_eq!(rec.worker_deaths.get(&TaskId::test("5-0::t_a.py")), Some(&expected_deaths));
         assert!(rec.running.is_empty());
     }
-    let rec = e.record(5).expect("record");
-    let note = rec.results["5-0::t_a.py"].report.note.clone().unwrap_or_default();
+    let rec = e.record(EvalId::test(5)).expect("record");
+    let note = rec.results[&TaskId::test("5-0::t_a.py")].report.note.clone().unwrap_or_default();
     assert!(note.contains("crashed"), "{note}");
     assert!(rec.end_time.is_some());
 }
@@ -282,10 +288,14 @@ fn a_node_cut_off_from_the_majority_neither_schedules_nor_stores_until_it_sees_o
     let clock = Clock(Instant::now(), 1000.0);
     let mut e = Engine::new(config(addr(0), 1), Vec::new(), Default::default(), clock.0);
     members(&mut e, &clock, &[addr(1), addr(2), addr(3), addr(4)]);
-    e.handle(clock.now(), Input::Submitted(submission(5, addr(0), clock.1)));
+    e.handle(clock.now(), Input::Submitted(submission(EvalId::test(5), addr(0), clock.1)));
     let out = e.handle(
         clock.now(),
-        Input::Discovered { eval: 5, project: "5-0".into(), outcome: Ok(discovery(&["t_a.py", "t_b.py"])) },
+        Input::Discovered {
+            eval: EvalId::test(5),
+            project: ProjectId::of(EvalId::test(5), 0),
+            outcome: Ok(discovery(&["t_a.py", "t_b.py"])),
+        },
     );
     let first = runs(&out);
     assert_eq!(first.len(), 1, "{out:?}");
@@ -294,7 +304,7 @@ fn a_node_cut_off_from_the_majority_neither_schedules_nor_stores_until_it_sees_o
     let out = e.handle(clock.now(), Input::Ran { post: post.clone(), from: None });
     assert_eq!(e.undelivered(), 1, "kept for later: {out:?}");
     assert!(runs(&out).is_empty() && proposals(&out).is_empty(), "{out:?}");
-    assert!(e.record(5).expect("record").results.is_empty());
+    assert!(e.record(EvalId::test(5)).expect("record").results.is_empty());
     let out = members(&mut e, &clock, &[addr(1), addr(2)]);
     assert_eq!(runs(&out).len(), 1, "three of five live: scheduling again: {out:?}");
     let out = e.handle(clock.now(), Input::Result { post, caller: addr(0) });
@@ -302,9 +312,9 @@ fn a_node_cut_off_from_the_majority_neither_schedules_nor_stores_until_it_sees_o
     let sent = proposals(&out);
     assert_eq!(sent.iter().map(|(to, _)| *to).collect::<Vec<_>>(), vec![addr(1), addr(2)]);
     e.handle(clock.now(), Input::Voted { vote: holding(&sent[0].1), from: sent[0].0 });
-    assert!(e.record(5).expect("record").results.is_empty(), "two of five hold it: not yet");
+    assert!(e.record(EvalId::test(5)).expect("record").results.is_empty(), "two of five hold it: not yet");
     e.handle(clock.now(), Input::Voted { vote: holding(&sent[1].1), from: sent[1].0 });
-    assert_eq!(e.record(5).expect("record").results.len(), 1, "three of five hold it: stored");
+    assert_eq!(e.record(EvalId::test(5)).expect("record").results.len(), 1, "three of five hold it: stored");
 }
 
 #[test]
@@ -314,10 +324,14 @@ fn a_result_held_alone_is_stored_once_the_only_other_member_stops_counting() {
     let mut clock = Clock(Instant::now(), 1000.0);
     let mut e = Engine::new(config(addr(0), 1), Vec::new(), Default::default(), clock.0);
     members(&mut e, &clock, &[addr(1)]);
-    e.handle(clock.now(), Input::Submitted(submission(5, addr(0), clock.1)));
+    e.handle(clock.now(), Input::Submitted(submission(EvalId::test(5), addr(0), clock.1)));
     let out = e.handle(
         clock.now(),
-        Input::Discovered { eval: 5, project: "5-0".into(), outcome: Ok(discovery(&["t_a.py"])) },
+        Input::Discovered {
+            eval: EvalId::test(5),
+            project: ProjectId::of(EvalId::test(5), 0),
+            outcome: Ok(discovery(&["t_a.py"])),
+        },
     );
     let task = runs(&out).pop().expect("a task");
     let out =
@@ -325,13 +339,13 @@ fn a_result_held_alone_is_stored_once_the_only_other_member_stops_counting() {
     assert_eq!(proposals(&out).len(), 1, "proposed to the other member: {out:?}");
     members(&mut e, &clock, &[]);
     e.handle(clock.now(), Input::Tick);
-    assert!(e.record(5).expect("record").results.is_empty(), "one of two holds it: not yet");
+    assert!(e.record(EvalId::test(5)).expect("record").results.is_empty(), "one of two holds it: not yet");
     clock.advance(300_000 - 1);
     e.handle(clock.now(), Input::Tick);
-    assert!(e.record(5).expect("record").results.is_empty(), "the dead member still counts");
+    assert!(e.record(EvalId::test(5)).expect("record").results.is_empty(), "the dead member still counts");
     clock.advance(2);
     e.handle(clock.now(), Input::Tick);
-    let rec = e.record(5).expect("record");
+    let rec = e.record(EvalId::test(5)).expect("record");
     assert_eq!(rec.results.len(), 1, "stored without any vote once it stopped counting");
     assert!(rec.end_time.is_some(), "{rec:?}");
 }
@@ -346,16 +360,16 @@ fn a_stale_owner_learns_the_higher_term_from_a_vote_and_stores_nothing() {
     let sent = proposals(&out);
     assert_eq!(sent.len(), 4, "{out:?}");
     e.handle(clock.now(), Input::Voted { vote: holding(&sent[1].1), from: addr(2) });
-    let mut newer = e.record(5).expect("record").clone_header();
+    let mut newer = e.record(EvalId::test(5)).expect("record").clone_header();
     newer.term = 2;
     newer.version = 0;
-    newer.responsible = addr(1).to_string();
+    newer.responsible = NodeAddr::from(addr(1));
     e.handle(
         clock.now(),
         Input::Voted { vote: Vote { record: newer, proposals: Default::default() }, from: addr(1) },
     );
-    let rec = e.record(5).expect("record");
-    assert_eq!((rec.term, rec.responsible.as_str()), (2, addr(1).to_string().as_str()));
+    let rec = e.record(EvalId::test(5)).expect("record");
+    assert_eq!((rec.term, rec.responsible), (2, NodeAddr::from(addr(1))));
     assert!(rec.results.is_empty(), "a stale owner's result is never stored: {rec:?}");
     clock.advance(1000);
     let out = e.handle(clock.now(), Input::Tick);
@@ -367,14 +381,14 @@ fn a_member_takes_a_proposal_only_from_the_owner_at_its_term() {
     let (origin, clock, out) = started_engine(1, &["t_a.py"]);
     let task = runs(&out).remove(0);
     let mut peer = Engine::new(config(addr(1), 1), Vec::new(), Default::default(), clock.0);
-    let mut taken = origin.record(5).expect("record").clone();
+    let mut taken = origin.record(EvalId::test(5)).expect("record").clone();
     taken.term = 2;
-    taken.responsible = addr(2).to_string();
+    taken.responsible = NodeAddr::from(addr(2));
     peer.handle(clock.now(), Input::Merge { records: vec![taken], from: addr(2) });
-    let mut stale = origin.record(5).expect("record").clone_header();
-    let report = crate::eval::tests::module_report(&task.module, &[Outcome::Passed]);
+    let mut stale = origin.record(EvalId::test(5)).expect("record").clone_header();
+    let report = crate::eval::tests::module_report(task.task_id.module(), &[Outcome::Passed]);
     let result = crate::eval::ModuleResult {
-        node: addr(0).to_string(),
+        node: NodeAddr::from(addr(0)),
         attempt: "a".into(),
         finished_at: 1.0,
         report,
@@ -386,7 +400,7 @@ fn a_member_takes_a_proposal_only_from_the_owner_at_its_term() {
     };
     assert_eq!((vote.record.term, vote.record.results.len()), (2, 0), "refused: {vote:?}");
     assert!(vote.proposals.is_empty(), "{vote:?}");
-    assert!(peer.record(5).expect("record").results.is_empty());
+    assert!(peer.record(EvalId::test(5)).expect("record").results.is_empty());
     let out = peer.handle(clock.now(), Input::Propose { copy: stale, from: addr(3) });
     assert!(!out.iter().any(|a| matches!(a, Action::Vote(_))), "only the record's owner proposes: {out:?}");
 }
@@ -397,7 +411,7 @@ fn a_takeover_learns_every_live_members_results_before_it_schedules() {
     let task = runs(&out).remove(0);
     let done = origin
         .handle(clock.now(), Input::Ran { post: post_for(addr(0), &task, &[Outcome::Passed]), from: None });
-    let with_result = origin.record(5).expect("record").clone();
+    let with_result = origin.record(EvalId::test(5)).expect("record").clone();
     assert_eq!(with_result.results.len(), 1, "alone, a node is its own majority: {done:?}");
     let mut before = with_result.clone();
     before.results.clear();
@@ -413,7 +427,7 @@ fn a_takeover_learns_every_live_members_results_before_it_schedules() {
     assert!(sent[0].1.results.is_empty() && term > 1, "{sent:?}");
     let mut vote = with_result;
     vote.term = term;
-    vote.responsible = addr(1).to_string();
+    vote.responsible = NodeAddr::from(addr(1));
     let out = e.handle(
         clock.now(),
         Input::Voted { vote: Vote { record: vote, proposals: Default::default() }, from: addr(2) },
@@ -446,7 +460,7 @@ fn results_for_one_node_go_together_and_each_is_checked_alone() {
     let mut w = Engine::new(config(addr(1), 2), Vec::new(), Default::default(), clock.0);
     members(&mut r, &clock, &[addr(1)]);
     members(&mut w, &clock, &[addr(0)]);
-    let rec = r.record(5).expect("record").clone();
+    let rec = r.record(EvalId::test(5)).expect("record").clone();
     w.handle(clock.now(), Input::Merge { records: vec![rec], from: addr(0) });
     let mut tasks = Vec::new();
     for _ in 0..2 {
@@ -498,7 +512,11 @@ fn results_for_one_node_go_together_and_each_is_checked_alone() {
         vec![Some(Accepted::Stored), Some(Accepted::Stored), None, Some(Accepted::Duplicate)]
     );
     assert!(answers[2].outcome.as_ref().is_err_and(|e| e.contains("sent by")), "{answers:?}");
-    assert_eq!(r.record(5).expect("record").results.len(), 2, "both stored once the worker voted");
+    assert_eq!(
+        r.record(EvalId::test(5)).expect("record").results.len(),
+        2,
+        "both stored once the worker voted"
+    );
     w.handle(clock.now(), Input::Delivered(answers));
     assert_eq!(w.undelivered(), 0);
 }
@@ -514,5 +532,5 @@ fn only_cdtester_peers_vote_reference_ones_never_answer_proposals() {
     let sent = proposals(&out);
     assert_eq!(sent.iter().map(|(to, _)| *to).collect::<Vec<_>>(), vec![addr(1)], "{out:?}");
     e.handle(clock.now(), Input::Voted { vote: holding(&sent[0].1), from: addr(1) });
-    assert_eq!(e.record(5).expect("record").results.len(), 1, "two of two voters hold it");
+    assert_eq!(e.record(EvalId::test(5)).expect("record").results.len(), 1, "two of two voters hold it");
 }

@@ -18,46 +18,12 @@ use std::collections::BTreeMap;
 use cdtester_runner_api::{Chunk, Counts, Limits, ModuleReport, TestResult};
 use serde::{Deserialize, Serialize};
 
+use crate::ids::{EvalId, NodeAddr, ProjectId, TaskId, valid_module_path};
+
 pub use report::{
     Columns, EvalReport, EvalStatus, ModuleStatus, ModuleView, NodeStatsRow, ProjectReport, ProjectStatus,
     Stats, StatsAll, Summary, build_report, stats,
 };
-
-/// Evaluation ids are positive integers below 2^53 (exact in JSON numbers everywhere).
-pub type EvalId = u64;
-
-/// Largest evaluation id (2^53 - 1).
-pub const MAX_EVAL_ID: EvalId = (1 << 53) - 1;
-
-/// A task id: `"<project id>::<module>"` (the reference's format).
-pub fn task_id(project_id: &str, module: &str) -> String {
-    format!("{project_id}::{module}")
-}
-
-/// Splits a task id into project id and the task's part (`<module>` or `<module>#<i>/<n>`).
-pub fn split_task_id(task_id: &str) -> Option<(&str, &str)> {
-    task_id.split_once("::")
-}
-
-/// The task part naming one module, or one chunk of it: `<module>` or `<module>#<i>/<n>`.
-pub fn task_part(module: &str, chunk: Option<Chunk>) -> String {
-    match chunk {
-        Some(c) => format!("{module}#{}/{}", c.index, c.count),
-        None => module.to_string(),
-    }
-}
-
-/// Parses a task part into module and chunk.
-pub fn parse_task_part(part: &str) -> (&str, Option<Chunk>) {
-    if let Some((module, spec)) = part.rsplit_once('#')
-        && let Some((i, n)) = spec.split_once('/')
-        && let (Ok(index), Ok(count)) = (i.parse::<u32>(), n.parse::<u32>())
-        && index < count
-    {
-        return (module, Some(Chunk { index, count }));
-    }
-    (part, None)
-}
 
 /// Makes names unique: a name met before gets the first free `_<n>` suffix (n = 2, 3, ...).
 pub fn unique_name(taken: &[String], name: &str) -> String {
@@ -82,10 +48,8 @@ pub fn unique_names(projects: &mut [ProjectRecord]) {
 /// One task of an evaluation.
 #[derive(Debug, Clone)]
 pub struct TaskRef<'a> {
-    pub task_id: String,
+    pub task_id: TaskId,
     pub project: &'a ProjectRecord,
-    pub module: &'a str,
-    pub chunk: Option<Chunk>,
 }
 
 /// Seconds since the Unix epoch.
@@ -98,9 +62,9 @@ pub fn now_secs() -> f64 {
 pub struct EvalRecord {
     pub id: EvalId,
     /// UDP address of the node that accepted the submission.
-    pub submitted_to: String,
+    pub submitted_to: NodeAddr,
     /// UDP address of the node that schedules the evaluation's tasks now.
-    pub responsible: String,
+    pub responsible: NodeAddr,
     /// Responsibility term: increases with every takeover; the higher term wins.
     pub term: u64,
     /// Changes made by the responsible node within the current term (orders `running`).
@@ -109,14 +73,14 @@ pub struct EvalRecord {
     pub end_time: Option<f64>,
     pub projects: Vec<ProjectRecord>,
     /// Task ids handed to a worker and not finished yet, as last published by the responsible node.
-    pub running: BTreeMap<String, String>,
+    pub running: BTreeMap<TaskId, NodeAddr>,
     /// Results by task id.
     #[serde(default)]
-    pub results: BTreeMap<String, ModuleResult>,
+    pub results: BTreeMap<TaskId, ModuleResult>,
     /// Task ids whose worker died while running them, and how often (see
     /// [`EvalRecord::worker_died`]).
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
-    pub worker_deaths: BTreeMap<String, u32>,
+    pub worker_deaths: BTreeMap<TaskId, u32>,
     /// The evaluation this one reruns modules of (`POST /evaluation/{id}/rerun`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rerun_of: Option<EvalId>,
@@ -137,13 +101,6 @@ pub fn is_sha256_hex(s: &str) -> bool {
     s.len() == 64 && s.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
 }
 
-fn is_relative_module(m: &str) -> bool {
-    let p = std::path::Path::new(m);
-    !m.is_empty()
-        && !m.chars().any(char::is_control)
-        && p.components().all(|c| matches!(c, std::path::Component::Normal(_)))
-}
-
 /// The first characters of a peer-supplied string, for error messages.
 fn clip(s: &str) -> String {
     s.chars().take(80).collect()
@@ -155,8 +112,8 @@ pub const MAX_WORKER_DEATHS: u32 = 2;
 /// One project of an evaluation.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ProjectRecord {
-    /// Unique in the network: `"<eval id>-<index>"`.
-    pub id: String,
+    /// Unique in the network: `"<eval id>-<index>"` ([`ProjectId::of`]).
+    pub id: ProjectId,
     /// Unique within the evaluation (a duplicate folder/repository name gets a `_<n>` suffix).
     pub name: String,
     /// Where it came from, credentials removed.
@@ -198,15 +155,16 @@ impl ProjectState {
 }
 
 impl ProjectRecord {
-    /// Task ids of one module (one, or one per chunk).
-    pub fn module_tasks(&self, module: &str) -> Vec<String> {
+    /// Task ids of one module (one, or one per chunk). A module that names no task (a record
+    /// [`EvalRecord::validate`] refuses) has none.
+    pub fn module_tasks(&self, module: &str) -> Vec<TaskId> {
         match &self.state {
             ProjectState::Ready { modules, .. } if !modules.iter().any(|m| m == module) => Vec::new(),
             ProjectState::Ready { chunks, .. } => match chunks.get(module) {
                 Some(&count) if count > 1 => (0..count)
-                    .map(|index| task_id(&self.id, &task_part(module, Some(Chunk { index, count }))))
+                    .filter_map(|index| TaskId::new(&self.id, module, Some(Chunk { index, count })).ok())
                     .collect(),
-                _ => vec![task_id(&self.id, module)],
+                _ => TaskId::new(&self.id, module, None).into_iter().collect(),
             },
             _ => Vec::new(),
         }
@@ -225,7 +183,7 @@ impl ProjectRecord {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ModuleResult {
     /// UDP address of the node that ran it.
-    pub node: String,
+    pub node: NodeAddr,
     /// Unique per execution attempt.
     pub attempt: String,
     pub finished_at: f64,
@@ -233,10 +191,10 @@ pub struct ModuleResult {
 }
 
 impl EvalRecord {
-    pub fn new(id: EvalId, node: String, start_time: f64, projects: Vec<ProjectRecord>) -> EvalRecord {
+    pub fn new(id: EvalId, node: NodeAddr, start_time: f64, projects: Vec<ProjectRecord>) -> EvalRecord {
         EvalRecord {
             id,
-            submitted_to: node.clone(),
+            submitted_to: node,
             responsible: node,
             term: 1,
             version: 0,
@@ -254,23 +212,15 @@ impl EvalRecord {
     /// hex digits: they name files), names (no path separators or control characters) and
     /// module paths (relative, inside the project).
     pub fn validate(&self) -> Result<(), String> {
-        if self.id == 0 || self.id > MAX_EVAL_ID {
-            return Err(format!("evaluation id {} out of range", self.id));
-        }
-        if self.rerun_of.is_some_and(|r| r == 0 || r > MAX_EVAL_ID || r == self.id) {
+        if self.rerun_of == Some(self.id) {
             return Err(format!("evaluation {}: invalid rerun_of", self.id));
         }
         for (t, r) in &self.results {
-            r.report.check_attempts().map_err(|e| format!("result of {}: {e}", clip(t)))?;
-        }
-        for a in [&self.submitted_to, &self.responsible] {
-            if a.parse::<std::net::SocketAddr>().is_err() {
-                return Err(format!("invalid node address {:?}", clip(a)));
-            }
+            r.report.check_attempts().map_err(|e| format!("result of {t}: {e}"))?;
         }
         for (i, p) in self.projects.iter().enumerate() {
-            if p.id != format!("{}-{i}", self.id) {
-                return Err(format!("project id {:?} is not {}-{i}", clip(&p.id), self.id));
+            if p.id != ProjectId::of(self.id, i) {
+                return Err(format!("project id {} is not {}", p.id, ProjectId::of(self.id, i)));
             }
             if !is_sha256_hex(&p.content_hash) {
                 return Err(format!("project {}: content hash is not 64 lowercase hex digits", p.id));
@@ -287,7 +237,7 @@ impl EvalRecord {
                 {
                     return Err(format!("project {}: invalid runner name", p.id));
                 }
-                if let Some(m) = modules.iter().find(|m| !is_relative_module(m)) {
+                if let Some(m) = modules.iter().find(|m| !valid_module_path(m)) {
                     return Err(format!(
                         "project {}: module {:?} is not a relative path inside it",
                         p.id,
@@ -300,31 +250,28 @@ impl EvalRecord {
     }
 
     /// Counts a death of the worker running `task_id`; returns how many it has killed.
-    pub fn worker_died(&mut self, task_id: &str) -> u32 {
-        let n = self.worker_deaths.entry(task_id.to_string()).or_insert(0);
+    pub fn worker_died(&mut self, task_id: &TaskId) -> u32 {
+        let n = self.worker_deaths.entry(task_id.clone()).or_insert(0);
         *n = n.saturating_add(1).min(MAX_WORKER_DEATHS);
         self.version += 1;
         *n
     }
 
-    pub fn project(&self, project_id: &str) -> Option<&ProjectRecord> {
-        self.projects.iter().find(|p| p.id == project_id)
+    pub fn project(&self, project_id: &ProjectId) -> Option<&ProjectRecord> {
+        self.projects.iter().find(|p| &p.id == project_id)
     }
 
     /// Every task of the evaluation's ready projects.
     pub fn all_tasks(&self) -> impl Iterator<Item = TaskRef<'_>> {
         self.projects.iter().flat_map(|p| {
             p.modules().iter().flat_map(move |m| {
-                p.module_tasks(m).into_iter().map(move |t| {
-                    let chunk = split_task_id(&t).and_then(|(_, part)| parse_task_part(part).1);
-                    TaskRef { task_id: t, project: p, module: m.as_str(), chunk }
-                })
+                p.module_tasks(m).into_iter().map(move |t| TaskRef { task_id: t, project: p })
             })
         })
     }
 
     /// Task ids that have no result yet.
-    pub fn unfinished_tasks(&self) -> Vec<String> {
+    pub fn unfinished_tasks(&self) -> Vec<TaskId> {
         self.all_tasks().map(|t| t.task_id).filter(|t| !self.results.contains_key(t)).collect()
     }
 
@@ -344,19 +291,18 @@ impl EvalRecord {
     }
 
     /// Whether `task_id` names a task (a module or a chunk) of this evaluation.
-    pub fn knows_task(&self, task_id: &str) -> bool {
-        let Some((pid, part)) = split_task_id(task_id) else { return false };
-        let (module, _) = parse_task_part(part);
-        self.project(pid).is_some_and(|p| p.module_tasks(module).iter().any(|t| t == task_id))
+    pub fn knows_task(&self, task_id: &TaskId) -> bool {
+        self.project(task_id.project())
+            .is_some_and(|p| p.module_tasks(task_id.module()).iter().any(|t| t == task_id))
     }
 
     /// Stores a result unless the task has one already (the first accepted result wins).
     /// Returns whether the record changed.
-    pub fn add_result(&mut self, task_id: &str, result: ModuleResult, now: f64) -> bool {
+    pub fn add_result(&mut self, task_id: &TaskId, result: ModuleResult, now: f64) -> bool {
         if self.results.contains_key(task_id) {
             return false;
         }
-        self.results.insert(task_id.to_string(), result);
+        self.results.insert(task_id.clone(), result);
         self.running.remove(task_id);
         self.version += 1;
         self.settle(now);
@@ -370,7 +316,7 @@ impl EvalRecord {
     }
 
     /// This record with only the given results (a replication delta; merging it adds them).
-    pub fn delta<'a>(&self, results: impl IntoIterator<Item = &'a String>) -> EvalRecord {
+    pub fn delta<'a>(&self, results: impl IntoIterator<Item = &'a TaskId>) -> EvalRecord {
         let mut out = self.clone_header();
         for t in results {
             if let Some(r) = self.results.get(t) {
@@ -384,8 +330,8 @@ impl EvalRecord {
     pub fn clone_header(&self) -> EvalRecord {
         EvalRecord {
             id: self.id,
-            submitted_to: self.submitted_to.clone(),
-            responsible: self.responsible.clone(),
+            submitted_to: self.submitted_to,
+            responsible: self.responsible,
             term: self.term,
             version: self.version,
             start_time: self.start_time,
@@ -481,7 +427,7 @@ impl EvalRecord {
         let tasks = p.module_tasks(module);
         ModuleProgress {
             results: tasks.iter().filter_map(|t| self.results.get(t)).collect(),
-            running: tasks.iter().filter_map(|t| self.running.get(t).map(String::as_str)).collect(),
+            running: tasks.iter().filter_map(|t| self.running.get(t).copied()).collect(),
             tasks: tasks.len(),
         }
     }
@@ -493,7 +439,7 @@ pub struct Merged {
     /// Anything but the results.
     pub header: bool,
     /// Task ids whose result was added.
-    pub results: Vec<String>,
+    pub results: Vec<TaskId>,
 }
 
 impl Merged {
@@ -506,7 +452,7 @@ impl Merged {
 #[derive(Debug)]
 pub struct ModuleProgress<'a> {
     pub results: Vec<&'a ModuleResult>,
-    pub running: Vec<&'a str>,
+    pub running: Vec<NodeAddr>,
     pub tasks: usize,
 }
 
@@ -552,8 +498,10 @@ impl ModuleProgress<'_> {
 
     /// The nodes that ran (or run) it, `, `-separated; `None` when none.
     pub fn nodes(&self) -> Option<String> {
-        let mut seen: Vec<&str> = Vec::new();
-        for n in self.results.iter().map(|r| r.node.as_str()).chain(self.running.iter().copied()) {
+        let mut seen: Vec<String> = Vec::new();
+        for n in
+            self.results.iter().map(|r| r.node).chain(self.running.iter().copied()).map(|n| n.to_string())
+        {
             if !seen.contains(&n) {
                 seen.push(n);
             }
@@ -603,7 +551,7 @@ pub(crate) mod tests {
 
     pub fn ready(id: &str, name: &str, modules: &[&str]) -> ProjectRecord {
         ProjectRecord {
-            id: id.into(),
+            id: id.parse().expect("a valid project id"),
             name: name.into(),
             url: None,
             content_hash: "h".into(),
@@ -618,18 +566,27 @@ pub(crate) mod tests {
     }
 
     pub fn result(node: &str, attempt: &str, report: ModuleReport) -> ModuleResult {
-        ModuleResult { node: node.into(), attempt: attempt.into(), finished_at: 2.0, report }
+        ModuleResult { node: NodeAddr::test(node), attempt: attempt.into(), finished_at: 2.0, report }
     }
 
     #[test]
     fn results_are_idempotent_and_complete_the_evaluation() {
-        let mut rec = EvalRecord::new(7, "n1".into(), 1.0, vec![ready("7-0", "calc", &["t_a.py", "t_b.py"])]);
+        let mut rec = EvalRecord::new(
+            EvalId::test(7),
+            NodeAddr::test("127.0.0.1:7001"),
+            1.0,
+            vec![ready("7-0", "calc", &["t_a.py", "t_b.py"])],
+        );
         assert_eq!(rec.unfinished_tasks().len(), 2);
-        let r = result("n2", "b", module_report("t_a.py", &[Outcome::Passed, Outcome::Failed]));
-        assert!(rec.add_result("7-0::t_a.py", r.clone(), 3.0));
-        assert!(!rec.add_result("7-0::t_a.py", r, 3.0), "duplicate result ignored");
+        let r = result("127.0.0.1:7002", "b", module_report("t_a.py", &[Outcome::Passed, Outcome::Failed]));
+        assert!(rec.add_result(&TaskId::test("7-0::t_a.py"), r.clone(), 3.0));
+        assert!(!rec.add_result(&TaskId::test("7-0::t_a.py"), r, 3.0), "duplicate result ignored");
         assert!(rec.end_time.is_none());
-        rec.add_result("7-0::t_b.py", result("n1", "c", module_report("t_b.py", &[Outcome::Passed])), 4.0);
+        rec.add_result(
+            &TaskId::test("7-0::t_b.py"),
+            result("127.0.0.1:7001", "c", module_report("t_b.py", &[Outcome::Passed])),
+            4.0,
+        );
         assert_eq!(rec.end_time, Some(4.0));
         let c = rec.counts();
         assert_eq!((c.passes(), c.failures()), (2, 1));
@@ -637,31 +594,57 @@ pub(crate) mod tests {
 
     #[test]
     fn merge_keeps_accepted_results_and_prefers_higher_term() {
-        let base = EvalRecord::new(7, "n1".into(), 1.0, vec![ready("7-0", "calc", &["t_a.py", "t_b.py"])]);
+        let base = EvalRecord::new(
+            EvalId::test(7),
+            NodeAddr::test("127.0.0.1:7001"),
+            1.0,
+            vec![ready("7-0", "calc", &["t_a.py", "t_b.py"])],
+        );
         let mut a = base.clone();
-        a.add_result("7-0::t_a.py", result("n2", "z", module_report("t_a.py", &[Outcome::Passed])), 3.0);
+        a.add_result(
+            &TaskId::test("7-0::t_a.py"),
+            result("127.0.0.1:7002", "z", module_report("t_a.py", &[Outcome::Passed])),
+            3.0,
+        );
         let mut b = base.clone();
         b.term = 2;
-        b.responsible = "n3".into();
-        b.add_result("7-0::t_a.py", result("n3", "a", module_report("t_a.py", &[Outcome::Failed])), 3.0);
-        b.add_result("7-0::t_b.py", result("n3", "x", module_report("t_b.py", &[Outcome::Passed])), 5.0);
+        b.responsible = NodeAddr::test("127.0.0.1:7003");
+        b.add_result(
+            &TaskId::test("7-0::t_a.py"),
+            result("127.0.0.1:7003", "a", module_report("t_a.py", &[Outcome::Failed])),
+            3.0,
+        );
+        b.add_result(
+            &TaskId::test("7-0::t_b.py"),
+            result("127.0.0.1:7003", "x", module_report("t_b.py", &[Outcome::Passed])),
+            5.0,
+        );
         let mut ab = a.clone();
         assert!(ab.merge(&b).changed());
-        assert_eq!(ab.responsible, "n3");
-        assert_eq!(ab.results["7-0::t_a.py"].attempt, "z", "an accepted result is never replaced");
+        assert_eq!(ab.responsible, NodeAddr::test("127.0.0.1:7003"));
+        assert_eq!(
+            ab.results[&TaskId::test("7-0::t_a.py")].attempt,
+            "z",
+            "an accepted result is never replaced"
+        );
         assert!(ab.end_time.is_some());
         assert!(!ab.clone().merge(&ab).changed(), "merging an equal copy changes nothing");
         let mut partial = a.clone();
-        let delta = b.delta(["7-0::t_b.py".to_string()].iter());
+        let delta = b.delta([TaskId::test("7-0::t_b.py")].iter());
         assert_eq!(delta.results.len(), 1);
         let m = partial.merge(&delta);
         assert!(m.header, "the higher term's responsibility is adopted");
-        assert_eq!(m.results, vec!["7-0::t_b.py".to_string()]);
+        assert_eq!(m.results, vec![TaskId::test("7-0::t_b.py")]);
     }
 
     #[test]
     fn a_copy_cannot_add_projects_unknown_tasks_or_change_settled_projects() {
-        let mut mine = EvalRecord::new(7, "n1".into(), 1.0, vec![ready("7-0", "calc", &["t_a.py"])]);
+        let mut mine = EvalRecord::new(
+            EvalId::test(7),
+            NodeAddr::test("127.0.0.1:7001"),
+            1.0,
+            vec![ready("7-0", "calc", &["t_a.py"])],
+        );
         let mut forged = mine.clone();
         forged.projects.push(ready("7-1", "extra", &["t_x.py"]));
         if let ProjectState::Ready { runner, modules, .. } = &mut forged.projects[0].state {
@@ -669,12 +652,14 @@ pub(crate) mod tests {
             modules.push("t_new.py".into());
         }
         forged.projects[0].content_hash = "../../etc/passwd".into();
-        forged
-            .results
-            .insert("7-1::t_x.py".into(), result("x", "a", module_report("t_x.py", &[Outcome::Passed])));
-        forged
-            .results
-            .insert("7-0::t_new.py".into(), result("x", "a", module_report("t_new.py", &[Outcome::Passed])));
+        forged.results.insert(
+            TaskId::test("7-1::t_x.py"),
+            result("127.0.0.1:7009", "a", module_report("t_x.py", &[Outcome::Passed])),
+        );
+        forged.results.insert(
+            TaskId::test("7-0::t_new.py"),
+            result("127.0.0.1:7009", "a", module_report("t_new.py", &[Outcome::Passed])),
+        );
         let before = mine.clone();
         assert!(!mine.merge(&forged).changed(), "{mine:?}");
         assert_eq!(mine, before);
@@ -682,7 +667,12 @@ pub(crate) mod tests {
 
     #[test]
     fn records_with_unsafe_fields_are_invalid() {
-        let good = EvalRecord::new(7, "127.0.0.1:7000".into(), 1.0, vec![ready("7-0", "calc", &["t_a.py"])]);
+        let good = EvalRecord::new(
+            EvalId::test(7),
+            NodeAddr::test("127.0.0.1:7000"),
+            1.0,
+            vec![ready("7-0", "calc", &["t_a.py"])],
+        );
         let mut good = good;
         good.projects[0].content_hash = "a".repeat(64);
         assert_eq!(good.validate(), Ok(()));
@@ -690,17 +680,13 @@ pub(crate) mod tests {
         let bad: Vec<Mutation> = vec![
             Box::new(|r| r.projects[0].content_hash = "../../x".into()),
             Box::new(|r| r.projects[0].content_hash = "A".repeat(64)),
-            Box::new(|r| r.projects[0].id = "7-0\r\nx".into()),
-            Box::new(|r| r.projects[0].id = "8-0".into()),
+            Box::new(|r| r.projects[0].id = ProjectId::of(EvalId::test(8), 0)),
             Box::new(|r| r.projects[0].name = "a/b".into()),
-            Box::new(|r| r.responsible = "somewhere".into()),
-            Box::new(|r| r.id = 0),
-            Box::new(|r| r.rerun_of = Some(7)),
-            Box::new(|r| r.rerun_of = Some(MAX_EVAL_ID + 1)),
+            Box::new(|r| r.rerun_of = Some(r.id)),
             Box::new(|r| {
                 let mut report = module_report("t_a.py", &[Outcome::Flaky]);
                 report.tests[0].message = Some("no attempts".into());
-                r.results.insert("7-0::t_a.py".into(), result("127.0.0.1:7001", "a", report));
+                r.results.insert(TaskId::test("7-0::t_a.py"), result("127.0.0.1:7001", "a", report));
             }),
             Box::new(|r| {
                 if let ProjectState::Ready { modules, .. } = &mut r.projects[0].state {
@@ -713,6 +699,10 @@ pub(crate) mod tests {
             f(&mut r);
             assert!(r.validate().is_err(), "case {i}: {r:?}");
         }
+        // A project id with CR/LF (it names a file and a path) does not even decode.
+        let mut json = serde_json::to_value(&good).expect("json");
+        json["projects"][0]["id"] = serde_json::json!("7-0\r\nx");
+        assert!(serde_json::from_value::<EvalRecord>(json).is_err());
     }
 
     fn arb_record() -> impl proptest::strategy::Strategy<Value = EvalRecord> {
@@ -729,13 +719,18 @@ pub(crate) mod tests {
         )
             .prop_map(|(term, version, res)| {
                 let mods = ["t_0.py", "t_1.py", "t_2.py", "t_3.py"];
-                let mut r = EvalRecord::new(7, "n1".into(), 1.0, vec![ready("7-0", "calc", &mods)]);
+                let mut r = EvalRecord::new(
+                    EvalId::test(7),
+                    NodeAddr::test("127.0.0.1:7001"),
+                    1.0,
+                    vec![ready("7-0", "calc", &mods)],
+                );
                 r.term = term;
                 r.version = version;
                 for (m, (outcomes, attempt)) in res {
                     r.results.insert(
-                        format!("7-0::{}", mods[m]),
-                        result("n", &attempt, module_report(mods[m], &outcomes)),
+                        TaskId::test(&format!("7-0::{}", mods[m])),
+                        result("127.0.0.1:7000", &attempt, module_report(mods[m], &outcomes)),
                     );
                 }
                 r
@@ -767,21 +762,20 @@ pub(crate) mod tests {
         if let ProjectState::Ready { chunks, .. } = &mut p.state {
             chunks.insert("t_b.py".into(), 3);
         }
-        let rec = EvalRecord::new(7, "n1".into(), 1.0, vec![p]);
-        let ids: Vec<String> = rec.all_tasks().map(|t| t.task_id).collect();
+        let rec = EvalRecord::new(EvalId::test(7), NodeAddr::test("127.0.0.1:7001"), 1.0, vec![p]);
+        let ids: Vec<String> = rec.all_tasks().map(|t| t.task_id.to_string()).collect();
         assert_eq!(ids, ["7-0::t_a.py", "7-0::t_b.py#0/3", "7-0::t_b.py#1/3", "7-0::t_b.py#2/3"]);
-        assert!(rec.knows_task("7-0::t_b.py#2/3"));
-        assert!(!rec.knows_task("7-0::t_b.py#3/3"));
-        assert!(!rec.knows_task("7-0::t_b.py"));
-        assert_eq!(parse_task_part("t_b.py#1/3"), ("t_b.py", Some(Chunk { index: 1, count: 3 })));
-        assert_eq!(parse_task_part("odd#name.py"), ("odd#name.py", None));
-        assert_eq!(task_part("t_b.py", Some(Chunk { index: 1, count: 3 })), "t_b.py#1/3");
+        assert!(rec.knows_task(&TaskId::test("7-0::t_b.py#2/3")));
+        assert!(!rec.knows_task(&TaskId::test("7-0::t_b.py")), "a chunked module is no task itself");
+        assert!("7-0::t_b.py#3/3".parse::<TaskId>().is_err(), "no chunk 3 of 3");
+        let chunk = rec.all_tasks().nth(2).map(|t| (t.task_id.module().to_string(), t.task_id.chunk()));
+        assert_eq!(chunk, Some(("t_b.py".to_string(), Some(Chunk { index: 1, count: 3 }))));
     }
 
     #[test]
     fn a_pending_module_took_plus_zero_seconds() {
         let p = ready("7-0", "calc", &["t_a.py"]);
-        let rec = EvalRecord::new(7, "n1".into(), 1.0, vec![p.clone()]);
+        let rec = EvalRecord::new(EvalId::test(7), NodeAddr::test("127.0.0.1:7001"), 1.0, vec![p.clone()]);
         let d = rec.module_progress(&p, "t_a.py").duration();
         assert!(d == 0.0 && d.is_sign_positive(), "{d}");
         assert_eq!(serde_json::to_string(&d).expect("json"), "0.0");
@@ -791,12 +785,17 @@ pub(crate) mod tests {
     fn merge_adopts_discovered_modules() {
         let mut pending = ready("7-0", "calc", &[]);
         pending.state = ProjectState::Preparing;
-        let mut a = EvalRecord::new(7, "n1".into(), 1.0, vec![pending]);
-        let b = EvalRecord::new(7, "n1".into(), 1.0, vec![ready("7-0", "calc", &["t_a.py"])]);
+        let mut a = EvalRecord::new(EvalId::test(7), NodeAddr::test("127.0.0.1:7001"), 1.0, vec![pending]);
+        let b = EvalRecord::new(
+            EvalId::test(7),
+            NodeAddr::test("127.0.0.1:7001"),
+            1.0,
+            vec![ready("7-0", "calc", &["t_a.py"])],
+        );
         assert!(!a.is_complete());
         assert!(a.merge(&b).header);
-        assert_eq!(a.unfinished_tasks(), vec!["7-0::t_a.py".to_string()]);
-        assert!(a.knows_task("7-0::t_a.py"));
-        assert!(!a.knows_task("7-0::t_x.py"));
+        assert_eq!(a.unfinished_tasks(), vec![TaskId::test("7-0::t_a.py")]);
+        assert!(a.knows_task(&TaskId::test("7-0::t_a.py")));
+        assert!(!a.knows_task(&TaskId::test("7-0::t_x.py")));
     }
 }

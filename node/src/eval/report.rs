@@ -5,7 +5,8 @@ use std::collections::{BTreeMap, BTreeSet};
 use cdtester_runner_api::{Counts, Outcome, TestResult, round2};
 use serde::{Deserialize, Serialize};
 
-use super::{EvalId, EvalRecord, ProjectRecord, ProjectState};
+use super::{EvalRecord, ProjectRecord, ProjectState};
+use crate::ids::{EvalId, NodeAddr, ProjectId};
 pub use crate::wire::ModuleStatus;
 
 /// Where an evaluation is.
@@ -83,7 +84,7 @@ pub struct EvalReport {
     pub id: EvalId,
     pub status: EvalStatus,
     /// The node that schedules the evaluation now (UDP `ip:port`).
-    pub node: String,
+    pub node: NodeAddr,
     pub start_time: f64,
     pub end_time: Option<f64>,
     /// Seconds from submission to completion (or to now while running).
@@ -118,9 +119,9 @@ pub struct Summary {
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ProjectReport {
-    pub id: String,
+    pub id: ProjectId,
     /// Node responsible for the project (UDP `ip:port`).
-    pub node: String,
+    pub node: NodeAddr,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub url: Option<String>,
     pub status: ProjectStatus,
@@ -213,7 +214,7 @@ pub fn build_report(
     EvalReport {
         id: rec.id,
         status: if rec.end_time.is_some() { EvalStatus::Finished } else { EvalStatus::Running },
-        node: rec.responsible.clone(),
+        node: rec.responsible,
         start_time: rec.start_time,
         end_time: rec.end_time,
         time_elapsed: round3(rec.end_time.unwrap_or(now) - rec.start_time),
@@ -295,7 +296,7 @@ fn project_report(
     };
     ProjectReport {
         id: p.id.clone(),
-        node: rec.responsible.clone(),
+        node: rec.responsible,
         url: p.url.clone(),
         status,
         runner,
@@ -364,19 +365,16 @@ pub fn stats<'a>(records: impl IntoIterator<Item = &'a EvalRecord>, nodes: &[Str
             let c = r.report.counts();
             all.passed += c.passes();
             all.failed += c.failures();
-            if let Some(i) = rows.iter().position(|row| row.address == r.node) {
+            let node = r.node.to_string();
+            if let Some(i) = rows.iter().position(|row| row.address == node) {
                 let row = &mut rows[i];
                 row.passed += c.passes();
                 row.failed += c.failures();
-                if let Some((pid, part)) = super::split_task_id(t) {
-                    modules.insert((i, rec.id, pid.to_string(), super::parse_task_part(part).0.to_string()));
-                }
+                modules.insert((i, rec.id, t.project().to_string(), t.module().to_string()));
                 if !row.evaluations.contains(&rec.id) {
                     row.evaluations.push(rec.id);
                 }
-                if let Some((pid, _)) = super::split_task_id(t) {
-                    projects.entry(i).or_default().insert(pid.to_string());
-                }
+                projects.entry(i).or_default().insert(t.project().to_string());
             }
         }
     }
@@ -396,6 +394,7 @@ pub fn stats<'a>(records: impl IntoIterator<Item = &'a EvalRecord>, nodes: &[Str
 mod tests {
     use super::super::tests::{module_report, ready, result};
     use super::*;
+    use crate::ids::TaskId;
 
     fn default_grade(_: &ProjectRecord, tests: &[TestResult]) -> Option<f64> {
         let mut c = Counts::default();
@@ -406,13 +405,13 @@ mod tests {
     #[test]
     fn report_aggregates_modules_projects_and_grades() {
         let mut rec = EvalRecord::new(
-            9,
-            "127.0.0.1:7000".into(),
+            EvalId::test(9),
+            NodeAddr::test("127.0.0.1:7000"),
             10.0,
             vec![ready("9-0", "calc", &["t_add.py", "t_sub.py"]), ready("9-1", "strs", &["t_up.py"])],
         );
         rec.add_result(
-            "9-0::t_add.py",
+            &TaskId::test("9-0::t_add.py"),
             result(
                 "127.0.0.1:7001",
                 "a",
@@ -420,7 +419,7 @@ mod tests {
             ),
             11.0,
         );
-        rec.running.insert("9-0::t_sub.py".into(), "127.0.0.1:7002".into());
+        rec.running.insert(TaskId::test("9-0::t_sub.py"), NodeAddr::test("127.0.0.1:7002"));
         let r = build_report(&rec, 12.5, false, &default_grade);
         assert_eq!(r.status, EvalStatus::Running);
         assert_eq!((r.summary.executed, r.summary.executing, r.summary.pending), (1, 1, 1));
@@ -428,12 +427,12 @@ mod tests {
         assert_eq!(r.projects["calc"].grade, None);
         assert_eq!(r.summary.grade, None);
         rec.add_result(
-            "9-0::t_sub.py",
+            &TaskId::test("9-0::t_sub.py"),
             result("127.0.0.1:7002", "b", module_report("t_sub.py", &[Outcome::Passed])),
             13.0,
         );
         rec.add_result(
-            "9-1::t_up.py",
+            &TaskId::test("9-1::t_up.py"),
             result(
                 "127.0.0.1:7000",
                 "c",
@@ -463,37 +462,45 @@ mod tests {
 
     #[test]
     fn flaky_tests_are_listed_and_counted_apart() {
-        let mut rec =
-            EvalRecord::new(9, "127.0.0.1:7000".into(), 10.0, vec![ready("9-0", "calc", &["t.py"])]);
-        rec.rerun_of = Some(3);
+        let mut rec = EvalRecord::new(
+            EvalId::test(9),
+            NodeAddr::test("127.0.0.1:7000"),
+            10.0,
+            vec![ready("9-0", "calc", &["t.py"])],
+        );
+        rec.rerun_of = Some(EvalId::test(3));
         let report = module_report("t.py", &[Outcome::Passed, Outcome::Flaky, Outcome::Failed]);
-        rec.add_result("9-0::t.py", result("127.0.0.1:7001", "a", report), 11.0);
+        rec.add_result(&TaskId::test("9-0::t.py"), result("127.0.0.1:7001", "a", report), 11.0);
         let r = build_report(&rec, 12.0, false, &default_grade);
         let calc = &r.projects["calc"];
         assert_eq!(calc.flaky, ["t.py::test_1"], "listed without the per-test results too");
         assert_eq!((calc.tests.flaky, calc.total_passed, calc.total_failed), (1, 1, 1));
         assert_eq!(calc.grade, Some(13.33), "the default counts a flaky test as a pass");
-        assert_eq!(r.rerun_of, Some(3));
+        assert_eq!(r.rerun_of, Some(EvalId::test(3)));
         let json = serde_json::to_value(&r).expect("json");
         assert_eq!(json["projects"]["calc"]["flaky"], serde_json::json!(["t.py::test_1"]));
     }
 
     #[test]
     fn stats_have_the_exact_shape_and_count_each_module_once() {
-        let mut rec =
-            EvalRecord::new(12345, "127.0.0.1:7000".into(), 1.0, vec![ready("p", "calc", &["a.py", "b.py"])]);
+        let mut rec = EvalRecord::new(
+            EvalId::test(12345),
+            NodeAddr::test("127.0.0.1:7000"),
+            1.0,
+            vec![ready("p", "calc", &["a.py", "b.py"])],
+        );
         rec.add_result(
-            "p::a.py",
+            &TaskId::test("p::a.py"),
             result("127.0.0.1:7001", "a", module_report("a.py", &[Outcome::Passed, Outcome::Failed])),
             2.0,
         );
         rec.add_result(
-            "p::a.py",
+            &TaskId::test("p::a.py"),
             result("127.0.0.1:7002", "b", module_report("a.py", &[Outcome::Passed])),
             2.0,
         );
         rec.add_result(
-            "p::b.py",
+            &TaskId::test("p::b.py"),
             result("127.0.0.1:7001", "c", module_report("b.py", &[Outcome::Passed])),
             2.0,
         );

@@ -14,7 +14,7 @@ use std::net::{IpAddr, Ipv6Addr, SocketAddr};
 use std::sync::{Arc, Mutex};
 
 use crate::app::AppError;
-use crate::eval::EvalId;
+use crate::ids::EvalId;
 
 /// Clients tracked before those with nothing in flight are forgotten.
 const TIDY_AT: usize = 4096;
@@ -171,19 +171,19 @@ mod tests {
     #[test]
     fn pending_evaluations_are_capped_per_client_until_they_finish() {
         let budgets = Budgets::new(2, 1);
-        let unfinished = std::sync::Mutex::new(vec![1u64, 2]);
+        let unfinished = std::sync::Mutex::new(vec![EvalId::test(1), EvalId::test(2)]);
         let pending = |id: EvalId| unfinished.lock().unwrap().contains(&id);
         let a = client("10.0.0.1:5000");
-        budgets.admit(a, pending).unwrap().created(1);
+        budgets.admit(a, pending).unwrap().created(EvalId::test(1));
         let second = budgets.admit(a, pending).unwrap();
         let refused = budgets.admit(a, pending).map(|_| ()).unwrap_err();
         assert!(matches!(refused, AppError::TooMany(_)), "{refused}");
         // Another client has its own budget; a dropped admission gives its place back.
         assert!(budgets.admit(client("10.0.0.2:5000"), pending).is_ok());
         drop(second);
-        budgets.admit(a, pending).unwrap().created(2);
+        budgets.admit(a, pending).unwrap().created(EvalId::test(2));
         assert!(budgets.admit(a, pending).is_err());
-        unfinished.lock().unwrap().retain(|id| *id != 1);
+        unfinished.lock().unwrap().retain(|id| *id != EvalId::test(1));
         assert!(budgets.admit(a, pending).is_ok(), "a finished evaluation frees its place");
     }
 

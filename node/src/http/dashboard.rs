@@ -16,12 +16,14 @@ use axum::http::request::Parts;
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
+use serde::Deserialize;
 use tokio::sync::Semaphore;
 
 use super::budget::Budgets;
 use super::{events, grades, openapi};
 use crate::app::{App, AppError};
 use crate::http::rerun::RerunRequest;
+use crate::ids::EvalId;
 
 const INDEX_HTML: &str = include_str!("../../assets/index.html");
 const DASHBOARD_JS: &str = include_str!("../../assets/dashboard.js");
@@ -155,7 +157,7 @@ async fn rerun(
         };
         let admission = budgets.admit(super::client_of(&req), |id| super::unfinished(&staff.app, id))?;
         let answer = super::rerun::rerun(&staff.app, id, rerun).await?;
-        if let Some(new_id) = answer.get("eval_id").and_then(serde_json::Value::as_u64) {
+        if let Ok(new_id) = EvalId::deserialize(&answer["eval_id"]) {
             admission.created(new_id);
         }
         Ok(answer)

@@ -22,7 +22,8 @@ use tokio::time::Instant;
 
 use super::budget::StreamSlot;
 use crate::app::App;
-use crate::eval::{EvalId, EvalStatus};
+use crate::eval::EvalStatus;
+use crate::ids::EvalId;
 
 /// How often a stream looks for changes.
 pub const POLL: Duration = Duration::from_millis(500);

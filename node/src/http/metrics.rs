@@ -8,12 +8,11 @@
 //! - counted by a middleware layer ([`instrument`]): HTTP requests by route and status (the
 //!   route is the router's pattern, never the raw path, so hostile paths cannot grow the label
 //!   set);
-//! - process-wide event counters ([`node`]), bumped by one-line calls where the events happen:
-//!   failure detections, elections won or given up, runner errors. One node runs per process.
+//! - process-wide event counters ([`crate::metrics`]), bumped by one-line calls where the events
+//!   happen: failure detections, elections won or given up, runner errors.
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
@@ -27,52 +26,10 @@ use cdtester_runner_api::{Counts, Outcome};
 
 use crate::app::App;
 use crate::eval::{EvalReport, EvalStatus, ModuleStatus};
+use crate::ids::NodeAddr;
 
 /// Upper bounds (seconds) of the task duration histogram's buckets.
 pub const DURATION_BUCKETS: [f64; 10] = [0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0];
-
-/// Counters of events the application reports (process-wide).
-#[derive(Debug, Default)]
-pub struct NodeCounters {
-    failure_detections: AtomicU64,
-    elections_won: AtomicU64,
-    elections_relinquished: AtomicU64,
-    runner_errors: AtomicU64,
-}
-
-static NODE: NodeCounters = NodeCounters {
-    failure_detections: AtomicU64::new(0),
-    elections_won: AtomicU64::new(0),
-    elections_relinquished: AtomicU64::new(0),
-    runner_errors: AtomicU64::new(0),
-};
-
-/// The process's event counters.
-pub fn node() -> &'static NodeCounters {
-    &NODE
-}
-
-impl NodeCounters {
-    /// A peer was declared failed (not a graceful leave).
-    pub fn failure_detected(&self) {
-        self.failure_detections.fetch_add(1, Ordering::Relaxed);
-    }
-
-    /// This node won a recovery election (took over a failed node's evaluations).
-    pub fn election_won(&self) {
-        self.elections_won.fetch_add(1, Ordering::Relaxed);
-    }
-
-    /// This node gave a takeover up to a node with a smaller id.
-    pub fn election_relinquished(&self) {
-        self.elections_relinquished.fetch_add(1, Ordering::Relaxed);
-    }
-
-    /// A task could not run (project fetch, preparation or the runner failed).
-    pub fn runner_error(&self) {
-        self.runner_errors.fetch_add(1, Ordering::Relaxed);
-    }
-}
 
 /// HTTP requests served, by method, route pattern and status.
 #[derive(Debug, Default)]
@@ -148,8 +105,8 @@ async fn metrics_response(app: &App, http: &HttpCounters, last: &LastScrape) -> 
             let reports: Vec<EvalReport> =
                 app.list().into_iter().filter_map(|id| app.report(id, false)).collect();
             let me = app.addr();
-            let peers = app.network().get(&me).map_or(0, Vec::len);
-            let text: Arc<str> = render(&reports, &me, peers, &http.snapshot()).into();
+            let peers = app.network().get(&me.to_string()).map_or(0, Vec::len);
+            let text: Arc<str> = render(&reports, me, peers, &http.snapshot()).into();
             *last = Some((began, text.clone()));
             text
         }
@@ -172,7 +129,7 @@ struct Tally {
 }
 
 impl Tally {
-    fn of(reports: &[EvalReport], me: &str) -> Tally {
+    fn of(reports: &[EvalReport], me: NodeAddr) -> Tally {
         let mut t = Tally::default();
         for s in ["running", "finished"] {
             t.evaluations.insert(s, 0);
@@ -279,11 +236,10 @@ fn tally_families(t: &Tally) -> Vec<Family> {
 
 /// The families of this node's membership and event counters.
 fn node_families(peers: usize) -> Vec<Family> {
-    let n = node();
-    let load = |c: &AtomicU64| c.load(Ordering::Relaxed);
+    let n = crate::metrics::node().values();
     let elections = vec![
-        ("{result=\"won\"}".to_string(), load(&n.elections_won).to_string()),
-        ("{result=\"relinquished\"}".to_string(), load(&n.elections_relinquished).to_string()),
+        ("{result=\"won\"}".to_string(), n.elections_won.to_string()),
+        ("{result=\"relinquished\"}".to_string(), n.elections_relinquished.to_string()),
     ];
     vec![
         ("cdtester_peers_alive", "gauge", "Live peers this node talks to.", plain(peers as u64)),
@@ -291,14 +247,14 @@ fn node_families(peers: usize) -> Vec<Family> {
             "cdtester_failure_detections_total",
             "counter",
             "Peers this node saw declared failed.",
-            plain(load(&n.failure_detections)),
+            plain(n.failure_detections),
         ),
         ("cdtester_elections_total", "counter", "Recovery elections this node won or gave up.", elections),
         (
             "cdtester_runner_errors_total",
             "counter",
             "Tasks this node could not run (fetch, preparation or runner failure).",
-            plain(load(&n.runner_errors)),
+            plain(n.runner_errors),
         ),
     ]
 }
@@ -319,7 +275,7 @@ fn http_samples(http: &BTreeMap<(String, String, u16), u64>) -> Samples {
 /// The exposition text.
 fn render(
     reports: &[EvalReport],
-    me: &str,
+    me: NodeAddr,
     peers: usize,
     http: &BTreeMap<(String, String, u16), u64>,
 ) -> String {

@@ -15,9 +15,7 @@
 //! limit) and a connection cap; uploads stream to disk under a byte cap with a stall timeout
 //! (see the `intake` configuration section).
 
-pub mod auth;
 pub mod budget;
-pub mod client;
 pub mod dashboard;
 pub mod events;
 pub mod grades;
@@ -42,7 +40,8 @@ use serde::Deserialize;
 use serde_json::json;
 
 use crate::app::{App, AppError, TaskPost};
-use crate::eval::EvalId;
+use crate::ids::EvalId;
+use crate::peer_http::auth;
 
 /// Largest request body accepted by the internal routes (`POST /evaluation` has its own caps:
 /// `intake.max_upload_bytes` for uploads, [`MAX_SUBMIT_JSON`] for JSON).
@@ -484,7 +483,7 @@ async fn submit_json(app: &Arc<App>, req: Request) -> Result<EvalId, AppError> {
 
 async fn list(State(app): State<AppState>) -> Response {
     // cdtester's ids are integers, those of evaluations owned by reference nodes strings.
-    let mut ids: Vec<serde_json::Value> = app.list().into_iter().map(serde_json::Value::from).collect();
+    let mut ids: Vec<serde_json::Value> = app.list().into_iter().map(|id| id.get().into()).collect();
     ids.extend(app.reference_ids().into_iter().map(serde_json::Value::from));
     axum::Json(ids).into_response()
 }

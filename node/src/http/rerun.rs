@@ -14,8 +14,9 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 
 use crate::app::{App, AppError};
-use crate::eval::{EvalId, EvalStatus};
+use crate::eval::EvalStatus;
 use crate::fetch::FetchedProject;
+use crate::ids::EvalId;
 
 /// The request body.
 #[derive(Debug, Default, Deserialize)]
@@ -65,7 +66,7 @@ pub async fn rerun(app: &Arc<App>, id: EvalId, req: RerunRequest) -> Result<Valu
             p.modules.iter().map(|(m, v)| (m.clone(), v.counts.failures())).collect();
         let selected = select(&req.only, &modules)?;
         let Some(project) = record.project(&p.id).filter(|_| !selected.is_empty()) else { continue };
-        let (sha256, archive) = app.project_file(&p.id).map_err(|_| {
+        let (sha256, archive) = app.project_file(p.id.as_str()).map_err(|_| {
             AppError::Unavailable(format!(
                 "the archive of {name} is not on this node; ask the node that ran it"
             ))
@@ -83,7 +84,7 @@ pub async fn rerun(app: &Arc<App>, id: EvalId, req: RerunRequest) -> Result<Valu
         return Err(AppError::BadRequest("nothing to rerun: no module is selected".into()));
     }
     let new_id = app.submit_only(fetched, only, Some(id)).await?;
-    tracing::info!(eval = new_id, rerun_of = id, "rerun submitted");
+    tracing::info!(eval = %new_id, rerun_of = %id, "rerun submitted");
     Ok(json!({ "status": "submitted", "eval_id": new_id, "rerun_of": id, "modules": chosen }))
 }
 
