@@ -128,3 +128,58 @@ fn a_fresh_data_folder_holding_the_environments_works_on_the_first_run() {
     assert_eq!(eval["summary"]["total_passed"], 2, "{}", describe(&out));
     assert!(data.join("venvs").is_dir(), "the environments are in the data folder");
 }
+
+/// A warm run: the modules ran alone once, so the slot that takes a small module takes others
+/// of its project along and the runner runs them in one session (a slow module keeps the whole
+/// project from sharing one session at discovery). Every test's outcome stays what the module
+/// counted alone.
+#[test]
+fn a_warm_run_groups_small_modules_of_a_project_and_counts_the_same() {
+    let work = tempfile::tempdir().expect("tempdir");
+    let project = work.path().join("course");
+    let nonce = work.path().display().to_string();
+    common::write_file(&project, "nonce.py", &format!("# {nonce}\n"));
+    common::write_file(&project, "tests/test_0.py", "def test_bad():\n    assert 1 == 2\n");
+    for i in 1..6 {
+        let text = format!(
+            "import pytest\n\n@pytest.mark.parametrize('n', range({i}))\ndef test_n{i}(n):\n    assert n < 4\n"
+        );
+        common::write_file(&project, &format!("tests/test_{i}.py"), &text);
+    }
+    common::write_file(
+        &project,
+        "tests/test_slow.py",
+        "import time\n\ndef test_slow():\n    time.sleep(1.2)\n",
+    );
+    let data = work.path().join("data");
+    let run = || {
+        let out = output(cdtester(&data).args(["run", "--json", "--workers", "2"]).arg(&project));
+        assert!(out.status.success(), "{}", describe(&out));
+        run_json(&out)
+    };
+    let outcomes = |eval: &serde_json::Value| -> Vec<(String, String)> {
+        let modules = eval["projects"]["course"]["modules"].as_object().expect("modules");
+        let mut v: Vec<(String, String)> = modules
+            .values()
+            .flat_map(|m| m["tests"].as_array().cloned().unwrap_or_default())
+            .map(|t| {
+                (
+                    t["nodeid"].as_str().unwrap_or("").to_string(),
+                    t["outcome"].as_str().unwrap_or("").to_string(),
+                )
+            })
+            .collect();
+        v.sort();
+        v
+    };
+    let cold = run();
+    assert_eq!(outcomes(&cold).len(), 17, "{cold:#}");
+    let warm = run();
+    assert_eq!(outcomes(&warm), outcomes(&cold));
+    assert_eq!(warm["summary"], cold["summary"]);
+    let failing = warm["projects"]["course"]["modules"]["tests/test_0.py"]["output"].as_str().unwrap_or("");
+    assert!(
+        (1..6).any(|i| failing.contains(&format!("test_{i}.py"))),
+        "the failing module ran in one session with others: {failing}"
+    );
+}
