@@ -624,6 +624,20 @@ mod tests {
         (reports, shared)
     }
 
+    /// A project whose `test_b` passes alone but fails after `test_a` in one session.
+    fn differing_project(nonce: &str) -> tempfile::TempDir {
+        let differs = tempfile::tempdir().unwrap();
+        write(differs.path(), "nonce.py", &format!("# {nonce}\n"));
+        write(differs.path(), "state.py", "seen = []\n");
+        write(differs.path(), "tests/test_a.py", "import state\n\ndef test_a():\n    state.seen.append(1)\n");
+        write(
+            differs.path(),
+            "tests/test_b.py",
+            "import state\n\ndef test_b():\n    assert state.seen == []\n",
+        );
+        differs
+    }
+
     #[test]
     fn small_modules_share_a_session_only_when_it_counts_the_same() {
         let r = runner(true);
@@ -651,15 +665,7 @@ mod tests {
         );
 
         // Together, test_b sees what test_a left in a shared module: it must run alone.
-        let differs = tempfile::tempdir().unwrap();
-        write(differs.path(), "nonce.py", &format!("# {nonce}\n"));
-        write(differs.path(), "state.py", "seen = []\n");
-        write(differs.path(), "tests/test_a.py", "import state\n\ndef test_a():\n    state.seen.append(1)\n");
-        write(
-            differs.path(),
-            "tests/test_b.py",
-            "import state\n\ndef test_b():\n    assert state.seen == []\n",
-        );
+        let differs = differing_project(&nonce.to_string());
         let (alone, _) = evaluate(&r, differs.path());
         for round in 0..2 {
             let (again, shared) = evaluate(&r, differs.path());
@@ -704,15 +710,7 @@ mod tests {
 
         // Together, test_b sees what test_a left behind: the task's modules run alone, and
         // the project never shares again.
-        let differs = tempfile::tempdir().unwrap();
-        write(differs.path(), "nonce.py", &format!("# {nonce}\n"));
-        write(differs.path(), "state.py", "seen = []\n");
-        write(differs.path(), "tests/test_a.py", "import state\n\ndef test_a():\n    state.seen.append(1)\n");
-        write(
-            differs.path(),
-            "tests/test_b.py",
-            "import state\n\ndef test_b():\n    assert state.seen == []\n",
-        );
+        let differs = differing_project(&nonce.to_string());
         let alone = run_together(&r, differs.path(), &modules);
         for round in 0..2 {
             assert_eq!(
