@@ -1,8 +1,9 @@
 //! `cdtester bench local`: the corpus under plain sequential pytest, `pytest -n 2`
 //! (pytest-xdist) and cdtester's local evaluation with 2 workers, timed in one run.
 //!
-//! Untimed preparation per project: fetch and unpack the sdist, build the environments (one with
-//! pytest-xdist for the two baselines, cdtester's own), then one untimed cdtester pass, which
+//! Untimed preparation per project: fetch and unpack the sdist (twice: the baselines and cdtester
+//! each get their own tree), build the environments (one with pytest-xdist for the two
+//! baselines, cdtester's own), then one untimed cdtester pass, which
 //! compiles the bytecode every later run reuses and fills the per-module duration memory that
 //! cdtester's planner uses (longest first, dominant slow modules split into chunks). Then the
 //! timed runs, in this order: sequential, xdist, cdtester. cdtester's time covers everything
@@ -148,7 +149,12 @@ pub fn run(args: Args, config: &Config) -> anyhow::Result<()> {
     for p in &projects {
         eprintln!("== {} {}: preparing (untimed)", p.name, p.version);
         let (root, base_python) = baseline_project(p, &baseline, &python, &cache, work.path())?;
-        let input = [ProjectInput { name: p.project_root.clone(), root: root.clone() }];
+        // cdtester gets a pristine copy of its own: what the baselines write into their tree
+        // (pytest-cov's `.coverage`, for one) would otherwise change the content cdtester sees
+        // between its runs, and with it everything it remembers by content.
+        let sdist = corpus::fetch(p, &python, &cache)?;
+        let own = corpus::unpack(p, &sdist, &work.path().join("cdtester"))?;
+        let input = [ProjectInput { name: p.project_root.clone(), root: own }];
         evaluated.push(input[0].clone());
         let warm_up = session.evaluate(&input)?;
         if let Some(e) = warm_up.projects.values().find_map(|r| r.error.clone()) {
