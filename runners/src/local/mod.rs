@@ -275,7 +275,8 @@ impl LocalRunner {
 enum Together {
     /// Every module counted what it counted alone: these modules' reports wait to be served.
     Served(Vec<String>),
-    /// It counted or collected differently (or pytest ended abnormally): never share again.
+    /// It counted or collected differently (or pytest ended abnormally): these modules (the
+    /// whole project at discovery, a group's modules in a task) never share it again.
     Differs,
     /// It ran out of time: no evidence either way; the modules run alone.
     Unfinished,
@@ -297,18 +298,20 @@ fn content_key(text: &str) -> String {
 }
 
 impl LocalRunner {
-    /// Runs the modules of one task in one session when each ran alone before and the project
-    /// never counted differently together; their reports then wait in the project's shared
-    /// reports. Otherwise (or when the session counts differently, which is remembered, or
-    /// cannot run) nothing happens here and each module runs alone.
+    /// Runs the modules of one task in one session when each ran alone before (leaving out
+    /// those that once counted differently in a group); their reports then wait in the
+    /// project's shared reports. Otherwise (or when the session counts differently, which is
+    /// remembered of its modules, or cannot run) nothing happens here and each module runs
+    /// alone.
     fn share(&self, state: &ProjectState, project: &PreparedProject, modules: &[String], limits: &Limits) {
         let Some(known) = self.alone.counts_of(&project.content_hash, modules) else { return };
+        let args: Vec<String> = known.keys().cloned().collect();
         // One module's time limit for all of them: a group slower than that runs alone, each
         // module with its own limit.
         let timeout = Duration::from_secs(limits.timeout_s.max(1));
-        match self.run_shared(state, &known, modules, timeout) {
+        match self.run_shared(state, &known, &args, timeout) {
             Ok(Together::Served(_)) => {}
-            Ok(Together::Differs) => self.alone.mark_differs(&project.content_hash),
+            Ok(Together::Differs) => self.alone.mark_loners(&project.content_hash, &args),
             Ok(Together::Unfinished) => {
                 tracing::info!(project = %project.id, "a shared session ran out of time: its modules run alone")
             }
@@ -709,7 +712,7 @@ mod tests {
         );
 
         // Together, test_b sees what test_a left behind: the task's modules run alone, and
-        // the project never shares again.
+        // they never share a session again.
         let differs = differing_project(&nonce.to_string());
         let alone = run_together(&r, differs.path(), &modules);
         for round in 0..2 {

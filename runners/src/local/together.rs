@@ -8,10 +8,13 @@
 //! a collect-only pass, and keeps each module's report only if the session collected exactly the
 //! remembered modules and every module counted exactly what it counted alone; otherwise it throws
 //! the session away, remembers that this project differs together, and runs modules alone as
-//! usual. The memory is a JSON file next to the environments (`alone-counts.json`), written when
-//! a project is released, holding at most [`MAX_PROJECTS`] projects (least recently seen out).
+//! usual. A task naming several whole modules (a group the scheduler formed) is run the same way
+//! over just its modules; a group that counts differently makes its modules run alone from then
+//! on (the rest of the project may still share). The memory is a JSON file next to the
+//! environments (`alone-counts.json`), written when a project is released, holding at most
+//! [`MAX_PROJECTS`] projects (least recently seen out).
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::io::Write;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
@@ -32,9 +35,12 @@ const MAX_PROJECTS: usize = 20_000;
 struct Project {
     /// Module -> counts and wall seconds when run alone.
     modules: BTreeMap<String, (Counts, f64)>,
-    /// A shared session once counted differently: never share again.
+    /// The whole project once counted differently in one session: never again as a whole.
     #[serde(default)]
     differs: bool,
+    /// Modules of a group that once counted differently together: they run alone.
+    #[serde(default, skip_serializing_if = "BTreeSet::is_empty")]
+    loners: BTreeSet<String>,
     /// Unix seconds of the last use.
     seen: u64,
 }
@@ -66,21 +72,32 @@ impl AloneMemory {
         p.seen = now();
         let total: f64 = p.modules.values().map(|(_, s)| s).sum();
         let cheap = p.modules.values().all(|(_, s)| *s <= MAX_MODULE_SECS) && total <= MAX_TOTAL_SECS;
-        (!p.differs && p.modules.len() > 1 && cheap)
+        (!p.differs && p.loners.is_empty() && p.modules.len() > 1 && cheap)
             .then(|| p.modules.iter().map(|(m, (c, _))| (m.clone(), *c)).collect())
     }
 
-    /// The remembered alone counts of `modules` of project `hash`, when every one of them is
-    /// remembered and the project never counted differently in a shared session (a task that
-    /// names several modules: the scheduler bounded their remembered time already).
+    /// The remembered alone counts of those of `modules` (a task that names several: the
+    /// scheduler bounded their remembered time already) that may share a session: every one of
+    /// them must have run alone before, and those that once counted differently in a group are
+    /// left out; `None` when fewer than two remain.
     pub(crate) fn counts_of(&self, hash: &str, modules: &[String]) -> Option<BTreeMap<String, Counts>> {
         let mut data = self.data.lock().unwrap_or_else(|e| e.into_inner());
         let p = data.get_mut(hash)?;
         p.seen = now();
-        if p.differs {
-            return None;
-        }
-        modules.iter().map(|m| p.modules.get(m).map(|(c, _)| (m.clone(), *c))).collect()
+        let known: BTreeMap<String, Counts> = modules
+            .iter()
+            .filter(|m| !p.loners.contains(*m))
+            .map(|m| p.modules.get(m).map(|(c, _)| (m.clone(), *c)))
+            .collect::<Option<_>>()?;
+        (known.len() > 1).then_some(known)
+    }
+
+    /// Remembers that `modules` of project `hash` counted differently in one session: each runs
+    /// alone from now on, and the project never shares one session as a whole.
+    pub(crate) fn mark_loners<'a>(&self, hash: &str, modules: impl IntoIterator<Item = &'a String>) {
+        let mut data = self.data.lock().unwrap_or_else(|e| e.into_inner());
+        let p = data.entry(hash.to_string()).or_default();
+        p.loners.extend(modules.into_iter().cloned());
     }
 
     /// Remembers what `module` of project `hash` counted alone in `secs`.
@@ -91,7 +108,8 @@ impl AloneMemory {
         p.modules.insert(module.to_string(), (counts, secs));
     }
 
-    /// Remembers that project `hash` counts differently in one session.
+    /// Remembers that project `hash` as a whole counts differently in one session (its groups
+    /// still may not).
     pub(crate) fn mark_differs(&self, hash: &str) {
         self.data.lock().unwrap_or_else(|e| e.into_inner()).entry(hash.to_string()).or_default().differs =
             true;
@@ -163,6 +181,19 @@ mod tests {
         assert_eq!(known.keys().collect::<Vec<_>>(), ["a.py", "b.py"], "only the task's modules");
         assert_eq!(known["b.py"], counts(2, 0), "no time cap: the scheduler bounded the task");
         m.mark_differs("h");
-        assert!(m.counts_of("h", &names(&["a.py", "c.py"])).is_none());
+        assert!(
+            m.counts_of("h", &names(&["a.py", "c.py"])).is_some(),
+            "the whole project differing says nothing of a group"
+        );
+        m.record("h", "d.py", counts(1, 1), 0.1);
+        m.mark_loners("h", &names(&["a.py", "b.py"]));
+        let left = m.counts_of("h", &names(&["a.py", "b.py", "c.py", "d.py"])).unwrap();
+        assert_eq!(
+            left.keys().collect::<Vec<_>>(),
+            ["c.py", "d.py"],
+            "modules of a differing group run alone"
+        );
+        assert!(m.counts_of("h", &names(&["a.py", "c.py"])).is_none(), "one module left: nothing to share");
+        assert!(m.shareable("h").is_none());
     }
 }
