@@ -782,19 +782,27 @@ fn a_node_that_wins_the_election_for_a_dead_reference_owner_finishes_its_evaluat
     files.push(("calc.py", "X = 1\n"));
     let alive = std::sync::Arc::new(AtomicBool::new(true));
     let (api, seen) = reference_api_while(pid.to_string(), reference_zip(pid, &files), alive.clone());
+    // A second project whose modules A never published (it died before discovering them).
+    let pid2 = "1795512056.762204179551203864886859797";
+    let files2 = [("tests/test_s1.py", TEST_MODULE), ("tests/sub/test_s2.py", TEST_MODULE)];
+    let (api2, seen2) = reference_api_while(pid2.to_string(), reference_zip(pid2, &files2), alive.clone());
 
     // Reference owner A announces the project and publishes the evaluation (its CACHE_UPDATE):
     // test_m1.py finished by A (its true counts, 2 passed 1 failed), the others waiting.
     let announce = json!({"project_id": pid, "api_port": api.port().to_string(), "project_name": "calc",
         "eval_id": eval, "url": null, "token": null, "type": 0});
     a.send(node.udp, "PROJECT_ANNOUNCE", announce);
+    let announce2 = json!({"project_id": pid2, "api_port": api2.port().to_string(), "project_name": "strs",
+        "eval_id": eval, "url": null, "token": null, "type": 0});
+    a.send(node.udp, "PROJECT_ANNOUNCE", announce2);
     let a_addr = a.addr.to_string();
     let waiting = json!({"passed": 0, "failed": 0, "time": 0, "status": "pending"});
     let cache = json!({"addr": a_addr, "peers_ip": [node.udp.to_string(), b.addr.to_string()],
-        "evaluations": {eval: {"projects": [pid], "start_time": 1795512056.7254164, "end_time": null}},
+        "evaluations": {eval: {"projects": [pid, pid2], "start_time": 1795512056.7254164, "end_time": null}},
         "projects": {pid: {"project_name": "calc", "node": a_addr, "modules": {
             "test_m1.py": {"passed": 2, "failed": 1, "time": 0.144, "status": "finished"},
-            "test_m2.py": waiting, "test_m3.py": waiting, "test_m4.py": waiting}}},
+            "test_m2.py": waiting, "test_m3.py": waiting, "test_m4.py": waiting}},
+            pid2: {"project_name": "strs", "node": a_addr, "modules": {}}},
         "stats": {"failed": 1, "passed": 2, "projects": 1, "modules": 1, "evaluations": [eval], "submitted_evaluation": [eval]}});
     a.send(node.udp, "CACHE_UPDATE", cache);
     let listed = wait_until(Duration::from_secs(5), || {
@@ -810,7 +818,8 @@ fn a_node_that_wins_the_election_for_a_dead_reference_owner_finishes_its_evaluat
         "api_port": api.port().to_string(), "eval_id": eval, "url": null, "token": null, "type": "zip"}});
     let start = Instant::now();
     let mut sent = false;
-    while a.got("TASK_CONFIRM").is_empty() && start.elapsed() < Duration::from_secs(10) {
+    let fetched2 = || seen2.lock().expect("log").iter().any(|q| q.path == format!("/file/{pid2}"));
+    while (a.got("TASK_CONFIRM").is_empty() || !fetched2()) && start.elapsed() < Duration::from_secs(10) {
         if !sent && !a.got("TASK_REQUEST").is_empty() {
             a.send(node.udp, "TASK_SEND", task.clone());
             sent = true;
@@ -818,6 +827,7 @@ fn a_node_that_wins_the_election_for_a_dead_reference_owner_finishes_its_evaluat
         pump(&mut [&mut a, &mut b], &[true, true], node.udp, &table, &mut next);
     }
     assert!(!a.got("TASK_CONFIRM").is_empty(), "no TASK_CONFIRM for A's task:\n{}", node.log());
+    assert!(fetched2(), "the second project was not prefetched:\n{}", node.log());
     alive.store(false, Ordering::SeqCst);
 
     // B, a reference node, answers the node's election for A and asks for work on its
@@ -831,7 +841,11 @@ fn a_node_that_wins_the_election_for_a_dead_reference_owner_finishes_its_evaluat
         if !answered && let Some(el) = b.got("RECOVERY_ELECTION").first().cloned() {
             assert_eq!((&el["candidate_id"], &el["failed_node"]), (&json!(node_id), &json!(a.id)), "{el}");
             assert_eq!(el["failed_node_addr"], a_addr.as_str());
-            assert_eq!(el["extra"], json!({eval: [pid]}), "the election carries A's unfinished evaluation");
+            assert_eq!(
+                el["extra"],
+                json!({eval: [pid, pid2]}),
+                "the election carries A's unfinished evaluation"
+            );
             let rep = json!({"failed_node_id": a.id, "evaluations": {}, "node_id": b.id});
             b.send(node.udp, "RECOVERY_ELECTION_REP", rep);
             answered = true;
@@ -876,30 +890,40 @@ fn a_node_that_wins_the_election_for_a_dead_reference_owner_finishes_its_evaluat
         node.log()
     );
 
-    // Exact counts: 4 modules of 2 passed and 1 failed, A's result kept, each module once.
-    let summary = json!({"pass_percentage": 66.67, "fail_percentage": 33.33, "executed": 4, "executing": 0,
-        "pending": 0, "time_elapsed": 0, "total_passed": 8, "total_failed": 4});
+    // Exact counts: 6 modules of 2 passed and 1 failed (4 published, 2 discovered again), A's
+    // result kept, each module once.
+    let summary = json!({"pass_percentage": 66.67, "fail_percentage": 33.33, "executed": 6, "executing": 0,
+        "pending": 0, "time_elapsed": 0, "total_passed": 12, "total_failed": 6});
     assert_eq!(report["summary"], summary, "{report}");
     let calc = &report["projects"]["calc"];
     assert_eq!((&calc["node"], &calc["score"]), (&json!(node.udp.to_string()), &json!(13.33)), "{report}");
     assert_eq!(calc["modules"]["test_m1.py"]["time"], 0.144, "A's result stays");
+    let strs = &report["projects"]["strs"];
+    let found: Vec<&String> = strs["modules"].as_object().map(|m| m.keys().collect()).unwrap_or_default();
+    assert_eq!(found, ["test_s1.py", "test_s2.py"], "the reference's names: file names under tests/");
+    assert_eq!((&strs["node"], &strs["score"]), (&json!(node.udp.to_string()), &json!(13.33)), "{report}");
     let (_, stats) = http_get(node.http, "/stats").expect("stats");
-    assert_eq!(stats["all"], json!({"failed": 4, "passed": 8, "projects": 1, "evaluations": 1}), "{stats}");
+    assert_eq!(stats["all"], json!({"failed": 6, "passed": 12, "projects": 2, "evaluations": 1}), "{stats}");
 
     // B was told, in the reference's messages: the new owner, then the finished evaluation.
-    let update = json!({"project_id": pid, "new_node": node.udp.to_string()});
-    assert!(b.got("EVALUATION_RESPONSIBILITY_UPDATE").contains(&&update), "{:?}", b.received);
+    for p in [pid, pid2] {
+        let update = json!({"project_id": p, "new_node": node.udp.to_string()});
+        assert!(b.got("EVALUATION_RESPONSIBILITY_UPDATE").contains(&&update), "{:?}", b.received);
+    }
     let published = wait_until(Duration::from_secs(10), || {
         b.drain();
         b.got("CACHE_UPDATE").iter().any(|c| {
-            let p = &c["projects"][pid];
+            let (p, p2) = (&c["projects"][pid], &c["projects"][pid2]);
             c["evaluations"][eval]["end_time"].is_number()
                 && p["node"] == node.udp.to_string()
                 && modules.iter().all(|m| p["modules"][m]["status"] == "finished")
+                && ["test_s1.py", "test_s2.py"].iter().all(|m| p2["modules"][m]["status"] == "finished")
         })
     });
     assert!(published, "no CACHE_UPDATE with the finished evaluation:\n{}", node.log());
     // A's API saw only the prefetch of its project (afterwards it was dead).
-    let calls: Vec<String> = seen.lock().expect("log").iter().map(|q| q.path.clone()).collect();
-    assert_eq!(calls, [format!("/file/{pid}")], "only the prefetch reached A");
+    for (log, p) in [(&seen, pid), (&seen2, pid2)] {
+        let calls: Vec<String> = log.lock().expect("log").iter().map(|q| q.path.clone()).collect();
+        assert_eq!(calls, [format!("/file/{p}")], "only the prefetch reached A");
+    }
 }

@@ -163,6 +163,25 @@ impl View {
         taken
     }
 
+    /// The name of a project `me` is responsible for whose modules no CACHE_UPDATE listed (its
+    /// owner died before publishing them): they are to be discovered again.
+    pub fn undiscovered(&self, me: &str, project: &str) -> Option<String> {
+        let p = self.projects.get(project).filter(|p| p.node == me && p.modules.is_empty())?;
+        Some(p.project_name.clone())
+    }
+
+    /// Adds discovered modules (reference names, pending) to a project `me` is responsible for
+    /// that has none yet.
+    pub fn discovered(&mut self, me: &str, project: &str, modules: &[String]) {
+        let Some(p) = self.projects.get_mut(project).filter(|p| p.node == me && p.modules.is_empty()) else {
+            return;
+        };
+        for m in modules.iter().filter(|m| valid_module(m)).take(MAX_MODULES) {
+            let pending = ModuleEntry { passed: 0, failed: 0, time: 0.0, status: ModuleStatus::Pending };
+            p.modules.insert(m.clone(), pending);
+        }
+    }
+
     /// The modules of a project that have no result yet.
     pub fn unfinished(&self, project: &str) -> Vec<String> {
         self.projects.get(project).map_or_else(Vec::new, |p| {
@@ -222,14 +241,16 @@ impl View {
     }
 
     /// Sets the end time (`now`, seconds) of every evaluation with a project `me` is
-    /// responsible for whose modules all have results, as the reference's owner does when it
-    /// stores the last one; whether any ended.
-    pub fn finish(&mut self, me: &str, now: f64) -> bool {
+    /// responsible for whose modules all have results and none of whose projects is still
+    /// `discovering`, as the reference's owner does when it stores the last one; whether any
+    /// ended.
+    pub fn finish(&mut self, me: &str, now: f64, discovering: impl Fn(&str) -> bool) -> bool {
         let mut ended = false;
         for (_, e) in self.evals.values_mut().filter(|(_, e)| e.end_time.is_none()) {
             let projects: Vec<&ProjectEntry> =
                 e.projects.iter().filter_map(|p| self.projects.get(p)).collect();
             let done = projects.len() == e.projects.len()
+                && !e.projects.iter().any(|p| discovering(p))
                 && projects.iter().any(|p| p.node == me)
                 && projects.iter().all(|p| p.modules.values().all(|m| m.status == ModuleStatus::Finished));
             if done {
@@ -263,12 +284,13 @@ impl View {
 
     /// The unfinished evaluations each node (`ip:port`) is responsible for, by project: what
     /// an election carries for a failed node (the reference's map: evaluation → projects with
-    /// a module without result).
+    /// a module without result, and here also those without modules yet).
     pub fn active(&self, into: &mut BTreeMap<String, EvalMap>) {
         for (id, (_, e)) in self.evals.iter().filter(|(_, (_, e))| e.end_time.is_none()) {
             for pid in &e.projects {
                 let Some(p) = self.projects.get(pid) else { continue };
-                if p.modules.values().any(|m| m.status != ModuleStatus::Finished) {
+                // A project without modules yet counts too: its owner died before publishing them.
+                if p.modules.is_empty() || p.modules.values().any(|m| m.status != ModuleStatus::Finished) {
                     let list = into.entry(p.node.clone()).or_default().entry(id.clone()).or_default();
                     if !list.contains(pid) {
                         list.push(pid.clone());
@@ -538,6 +560,17 @@ mod tests {
         assert_eq!(v.report("1795512038648868597971", 0.0).expect("known").summary.executed, 4);
     }
 
+    /// A CACHE_UPDATE adding project `pid` without modules (before its owner's discovery).
+    fn lost_project(eval: &str, pid: &str, node: &str) -> CacheContent {
+        let mut c = CacheContent::default();
+        let entry = EvaluationEntry { projects: vec![pid.to_string()], start_time: 1.0, end_time: None };
+        c.evaluations.insert(eval.to_string(), entry);
+        let project =
+            ProjectEntry { project_name: "lost".into(), node: node.into(), modules: BTreeMap::new() };
+        c.projects.insert(pid.to_string(), project);
+        c
+    }
+
     #[test]
     fn a_taken_over_evaluation_is_run_to_its_end_as_the_references_recovery_node_does() {
         let (eval, calc, strs) = (
@@ -569,11 +602,21 @@ mod tests {
         assert_eq!(v.unfinished(calc), vec!["test_sub.py".to_string()]);
         assert_eq!(v.owned_task(me, calc, "test_sub.py"), Some(("calc".to_string(), eval.to_string())));
         assert_eq!(v.owned_task(me, calc, "test_add.py"), None, "finished already");
+        assert_eq!(v.undiscovered(me, calc), None, "its modules are known");
+        // A project whose modules were never published gets them from a new discovery.
+        let lost = "1795512057.1179551203864886859797";
+        v.merge(&lost_project(eval, lost, dead), ours);
+        assert_eq!(v.take_over(dead, me, &EvalMap::new()), vec![lost.to_string()]);
+        assert_eq!(v.undiscovered(me, lost), Some("lost".to_string()));
+        assert!(!v.finish(me, 10.0, |p| p == lost), "not before its discovery");
+        v.discovered(me, lost, &["test_l.py".to_string(), "../x.py".to_string()]);
+        assert_eq!(v.unfinished(lost), vec!["test_l.py".to_string()]);
+        assert!(v.record(me, lost, "test_l.py", 1, 0, 0.1));
         let mut content = CacheContent::default();
         v.add_owned(me, &mut content);
         assert_eq!(content.stats.submitted_evaluation, vec![eval.to_string()]);
         assert_eq!(content.projects[calc].node, me);
-        assert!(!v.finish(me, 10.0), "a module is still running");
+        assert!(!v.finish(me, 10.0, |_| false), "a module is still running");
 
         // The first result wins; hostile numbers are capped.
         assert!(v.record(me, calc, "test_sub.py", u64::MAX, 0, f64::NAN));
@@ -581,7 +624,8 @@ mod tests {
         let r = v.report(eval, 0.0).expect("report");
         assert_eq!(r.projects.0[0].1.modules["test_sub.py"].passed, MAX_COUNT);
         assert_eq!(r.projects.0[0].1.modules["test_sub.py"].time, 0.0);
-        assert!(v.finish(me, 10.0));
+        assert!(!v.finish(me, 10.0, |p| p == strs), "a project is still being discovered");
+        assert!(v.finish(me, 10.0, |_| false));
         assert_eq!(v.report(eval, 0.0).expect("report").end_time, Some(10.0));
         let mut active = BTreeMap::new();
         v.active(&mut active);

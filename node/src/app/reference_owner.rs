@@ -5,7 +5,9 @@
 //!
 //! - it sets itself as their `node`, sends EVALUATION_RESPONSIBILITY_UPDATE per project to every
 //!   peer and queues every module without a result in its view (the reference's CACHE_UPDATEs:
-//!   module names, project names, evaluation membership);
+//!   module names, project names, evaluation membership); a project whose modules the dead
+//!   owner never published is discovered again from its files (pytest modules under `tests/`,
+//!   by file name), and its evaluation does not end before;
 //! - it runs queued modules in its reference slots with the project fetched from whichever live
 //!   node serves `/file/<project_id>` (fetched already when the dead owner announced it), and
 //!   hands them to reference workers on their TASK_REQUEST (TASK_ANNOUNCE every 3 s while
@@ -16,7 +18,7 @@
 //!   evaluations in its CACHE_UPDATEs (which reference nodes merge: finished modules and the end
 //!   time win), so `/evaluation/<id>` and `/stats` show them finished on every node.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -55,12 +57,20 @@ pub(super) struct Owned {
     /// By the reference's task id (`<project_id>::<module>`).
     flight: HashMap<String, Flight>,
     announced: Option<Instant>,
+    /// Owned projects whose modules are being discovered again.
+    discovering: HashSet<String>,
 }
 
 /// The next owned task to start: (project, module, project name, evaluation).
 type Next = (String, String, String, String);
 
 impl RefState {
+    /// Ends the evaluations whose owned modules all have results (none being discovered).
+    fn finish_owned(&mut self, me: &str) -> bool {
+        let discovering = &self.owned.discovering;
+        self.view.finish(me, crate::eval::now_secs(), |p| discovering.contains(p))
+    }
+
     /// Queues a module of an owned project unless it waits or runs already.
     fn enqueue(&mut self, project: &str, module: String) {
         let task = interop::task_id(project, &module);
@@ -125,16 +135,24 @@ impl App {
     /// projects (those the election `named` and those its view says `failed` owned).
     pub(super) fn take_over_reference(self: &Arc<Self>, failed: SocketAddr, named: &EvalMap) {
         let me = self.addr();
+        let mut lost = Vec::new();
         let taken = {
             let mut st = self.ref_state();
             let taken = st.view.take_over(&wire::addr_string(failed), &me, named);
             for pid in &taken {
+                if let Some(name) = st.view.undiscovered(&me, pid) {
+                    st.owned.discovering.insert(pid.clone());
+                    lost.push((pid.clone(), name));
+                }
                 for module in st.view.unfinished(pid) {
                     st.enqueue(pid, module);
                 }
             }
             taken
         };
+        for (pid, name) in lost {
+            tokio::spawn(discover_owned(self.clone(), pid, name));
+        }
         if taken.is_empty() {
             return;
         }
@@ -145,7 +163,7 @@ impl App {
                 net.broadcast(Message::EvaluationResponsibilityUpdate(update));
             }
         }
-        self.ref_state().view.finish(&me, crate::eval::now_secs());
+        self.ref_state().finish_owned(&me);
         self.push_cache();
         self.run_owned();
     }
@@ -165,7 +183,7 @@ impl App {
             }
             due
         };
-        if self.ref_state().view.finish(&me, crate::eval::now_secs()) {
+        if self.ref_state().finish_owned(&me) {
             self.push_cache();
         }
         let Some(net) = self.net().filter(|_| announce) else { return };
@@ -269,7 +287,7 @@ impl App {
         let stored = {
             let mut st = self.ref_state();
             let stored = st.view.record(&me, project, module, passed, failed, time);
-            st.view.finish(&me, crate::eval::now_secs());
+            st.finish_owned(&me);
             stored
         };
         if stored {
@@ -308,6 +326,42 @@ async fn run_owned_task(app: Arc<App>, (project_id, module, name, _): Next) {
         Some(Err(e)) => tracing::warn!(%task, "owned reference module could not run: {}", app.redact(&e)),
         None => {}
     }
+}
+
+/// Discovers the modules of an owned project that its dead owner never published, as the
+/// reference's recovery node does from its copy: pytest modules under `tests/`, by file name
+/// (the reference's module names), queued as pending.
+async fn discover_owned(app: Arc<App>, project_id: String, name: String) {
+    let found = match fetch_anywhere(&app, &project_id, &name).await {
+        Ok(project) => app.discover(&project).await,
+        Err(e) => Err(e),
+    };
+    let mut modules: Vec<String> = match found {
+        Ok(d) => d
+            .modules
+            .iter()
+            .filter_map(|m| m.strip_prefix("tests/"))
+            .filter_map(|m| m.rsplit('/').next())
+            .map(String::from)
+            .collect(),
+        Err(e) => {
+            tracing::warn!(project = %project_id, "discovering a taken-over reference project failed: {}", app.redact(&e));
+            Vec::new()
+        }
+    };
+    modules.sort();
+    modules.dedup();
+    let me = app.addr();
+    {
+        let mut st = app.ref_state();
+        st.owned.discovering.remove(&project_id);
+        st.view.discovered(&me, &project_id, &modules);
+        for module in st.view.unfinished(&project_id) {
+            st.enqueue(&project_id, module);
+        }
+    }
+    tracing::info!(project = %project_id, modules = modules.len(), "taken-over reference project discovered");
+    app.run_owned();
 }
 
 /// A reference project from this node's store, or fetched (`GET /file/<project_id>`, the
