@@ -144,17 +144,24 @@ impl View {
         }
     }
 
-    /// A failed node's responsibilities move to `me` (both `ip:port`): the projects `named` by
-    /// the election (evaluation → projects) and every project `failed` was responsible for, of
+    /// A failed node's responsibilities move to `me` (both `ip:port`): every project `failed`
+    /// was responsible for, and those the election `named` (evaluation → projects, as peers
+    /// said) whose owner is not `live` (a forged name cannot move a live node's project), of
     /// evaluations without an end time. Returns the projects this node owns now (known ones
-    /// only: a project no CACHE_UPDATE described has no modules to run).
-    pub fn take_over(&mut self, failed: &str, me: &str, named: &EvalMap) -> Vec<String> {
+    /// only: a project no CACHE_UPDATE described has no name or evaluation to run it under).
+    pub fn take_over(
+        &mut self,
+        failed: &str,
+        me: &str,
+        named: &EvalMap,
+        live: impl Fn(&str) -> bool,
+    ) -> Vec<String> {
         let mut taken = Vec::new();
         for (_, e) in self.evals.values().filter(|(_, e)| e.end_time.is_none()) {
             for pid in &e.projects {
                 let listed = named.values().any(|ps| ps.contains(pid));
                 let Some(p) = self.projects.get_mut(pid) else { continue };
-                if (listed || p.node == failed) && !taken.contains(pid) {
+                if (p.node == failed || (listed && !live(&p.node))) && !taken.contains(pid) {
                     p.node = me.chars().take(MAX_ID_LEN).collect();
                     taken.push(pid.clone());
                 }
@@ -595,7 +602,10 @@ mod tests {
         assert!(!v.record(me, calc, "test_sub.py", 2, 0, 0.1));
         assert_eq!(v.owned_task(me, calc, "test_sub.py"), None);
 
-        let mut taken = v.take_over(dead, me, &EvalMap::new());
+        // A forged election naming a live node's project moves nothing.
+        let forged = EvalMap::from([(eval.to_string(), vec![calc.to_string()])]);
+        assert!(v.take_over("127.0.0.1:7", me, &forged, |n| n == dead).is_empty());
+        let mut taken = v.take_over(dead, me, &EvalMap::new(), |_| true);
         taken.sort();
         assert_eq!(taken, vec![calc.to_string(), strs.to_string()], "every project of the dead node");
         assert_eq!(v.owner(calc), Some(me));
@@ -606,7 +616,7 @@ mod tests {
         // A project whose modules were never published gets them from a new discovery.
         let lost = "1795512057.1179551203864886859797";
         v.merge(&lost_project(eval, lost, dead), ours);
-        assert_eq!(v.take_over(dead, me, &EvalMap::new()), vec![lost.to_string()]);
+        assert_eq!(v.take_over(dead, me, &EvalMap::new(), |_| true), vec![lost.to_string()]);
         assert_eq!(v.undiscovered(me, lost), Some("lost".to_string()));
         assert!(!v.finish(me, 10.0, |p| p == lost), "not before its discovery");
         v.discovered(me, lost, &["test_l.py".to_string(), "../x.py".to_string()]);
@@ -631,7 +641,7 @@ mod tests {
         v.active(&mut active);
         assert!(active.is_empty(), "{active:?}");
         // A later takeover of another node moves nothing of a finished evaluation.
-        assert!(v.take_over(me, "127.0.0.1:9001", &EvalMap::new()).is_empty());
+        assert!(v.take_over(me, "127.0.0.1:9001", &EvalMap::new(), |_| false).is_empty());
     }
 
     #[test]

@@ -132,13 +132,16 @@ impl RefState {
 
 impl App {
     /// This node won the election for `failed`: it owns the failed node's unfinished reference
-    /// projects (those the election `named` and those its view says `failed` owned).
+    /// projects (those its view says `failed` owned, and those the election `named` whose owner
+    /// is not a live member).
     pub(super) fn take_over_reference(self: &Arc<Self>, failed: SocketAddr, named: &EvalMap) {
         let me = self.addr();
         let mut lost = Vec::new();
+        let members = self.members();
         let taken = {
             let mut st = self.ref_state();
-            let taken = st.view.take_over(&wire::addr_string(failed), &me, named);
+            let live = |node: &str| members.iter().any(|m| m == node);
+            let taken = st.view.take_over(&wire::addr_string(failed), &me, named, live);
             for pid in &taken {
                 if let Some(name) = st.view.undiscovered(&me, pid) {
                     st.owned.discovering.insert(pid.clone());
