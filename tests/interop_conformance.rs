@@ -9,6 +9,7 @@ use std::collections::BTreeMap;
 use std::net::{SocketAddr, UdpSocket};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
@@ -379,6 +380,16 @@ fn reference_api(
     project_id: String,
     zip: Vec<u8>,
 ) -> (SocketAddr, std::sync::Arc<std::sync::Mutex<Vec<Received>>>) {
+    reference_api_while(project_id, zip, std::sync::Arc::new(AtomicBool::new(true)))
+}
+
+/// [`reference_api`] while `alive` holds; afterwards every connection is closed unanswered (a
+/// dead node's port).
+fn reference_api_while(
+    project_id: String,
+    zip: Vec<u8>,
+    alive: std::sync::Arc<AtomicBool>,
+) -> (SocketAddr, std::sync::Arc<std::sync::Mutex<Vec<Received>>>) {
     use std::io::{BufRead, BufReader, Read, Write};
     let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind api");
     let addr = listener.local_addr().expect("addr");
@@ -386,6 +397,9 @@ fn reference_api(
     let log = seen.clone();
     std::thread::spawn(move || {
         for conn in listener.incoming().flatten() {
+            if !alive.load(Ordering::SeqCst) {
+                continue;
+            }
             let mut reader = BufReader::new(conn.try_clone().expect("clone"));
             let mut line = String::new();
             if reader.read_line(&mut line).is_err() {
@@ -725,4 +739,191 @@ fn elections_run_with_reference_nodes_in_both_directions() {
     assert!(replied, "no RECOVERY_ELECTION_REP:\n{}", node.log());
     let rep = a.got("RECOVERY_ELECTION_REP")[0].clone();
     assert_eq!(rep, json!({"failed_node_id": c.0, "evaluations": {}, "node_id": given}));
+}
+
+/// One step of a reference owner's death scenario: heartbeats `to` from every peer in `beating`
+/// when one is due (every 3.5 s from `*next`) and drains every peer.
+fn pump(
+    peers: &mut [&mut ReferencePeer],
+    beating: &[bool],
+    to: SocketAddr,
+    table: &BTreeMap<String, SocketAddr>,
+    next: &mut Instant,
+) {
+    if Instant::now() >= *next {
+        for (p, beat) in peers.iter().zip(beating) {
+            if *beat {
+                p.heartbeat(to, table);
+            }
+        }
+        *next += REFERENCE_BEAT;
+    }
+    for p in peers.iter_mut() {
+        p.drain();
+    }
+    std::thread::sleep(Duration::from_millis(50));
+}
+
+#[test]
+fn a_node_that_wins_the_election_for_a_dead_reference_owner_finishes_its_evaluation() {
+    // One slot, so that a reference worker gets a module of the taken-over evaluation too.
+    let node = FullNode::start_with(&[("CDT_RUNNER__WORKERS", "1")]);
+    let (mut a, mut b) = (ReferencePeer::new(""), ReferencePeer::new(""));
+    let node_id = node.admit(&mut a);
+    node.admit(&mut b);
+    // The node founded the network and minted both ids after its own: it is the oldest, so the
+    // election for A's failure (smallest live id) is the node's.
+    assert!(node_id < b.id && node_id < a.id, "{node_id} {} {}", a.id, b.id);
+    let table = BTreeMap::from([(node_id.clone(), node.udp)]);
+    let (eval, pid) = ("1795512038648868597971", "1795512056.7615452179551203864886859797");
+    let modules = ["test_m1.py", "test_m2.py", "test_m3.py", "test_m4.py"];
+    let paths: Vec<String> = modules.iter().map(|m| format!("tests/{m}")).collect();
+    let mut files: Vec<(&str, &str)> = paths.iter().map(|p| (p.as_str(), TEST_MODULE)).collect();
+    files.push(("calc.py", "X = 1\n"));
+    let alive = std::sync::Arc::new(AtomicBool::new(true));
+    let (api, seen) = reference_api_while(pid.to_string(), reference_zip(pid, &files), alive.clone());
+    // A second project whose modules A never published (it died before discovering them).
+    let pid2 = "1795512056.762204179551203864886859797";
+    let files2 = [("tests/test_s1.py", TEST_MODULE), ("tests/sub/test_s2.py", TEST_MODULE)];
+    let (api2, seen2) = reference_api_while(pid2.to_string(), reference_zip(pid2, &files2), alive.clone());
+
+    // Reference owner A announces the project and publishes the evaluation (its CACHE_UPDATE):
+    // test_m1.py finished by A (its true counts, 2 passed 1 failed), the others waiting.
+    let announce = json!({"project_id": pid, "api_port": api.port().to_string(), "project_name": "calc",
+        "eval_id": eval, "url": null, "token": null, "type": 0});
+    a.send(node.udp, "PROJECT_ANNOUNCE", announce);
+    let announce2 = json!({"project_id": pid2, "api_port": api2.port().to_string(), "project_name": "strs",
+        "eval_id": eval, "url": null, "token": null, "type": 0});
+    a.send(node.udp, "PROJECT_ANNOUNCE", announce2);
+    let a_addr = a.addr.to_string();
+    let waiting = json!({"passed": 0, "failed": 0, "time": 0, "status": "pending"});
+    let cache = json!({"addr": a_addr, "peers_ip": [node.udp.to_string(), b.addr.to_string()],
+        "evaluations": {eval: {"projects": [pid, pid2], "start_time": 1795512056.7254164, "end_time": null}},
+        "projects": {pid: {"project_name": "calc", "node": a_addr, "modules": {
+            "test_m1.py": {"passed": 2, "failed": 1, "time": 0.144, "status": "finished"},
+            "test_m2.py": waiting, "test_m3.py": waiting, "test_m4.py": waiting}},
+            pid2: {"project_name": "strs", "node": a_addr, "modules": {}}},
+        "stats": {"failed": 1, "passed": 2, "projects": 1, "modules": 1, "evaluations": [eval], "submitted_evaluation": [eval]}});
+    a.send(node.udp, "CACHE_UPDATE", cache);
+    let listed = wait_until(Duration::from_secs(5), || {
+        http_get(node.http, &format!("/evaluation/{eval}")).is_some_and(|(s, _)| s == 200)
+    });
+    assert!(listed, "{}", node.log());
+
+    // A hands test_m4.py to the node, which confirms it; then A dies (no heartbeat, its HTTP
+    // API answers no more).
+    let mut next = Instant::now();
+    a.send(node.udp, "TASK_ANNOUNCE", json!({"id": a.id}));
+    let task = json!({"id": a.id, "info": {"project_id": pid, "module": "test_m4.py", "project_name": "calc",
+        "api_port": api.port().to_string(), "eval_id": eval, "url": null, "token": null, "type": "zip"}});
+    let start = Instant::now();
+    let mut sent = false;
+    let fetched2 = || seen2.lock().expect("log").iter().any(|q| q.path == format!("/file/{pid2}"));
+    while (a.got("TASK_CONFIRM").is_empty() || !fetched2()) && start.elapsed() < Duration::from_secs(10) {
+        if !sent && !a.got("TASK_REQUEST").is_empty() {
+            a.send(node.udp, "TASK_SEND", task.clone());
+            sent = true;
+        }
+        pump(&mut [&mut a, &mut b], &[true, true], node.udp, &table, &mut next);
+    }
+    assert!(!a.got("TASK_CONFIRM").is_empty(), "no TASK_CONFIRM for A's task:\n{}", node.log());
+    assert!(fetched2(), "the second project was not prefetched:\n{}", node.log());
+    alive.store(false, Ordering::SeqCst);
+
+    // B, a reference node, answers the node's election for A and asks for work on its
+    // TASK_ANNOUNCEs; it runs the module it gets (2 passed, 1 failed, as the module has) and
+    // posts the reference's body to the `api_port` of the TASK_SEND.
+    let report = |node: &FullNode| http_get(node.http, &format!("/evaluation/{eval}")).map(|(_, v)| v);
+    let (mut answered, mut requested, mut posted) = (false, 0, None);
+    let start = Instant::now();
+    while start.elapsed() < Duration::from_secs(240) {
+        pump(&mut [&mut a, &mut b], &[false, true], node.udp, &table, &mut next);
+        if !answered && let Some(el) = b.got("RECOVERY_ELECTION").first().cloned() {
+            assert_eq!((&el["candidate_id"], &el["failed_node"]), (&json!(node_id), &json!(a.id)), "{el}");
+            assert_eq!(el["failed_node_addr"], a_addr.as_str());
+            assert_eq!(
+                el["extra"],
+                json!({eval: [pid, pid2]}),
+                "the election carries A's unfinished evaluation"
+            );
+            let rep = json!({"failed_node_id": a.id, "evaluations": {}, "node_id": b.id});
+            b.send(node.udp, "RECOVERY_ELECTION_REP", rep);
+            answered = true;
+        }
+        let announces = b.got("TASK_ANNOUNCE").len();
+        if posted.is_none() && announces > requested {
+            requested = announces;
+            b.send(node.udp, "TASK_REQUEST", json!({"id": b.id}));
+        }
+        if posted.is_none()
+            && let Some(send) = b.got("TASK_SEND").first().cloned()
+        {
+            let info = &send["info"];
+            assert_eq!(
+                (&info["project_id"], &info["eval_id"], &info["type"], &info["api_port"]),
+                (&json!(pid), &json!(eval), &json!("zip"), &json!(node.http.port().to_string())),
+                "{send}"
+            );
+            let module = info["module"].as_str().expect("module").to_string();
+            // Not A's task, which the node still runs (its result, for A, becomes the node's own):
+            // the first waiting module, or the next when the node's slot freed first.
+            assert!(modules[1..3].contains(&module.as_str()), "{send}");
+            let task_id = format!("{pid}::{module}");
+            b.send(node.udp, "TASK_CONFIRM", json!({"task_id": task_id}));
+            std::thread::sleep(Duration::from_millis(300));
+            let body = json!({"task_id": task_id, "passed": 2, "failed": 1, "time": 0.2, "project_id": pid,
+                "module": module, "ip": "127.0.0.1", "port": b.addr.port().to_string()});
+            let body = serde_json::to_vec(&body).expect("json");
+            let answer = common::http_call(node.http, "POST", "/task", Some(("application/json", &body)));
+            assert_eq!(answer, Some((200, json!({"status": "success"}))), "{}", node.log());
+            posted = Some(module);
+        }
+        if report(&node).is_some_and(|v| v["end_time"].is_number()) {
+            break;
+        }
+    }
+    let report = report(&node).expect("report");
+    assert!(report["end_time"].is_number(), "never finished: {report}\n{}", node.log());
+    assert!(
+        answered && posted.is_some(),
+        "election answered {answered}, task posted {posted:?}\n{}",
+        node.log()
+    );
+
+    // Exact counts: 6 modules of 2 passed and 1 failed (4 published, 2 discovered again), A's
+    // result kept, each module once.
+    let summary = json!({"pass_percentage": 66.67, "fail_percentage": 33.33, "executed": 6, "executing": 0,
+        "pending": 0, "time_elapsed": 0, "total_passed": 12, "total_failed": 6});
+    assert_eq!(report["summary"], summary, "{report}");
+    let calc = &report["projects"]["calc"];
+    assert_eq!((&calc["node"], &calc["score"]), (&json!(node.udp.to_string()), &json!(13.33)), "{report}");
+    assert_eq!(calc["modules"]["test_m1.py"]["time"], 0.144, "A's result stays");
+    let strs = &report["projects"]["strs"];
+    let found: Vec<&String> = strs["modules"].as_object().map(|m| m.keys().collect()).unwrap_or_default();
+    assert_eq!(found, ["test_s1.py", "test_s2.py"], "the reference's names: file names under tests/");
+    assert_eq!((&strs["node"], &strs["score"]), (&json!(node.udp.to_string()), &json!(13.33)), "{report}");
+    let (_, stats) = http_get(node.http, "/stats").expect("stats");
+    assert_eq!(stats["all"], json!({"failed": 6, "passed": 12, "projects": 2, "evaluations": 1}), "{stats}");
+
+    // B was told, in the reference's messages: the new owner, then the finished evaluation.
+    for p in [pid, pid2] {
+        let update = json!({"project_id": p, "new_node": node.udp.to_string()});
+        assert!(b.got("EVALUATION_RESPONSIBILITY_UPDATE").contains(&&update), "{:?}", b.received);
+    }
+    let published = wait_until(Duration::from_secs(10), || {
+        b.drain();
+        b.got("CACHE_UPDATE").iter().any(|c| {
+            let (p, p2) = (&c["projects"][pid], &c["projects"][pid2]);
+            c["evaluations"][eval]["end_time"].is_number()
+                && p["node"] == node.udp.to_string()
+                && modules.iter().all(|m| p["modules"][m]["status"] == "finished")
+                && ["test_s1.py", "test_s2.py"].iter().all(|m| p2["modules"][m]["status"] == "finished")
+        })
+    });
+    assert!(published, "no CACHE_UPDATE with the finished evaluation:\n{}", node.log());
+    // A's API saw only the prefetch of its project (afterwards it was dead).
+    for (log, p) in [(&seen, pid), (&seen2, pid2)] {
+        let calls: Vec<String> = log.lock().expect("log").iter().map(|q| q.path.clone()).collect();
+        assert_eq!(calls, [format!("/file/{p}")], "only the prefetch reached A");
+    }
 }

@@ -257,7 +257,27 @@ fn network_of(
         https.push(h);
         udps.push(u);
     }
-    // Everyone lists everyone.
+    wait_whole(&https, &udps);
+    (procs, https, udps)
+}
+
+/// Reference node r0, then a cdtester node joining it, then reference node r1 joining the
+/// cdtester node, which mints r1's id: the cdtester node is older than r1, so it wins the
+/// election for r0. HTTP addresses in the order r0, r1, cdtester.
+fn network_via_cdtester(reference: &Reference, dir: &Path) -> (Vec<Proc>, Vec<SocketAddr>) {
+    let (u0, h0, uc, hc, u1, h1) = (free_udp(), free_tcp(), free_udp(), free_tcp(), free_udp(), free_tcp());
+    let r0 = reference.start(&dir.join("r0"), u0, h0, None);
+    std::thread::sleep(Duration::from_secs(2));
+    let c = cdtester_node(&dir.join("c"), uc, hc, u0);
+    std::thread::sleep(Duration::from_secs(2));
+    let r1 = reference.start(&dir.join("r1"), u1, h1, Some(uc));
+    let https = vec![h0, h1, hc];
+    wait_whole(&https, &[u0, u1, uc]);
+    (vec![r0, r1, c], https)
+}
+
+/// Waits (at most 20 s) until every node's `/network` lists every other.
+fn wait_whole(https: &[SocketAddr], udps: &[SocketAddr]) {
     let all: Vec<String> = udps.iter().map(|u| u.to_string()).collect();
     let whole = || {
         https.iter().zip(&all).all(|(h, me)| {
@@ -270,7 +290,6 @@ fn network_of(
     while !whole() && start.elapsed() < Duration::from_secs(20) {
         std::thread::sleep(Duration::from_millis(250));
     }
-    (procs, https, udps)
 }
 
 #[test]
@@ -327,21 +346,19 @@ fn kill9(p: &mut Proc) {
     let _ = p.child.wait();
 }
 
-/// A network of `refs` reference nodes (plus a cdtester node, the last, when `with_cdtester`):
-/// submits `zip` to node `owner`, kills it once a module has finished and waits for node `survivor` to finish the
-/// evaluation with `expected` counts (and a surviving cdtester node to show it); the time from
-/// the kill to the end.
+/// Submits `zip` to node `owner` of a network (processes and HTTP addresses; `dir` holds the
+/// nodes' folders), kills it once a module has finished and waits for node `watch[0]` to finish
+/// the evaluation with `expected` counts, and for the other `watch` nodes to show it so; the
+/// time from the kill to the end on `watch[0]`.
 fn kill_owner(
-    reference: &Reference,
+    network: (Vec<Proc>, Vec<SocketAddr>),
     dir: &Path,
     zip: &[u8],
     expected: (u64, u64),
-    nodes: (usize, bool),
     owner: usize,
-    survivor: usize,
+    watch: &[usize],
 ) -> Duration {
-    let (refs, with_cdtester) = nodes;
-    let (mut procs, https, _) = network_of(reference, dir, refs, with_cdtester);
+    let (mut procs, https) = network;
     // Let the reference nodes learn every node's status (their failure checker needs it).
     std::thread::sleep(Duration::from_secs(6));
     let id = common::submit_zip(https[owner], zip);
@@ -355,7 +372,7 @@ fn kill_owner(
     assert!(started, "no module finished: {:?}", common::http_call(https[owner], "GET", &path, None));
     kill9(&mut procs[owner]);
     let killed = Instant::now();
-    let (report, _) = finished(https[survivor], &id, Duration::from_secs(240)).unwrap_or_else(|| {
+    let (report, _) = finished(https[watch[0]], &id, Duration::from_secs(240)).unwrap_or_else(|| {
         let logs: Vec<String> = ["r0", "r1", "r2", "c"]
             .iter()
             .map(|n| {
@@ -367,16 +384,16 @@ fn kill_owner(
             .collect();
         panic!(
             "never finished: {:?}\n{}",
-            common::http_call(https[survivor], "GET", &format!("/evaluation/{id}"), None),
+            common::http_call(https[watch[0]], "GET", &path, None),
             logs.join("\n")
         )
     });
     let took = killed.elapsed();
     assert_eq!(totals(&report), expected, "{report}");
-    if with_cdtester && owner != refs {
-        let (mine, _) =
-            finished(https[refs], &id, Duration::from_secs(15)).expect("cdtester shows it finished");
-        assert_eq!(totals(&mine), expected, "{mine}");
+    for &other in &watch[1..] {
+        let (theirs, _) = finished(https[other], &id, Duration::from_secs(15))
+            .expect("the other survivor shows it finished");
+        assert_eq!(totals(&theirs), expected, "{theirs}");
     }
     took
 }
@@ -384,8 +401,12 @@ fn kill_owner(
 #[test]
 fn a_killed_reference_owner_is_recovered_by_the_mixed_survivors_with_exact_counts() {
     let Some((reference, tmp, zip, expected)) = setup(2, 5, 3.0) else { return };
-    let only = kill_owner(&reference, &tmp.path().join("only"), &zip, expected, (3, false), 0, 1);
-    let mixed = kill_owner(&reference, &tmp.path().join("mixed"), &zip, expected, (2, true), 0, 1);
+    let dir = tmp.path().join("only");
+    let (procs, https, _) = network_of(&reference, &dir, 3, false);
+    let only = kill_owner((procs, https), &dir, &zip, expected, 0, &[1]);
+    let dir = tmp.path().join("mixed");
+    let (procs, https, _) = network_of(&reference, &dir, 2, true);
+    let mixed = kill_owner((procs, https), &dir, &zip, expected, 0, &[1, 2]);
     eprintln!(
         "reference owner killed after its first module, finished after the kill: 3 reference nodes {only:?}, 2 reference + 1 cdtester {mixed:?}"
     );
@@ -394,8 +415,39 @@ fn a_killed_reference_owner_is_recovered_by_the_mixed_survivors_with_exact_count
 #[test]
 fn a_killed_cdtester_owner_is_recovered_by_reference_nodes_with_exact_counts() {
     let Some((reference, tmp, zip, expected)) = setup(2, 5, 3.0) else { return };
-    let took = kill_owner(&reference, &tmp.path().join("mixed"), &zip, expected, (2, true), 2, 0);
+    let dir = tmp.path().join("mixed");
+    let (procs, https, _) = network_of(&reference, &dir, 2, true);
+    let took = kill_owner((procs, https), &dir, &zip, expected, 2, &[0]);
     eprintln!(
         "cdtester owner killed after its first module: the reference nodes finished {took:?} after the kill"
+    );
+}
+
+#[test]
+fn a_cdtester_node_that_wins_the_election_for_a_killed_reference_owner_finishes_its_evaluation() {
+    let Some((reference, tmp, zip, expected)) = setup(2, 5, 3.0) else { return };
+    // Reference only, the same zip: 2 nodes, the owner killed.
+    let dir = tmp.path().join("only");
+    let (procs, https, _) = network_of(&reference, &dir, 2, false);
+    let only = kill_owner((procs, https), &dir, &zip, expected, 0, &[1]);
+    // 1 reference owner + 1 cdtester node: the cdtester node is the only survivor.
+    let dir = tmp.path().join("alone");
+    let (procs, https, _) = network_of(&reference, &dir, 1, true);
+    let alone = kill_owner((procs, https), &dir, &zip, expected, 0, &[1]);
+    let log = std::fs::read_to_string(dir.join("c/node.log")).unwrap_or_default();
+    assert!(log.contains("taking over a reference node's evaluations"), "{log}");
+    // The cdtester node older than the surviving reference node: it wins the election, hands
+    // modules to the reference node, and both show the evaluation finished.
+    let dir = tmp.path().join("via");
+    let via = kill_owner(network_via_cdtester(&reference, &dir), &dir, &zip, expected, 0, &[2, 1]);
+    let log = std::fs::read_to_string(dir.join("c/node.log")).unwrap_or_default();
+    assert!(log.contains("taking over a reference node's evaluations"), "{log}");
+    let r1 = std::fs::read_to_string(dir.join("r1/node.log")).unwrap_or_default();
+    assert!(!r1.contains("Traceback"), "the reference node crashed:\n{r1}");
+    let handed = log.matches("owned reference task handed out").count();
+    eprintln!(
+        "reference owner killed after its first module, finished after the kill: 2 reference nodes {only:?}; \
+         1 cdtester node alone {alone:?}; cdtester winner + 1 reference node {via:?} (modules handed to the \
+         reference node: {handed})"
     );
 }

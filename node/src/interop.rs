@@ -16,7 +16,7 @@ use std::collections::{BTreeMap, HashMap};
 use serde::Serialize;
 use serde::ser::SerializeMap;
 
-use crate::wire::{CacheContent, EvaluationEntry, ModuleEntry, ModuleStatus, ProjectEntry};
+use crate::wire::{CacheContent, EvalMap, EvaluationEntry, ModuleEntry, ModuleStatus, ProjectEntry};
 
 /// Most reference evaluations kept.
 pub const MAX_EVALUATIONS: usize = 4_096;
@@ -26,6 +26,8 @@ pub const MAX_PROJECTS: usize = 16_384;
 pub const MAX_MODULES: usize = 2_048;
 /// Longest reference id accepted.
 pub const MAX_ID_LEN: usize = 64;
+/// Largest test count a reference worker's result may carry for a module.
+pub const MAX_COUNT: u64 = 1_000_000;
 
 /// Whether `id` is an acceptable reference id: 1 to 64 characters of `[0-9A-Za-z_.-]`, not made
 /// of dots only (`.` and `..` name folders, the reference's `/file/..` flaw F4).
@@ -142,6 +144,169 @@ impl View {
         }
     }
 
+    /// A failed node's responsibilities move to `me` (both `ip:port`): every project `failed`
+    /// was responsible for, and those the election `named` (evaluation → projects, as peers
+    /// said) whose owner is not `live` (a forged name cannot move a live node's project), of
+    /// evaluations without an end time. Returns the projects this node owns now (known ones
+    /// only: a project no CACHE_UPDATE described has no name or evaluation to run it under).
+    pub fn take_over(
+        &mut self,
+        failed: &str,
+        me: &str,
+        named: &EvalMap,
+        live: impl Fn(&str) -> bool,
+    ) -> Vec<String> {
+        let mut taken = Vec::new();
+        for (_, e) in self.evals.values().filter(|(_, e)| e.end_time.is_none()) {
+            for pid in &e.projects {
+                let listed = named.values().any(|ps| ps.contains(pid));
+                let Some(p) = self.projects.get_mut(pid) else { continue };
+                if (p.node == failed || (listed && !live(&p.node))) && !taken.contains(pid) {
+                    p.node = me.chars().take(MAX_ID_LEN).collect();
+                    taken.push(pid.clone());
+                }
+            }
+        }
+        taken
+    }
+
+    /// The name of a project `me` is responsible for whose modules no CACHE_UPDATE listed (its
+    /// owner died before publishing them): they are to be discovered again.
+    pub fn undiscovered(&self, me: &str, project: &str) -> Option<String> {
+        let p = self.projects.get(project).filter(|p| p.node == me && p.modules.is_empty())?;
+        Some(p.project_name.clone())
+    }
+
+    /// Adds discovered modules (reference names, pending) to a project `me` is responsible for
+    /// that has none yet.
+    pub fn discovered(&mut self, me: &str, project: &str, modules: &[String]) {
+        let Some(p) = self.projects.get_mut(project).filter(|p| p.node == me && p.modules.is_empty()) else {
+            return;
+        };
+        for m in modules.iter().filter(|m| valid_module(m)).take(MAX_MODULES) {
+            let pending = ModuleEntry { passed: 0, failed: 0, time: 0.0, status: ModuleStatus::Pending };
+            p.modules.insert(m.clone(), pending);
+        }
+    }
+
+    /// The modules of a project that have no result yet.
+    pub fn unfinished(&self, project: &str) -> Vec<String> {
+        self.projects.get(project).map_or_else(Vec::new, |p| {
+            p.modules
+                .iter()
+                .filter(|(_, m)| m.status != ModuleStatus::Finished)
+                .map(|(n, _)| n.clone())
+                .collect()
+        })
+    }
+
+    /// The project's name and the evaluation listing it, when `me` is responsible for it and
+    /// `module` of it has no result yet: what a task of it needs.
+    pub fn owned_task(&self, me: &str, project: &str, module: &str) -> Option<(String, String)> {
+        let p = self.projects.get(project).filter(|p| p.node == me)?;
+        let open = p.modules.get(module).is_some_and(|m| m.status != ModuleStatus::Finished);
+        let eval = self.evals.iter().find(|(_, (_, e))| e.projects.iter().any(|x| x == project))?.0;
+        open.then(|| (p.project_name.clone(), eval.clone()))
+    }
+
+    /// Marks a module of a project `me` is responsible for running (a task started or was
+    /// confirmed).
+    pub fn running(&mut self, me: &str, project: &str, module: &str) {
+        let p = self.projects.get_mut(project).filter(|p| p.node == me);
+        if let Some(m) = p.and_then(|p| p.modules.get_mut(module))
+            && m.status != ModuleStatus::Finished
+        {
+            m.status = ModuleStatus::Running;
+        }
+    }
+
+    /// Stores a module's result for a project `me` is responsible for, unless the module has
+    /// one already (the first result wins); whether it was stored. Counts are capped at
+    /// [`MAX_COUNT`], a time that is not a finite non-negative number becomes 0.
+    pub fn record(
+        &mut self,
+        me: &str,
+        project: &str,
+        module: &str,
+        passed: u64,
+        failed: u64,
+        time: f64,
+    ) -> bool {
+        let p = self.projects.get_mut(project).filter(|p| p.node == me);
+        let Some(m) = p.and_then(|p| p.modules.get_mut(module)) else { return false };
+        if m.status == ModuleStatus::Finished {
+            return false;
+        }
+        let time = if time.is_finite() && time >= 0.0 { time } else { 0.0 };
+        *m = ModuleEntry {
+            passed: passed.min(MAX_COUNT),
+            failed: failed.min(MAX_COUNT),
+            time: round3(time),
+            status: ModuleStatus::Finished,
+        };
+        true
+    }
+
+    /// Sets the end time (`now`, seconds) of every evaluation with a project `me` is
+    /// responsible for whose modules all have results and none of whose projects is still
+    /// `discovering`, as the reference's owner does when it stores the last one; whether any
+    /// ended.
+    pub fn finish(&mut self, me: &str, now: f64, discovering: impl Fn(&str) -> bool) -> bool {
+        let mut ended = false;
+        for (_, e) in self.evals.values_mut().filter(|(_, e)| e.end_time.is_none()) {
+            let projects: Vec<&ProjectEntry> =
+                e.projects.iter().filter_map(|p| self.projects.get(p)).collect();
+            let done = projects.len() == e.projects.len()
+                && !e.projects.iter().any(|p| discovering(p))
+                && projects.iter().any(|p| p.node == me)
+                && projects.iter().all(|p| p.modules.values().all(|m| m.status == ModuleStatus::Finished));
+            if done {
+                e.end_time = Some(now);
+                ended = true;
+            }
+        }
+        ended
+    }
+
+    /// The part of this node's CACHE_UPDATE that reference nodes read for the evaluations
+    /// with a project `me` is responsible for: those evaluations, their projects, and their
+    /// ids as submitted here (a reference node that detects this node's failure recovers only
+    /// those).
+    pub fn add_owned(&self, me: &str, content: &mut CacheContent) {
+        for (id, (_, e)) in &self.evals {
+            if !e.projects.iter().any(|p| self.owner(p) == Some(me)) {
+                continue;
+            }
+            content.evaluations.insert(id.clone(), e.clone());
+            for pid in &e.projects {
+                if let Some(p) = self.projects.get(pid) {
+                    content.projects.insert(pid.clone(), p.clone());
+                }
+            }
+            if e.end_time.is_none() {
+                content.stats.submitted_evaluation.push(id.clone());
+            }
+        }
+    }
+
+    /// The unfinished evaluations each node (`ip:port`) is responsible for, by project: what
+    /// an election carries for a failed node (the reference's map: evaluation → projects with
+    /// a module without result, and here also those without modules yet).
+    pub fn active(&self, into: &mut BTreeMap<String, EvalMap>) {
+        for (id, (_, e)) in self.evals.iter().filter(|(_, (_, e))| e.end_time.is_none()) {
+            for pid in &e.projects {
+                let Some(p) = self.projects.get(pid) else { continue };
+                // A project without modules yet counts too: its owner died before publishing them.
+                if p.modules.is_empty() || p.modules.values().any(|m| m.status != ModuleStatus::Finished) {
+                    let list = into.entry(p.node.clone()).or_default().entry(id.clone()).or_default();
+                    if !list.contains(pid) {
+                        list.push(pid.clone());
+                    }
+                }
+            }
+        }
+    }
+
     /// The node responsible for a project (`ip:port`), as last heard.
     pub fn owner(&self, project: &str) -> Option<&str> {
         self.projects.get(project).map(|p| p.node.as_str())
@@ -252,6 +417,11 @@ impl Tally {
 /// Python's `round(x, 2)` (both round the exact binary value, ties to even).
 fn round2(x: f64) -> f64 {
     format!("{x:.2}").parse().unwrap_or(x)
+}
+
+/// A time rounded to milliseconds, as the reference's workers report it.
+fn round3(x: f64) -> f64 {
+    format!("{x:.3}").parse().unwrap_or(x)
 }
 
 /// A JSON number the reference writes as an integer or a float.
@@ -395,6 +565,83 @@ mod tests {
         v.responsibility(pid, "127.0.0.1:8002");
         assert_eq!(v.owner(pid), Some("127.0.0.1:8002"));
         assert_eq!(v.report("1795512038648868597971", 0.0).expect("known").summary.executed, 4);
+    }
+
+    /// A CACHE_UPDATE adding project `pid` without modules (before its owner's discovery).
+    fn lost_project(eval: &str, pid: &str, node: &str) -> CacheContent {
+        let mut c = CacheContent::default();
+        let entry = EvaluationEntry { projects: vec![pid.to_string()], start_time: 1.0, end_time: None };
+        c.evaluations.insert(eval.to_string(), entry);
+        let project =
+            ProjectEntry { project_name: "lost".into(), node: node.into(), modules: BTreeMap::new() };
+        c.projects.insert(pid.to_string(), project);
+        c
+    }
+
+    #[test]
+    fn a_taken_over_evaluation_is_run_to_its_end_as_the_references_recovery_node_does() {
+        let (eval, calc, strs) = (
+            "1795512038648868597971",
+            "1795512056.7615452179551203864886859797",
+            "1795512056.762204179551203864886859797",
+        );
+        let (dead, me) = ("127.0.0.1:8001", "127.0.0.1:9000");
+        let mut c = capture();
+        c.evaluations.values_mut().for_each(|e| e.end_time = None);
+        let m = c.projects.get_mut(calc).and_then(|p| p.modules.get_mut("test_sub.py")).expect("module");
+        m.status = ModuleStatus::Running;
+        let mut v = View::default();
+        v.merge(&c, ours);
+        let mut active = BTreeMap::new();
+        v.active(&mut active);
+        assert_eq!(
+            active,
+            BTreeMap::from([(dead.to_string(), EvalMap::from([(eval.to_string(), vec![calc.to_string()])]))])
+        );
+        // Nothing is this node's before the takeover.
+        assert!(!v.record(me, calc, "test_sub.py", 2, 0, 0.1));
+        assert_eq!(v.owned_task(me, calc, "test_sub.py"), None);
+
+        // A forged election naming a live node's project moves nothing.
+        let forged = EvalMap::from([(eval.to_string(), vec![calc.to_string()])]);
+        assert!(v.take_over("127.0.0.1:7", me, &forged, |n| n == dead).is_empty());
+        let mut taken = v.take_over(dead, me, &EvalMap::new(), |_| true);
+        taken.sort();
+        assert_eq!(taken, vec![calc.to_string(), strs.to_string()], "every project of the dead node");
+        assert_eq!(v.owner(calc), Some(me));
+        assert_eq!(v.unfinished(calc), vec!["test_sub.py".to_string()]);
+        assert_eq!(v.owned_task(me, calc, "test_sub.py"), Some(("calc".to_string(), eval.to_string())));
+        assert_eq!(v.owned_task(me, calc, "test_add.py"), None, "finished already");
+        assert_eq!(v.undiscovered(me, calc), None, "its modules are known");
+        // A project whose modules were never published gets them from a new discovery.
+        let lost = "1795512057.1179551203864886859797";
+        v.merge(&lost_project(eval, lost, dead), ours);
+        assert_eq!(v.take_over(dead, me, &EvalMap::new(), |_| true), vec![lost.to_string()]);
+        assert_eq!(v.undiscovered(me, lost), Some("lost".to_string()));
+        assert!(!v.finish(me, 10.0, |p| p == lost), "not before its discovery");
+        v.discovered(me, lost, &["test_l.py".to_string(), "../x.py".to_string()]);
+        assert_eq!(v.unfinished(lost), vec!["test_l.py".to_string()]);
+        assert!(v.record(me, lost, "test_l.py", 1, 0, 0.1));
+        let mut content = CacheContent::default();
+        v.add_owned(me, &mut content);
+        assert_eq!(content.stats.submitted_evaluation, vec![eval.to_string()]);
+        assert_eq!(content.projects[calc].node, me);
+        assert!(!v.finish(me, 10.0, |_| false), "a module is still running");
+
+        // The first result wins; hostile numbers are capped.
+        assert!(v.record(me, calc, "test_sub.py", u64::MAX, 0, f64::NAN));
+        assert!(!v.record(me, calc, "test_sub.py", 2, 0, 0.11));
+        let r = v.report(eval, 0.0).expect("report");
+        assert_eq!(r.projects.0[0].1.modules["test_sub.py"].passed, MAX_COUNT);
+        assert_eq!(r.projects.0[0].1.modules["test_sub.py"].time, 0.0);
+        assert!(!v.finish(me, 10.0, |p| p == strs), "a project is still being discovered");
+        assert!(v.finish(me, 10.0, |_| false));
+        assert_eq!(v.report(eval, 0.0).expect("report").end_time, Some(10.0));
+        let mut active = BTreeMap::new();
+        v.active(&mut active);
+        assert!(active.is_empty(), "{active:?}");
+        // A later takeover of another node moves nothing of a finished evaluation.
+        assert!(v.take_over(me, "127.0.0.1:9001", &EvalMap::new(), |_| false).is_empty());
     }
 
     #[test]

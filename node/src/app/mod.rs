@@ -17,6 +17,7 @@ mod lifecycle;
 mod local;
 mod project;
 mod reference;
+mod reference_owner;
 mod reference_workers;
 mod sync;
 mod worker;
@@ -58,6 +59,9 @@ pub async fn accept_result(
     post: TaskPost,
     caller: SocketAddr,
 ) -> Result<&'static str, AppError> {
+    if let Some(status) = app.owned_result(&post, caller) {
+        return Ok(status);
+    }
     let post = app.translate_reference_post(post, caller);
     let answer = app.apply(Input::Result { post, caller }).answer;
     match answer {
@@ -338,6 +342,7 @@ impl App {
                 app.push_active();
                 if ticks.is_multiple_of(CACHE_EVERY_TICKS) {
                     app.announce_to_reference();
+                    app.reference_owner_tick();
                     app.set_cache();
                 }
                 ticks += 1;
@@ -416,7 +421,9 @@ impl App {
     /// local app has no core).
     fn push_active(&self) {
         if let Some(net) = self.net().filter(|_| !self.local) {
-            net.push_state(LocalEvent::SetActive(self.engine().active_evaluations()));
+            let mut active = self.engine().active_evaluations();
+            self.ref_state().view.active(&mut active);
+            net.push_state(LocalEvent::SetActive(active));
         }
     }
 
@@ -426,6 +433,7 @@ impl App {
         if let Some(net) = self.net().filter(|_| !self.local) {
             let mut content = self.engine().cache_content();
             App::reference_names(&mut content);
+            self.ref_state().view.add_owned(&self.addr().to_string(), &mut content);
             net.push_state(LocalEvent::SetCache(Box::new(content)));
         }
     }
@@ -759,9 +767,10 @@ impl App {
                 self.refresh_members();
                 self.apply(Input::PeerDown { addr, died: reason == crate::core::DownReason::Failed });
             }
-            Event::TakeOver { failed_addr, .. } => {
+            Event::TakeOver { failed_addr, evaluations, .. } => {
                 crate::metrics::node().election_won();
                 self.apply(Input::TakeOver { failed: failed_addr });
+                self.take_over_reference(failed_addr, &evaluations);
             }
             Event::Relinquish { failed_addr, owner, .. } => {
                 crate::metrics::node().election_relinquished();

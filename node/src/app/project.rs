@@ -29,7 +29,7 @@ impl App {
     }
 
     /// Discovers a project's modules under this node's runner decision.
-    async fn discover(self: &Arc<Self>, project: &ProjectRecord) -> Result<Discovery, String> {
+    pub(super) async fn discover(self: &Arc<Self>, project: &ProjectRecord) -> Result<Discovery, String> {
         // A rerun runs only the modules it names (taken first: every way out of here is final).
         let only = self.shell().rerun_only.remove(&project.id);
         // Preparing and collecting start pytest processes: at most one per worker slot at once.

@@ -14,6 +14,8 @@
 //!   and policies; the result is posted to the project's current owner (`POST /task`, the
 //!   reference's exact body), following EVALUATION_RESPONSIBILITY_UPDATEs.
 //! - Handing this node's tasks to reference workers: see [`super::reference_workers`].
+//! - Taking over a failed reference owner's evaluations when this node wins the election: see
+//!   [`super::reference_owner`].
 //! - Shared view: evaluations owned by reference nodes are kept from their CACHE_UPDATEs
 //!   ([`crate::interop::View`]) and shown by `/evaluation`, `/evaluation/<id>` and `/stats`.
 
@@ -77,8 +79,9 @@ enum Claim {
 #[derive(Default)]
 pub(super) struct RefState {
     pub(super) view: View,
-    /// Reference tasks confirmed or being fetched.
-    running: usize,
+    /// Reference slots taken: tasks for reference owners confirmed or being fetched, and
+    /// modules of owned reference projects running here.
+    pub(super) running: usize,
     announcers: HashMap<SocketAddr, Instant>,
     /// Projects fetched from reference owners, by their project id (archives in the store).
     projects: HashMap<String, ProjectRecord>,
@@ -90,6 +93,8 @@ pub(super) struct RefState {
     fetching: HashSet<String>,
     /// This node's projects repacked in the reference's `/file` layout, by project id.
     pub(super) repacked: HashMap<String, Arc<Vec<u8>>>,
+    /// Modules of reference projects this node took over (see [`super::reference_owner`]).
+    pub(super) owned: super::reference_owner::Owned,
 }
 
 impl RefState {
@@ -112,6 +117,17 @@ impl RefState {
     /// This node's task for a reference worker's result (forgotten then).
     pub(super) fn finished(&mut self, key: &(SocketAddr, String)) -> Option<String> {
         self.handed.remove(key).map(|h| h.ours)
+    }
+
+    /// Whether `key` names a task of an owned reference project handed to that worker (its
+    /// task id is the reference's own).
+    pub(super) fn handed_itself(&self, key: &(SocketAddr, String)) -> bool {
+        self.handed.get(key).is_some_and(|h| h.ours == key.1)
+    }
+
+    /// A reference project fetched already.
+    pub(super) fn fetched(&self, project_id: &str) -> Option<ProjectRecord> {
+        self.projects.get(project_id).cloned()
     }
 
     /// Whether a reference worker is busy with a task of this node: one handed recently and not
@@ -274,7 +290,7 @@ impl App {
 
     /// Runs a reference module (a file name under the project's `tests` folder, as the
     /// reference runs `<project>/tests/<module>`) with this node's runner decision.
-    async fn run_reference(
+    pub(super) async fn run_reference(
         self: &Arc<Self>,
         project: &ProjectRecord,
         module: &str,
@@ -346,7 +362,7 @@ async fn work(app: Arc<App>, from: SocketAddr, owner_http: SocketAddr, info: Tas
 /// The project of a reference owner: fetched once (`GET /file/<project_id>`, at most
 /// `intake.max_upload_bytes`), extracted under the intake's caps (one project), and stored like
 /// any project archive.
-async fn fetch_project(
+pub(super) async fn fetch_project(
     app: Arc<App>,
     owner_http: SocketAddr,
     project_id: String,
@@ -427,6 +443,11 @@ async fn post_result(app: &Arc<App>, owner_http: SocketAddr, info: &TaskInfo, re
     let give_up = Instant::now() + POST_PATIENCE;
     loop {
         let to = app.reference_owner_http(&info.project_id, owner_http);
+        if to == app.http {
+            // This node took the project over meanwhile: the result is its own.
+            app.record_owned(&info.project_id, &info.module, body.passed, body.failed, body.time);
+            return;
+        }
         let sent =
             client.post_json::<_, serde_json::Value>(to, "/task", &body, Duration::from_secs(30)).await;
         match sent {

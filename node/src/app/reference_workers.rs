@@ -48,11 +48,12 @@ fn reference_task(task: &TaskId) -> Option<&str> {
 }
 
 impl App {
-    /// TASK_REQUEST of a reference worker: the engine picks a task; one a reference worker can
-    /// run is sent in its terms (after announcing its project), another is not sent (the
-    /// engine hands it out again when its confirmation does not come).
+    /// TASK_REQUEST of a reference worker: a waiting module of a reference project this node
+    /// took over goes first (see [`super::reference_owner`]); else the engine picks a task; one
+    /// a reference worker can run is sent in its terms (after announcing its project), another
+    /// is not sent (the engine hands it out again when its confirmation does not come).
     pub(super) fn hand_to_reference(self: &Arc<Self>, worker: SocketAddr, request: Message) {
-        if self.ref_state().worker_busy(worker) || !self.has_reference_work() {
+        if self.ref_state().worker_busy(worker) || self.hand_owned(worker) || !self.has_reference_work() {
             return;
         }
         let actions = self.engine().handle(now(), Input::Message { from: worker, msg: request });
@@ -96,6 +97,9 @@ impl App {
 
     /// TASK_CONFIRM of a reference worker, in this node's terms.
     pub(super) fn reference_confirm(self: &Arc<Self>, worker: SocketAddr, task: &str) {
+        if self.confirm_owned(worker, task) {
+            return;
+        }
         let ours = self.ref_state().confirmed(&(worker, task.to_string()));
         match ours {
             Some(task_id) => {
@@ -214,7 +218,14 @@ impl App {
         if let Some(bytes) = self.ref_state().repacked.get(project_id) {
             return Ok(bytes.clone());
         }
-        let (_, bytes) = self.project_file(project_id)?;
+        let bytes = match self.project_file(project_id) {
+            Ok((_, bytes)) => bytes,
+            // A reference project this node fetched (and may own now).
+            Err(e) => {
+                let hash = self.ref_state().fetched(project_id).map(|p| p.content_hash);
+                hash.and_then(|h| self.store.read_blob(&h).ok()).ok_or(e)?
+            }
+        };
         let internal = |e: String| {
             tracing::warn!("repacking project {project_id} for a reference node: {e}");
             super::AppError::Internal("repacking the project failed".into())
