@@ -109,6 +109,14 @@ pub(crate) fn baseline_project(
     Ok((root, base_python?))
 }
 
+/// cdtester's own unpacked copy of a corpus project under `dir`: what the baselines write into
+/// their tree (pytest-cov's `.coverage`, for one) would otherwise change the content cdtester
+/// sees between its runs, and with it everything it remembers by content.
+fn pristine_copy(p: &CorpusProject, python: &Path, cache: &Path, dir: &Path) -> anyhow::Result<PathBuf> {
+    let sdist = corpus::fetch(p, python, cache)?;
+    Ok(corpus::unpack(p, &sdist, &dir.join("cdtester"))?)
+}
+
 pub(crate) fn time_pytest(
     python: &Path,
     root: &std::path::Path,
@@ -149,11 +157,7 @@ pub fn run(args: Args, config: &Config) -> anyhow::Result<()> {
     for p in &projects {
         eprintln!("== {} {}: preparing (untimed)", p.name, p.version);
         let (root, base_python) = baseline_project(p, &baseline, &python, &cache, work.path())?;
-        // cdtester gets a pristine copy of its own: what the baselines write into their tree
-        // (pytest-cov's `.coverage`, for one) would otherwise change the content cdtester sees
-        // between its runs, and with it everything it remembers by content.
-        let sdist = corpus::fetch(p, &python, &cache)?;
-        let own = corpus::unpack(p, &sdist, &work.path().join("cdtester"))?;
+        let own = pristine_copy(p, &python, &cache, work.path())?;
         let input = [ProjectInput { name: p.project_root.clone(), root: own }];
         evaluated.push(input[0].clone());
         let warm_up = session.evaluate(&input)?;
