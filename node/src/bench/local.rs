@@ -212,17 +212,21 @@ pub fn run(args: Args, config: &Config) -> anyhow::Result<()> {
         .map(|(name, _)| name.as_str())
         .collect();
     print!("{}", render(&rows, args.workers));
+    println!("{}", together_line(&rows, together, args.workers, &failed));
+    Ok(())
+}
+
+/// The whole corpus in one run against the per-project sums.
+fn together_line(rows: &[Row], together: f64, workers: usize, failed: &[&str]) -> String {
     let xdist_sum: f64 = rows.iter().map(|r| r.xdist).sum();
     let best_sum: f64 = rows.iter().map(|r| r.seq.min(r.xdist)).sum();
-    println!(
+    format!(
         "all projects in one `cdtester run`: {together:.2} s = {:.2}x of the summed xdist time ({xdist_sum:.2} s), \
-         {:.2}x of the better of sequential and pytest -n {} per project, summed ({best_sum:.2} s; target at most 0.75x){}",
+         {:.2}x of the better of sequential and pytest -n {workers} per project, summed ({best_sum:.2} s; target at most 0.75x){}",
         together / xdist_sum.max(f64::EPSILON),
         together / best_sum.max(f64::EPSILON),
-        args.workers,
         if failed.is_empty() { String::new() } else { format!("; not evaluated: {}", failed.join(", ")) }
-    );
-    Ok(())
+    )
 }
 
 fn render(rows: &[Row], workers: usize) -> String {
