@@ -67,6 +67,8 @@ pub(super) struct Phase1 {
 pub(super) struct Fence {
     /// Members counted for the majority: live peers (`None`) and failed ones (down since).
     known: BTreeMap<SocketAddr, Option<Instant>>,
+    /// The members of `known` last handed out to be kept ([`Action::RememberMembers`]).
+    remembered: BTreeSet<SocketAddr>,
     /// The peers that take part in majorities (cdtester nodes, not reference-implementation
     /// ones); `None`: every peer.
     voters: Option<BTreeSet<SocketAddr>>,
@@ -84,6 +86,23 @@ pub(super) struct Fence {
 }
 
 impl Fence {
+    /// The fence of a node that starts with the `members` it counted before: failed members
+    /// (down since `now`) until it sees them live.
+    pub(super) fn restored(members: impl IntoIterator<Item = SocketAddr>, now: Instant) -> Fence {
+        let known: BTreeMap<SocketAddr, Option<Instant>> =
+            members.into_iter().map(|m| (m, Some(now))).collect();
+        let remembered = known.keys().copied().collect();
+        Fence { known, remembered, ..Fence::default() }
+    }
+
+    /// Hands out the members counted now when they changed since last handed out.
+    pub(super) fn remember_members(&mut self, out: &mut Vec<Action>) {
+        if !self.known.keys().eq(self.remembered.iter()) {
+            self.remembered = self.known.keys().copied().collect();
+            out.push(Action::RememberMembers(self.remembered.iter().copied().collect()));
+        }
+    }
+
     /// The live peers now; failed ones stay counted for `hold` (a node cut off alone must not
     /// soon count itself a majority).
     pub(super) fn members(&mut self, now: Instant, peers: &BTreeSet<SocketAddr>, hold: Duration) {
