@@ -62,6 +62,15 @@ pub(super) struct Phase1 {
     seen: BTreeMap<TaskId, Held>,
 }
 
+impl Phase1 {
+    /// Keeps a provisional result an answer holds, when its term is the highest seen.
+    fn learn(&mut self, task: TaskId, held: Held) {
+        if self.seen.get(&task).is_none_or(|s| s.term < held.term) {
+            self.seen.insert(task, held);
+        }
+    }
+}
+
 /// The fencing state of one node.
 #[derive(Debug, Default)]
 pub(super) struct Fence {
@@ -237,7 +246,12 @@ impl Engine {
             .map(|(id, _)| *id)
             .collect();
         for id in done {
-            let Some(p) = self.fence.phase1.remove(&id) else { continue };
+            let Some(mut p) = self.fence.phase1.remove(&id) else { continue };
+            // This node is one of the members too: a proposal of the previous owner it holds
+            // may be one a majority held (and the owner stored), with other holders gone.
+            for (t, h) in self.fence.held.get(&id).into_iter().flatten() {
+                p.learn(t.clone(), h.clone());
+            }
             for (t, h) in p.seen {
                 if self.evals.get(&id).is_some_and(|r| !r.results.contains_key(&t)) {
                     self.propose_result(now, id, (&t, h.result), out);
@@ -368,9 +382,7 @@ impl Engine {
             p.waiting.remove(&from);
             p.answered.insert(from);
             for (t, h) in proposals {
-                if p.seen.get(&t).is_none_or(|s| s.term < h.term) {
-                    p.seen.insert(t, h);
-                }
+                p.learn(t, h);
             }
         }
         self.merge(vec![copy], from, out);

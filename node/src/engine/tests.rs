@@ -468,6 +468,33 @@ fn a_restarted_node_counts_the_members_it_remembers_and_alone_is_no_majority() {
     assert_eq!(sent, vec![addr(1), addr(2)], "{out:?}");
 }
 
+#[test]
+fn a_takeover_learns_the_proposals_the_node_taking_over_holds_itself() {
+    // The owner (0) proposed a result; this node (1) took the proposal. The owner dies, and the
+    // only other live member (2) holds nothing (it restarted): this node's own copy is the one
+    // that says the task has a result a majority may have stored.
+    let (mut origin, clock, out) = started_engine(1, &["t_a.py", "t_b.py"]);
+    let task = runs(&out).remove(0);
+    origin.handle(clock.now(), Input::Ran { post: post_for(addr(0), &task, &[Outcome::Passed]), from: None });
+    let proposal = origin.record(EvalId::test(5)).expect("record").clone();
+    let attempt = proposal.results.get(&task.task_id).expect("the owner's result").attempt.clone();
+    let mut e = Engine::new(config(addr(1), 1), Vec::new(), Default::default(), Vec::new(), clock.0);
+    members(&mut e, &clock, &[addr(0), addr(2)]);
+    let out = e.handle(clock.now(), Input::Propose { copy: proposal, from: addr(0) });
+    let held = out.iter().any(|a| matches!(a, Action::Vote(v) if v.proposals.contains_key(&task.task_id)));
+    assert!(held, "{out:?}");
+    members(&mut e, &clock, &[addr(2)]);
+    let out = e.handle(clock.now(), Input::TakeOver { failed: addr(0) });
+    let sent = proposals(&out);
+    assert_eq!(sent.len(), 1, "{out:?}");
+    let answer = Vote { record: sent[0].1.clone(), proposals: Default::default() };
+    let out = e.handle(clock.now(), Input::Voted { vote: answer, from: addr(2) });
+    assert!(runs(&out).iter().all(|t| t.task_id != task.task_id), "the task is not run again: {out:?}");
+    let again = proposals(&out);
+    let proposed = again.iter().filter_map(|(_, copy)| copy.results.get(&task.task_id)).collect::<Vec<_>>();
+    assert!(!proposed.is_empty() && proposed.iter().all(|r| r.attempt == attempt), "{out:?}");
+}
+
 /// JSON and back, as between nodes (floats may change in their last bit).
 fn over_http<T: serde::Serialize + serde::de::DeserializeOwned>(v: &T) -> T {
     serde_json::from_str(&serde_json::to_string(v).expect("serializes")).expect("parses")
