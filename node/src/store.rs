@@ -9,6 +9,8 @@
 //!   so `/stats` totals computed from them never decrease, across restarts too.
 //! - `module_durations`: `"<project name>::<module>"` -> (seconds, tests) of the module's last
 //!   run, used for longest-first scheduling and for splitting slow modules into chunks.
+//! - `members`: the UDP addresses of the members the engine last counted for majorities, so
+//!   that a restarted node does not count itself a majority before it sees them again.
 //! - `test_history`: (project name, test node id) -> the test's last [`HISTORY_KEEP`] runs
 //!   across evaluations of projects of that name (evaluation, outcome, duration, when), as JSON;
 //!   written with the result that holds the run, once per evaluation.
@@ -16,6 +18,7 @@
 //! Blobs: `<data_dir>/blobs/<sha256>.zip`, written to a temporary file and renamed, so a reader
 //! never sees a partial archive.
 
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
 use cdtester_runner_api::plan::ModuleStat;
@@ -49,6 +52,7 @@ const HISTORY: TableDefinition<(&str, &str), &[u8]> = TableDefinition::new("test
 const EVALUATIONS: TableDefinition<u64, &[u8]> = TableDefinition::new("evaluations");
 const RESULTS: TableDefinition<(u64, &str), &[u8]> = TableDefinition::new("results");
 const DURATIONS: TableDefinition<&str, (f64, u64)> = TableDefinition::new("module_durations");
+const MEMBERS: TableDefinition<&str, ()> = TableDefinition::new("members");
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -108,6 +112,7 @@ impl Store {
         tx.open_table(RESULTS).map_err(db_err)?;
         tx.open_table(DURATIONS).map_err(db_err)?;
         tx.open_table(HISTORY).map_err(db_err)?;
+        tx.open_table(MEMBERS).map_err(db_err)?;
         tx.commit().map_err(db_err)?;
         Ok(Store { db, blobs })
     }
@@ -199,6 +204,34 @@ impl Store {
             let mut table = tx.open_table(DURATIONS).map_err(db_err)?;
             for (k, stat) in entries {
                 table.insert(k.as_str(), (stat.secs, stat.tests)).map_err(db_err)?;
+            }
+        }
+        tx.commit().map_err(db_err)
+    }
+
+    /// The members last remembered (addresses that do not parse are skipped).
+    pub fn members(&self) -> Result<Vec<SocketAddr>, StoreError> {
+        let tx = self.db.begin_read().map_err(db_err)?;
+        let table = tx.open_table(MEMBERS).map_err(db_err)?;
+        let mut out = Vec::new();
+        for row in table.iter().map_err(db_err)? {
+            let (k, _) = row.map_err(db_err)?;
+            match k.value().parse() {
+                Ok(a) => out.push(a),
+                Err(_) => tracing::warn!(member = k.value(), "ignoring a stored member that is no address"),
+            }
+        }
+        Ok(out)
+    }
+
+    /// Replaces the remembered members.
+    pub fn remember_members(&self, members: &[SocketAddr]) -> Result<(), StoreError> {
+        let tx = self.db.begin_write().map_err(db_err)?;
+        {
+            let mut table = tx.open_table(MEMBERS).map_err(db_err)?;
+            table.retain(|_, ()| false).map_err(db_err)?;
+            for m in members {
+                table.insert(m.to_string().as_str(), ()).map_err(db_err)?;
             }
         }
         tx.commit().map_err(db_err)

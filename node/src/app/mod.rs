@@ -285,7 +285,10 @@ impl App {
         };
         let durations: HashMap<String, ModuleStat> =
             store.all_durations().context("loading remembered durations")?.into_iter().collect();
-        tracing::info!(evaluations = records.len(), "store loaded");
+        // A local app is a network of one: it has no members to remember.
+        let members =
+            if opts.local { Vec::new() } else { store.members().context("loading remembered members")? };
+        tracing::info!(evaluations = records.len(), members = members.len(), "store loaded");
         let secret = Secret::new(opts.config.node.secret.as_deref());
         let timers = &opts.config.timers;
         let engine_cfg = EngineConfig {
@@ -304,7 +307,7 @@ impl App {
             udp: opts.udp,
             http: opts.http,
             store,
-            engine: Mutex::new(Engine::new(engine_cfg, records, durations, Instant::now())),
+            engine: Mutex::new(Engine::new(engine_cfg, records, durations, members, Instant::now())),
             shell: Mutex::new(ShellState::default()),
             net: OnceLock::new(),
             runners: opts.runners,
@@ -405,6 +408,11 @@ impl App {
                 Action::RememberDuration { key, stat } => {
                     if let Err(e) = self.store.record_durations(&[(key, stat)]) {
                         tracing::warn!("remembering the module duration: {e}");
+                    }
+                }
+                Action::RememberMembers(members) => {
+                    if let Err(e) = self.store.remember_members(&members) {
+                        tracing::warn!("remembering the members: {e}");
                     }
                 }
                 Action::Replicate(records) => applied.replicate.extend(records),

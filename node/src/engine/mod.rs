@@ -172,6 +172,10 @@ pub enum Action {
     Replicate(Vec<EvalRecord>),
     /// How many of the records of an [`Input::Merge`] changed this node's copy.
     Merged(usize),
+    /// The members this node counts for majorities changed: keep them, and give them back to
+    /// [`Engine::new`] after a restart (until it sees them again, a restarted node counts them
+    /// as failed members, so that alone it is no majority).
+    RememberMembers(Vec<SocketAddr>),
     /// Send a proposal to member `to` and report its answer as [`Input::Voted`].
     Propose { to: SocketAddr, copy: EvalRecord },
     /// The answer to an [`Input::Propose`].
@@ -243,11 +247,13 @@ pub struct Engine {
 }
 
 impl Engine {
-    /// An engine over stored `records` and remembered `durations`, started at `now`.
+    /// An engine over stored `records`, remembered `durations` and the `members` it last
+    /// counted for majorities ([`Action::RememberMembers`]), started at `now`.
     pub fn new(
         cfg: EngineConfig,
         records: Vec<EvalRecord>,
         durations: HashMap<String, ModuleStat>,
+        members: Vec<SocketAddr>,
         now: Instant,
     ) -> Engine {
         let me = cfg.me;
@@ -274,7 +280,7 @@ impl Engine {
             next_announce: None,
             announcers: BTreeMap::new(),
             incarnations: BTreeMap::new(),
-            fence: quorum::Fence::default(),
+            fence: quorum::Fence::restored(members.into_iter().filter(|m| *m != me), now),
             outbox: outbox::Outbox::new(),
         }
     }
@@ -338,6 +344,7 @@ impl Engine {
         self.dispatch(now, &mut out);
         self.send_proposals(now, &mut out);
         self.send_outbox(now, &mut out);
+        self.fence.remember_members(&mut out);
         out
     }
 

@@ -62,11 +62,22 @@ pub(super) struct Phase1 {
     seen: BTreeMap<TaskId, Held>,
 }
 
+impl Phase1 {
+    /// Keeps a provisional result an answer holds, when its term is the highest seen.
+    fn learn(&mut self, task: TaskId, held: Held) {
+        if self.seen.get(&task).is_none_or(|s| s.term < held.term) {
+            self.seen.insert(task, held);
+        }
+    }
+}
+
 /// The fencing state of one node.
 #[derive(Debug, Default)]
 pub(super) struct Fence {
     /// Members counted for the majority: live peers (`None`) and failed ones (down since).
     known: BTreeMap<SocketAddr, Option<Instant>>,
+    /// The members of `known` last handed out to be kept ([`Action::RememberMembers`]).
+    remembered: BTreeSet<SocketAddr>,
     /// The peers that take part in majorities (cdtester nodes, not reference-implementation
     /// ones); `None`: every peer.
     voters: Option<BTreeSet<SocketAddr>>,
@@ -84,6 +95,23 @@ pub(super) struct Fence {
 }
 
 impl Fence {
+    /// The fence of a node that starts with the `members` it counted before: failed members
+    /// (down since `now`) until it sees them live.
+    pub(super) fn restored(members: impl IntoIterator<Item = SocketAddr>, now: Instant) -> Fence {
+        let known: BTreeMap<SocketAddr, Option<Instant>> =
+            members.into_iter().map(|m| (m, Some(now))).collect();
+        let remembered = known.keys().copied().collect();
+        Fence { known, remembered, ..Fence::default() }
+    }
+
+    /// Hands out the members counted now when they changed since last handed out.
+    pub(super) fn remember_members(&mut self, out: &mut Vec<Action>) {
+        if !self.known.keys().eq(self.remembered.iter()) {
+            self.remembered = self.known.keys().copied().collect();
+            out.push(Action::RememberMembers(self.remembered.iter().copied().collect()));
+        }
+    }
+
     /// The live peers now; failed ones stay counted for `hold` (a node cut off alone must not
     /// soon count itself a majority).
     pub(super) fn members(&mut self, now: Instant, peers: &BTreeSet<SocketAddr>, hold: Duration) {
@@ -218,7 +246,12 @@ impl Engine {
             .map(|(id, _)| *id)
             .collect();
         for id in done {
-            let Some(p) = self.fence.phase1.remove(&id) else { continue };
+            let Some(mut p) = self.fence.phase1.remove(&id) else { continue };
+            // This node is one of the members too: a proposal of the previous owner it holds
+            // may be one a majority held (and the owner stored), with other holders gone.
+            for (t, h) in self.fence.held.get(&id).into_iter().flatten() {
+                p.learn(t.clone(), h.clone());
+            }
             for (t, h) in p.seen {
                 if self.evals.get(&id).is_some_and(|r| !r.results.contains_key(&t)) {
                     self.propose_result(now, id, (&t, h.result), out);
@@ -349,9 +382,7 @@ impl Engine {
             p.waiting.remove(&from);
             p.answered.insert(from);
             for (t, h) in proposals {
-                if p.seen.get(&t).is_none_or(|s| s.term < h.term) {
-                    p.seen.insert(t, h);
-                }
+                p.learn(t, h);
             }
         }
         self.merge(vec![copy], from, out);

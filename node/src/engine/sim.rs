@@ -74,6 +74,8 @@ struct Node {
     engine: Option<Engine>,
     records: BTreeMap<EvalId, EvalRecord>,
     durations: HashMap<String, ModuleStat>,
+    /// The members the engine last counted for majorities (kept across restarts).
+    members: Vec<SocketAddr>,
     jobs: Vec<Job>,
     /// Tasks waiting for their record (fetched from the node that sent them), with a deadline.
     waiting: Vec<(Task, u64)>,
@@ -157,10 +159,25 @@ impl World {
         let sim = Sim::cluster(net, Timers::default(), sc.nodes);
         let base = Instant::now();
         let mut rng = StdRng::seed_from_u64(sc.seed ^ 0x5EED_E461_4E00);
-        let projects = (0..sc.evaluations * 2).map(|p| (format!("p{p}"), modules(&mut rng))).collect();
+        let projects: BTreeMap<String, Vec<(String, Behaviour)>> =
+            (0..sc.evaluations * 2).map(|p| (format!("p{p}"), modules(&mut rng))).collect();
+        // Every node starts with remembered durations, as a node with history does.
+        let history: HashMap<String, ModuleStat> = projects
+            .iter()
+            .flat_map(|(name, modules)| {
+                modules.iter().filter_map(move |(module, b)| match b {
+                    Behaviour::Tests { passed, failed, ms } => Some((
+                        super::duration_key(name, module),
+                        ModuleStat { secs: *ms as f64 / 1000.0, tests: u64::from(passed + failed) },
+                    )),
+                    _ => None,
+                })
+            })
+            .collect();
         let nodes = (0..sc.nodes)
             .map(|i| Node {
-                engine: Some(Engine::new(engine_config(i), Vec::new(), HashMap::new(), base)),
+                engine: Some(Engine::new(engine_config(i), Vec::new(), history.clone(), Vec::new(), base)),
+                durations: history.clone(),
                 ..Node::default()
             })
             .collect();
@@ -239,7 +256,7 @@ impl World {
         Ok(())
     }
 
-    /// A new evaluation of one to three projects at a random live node.
+    /// A new evaluation at a random live node: one to three projects, or (15% of them) six to twelve.
     fn submit(&mut self) {
         let live: Vec<usize> = (0..self.nodes.len()).filter(|&i| self.nodes[i].engine.is_some()).collect();
         if live.is_empty() {
@@ -248,7 +265,11 @@ impl World {
         let i = live[self.rng.random_range(0..live.len())];
         let n = 1_000_000 + self.rng.random_range(0..1_000_000_u64) * 1000 + self.submitted.len() as u64;
         let id = EvalId::new(n).expect("below 2^53");
-        let count = self.rng.random_range(1..=3);
+        let count = if self.rng.random_bool(0.15) {
+            self.rng.random_range(6..=12)
+        } else {
+            self.rng.random_range(1..=3)
+        };
         let names: Vec<String> = self.projects.keys().cloned().collect();
         let projects = (0..count)
             .map(|k| ProjectRecord {
@@ -329,7 +350,11 @@ impl World {
         self.sim.restart(i, via);
         let records = self.nodes[i].records.values().cloned().collect();
         let durations = self.nodes[i].durations.clone();
-        let mut engine = Engine::new(engine_config(i), records, durations, self.now().mono);
+        let members = self.nodes[i].members.clone();
+        if std::env::var_os("CDT_SIM_TRACE").is_some() {
+            eprintln!("t={} restart {i}", self.ms());
+        }
+        let mut engine = Engine::new(engine_config(i), records, durations, members, self.now().mono);
         engine.bug = self.sc.bug;
         let n = &mut self.nodes[i];
         n.engine = Some(engine);
@@ -506,6 +531,7 @@ impl World {
             Action::RememberDuration { key, stat } => {
                 self.nodes[i].durations.insert(key, stat);
             }
+            Action::RememberMembers(members) => self.nodes[i].members = members,
             Action::Replicate(records) => {
                 let peers: Vec<usize> =
                     self.sim.core(i).peers().filter_map(|(_, a)| self.sim.node_at(a)).collect();
@@ -863,7 +889,7 @@ fn modules(rng: &mut StdRng) -> Vec<(String, Behaviour)> {
     if rng.random_bool(0.05) {
         return Vec::new();
     }
-    (0..rng.random_range(1..=5))
+    (0..rng.random_range(1..=8))
         .map(|m| {
             let roll: f64 = rng.random();
             let b = if roll < 0.03 {
@@ -876,7 +902,7 @@ fn modules(rng: &mut StdRng) -> Vec<(String, Behaviour)> {
                 Behaviour::Tests {
                     passed: rng.random_range(0..6),
                     failed: rng.random_range(0..3),
-                    ms: rng.random_range(100..3_000),
+                    ms: rng.random_range(50..2_000),
                 }
             };
             (format!("tests/test_{m}.py"), b)

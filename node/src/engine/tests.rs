@@ -94,7 +94,7 @@ fn answer(actions: &[Action]) -> Result<Accepted, Refusal> {
 
 fn started_engine(slots: usize, modules: &[&str]) -> (Engine, Clock, Vec<Action>) {
     let clock = Clock(Instant::now(), 1000.0);
-    let mut e = Engine::new(config(addr(0), slots), Vec::new(), Default::default(), clock.0);
+    let mut e = Engine::new(config(addr(0), slots), Vec::new(), Default::default(), Vec::new(), clock.0);
     let out = e.handle(clock.now(), Input::Submitted(submission(EvalId::test(5), addr(0), clock.1)));
     assert!(
         matches!(out.as_slice(), [Action::Persist(_), Action::Discover { eval, .. }] if *eval == EvalId::test(5)),
@@ -147,7 +147,7 @@ fn remembered_small_modules_of_a_project_run_along_on_one_slot_up_to_a_fair_shar
     let mut durations: HashMap<String, ModuleStat> =
         names.iter().map(|m| (duration_key("calc", m), ModuleStat { secs: 0.5, tests: 3 })).collect();
     durations.insert(duration_key("calc", "t_slow.py"), ModuleStat { secs: 30.0, tests: 1 });
-    let mut e = Engine::new(config(addr(0), 2), Vec::new(), durations, clock.0);
+    let mut e = Engine::new(config(addr(0), 2), Vec::new(), durations, Vec::new(), clock.0);
     e.handle(clock.now(), Input::Submitted(submission(EvalId::test(5), addr(0), clock.1)));
     let modules: Vec<&str> = names.iter().map(String::as_str).collect();
     let out = e.handle(
@@ -286,7 +286,7 @@ fn proposals(actions: &[Action]) -> Vec<(SocketAddr, EvalRecord)> {
 #[test]
 fn a_node_cut_off_from_the_majority_neither_schedules_nor_stores_until_it_sees_one() {
     let clock = Clock(Instant::now(), 1000.0);
-    let mut e = Engine::new(config(addr(0), 1), Vec::new(), Default::default(), clock.0);
+    let mut e = Engine::new(config(addr(0), 1), Vec::new(), Default::default(), Vec::new(), clock.0);
     members(&mut e, &clock, &[addr(1), addr(2), addr(3), addr(4)]);
     e.handle(clock.now(), Input::Submitted(submission(EvalId::test(5), addr(0), clock.1)));
     let out = e.handle(
@@ -322,7 +322,7 @@ fn a_result_held_alone_is_stored_once_the_only_other_member_stops_counting() {
     // Two members; the other one dies before it votes: no vote ever comes. Once it has been
     // down for `quorum_hold` it stops counting, and this node alone is the majority.
     let mut clock = Clock(Instant::now(), 1000.0);
-    let mut e = Engine::new(config(addr(0), 1), Vec::new(), Default::default(), clock.0);
+    let mut e = Engine::new(config(addr(0), 1), Vec::new(), Default::default(), Vec::new(), clock.0);
     members(&mut e, &clock, &[addr(1)]);
     e.handle(clock.now(), Input::Submitted(submission(EvalId::test(5), addr(0), clock.1)));
     let out = e.handle(
@@ -380,7 +380,7 @@ fn a_stale_owner_learns_the_higher_term_from_a_vote_and_stores_nothing() {
 fn a_member_takes_a_proposal_only_from_the_owner_at_its_term() {
     let (origin, clock, out) = started_engine(1, &["t_a.py"]);
     let task = runs(&out).remove(0);
-    let mut peer = Engine::new(config(addr(1), 1), Vec::new(), Default::default(), clock.0);
+    let mut peer = Engine::new(config(addr(1), 1), Vec::new(), Default::default(), Vec::new(), clock.0);
     let mut taken = origin.record(EvalId::test(5)).expect("record").clone();
     taken.term = 2;
     taken.responsible = NodeAddr::from(addr(2));
@@ -415,7 +415,7 @@ fn a_takeover_learns_every_live_members_results_before_it_schedules() {
     assert_eq!(with_result.results.len(), 1, "alone, a node is its own majority: {done:?}");
     let mut before = with_result.clone();
     before.results.clear();
-    let mut e = Engine::new(config(addr(1), 1), Vec::new(), Default::default(), clock.0);
+    let mut e = Engine::new(config(addr(1), 1), Vec::new(), Default::default(), Vec::new(), clock.0);
     members(&mut e, &clock, &[addr(0), addr(2)]);
     e.handle(clock.now(), Input::Merge { records: vec![before], from: addr(0) });
     members(&mut e, &clock, &[addr(2)]);
@@ -435,6 +435,64 @@ fn a_takeover_learns_every_live_members_results_before_it_schedules() {
     let next = runs(&out);
     assert_eq!(next.len(), 1, "{out:?}");
     assert_ne!(next[0].task_id, task.task_id, "the task with a result is not run again");
+}
+
+#[test]
+fn a_restarted_node_counts_the_members_it_remembers_and_alone_is_no_majority() {
+    // A node of five that schedules an evaluation remembers the members it counts.
+    let (mut e, mut clock, _) = started_engine(1, &["t_a.py", "t_b.py"]);
+    let out = members(&mut e, &clock, &[addr(1), addr(2), addr(3), addr(4)]);
+    let remembered: Vec<Vec<SocketAddr>> = out
+        .iter()
+        .filter_map(|a| if let Action::RememberMembers(m) = a { Some(m.clone()) } else { None })
+        .collect();
+    let all = vec![addr(1), addr(2), addr(3), addr(4)];
+    assert_eq!(remembered, vec![all.clone()], "{out:?}");
+    assert!(members(&mut e, &clock, &all).is_empty(), "handed out once, not again unchanged");
+    let stored = e.record(EvalId::test(5)).expect("record").clone();
+    // It restarts with its store and those members, and sees none of them (its join has not
+    // completed, or it is cut off): after the hold it must neither run nor store anything.
+    let mut e = Engine::new(config(addr(0), 1), vec![stored], Default::default(), all, clock.0);
+    members(&mut e, &clock, &[]);
+    clock.advance(7_000);
+    let out = e.handle(clock.now(), Input::Tick);
+    assert!(runs(&out).is_empty(), "alone, one of five members schedules nothing: {out:?}");
+    let rec = e.record(EvalId::test(5)).expect("record");
+    assert!(rec.results.is_empty(), "{rec:?}");
+    // Two members come back: three of five, the evaluation resumes with a first phase (its
+    // header-only proposal goes out again at the next resend).
+    clock.advance(1_000);
+    let out = members(&mut e, &clock, &[addr(1), addr(2)]);
+    assert!(runs(&out).is_empty(), "{out:?}");
+    let sent: Vec<SocketAddr> = proposals(&out).into_iter().map(|(to, _)| to).collect();
+    assert_eq!(sent, vec![addr(1), addr(2)], "{out:?}");
+}
+
+#[test]
+fn a_takeover_learns_the_proposals_the_node_taking_over_holds_itself() {
+    // The owner (0) proposed a result; this node (1) took the proposal. The owner dies, and the
+    // only other live member (2) holds nothing (it restarted): this node's own copy is the one
+    // that says the task has a result a majority may have stored.
+    let (mut origin, clock, out) = started_engine(1, &["t_a.py", "t_b.py"]);
+    let task = runs(&out).remove(0);
+    origin.handle(clock.now(), Input::Ran { post: post_for(addr(0), &task, &[Outcome::Passed]), from: None });
+    let proposal = origin.record(EvalId::test(5)).expect("record").clone();
+    let attempt = proposal.results.get(&task.task_id).expect("the owner's result").attempt.clone();
+    let mut e = Engine::new(config(addr(1), 1), Vec::new(), Default::default(), Vec::new(), clock.0);
+    members(&mut e, &clock, &[addr(0), addr(2)]);
+    let out = e.handle(clock.now(), Input::Propose { copy: proposal, from: addr(0) });
+    let held = out.iter().any(|a| matches!(a, Action::Vote(v) if v.proposals.contains_key(&task.task_id)));
+    assert!(held, "{out:?}");
+    members(&mut e, &clock, &[addr(2)]);
+    let out = e.handle(clock.now(), Input::TakeOver { failed: addr(0) });
+    let sent = proposals(&out);
+    assert_eq!(sent.len(), 1, "{out:?}");
+    let answer = Vote { record: sent[0].1.clone(), proposals: Default::default() };
+    let out = e.handle(clock.now(), Input::Voted { vote: answer, from: addr(2) });
+    assert!(runs(&out).iter().all(|t| t.task_id != task.task_id), "the task is not run again: {out:?}");
+    let again = proposals(&out);
+    let proposed = again.iter().filter_map(|(_, copy)| copy.results.get(&task.task_id)).collect::<Vec<_>>();
+    assert!(!proposed.is_empty() && proposed.iter().all(|r| r.attempt == attempt), "{out:?}");
 }
 
 /// JSON and back, as between nodes (floats may change in their last bit).
@@ -457,7 +515,7 @@ fn vote_with(e: &mut Engine, peer: &mut Engine, clock: &Clock, actions: &[Action
 #[test]
 fn results_for_one_node_go_together_and_each_is_checked_alone() {
     let (mut r, mut clock, _) = started_engine(0, &["t_a.py", "t_b.py"]);
-    let mut w = Engine::new(config(addr(1), 2), Vec::new(), Default::default(), clock.0);
+    let mut w = Engine::new(config(addr(1), 2), Vec::new(), Default::default(), Vec::new(), clock.0);
     members(&mut r, &clock, &[addr(1)]);
     members(&mut w, &clock, &[addr(0)]);
     let rec = r.record(EvalId::test(5)).expect("record").clone();
