@@ -304,7 +304,12 @@ impl LocalRunner {
     /// remembered of its modules, or cannot run) nothing happens here and each module runs
     /// alone.
     fn share(&self, state: &ProjectState, project: &PreparedProject, modules: &[String], limits: &Limits) {
-        let Some(known) = self.alone.counts_of(&project.content_hash, modules) else { return };
+        // Modules whose reports discovery's shared session already holds need no session.
+        let waiting: Vec<String> = {
+            let served = state.shared.lock().unwrap_or_else(|e| e.into_inner());
+            modules.iter().filter(|m| !served.contains_key(*m)).cloned().collect()
+        };
+        let Some(known) = self.alone.counts_of(&project.content_hash, &waiting) else { return };
         let args: Vec<String> = known.keys().cloned().collect();
         // One module's time limit for all of them: a group slower than that runs alone, each
         // module with its own limit.
