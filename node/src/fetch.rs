@@ -506,7 +506,9 @@ fn collect_files(root: &Path, dir: &Path, out: &mut Vec<String>) -> Result<(), F
         let ty = entry.file_type().map_err(io_err(dir))?;
         let name = entry.file_name().to_string_lossy().into_owned();
         if ty.is_dir() {
-            if !SKIP_DIRS.contains(&name.as_str()) && !name.ends_with(".egg-info") {
+            // `.egg-info` stays: `python -m pytest` in the folder sees it on `sys.path` (entry
+            // points such as Markdown's extensions), so the tests of the archive must too.
+            if !SKIP_DIRS.contains(&name.as_str()) {
                 collect_files(root, &entry.path(), out)?;
             }
         } else if ty.is_file() && !name.ends_with(".pyc") {
@@ -573,11 +575,12 @@ mod tests {
     }
 
     #[test]
-    fn packing_is_deterministic_and_skips_caches() {
+    fn packing_is_deterministic_skips_caches_and_keeps_package_metadata() {
         let a = tempfile::tempdir().unwrap();
         write(a.path(), "tests/test_x.py", "def test_x(): pass\n");
         write(a.path(), "tests/__pycache__/x.pyc", "junk");
         write(a.path(), ".git/HEAD", "ref");
+        write(a.path(), "calc.egg-info/entry_points.txt", "[calc.ext]\nabbr = calc.abbr:Abbr\n");
         let one = pack_dir(a.path()).unwrap();
         std::thread::sleep(std::time::Duration::from_millis(20));
         write(a.path(), "tests/__pycache__/y.pyc", "more junk");
@@ -588,7 +591,7 @@ mod tests {
             .file_names()
             .map(|n| n.unwrap().to_string())
             .collect();
-        assert_eq!(names, vec!["tests/test_x.py".to_string()]);
+        assert_eq!(names, ["calc.egg-info/entry_points.txt", "tests/test_x.py"], "package metadata is kept");
     }
 
     #[test]

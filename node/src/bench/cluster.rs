@@ -88,11 +88,15 @@ async fn evaluate_on(
     let mut matches = 0;
     for (name, p) in expected {
         let alone = p.expected_alone();
-        if let Some(p) = report.projects.get(name) {
-            for (m, v) in &p.modules {
-                if alone.get(m) == Some(&ExpectedCounts::of(&v.counts)) {
-                    matches += 1;
-                }
+        let Some(p) = report.projects.get(name) else {
+            eprintln!("   {name}: not in the report");
+            continue;
+        };
+        for (m, v) in &p.modules {
+            let got = ExpectedCounts::of(&v.counts);
+            match alone.get(m) {
+                Some(want) if *want == got => matches += 1,
+                want => eprintln!("   {name} {m}: counted {got:?}, alone {want:?}"),
             }
         }
     }
