@@ -182,7 +182,12 @@ async fn wait_replicated(c: &LocalCluster, id: u64) -> Value {
 
 /// The stored record of `id` (a member's signed GET).
 async fn record(c: &LocalCluster, id: u64) -> EvalRecord {
-    let (status, v) = get_internal(c, 0, &format!("/internal/evaluation/{id}")).await;
+    record_at(c, 0, id).await
+}
+
+/// The record of `id` as node `i` stores it.
+async fn record_at(c: &LocalCluster, i: usize, id: u64) -> EvalRecord {
+    let (status, v) = get_internal(c, i, &format!("/internal/evaluation/{id}")).await;
     assert_eq!(status, StatusCode::OK, "{v}");
     serde_json::from_value(v).expect("an evaluation record")
 }
@@ -418,13 +423,17 @@ async fn h1_insecure_forged_records_cannot_replace_results_or_name_host_files() 
     for (i, p) in fresh.projects.iter_mut().enumerate() {
         p.id = ProjectId::of(fresh.id, i);
     }
-    let variants: Vec<(&str, EvalRecord)> = vec![
-        ("relative host path as content hash", forge(&real, "../../etc/passwd")),
-        ("results replaced, other valid hash", forge(&real, &"f".repeat(64))),
-        ("results replaced, real hash", forge(&real, &real.projects[0].content_hash)),
-        ("new evaluation with an absolute path", fresh.clone()),
-    ];
-    for n in &c.nodes {
+    for (i, n) in c.nodes.iter().enumerate() {
+        // Each node gets forgeries of its own copy: the responsible node may still bump its
+        // header after the copies converged, and a replica merging that newer (real) header
+        // from a forgery would say nothing about what a forgery can change.
+        let own = record_at(&c, i, id).await;
+        let variants: Vec<(&str, EvalRecord)> = vec![
+            ("relative host path as content hash", forge(&own, "../../etc/passwd")),
+            ("results replaced, other valid hash", forge(&own, &"f".repeat(64))),
+            ("results replaced, real hash", forge(&own, &own.projects[0].content_hash)),
+            ("new evaluation with an absolute path", fresh.clone()),
+        ];
         for (what, rec) in &variants {
             let body = serde_json::to_vec(&vec![rec]).unwrap();
             let (status, v) =
