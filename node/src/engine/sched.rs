@@ -169,11 +169,7 @@ impl Engine {
                 if !self.waits(r, &t.task_id) {
                     continue;
                 }
-                let share = t.task_id.chunk().map_or(1.0, |c| f64::from(c.count));
-                let est = self
-                    .durations
-                    .get(&duration_key(&t.project.name, t.task_id.module()))
-                    .map_or(f64::INFINITY, |s| s.secs / share);
+                let est = self.remembered(&t.project.name, &t.task_id).unwrap_or(f64::INFINITY);
                 let better = best.as_ref().is_none_or(|(e, start, b)| {
                     est.total_cmp(e)
                         .reverse()
@@ -260,11 +256,8 @@ impl Engine {
         let Some(project) = lead.project.as_ref().filter(|_| lead.task_id.chunk().is_none()) else {
             return Vec::new();
         };
-        let durations = &self.durations;
-        let small = |m: &str| {
-            durations.get(&duration_key(&project.name, m)).map(|s| s.secs).filter(|s| *s <= GROUP_MODULE_SECS)
-        };
-        let Some(mut total) = small(lead.task_id.module()) else { return Vec::new() };
+        let small = |t: &TaskId| self.remembered(&project.name, t).filter(|s| *s <= GROUP_MODULE_SECS);
+        let Some(mut total) = small(&lead.task_id) else { return Vec::new() };
         let budget = self.fair_share(total).min(GROUP_MAX_SECS);
         let Some(rec) = self.evals.get(&lead.eval) else { return Vec::new() };
         let mut candidates: Vec<(f64, TaskId)> = rec
@@ -274,7 +267,7 @@ impl Engine {
                     && t.task_id.project() == lead.task_id.project()
                     && self.waits(rec, &t.task_id)
             })
-            .filter_map(|t| Some((small(t.task_id.module())?, t.task_id)))
+            .filter_map(|t| Some((small(&t.task_id)?, t.task_id)))
             .collect();
         candidates.sort_by(|a, b| b.0.total_cmp(&a.0).then_with(|| a.1.cmp(&b.1)));
         let mut with = Vec::new();
@@ -296,6 +289,13 @@ impl Engine {
         with
     }
 
+    /// The remembered seconds of task `task` of project `name` (a chunk counts its share), when
+    /// its module ran before.
+    fn remembered(&self, name: &str, task: &TaskId) -> Option<f64> {
+        let share = task.chunk().map_or(1.0, |c| f64::from(c.count));
+        self.durations.get(&duration_key(name, task.module())).map(|s| s.secs / share)
+    }
+
     /// The remembered seconds of the waiting tasks this node schedules, plus `taken`, per worker
     /// slot of the network (unknown modules count [`UNKNOWN_MODULE_SECS`]).
     fn fair_share(&self, taken: f64) -> f64 {
@@ -308,12 +308,7 @@ impl Engine {
             .map(|r| {
                 r.all_tasks()
                     .filter(|t| self.waits(r, &t.task_id))
-                    .map(|t| {
-                        let share = t.task_id.chunk().map_or(1.0, |c| f64::from(c.count));
-                        self.durations
-                            .get(&duration_key(&t.project.name, t.task_id.module()))
-                            .map_or(UNKNOWN_MODULE_SECS, |s| s.secs / share)
-                    })
+                    .map(|t| self.remembered(&t.project.name, &t.task_id).unwrap_or(UNKNOWN_MODULE_SECS))
                     .sum::<f64>()
             })
             .sum();
