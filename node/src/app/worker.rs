@@ -114,28 +114,28 @@ async fn execute(
     spec.chunk = task.task_id.chunk();
     let task_id = task.task_id.to_string();
     let run = tokio::task::spawn_blocking(move || {
-        let together = runner.run(&prepared, &spec, &limits).map_err(|e| e.to_string());
-        let report_of = |report: &Result<TaskReport, String>, module: &str| {
-            report.clone().and_then(|r| {
-                r.modules
-                    .into_iter()
-                    .find(|m| m.module == module)
-                    .ok_or_else(|| format!("the runner returned no report for {module}"))
-            })
+        // The module's report from a task's run, taken out of it (each is handed on once).
+        let take = |report: &mut Result<TaskReport, String>, module: &str| match report {
+            Ok(r) => match r.modules.iter().position(|m| m.module == module) {
+                Some(i) => Ok(r.modules.swap_remove(i)),
+                None => Err(format!("the runner returned no report for {module}")),
+            },
+            Err(e) => Err(e.clone()),
         };
+        let mut together = runner.run(&prepared, &spec, &limits).map_err(|e| e.to_string());
         // A module with failed tests runs again, alone, up to `retries` times on this worker
         // (flaky tests).
         modules
             .iter()
             .map(|module| {
-                let mut first = Some(report_of(&together, module));
+                let mut first = Some(take(&mut together, module));
                 let mut runs = 0u32;
                 ModuleReport::run_with_retries(retries, || {
                     runs += 1;
                     let r = first.take().unwrap_or_else(|| {
                         let mut alone = TaskSpec::new(task_id.clone(), vec![module.clone()]);
                         alone.chunk = spec.chunk;
-                        report_of(&runner.run(&prepared, &alone, &limits).map_err(|e| e.to_string()), module)
+                        take(&mut runner.run(&prepared, &alone, &limits).map_err(|e| e.to_string()), module)
                     });
                     if let (Err(e), true) = (&r, runs > 1) {
                         tracing::warn!(task = %task_id, module, "a retry of the module could not run: {e}");
