@@ -239,10 +239,9 @@ impl LocalRunner {
         state: &ProjectState,
         known: &std::collections::BTreeMap<String, cdtester_runner_api::Counts>,
         args: &[String],
-        timeout: Duration,
+        (timeout, output_kib): (Duration, u64),
     ) -> Result<Together, RunnerError> {
         let modules: Vec<String> = known.keys().cloned().collect();
-        let output_kib = Limits::default().output_kib;
         let (text, exec) = self.invoke(state, Mode::Run, args, None, timeout, output_kib)?;
         if let pytest::RunEnd::TimedOut(_) = exec.end {
             return Ok(Together::Unfinished);
@@ -314,7 +313,7 @@ impl LocalRunner {
         // One module's time limit for all of them: a group slower than that runs alone, each
         // module with its own limit.
         let timeout = Duration::from_secs(limits.timeout_s.max(1));
-        match self.run_shared(state, &known, &args, timeout) {
+        match self.run_shared(state, &known, &args, (timeout, limits.output_kib)) {
             Ok(Together::Served(_)) => {}
             Ok(Together::Differs) => self.alone.mark_loners(&project.content_hash, &args),
             Ok(Together::Unfinished) => {
@@ -361,7 +360,7 @@ impl Runner for LocalRunner {
         let state = self.state(project)?;
         if let Some(known) = self.alone.shareable(&project.content_hash) {
             let timeout = Duration::from_secs_f64(3.0 * together::MAX_TOTAL_SECS);
-            match self.run_shared(&state, &known, &[], timeout)? {
+            match self.run_shared(&state, &known, &[], (timeout, Limits::default().output_kib))? {
                 Together::Served(modules) => return Ok(modules),
                 Together::Differs => self.alone.mark_differs(&project.content_hash),
                 Together::Unfinished => {}
@@ -685,11 +684,21 @@ mod tests {
 
     /// Runs `modules` of `root` as one task (no discovery before it); the reports.
     fn run_together(r: &LocalRunner, root: &Path, modules: &[&str]) -> Vec<ModuleReport> {
+        run_together_within(r, root, modules, &Limits::default())
+    }
+
+    /// [`run_together`] with these limits.
+    fn run_together_within(
+        r: &LocalRunner,
+        root: &Path,
+        modules: &[&str],
+        limits: &Limits,
+    ) -> Vec<ModuleReport> {
         let source =
             ProjectSource { id: "g".into(), name: "g".into(), root: root.into(), extra_requirements: vec![] };
         let prepared = r.prepare(&source).unwrap();
         let task = TaskSpec::new("t", modules.iter().map(|m| m.to_string()).collect());
-        let reports = r.run(&prepared, &task, &Limits::default()).unwrap().modules;
+        let reports = r.run(&prepared, &task, limits).unwrap().modules;
         r.release(&prepared);
         reports
     }
@@ -728,6 +737,25 @@ mod tests {
             );
         }
         assert_eq!(outcomes(&alone)[1], ("tests/test_b.py::test_b".to_string(), Outcome::Passed));
+    }
+
+    /// A hostile project flooding its output in a shared session gets the task's output cap,
+    /// as each of its modules does alone.
+    #[test]
+    fn a_shared_session_keeps_the_tasks_output_cap() {
+        let r = runner(true);
+        let dir = tempfile::tempdir().unwrap();
+        write(dir.path(), "nonce.py", &format!("# {}\n", dir.path().display()));
+        write(dir.path(), "tests/test_a.py", "def test_a():\n    print('x' * 200000)\n    assert 0\n");
+        write(dir.path(), "tests/test_b.py", "def test_b():\n    print('y' * 200000)\n");
+        let limits = Limits { output_kib: 4, ..Limits::default() };
+        let modules = ["tests/test_a.py", "tests/test_b.py"];
+        run_together_within(&r, dir.path(), &modules, &limits);
+        let shared = run_together_within(&r, dir.path(), &modules, &limits);
+        let output = shared[0].output.as_deref().unwrap_or("");
+        assert!(output.contains("test_b"), "the modules shared a session: {:.200}", output);
+        assert!(shared[0].output_truncated, "the flood was cut");
+        assert!(output.len() <= 8 * 1024, "{} bytes kept under a 4 KiB cap", output.len());
     }
 
     #[test]
