@@ -16,6 +16,10 @@ with every module of their distributions marked for rewriting first, so a child'
 them already rewritten (no "already imported" warning, asserts rewritten as in a fresh run).
 Only the entry-point modules are imported, never what their hooks import later.
 
+Also made once here: pytest's initial configuration (its plugin manager with the default plugins
+registered and their options added, which depends on nothing of a project); a child's session
+starts from its own copy of it instead of making it again (see ``_prebuild``).
+
 Protocol (one JSON object per line):
   stdin : {"id": N, "args": [...], "env": {...}, "out": PATH, "cap": BYTES,
            "rlimits": {"cpu": [SOFT, HARD], ...}, "uid": U, "gid": G,    (optional)
@@ -46,6 +50,19 @@ def _preload():
             importlib.import_module("_pytest." + name)
         except Exception:  # a plugin that cannot import here will fail the same way in the child
             pass
+    # What every pytest session imports lazily before its first test: pdb (the debugging
+    # plugin's configure), readline (capture's start-up workaround), the e-mail parser
+    # (distribution metadata), the codec parametrized ids are escaped with, and cdtester's
+    # reporting plugin (``-p cdtester_report``; its docstring opts out of assertion rewriting, so
+    # pytest neither rewrites it nor warns that it was imported first). Importing them here
+    # leaves a child's ``sys.modules`` as a fresh run's is once its session has started, minus
+    # their import (and, for the plugin, compile) time in every child.
+    for name in ("pdb", "readline", "email.parser", "_pytest._argcomplete", "cdtester_report"):
+        try:
+            importlib.import_module(name)
+        except Exception:
+            pass
+    "".encode("unicode_escape")
     # Warm importlib.metadata's path caches (pytest scans every distribution for `pytest11` entry
     # points at start-up) without importing any plugin: plugins must be imported by pytest itself,
     # which marks them for assertion rewriting first.
@@ -55,6 +72,81 @@ def _preload():
         importlib.metadata.entry_points(group="pytest11")
     except Exception:
         pass
+
+
+# The arguments every cdtester run starts with that pytest reads before its configuration exists
+# (plugins blocked with ``-p no:NAME``); see ``_prebuild``.
+_BLOCKING_ARGS = ("-p", "no:cacheprovider")
+# (configuration, the plugins it blocks, the other arguments it was made with), or None.
+_prebuilt = None
+
+
+def _blocked(args):
+    """The ``-p no:NAME`` arguments of ``args``, read as pytest's ``consider_preparse`` reads them."""
+    out = []
+    i = 0
+    while i < len(args):
+        opt = args[i]
+        i += 1
+        if not isinstance(opt, str):
+            continue
+        if opt == "-p":
+            if i >= len(args):
+                break
+            parg = args[i]
+            i += 1
+        elif opt.startswith("-p"):
+            parg = opt[2:]
+        else:
+            continue
+        parg = parg.strip()
+        if parg.startswith("no:"):
+            out.append(parg)
+    return tuple(out)
+
+
+def _prebuild():
+    """Makes pytest's initial configuration once, here: what ``get_config`` does at the start of
+    every session (a plugin manager, the default plugins imported and registered, their options
+    added), none of which depends on the project, its folder or the environment. A child whose
+    pytest asks for exactly this configuration gets its own copy (see ``_adopt_prebuilt``)."""
+    global _prebuilt
+    from _pytest import config as pc
+
+    # What `python -m pytest` passes on this pytest (`prog` since pytest 9.1).
+    kwargs = {"prog": "python -m pytest"}
+    try:
+        made = pc.get_config(list(_BLOCKING_ARGS), None, **kwargs)
+    except TypeError:
+        kwargs = {}
+        made = pc.get_config(list(_BLOCKING_ARGS), None)
+    _prebuilt = (made, _blocked(_BLOCKING_ARGS), kwargs)
+
+
+def _adopt_prebuilt():
+    """In a child: pytest's next ``get_config`` call returns the prebuilt configuration, with the
+    child's own invocation (arguments, folder), when the call asks for what it was made for;
+    anything else (other blocked plugins, ``PYTEST_DEBUG`` tracing, another program name) gets a
+    fresh one, as does every later call."""
+    if _prebuilt is None or os.environ.get("PYTEST_DEBUG"):
+        return
+    import pathlib
+
+    from _pytest import config as pc
+
+    made, blocked, kwargs = _prebuilt
+    original = pc.get_config
+
+    def get_config(args=None, plugins=None, **kw):
+        pc.get_config = original
+        if plugins is not None or kw != kwargs or _blocked(list(args or ())) != blocked:
+            return original(args, plugins, **kw)
+        made.invocation_params = pc.Config.InvocationParams(
+            args=args or (), plugins=plugins, dir=pathlib.Path.cwd()
+        )
+        return made
+
+    pc.get_config = get_config
 
 
 def _preload_plugins():
@@ -119,6 +211,7 @@ def _child(req, out_w, close_fds, ready_w):
         import random
 
         random.seed()
+        _adopt_prebuilt()
         import runpy
 
         # What `python -m pytest ARGS` does: argv[0] and __main__ are pytest's __main__.py.
@@ -284,6 +377,10 @@ def main():
     _preload()
     if parser.parse_args().plugins:
         _preload_plugins()
+    try:
+        _prebuild()
+    except Exception:  # every child then makes its own, as a fresh run does
+        pass
     # Everything imported so far lives as long as the server: keep it out of the children's
     # garbage collections (pytest collects several times per session) and off their copied pages.
     import gc

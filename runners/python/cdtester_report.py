@@ -1,4 +1,5 @@
-"""cdtester's pytest reporting plugin (loaded with ``-p cdtester_report``).
+"""cdtester's pytest reporting plugin (loaded with ``-p cdtester_report``). PYTEST_DONT_REWRITE:
+it has no assertions to rewrite, and the warm worker imports it before pytest starts.
 
 Writes one record per line, ``@@cdtester@@ {json}``, to the file named by ``CDTESTER_REPORT_FILE``
 (or to the original stderr when it is ``stderr``), flushed per line so that a run killed half way

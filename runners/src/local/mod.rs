@@ -21,7 +21,7 @@ mod together;
 pub(crate) mod warm;
 
 use std::collections::HashMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -31,7 +31,7 @@ use cdtester_runner_api::{
 };
 
 pub(crate) use env::tail;
-pub use env::{PYTEST_REQUIREMENT, content_hash, needs_install, resolve_python};
+pub use env::{Interpreter, PYTEST_REQUIREMENT, content_hash, needs_install, resolve_python};
 pub use sandbox::DEFAULT_UNPRIVILEGED_ID;
 
 use crate::pytest::{self, Mode};
@@ -95,14 +95,15 @@ pub struct LocalRunner {
 
 impl LocalRunner {
     pub fn new(opts: LocalOptions) -> Result<LocalRunner, LocalError> {
-        let python = resolve_python(opts.python.as_deref())?;
+        let interpreter = Interpreter::probe(opts.python.as_deref())?;
+        let python = interpreter.executable.clone();
         std::fs::create_dir_all(&opts.venv_dir)?;
         let venv_dir = std::fs::canonicalize(&opts.venv_dir)?;
         let source = PackageSource::new(opts.wheelhouse.as_deref())
             .map_err(|e| LocalError::Env(format!("runner.wheelhouse: {e}")))?;
         // Tests must reach the interpreter and the environments as their own uid.
         let mut sandbox = Sandbox::new(opts.uid, opts.gid, opts.rlimits.clone())?;
-        let mut needed = env::interpreter_dirs(&python)?;
+        let mut needed = interpreter.dirs.clone();
         needed.push(venv_dir.clone());
         sandbox.expose(&needed)?;
         env::check_usable(&python, &sandbox.confinement(DISCOVER_TIMEOUT), &[&venv_dir, sandbox.work()])?;
@@ -116,15 +117,22 @@ impl LocalRunner {
             std::fs::write(&tmp, warm::SERVER_SOURCE)?;
             std::fs::rename(&tmp, &server)?;
         }
-        Ok(LocalRunner {
+        let runner = LocalRunner {
             alone: AloneMemory::open(&venv_dir),
-            envs: env::EnvManager::new(python, venv_dir.clone(), source),
+            envs: env::EnvManager::new(&interpreter, venv_dir.clone(), source),
             opts: LocalOptions { venv_dir, ..opts },
             support,
             sandbox,
             projects: Mutex::new(HashMap::new()),
             zygotes: Zygotes::default(),
-        })
+        };
+        // The base environment's zygote starts now (when that environment is built), so that
+        // its interpreter and pytest import while the caller is still getting ready: most
+        // projects run there.
+        if let Some(base) = runner.envs.base_if_built() {
+            runner.zygote(&env::venv_python(&base), false);
+        }
+        Ok(runner)
     }
 
     /// The interpreter a prepared project's tests run with (its environment's `python`).
@@ -144,15 +152,22 @@ impl LocalRunner {
     /// The warm worker of the project's environment (shared with every project using it),
     /// started on first use; `None` when disabled or it cannot start.
     fn warm_server(&self, state: &ProjectState) -> Option<Arc<WarmServer>> {
+        self.zygote(&state.python, state.own_env)
+    }
+
+    /// The zygote of the environment of `python` (`own_env`: it has a project installed, so the
+    /// zygote imports none of its plugins), started on first use; `None` when disabled or it
+    /// cannot start.
+    fn zygote(&self, python: &Path, own_env: bool) -> Option<Arc<WarmServer>> {
         if !self.opts.warm {
             return None;
         }
-        self.zygotes.get(&state.python, || ZygoteSpec {
+        self.zygotes.get(python, || ZygoteSpec {
             server_dir: self.support.clone(),
             cwd: self.sandbox.work().to_path_buf(),
-            env: sandbox::test_env(&state.python, &self.support),
+            env: sandbox::test_env(python, &self.support),
             confine: self.sandbox.server_confinement(),
-            plugins: !state.own_env,
+            plugins: !own_env,
         })
     }
 
@@ -573,6 +588,15 @@ mod tests {
             // left over from the other project would make a test fail.
             write(dir.path(), "helper.py", &format!("VALUE = {i}\n"));
             write(dir.path(), "pytest.ini", &format!("[pytest]\nmarkers =\n    p{i}: project {i}\n"));
+            // An option of this project's own: the other must not see it (every session starts
+            // from the zygote's pristine configuration).
+            write(
+                dir.path(),
+                "conftest.py",
+                &format!(
+                    "def pytest_addoption(parser):\n    parser.addoption('--only-{i}', default='mine')\n"
+                ),
+            );
             write(
                 dir.path(),
                 "tests/test_state.py",
@@ -585,10 +609,19 @@ mod tests {
                      def test_nothing_left_by_earlier_runs():\n    assert not LEFT\n    \
                      os.environ['CDT_LEAK'] = '{i}'\n    sys.modules['cdt_leak'] = sys\n    \
                      os.chdir('/')\n\n\
+                     def test_own_invocation_and_options(pytestconfig):\n    \
+                     assert pytestconfig.invocation_params.dir == pytestconfig.rootpath\n    \
+                     assert pytestconfig.invocation_params.args[-1] == 'tests/test_state.py'\n    \
+                     assert pytestconfig.getoption('only_{i}') == 'mine'\n    \
+                     assert pytestconfig.getoption('only_{other}', 'absent') == 'absent'\n\n\
+                     def test_no_warning_at_start_up(pytestconfig):\n    \
+                     reporter = pytestconfig.pluginmanager.get_plugin('terminalreporter')\n    \
+                     assert not reporter.stats.get('warnings')\n\n\
                      def test_own_ini(pytestconfig):\n    \
                      mine = [m for m in pytestconfig.getini('markers') if m.startswith('p') and 'project' in m]\n    \
                      assert mine == ['p{i}: project {i}']\n\n\
-                     def test_exact_environment():\n    assert 'PYTHONPATH' in os.environ and 'HOME' in os.environ\n"
+                     def test_exact_environment():\n    assert 'PYTHONPATH' in os.environ and 'HOME' in os.environ\n",
+                    other = 1 - i
                 ),
             );
             let source = ProjectSource {
@@ -604,7 +637,7 @@ mod tests {
             for p in &prepared {
                 let report = r.run(p, &task, &Limits::default()).unwrap();
                 let c = counts(&report);
-                assert_eq!((c.passed, c.failures()), (5, 0), "{} round {round}: {:?}", p.id, report.modules);
+                assert_eq!((c.passed, c.failures()), (7, 0), "{} round {round}: {:?}", p.id, report.modules);
             }
         }
         assert_eq!(r.zygotes.live.lock().unwrap().len(), 1, "one zygote for the shared environment");
