@@ -28,14 +28,17 @@ const GENERATED_DIRS: &[&str] = &["__pycache__", ".hypothesis", ".pytest_cache",
 
 pub(crate) struct EnvManager {
     python: PathBuf,
+    /// The interpreter's `sys.version` (part of the base environment's key).
+    version: String,
     dir: PathBuf,
     source: PackageSource,
     base: Mutex<Option<PathBuf>>,
 }
 
 impl EnvManager {
-    pub(crate) fn new(python: PathBuf, dir: PathBuf, source: PackageSource) -> EnvManager {
-        EnvManager { python, dir, source, base: Mutex::new(None) }
+    pub(crate) fn new(python: &Interpreter, dir: PathBuf, source: PackageSource) -> EnvManager {
+        let (version, python) = (python.version.clone(), python.executable.clone());
+        EnvManager { python, version, dir, source, base: Mutex::new(None) }
     }
 
     /// A failed build's error, with what to do when pip could not reach its packages.
@@ -46,20 +49,29 @@ impl EnvManager {
         }
     }
 
+    /// Where the base environment of this interpreter and pytest is (or will be).
+    fn base_dir(&self) -> PathBuf {
+        let key = short_hash(&[
+            self.python.to_string_lossy().as_bytes(),
+            self.version.as_bytes(),
+            PYTEST_REQUIREMENT.as_bytes(),
+        ]);
+        self.dir.join(format!("base-{key}"))
+    }
+
+    /// The base environment's directory when it is built already (nothing is built here).
+    pub(crate) fn base_if_built(&self) -> Option<PathBuf> {
+        let dir = self.base_dir();
+        dir.join(READY_MARKER).is_file().then_some(dir)
+    }
+
     /// The base environment's directory, built on first use.
     pub(crate) fn base(&self) -> Result<PathBuf, LocalError> {
         let mut guard = self.base.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(b) = guard.as_ref() {
             return Ok(b.clone());
         }
-        let version =
-            command_output(Command::new(&self.python).args(["-c", "import sys; print(sys.version)"]))?;
-        let key = short_hash(&[
-            self.python.to_string_lossy().as_bytes(),
-            version.as_bytes(),
-            PYTEST_REQUIREMENT.as_bytes(),
-        ]);
-        let final_dir = self.dir.join(format!("base-{key}"));
+        let final_dir = self.base_dir();
         if !final_dir.join(READY_MARKER).is_file() {
             tracing::info!(dir = %final_dir.display(), "building the base Python environment ({PYTEST_REQUIREMENT})");
             let python = self.python.clone();
@@ -340,27 +352,42 @@ pub fn needs_install(root: &Path) -> bool {
     !sets_pythonpath
 }
 
-/// The interpreter to build environments from: the configured one, else `python3` on PATH
-/// resolved once to its real executable (pyenv shims are slow to start).
-pub fn resolve_python(configured: Option<&Path>) -> Result<PathBuf, LocalError> {
-    let candidate = configured.map(Path::to_path_buf).unwrap_or_else(|| PathBuf::from("python3"));
-    let exe = command_output(Command::new(&candidate).args(["-c", "import sys; print(sys.executable)"]))
-        .map_err(|e| {
-            LocalError::Env(format!("cannot run Python interpreter {}: {e}", candidate.display()))
-        })?;
-    if exe.is_empty() {
-        return Err(LocalError::Env(format!("{} did not report sys.executable", candidate.display())));
-    }
-    Ok(PathBuf::from(exe))
+/// What the runner needs to know of the interpreter environments are built from, asked of it in
+/// one start (each start of a pyenv shim costs tens of milliseconds).
+#[derive(Debug, Clone)]
+pub struct Interpreter {
+    /// Its real executable (`sys.executable`; a shim resolved).
+    pub executable: PathBuf,
+    /// `sys.version` (part of the base environment's key).
+    pub version: String,
+    /// The folders it runs from: its installation prefix and its executable's real folder.
+    pub dirs: Vec<PathBuf>,
 }
 
-/// The folders an interpreter runs from: its installation prefix and its executable's folder.
-pub(crate) fn interpreter_dirs(python: &Path) -> Result<Vec<PathBuf>, LocalError> {
-    let text = command_output(Command::new(python).args([
-        "-c",
-        "import os, sys\nprint(sys.base_prefix)\nprint(os.path.dirname(os.path.realpath(sys.executable)))",
-    ]))?;
-    Ok(text.lines().map(PathBuf::from).collect())
+impl Interpreter {
+    /// Asks the configured interpreter, else `python3` on PATH.
+    pub fn probe(configured: Option<&Path>) -> Result<Interpreter, LocalError> {
+        const ASK: &str = "import json, os, sys\nprint(json.dumps([sys.executable, sys.version, \
+                           sys.base_prefix, os.path.dirname(os.path.realpath(sys.executable))]))";
+        let candidate = configured.map(Path::to_path_buf).unwrap_or_else(|| PathBuf::from("python3"));
+        let cannot = |e: String| {
+            LocalError::Env(format!("cannot run Python interpreter {}: {e}", candidate.display()))
+        };
+        let text = command_output(Command::new(&candidate).args(["-S", "-c", ASK]))
+            .map_err(|e| cannot(e.to_string()))?;
+        let [executable, version, prefix, bin]: [String; 4] =
+            serde_json::from_str(&text).map_err(|e| cannot(format!("unexpected answer {text:?}: {e}")))?;
+        if executable.is_empty() {
+            return Err(cannot("it did not report sys.executable".into()));
+        }
+        Ok(Interpreter { executable: executable.into(), version, dirs: vec![prefix.into(), bin.into()] })
+    }
+}
+
+/// The interpreter to build environments from: the configured one, else `python3` on PATH
+/// resolved to its real executable (pyenv shims are slow to start).
+pub fn resolve_python(configured: Option<&Path>) -> Result<PathBuf, LocalError> {
+    Interpreter::probe(configured).map(|i| i.executable)
 }
 
 /// Checks that `python`, confined as tests are, starts and reaches every path of `paths`.
@@ -435,17 +462,30 @@ mod tests {
     #[test]
     fn urls_and_pip_options_are_refused_before_anything_runs() {
         let d = tempfile::tempdir().unwrap();
-        let envs = EnvManager::new(
-            PathBuf::from("/nonexistent/python3"),
-            d.path().join("envs"),
-            PackageSource::default(),
-        );
+        let python = Interpreter {
+            executable: PathBuf::from("/nonexistent/python3"),
+            version: "3.11.7".into(),
+            dirs: Vec::new(),
+        };
+        let envs = EnvManager::new(&python, d.path().join("envs"), PackageSource::default());
         for bad in ["-r/etc/passwd", "evil @ http://127.0.0.1:1/evil-1.0.tar.gz", "./evil.tar.gz"] {
             let err = envs.project(&["hypothesis".to_string(), bad.to_string()], None).unwrap_err();
             assert!(matches!(err, LocalError::Requirement(_)), "{bad}: {err}");
             assert!(err.to_string().contains("refused"), "{err}");
         }
         assert!(!d.path().join("envs").exists(), "nothing was built");
+    }
+
+    #[test]
+    fn one_probe_tells_the_executable_version_and_folders() {
+        let i = Interpreter::probe(None).expect("python3 on PATH");
+        assert!(i.executable.is_absolute() && i.executable.is_file(), "{i:?}");
+        assert!(i.version.starts_with("3."), "{i:?}");
+        assert_eq!(i.dirs.len(), 2);
+        assert!(i.dirs.iter().all(|d| d.is_dir()), "{i:?}");
+        assert_eq!(resolve_python(Some(&i.executable)).unwrap(), i.executable);
+        let err = Interpreter::probe(Some(Path::new("/nonexistent/python3"))).unwrap_err();
+        assert!(err.to_string().contains("cannot run Python interpreter"), "{err}");
     }
 
     #[test]

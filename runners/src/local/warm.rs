@@ -226,9 +226,13 @@ impl WarmServer {
 impl Drop for WarmServer {
     fn drop(&mut self) {
         // Closing stdin makes the server kill its children's groups and exit; kill it if not.
+        // Without a request waiting it has no child (each is reaped before its request ends),
+        // so it is killed at once (it may still be importing pytest).
         drop(self.stdin.lock().unwrap_or_else(|e| e.into_inner()).take());
+        let idle = self.pending.lock().unwrap_or_else(|e| e.into_inner()).is_empty();
         let mut child = self.child.lock().unwrap_or_else(|e| e.into_inner());
-        let deadline = Instant::now() + Duration::from_secs(2);
+        let wait = if idle { Duration::ZERO } else { Duration::from_secs(2) };
+        let deadline = Instant::now() + wait;
         while matches!(child.try_wait(), Ok(None)) && Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(10));
         }
