@@ -106,7 +106,6 @@ impl LocalRunner {
         let mut needed = interpreter.dirs.clone();
         needed.push(venv_dir.clone());
         sandbox.expose(&needed)?;
-        env::check_usable(&python, &sandbox.confinement(DISCOVER_TIMEOUT), &[&venv_dir, sandbox.work()])?;
         // Support files (reporting plugin + fork server), keyed by their content.
         let mut key = content_key(pytest::PLUGIN_SOURCE);
         key.push_str(&content_key(warm::SERVER_SOURCE));
@@ -127,11 +126,13 @@ impl LocalRunner {
             zygotes: Zygotes::default(),
         };
         // The base environment's zygote starts now (when that environment is built), so that
-        // its interpreter and pytest import while the caller is still getting ready: most
-        // projects run there.
+        // its interpreter and pytest import while the caller is still getting ready (and while
+        // the check below runs): most projects run there.
         if let Some(base) = runner.envs.base_if_built() {
             runner.zygote(&env::venv_python(&base), false);
         }
+        let (work, venv) = (runner.sandbox.work(), runner.opts.venv_dir.as_path());
+        env::check_usable(&python, &runner.sandbox.confinement(DISCOVER_TIMEOUT), &[venv, work])?;
         Ok(runner)
     }
 
