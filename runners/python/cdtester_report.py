@@ -55,12 +55,19 @@ def _emit(record):
         data = data[written:]
 
 
+# The file part of node ids, rewritten (every test of a module has the same one).
+_heads = {}
+
+
 def _norm(nodeid):
     """Returns (nodeid, module) with the file part relative to the invocation directory."""
     head, sep, rest = nodeid.partition("::")
     if _rootpath is not None and _invocation_dir is not None and head:
-        path = os.path.normpath(os.path.join(str(_rootpath), head))
-        rel = os.path.relpath(path, str(_invocation_dir)).replace(os.sep, "/")
+        rel = _heads.get(head)
+        if rel is None:
+            path = os.path.normpath(os.path.join(str(_rootpath), head))
+            rel = os.path.relpath(path, str(_invocation_dir)).replace(os.sep, "/")
+            _heads[head] = rel
         if not rel.startswith("../"):
             head = rel
     return head + sep + rest, head
@@ -88,6 +95,7 @@ def _message(report):
 def pytest_configure(config):
     global _fd, _rootpath, _invocation_dir, _chunk, _config
     _config = config
+    _heads.clear()
     target = os.environ.get("CDTESTER_REPORT_FILE")
     if target == "stderr":
         _fd = os.dup(2)
