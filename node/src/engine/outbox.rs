@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use serde::{Deserialize, Serialize};
 
 use super::{Accepted, Action, Delivery, Engine, Now, Refusal, TaskPost};
-use crate::ids::EvalId;
+use crate::ids::{EvalId, TaskId};
 
 /// Most results in one batch.
 pub const MAX_BATCH: usize = 64;
@@ -65,6 +65,11 @@ impl Engine {
         let key = (post.eval_id, post.result.task_id.clone(), post.attempt.clone());
         let o = Outgoing { post, from, next: now.mono, wait: FIRST_WAIT, until: now.mono + PATIENCE };
         self.outbox.entry(key).or_insert(o);
+    }
+
+    /// Whether a result of `task` of `eval` waits in the outbox.
+    pub(super) fn has_undelivered(&self, eval: EvalId, task: &TaskId) -> bool {
+        self.outbox.keys().any(|(e, t, _)| *e == Some(eval) && t == task.as_str())
     }
 
     /// Results queued and not taken yet.

@@ -171,10 +171,12 @@ fn same_result(a: &ModuleResult, b: &ModuleResult) -> bool {
 impl Engine {
     /// The live peers that vote.
     pub(super) fn live_voters(&self) -> BTreeSet<SocketAddr> {
-        match &self.fence.voters {
-            Some(v) => self.peers.intersection(v).copied().collect(),
-            None => self.peers.clone(),
-        }
+        self.peers.iter().copied().filter(|p| self.votes(*p)).collect()
+    }
+
+    /// Whether `peer` takes part in majorities: a cdtester node, not a reference one.
+    pub(super) fn votes(&self, peer: SocketAddr) -> bool {
+        self.fence.voters.as_ref().is_none_or(|v| v.contains(&peer))
     }
 
     /// The membership changed: live voters and failed ones.
