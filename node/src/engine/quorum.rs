@@ -259,17 +259,7 @@ impl Engine {
                     self.propose_result(now, id, (&t, h.result), out);
                 }
             }
-            let Some(rec) = self.evals.get(&id) else { continue };
-            let crashed: Vec<(TaskId, u32)> = rec
-                .worker_deaths
-                .iter()
-                .filter(|(t, n)| **n >= crate::eval::MAX_WORKER_DEATHS && !rec.results.contains_key(*t))
-                .filter(|(t, _)| !self.fence.is_pending(id, t))
-                .map(|(t, n)| (t.clone(), *n))
-                .collect();
-            for (t, n) in crashed {
-                self.record_crash(now, id, &t, n, out);
-            }
+            self.record_crashes(now, id, out);
         }
     }
 

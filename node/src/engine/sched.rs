@@ -368,7 +368,8 @@ impl Engine {
         self.fence.forget(eval);
     }
 
-    /// Requeues the tasks whose worker did not confirm in time, overran its lease or left.
+    /// Requeues the tasks whose worker did not confirm in time, overran its lease or left, and
+    /// records the tasks that killed their workers too often as crashed ([`Engine::record_crashes`]).
     pub(super) fn expire(&mut self, now: Now, out: &mut Vec<Action>) {
         let expired: Vec<(TaskId, EvalId)> = self
             .assignments
@@ -388,6 +389,15 @@ impl Engine {
         for (t, eval) in expired {
             tracing::info!(task = %t, "requeueing task");
             self.release(eval, &t, out);
+        }
+        let deaths: Vec<EvalId> = self
+            .evals
+            .values()
+            .filter(|r| !r.worker_deaths.is_empty() && self.schedules(r))
+            .map(|r| r.id)
+            .collect();
+        for eval in deaths {
+            self.record_crashes(now, eval, out);
         }
     }
 
@@ -428,15 +438,26 @@ impl Engine {
         }
     }
 
+    /// Records as crashed the tasks of `eval` that killed their workers too often and have no
+    /// result (not even a provisional one) and no worker now. Their deaths may have been counted
+    /// elsewhere: worker deaths merge as the largest count of any copy, so a copy of an owner
+    /// that lost the evaluation (cut off, or taken over) can bring the last one.
+    pub(super) fn record_crashes(&mut self, now: Now, eval: EvalId, out: &mut Vec<Action>) {
+        let Some(rec) = self.evals.get(&eval) else { return };
+        let crashed: Vec<(TaskId, u32)> = rec
+            .worker_deaths
+            .iter()
+            .filter(|(t, n)| **n >= eval::MAX_WORKER_DEATHS && !rec.results.contains_key(*t))
+            .filter(|(t, _)| !self.fence.is_pending(eval, t) && !self.assignments.contains(t))
+            .map(|(t, n)| (t.clone(), *n))
+            .collect();
+        for (t, n) in crashed {
+            self.record_crash(now, eval, &t, n, out);
+        }
+    }
+
     /// Records a task that killed its worker `deaths` times as crashed.
-    pub(super) fn record_crash(
-        &mut self,
-        now: Now,
-        eval: EvalId,
-        task: &TaskId,
-        deaths: u32,
-        out: &mut Vec<Action>,
-    ) {
+    fn record_crash(&mut self, now: Now, eval: EvalId, task: &TaskId, deaths: u32, out: &mut Vec<Action>) {
         tracing::error!(%eval, %task, "task killed its worker {deaths} times: recorded as crashed");
         let report = ModuleReport {
             module: task.module().to_string(),

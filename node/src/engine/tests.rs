@@ -676,3 +676,23 @@ fn a_worker_that_runs_an_adopted_task_confirms_it_without_running_it_twice() {
     let out = fresh.handle(clock.now(), Input::Message { from: addr(1), msg: asked[0].1.clone() });
     assert_eq!(runs(&out).len(), 1, "{out:?}");
 }
+
+#[test]
+fn a_task_whose_last_worker_death_comes_in_a_merged_copy_is_recorded_as_crashed() {
+    // The owner counted one death of t_a's worker; a node that owned the evaluation before (cut
+    // off, then taken over) counted the second one in its copy, which reaches the owner by
+    // replication. The task is never handed out again, so the owner must record it as crashed.
+    let (mut e, mut clock, _) = started_engine(0, &["t_a.py", "t_b.py"]);
+    members(&mut e, &clock, &[addr(1), addr(2)]);
+    let task = TaskId::test("5-0::t_a.py");
+    let mut stale = e.record(EvalId::test(5)).expect("record").clone();
+    stale.worker_deaths.insert(task.clone(), crate::eval::MAX_WORKER_DEATHS);
+    e.handle(clock.now(), Input::Merge { records: vec![stale], from: addr(1) });
+    clock.advance(100);
+    let out = e.handle(clock.now(), Input::Tick);
+    votes_for(&mut e, &clock, &out);
+    let rec = e.record(EvalId::test(5)).expect("record");
+    let note = rec.results.get(&task).and_then(|r| r.report.note.clone()).unwrap_or_default();
+    assert!(note.contains("crashed"), "{out:?}");
+    assert!(!rec.results.contains_key(&TaskId::test("5-0::t_b.py")), "the other task still waits");
+}
