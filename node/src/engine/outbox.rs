@@ -67,9 +67,12 @@ impl Engine {
         self.outbox.entry(key).or_insert(o);
     }
 
-    /// Whether a result of `task` of `eval` waits in the outbox.
+    /// Whether a report of `task` of `eval` waits in the outbox (not a failure to run it: the
+    /// responsible node requeues the task for that, and may hand it to this node again).
     pub(super) fn has_undelivered(&self, eval: EvalId, task: &TaskId) -> bool {
-        self.outbox.keys().any(|(e, t, _)| *e == Some(eval) && t == task.as_str())
+        self.outbox
+            .iter()
+            .any(|((e, t, _), o)| *e == Some(eval) && t == task.as_str() && o.post.error.is_none())
     }
 
     /// Results queued and not taken yet.

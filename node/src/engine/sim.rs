@@ -505,7 +505,7 @@ impl World {
         let now = self.now();
         let Some(engine) = self.nodes[i].engine.as_mut() else { return (None, None) };
         // With `CDT_SIM_LOG` (a tracing filter), the engine's logs name the node and the time.
-        let span = tracing::info_span!("node", i, t = self.sim.now_ms()).entered();
+        let span = logging().then(|| tracing::info_span!("node", i, t = self.sim.now_ms()).entered());
         let actions = engine.handle(now, input);
         drop(span);
         let (mut answer, mut vote) = (None, None);
@@ -1025,6 +1025,12 @@ fn run_seeds(count: u64, make: impl Fn(u64) -> Scenario + Sync) -> Vec<String> {
     failures
 }
 
+/// Whether the engine's logs are printed (`CDT_SIM_LOG`, a tracing filter).
+fn logging() -> bool {
+    static LOG: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *LOG.get_or_init(|| std::env::var_os("CDT_SIM_LOG").is_some())
+}
+
 /// Seeds to run: `CDT_SIM_SEEDS`, or `default`.
 fn seed_count(default: u64) -> u64 {
     std::env::var("CDT_SIM_SEEDS").ok().and_then(|s| s.parse().ok()).unwrap_or(default)
@@ -1033,7 +1039,7 @@ fn seed_count(default: u64) -> u64 {
 /// Kills with restarts and (in about four seeds of ten) a partition that cuts one node off.
 #[test]
 fn many_seeds_of_five_node_clusters_with_kills_restarts_and_partitions_keep_the_invariants() {
-    if std::env::var_os("CDT_SIM_LOG").is_some() {
+    if logging() {
         // Only the first test that sets a subscriber in this process gets it.
         let _ = tracing_subscriber::fmt()
             .with_env_filter(tracing_subscriber::EnvFilter::from_env("CDT_SIM_LOG"))

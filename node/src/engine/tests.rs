@@ -696,3 +696,38 @@ fn a_task_whose_last_worker_death_comes_in_a_merged_copy_is_recorded_as_crashed(
     assert!(note.contains("crashed"), "{out:?}");
     assert!(!rec.results.contains_key(&TaskId::test("5-0::t_b.py")), "the other task still waits");
 }
+
+#[test]
+fn a_worker_handed_again_a_task_it_failed_to_run_runs_it_again() {
+    // The runner failed: the owner requeues the task and may hand it to the same worker while
+    // the failure still waits for its answer in the worker's outbox. That is no result: the
+    // worker must run the task again, not confirm it as one it ran.
+    let clock = Clock(Instant::now(), 1000.0);
+    let mut w = Engine::new(config(addr(1), 1), Vec::new(), Default::default(), Vec::new(), clock.0);
+    members(&mut w, &clock, &[addr(0)]);
+    let send = task_sends(&[Action::Send {
+        to: addr(1),
+        msg: Message::TaskSend(crate::wire::TaskSendData {
+            id: NodeId("node-0".into()),
+            info: crate::wire::TaskInfo {
+                project_id: "5-0".into(),
+                module: "t_a.py".into(),
+                project_name: "calc".into(),
+                api_port: "8000".into(),
+                eval_id: Some("5".into()),
+                url: None,
+                token: None,
+                kind: crate::wire::TaskSourceKind::Zip,
+            },
+        }),
+    }])
+    .remove(0)
+    .1;
+    let task = runs(&w.handle(clock.now(), Input::Message { from: addr(0), msg: send.clone() })).remove(0);
+    let failed =
+        TaskPost::new(addr(1), task.eval, &task.task_id, Err("the runner failed".into()), "a1".into());
+    w.handle(clock.now(), Input::Ran { post: failed, from: Some(addr(0)) });
+    assert_eq!(w.undelivered(), 1);
+    let out = w.handle(clock.now(), Input::Message { from: addr(0), msg: send });
+    assert_eq!(runs(&out).len(), 1, "{out:?}");
+}
