@@ -574,3 +574,160 @@ fn only_cdtester_peers_vote_reference_ones_never_answer_proposals() {
     e.handle(clock.now(), Input::Voted { vote: holding(&sent[0].1), from: addr(1) });
     assert_eq!(e.record(EvalId::test(5)).expect("record").results.len(), 1, "two of two voters hold it");
 }
+
+/// Evaluation 5 (one module, `t_a.py`) of owner 0, whose task worker 2 confirmed, and a node
+/// (1, one slot) that took it over from that record after the owner died: its actions.
+fn taken_over_with_a_running_task() -> (Engine, Engine, Clock, Vec<Action>) {
+    let (mut origin, clock, _) = started_engine(0, &["t_a.py"]);
+    members(&mut origin, &clock, &[addr(2)]);
+    let mut worker = Engine::new(config(addr(2), 1), Vec::new(), Default::default(), Vec::new(), clock.0);
+    members(&mut worker, &clock, &[addr(0), addr(1)]);
+    let req = Message::TaskRequest(NodeIdData { id: NodeId("node-2".into()) });
+    let out = origin.handle(clock.now(), Input::Message { from: addr(2), msg: req });
+    let Some(Action::Send { msg, .. }) = out.into_iter().find(|a| matches!(a, Action::Send { .. })) else {
+        panic!("no TASK_SEND")
+    };
+    let out = worker.handle(clock.now(), Input::Message { from: addr(0), msg });
+    assert_eq!(runs(&out).len(), 1, "{out:?}");
+    let confirm = out.into_iter().find(|a| matches!(a, Action::Send { .. }));
+    let Some(Action::Send { msg, .. }) = confirm else { panic!("no TASK_CONFIRM") };
+    origin.handle(clock.now(), Input::Message { from: addr(2), msg });
+    let rec = origin.record(EvalId::test(5)).expect("record").clone();
+    assert_eq!(rec.running.get(&TaskId::test("5-0::t_a.py")), Some(&NodeAddr::from(addr(2))));
+    let mut e = Engine::new(config(addr(1), 1), Vec::new(), Default::default(), Vec::new(), clock.0);
+    members(&mut e, &clock, &[addr(0), addr(2)]);
+    e.handle(clock.now(), Input::Merge { records: vec![rec], from: addr(0) });
+    members(&mut e, &clock, &[addr(2)]);
+    let mut out = e.handle(clock.now(), Input::TakeOver { failed: addr(0) });
+    // Worker 2 answers the first phase: it holds no result.
+    let sent = proposals(&out);
+    assert_eq!(sent.len(), 1, "{out:?}");
+    let vote = Vote { record: sent[0].1.clone(), proposals: Default::default() };
+    out.extend(e.handle(clock.now(), Input::Voted { vote, from: addr(2) }));
+    (e, worker, clock, out)
+}
+
+/// The TASK_SENDs among `actions`, by receiver.
+fn task_sends(actions: &[Action]) -> Vec<(SocketAddr, Message)> {
+    actions
+        .iter()
+        .filter_map(|a| match a {
+            Action::Send { to, msg: msg @ Message::TaskSend(_) } => Some((*to, msg.clone())),
+            _ => None,
+        })
+        .collect()
+}
+
+#[test]
+fn a_takeover_asks_the_worker_a_record_names_and_requeues_a_task_it_does_not_confirm() {
+    // The record says worker 2 runs the task, but worker 2 restarted meanwhile (its task died
+    // with it) and is busy with other work now: it does not confirm. The node that took over
+    // cannot know it restarted (it may have restarted itself since): it must not wait out the
+    // task's lease (2 x its time limit + 60 s, started again by every later takeover).
+    let (mut e, _, mut clock, out) = taken_over_with_a_running_task();
+    let asked = task_sends(&out);
+    assert_eq!(asked.iter().map(|(to, _)| *to).collect::<Vec<_>>(), vec![addr(2)], "{out:?}");
+    let mut restarted = Engine::new(config(addr(2), 0), Vec::new(), Default::default(), Vec::new(), clock.0);
+    let answer = restarted.handle(clock.now(), Input::Message { from: addr(1), msg: asked[0].1.clone() });
+    assert!(answer.is_empty(), "a worker that does not run it and has no free slot says nothing: {answer:?}");
+    assert!(runs(&out).is_empty(), "not run again before the confirm timeout: {out:?}");
+    clock.advance(1_000);
+    assert!(runs(&e.handle(clock.now(), Input::Tick)).is_empty(), "still within the confirm timeout");
+    clock.advance(600);
+    let out = e.handle(clock.now(), Input::Tick);
+    let again = runs(&out);
+    assert_eq!(again.len(), 1, "handed out again after the confirm timeout: {out:?}");
+    assert_eq!(again[0].task_id, TaskId::test("5-0::t_a.py"));
+}
+
+#[test]
+fn a_worker_that_runs_an_adopted_task_confirms_it_without_running_it_twice() {
+    let (mut e, mut worker, mut clock, out) = taken_over_with_a_running_task();
+    let asked = task_sends(&out);
+    assert_eq!(asked.len(), 1, "{out:?}");
+    let reply = worker.handle(clock.now(), Input::Message { from: addr(1), msg: asked[0].1.clone() });
+    assert!(runs(&reply).is_empty(), "it runs the task already: {reply:?}");
+    let confirm = reply.iter().find_map(|a| match a {
+        Action::Send { to, msg: msg @ Message::TaskConfirm(_) } if *to == addr(1) => Some(msg.clone()),
+        _ => None,
+    });
+    let confirm = confirm.expect("the worker confirms");
+    e.handle(clock.now(), Input::Message { from: addr(2), msg: confirm });
+    clock.advance(5_000);
+    let out = e.handle(clock.now(), Input::Tick);
+    assert!(runs(&out).is_empty(), "a confirmed task stays with its worker: {out:?}");
+    // The worker's result is accepted once; a duplicate changes nothing.
+    let task = Task {
+        eval: EvalId::test(5),
+        task_id: TaskId::test("5-0::t_a.py"),
+        project: None,
+        from: Some(addr(0)),
+        with: Vec::new(),
+    };
+    let post = post_for(addr(2), &task, &[Outcome::Passed]);
+    let out = e.handle(clock.now(), Input::Result { post: post.clone(), caller: addr(2) });
+    assert_eq!(answer(&out), Ok(Accepted::Stored), "{out:?}");
+    votes_for(&mut e, &clock, &out);
+    let out = e.handle(clock.now(), Input::Result { post, caller: addr(2) });
+    assert_eq!(answer(&out), Ok(Accepted::Duplicate), "{out:?}");
+    assert_eq!(e.record(EvalId::test(5)).expect("record").results.len(), 1);
+    // A worker that restarted with a free slot runs a task it is asked about at once.
+    let mut fresh = Engine::new(config(addr(2), 1), Vec::new(), Default::default(), Vec::new(), clock.0);
+    let out = fresh.handle(clock.now(), Input::Message { from: addr(1), msg: asked[0].1.clone() });
+    assert_eq!(runs(&out).len(), 1, "{out:?}");
+}
+
+#[test]
+fn a_task_whose_last_worker_death_comes_in_a_merged_copy_is_recorded_as_crashed() {
+    // The owner counted one death of t_a's worker; a node that owned the evaluation before (cut
+    // off, then taken over) counted the second one in its copy, which reaches the owner by
+    // replication. The task is never handed out again, so the owner must record it as crashed.
+    let (mut e, mut clock, _) = started_engine(0, &["t_a.py", "t_b.py"]);
+    members(&mut e, &clock, &[addr(1), addr(2)]);
+    let task = TaskId::test("5-0::t_a.py");
+    let mut stale = e.record(EvalId::test(5)).expect("record").clone();
+    stale.worker_deaths.insert(task.clone(), crate::eval::MAX_WORKER_DEATHS);
+    e.handle(clock.now(), Input::Merge { records: vec![stale], from: addr(1) });
+    clock.advance(100);
+    let out = e.handle(clock.now(), Input::Tick);
+    votes_for(&mut e, &clock, &out);
+    let rec = e.record(EvalId::test(5)).expect("record");
+    let note = rec.results.get(&task).and_then(|r| r.report.note.clone()).unwrap_or_default();
+    assert!(note.contains("crashed"), "{out:?}");
+    assert!(!rec.results.contains_key(&TaskId::test("5-0::t_b.py")), "the other task still waits");
+}
+
+#[test]
+fn a_worker_handed_again_a_task_it_failed_to_run_runs_it_again() {
+    // The runner failed: the owner requeues the task and may hand it to the same worker while
+    // the failure still waits for its answer in the worker's outbox. That is no result: the
+    // worker must run the task again, not confirm it as one it ran.
+    let clock = Clock(Instant::now(), 1000.0);
+    let mut w = Engine::new(config(addr(1), 1), Vec::new(), Default::default(), Vec::new(), clock.0);
+    members(&mut w, &clock, &[addr(0)]);
+    let send = task_sends(&[Action::Send {
+        to: addr(1),
+        msg: Message::TaskSend(crate::wire::TaskSendData {
+            id: NodeId("node-0".into()),
+            info: crate::wire::TaskInfo {
+                project_id: "5-0".into(),
+                module: "t_a.py".into(),
+                project_name: "calc".into(),
+                api_port: "8000".into(),
+                eval_id: Some("5".into()),
+                url: None,
+                token: None,
+                kind: crate::wire::TaskSourceKind::Zip,
+            },
+        }),
+    }])
+    .remove(0)
+    .1;
+    let task = runs(&w.handle(clock.now(), Input::Message { from: addr(0), msg: send.clone() })).remove(0);
+    let failed =
+        TaskPost::new(addr(1), task.eval, &task.task_id, Err("the runner failed".into()), "a1".into());
+    w.handle(clock.now(), Input::Ran { post: failed, from: Some(addr(0)) });
+    assert_eq!(w.undelivered(), 1);
+    let out = w.handle(clock.now(), Input::Message { from: addr(0), msg: send });
+    assert_eq!(runs(&out).len(), 1, "{out:?}");
+}
