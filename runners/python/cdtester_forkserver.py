@@ -63,6 +63,10 @@ def _preload():
         except Exception:
             pass
     "".encode("unicode_escape")
+    try:
+        _share_statement_trees()
+    except Exception:  # reports are then made as pytest makes them
+        pass
     # Warm importlib.metadata's path caches (pytest scans every distribution for `pytest11` entry
     # points at start-up) without importing any plugin: plugins must be imported by pytest itself,
     # which marks them for assertion rewriting first.
@@ -147,6 +151,32 @@ def _adopt_prebuilt():
         return made
 
     pc.get_config = get_config
+
+
+def _share_statement_trees():
+    """To show a failing test's statement, pytest parses the test's whole file again for every
+    failure (its cache of trees lasts one report). With this, each child keeps the tree of every
+    file text it has parsed: the same text gives the same tree, so reports are unchanged; a file
+    that changes gets a new tree. Skipped on a pytest without this function."""
+    from _pytest._code import code, source
+
+    original = getattr(source, "getstatementrange_ast", None)
+    if original is None or getattr(code, "getstatementrange_ast", None) is not original:
+        return
+    trees = {}  # file text -> tree, per child (the server itself never reports a failure)
+
+    def getstatementrange_ast(lineno, src, assertion=False, astnode=None):
+        if astnode is None:
+            text = str(src)
+            astnode = trees.get(text)
+            if astnode is None:
+                found = original(lineno, src, assertion)
+                trees[text] = found[0]
+                return found
+        return original(lineno, src, assertion, astnode)
+
+    code.getstatementrange_ast = getstatementrange_ast
+    source.getstatementrange_ast = getstatementrange_ast
 
 
 def _preload_plugins():

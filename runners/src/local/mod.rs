@@ -580,6 +580,52 @@ mod tests {
     }
 
     #[test]
+    fn warm_reports_of_many_failures_print_what_a_fresh_run_prints() {
+        let dir = tempfile::tempdir().unwrap();
+        // Several failures in one file (the zygote keeps that file's parsed tree between them),
+        // a multi-line statement, and a test that rewrites its own file before later ones fail.
+        write(
+            dir.path(),
+            "tests/test_many.py",
+            "import pathlib\n\ndef f(x):\n    return x + 1\n\n\
+             def test_a():\n    assert f(1) == 3\n\n\
+             def test_b():\n    assert (\n        f(2)\n        == 5\n    )\n\n\
+             def test_c():\n    p = pathlib.Path(__file__)\n    \
+             p.write_text('# one\\n# two\\n# three\\n' + p.read_text())\n    assert f(0) == 2\n\n\
+             def test_d():\n    x = f(5)\n    assert x == 7\n",
+        );
+        let source = ProjectSource {
+            id: "m".into(),
+            name: "m".into(),
+            root: dir.path().into(),
+            extra_requirements: vec![],
+        };
+        let modules = vec!["tests/test_many.py".to_string()];
+        // What changes between runs: the timing and the private copy's folder.
+        let stable = |text: &str| -> Vec<String> {
+            text.lines()
+                .filter(|l| !l.starts_with("rootdir:"))
+                .map(|l| l.split(" in ").next().unwrap_or(l).to_string())
+                .collect()
+        };
+        let mut outputs = Vec::new();
+        for warm in [true, false] {
+            let r = runner(warm);
+            let prepared = r.prepare(&source).unwrap();
+            let mut printed = Vec::new();
+            for m in &modules {
+                let report =
+                    r.run(&prepared, &TaskSpec::new("t", vec![m.clone()]), &Limits::default()).unwrap();
+                printed.extend(stable(report.modules[0].output.as_deref().unwrap_or_default()));
+            }
+            outputs.push(printed);
+            r.release(&prepared);
+        }
+        assert!(outputs[0].iter().filter(|l| l.starts_with("E ")).count() >= 4, "{:#?}", outputs[0]);
+        assert_eq!(outputs[0], outputs[1]);
+    }
+
+    #[test]
     fn projects_of_one_environment_share_a_zygote_and_nothing_else() {
         let r = runner(true);
         let dirs: Vec<tempfile::TempDir> = (0..2).map(|_| tempfile::tempdir().unwrap()).collect();
