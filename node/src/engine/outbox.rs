@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use serde::{Deserialize, Serialize};
 
 use super::{Accepted, Action, Delivery, Engine, Now, Refusal, TaskPost};
-use crate::ids::{EvalId, TaskId};
+use crate::ids::EvalId;
 
 /// Most results in one batch.
 pub const MAX_BATCH: usize = 64;
@@ -65,14 +65,6 @@ impl Engine {
         let key = (post.eval_id, post.result.task_id.clone(), post.attempt.clone());
         let o = Outgoing { post, from, next: now.mono, wait: FIRST_WAIT, until: now.mono + PATIENCE };
         self.outbox.entry(key).or_insert(o);
-    }
-
-    /// Whether a report of `task` of `eval` waits in the outbox (not a failure to run it: the
-    /// responsible node requeues the task for that, and may hand it to this node again).
-    pub(super) fn has_undelivered(&self, eval: EvalId, task: &TaskId) -> bool {
-        self.outbox
-            .iter()
-            .any(|((e, t, _), o)| *e == Some(eval) && t == task.as_str() && o.post.error.is_none())
     }
 
     /// Results queued and not taken yet.

@@ -171,12 +171,10 @@ fn same_result(a: &ModuleResult, b: &ModuleResult) -> bool {
 impl Engine {
     /// The live peers that vote.
     pub(super) fn live_voters(&self) -> BTreeSet<SocketAddr> {
-        self.peers.iter().copied().filter(|p| self.votes(*p)).collect()
-    }
-
-    /// Whether `peer` takes part in majorities: a cdtester node, not a reference one.
-    pub(super) fn votes(&self, peer: SocketAddr) -> bool {
-        self.fence.voters.as_ref().is_none_or(|v| v.contains(&peer))
+        match &self.fence.voters {
+            Some(v) => self.peers.intersection(v).copied().collect(),
+            None => self.peers.clone(),
+        }
     }
 
     /// The membership changed: live voters and failed ones.
@@ -259,7 +257,17 @@ impl Engine {
                     self.propose_result(now, id, (&t, h.result), out);
                 }
             }
-            self.record_crashes(now, id, out);
+            let Some(rec) = self.evals.get(&id) else { continue };
+            let crashed: Vec<(TaskId, u32)> = rec
+                .worker_deaths
+                .iter()
+                .filter(|(t, n)| **n >= crate::eval::MAX_WORKER_DEATHS && !rec.results.contains_key(*t))
+                .filter(|(t, _)| !self.fence.is_pending(id, t))
+                .map(|(t, n)| (t.clone(), *n))
+                .collect();
+            for (t, n) in crashed {
+                self.record_crash(now, id, &t, n, out);
+            }
         }
     }
 

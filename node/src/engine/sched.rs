@@ -18,7 +18,7 @@ use cdtester_runner_api::{Limits, ModuleReport};
 use super::{Accepted, Action, Engine, Now, Refusal, Task, TaskPost, duration_key};
 use crate::eval::{self, EvalRecord, ModuleResult, ProjectState};
 use crate::ids::{EvalId, NodeAddr, TaskId};
-use crate::wire::{Message, NodeId, TaskConfirmData, TaskInfo, TaskSendData, TaskSourceKind};
+use crate::wire::{Message, TaskConfirmData, TaskInfo, TaskSendData, TaskSourceKind};
 
 /// Modules remembered as slower than this (seconds) run alone on their slot.
 pub const GROUP_MODULE_SECS: f64 = 2.0;
@@ -66,7 +66,7 @@ pub(super) struct Assignments {
 
 impl Assignments {
     /// Hands `task` to `worker`; `confirmed` when it runs already (this node's own slot, or a
-    /// reference worker adopted after a takeover). Returns whether the record changed.
+    /// worker adopted after a takeover). Returns whether the record changed.
     fn assign(
         &mut self,
         rec: &mut EvalRecord,
@@ -207,30 +207,26 @@ impl Engine {
         }
         let Some(task) = self.take_next(now, from, out) else { return };
         let name = task.project.map(|p| p.name).unwrap_or_default();
-        tracing::debug!(task = %task.task_id, worker = %from, "TASK_SEND");
-        out.push(self.task_send(id, task.eval, &task.task_id, name, from));
-    }
-
-    /// The TASK_SEND that hands `task` of evaluation `eval` (project `name`) to `worker`.
-    fn task_send(&self, id: NodeId, eval: EvalId, task: &TaskId, name: String, worker: SocketAddr) -> Action {
         let info = TaskInfo {
-            project_id: task.project().to_string(),
-            module: task.part().to_string(),
+            project_id: task.task_id.project().to_string(),
+            module: task.task_id.part().to_string(),
             project_name: name,
             api_port: self.cfg.http_port.to_string(),
-            eval_id: Some(eval.to_string()),
+            eval_id: Some(task.eval.to_string()),
             url: None,
             token: None,
             kind: TaskSourceKind::Zip,
         };
-        Action::Send { to: worker, msg: Message::TaskSend(TaskSendData { id, info }) }
+        tracing::debug!(task = %task.task_id, worker = %from, "TASK_SEND");
+        out.push(Action::Send { to: from, msg: Message::TaskSend(TaskSendData { id, info }) });
     }
 
-    /// TASK_SEND to this node as a worker: confirm and run it if a slot is free. A task this
-    /// node runs already, or whose result waits in its outbox (a node that took the evaluation
-    /// over asks whether it really does, see [`Engine::adopt_running`]), is confirmed and not
-    /// run again.
+    /// TASK_SEND to this node as a worker: confirm and run it if a slot is free.
     pub(super) fn task_sent(&mut self, from: SocketAddr, info: TaskInfo, out: &mut Vec<Action>) {
+        if self.busy >= self.cfg.slots {
+            tracing::debug!(project = %info.project_id, "no free slot: not confirming");
+            return;
+        }
         let Some(eval) = info.eval_id.as_deref().and_then(|e| e.parse::<EvalId>().ok()) else {
             tracing::warn!(%from, "TASK_SEND without a cdtester evaluation id ignored");
             return;
@@ -239,20 +235,10 @@ impl Engine {
             tracing::warn!(%from, "TASK_SEND with an invalid project id or module ignored");
             return;
         };
-        let confirm = Action::Send {
+        out.push(Action::Send {
             to: from,
             msg: Message::TaskConfirm(TaskConfirmData { task_id: task_id.to_string() }),
-        };
-        if self.here.contains(&task_id) || self.has_undelivered(eval, &task_id) {
-            tracing::debug!(task = %task_id, "TASK_SEND of a task this node runs or ran: confirmed");
-            out.push(confirm);
-            return;
-        }
-        if self.busy >= self.cfg.slots {
-            tracing::debug!(project = %info.project_id, "no free slot: not confirming");
-            return;
-        }
-        out.push(confirm);
+        });
         self.busy += 1;
         self.here.insert(task_id.clone());
         let project = self
@@ -368,8 +354,7 @@ impl Engine {
         self.fence.forget(eval);
     }
 
-    /// Requeues the tasks whose worker did not confirm in time, overran its lease or left, and
-    /// records the tasks that killed their workers too often as crashed ([`Engine::record_crashes`]).
+    /// Requeues the tasks whose worker did not confirm in time, overran its lease or left.
     pub(super) fn expire(&mut self, now: Now, out: &mut Vec<Action>) {
         let expired: Vec<(TaskId, EvalId)> = self
             .assignments
@@ -389,15 +374,6 @@ impl Engine {
         for (t, eval) in expired {
             tracing::info!(task = %t, "requeueing task");
             self.release(eval, &t, out);
-        }
-        let deaths: Vec<EvalId> = self
-            .evals
-            .values()
-            .filter(|r| !r.worker_deaths.is_empty() && self.schedules(r))
-            .map(|r| r.id)
-            .collect();
-        for eval in deaths {
-            self.record_crashes(now, eval, out);
         }
     }
 
@@ -438,26 +414,15 @@ impl Engine {
         }
     }
 
-    /// Records as crashed the tasks of `eval` that killed their workers too often and have no
-    /// result (not even a provisional one) and no worker now. Their deaths may have been counted
-    /// elsewhere: worker deaths merge as the largest count of any copy, so a copy of an owner
-    /// that lost the evaluation (cut off, or taken over) can bring the last one.
-    pub(super) fn record_crashes(&mut self, now: Now, eval: EvalId, out: &mut Vec<Action>) {
-        let Some(rec) = self.evals.get(&eval) else { return };
-        let crashed: Vec<(TaskId, u32)> = rec
-            .worker_deaths
-            .iter()
-            .filter(|(t, n)| **n >= eval::MAX_WORKER_DEATHS && !rec.results.contains_key(*t))
-            .filter(|(t, _)| !self.fence.is_pending(eval, t) && !self.assignments.contains(t))
-            .map(|(t, n)| (t.clone(), *n))
-            .collect();
-        for (t, n) in crashed {
-            self.record_crash(now, eval, &t, n, out);
-        }
-    }
-
     /// Records a task that killed its worker `deaths` times as crashed.
-    fn record_crash(&mut self, now: Now, eval: EvalId, task: &TaskId, deaths: u32, out: &mut Vec<Action>) {
+    pub(super) fn record_crash(
+        &mut self,
+        now: Now,
+        eval: EvalId,
+        task: &TaskId,
+        deaths: u32,
+        out: &mut Vec<Action>,
+    ) {
         tracing::error!(%eval, %task, "task killed its worker {deaths} times: recorded as crashed");
         let report = ModuleReport {
             module: task.module().to_string(),
@@ -481,15 +446,6 @@ impl Engine {
     /// Takes the tasks a record lists as running on workers other than `gone` into the
     /// assignments (after a takeover or a restart), so that their workers' results are accepted;
     /// tasks that were running on `gone` count a worker death and are requeued.
-    ///
-    /// The record may be stale: the worker it names may have restarted since (its tasks died
-    /// with its previous process), and a node that restarted itself cannot tell, as it never
-    /// saw the previous process. So a task adopted from a live cdtester worker is sent to it
-    /// again, unconfirmed: a worker that runs it (or holds its result) confirms without running
-    /// it twice, one that does not know it runs it when a slot is free, and otherwise the task is
-    /// handed out again after the confirm timeout, not after a lease that a second takeover
-    /// would start again. Reference workers (which take one task at a time and would not
-    /// confirm a task they run) keep theirs until the lease runs out.
     pub(super) fn adopt_running(
         &mut self,
         now: Now,
@@ -497,28 +453,25 @@ impl Engine {
         gone: Option<SocketAddr>,
         out: &mut Vec<Action>,
     ) {
-        let Some(rec) = self.evals.get(&eval) else { return };
+        let Some(rec) = self.evals.get_mut(&eval) else { return };
+        let mut died = Vec::new();
         let running: Vec<(TaskId, SocketAddr)> =
             rec.running.iter().map(|(t, w)| (t.clone(), w.socket())).collect();
-        let (mut died, mut lost, mut ask) = (Vec::new(), Vec::new(), Vec::new());
-        for (task, worker) in running {
-            if Some(worker) == gone {
-                died.push(task);
-            } else if worker == self.cfg.me && !self.here.contains(&task) {
-                // Published as running here, but no slot of this node runs it (it finished
-                // while another node was responsible): hand it out again.
-                lost.push(task);
-            } else if !self.assignments.contains(&task) {
-                let probe = worker != self.cfg.me && self.peers.contains(&worker) && self.votes(worker);
-                let Some(rec) = self.evals.get_mut(&eval) else { return };
-                self.assignments.assign(rec, &task, worker, !probe, now.mono);
-                if probe {
-                    ask.push((task, worker));
+        let mut lost = Vec::new();
+        for (task, addr) in running {
+            match addr {
+                // Published as running here, but no slot of this node runs it (it finished while
+                // another node was responsible): hand it out again.
+                addr if addr == self.cfg.me && Some(addr) != gone && !self.here.contains(&task) => {
+                    lost.push(task)
                 }
+                addr if Some(addr) != gone => {
+                    if !self.assignments.contains(&task) {
+                        self.assignments.assign(rec, &task, addr, true, now.mono);
+                    }
+                }
+                _ => died.push(task),
             }
-        }
-        for (task, worker) in ask {
-            self.ask_worker(eval, &task, worker, out);
         }
         for t in lost {
             self.release(eval, &t, out);
@@ -526,14 +479,6 @@ impl Engine {
         for t in died {
             self.task_killed_worker(now, eval, &t, out);
         }
-    }
-
-    /// Sends an adopted task to the worker a record names (see [`Engine::adopt_running`]).
-    fn ask_worker(&self, eval: EvalId, task: &TaskId, worker: SocketAddr, out: &mut Vec<Action>) {
-        let Some(id) = self.id.clone() else { return };
-        let name = self.evals.get(&eval).and_then(|r| r.project(task.project())).map(|p| p.name.clone());
-        tracing::debug!(%task, %worker, "asking the worker a record names whether it runs the task");
-        out.push(self.task_send(id, eval, task, name.unwrap_or_default(), worker));
     }
 
     /// Checks a result post from `caller` against what this node knows: only the worker the

@@ -398,7 +398,9 @@ impl World {
         for ev in events {
             self.core_event(i, ev);
         }
-        self.refresh_members(i);
+        let peers = self.sim.core(i).peers().map(|(_, a)| a).collect();
+        let id = self.sim.core(i).id().cloned();
+        self.input(i, Input::Members { id, peers });
         self.input(i, Input::Tick);
         // Like the node: the core gets the active evaluations it carries in elections (when
         // they changed).
@@ -436,15 +438,6 @@ impl World {
         Ok(())
     }
 
-    /// Tells node `i`'s engine the membership its core sees now. Like the node, also before a
-    /// peer's failure, return or takeover is handled (the events of a step come together here,
-    /// and the core's view is the one after all of them).
-    fn refresh_members(&mut self, i: usize) {
-        let peers = self.sim.core(i).peers().map(|(_, a)| a).collect();
-        let id = self.sim.core(i).id().cloned();
-        self.input(i, Input::Members { id, peers });
-    }
-
     fn engine(&self, i: usize) -> Option<&Engine> {
         self.nodes[i].engine.as_ref()
     }
@@ -470,15 +463,12 @@ impl World {
                 self.input(i, Input::Message { from, msg });
             }
             Event::PeerDown { addr, reason, .. } => {
-                self.refresh_members(i);
                 self.input(i, Input::PeerDown { addr, died: reason == DownReason::Failed });
             }
             Event::TakeOver { failed_addr, .. } => {
-                self.refresh_members(i);
                 self.input(i, Input::TakeOver { failed: failed_addr });
             }
             Event::PeerUp { id, addr } => {
-                self.refresh_members(i);
                 self.input(i, Input::PeerUp { id, addr });
                 // Like the node: a digest exchange with a peer that comes up.
                 let ask = self.engine(i).map(Engine::digests);
@@ -504,10 +494,7 @@ impl World {
     ) -> (Option<Result<Accepted, Refusal>>, Option<super::Vote>) {
         let now = self.now();
         let Some(engine) = self.nodes[i].engine.as_mut() else { return (None, None) };
-        // With `CDT_SIM_LOG` (a tracing filter), the engine's logs name the node and the time.
-        let span = logging().then(|| tracing::info_span!("node", i, t = self.sim.now_ms()).entered());
         let actions = engine.handle(now, input);
-        drop(span);
         let (mut answer, mut vote) = (None, None);
         for a in actions {
             match a {
@@ -1025,12 +1012,6 @@ fn run_seeds(count: u64, make: impl Fn(u64) -> Scenario + Sync) -> Vec<String> {
     failures
 }
 
-/// Whether the engine's logs are printed (`CDT_SIM_LOG`, a tracing filter).
-fn logging() -> bool {
-    static LOG: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *LOG.get_or_init(|| std::env::var_os("CDT_SIM_LOG").is_some())
-}
-
 /// Seeds to run: `CDT_SIM_SEEDS`, or `default`.
 fn seed_count(default: u64) -> u64 {
     std::env::var("CDT_SIM_SEEDS").ok().and_then(|s| s.parse().ok()).unwrap_or(default)
@@ -1039,13 +1020,6 @@ fn seed_count(default: u64) -> u64 {
 /// Kills with restarts and (in about four seeds of ten) a partition that cuts one node off.
 #[test]
 fn many_seeds_of_five_node_clusters_with_kills_restarts_and_partitions_keep_the_invariants() {
-    if logging() {
-        // Only the first test that sets a subscriber in this process gets it.
-        let _ = tracing_subscriber::fmt()
-            .with_env_filter(tracing_subscriber::EnvFilter::from_env("CDT_SIM_LOG"))
-            .with_test_writer()
-            .try_init();
-    }
     if let Some(seed) = std::env::var("CDT_SIM_SEED").ok().and_then(|s| s.parse::<u64>().ok()) {
         return World::new(scenario(seed)).run().unwrap_or_else(|e| panic!("{e}"));
     }
