@@ -593,6 +593,27 @@ pub(crate) mod tests {
     }
 
     #[test]
+    fn a_copy_read_back_from_json_is_the_same_record_and_merges_as_no_change() {
+        // A wall-clock timestamp whose shortest spelling serde_json reads back one bit off
+        // unless it parses floats exactly (`float_roundtrip`).
+        let t = 1_800_000_807.876_197_3;
+        let mut rec = EvalRecord::new(
+            EvalId::test(7),
+            NodeAddr::test("127.0.0.1:7001"),
+            t,
+            vec![ready("7-0", "calc", &["t_a.py"])],
+        );
+        rec.add_result(
+            &TaskId::test("7-0::t_a.py"),
+            result("127.0.0.1:7002", "z", module_report("t_a.py", &[Outcome::Passed])),
+            t + 1.5,
+        );
+        let copy: EvalRecord = serde_json::from_str(&serde_json::to_string(&rec).unwrap()).unwrap();
+        assert_eq!((copy.start_time, copy.end_time), (rec.start_time, rec.end_time));
+        assert!(!rec.merge(&copy).changed(), "a copy that went through JSON changed the record");
+    }
+
+    #[test]
     fn merge_keeps_accepted_results_and_prefers_higher_term() {
         let base = EvalRecord::new(
             EvalId::test(7),
