@@ -63,6 +63,12 @@ def _preload():
         except Exception:
             pass
     "".encode("unicode_escape")
+    # inspect.getmodule (pytest's findsource calls it for every failure it reports) maps files
+    # to modules by reading the file of every module in sys.modules once and keeping the map;
+    # made here, a child reads only the files of the modules it imported itself.
+    import inspect
+
+    inspect.getmodule(None, "<cdtester-zygote>")
     try:
         _share_statement_trees()
     except Exception:  # reports are then made as pytest makes them
@@ -83,6 +89,8 @@ def _preload():
 _BLOCKING_ARGS = ("-p", "no:cacheprovider")
 # (configuration, the plugins it blocks, the other arguments it was made with), or None.
 _prebuilt = None
+# What the environment's `pytest11` entry points loaded here (see `_preload_plugins`).
+_entry_point_plugins = []
 
 
 def _blocked(args):
@@ -179,6 +187,70 @@ def _share_statement_trees():
     source.getstatementrange_ast = getstatementrange_ast
 
 
+def _share_fixture_scans():
+    """Every session scans each plugin module for fixtures (``FixtureManager.parsefactories``:
+    every name of the module, unwrapping decorators), although the default plugins and the
+    environment's own are the same modules in every child. They are scanned once here, with
+    pytest's own code, and a child whose plugin module still holds exactly the objects it held
+    here (a conftest may have added or replaced some) registers the fixtures found here instead
+    of scanning again; any other holder (a test module, a conftest, a plugin object, a changed
+    module) is scanned as usual. Skipped on a pytest without this API, and for a module whose
+    scan warns (the warning must come from the session)."""
+    import types
+    import warnings
+
+    from _pytest import fixtures
+
+    manager = fixtures.FixtureManager
+    original = manager.parsefactories
+    if not hasattr(manager, "_register_fixture"):
+        return
+    notset = original.__kwdefaults__.get("holder") if original.__kwdefaults__ else None
+    if notset is None or "node" not in original.__kwdefaults__:
+        return
+
+    class Recorder(manager):
+        def __init__(self):  # noqa: D107 (no session: it only records what a scan finds)
+            self.found = []
+
+        def _register_fixture(self, **kwargs):
+            self.found.append(kwargs)
+
+    candidates = [p for p in _prebuilt[0].pluginmanager.get_plugins()] if _prebuilt else []
+    candidates += _entry_point_plugins + [sys.modules.get("cdtester_report")]
+    scans = {}  # id(module) -> (module, its namespace when scanned, what the scan registered)
+    for module in candidates:
+        if not isinstance(module, types.ModuleType) or id(module) in scans:
+            continue
+        recorder = Recorder()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            original(recorder, holder=module, node=notset)
+        if not caught:
+            scans[id(module)] = (module, dict(module.__dict__), recorder.found)
+
+    def found_here(holder):
+        known = scans.get(id(holder))
+        if known is None or known[0] is not holder:
+            return None
+        try:  # the same objects compare equal by identity; a replaced one may raise
+            return known[2] if holder.__dict__ == known[1] else None
+        except Exception:
+            return None
+
+    def parsefactories(self, node_or_obj=notset, nodeid=notset, *, holder=notset, node=notset):
+        found = None
+        if node_or_obj is notset and nodeid is notset and holder is not notset:
+            found = found_here(holder)
+        if found is None:
+            return original(self, node_or_obj, nodeid, holder=holder, node=node)
+        for kwargs in found:
+            self._register_fixture(**{**kwargs, "node": node})
+        return None
+
+    manager.parsefactories = parsefactories
+
+
 def _preload_plugins():
     """Imports the ``pytest11`` entry points under pytest's rewrite hook, then removes the hook."""
     import importlib.metadata
@@ -193,7 +265,7 @@ def _preload_plugins():
     try:
         for ep in importlib.metadata.entry_points(group="pytest11"):
             try:
-                ep.load()
+                _entry_point_plugins.append(ep.load())
             except Exception:  # it fails the same way in the child, where pytest reports it
                 pass
     finally:
@@ -410,6 +482,10 @@ def main():
     try:
         _prebuild()
     except Exception:  # every child then makes its own, as a fresh run does
+        pass
+    try:
+        _share_fixture_scans()
+    except Exception:  # every session then scans every plugin, as a fresh run does
         pass
     # Everything imported so far lives as long as the server: keep it out of the children's
     # garbage collections (pytest collects several times per session) and off their copied pages.

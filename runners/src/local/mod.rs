@@ -637,11 +637,19 @@ mod tests {
             write(dir.path(), "pytest.ini", &format!("[pytest]\nmarkers =\n    p{i}: project {i}\n"));
             // An option of this project's own: the other must not see it (every session starts
             // from the zygote's pristine configuration).
+            // Project 0 also plants a fixture in one of pytest's own plugin modules (the zygote
+            // scanned those for fixtures once): its session must find it, the other's must not.
+            let plant = if i == 0 {
+                "import _pytest.tmpdir\nimport pytest\n\n@pytest.fixture\ndef _planted():\n    \
+                 return 'here'\n\n_pytest.tmpdir.planted = _planted\ndel _planted\n\n"
+            } else {
+                ""
+            };
             write(
                 dir.path(),
                 "conftest.py",
                 &format!(
-                    "def pytest_addoption(parser):\n    parser.addoption('--only-{i}', default='mine')\n"
+                    "{plant}def pytest_addoption(parser):\n    parser.addoption('--only-{i}', default='mine')\n"
                 ),
             );
             write(
@@ -667,7 +675,12 @@ mod tests {
                      def test_own_ini(pytestconfig):\n    \
                      mine = [m for m in pytestconfig.getini('markers') if m.startswith('p') and 'project' in m]\n    \
                      assert mine == ['p{i}: project {i}']\n\n\
-                     def test_exact_environment():\n    assert 'PYTHONPATH' in os.environ and 'HOME' in os.environ\n",
+                     def test_exact_environment():\n    assert 'PYTHONPATH' in os.environ and 'HOME' in os.environ\n\n\
+                     def test_fixture_planted_in_a_plugin_only_here(request):\n    \
+                     import pytest\n    if {i} == 0:\n        \
+                     assert request.getfixturevalue('planted') == 'here'\n    else:\n        \
+                     with pytest.raises(pytest.FixtureLookupError):\n            \
+                     request.getfixturevalue('planted')\n",
                     other = 1 - i
                 ),
             );
@@ -684,7 +697,7 @@ mod tests {
             for p in &prepared {
                 let report = r.run(p, &task, &Limits::default()).unwrap();
                 let c = counts(&report);
-                assert_eq!((c.passed, c.failures()), (7, 0), "{} round {round}: {:?}", p.id, report.modules);
+                assert_eq!((c.passed, c.failures()), (8, 0), "{} round {round}: {:?}", p.id, report.modules);
             }
         }
         assert_eq!(r.zygotes.live.lock().unwrap().len(), 1, "one zygote for the shared environment");
