@@ -188,25 +188,39 @@ def _share_statement_trees():
 
 
 def _share_fixture_scans():
-    """Every session scans each plugin module for fixtures (``FixtureManager.parsefactories``:
-    every name of the module, unwrapping decorators), although the default plugins and the
-    environment's own are the same modules in every child. They are scanned once here, with
-    pytest's own code, and a child whose plugin module still holds exactly the objects it held
-    here (a conftest may have added or replaced some) registers the fixtures found here instead
-    of scanning again; any other holder (a test module, a conftest, a plugin object, a changed
-    module) is scanned as usual. Skipped on a pytest without this API, and for a module whose
-    scan warns (the warning must come from the session)."""
+    """Every session scans each registered plugin module for fixtures (the fixture manager's
+    ``pytest_plugin_registered`` calls ``parsefactories``: every name of the module, unwrapping
+    decorators), although the default plugins and the environment's own are the same modules in
+    every child. They are scanned once here, with pytest's own code, and when a child's session
+    registers a plugin module that still holds exactly the objects it held here (a conftest may
+    have added or replaced some), its fixture manager registers the fixtures found here instead
+    of scanning again; any other plugin (a conftest, a plugin object, a changed module) is
+    handled by pytest as usual, and nothing else calls through this code. Skipped on a pytest
+    without this API, and for a module whose scan warns (the warning must come from the
+    session)."""
     import types
     import warnings
 
     from _pytest import fixtures
 
     manager = fixtures.FixtureManager
-    original = manager.parsefactories
+    scan = manager.parsefactories
+    registered = manager.pytest_plugin_registered
     if not hasattr(manager, "_register_fixture"):
         return
-    notset = original.__kwdefaults__.get("holder") if original.__kwdefaults__ else None
-    if notset is None or "node" not in original.__kwdefaults__:
+    notset = scan.__kwdefaults__.get("holder") if scan.__kwdefaults__ else None
+    if notset is None or "node" not in scan.__kwdefaults__:
+        return
+    # pluggy calls the hook by these argument names, and the replacement below does what this
+    # pytest does for a plugin that is not a conftest (another pytest keeps its own hook).
+    if registered.__code__.co_varnames[: registered.__code__.co_argcount] != ("self", "plugin", "plugin_name"):
+        return
+    import inspect
+
+    try:
+        if "self.parsefactories(holder=plugin, node=self.session)" not in inspect.getsource(registered):
+            return
+    except (OSError, TypeError):
         return
 
     class Recorder(manager):
@@ -225,7 +239,7 @@ def _share_fixture_scans():
         recorder = Recorder()
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            original(recorder, holder=module, node=notset)
+            scan(recorder, holder=module, node=notset)
         if not caught:
             scans[id(module)] = (module, dict(module.__dict__), recorder.found)
 
@@ -238,17 +252,16 @@ def _share_fixture_scans():
         except Exception:
             return None
 
-    def parsefactories(self, node_or_obj=notset, nodeid=notset, *, holder=notset, node=notset):
-        found = None
-        if node_or_obj is notset and nodeid is notset and holder is not notset:
-            found = found_here(holder)
+    def pytest_plugin_registered(self, plugin, plugin_name):
+        found = None if str(plugin_name).endswith("conftest.py") else found_here(plugin)
         if found is None:
-            return original(self, node_or_obj, nodeid, holder=holder, node=node)
+            return registered(self, plugin, plugin_name)
+        # What pytest does for a plugin that is not a conftest: its fixtures are global.
         for kwargs in found:
-            self._register_fixture(**{**kwargs, "node": node})
+            self._register_fixture(**{**kwargs, "node": self.session})
         return None
 
-    manager.parsefactories = parsefactories
+    manager.pytest_plugin_registered = pytest_plugin_registered
 
 
 def _preload_plugins():
