@@ -235,6 +235,17 @@ impl Engine {
             tracing::warn!(%from, "TASK_SEND with an invalid project id or module ignored");
             return;
         };
+        // A module the project's record does not list (a node that took this one for a reference
+        // node before its first heartbeat sends the reference's module names): confirming would
+        // hold the task for a lease that no result can end; unconfirmed, it is handed out again.
+        let unknown = self.evals.get(&eval).and_then(|r| r.project(task_id.project())).is_some_and(|p| {
+            matches!(p.state, ProjectState::Ready { .. })
+                && !p.modules().iter().any(|m| m == task_id.module())
+        });
+        if unknown {
+            tracing::warn!(%from, task = %task_id, "TASK_SEND of a module the project does not have ignored");
+            return;
+        }
         out.push(Action::Send {
             to: from,
             msg: Message::TaskConfirm(TaskConfirmData { task_id: task_id.to_string() }),

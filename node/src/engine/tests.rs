@@ -6,7 +6,7 @@ use cdtester_runner_api::{Limits, Outcome};
 
 use super::*;
 use crate::eval::tests::module_report;
-use crate::wire::{NodeId, NodeIdData, TaskConfirmData};
+use crate::wire::{NodeId, NodeIdData, TaskConfirmData, TaskInfo, TaskSendData, TaskSourceKind};
 
 pub(super) fn addr(i: u16) -> SocketAddr {
     SocketAddr::from(([127, 0, 0, 1], 7000 + i))
@@ -183,6 +183,34 @@ fn remembered_small_modules_of_a_project_run_along_on_one_slot_up_to_a_fair_shar
     // 5 x 0.5 s left over 2 slots: 1.25 s a slot, the tail in smaller groups.
     assert_eq!(next[0].with.len(), 1, "{next:?}");
     assert_eq!(e.record(EvalId::test(5)).expect("record").results.len(), 5);
+}
+
+#[test]
+fn a_task_send_naming_a_module_the_project_lacks_is_not_confirmed() {
+    let (mut e, clock, _) = started_engine(3, &["tests/t_a.py"]);
+    let send = |module: &str| {
+        let info = TaskInfo {
+            project_id: "5-0".into(),
+            module: module.into(),
+            project_name: "p".into(),
+            api_port: "1".into(),
+            eval_id: Some("5".into()),
+            url: None,
+            token: None,
+            kind: TaskSourceKind::Zip,
+        };
+        Input::Message {
+            from: addr(1),
+            msg: Message::TaskSend(TaskSendData { id: NodeId("n1".into()), info }),
+        }
+    };
+    let confirms =
+        |out: &[Action]| out.iter().any(|a| matches!(a, Action::Send { msg: Message::TaskConfirm(_), .. }));
+    // The reference's name for the module (its file name): not this project's module.
+    let out = e.handle(clock.now(), send("t_a.py"));
+    assert!(!confirms(&out), "{out:?}");
+    let out = e.handle(clock.now(), send("tests/t_a.py"));
+    assert!(confirms(&out), "{out:?}");
 }
 
 #[test]
