@@ -57,12 +57,12 @@ pub fn now_secs() -> f64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs_f64()).unwrap_or(0.0)
 }
 
-/// The replicated state of one evaluation.
 /// Timestamps closer than this (seconds) are the same instant: a copy read back from JSON may
 /// differ in the last bit (serde_json's default float parsing is not exact), and merging that
 /// must change nothing.
 const SAME_INSTANT: f64 = 1e-6;
 
+/// The replicated state of one evaluation.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct EvalRecord {
     pub id: EvalId,
